@@ -1,0 +1,649 @@
+"""The networks of the four paper scripts: one UNet in three flavours (plus, below, DiT and the KL-f8 autoencoder).
+
+`UNet(arch=...)` expresses three published denoisers with one skeleton (input blocks, middle block, output blocks
+with skip concatenation, as in guided-diffusion's UNetModel):
+
+- `arch='ddpmpp'`: DDPM++ as re-implemented in EDM (Karras et al., "Elucidating the Design Space of Diffusion-Based
+  Generative Models", NeurIPS 2022, App. F.2; NVlabs/edm training/networks.py `SongUNet`), used by Ambient Diffusion
+  and the ambient scaling laws. Same maths, parameter count and initialisation as EDM; `gated=True` adds the gated
+  convolutions of ambient-diffusion's networks.py.
+- `arch='adm'`: the ADM UNet of Dhariwal & Nichol, "Diffusion Models Beat GANs on Image Synthesis", NeurIPS 2021
+  (openai/guided-diffusion unet.py), used by DDPM-IP. Its state_dict keys and shapes equal guided-diffusion's, so
+  released guided-diffusion / DDPM-IP checkpoints load with `load_state_dict(strict=True)` (see `load_network`).
+- `arch='ldm'`: the latent-diffusion UNet of Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion
+  Models", CVPR 2022 (CompVis/latent-diffusion openaimodel.py + attention.py): ADM residual blocks with spatial
+  transformers (self-attention, cross-attention on a context, GEGLU feed-forward), used by ldm_labelnoise.py.
+
+Usage:
+    net = nets.UNet(**nets.UNET_PRESETS['ddpmpp-cifar10'])
+    net = nets.UNet(**{**nets.UNET_PRESETS['ddpmpp-64'], 'in_channels': 6, 'out_channels': 6, 'gated': True})
+    out = net(x, c_noise)                                   # ddpmpp: t is EDM's c_noise, (B,) float
+    out = net(x, timesteps, class_labels=y)                 # adm: t is the original-scale timestep, (B,)
+    out = net(x, timesteps, context=c)                      # ldm: c is (B, L, context_dim)
+    net = nets.load_network('ADM_IP_015.pt')                # a released guided-diffusion / DDPM-IP / DiT checkpoint
+
+All attention runs through F.scaled_dot_product_attention on (B, heads, L, d) tensors whose last dimension is
+contiguous. The networks run in fp32 on CPU and under bf16 autocast with channels_last activations on GPU; the
+noise-level embedding always runs in fp32, as in both official codes.
+"""
+
+import math
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building blocks shared by the three UNets
+
+
+def timestep_embedding(t, dim, max_period=10000, endpoint=False, sin_first=False):
+    """Sinusoidal embedding of a (B,) float tensor: [cos(t f_i), sin(t f_i)] with f_i = max_period^(-i / n),
+    n = dim/2 (guided-diffusion, LDM) or dim/2 - 1 (`endpoint`, EDM's DDPM++, so f runs from 1 to 1/max_period).
+    EDM's DDPM++ also swaps the halves to [sin, cos] (`sin_first`). Returns (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+                      / (half - int(endpoint)))
+    args = t.float()[:, None] * freqs[None]                                  # (B, dim/2)
+    parts = [args.sin(), args.cos()] if sin_first else [args.cos(), args.sin()]
+    return torch.cat(parts, dim=1)                                           # (B, dim)
+
+
+def group_norm(channels, eps=1e-5, min_group_size=1):
+    """GroupNorm with 32 groups. EDM caps the number of groups at channels // 4 (min_group_size=4); guided-diffusion
+    always uses 32. Under autocast, torch runs group_norm in fp32, like guided-diffusion's GroupNorm32."""
+    return nn.GroupNorm(min(32, channels // min_group_size), channels, eps=eps)
+
+
+def resample(x, mode):
+    """Nearest-neighbour 2x upsampling ('up') or 2x2 average pooling ('down'). These are guided-diffusion's
+    parameter-free Upsample/Downsample and exactly EDM's resampling with its DDPM++ filter [1, 1]."""
+    if mode == 'up':
+        return F.interpolate(x, scale_factor=2, mode='nearest')
+    if mode == 'down':
+        return F.avg_pool2d(x, 2)
+    return x
+
+
+def ambient_gate(gate_logits):
+    """Ambient Diffusion's gate (ambient-diffusion training/networks.py Conv2d): the official code applies the
+    sigmoid twice, so the gate lies in (0.5, 0.73); a gate weight near zero gives ~0.62."""
+    return torch.sigmoid(torch.sigmoid(gate_logits))
+
+
+class Conv2d(nn.Conv2d):
+    """Same-padded nn.Conv2d. With `gated` (Ambient Diffusion) a second weight G, shaped like W, gates the output:
+    conv(x, W) * ambient_gate(conv(x, G)) + b."""
+
+    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, gated=False):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2)
+        self.gate_weight = nn.Parameter(torch.empty_like(self.weight)) if gated else None
+        if gated:
+            nn.init.kaiming_uniform_(self.gate_weight, a=math.sqrt(5))  # PyTorch's default, as for the weight
+
+    def forward(self, x):
+        if self.gate_weight is None:
+            return super().forward(x)
+        out = self._conv_forward(x, self.weight, None) * ambient_gate(self._conv_forward(x, self.gate_weight, None))
+        return out + self.bias[:, None, None]
+
+
+class TokenConv1d(nn.Conv1d):
+    """A 1x1 Conv1d, guided-diffusion's parameter shape for attention qkv / proj_out (so checkpoints load), applied
+    as a linear map to (B, L, C) tokens: on channels_last activations the tokens are a free view. `gated` as in
+    Conv2d (Ambient Diffusion gates the attention projections too)."""
+
+    def __init__(self, in_channels, out_channels, gated=False):
+        super().__init__(in_channels, out_channels, 1)
+        self.gate_weight = nn.Parameter(torch.empty_like(self.weight)) if gated else None
+        if gated:
+            nn.init.kaiming_uniform_(self.gate_weight, a=math.sqrt(5))
+
+    def forward(self, tokens):
+        if self.gate_weight is None:
+            return F.linear(tokens, self.weight[:, :, 0], self.bias)
+        out = F.linear(tokens, self.weight[:, :, 0]) * ambient_gate(F.linear(tokens, self.gate_weight[:, :, 0]))
+        return out + self.bias
+
+
+class ResBlock(nn.Module):
+    """Residual block conditioned on the embedding (guided-diffusion ResBlock; the same maths as EDM's UNetBlock).
+
+    h = conv(SiLU(GN(x))), resampled between the activation and the conv when up/down; then either
+    h = GN(h + Linear(SiLU(emb))) (DDPM++, LDM) or FiLM h = GN(h) * (1 + scale) + shift (`use_scale_shift_norm`, ADM);
+    then h = conv(dropout(SiLU(h))), the conv zero-initialised; out = (skip(x) + h) * skip_scale.
+    DDPM++ uses skip_scale sqrt(1/2), GroupNorm eps 1e-6 with groups of >= 4 channels, and a 1x1 conv on the skip of
+    up/down blocks (EDM's resample_proj). Keys: in_layers.{0,2}, emb_layers.1, out_layers.{0,3}, skip_connection.
+    """
+
+    def __init__(self, in_channels, out_channels, emb_channels, dropout=0.0, up=False, down=False,
+                 use_scale_shift_norm=False, skip_scale=1.0, eps=1e-5, min_group_size=1, project_skip=False,
+                 gated=False):
+        super().__init__()
+        self.updown = 'up' if up else 'down' if down else None
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.skip_scale = skip_scale
+        self.in_layers = nn.Sequential(
+            group_norm(in_channels, eps, min_group_size), nn.SiLU(), Conv2d(in_channels, out_channels, 3, gated=gated))
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels))
+        self.out_layers = nn.Sequential(
+            group_norm(out_channels, eps, min_group_size), nn.SiLU(), nn.Dropout(dropout),
+            Conv2d(out_channels, out_channels, 3, gated=gated))
+        if out_channels != in_channels or (project_skip and self.updown):
+            self.skip_connection = Conv2d(in_channels, out_channels, 1, gated=gated)
+        else:
+            self.skip_connection = nn.Identity()
+
+    def forward(self, x, emb):
+        norm, act, conv = self.in_layers
+        h = resample(act(norm(x)), self.updown)
+        h = conv(h)                                                          # (B, C_out, H', W')
+        x = resample(x, self.updown)
+        e = self.emb_layers(emb).to(h.dtype)[:, :, None, None]               # (B, C_out or 2 C_out, 1, 1)
+        norm, act, dropout, conv = self.out_layers
+        if self.use_scale_shift_norm:
+            scale, shift = e.chunk(2, dim=1)
+            h = norm(h) * (1 + scale) + shift
+        else:
+            h = norm(h + e)
+        h = conv(dropout(act(h)))
+        out = self.skip_connection(x) + h
+        return out if self.skip_scale == 1 else out * self.skip_scale
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the pixels, added to the input (guided-diffusion AttentionBlock; EDM's
+    attention inside UNetBlock for DDPM++, with its skip_scale and GroupNorm settings).
+
+    The qkv channels are ordered [q | k | v] then heads (`use_new_attention_order`, guided-diffusion QKVAttention)
+    or heads then [q | k | v] (QKVAttentionLegacy). Both orders have the same parameter shapes, so a checkpoint
+    loaded with the wrong flag runs without error and gives garbage. EDM orders them per channel ([c, qkv]); for
+    DDPM++ (one head, i.i.d. init) that is only a fixed relabelling of qkv's output rows, so we keep the layout whose
+    q, k, v slices are contiguous for SDPA. The softmax scale is 1/sqrt(head_dim) in all three codes.
+    """
+
+    def __init__(self, channels, num_heads=1, use_new_attention_order=False, skip_scale=1.0, eps=1e-5,
+                 min_group_size=1, gated=False):
+        super().__init__()
+        assert channels % num_heads == 0, f'{channels} channels do not split into {num_heads} heads'
+        self.num_heads = num_heads
+        self.use_new_attention_order = use_new_attention_order
+        self.skip_scale = skip_scale
+        self.norm = group_norm(channels, eps, min_group_size)
+        self.qkv = TokenConv1d(channels, 3 * channels, gated=gated)
+        self.proj_out = TokenConv1d(channels, channels, gated=gated)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)                     # (B, L, C), L = H W
+        qkv = self.qkv(tokens)                                               # (B, L, 3C)
+        if self.use_new_attention_order:
+            q, k, v = qkv.unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
+        else:
+            q, k, v = qkv.unflatten(-1, (self.num_heads, 3, -1)).permute(3, 0, 2, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v)                          # (B, heads, L, C / heads)
+        a = self.proj_out(a.transpose(1, 2).flatten(2))                      # (B, L, C)
+        out = x + a.transpose(1, 2).reshape(B, C, H, W)
+        return out if self.skip_scale == 1 else out * self.skip_scale
+
+
+class Downsample(nn.Module):
+    """Strided 3x3 conv (guided-diffusion / LDM Downsample with conv_resample; key `op`)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Nearest 2x upsampling then a 3x3 conv (guided-diffusion / LDM Upsample with conv_resample; key `conv`)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(resample(x, 'up'))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# LDM spatial transformer (CompVis/latent-diffusion ldm/modules/attention.py; same key names)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of tokens x (B, L, dim) to a context (B, S, context_dim); self-attention without one.
+    q/k/v have no bias; the heads split dim evenly (LDM's inner_dim = heads * dim_head = dim)."""
+
+    def __init__(self, dim, num_heads, context_dim=None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim))                     # LDM's to_out.1 is Dropout(p=0)
+
+    def forward(self, x, context=None):
+        context = x if context is None else context
+        q, k, v = [proj(inp).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)   # (B, heads, L or S, d)
+                   for proj, inp in ((self.to_q, x), (self.to_k, context), (self.to_v, context))]
+        a = F.scaled_dot_product_attention(q, k, v)                          # (B, heads, L, d)
+        return self.to_out(a.transpose(1, 2).flatten(2))                     # (B, L, dim)
+
+
+class GEGLU(nn.Module):
+    """GELU-gated linear unit (Shazeer 2020): x W_a * GELU(x W_b)."""
+
+    def __init__(self, dim_in, dim_out):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, 2 * dim_out)
+
+    def forward(self, x):
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward with a 4x wider hidden layer (LDM FeedForward with glu=True)."""
+
+    def __init__(self, dim, mult=4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim))  # net.1: Dropout(0)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm transformer block: self-attention, cross-attention to the context, GEGLU feed-forward
+    (LDM BasicTransformerBlock)."""
+
+    def __init__(self, dim, num_heads, context_dim=None):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, num_heads)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, num_heads, context_dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x, context=None):
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm (eps 1e-6), 1x1 conv to tokens, transformer blocks, 1x1 conv back (zero-initialised), plus the input
+    (LDM SpatialTransformer). LDM wraps it in fp16 autocast; here the caller's autocast applies."""
+
+    def __init__(self, channels, num_heads, depth=1, context_dim=None):
+        super().__init__()
+        self.norm = group_norm(channels, eps=1e-6)
+        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.transformer_blocks = nn.ModuleList(
+            [TransformerBlock(channels, num_heads, context_dim) for _ in range(depth)])
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x, context=None):
+        B, C, H, W = x.shape
+        h = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)            # (B, L, C)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        return x + self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))     # (B, C, H, W)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The UNet
+
+
+class EmbedSequential(nn.Sequential):
+    """nn.Sequential that hands the embedding to residual blocks and the context to spatial transformers
+    (guided-diffusion's TimestepEmbedSequential)."""
+
+    def forward(self, x, emb, context=None):
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    """DDPM++ (EDM SongUNet), ADM (guided-diffusion UNetModel) or LDM (latent-diffusion UNetModel), see the module
+    docstring. Keyword names are shared across arches; the UNET_PRESETS hold the published configurations.
+
+    Skeleton (all arches): input_blocks = [conv] + per level (num_blocks x [ResBlock (+ attention)] + a downsampler
+    except at the last level); middle_block = [ResBlock, attention, ResBlock]; output_blocks = per level, deepest
+    first, (num_blocks + 1) x [ResBlock on concat(h, skip) (+ attention)] + an upsampler after the last block except
+    at level 0; out = [GroupNorm, SiLU, conv]. EDM's enc/dec order is the same sequence (its `in0`/`in1` blocks are
+    the middle block; its `_up` block is our upsampler), with these differences, all reproduced:
+    DDPM++'s first conv outputs model_channels (ADM: model_channels * channel_mult[0]); its decoder attends only in
+    the last block of a level; its resamplers are ResBlocks (ADM/LDM: with resblock_updown, else strided conv /
+    nearest + conv); its label and augmentation embeddings are added before the embedding MLP, ADM's label
+    embedding after it.
+    """
+
+    def __init__(
+        self,
+        arch='ddpmpp',                  # 'ddpmpp' (EDM SongUNet), 'adm' (guided-diffusion) or 'ldm' (latent-diffusion)
+        img_resolution=32,              # input height and width in pixels (or latent pixels)
+        in_channels=3,                  # input channels (Ambient Diffusion: 6, the masked image and the mask)
+        out_channels=3,                 # output channels (ADM with learned sigma: 2 x in_channels)
+        model_channels=128,             # base width C
+        channel_mult=(2, 2, 2),         # width multiplier per resolution level
+        num_blocks=4,                   # residual blocks per level in the encoder (decoder: num_blocks + 1)
+        attn_resolutions=(16,),         # resolutions, in pixels, with attention
+        dropout=0.0,                    # dropout inside residual blocks
+        label_dim=0,                    # number of classes, 0 = unconditional
+        num_heads=1,                    # attention heads, used when num_head_channels is -1
+        num_head_channels=-1,           # channels per attention head (guided-diffusion), -1 = use num_heads
+        augment_dim=0,                  # ddpmpp: dimension of EDM's augmentation labels (9), 0 = none
+        label_dropout=0.0,              # ddpmpp: EDM's label dropout in training (zeroed one-hot rows)
+        gated=False,                    # ddpmpp: Ambient Diffusion's gated convolutions
+        use_scale_shift_norm=False,     # adm/ldm: FiLM conditioning in residual blocks
+        resblock_updown=False,          # adm/ldm: ResBlocks resample (else strided conv / nearest + conv)
+        use_new_attention_order=False,  # adm: qkv channel order [q|k|v]-then-heads (else heads-then-[q|k|v])
+        context_dim=None,               # ldm: width of the cross-attention context (None: self-attention only)
+        transformer_depth=1,            # ldm: transformer blocks per spatial transformer
+    ):
+        super().__init__()
+        if arch not in ('ddpmpp', 'adm', 'ldm'):
+            raise ValueError(f'arch must be ddpmpp, adm or ldm, not {arch!r}')
+        if arch != 'ddpmpp' and (augment_dim or label_dropout or gated):
+            raise ValueError('augment_dim, label_dropout and gated are options of arch="ddpmpp" (EDM)')
+        if arch != 'ldm' and context_dim is not None:
+            raise ValueError('context_dim is an option of arch="ldm"')
+        self.config = dict(
+            arch=arch, img_resolution=img_resolution, in_channels=in_channels, out_channels=out_channels,
+            model_channels=model_channels, channel_mult=tuple(channel_mult), num_blocks=num_blocks,
+            attn_resolutions=tuple(attn_resolutions), dropout=dropout, label_dim=label_dim, num_heads=num_heads,
+            num_head_channels=num_head_channels, augment_dim=augment_dim, label_dropout=label_dropout, gated=gated,
+            use_scale_shift_norm=use_scale_shift_norm, resblock_updown=resblock_updown,
+            use_new_attention_order=use_new_attention_order, context_dim=context_dim,
+            transformer_depth=transformer_depth)  # rebuild with UNet(**net.config)
+        self.arch = arch
+        self.img_resolution = img_resolution
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.model_channels = model_channels
+        self.label_dim = label_dim
+        self.label_dropout = label_dropout
+        emb_channels = 4 * model_channels
+        # EDM's DDPM++ block settings (SongUNet); guided-diffusion / LDM use the ResBlock defaults.
+        ddpmpp = arch == 'ddpmpp'
+        norm_kwargs = dict(eps=1e-6, min_group_size=4, skip_scale=math.sqrt(0.5), gated=gated) if ddpmpp else {}
+
+        def res_block(cin, cout, **updown):
+            return ResBlock(cin, cout, emb_channels, dropout, use_scale_shift_norm=use_scale_shift_norm,
+                            project_skip=ddpmpp, **updown, **norm_kwargs)
+
+        def attention(ch):
+            heads = ch // num_head_channels if num_head_channels > 0 else num_heads
+            if arch == 'ldm':
+                return SpatialTransformer(ch, heads, transformer_depth, context_dim)
+            return AttentionBlock(ch, heads, use_new_attention_order, **norm_kwargs)
+
+        def downsampler(ch):
+            return res_block(ch, ch, down=True) if ddpmpp or resblock_updown else Downsample(ch)
+
+        def upsampler(ch):
+            return res_block(ch, ch, up=True) if ddpmpp or resblock_updown else Upsample(ch)
+
+        # Embedding of the noise level (and of labels / augmentations): C -> 4C -> 4C (EDM map_layer0/1).
+        self.time_embed = nn.Sequential(
+            nn.Linear(model_channels, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels))
+        self.map_label = nn.Linear(label_dim, model_channels) if ddpmpp and label_dim else None
+        self.map_augment = nn.Linear(augment_dim, model_channels, bias=False) if augment_dim else None
+        self.label_emb = nn.Embedding(label_dim, emb_channels) if not ddpmpp and label_dim else None
+
+        # Encoder.
+        ch = model_channels if ddpmpp else int(channel_mult[0] * model_channels)
+        self.input_blocks = nn.ModuleList([EmbedSequential(Conv2d(in_channels, ch, 3, gated=gated))])
+        skip_channels = [ch]
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_blocks):
+                layers = [res_block(ch, int(mult * model_channels))]
+                ch = int(mult * model_channels)
+                if img_resolution >> level in attn_resolutions:
+                    layers.append(attention(ch))
+                self.input_blocks.append(EmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level < len(channel_mult) - 1:
+                self.input_blocks.append(EmbedSequential(downsampler(ch)))
+                skip_channels.append(ch)
+
+        # Middle, at the lowest resolution, always with attention.
+        self.middle_block = EmbedSequential(res_block(ch, ch), attention(ch), res_block(ch, ch))
+
+        # Decoder.
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_blocks + 1):
+                layers = [res_block(ch + skip_channels.pop(), int(mult * model_channels))]
+                ch = int(mult * model_channels)
+                if img_resolution >> level in attn_resolutions and (i == num_blocks or not ddpmpp):
+                    layers.append(attention(ch))
+                if level > 0 and i == num_blocks:
+                    layers.append(upsampler(ch))
+                self.output_blocks.append(EmbedSequential(*layers))
+
+        # Output head (EDM aux_norm / aux_conv).
+        self.out = nn.Sequential(group_norm(ch, **({'eps': 1e-6, 'min_group_size': 4} if ddpmpp else {})), nn.SiLU(),
+                                 Conv2d(ch, out_channels, 3, gated=gated))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Initialise as the official code does. The last layer of every residual branch (and the output conv) is
+        zero-initialised in guided-diffusion / LDM (zero_module), and scaled to 1e-5 of Xavier in EDM (init_zero),
+        which is why DDPM++'s output is tiny but not zero at init. Everything else keeps PyTorch's default init
+        (guided-diffusion, LDM) or becomes Xavier-uniform with zero biases, qkv with gain sqrt(0.2) (EDM)."""
+        branch_outputs = {self.out[-1]}
+        qkv_layers = set()
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                branch_outputs.add(m.out_layers[-1])
+            elif isinstance(m, (AttentionBlock, SpatialTransformer)):
+                branch_outputs.add(m.proj_out)
+                qkv_layers.add(getattr(m, 'qkv', None))
+        if self.arch != 'ddpmpp':
+            for m in branch_outputs:
+                m.weight.zero_()
+                m.bias.zero_()
+            return
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+                gain = 1e-5 if m in branch_outputs else math.sqrt(0.2) if m in qkv_layers else 1.0
+                for weight in (m.weight, getattr(m, 'gate_weight', None)):
+                    if weight is not None:
+                        nn.init.xavier_uniform_(weight, gain=gain)
+                if m.bias is not None:
+                    m.bias.zero_()
+
+    def embedding(self, t, class_labels=None, augment_labels=None):
+        """The conditioning vector fed to every residual block, (B, 4C) in fp32, before the blocks' SiLU."""
+        B = t.shape[0]
+        if self.arch == 'ddpmpp':
+            # EDM SongUNet mapping: [sin, cos] features of c_noise, plus label and augmentation projections, then the
+            # MLP. EDM turns a missing label into the zero vector (unconditional), like its label dropout.
+            e = timestep_embedding(t, self.model_channels, endpoint=True, sin_first=True)   # (B, C)
+            if self.map_label is not None:
+                labels = self._one_hot(class_labels, B, t.device)
+                if self.training and self.label_dropout:
+                    labels = labels * (torch.rand([B, 1], device=t.device) >= self.label_dropout).to(labels.dtype)
+                e = e + self.map_label(labels * math.sqrt(self.label_dim))
+            if self.map_augment is not None and augment_labels is not None:
+                e = e + self.map_augment(augment_labels.float())
+            return self.time_embed(e)
+        # guided-diffusion / LDM: [cos, sin] features of the timestep, the MLP, then the class embedding.
+        emb = self.time_embed(timestep_embedding(t, self.model_channels))   # (B, 4C)
+        if self.label_emb is not None:
+            if class_labels is None:
+                raise ValueError('this network is class-conditional: pass class_labels')
+            emb = emb + self._one_hot(class_labels, B, t.device) @ self.label_emb.weight
+        return emb
+
+    def _one_hot(self, class_labels, batch_size, device):
+        """(B,) int64 class ids or (B, label_dim) float one-hot rows -> (B, label_dim) float32; None -> zeros."""
+        if class_labels is None:
+            return torch.zeros(batch_size, self.label_dim, device=device)
+        if not class_labels.is_floating_point():
+            return F.one_hot(class_labels.reshape(-1), self.label_dim).float()
+        return class_labels.float().reshape(-1, self.label_dim)
+
+    def forward(self, x, t, class_labels=None, augment_labels=None, context=None):
+        """x (B, in_channels, H, W); t (B,) (or one value for all): EDM's c_noise for ddpmpp, the timestep for
+        adm/ldm; class_labels (B,) int64 or (B, label_dim) float; augment_labels (B, augment_dim);
+        context (B, L, context_dim). Returns (B, out_channels, H, W)."""
+        # Both official codes keep the embedding MLP in fp32 (EDM passes fp32 c_noise, guided-diffusion never
+        # converts time_embed to fp16), so autocast is switched off for it.
+        with torch.autocast(x.device.type, enabled=False):
+            emb = self.embedding(t.reshape(-1).float().expand(x.shape[0]), class_labels, augment_labels)  # (B, 4C)
+
+        skips = []
+        h = x
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.out(h)                                                   # (B, out_channels, H, W)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Presets: the published configurations, all with the same keyword names
+
+
+UNET_PRESETS = {
+    # EDM DDPM++ for CIFAR-10 (NVlabs/edm train.py --arch=ddpmpp, --augment 0.12 gives augment_dim 9): 55,733,891
+    # parameters. Also the ambient laws' network; Ambient Diffusion's own CIFAR setting has no published command.
+    'ddpmpp-cifar10': dict(arch='ddpmpp', img_resolution=32, in_channels=3, out_channels=3, model_channels=128,
+                           channel_mult=(2, 2, 2), num_blocks=4, attn_resolutions=(16,), dropout=0.13, label_dim=0,
+                           augment_dim=9),
+    # EDM DDPM++ at 64x64 (--cres=1,2,2,2, FFHQ/AFHQv2-64), as in ambient-diffusion's CelebA README command
+    # (dropout 0.1, augment 0.15): 61,805,571 parameters with 3 channels.
+    'ddpmpp-64': dict(arch='ddpmpp', img_resolution=64, in_channels=3, out_channels=3, model_channels=128,
+                      channel_mult=(1, 2, 2, 2), num_blocks=4, attn_resolutions=(16,), dropout=0.1, label_dim=0,
+                      augment_dim=9),
+    # DDPM-IP (forever208/DDPM-IP README commands; guided-diffusion ADM with learned sigma, hence 6 output channels).
+    'adm-cifar10': dict(arch='adm', img_resolution=32, in_channels=3, out_channels=6, model_channels=128,
+                        channel_mult=(1, 2, 2, 2), num_blocks=3, attn_resolutions=(16, 8), dropout=0.3,
+                        label_dim=0, num_head_channels=32, use_scale_shift_norm=True, resblock_updown=True,
+                        use_new_attention_order=True),
+    'adm-imagenet32': dict(arch='adm', img_resolution=32, in_channels=3, out_channels=6, model_channels=128,
+                           channel_mult=(1, 2, 2, 2), num_blocks=3, attn_resolutions=(16, 8), dropout=0.3,
+                           label_dim=0, num_head_channels=32, use_scale_shift_norm=True, resblock_updown=True,
+                           use_new_attention_order=True),  # README: dropout 0.3, "you can also choose 0.1"
+    'adm-lsun64': dict(arch='adm', img_resolution=64, in_channels=3, out_channels=6, model_channels=192,
+                       channel_mult=(1, 2, 3, 4), num_blocks=3, attn_resolutions=(32, 16, 8), dropout=0.1,
+                       label_dim=0, num_head_channels=64, use_scale_shift_norm=True, resblock_updown=True,
+                       use_new_attention_order=True),
+    'adm-celeba64': dict(arch='adm', img_resolution=64, in_channels=3, out_channels=6, model_channels=192,
+                         channel_mult=(1, 2, 3, 4), num_blocks=3, attn_resolutions=(32, 16, 8), dropout=0.1,
+                         label_dim=0, num_head_channels=64, use_scale_shift_norm=True, resblock_updown=True,
+                         use_new_attention_order=True),
+    'adm-ffhq128': dict(arch='adm', img_resolution=128, in_channels=3, out_channels=6, model_channels=256,
+                        channel_mult=(1, 1, 2, 3, 4), num_blocks=3, attn_resolutions=(32, 16, 8), dropout=0.1,
+                        label_dim=0, num_head_channels=64, use_scale_shift_norm=True, resblock_updown=True,
+                        use_new_attention_order=True),
+    # LDM-4 of the label-noise paper (Chen et al. 2024, App. B.3 Table 3 = latent-diffusion cin256-v2.yaml): 64x64x3
+    # VQ-f4 latents, attention (one head) at latent resolutions 32, 16, 8; the class embedding (or BERT for CC3M)
+    # is the cross-attention context.
+    'ldm-cin256': dict(arch='ldm', img_resolution=64, in_channels=3, out_channels=3, model_channels=192,
+                       channel_mult=(1, 2, 3, 5), num_blocks=2, attn_resolutions=(32, 16, 8), dropout=0.0,
+                       label_dim=0, num_heads=1, context_dim=512, transformer_depth=1),
+    'ldm-cc3m': dict(arch='ldm', img_resolution=64, in_channels=3, out_channels=3, model_channels=192,
+                     channel_mult=(1, 2, 3, 5), num_blocks=2, attn_resolutions=(32, 16, 8), dropout=0.0,
+                     label_dim=0, num_heads=1, context_dim=768, transformer_depth=1),
+    # Small versions of the three for CPU runs and tests.
+    'tiny': dict(arch='ddpmpp', img_resolution=32, in_channels=3, out_channels=3, model_channels=32,
+                 channel_mult=(1, 2, 2), num_blocks=2, attn_resolutions=(16,), dropout=0.0, label_dim=0,
+                 augment_dim=0),
+    'tiny-adm': dict(arch='adm', img_resolution=32, in_channels=3, out_channels=6, model_channels=32,
+                     channel_mult=(1, 2, 2), num_blocks=2, attn_resolutions=(16,), dropout=0.0, label_dim=0,
+                     num_head_channels=32, use_scale_shift_norm=True, resblock_updown=True,
+                     use_new_attention_order=True),
+    'tiny-ldm': dict(arch='ldm', img_resolution=32, in_channels=3, out_channels=3, model_channels=32,
+                     channel_mult=(1, 2, 2), num_blocks=1, attn_resolutions=(16, 8), dropout=0.0, label_dim=0,
+                     num_heads=1, context_dim=32, transformer_depth=1),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading released checkpoints
+
+
+# guided-diffusion's default channel_mult per image size (script_util.py; DDPM-IP adds 32), used to guess the size.
+_ADM_RESOLUTION_BY_CHANNEL_MULT = {(1, 2, 2, 2): 32, (1, 2, 3, 4): 64, (1, 1, 2, 3, 4): 128, (1, 1, 2, 2, 4, 4): 256,
+                                   (0.5, 1, 1, 2, 2, 4, 4): 512}
+
+
+def adm_config_from_state_dict(state_dict, **overrides):
+    """UNet kwargs (arch='adm') for a guided-diffusion-layout state dict, inferred from its keys and shapes: widths,
+    channel_mult, num_blocks, attention levels, scale-shift norm, resblock up/down, classes, in/out channels.
+
+    Not inferable from shapes, hence defaults that `overrides` replace: img_resolution (guessed from channel_mult
+    with guided-diffusion's defaults table, else 64; it only sets attn_resolutions, since the net is convolutional),
+    num_head_channels (DDPM-IP: 32 at 32x32, else 64) and use_new_attention_order (DDPM-IP and guided-diffusion
+    64x64: True). Guided-diffusion's 128x128 models need num_heads=4, num_head_channels=-1,
+    use_new_attention_order=False; its 256/512 models use_new_attention_order=False.
+    """
+    keys = set(state_dict)
+    C = state_dict['time_embed.0.weight'].shape[1]
+    num_outputs = 1 + max(int(k.split('.')[1]) for k in keys if k.startswith('output_blocks.'))
+
+    def has_upsampler(i):  # a second ResBlock (resblock_updown) or an Upsample conv after the first layer
+        return any(re.fullmatch(rf'output_blocks\.{i}\.[12]\.(in_layers\.0|conv)\.weight', k) for k in keys)
+
+    up_blocks = [i for i in range(num_outputs) if has_upsampler(i)]
+    num_blocks = up_blocks[0] if up_blocks else num_outputs - 1
+    num_levels = num_outputs // (num_blocks + 1)
+    first_of_level = [1 + level * (num_blocks + 1) for level in range(num_levels)]   # input_blocks index
+    widths = [state_dict[f'input_blocks.{i}.0.out_layers.3.weight'].shape[0] for i in first_of_level]
+    channel_mult = tuple(w // C if w % C == 0 else w / C for w in widths)
+    img_resolution = overrides.get('img_resolution', _ADM_RESOLUTION_BY_CHANNEL_MULT.get(channel_mult, 64))
+    config = dict(
+        arch='adm', img_resolution=img_resolution,
+        in_channels=state_dict['input_blocks.0.0.weight'].shape[1],
+        out_channels=state_dict['out.2.weight'].shape[0],
+        model_channels=C, channel_mult=channel_mult, num_blocks=num_blocks,
+        attn_resolutions=tuple(img_resolution >> level for level, i in enumerate(first_of_level)
+                               if f'input_blocks.{i}.1.qkv.weight' in keys),
+        dropout=0.0,
+        label_dim=state_dict['label_emb.weight'].shape[0] if 'label_emb.weight' in keys else 0,
+        num_head_channels=32 if img_resolution == 32 else 64,
+        use_scale_shift_norm=state_dict['input_blocks.1.0.emb_layers.1.weight'].shape[0] == 2 * widths[0],
+        resblock_updown=f'input_blocks.{num_blocks + 1}.0.op.weight' not in keys,
+        use_new_attention_order=True,
+    )
+    return {**config, **overrides}
+
+
+def load_network(path, **overrides):
+    """Build the network of a released checkpoint and load its weights strictly.
+
+    Accepts a guided-diffusion / DDPM-IP `.pt` (a plain UNetModel state dict; `overrides` as in
+    adm_config_from_state_dict) or a DiT `.pt` (facebookresearch/DiT: a plain state dict, or a training checkpoint
+    whose 'ema' entry is used, as DiT's find_model does). Returns the module in eval mode on the CPU.
+    """
+    state_dict = torch.load(path, map_location='cpu', weights_only=True)
+    if 'ema' in state_dict and isinstance(state_dict['ema'], dict):
+        state_dict = state_dict['ema']
+    if 'x_embedder.proj.weight' in state_dict:
+        net = dit_from_state_dict(state_dict)  # noqa: F821 (defined in the DiT section of this module)
+    elif 'input_blocks.0.0.weight' in state_dict and 'out.2.weight' in state_dict:
+        net = UNet(**adm_config_from_state_dict(state_dict, **overrides))
+        net.load_state_dict(state_dict, strict=True)
+    else:
+        raise ValueError(f'{path}: not a guided-diffusion/DDPM-IP UNet or DiT checkpoint '
+                         f'(first keys: {", ".join(list(state_dict)[:3])})')
+    return net.eval()

@@ -127,16 +127,18 @@ def load_weights_file(path):
     torch.serialization.add_safe_globals([argparse.Namespace])  # DiT's training checkpoints pickle their 'args'
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[-1]
-        raise ValueError(f'{path} holds objects other than tensors and cannot be loaded safely ({reason}); '
-                         'save its state dict alone and load that') from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        found = re.search(r'Unsupported global: GLOBAL ([\w.]+)', str(error))
+        if found:  # weights_only refuses to build arbitrary objects, whose unpickling could run code
+            raise ValueError(f'{path} pickles a {found[1]} object, which is not loaded for safety; save its state '
+                             'dict alone and load that') from None
+        raise ValueError(f'{path} is not a readable torch file ({type(error).__name__})') from None
 
 
 def default_cache_dir():
     """Where downloaded weights are kept: $CORRUPTED_DIFFUSION_CACHE, else ~/.cache/corrupted-diffusion."""
-    return os.environ.get('CORRUPTED_DIFFUSION_CACHE') or os.path.join(os.path.expanduser('~'), '.cache',
-                                                                         'corrupted-diffusion')
+    default = os.path.join(os.path.expanduser('~'), '.cache', 'corrupted-diffusion')
+    return os.environ.get('CORRUPTED_DIFFUSION_CACHE') or default
 
 
 def download_cached(url, cache_dir=None):
@@ -153,10 +155,10 @@ def download_cached(url, cache_dir=None):
             response.raise_for_status()
             write_atomic(path, response.iter_content(chunk_size=1 << 20))
     except (requests.RequestException, OSError) as error:
-        reason = f'HTTP {error.response.status_code}' if getattr(error, 'response', None) is not None else \
-            type(error).__name__
-        raise WeightsNotFoundError(f'cannot download {url} ({reason}); download it by hand and save it as {path}') \
-            from None
+        response = getattr(error, 'response', None)
+        reason = f'HTTP {response.status_code}' if response is not None else type(error).__name__
+        message = f'cannot download {url} ({reason}); download it by hand and save it as {path}'
+        raise WeightsNotFoundError(message) from None
     return path
 
 
@@ -429,10 +431,10 @@ class VAEAttention(nn.Module):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        h = self.group_norm(x).flatten(2).transpose(1, 2)                         # (B, HW, C)
+        h = self.group_norm(x).flatten(2).transpose(1, 2)                                # (B, HW, C)
         q, k, v = (proj(h).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # (B, 1, HW, C)
-        h = F.scaled_dot_product_attention(q, k, v).squeeze(1)                    # softmax(q k^T / sqrt(C)) v
-        return x + self.to_out[0](h).transpose(1, 2).reshape(B, C, H, W)         # (B, C, H, W)
+        h = F.scaled_dot_product_attention(q, k, v).squeeze(1)                           # softmax(q k^T / sqrt(C)) v
+        return x + self.to_out[0](h).transpose(1, 2).reshape(B, C, H, W)                # (B, C, H, W)
 
 
 class VAEDownsample(nn.Module):
@@ -590,7 +592,7 @@ class AutoencoderKL(nn.Module):
 
 AUTOENCODER_TINY = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32)  # f = 2, for CPU tests
 
-VAE_URLS = {  # the two decoders fine-tuned by Stability AI; DiT trains with 'ema' and its sample.py decodes with 'mse'
+VAE_URLS = {  # decoders fine-tuned by Stability AI: DiT's train.py and sample_ddp.py use 'ema', its sample.py 'mse'
     'ema': 'https://huggingface.co/stabilityai/sd-vae-ft-ema/resolve/main/diffusion_pytorch_model.safetensors',
     'mse': 'https://huggingface.co/stabilityai/sd-vae-ft-mse/resolve/main/diffusion_pytorch_model.safetensors',
 }

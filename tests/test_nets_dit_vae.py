@@ -563,3 +563,16 @@ def test_load_autoencoder_offline_error_names_the_file_and_place(tmp_path):
     assert nets.load_autoencoder(url, cache_dir=str(cache)).latent_channels == 4
     with pytest.raises(nets.WeightsNotFoundError, match='not found'):
         nets.load_autoencoder(str(tmp_path / 'missing.safetensors'))
+
+
+class NotATensor:
+    pass
+
+
+def test_load_weights_file_refuses_pickled_objects_and_garbage(tmp_path):
+    torch.save({'weight': torch.ones(2), 'callback': NotATensor()}, tmp_path / 'objects.ckpt')
+    with pytest.raises(ValueError, match='pickles a .*NotATensor object'):
+        nets.load_weights_file(str(tmp_path / 'objects.ckpt'))
+    (tmp_path / 'garbage.pt').write_bytes(b'not a torch file')
+    with pytest.raises(ValueError, match='not a readable torch file'):
+        nets.load_weights_file(str(tmp_path / 'garbage.pt'))

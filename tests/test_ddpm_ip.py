@@ -1,0 +1,512 @@
+"""Tests for ddpm_ip.py: the diffusion math against closed forms, input perturbation on Gaussian data with an analytic
+denoiser, the samplers' output moments, the exposure-bias measurement, checkpoint loading, and the command line
+(train -> generate -> eval -> exposure, resume, DDP parity, bad input). CPU only; run with OMP_NUM_THREADS=1."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import ddpm_ip
+import nets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_DATA = os.path.join(ROOT, 'tests', 'data', 'cifar10_tiny.npz')
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Helpers: Gaussian data with an analytic eps-predictor
+
+
+def gaussian_eps_net(mu, cov, alphas_cumprod, gamma=0.0, v=None, scale=1.0):
+    """The MSE-optimal DDPM-IP predictor E[eps | x_t] for x0 ~ N(mu, cov), x_t = sqrt(ab) x0 + sqrt(1-ab)(eps + gamma
+    xi): eps_hat = s M^-1 (x - a mu), M = a^2 cov + s^2 (1 + gamma^2) I. Works on (B, C, 1, 1) tensors and receives the
+    original timestep (alphas_cumprod of the full process); `v` adds constant learned-range variance channels."""
+    eye = torch.eye(len(mu), dtype=torch.float64)
+
+    def net(x, t, class_labels=None):
+        ab = alphas_cumprod[t].double()[:, None, None]                       # (B, 1, 1)
+        a, s = ab.sqrt(), (1 - ab).sqrt()
+        M = a ** 2 * cov + s ** 2 * (1 + gamma ** 2) * eye                    # (B, C, C)
+        centered = x.flatten(1).double() - a[:, 0] * mu                      # (B, C)
+        eps = s[:, 0] * torch.linalg.solve(M, centered[..., None])[..., 0]
+        out = (scale * eps).float().view_as(x)
+        return out if v is None else torch.cat([out, torch.full_like(out, v)], dim=1)
+    return net
+
+
+MU = torch.tensor([0.3, -0.2], dtype=torch.float64)
+COV = torch.tensor([[0.20, 0.06], [0.06, 0.10]], dtype=torch.float64)
+
+
+def gaussian_data(n, generator):
+    z = torch.randn(n, 2, dtype=torch.float64, generator=generator)
+    return (MU + z @ torch.linalg.cholesky(COV).T).float()[:, :, None, None]  # (n, 2, 1, 1)
+
+
+def moments(x):
+    x = x.flatten(1).double()
+    return x.mean(0), torch.cov(x.T)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Diffusion math
+
+
+def test_beta_schedules_match_closed_forms():
+    linear = ddpm_ip.get_named_beta_schedule('linear', 1000)
+    assert linear.dtype == torch.float64
+    torch.testing.assert_close(linear, torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), rtol=0, atol=1e-15)
+    assert ddpm_ip.get_named_beta_schedule('linear', 250)[-1].item() == pytest.approx(0.08)  # scaled by 1000 / T
+
+    cosine = ddpm_ip.get_named_beta_schedule('cosine', 1000)
+    f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+    alphas_cumprod = torch.cumprod(1 - cosine, 0)
+    expected = torch.tensor([f((t + 1) / 1000) / f(0) for t in range(1000)], dtype=torch.float64)
+    torch.testing.assert_close(alphas_cumprod[:999], expected[:999], rtol=1e-10, atol=1e-12)  # Nichol & Dhariwal Eq. 17
+    assert cosine[999].item() == 0.999 and (cosine[:999] < 0.999).all()  # only the last beta is clipped
+    # Values from the spec (verified against the official code).
+    assert cosine[0].item() == pytest.approx(4.128e-5, rel=1e-3)
+    assert cosine[998].item() == pytest.approx(0.75, rel=1e-4)
+    assert alphas_cumprod[999].item() == pytest.approx(2.43e-9, rel=1e-2)
+
+
+def test_space_timesteps_official_examples():
+    assert ddpm_ip.space_timesteps(1000, 'ddim50') == list(range(0, 1000, 20))
+    assert ddpm_ip.space_timesteps(1000, 'ddim100') == list(range(0, 1000, 10))
+    hundred = ddpm_ip.space_timesteps(1000, '100')
+    assert len(hundred) == 100 and hundred[:7] == [0, 10, 20, 30, 40, 50, 61] and hundred[-2:] == [989, 999]
+    assert ddpm_ip.space_timesteps(1000, '50')[:3] == [0, 20, 41]
+    assert ddpm_ip.space_timesteps(300, '10,15,20')[:11] == [0, 11, 22, 33, 44, 55, 66, 77, 88, 99, 100]
+    with pytest.raises(ValueError):
+        ddpm_ip.space_timesteps(1000, 'ddim999')  # no integer stride gives 999 steps
+    with pytest.raises(ValueError):
+        ddpm_ip.space_timesteps(10, '11')
+
+
+def test_respacing_keeps_alpha_bar_and_all_steps_is_the_original_process():
+    betas = ddpm_ip.get_named_beta_schedule('cosine', 1000)
+    full = ddpm_ip.GaussianDiffusion(betas)
+    spaced = ddpm_ip.make_diffusion('cosine', 1000, '100')
+    kept = spaced.timestep_map
+    torch.testing.assert_close(spaced.alphas_cumprod, full.alphas_cumprod[kept], rtol=1e-10, atol=0)
+    assert spaced.betas[-1].item() > 0.999  # respaced betas are not re-clipped (official)
+
+    same = ddpm_ip.make_diffusion('cosine', 1000, '1000')
+    assert same.timestep_map.tolist() == list(range(1000))
+    for name in ('betas', 'alphas_cumprod', 'posterior_log_variance_clipped', 'posterior_mean_coef1'):
+        torch.testing.assert_close(getattr(same, name), getattr(full, name), rtol=1e-9, atol=1e-15)
+    # The same chain from the same noise.
+    net = gaussian_eps_net(MU, COV, full.alphas_cumprod, v=0.3)
+    x_T = torch.randn(64, 2, 1, 1, generator=torch.Generator().manual_seed(1))
+    noise = lambda: torch.Generator().manual_seed(2)
+    out_full = ddpm_ip.sample(net, full, x_T, clip_denoised=False, randn_like=rng_like(noise()))
+    out_same = ddpm_ip.sample(net, same, x_T, clip_denoised=False, randn_like=rng_like(noise()))
+    torch.testing.assert_close(out_full, out_same, rtol=1e-5, atol=1e-5)
+
+
+def rng_like(generator):
+    return lambda x: torch.randn(x.shape, generator=generator, dtype=x.dtype)
+
+
+def test_posterior_and_vb_terms_against_float64_direct_computation():
+    d = ddpm_ip.make_diffusion('linear', 1000)
+    g = torch.Generator().manual_seed(0)
+    x0 = (torch.randint(0, 256, (6, 3, 4, 4), generator=g).float() / 127.5 - 1)
+    x_t = torch.randn(6, 3, 4, 4, generator=g)
+    t = torch.tensor([0, 1, 5, 300, 998, 999])
+
+    # Posterior q(x_{t-1} | x_t, x0) by Bayes' rule in float64 (t > 0).
+    ab, ab_prev, beta = d.alphas_cumprod[t], d.alphas_cumprod_prev[t], d.betas[t]
+    precision = 1 / (1 - ab_prev) + (1 - beta) / beta
+    var = (1 / precision)[:, None, None, None]
+    mean = var * ((ab_prev.sqrt() / (1 - ab_prev))[:, None, None, None] * x0.double()
+                  + ((1 - beta).sqrt() / beta)[:, None, None, None] * x_t.double())
+    got_mean, got_log_var = d.q_posterior(x0, x_t, t)
+    torch.testing.assert_close(got_mean[1:].double(), mean[1:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_log_var[1:, :, 0, 0].double().exp(), var[1:, :, 0, 0].expand(5, 1),
+                               rtol=1e-5, atol=0)
+    assert got_log_var[0].item() == pytest.approx(got_log_var[1].item())  # clipped: entry 0 = beta_tilde_1
+
+    # Learned range: v = 1 gives beta_t, v = -1 the clipped posterior variance (Nichol & Dhariwal Eq. 15).
+    for v, expected in ((1.0, d.betas[t]), (-1.0, d.posterior_log_variance_clipped[t].exp())):
+        out = torch.cat([torch.zeros_like(x_t), torch.full_like(x_t, v)], 1)
+        _, log_var, _ = d.p_mean_variance(out, x_t, t, clip_denoised=False)
+        torch.testing.assert_close(log_var[:, 0, 0, 0].double().exp(), expected, rtol=1e-5, atol=0)
+
+    # KL in bits/dim against torch.distributions in float64; at t = 0 the decoder NLL.
+    out = torch.randn(6, 6, 4, 4, generator=g) * 0.5
+    vb = ddpm_ip.vb_terms_bpd(d, out, x0, x_t, t)
+    p_mean, p_log_var, _ = d.p_mean_variance(out, x_t, t, clip_denoised=False)
+    q_mean, q_log_var = d.q_posterior(x0, x_t, t)
+    N = torch.distributions.Normal
+    kl = torch.distributions.kl_divergence(N(q_mean.double(), (0.5 * q_log_var.double()).exp().expand_as(q_mean)),
+                                           N(p_mean.double(), (0.5 * p_log_var.double()).exp()))
+    torch.testing.assert_close(vb[1:].double(), kl.flatten(1).mean(1)[1:] / math.log(2), rtol=1e-4, atol=1e-6)
+    nll = -ddpm_ip.discretized_gaussian_log_likelihood(x0, p_mean, 0.5 * p_log_var)
+    assert vb[0].item() == pytest.approx(nll[0].mean().item() / math.log(2), rel=1e-6)
+
+    # The discretised decoder likelihood against the exact normal CDF (official tanh approximation: ~1e-3).
+    x = x0.double()
+    mean = x + 0.02 * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    log_scale = torch.full_like(x, math.log(0.03))
+    normal = N(mean, log_scale.exp())
+    upper = torch.where(x > 0.999, torch.ones_like(x), normal.cdf(x + 1 / 255))
+    lower = torch.where(x < -0.999, torch.zeros_like(x), normal.cdf(x - 1 / 255))
+    exact = (upper - lower).clamp(min=1e-12).log()
+    got = ddpm_ip.discretized_gaussian_log_likelihood(x.float(), mean.float(), log_scale.float()).double()
+    assert (x.abs() > 0.999).any() and (x.abs() < 0.999).any()  # both the edge bins and inner bins are covered
+    torch.testing.assert_close(got.exp(), exact.exp(), rtol=0, atol=2e-3)
+
+
+def test_input_perturbation_adds_exactly_gamma_squared_times_one_minus_alpha_bar():
+    d = ddpm_ip.make_diffusion('cosine', 1000)
+    seen = {}
+
+    def recording_net(x, t, class_labels=None):
+        seen['x_t'] = x
+        return torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:])
+
+    g = torch.Generator().manual_seed(0)
+    n, gamma, t_index = 200_000, 0.3, 400
+    x0 = torch.full((n, 1, 1, 1), 0.5)
+    eps, xi = torch.randn(n, 1, 1, 1, generator=g), torch.randn(n, 1, 1, 1, generator=g)
+    t = torch.full((n,), t_index)
+    ddpm_ip.ip_losses(recording_net, d, x0, t, eps, xi, gamma=0.0)
+    base = seen['x_t']
+    ddpm_ip.ip_losses(recording_net, d, x0, t, eps, xi, gamma=gamma)
+    perturbed = seen['x_t']
+    one_minus_ab = 1 - d.alphas_cumprod[t_index].item()
+    # The perturbation enters linearly: x_t moves by sqrt(1 - ab) gamma xi, an independent term ...
+    torch.testing.assert_close(perturbed - base, math.sqrt(one_minus_ab) * gamma * xi, rtol=0, atol=1e-6)
+    # ... so the variance of x_t given x0 grows from (1 - ab) to (1 + gamma^2)(1 - ab), the mean is unchanged.
+    assert perturbed.var().item() == pytest.approx((1 + gamma ** 2) * one_minus_ab, rel=0.01)
+    assert base.var().item() == pytest.approx(one_minus_ab, rel=0.01)
+    assert perturbed.mean().item() == pytest.approx(0.5 * d.alphas_cumprod[t_index].sqrt().item(), abs=0.005)
+
+
+@pytest.mark.parametrize('gamma', [0.0, 0.5])
+def test_analytic_eps_predictor_minimises_the_ip_loss(gamma):
+    """On Gaussian data the minimiser of E||eps - eps_hat(x_t)||^2 with x_t built from eps + gamma xi is
+    s M^-1 (x - a mu) with M = a^2 cov + s^2 (1 + gamma^2) I: its MSE equals the closed-form minimum, any rescaling
+    of it is worse, and the gamma = 0 predictor is not the minimiser once gamma > 0."""
+    d = ddpm_ip.make_diffusion('cosine', 1000)
+    g = torch.Generator().manual_seed(3)
+    n = 100_000
+    for t_index in (200, 500, 900):  # where eps_hat carries signal, the minimiser's MC error is < 0.003
+        x0 = gaussian_data(n, g)
+        eps, xi = torch.randn(n, 2, 1, 1, generator=g), torch.randn(n, 2, 1, 1, generator=g)
+        t = torch.full((n,), t_index)
+
+        def best_scale(net_gamma):
+            scales = (0.9, 1.0, 1.1)
+            losses = [ddpm_ip.ip_losses(gaussian_eps_net(MU, COV, d.alphas_cumprod, net_gamma, scale=s), d, x0, t,
+                                        eps, xi, gamma)[0].double().mean().item() for s in scales]
+            curvature = losses[0] - 2 * losses[1] + losses[2]
+            return 1.0 - 0.1 * (losses[2] - losses[0]) / (2 * curvature), losses[1]
+
+        scale, loss = best_scale(gamma)
+        assert scale == pytest.approx(1.0, abs=0.01)
+        ab = d.alphas_cumprod[t_index]
+        M = ab * COV + (1 - ab) * (1 + gamma ** 2) * torch.eye(2, dtype=torch.float64)
+        minimum = (1 - (1 - ab) * torch.linalg.inv(M).diagonal().mean()).item()
+        assert loss == pytest.approx(minimum, rel=0.02, abs=2e-4)
+        if gamma > 0 and t_index >= 500:  # the ADM optimum is off by about 1 / (1 + gamma^2) under IP
+            assert best_scale(0.0)[0] < 0.9
+
+
+def test_vb_term_trains_only_the_variance_channels():
+    d = ddpm_ip.make_diffusion('cosine', 1000)
+    out = torch.randn(4, 6, 8, 8, requires_grad=True)
+    net = lambda x, t, class_labels=None: out * 1.0
+    x0 = torch.rand(4, 3, 8, 8) * 2 - 1
+    t = torch.tensor([0, 10, 500, 999])
+    mse, vb = ddpm_ip.ip_losses(net, d, x0, t, torch.randn_like(x0), torch.randn_like(x0), gamma=0.1)
+    assert mse.shape == vb.shape == (4,) and (vb > 0).all()
+    grad_vb, = torch.autograd.grad(vb.sum(), out, retain_graph=True)
+    assert grad_vb[:, :3].abs().max() == 0 and grad_vb[:, 3:].abs().max() > 0  # stop-gradient on the mean
+    grad_mse, = torch.autograd.grad(mse.sum(), out)
+    assert grad_mse[:, 3:].abs().max() == 0
+
+
+# The x0-posterior sampler ignores the uncertainty of x0, so with few steps a small variance (beta_tilde, which DDIM
+# eta = 1 uses) under-disperses: 250 steps for eta = 1, 100 for the learned range at v = 0.5.
+@pytest.mark.parametrize('respacing,eta,v', [('100', None, 0.5), ('ddim50', 0.0, 0.0), ('ddim250', 1.0, 0.0)])
+def test_samplers_with_the_analytic_predictor_reproduce_the_data_moments(respacing, eta, v):
+    full = ddpm_ip.make_diffusion('cosine', 1000)
+    d = ddpm_ip.make_diffusion('cosine', 1000, respacing)
+    net = gaussian_eps_net(MU, COV, full.alphas_cumprod, v=v)
+    g = torch.Generator().manual_seed(5)
+    x_T = torch.randn(20_000, 2, 1, 1, generator=g)
+    x = ddpm_ip.sample(net, d, x_T, clip_denoised=False, eta=eta, randn_like=rng_like(g))
+    mean, cov = moments(x)
+    torch.testing.assert_close(mean, MU, rtol=0, atol=0.012)
+    torch.testing.assert_close(cov, COV, rtol=0, atol=0.012)
+    # A predictor that is 10% off visibly fails the same check.
+    wrong = ddpm_ip.sample(gaussian_eps_net(MU, COV, full.alphas_cumprod, v=v, scale=0.9), d, x_T,
+                           clip_denoised=False, eta=eta, randn_like=rng_like(g))
+    assert (moments(wrong)[1] - COV).abs().max() > 0.03
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Timestep sampler and exposure bias
+
+
+class OfficialLossSecondMoment:
+    """Sequential re-statement of guided-diffusion resample.py LossSecondMomentResampler, in numpy."""
+
+    def __init__(self, T, history=10, uniform_prob=0.001):
+        self.h, self.u = history, uniform_prob
+        self.loss_history = np.zeros([T, history])
+        self.counts = np.zeros([T], dtype=np.int64)
+
+    def weights(self):
+        if not (self.counts == self.h).all():
+            return np.ones(len(self.counts)) / len(self.counts)
+        w = np.sqrt(np.mean(self.loss_history ** 2, axis=-1))
+        w = w / w.sum() * (1 - self.u) + self.u / len(w)
+        return w / w.sum()
+
+    def update(self, ts, losses):
+        for t, loss in zip(ts, losses):
+            if self.counts[t] == self.h:
+                self.loss_history[t, :-1] = self.loss_history[t, 1:]
+                self.loss_history[t, -1] = loss
+            else:
+                self.loss_history[t, self.counts[t]] = loss
+                self.counts[t] += 1
+
+
+def test_loss_second_moment_sampler_matches_the_official_fifo():
+    T = 7
+    ours, official = ddpm_ip.TimestepSampler(T, 'loss-second-moment', 'cpu'), OfficialLossSecondMoment(T)
+    rng = np.random.default_rng(0)
+    for step in range(12):
+        ts = rng.integers(0, T, size=25)
+        if step == 3:
+            ts[:] = 2  # 25 copies of one timestep in one batch: only the newest 10 may survive
+        losses = rng.random(25) * (ts + 1)
+        ours.update(torch.from_numpy(ts), torch.from_numpy(losses).float())
+        official.update(ts, losses.astype(np.float32))
+        np.testing.assert_allclose(ours.probabilities().numpy(), official.weights(), rtol=1e-6)
+    assert not np.allclose(official.weights(), 1 / T)  # warmed up, so the comparison covered the non-uniform case
+    t, w = ours.sample(100_000, torch.Generator().manual_seed(0))
+    p = ours.probabilities()
+    np.testing.assert_allclose(torch.bincount(t, minlength=T).numpy() / 1e5, p.numpy(), atol=0.005)
+    torch.testing.assert_close(w, (1 / (T * p[t])).float())  # importance weights keep the objective unbiased
+    uniform = ddpm_ip.TimestepSampler(T, 'uniform', 'cpu')
+    uniform.update(torch.from_numpy(ts), torch.from_numpy(losses).float())
+    assert torch.all(uniform.probabilities() == 1 / T)
+
+
+def test_exposure_metric_matches_its_closed_form_on_gaussian_data():
+    """Chains from q_sample(x0, start) with a linear (Gaussian-optimal) predictor: x stays jointly Gaussian with x0, so
+    Var(x_t - sqrt(ab_t) x0) follows from propagating the joint covariance through the linear sampler steps."""
+    mu, var0 = torch.tensor([0.2, -0.1, 0.0]), torch.tensor([0.3, 0.1, 0.05])
+    full = ddpm_ip.make_diffusion('cosine', 1000)
+    d = ddpm_ip.make_diffusion('cosine', 1000, '20')
+    net = gaussian_eps_net(mu.double(), torch.diag(var0).double(), full.alphas_cumprod, v=0.0)
+    g = torch.Generator().manual_seed(7)
+    n, start = 20_000, 19
+    x0 = (mu + var0.sqrt() * torch.randn(n, 3, generator=g))[:, :, None, None]
+    sums, squares, l1 = ddpm_ip.exposure_bias(net, d, x0, start, torch.randn(x0.shape, generator=g),
+                                              clip_denoised=False, randn_like=rng_like(g))
+    rows = ddpm_ip.exposure_table(sums, squares, n, d, start)
+    assert [r['t'] for r in rows] == d.timestep_map[:start].flip(0).tolist()
+
+    # Closed form, per dimension: x_{i-1} = P x_i + q + sigma z, with P from the posterior-mean coefficients.
+    a = lambda i: d.alphas_cumprod[i].sqrt().double()
+    cov_x0_x, var_x = a(start) * var0.double(), a(start) ** 2 * var0.double() + (1 - d.alphas_cumprod[start])
+    for row, i in zip(rows, range(start, 0, -1)):
+        ab_full = full.alphas_cumprod[d.timestep_map[i]]
+        s_i = (1 - d.alphas_cumprod[i]).sqrt()
+        k = s_i / (ab_full * var0.double() + (1 - ab_full))                        # eps_hat = k (x - a mu)
+        P = d.posterior_mean_coef1[i] * (1 - s_i * k) / a(i) + d.posterior_mean_coef2[i]
+        log_var = 0.5 * (d.log_betas[i] + d.posterior_log_variance_clipped[i])     # v = 0: geometric mean
+        cov_x0_x, var_x = P * cov_x0_x, P ** 2 * var_x + log_var.exp()
+        var_r = var_x - 2 * a(i - 1) * cov_x0_x + a(i - 1) ** 2 * var0.double()
+        assert row['sigma_hat'] == pytest.approx(var_r.sqrt().mean().item(), rel=0.02)
+        assert row['sigma_train'] == pytest.approx((1 - d.alphas_cumprod[i - 1]).sqrt().item(), rel=1e-6)
+        assert row['delta'] == pytest.approx((row['sigma_hat'] - row['sigma_train']) ** 2, rel=1e-6)
+    assert rows[-1]['sigma_hat'] > 2 * rows[-1]['sigma_train']  # chains forget x0: the bias grows towards t = 0
+    assert 0 < l1.item() / n < 1
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Networks and checkpoints
+
+
+def test_official_cifar10_config_and_guided_diffusion_state_dict_load(tmp_path):
+    with torch.device('meta'):
+        net = nets.UNet(**nets.UNET_PRESETS['adm-cifar10'])
+    state = net.state_dict()
+    assert sum(p.numel() for p in net.parameters()) == 57_094_662 and len(state) == 494  # spec Sec. 3.3
+    for key in ('time_embed.0.weight', 'input_blocks.0.0.weight', 'input_blocks.4.0.in_layers.2.weight',
+                'input_blocks.5.1.qkv.weight', 'middle_block.1.proj_out.weight', 'output_blocks.11.2.in_layers.0.weight',
+                'out.2.weight'):
+        assert key in state, key
+    assert state['out.2.weight'].shape == (6, 128, 3, 3)
+
+    # A released checkpoint is a plain state dict: it loads through --network with official flags and samples.
+    tiny = nets.UNet(**nets.UNET_PRESETS['tiny-adm']).eval()
+    with torch.no_grad():
+        for p in tiny.parameters():
+            p.normal_(0, 0.02)
+    torch.save(tiny.state_dict(), tmp_path / 'released.pt')
+    c = ddpm_ip.Config(image_size=32, num_head_channels=32, timestep_respacing='10')
+    loaded, diffusion = ddpm_ip.load_network(str(tmp_path / 'released.pt'), c, 'cpu')
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([3, 700])
+    torch.testing.assert_close(loaded(x, t), tiny(x, t))
+    assert diffusion.num_timesteps == 10 and diffusion.timestep_map[-1].item() == 999
+    images = ddpm_ip.generate_images(ddpm_ip.make_denoiser(loaded, 'fp32'), diffusion, [0, 1], (3, 32, 32), 0, 'cpu', c)
+    assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line: tiny runs on 8x8 images (the embedded CIFAR-10 sample, box-downsampled)
+
+TINY_NET = ['--preset=tiny', '--channel_mult=1,2', '--num_res_blocks=1', '--attention_resolutions=4', '--batch=8',
+            '--tick=0.016', '--snap=2', '--grid=4', '--timestep_respacing=5', '--seed=1']
+
+
+@pytest.fixture(scope='module')
+def small_data(tmp_path_factory):
+    with np.load(TINY_DATA) as npz:
+        x, y = npz['x'], npz['y']
+    x = x.reshape(-1, 8, 4, 8, 4, 3).mean((2, 4)).round().astype(np.uint8)  # (200, 8, 8, 3)
+    path = tmp_path_factory.mktemp('data') / 'small.npz'
+    np.savez(path, x=x[:64], y=y[:64])
+    return str(path)
+
+
+def run_main(args):
+    """ddpm_ip.main in this process; returns the exit code."""
+    try:
+        ddpm_ip.main([str(a) for a in args])
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def only_run_dir(outdir):
+    runs = sorted(os.listdir(outdir))
+    assert len(runs) == 1, runs
+    return os.path.join(outdir, runs[0])
+
+
+def test_train_generate_eval_exposure_end_to_end(small_data, tmp_path, monkeypatch, capsys):
+    import fid
+    outdir = tmp_path / 'runs'
+    assert run_main(['train', f'--data={small_data}', f'--outdir={outdir}', '--kimg=0.032', *TINY_NET]) == 0
+    run_dir = only_run_dir(outdir)
+    files = set(os.listdir(run_dir))
+    assert {'config.json', 'log.txt', 'stats.jsonl', 'ddpm_ip.py', 'network-snapshot-000000.pt',
+            'training-state-000000.pt', 'samples-000000.png'} <= files
+    stats = [json.loads(line) for line in open(os.path.join(run_dir, 'stats.jsonl'))]
+    assert [s['nimg'] for s in stats] == [16, 32] and all(math.isfinite(s['loss']) for s in stats)
+    assert {'mse_q0', 'mse_q3', 'vb', 'grad_norm', 'img_per_sec'} <= set(stats[0])
+    network = os.path.join(run_dir, 'network-snapshot-000000.pt')
+
+    # generate: image k depends only on seed k, whatever the batch.
+    for batch in (1, 3):
+        code = run_main(['generate', f'--network={network}', '--seeds=0-3', f'--outdir={tmp_path}/gen{batch}',
+                         f'--batch={batch}', '--timestep_respacing=ddim5', '--use_ddim'])
+        assert code == 0
+    names = sorted(os.listdir(tmp_path / 'gen1'))
+    assert names == ['000000.png', '000001.png', '000002.png', '000003.png']
+    for name in names:
+        a, b = (np.asarray(ddpm_ip.PIL.Image.open(tmp_path / f'gen{k}' / name)) for k in (1, 3))
+        assert a.shape == (8, 8, 3) and np.array_equal(a, b)
+
+    # eval: FID against statistics of the training images, with a random-weight Inception.
+    weights = tmp_path / 'inception.pth'
+    torch.save(fid.InceptionV3().state_dict(), weights)
+    monkeypatch.setenv('FID_WEIGHTS', str(weights))
+    with np.load(small_data) as npz:
+        ref = fid.compute_stats([torch.from_numpy(npz['x']).permute(0, 3, 1, 2)])
+    fid.save_ref(str(tmp_path / 'ref.npz'), ref)
+    assert run_main(['eval', f'--network={network}', f'--ref={tmp_path}/ref.npz', '--num=6', '--batch=4',
+                     '--timestep_respacing=5']) == 0
+    record = json.loads(open(os.path.join(run_dir, 'metrics-ddpm_ip.jsonl')).readlines()[-1])
+    assert record['num'] == 6 and math.isfinite(record['fid']) and record['timestep_respacing'] == '5'
+
+    # exposure: delta_t per step of 5-step chains started from real images.
+    assert run_main(['exposure', f'--network={network}', f'--data={small_data}', '--num=8', '--batch=4',
+                     '--timestep_respacing=5', '--forward_t=3']) == 0
+    record = json.loads(open(os.path.join(run_dir, 'exposure-ddpm_ip.jsonl')).readlines()[-1])
+    assert [row['t'] for row in record['per_step']] == [499, 249, 0]
+    assert all(math.isfinite(row['delta']) for row in record['per_step']) and record['num'] == 8
+
+
+def test_resume_reproduces_the_uninterrupted_run_bitwise(small_data, tmp_path):
+    args = [f'--data={small_data}', *TINY_NET, '--schedule_sampler=loss-second-moment', '--dropout=0.1']
+    assert run_main([*args, f'--outdir={tmp_path}/a', '--kimg=0.048']) == 0
+    assert run_main([*args, f'--outdir={tmp_path}/b', '--kimg=0.032']) == 0
+    assert run_main([*args, f'--outdir={tmp_path}/b', '--kimg=0.048', '--resume=auto']) == 0
+    run_a, run_b = only_run_dir(tmp_path / 'a'), only_run_dir(tmp_path / 'b')  # resumed in the same folder
+    state_a, state_b = (torch.load(os.path.join(r, 'training-state-000000.pt'), weights_only=True)
+                        for r in (run_a, run_b))
+    assert state_a['cur_nimg'] == state_b['cur_nimg'] == 48
+    for key in ('model', 'ema'):
+        for name, value in state_a[key].items():
+            assert torch.equal(value, state_b[key][name]), f'{key}.{name}'
+    assert torch.equal(state_a['sampler_history'], state_b['sampler_history'])
+    stats_a, stats_b = ([json.loads(line) for line in open(os.path.join(r, 'stats.jsonl'))] for r in (run_a, run_b))
+    assert [s['loss'] for s in stats_a] == [s['loss'] for s in stats_b] and len(stats_a) == 3
+
+
+def test_two_process_ddp_matches_one_process(small_data, tmp_path):
+    args = [f'--data={small_data}', *TINY_NET, '--kimg=0.032', '--batch_gpu=2']  # 2 accumulation rounds per GPU
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': ROOT}
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+               os.path.join(ROOT, 'ddpm_ip.py'), f'--outdir={tmp_path}/ddp', *args]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert run_main([f'--outdir={tmp_path}/single', *args]) == 0
+    states = [torch.load(os.path.join(only_run_dir(tmp_path / name), 'training-state-000000.pt'), weights_only=True)
+              for name in ('ddp', 'single')]
+    for name, value in states[0]['model'].items():
+        torch.testing.assert_close(value, states[1]['model'][name], rtol=1e-4, atol=1e-5, msg=name)
+    assert len(states[0]['cpu_rng']) == 2  # each rank's dropout stream is saved for resume
+    losses = [[json.loads(line)['loss'] for line in open(os.path.join(only_run_dir(tmp_path / name), 'stats.jsonl'))]
+              for name in ('ddp', 'single')]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
+def test_bad_input_gives_one_error_line_and_writes_nothing(small_data, tmp_path, capsys):
+    outdir = tmp_path / 'runs'
+    cases = [
+        (['--input_perturbation=-0.1'], 2, '--input_perturbation must be >= 0'),
+        (['--input_pertub=nan'], 2, '--input_perturbation must be >= 0'),
+        (['--batch=7', '--batch_gpu=2'], 2, '--batch_gpu must divide'),
+        (['--timestep_respacing=ddim999'], 2, '--timestep_respacing'),
+        (['--noise_schedule=quadratic'], 2, '--noise_schedule'),
+        (['--preset=huge'], 2, '--preset'),
+        (['--learn_sigma=maybe'], 2, 'expected True or False'),
+    ]
+    for flags, code, message in cases:
+        assert run_main([f'--data={small_data}', f'--outdir={outdir}', *flags]) == code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith('error:') and message in err[0], (flags, err)
+    assert not outdir.exists()
+
+    # Missing data, a corrupt image, mixed sizes, negative labels: exit 1, one line, nothing written.
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    ddpm_ip.PIL.Image.new('RGB', (8, 8)).save(folder / 'a.png')
+    (folder / 'b.png').write_bytes(b'not a png')
+    mixed = tmp_path / 'mixed'
+    mixed.mkdir()
+    ddpm_ip.PIL.Image.new('RGB', (8, 8)).save(mixed / 'a.png')
+    ddpm_ip.PIL.Image.new('RGB', (16, 16)).save(mixed / 'b.png')
+    labels = tmp_path / 'labels.npz'
+    np.savez(labels, x=np.zeros((4, 8, 8, 3), np.uint8), y=np.array([0, 1, -1, 2]))
+    for data, message in ((tmp_path / 'missing', 'does not exist'), (folder, 'cannot read image b.png'),
+                          (mixed, 'b.png is 16x16'), (labels, 'non-negative integers')):
+        assert run_main([f'--data={data}', f'--outdir={outdir}', '--class_cond', *TINY_NET]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert not outdir.exists()
+
+    # Training continues from a written state without touching it when a flag is wrong.
+    assert run_main(['generate', '--network=missing.pt', f'--outdir={tmp_path}/gen']) == 1
+    assert 'no file missing.pt' in capsys.readouterr().err

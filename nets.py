@@ -638,13 +638,14 @@ def load_network(path, **overrides):
 
     Accepts a guided-diffusion / DDPM-IP `.pt` (a plain UNetModel state dict; `overrides` as in
     adm_config_from_state_dict) or a DiT `.pt` (facebookresearch/DiT: a plain state dict, or a training checkpoint
-    whose 'ema' entry is used, as DiT's find_model does). Returns the module in eval mode on the CPU.
+    whose 'ema' entry is used, as DiT's find_model does; `overrides` as in dit_from_state_dict). Returns the module
+    in eval mode on the CPU.
     """
     state_dict = torch.load(path, map_location='cpu', weights_only=True)
     if 'ema' in state_dict and isinstance(state_dict['ema'], dict):
         state_dict = state_dict['ema']
     if 'x_embedder.proj.weight' in state_dict:
-        net = dit_from_state_dict(state_dict)  # noqa: F821 (defined in the DiT section of this module)
+        net = dit_from_state_dict(state_dict, **overrides)  # noqa: F821 (defined in the DiT section of this module)
     elif 'input_blocks.0.0.weight' in state_dict and 'out.2.weight' in state_dict:
         net = UNet(**adm_config_from_state_dict(state_dict, **overrides))
         net.load_state_dict(state_dict, strict=True)

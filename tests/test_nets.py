@@ -21,7 +21,7 @@ def num_params(net):
 
 
 def fill_deterministic(net):
-    """Weights drawn from a fixed generator in state-dict order, independent of how nets.py initialises. The same
+    """Weights drawn from a fixed generator in parameter order, independent of how nets.py initialises. The same
     fill was applied to the official implementations to record the reference outputs below."""
     g = torch.Generator().manual_seed(1234)
     with torch.no_grad():
@@ -162,8 +162,7 @@ OFFICIAL_CASES = {
 
 @pytest.mark.parametrize('case', list(OFFICIAL_CASES))
 def test_output_equals_official_implementation(case):
-    kwargs, values, mean_abs = OFFICIAL_CASES[case]['kwargs'], OFFICIAL_CASES[case]['values'], \
-        OFFICIAL_CASES[case]['mean_abs']
+    kwargs, values, mean_abs = OFFICIAL_CASES[case].values()
     net = fill_deterministic(nets.UNet(**kwargs)).eval()
     x, context = reference_inputs(kwargs['in_channels'], kwargs.get('context_dim'))
     with torch.no_grad():
@@ -359,7 +358,8 @@ def test_conditioning_inputs_are_used():
 # Round trips, determinism, precision
 
 
-@pytest.mark.parametrize('name, extra', [('tiny', {'gated': True, 'label_dim': 10}), ('tiny-adm', {}), ('tiny-ldm', {})])
+@pytest.mark.parametrize('name, extra', [('tiny', {'gated': True, 'label_dim': 10}), ('tiny-adm', {}),
+                                         ('tiny-ldm', {})])
 def test_state_dict_round_trip(tmp_path, name, extra):
     kwargs = {**nets.UNET_PRESETS[name], **extra}
     net = randomize_(nets.UNet(**kwargs)).eval()
@@ -384,7 +384,8 @@ def test_same_seed_same_network(name):
     a, b, c = build(0), build(0), build(1)
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
     assert not all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), c.state_dict().values()))
-    randomize_(a), b.load_state_dict(a.state_dict())
+    randomize_(a)
+    b.load_state_dict(a.state_dict())
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([4.0, 400.0])
     torch.manual_seed(5)
     out_a = call(a, x, t, context=torch.randn(2, 1, 32))

@@ -1,0 +1,1292 @@
+"""Slight corruption of conditions in pre-training, and conditional embedding perturbation (CEP).
+
+Paper: "Slight Corruption in Pre-training Data Makes Better Diffusion Models", Hao Chen, Yujin Han, Diganta Misra,
+Xiang Li, Kai Hu, Difan Zou, Masashi Sugiyama, Jindong Wang, Bhiksha Raj. NeurIPS 2024 (spotlight), arXiv 2405.20494.
+
+What the method changes relative to plain conditional diffusion training:
+  1. Condition corruption (Sec. 3.1): before training, a fraction eta of the samples get a wrong condition, fixed for
+     the whole run: a label flipped to another class drawn by the class prior, or captions swapped between pairs.
+     Slight corruption (eta <= 7.5%) gives better FID/IS/diversity than clean data; severe corruption hurts.
+  2. CEP (Sec. 5, Eq. 8): instead of corrupting data, add fresh noise delta to the condition embedding c(y) at every
+     training step, uniform on [-gamma/sqrt(d), gamma/sqrt(d)] (CEP-U) or Gaussian with std gamma/sqrt(d) (CEP-G),
+     d the embedding width. Sampling is unchanged (no noise). Table 1: DiT-XL/2 FID 6.76 -> 5.51, LDM-4 9.44 -> 6.91.
+  Everything else is a standard DDPM (T = 1000, eps-prediction, classifier-free guidance with a null condition
+  dropped in with probability 0.1) on a DiT (label embedding in adaLN) or an LDM UNet (class or text embedding as
+  cross-attention context), in pixel space or on cached KL-f8 latents. The official repository releases inference
+  scripts only; this file is a training implementation written from the paper and the codebases it follows.
+
+Quick start (CPU, about a minute):
+  python ldm_labelnoise.py --preset=tiny --data=tests/data/cifar10_tiny.npz --corruption_ratio=0.05 --cep=uniform
+One GPU, CIFAR-10 in pixel space:
+  python ldm_labelnoise.py --preset=cifar10 --data=cifar10 --corruption_ratio=0.025 --cep=gaussian
+Eight GPUs, DiT-XL/2 on ImageNet latents (Table 1; latents are encoded once and cached):
+  torchrun --standalone --nproc_per_node=8 ldm_labelnoise.py --preset=in1k-dit --data=imagenet/train --cep=uniform
+  torchrun --standalone --nproc_per_node=8 ldm_labelnoise.py --preset=in1k-ldm --data=imagenet/train \\
+      --corruption_ratio=0.025
+  torchrun --standalone --nproc_per_node=8 ldm_labelnoise.py --preset=cc3m-ldm --data=cc3m --cep=uniform
+Generation (one PNG per seed, class k % num_classes) and evaluation (FID, IS, sFID, precision/recall, 50k samples):
+  torchrun --standalone --nproc_per_node=8 ldm_labelnoise.py generate --network=runs/00000-.../network-snapshot.pt \\
+      --seeds=0-49999 --outdir=out --scale=1.75
+  python fid.py ref --data=imagenet/val --dest=in1k_val.npz
+  torchrun --standalone --nproc_per_node=8 ldm_labelnoise.py eval --network=... --ref=in1k_val.npz --scale=1.75
+Circular walk between two noises, one row per network (as the official visualisation scripts):
+  python ldm_labelnoise.py walk --network=clean.pt,eta2.5.pt --classes=88,207 --walk_steps=20 --scale=7.5
+"""
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import inspect
+import io
+import json
+import math
+import os
+import pickle
+import re
+import sys
+import tarfile
+import threading
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import PIL.Image
+import requests
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fid
+import nets
+
+if not hasattr(nets, 'DiT_models'):  # TEMPORARY: until the DiT / VAE part is merged into nets.py
+    import nets_dit_vae_part
+    for _name in ('DiT', 'DiT_models', 'AutoencoderKL', 'AUTOENCODER_TINY', 'load_autoencoder', 'WeightsNotFoundError'):
+        setattr(nets, _name, getattr(nets_dit_vae_part, _name))
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Configuration.
+
+NUM_TIMESTEPS = 1000  # DDPM steps T (paper App. B.3, B.4)
+TEXT_LENGTH = 77  # BERT max_length in the official text pipeline
+
+
+@dataclasses.dataclass
+class SamplerConfig:
+    scheduler:          str   = 'dpm'        # 'dpm' (DPM-Solver++ 2M, paper evaluation) | 'ddim' (official scripts)
+    ddim_steps:         int   = 50           # sampling steps (official scripts' flag name; paper: 50)
+    ddim_eta:           float = 0.0          # DDIM stochasticity (official default 0)
+    scale:              float = 1.5          # guidance scale s of Eq. 2; 1 = plain conditional sampling
+    timestep_spacing:   str   = 'linspace'   # 'linspace' (diffusers DPM default) | 'leading' (LDM DDIM, offset 1)
+
+
+@dataclasses.dataclass
+class TrainConfig(SamplerConfig):
+    # Data and conditions.
+    data:               str   = ''           # image folder, EDM-style zip, .npz (x, y) or 'cifar10' (downloaded)
+    cond:               str   = 'class'      # 'class' labels or 'text' captions (CC3M setting, LDM backbone only)
+    captions:           str   = ''           # file, one caption a line in image order; '' = captions.txt beside images
+    resolution:         int   = 0            # ADM center crop to this size (DiT train.py: 256); 0 = keep as is
+    num_classes:        int   = 0            # labels must lie in [0, num_classes); 0 = 1 + largest label
+    xflip:              bool  = False        # random horizontal flips (DiT train.py: on; LDM ImageNetTrain: off)
+    # Condition corruption, fixed once before training (Sec. 3.1, App. B.1).
+    corruption_ratio:   float = 0.0          # eta: fraction of samples with a wrong label or a swapped caption
+    corruption_classes: str   = ''           # asymmetric: corrupt only within these class ids (Sec. 3.3), '1,5,9'
+    # Training-time perturbations (Sec. 5) and classifier-free guidance.
+    cep:                str   = 'none'       # conditional embedding perturbation: none | uniform | gaussian (Eq. 8)
+    cep_gamma:          float = 1.0          # gamma of Eq. 8; the paper uses 1 for all models
+    input_perturbation: float = 0.0          # IP baseline (Ning et al.): gamma of eps + gamma * xi; DDPM-IP: 0.1
+    embedding_dropout:  float = 0.0          # dropout on the condition embedding (App. E.3 baseline: 0.1); LDM only
+    class_dropout_prob: float = 0.1          # null class / empty caption rate (DiT models.py; SD2 ucg_rate)
+    # Network and diffusion.
+    arch:               str   = 'DiT-XL/2'   # nets.DiT_models name, or an LDM UNet preset ('ldm-cin256', 'tiny-ldm')
+    vae:                str   = 'none'       # KL-f8 autoencoder: file, URL, 'ema' / 'mse' (sd-vae-ft-*); 'none' = pixels
+    dropout:            float = 0.0          # UNet dropout (LDM cin256-v2: 0)
+    text_layers:        int   = 4            # depth of the byte-level text encoder that stands in for BERT
+    beta_schedule:      str   = 'linear'     # 'linear' (DiT) | 'scaled_linear' (LDM's "linear": sqrt-spaced)
+    linear_start:       float = 1e-4         # beta_1 (DiT 1e-4; LDM cin256-v2 0.0015)
+    linear_end:         float = 0.02         # beta_T (DiT 0.02; LDM cin256-v2 0.0195)
+    # Optimisation (DiT train.py defaults; paper App. B.4).
+    batch:              int   = 256          # global batch (DiT: 256; LDM: 8 GPUs x 64)
+    batch_gpu:          int   = 0            # per-GPU microbatch; gradient accumulation makes up the rest; 0 = all
+    lr:                 float = 1e-4         # AdamW learning rate, constant (paper App. B.3, B.4)
+    weight_decay:       float = 0.0          # AdamW weight decay (DiT: 0; LDM: torch default 0.01)
+    lr_rampup_kimg:     float = 0.0          # linear warm-up; neither official recipe has one
+    grad_clip:          float = 0.0          # max gradient norm; 0 = off (DiT and LDM do not clip)
+    ema_decay:          float = 0.9999       # per-step EMA (DiT); 0 = snapshot the raw weights (LDM: use_ema False)
+    kimg:               float = 102400       # training length: DiT-XL/2 400K steps x 256 images
+    # Bookkeeping.
+    outdir:             str   = 'runs'       # run folders go here
+    tick:               float = 10.0         # kimg between progress lines
+    snap:               int   = 50           # ticks between snapshots, sample grids and training states
+    grid:               int   = 64           # images in the sample grids (text models: the first captions)
+    seed:               int   = 0            # seeds the corruption, the data order and all training noise
+    resume:             str   = ''           # training-state-*.pt to continue, or 'auto' (latest matching run)
+    precision:          str   = ''           # 'fp32' | 'bf16' autocast; '' = bf16 on CUDA, fp32 on CPU
+    compile:            bool  = False        # torch.compile the network
+    workers:            int   = 4            # threads decoding images
+    cache_dir:          str   = ''           # CIFAR-10 download and VAE latent cache; '' = ~/.cache/ldm_labelnoise
+    device:             str   = ''           # '' = cuda when available
+    dry_run:            bool  = False        # print the resolved config and exit
+
+
+@dataclasses.dataclass
+class GenerateConfig(SamplerConfig):
+    network:            str   = ''           # network-snapshot-*.pt (walk: comma-separated list, one row each)
+    seeds:              str   = '0-63'       # generate: one image per seed, e.g. 0-49999
+    outdir:             str   = 'out'        # generate: PNG folder; walk: grid folder
+    batch:              int   = 64           # images per forward pass and GPU (never changes an image)
+    class_idx:          int   = -1           # class of every image; -1 = seed % num_classes (class-balanced)
+    prompts:            str   = ''           # text models: file with one prompt a line, image k uses prompt k % n
+    num:                int   = 50000        # eval: number of samples (class-balanced)
+    ref:                str   = ''           # eval: reference statistics .npz from `python fid.py ref`
+    metrics:            str   = 'fid,is,sfid,pr'  # eval: fid.compute_metrics names
+    fid_weights:        str   = ''           # Inception weights file; '' = FID_WEIGHTS env or download
+    classes:            str   = '0'          # walk: class ids (text models: use --prompt)
+    prompt:             str   = ''           # walk: the caption of a text model
+    walk_steps:         int   = 20           # walk: points on the circle (official default 20)
+    n_samples:          int   = 1            # walk: walks per class
+    seed:               int   = 42           # walk: seed of the two noises (official default 42)
+    precision:          str   = ''           # 'fp32' | 'bf16'; '' = bf16 on CUDA
+    device:             str   = ''           # '' = cuda when available
+
+
+_LDM_IN1K = dict(arch='ldm-cin256', cond='class', vae='ema', resolution=256, beta_schedule='scaled_linear',
+                 linear_start=0.0015, linear_end=0.0195, batch=512, weight_decay=0.01, ema_decay=0.0)
+PRESETS = {
+    # LDM-4 class-conditional ImageNet, 178K iterations of 8 x 64 (App. B.3); s = 2.0 in Table 1.
+    'in1k-ldm': dict(_LDM_IN1K, kimg=91136, scale=2.0),
+    # LDM-4 text-conditional CC3M, 396K iterations of 8 x 64 (App. B.3); s = 3.0 in Table 1.
+    'cc3m-ldm': dict(_LDM_IN1K, arch='ldm-cc3m', cond='text', kimg=202752, scale=3.0),
+    # DiT-XL/2 ImageNet: DiT train.py, 400K iterations of 256 (App. B.4); s = 1.75 in Table 1.
+    'in1k-dit': dict(arch='DiT-XL/2', vae='ema', resolution=256, xflip=True, kimg=102400, scale=1.75),
+    # CIFAR-10 in pixel space: our recipe for small experiments (not in the paper).
+    'cifar10': dict(arch='DiT-B/2', xflip=True, batch=128, kimg=100000, tick=50, scale=1.5),
+    # Seconds on a CPU: a tiny LDM UNet in pixel space.
+    'tiny': dict(arch='tiny-ldm', batch=16, lr=2e-4, ema_decay=0.99, kimg=0.5, tick=0.1, snap=5, grid=16,
+                 ddim_steps=10, scale=1.5, workers=1),
+}
+
+
+class UserError(Exception):
+    """Bad input: printed as one 'error: ...' line, exit code 1 (2 for flags)."""
+    exit_code = 1
+
+
+class FlagError(UserError):
+    exit_code = 2
+
+
+def parse_config(cls, argv):
+    """Flags from the dataclass fields (`--name=value`); `--preset` sets defaults that explicit flags override.
+    `--help` prints the commented dataclass."""
+    parser = argparse.ArgumentParser(prog='ldm_labelnoise.py', epilog=inspect.getsource(cls),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = lambda message: (_ for _ in ()).throw(FlagError(message))
+    for field in dataclasses.fields(cls):
+        if field.type is bool:
+            parser.add_argument(f'--{field.name}', default=field.default, nargs='?', const=True, type=parse_bool)
+        else:
+            parser.add_argument(f'--{field.name}', default=field.default, type=field.type)
+    if cls is TrainConfig:
+        parser.add_argument('--input_pertub', dest='input_perturbation', type=float, default=argparse.SUPPRESS,
+                            help='alias of --input_perturbation (DDPM-IP spelling)')
+        parser.add_argument('--preset', default='', choices=list(PRESETS), help='recipe: ' + ', '.join(PRESETS))
+        parser.set_defaults(**PRESETS.get(parser.parse_known_args(argv)[0].preset, {}))
+    args = vars(parser.parse_args(argv))
+    return cls(**{field.name: args[field.name] for field in dataclasses.fields(cls)})
+
+
+def parse_bool(text):
+    if text.lower() in ('1', 'true', 'yes', 'on'):
+        return True
+    if text.lower() in ('0', 'false', 'no', 'off'):
+        return False
+    raise argparse.ArgumentTypeError(f'expected true or false, got {text!r}')
+
+
+def check_sampler(cfg):
+    if cfg.scheduler not in ('dpm', 'ddim'):
+        raise FlagError('--scheduler must be dpm or ddim')
+    if not 1 <= cfg.ddim_steps <= 1000:
+        raise FlagError('--ddim_steps must be in [1, 1000]')
+    if cfg.ddim_eta < 0 or (cfg.ddim_eta > 0 and cfg.scheduler != 'ddim'):
+        raise FlagError('--ddim_eta must be >= 0 and needs --scheduler=ddim')
+    if cfg.scale < 1:
+        raise FlagError('--scale must be >= 1')
+    if cfg.timestep_spacing not in ('linspace', 'leading'):
+        raise FlagError('--timestep_spacing must be linspace or leading')
+
+
+def check_train_config(cfg, world_size):
+    """Every range check in one place, before anything is written."""
+    check_sampler(cfg)
+    if not cfg.data:
+        raise FlagError('--data is required (an image folder, a zip, an .npz or cifar10)')
+    if not 0 <= cfg.corruption_ratio < 1:
+        raise FlagError('--corruption_ratio must be in [0, 1)')
+    for name in ('class_dropout_prob', 'embedding_dropout', 'dropout'):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise FlagError(f'--{name} must be in [0, 1)')
+    if cfg.cond not in ('class', 'text'):
+        raise FlagError('--cond must be class or text')
+    if cfg.cep not in ('none', 'uniform', 'gaussian'):
+        raise FlagError('--cep must be none, uniform or gaussian')
+    if cfg.cep_gamma < 0 or cfg.input_perturbation < 0:
+        raise FlagError('--cep_gamma and --input_perturbation must be >= 0')
+    if cfg.corruption_classes and (cfg.cond != 'class' or not re.fullmatch(r'\d+(,\d+)+', cfg.corruption_classes)):
+        raise FlagError('--corruption_classes must list at least two class ids, e.g. 3,5,9, with --cond=class')
+    if not is_dit(cfg.arch) and nets.UNET_PRESETS.get(cfg.arch, {}).get('arch') != 'ldm':
+        raise FlagError(f'--arch must be a DiT ({", ".join(nets.DiT_models)}) or an LDM UNet preset')
+    if is_dit(cfg.arch) and (cfg.cond == 'text' or cfg.embedding_dropout > 0):
+        raise FlagError('--cond=text and --embedding_dropout need an LDM UNet --arch (DiT embeds labels in adaLN)')
+    if cfg.beta_schedule not in ('linear', 'scaled_linear') or not 0 < cfg.linear_start < cfg.linear_end < 1:
+        raise FlagError('--beta_schedule must be linear or scaled_linear with 0 < linear_start < linear_end < 1')
+    batch_gpu = cfg.batch_gpu or cfg.batch // world_size
+    if cfg.batch < 1 or batch_gpu < 1 or cfg.batch % (batch_gpu * world_size):
+        raise FlagError(f'--batch={cfg.batch} must be divisible by GPUs ({world_size}) x --batch_gpu ({batch_gpu})')
+    if cfg.lr <= 0 or cfg.weight_decay < 0 or cfg.grad_clip < 0 or not 0 <= cfg.ema_decay < 1:
+        raise FlagError('--lr must be > 0, --weight_decay and --grad_clip >= 0, --ema_decay in [0, 1)')
+    if cfg.kimg <= 0 or cfg.tick <= 0 or min(cfg.snap, cfg.grid) < 1 or min(cfg.resolution, cfg.num_classes) < 0:
+        raise FlagError('--kimg and --tick must be > 0, --snap and --grid >= 1, --resolution and --num_classes >= 0')
+    if cfg.precision not in ('', 'fp32', 'bf16') or cfg.text_layers < 1 or cfg.workers < 1:
+        raise FlagError('--precision must be fp32 or bf16, --text_layers and --workers >= 1')
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: images, labels, captions.
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff')
+CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
+CIFAR10_MD5 = 'c58f30108f718f92721af3b95e74349a'
+
+
+def center_crop_arr(image, size):
+    """ADM / DiT preprocessing: halve with BOX while large, resize the short side to `size` (BICUBIC), crop."""
+    while min(*image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=PIL.Image.BOX)
+    scale = size / min(*image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=PIL.Image.BICUBIC)
+    array = np.asarray(image)
+    top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
+    return array[top:top + size, left:left + size]
+
+
+def download_cifar10(cache_dir):
+    """The official CIFAR-10 archive, checksum-verified and cached (written atomically)."""
+    path = os.path.join(cache_dir, 'cifar-10-python.tar.gz')
+    if not os.path.isfile(path):
+        os.makedirs(cache_dir, exist_ok=True)
+        try:
+            response = requests.get(CIFAR10_URL, timeout=60)
+            response.raise_for_status()
+        except requests.RequestException as error:
+            raise UserError(f'cannot download CIFAR-10 ({error}); put cifar-10-python.tar.gz in {cache_dir}')
+        if hashlib.md5(response.content).hexdigest() != CIFAR10_MD5:
+            raise UserError(f'CIFAR-10 download from {CIFAR10_URL} failed its md5 check')
+        with open(path + '.tmp', 'wb') as file:
+            file.write(response.content)
+        os.replace(path + '.tmp', path)
+    x, y = [], []
+    with tarfile.open(path) as archive:
+        for i in range(1, 6):
+            batch = pickle.load(archive.extractfile(f'cifar-10-batches-py/data_batch_{i}'), encoding='latin1')
+            x.append(batch['data'].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            y += batch['labels']
+    return np.concatenate(x), np.asarray(y, dtype=np.int64)
+
+
+class ImageDataset:
+    """Images as uint8 (H, W, 3), with labels and captions, from a folder, an EDM-style zip, an .npz or 'cifar10'.
+
+    Labels: dataset.json {"labels": [[name, id], ...]} (EDM), else class sub-folders in sorted order (ImageFolder),
+    else `y` of the .npz. Captions: --captions, else captions.txt in the folder / zip, else `captions` of the .npz.
+    """
+
+    def __init__(self, path, resolution, cache_dir, captions_path=''):
+        self.path, self.resolution, self.array, self._local = path, resolution, None, threading.local()
+        self.labels, captions, meta = None, None, None
+        if path == 'cifar10':
+            self.array, self.labels = download_cifar10(cache_dir)
+        elif path.endswith('.npz'):
+            if not os.path.isfile(path):
+                raise UserError(f'--data file not found: {path}')
+            with np.load(path) as data:
+                self.array = data['x'] if 'x' in data else None
+                self.labels = data['y'].astype(np.int64) if 'y' in data else None
+                captions = [str(c) for c in data['captions']] if 'captions' in data else None
+            if self.array is None or self.array.dtype != np.uint8 or self.array.ndim not in (3, 4):
+                raise UserError(f'{path} must hold x: (N, H, W[, C]) uint8')
+        elif os.path.isdir(path) or zipfile.is_zipfile(path):
+            names = self._list_files()
+            self.names = sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
+            meta = json.loads(self._read_file('dataset.json')) if 'dataset.json' in names else {}
+            if meta.get('labels') is not None:
+                table = dict(meta['labels'])
+                if any(name not in table for name in self.names):
+                    raise UserError(f'dataset.json in {path} has no label for some images')
+                self.labels = np.asarray([table[name] for name in self.names], dtype=np.int64)
+            elif self.names and all('/' in name for name in self.names):
+                folders = sorted({name.split('/')[0] for name in self.names})
+                self.labels = np.asarray([folders.index(n.split('/')[0]) for n in self.names], dtype=np.int64)
+            captions = self._read_file('captions.txt').decode('utf-8').splitlines() if 'captions.txt' in names else None
+        else:
+            raise UserError(f'--data not found or not a folder, zip, .npz or cifar10: {path}')
+        if captions_path:
+            if not os.path.isfile(captions_path):
+                raise UserError(f'--captions file not found: {captions_path}')
+            with open(captions_path, encoding='utf-8') as file:
+                captions = file.read().splitlines()
+        self.captions = captions
+        if len(self) == 0:
+            raise UserError(f'no images in {path}')
+
+    def __len__(self):
+        return len(self.array) if self.array is not None else len(self.names)
+
+    def _list_files(self):
+        if os.path.isdir(self.path):
+            return [os.path.relpath(os.path.join(root, f), self.path).replace(os.sep, '/')
+                    for root, _, files in os.walk(self.path) for f in files]
+        return zipfile.ZipFile(self.path).namelist()
+
+    def _read_file(self, name):
+        if os.path.isdir(self.path):
+            with open(os.path.join(self.path, name), 'rb') as file:
+                return file.read()
+        if not hasattr(self._local, 'zip'):  # one handle per thread: ZipFile is not thread-safe
+            self._local.zip = zipfile.ZipFile(self.path)
+        return self._local.zip.read(name)
+
+    def read(self, index):
+        """One image as uint8 (H, W, 3), center-cropped to --resolution when given."""
+        if self.array is not None:
+            array = self.array[index]
+            array = np.repeat(array[..., None], 3, axis=2) if array.ndim == 2 else array
+            image = PIL.Image.fromarray(array) if self.resolution else None
+        else:
+            try:
+                image = PIL.Image.open(io.BytesIO(self._read_file(self.names[index]))).convert('RGB')
+                image.load()
+            except Exception as error:
+                raise UserError(f'cannot read image {self.names[index]} in {self.path}: {error}')
+        if self.resolution:
+            return center_crop_arr(image, self.resolution)
+        return np.asarray(image) if image is not None else array[..., :3]
+
+    def read_many(self, indices, workers):
+        """uint8 (n, 3, H, W); images of different sizes are an error unless --resolution is set."""
+        with ThreadPoolExecutor(workers) as pool:
+            images = list(pool.map(self.read, indices))
+        for index, image in zip(indices, images):
+            if image.shape != images[0].shape:
+                name = self.names[index] if self.array is None else f'#{index}'
+                raise UserError(f'image {name} is {image.shape[1]}x{image.shape[0]}, not '
+                                f'{images[0].shape[1]}x{images[0].shape[0]}; set --resolution to crop all images')
+        return np.stack(images).transpose(0, 3, 1, 2)
+
+
+def tokenize(captions, length=TEXT_LENGTH):
+    """Byte-level tokens: BOS, UTF-8 bytes (truncated), EOS, padding. (N,) strings -> int64 (N, length)."""
+    bos, eos, pad = 256, 257, 258
+    tokens = torch.full((len(captions), length), pad, dtype=torch.int64)
+    for i, caption in enumerate(captions):
+        row = [bos] + list(caption.encode('utf-8'))[:length - 2] + [eos]
+        tokens[i, :len(row)] = torch.tensor(row)
+    return tokens
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Condition corruption (Sec. 3.1, 3.3, App. B.1).
+
+
+def corrupted_count(eta, n):
+    """floor(eta * n), robust to eta * n landing a hair below an integer in floating point."""
+    return math.floor(round(eta * n, 6))
+
+
+def corrupt_labels(y, eta, generator=None, classes=None):
+    """Symmetric label noise: floor(eta * N) samples, drawn without replacement, get another class y' != y with
+    P(y') proportional to the class prior n_y' (App. B.1). With `classes` (asymmetric, Sec. 3.3), only samples of
+    those classes are eligible, eta is relative to them, and labels flip within `classes`.
+
+    y: int64 (N,). Returns (the corrupted labels (N,), the flipped indices (M,)).
+    """
+    prior = torch.bincount(y).double()
+    eligible = torch.ones_like(y, dtype=torch.bool)
+    if classes is not None:
+        inside = torch.zeros_like(prior, dtype=torch.bool)
+        inside[classes[classes < len(prior)]] = True
+        prior, eligible = prior * inside, inside[y]
+    candidates = eligible.nonzero()[:, 0]                                 # (N_eligible,)
+    picked = candidates[torch.randperm(len(candidates), generator=generator)]
+    index = picked[:corrupted_count(eta, len(candidates))]                # (M,) without replacement
+    new = y[index].clone()
+    todo = torch.ones_like(index, dtype=torch.bool)
+    while todo.any():  # rejection sampling: the prior restricted to the other classes, without an (M, K) table
+        new[todo] = torch.multinomial(prior, int(todo.sum()), replacement=True, generator=generator)
+        todo = new == y[index]
+    y_noisy = y.clone()
+    y_noisy[index] = new
+    return y_noisy, index
+
+
+def swap_captions(n, eta, generator=None):
+    """Text swapping (App. B.1): floor(eta * N / 2) disjoint random pairs of samples exchange captions, so
+    2 * floor(eta * N / 2) samples are corrupted. Returns (source (N,): sample i trains on caption source[i],
+    the corrupted indices)."""
+    pairs = corrupted_count(eta, n) // 2
+    index = torch.randperm(n, generator=generator)[:2 * pairs]
+    source = torch.arange(n)
+    source[index[:pairs]], source[index[pairs:]] = index[pairs:], index[:pairs]
+    return source, index
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Diffusion loss with conditional embedding perturbation (Eq. 1, 8) and the IP baseline.
+
+
+def make_alphas_cumprod(schedule='linear', start=1e-4, end=0.02, num_timesteps=NUM_TIMESTEPS):
+    """alpha_bar_t, float64 (T,). 'linear': DiT; 'scaled_linear': LDM's "linear", beta = linspace(sqrt, sqrt)^2."""
+    if schedule == 'linear':
+        betas = torch.linspace(start, end, num_timesteps, dtype=torch.float64)
+    else:
+        betas = torch.linspace(start ** 0.5, end ** 0.5, num_timesteps, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def cep_noise(shape, cep, gamma, generator=None, device=None):
+    """CEP perturbation delta of Eq. 8, fresh for every sample: (B, ..., d) with d = shape[-1], the width of c(y).
+
+    'uniform' (CEP-U): U(-gamma/sqrt(d), gamma/sqrt(d)) per element. 'gaussian' (CEP-G): the paper writes
+    N(0, (gamma/sqrt(d)) I); we read gamma/sqrt(d) as the standard deviation, as every public port does.
+    For token sequences d is the per-token width (community ports), not L * d.
+    """
+    scale = gamma / math.sqrt(shape[-1])
+    if cep == 'uniform':
+        return (torch.rand(shape, generator=generator, device=device) * 2 - 1) * scale
+    if cep == 'gaussian':
+        return torch.randn(shape, generator=generator, device=device) * scale
+    raise ValueError(f'unknown CEP kind {cep!r}')
+
+
+def drop_conditions(y, y_null, drop):
+    """Classifier-free guidance training: replace the condition by the null one where drop (B,) is True."""
+    return torch.where(drop.view(-1, *[1] * (y.ndim - 1)), y_null, y)
+
+
+def diffusion_loss(net, x0, y, t, eps, alphas_cumprod, delta=None, xi=None, gamma_ip=0.0):
+    """Per-sample L_simple of Eq. 1 with the perturbed condition of Eq. 8: || eps - eps_theta(x_t, t, c(y) + delta) ||^2.
+
+    x0, eps, xi: (B, C, H, W); y: (B,) class ids or (B, L) tokens; t: int64 (B,); delta: (B, *cond_shape) or None.
+    IP baseline: x_t is built from eps + gamma_ip * xi while the target stays eps (Ning et al., Eq. 9).
+    A network that also outputs v (2C channels, DiT's learned sigma) adds DiT's VB term (hybrid loss).
+    Returns (B,).
+    """
+    a = alphas_cumprod[t].float().view(-1, 1, 1, 1)                      # (B, 1, 1, 1)
+    noise = eps if xi is None else eps + gamma_ip * xi
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    out = net(x_t, t, y, delta).float()                                   # (B, C or 2C, H, W)
+    channels = x0.shape[1]
+    loss = (eps - out[:, :channels]).square().mean(dim=(1, 2, 3))
+    if out.shape[1] == 2 * channels:  # only v gets the VB gradient (DiT's frozen mean)
+        loss = loss + vb_terms(x0, x_t, t, out[:, :channels].detach(), out[:, channels:], alphas_cumprod)
+    return loss
+
+
+def vb_terms(x0, x_t, t, eps_hat, v, alphas_cumprod):
+    """Improved-DDPM variational bound in bits per dim for the learned-range variance, as DiT trains it:
+    KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) for t > 0, the discretised decoder NLL at t = 0. Returns (B,)."""
+    a, a_prev = alphas_cumprod, F.pad(alphas_cumprod[:-1], (1, 0), value=1.0)
+    beta = 1 - a / a_prev
+    var_post = beta * (1 - a_prev) / (1 - a)
+    logvar_post = torch.cat([var_post[1:2], var_post[1:]]).log()          # "clipped": beta_tilde_0 := beta_tilde_1
+
+    def at(v_):
+        return v_[t].float().view(-1, 1, 1, 1)
+
+    coef_x0, coef_xt = at(beta * a_prev.sqrt() / (1 - a)), at((1 - a_prev) * (1 - beta).sqrt() / (1 - a))
+    x0_hat = (x_t - at((1 - a).sqrt()) * eps_hat) / at(a.sqrt())
+    mean, mean_hat = coef_x0 * x0 + coef_xt * x_t, coef_x0 * x0_hat + coef_xt * x_t
+    frac = (v + 1) / 2
+    logvar, logvar_hat = at(logvar_post), frac * at(beta.log()) + (1 - frac) * at(logvar_post)
+    kl = 0.5 * (-1 + logvar_hat - logvar + (logvar - logvar_hat).exp() + (mean - mean_hat).square() / logvar_hat.exp())
+
+    # Decoder NLL of x0 on 256 bins of [-1, 1], with the tanh approximation of the normal CDF.
+    def cdf(z):
+        return 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z ** 3)))
+    inv_std = (-0.5 * logvar_hat).exp()
+    upper, lower = cdf(inv_std * (x0 - mean_hat + 1 / 255)), cdf(inv_std * (x0 - mean_hat - 1 / 255))
+    log_probs = torch.where(x0 < -0.999, upper.clamp(min=1e-12).log(), torch.where(
+        x0 > 0.999, (1 - lower).clamp(min=1e-12).log(), (upper - lower).clamp(min=1e-12).log()))
+    return torch.where(t == 0, -log_probs.mean(dim=(1, 2, 3)), kl.mean(dim=(1, 2, 3))) / math.log(2)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Samplers with classifier-free guidance: DDIM and DPM-Solver++(2M).
+
+
+def sampling_timesteps(num_timesteps, steps, spacing='linspace'):
+    """Descending timesteps: 'linspace' as diffusers' DPM-Solver default, 'leading' as LDM's DDIM (offset 1)."""
+    if spacing == 'linspace':
+        return np.linspace(0, num_timesteps - 1, steps + 1).round()[::-1][:-1].astype(np.int64).tolist()
+    return (np.arange(steps) * (num_timesteps // steps) + 1)[::-1].tolist()
+
+
+def guided_eps(net, x, t, y, y_null=None, scale=1.0):
+    """Eq. 2: eps_u + s (eps_c - eps_u), one batched forward pass; y_null=None is plain conditional sampling.
+    Guidance acts on every eps channel, as the paper's diffusers pipelines do (DiT's sample.py guides 3 of 4)."""
+    channels, t = x.shape[1], torch.full((len(x),), t, dtype=torch.int64, device=x.device)
+    if y_null is None:
+        return net(x, t, y).float()[:, :channels]
+    eps_c, eps_u = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null])).float()[:, :channels].chunk(2)
+    return eps_u + scale * (eps_c - eps_u)
+
+
+def ddim_sample(net, noise, y, alphas_cumprod, steps=50, scale=1.0, y_null=None, eta=0.0, spacing='linspace',
+                randn_like=torch.randn_like):
+    """DDIM (Song et al., Eq. 12) from x_T = noise (B, C, H, W); the last step lands on alpha_bar = 1 (the x0
+    prediction), as diffusers' set_alpha_to_one. alphas_cumprod: float64 (T,) on the CPU."""
+    timesteps = sampling_timesteps(len(alphas_cumprod), steps, spacing)
+    x = noise
+    for i, t in enumerate(timesteps):
+        a = alphas_cumprod[t].item()
+        a_prev = alphas_cumprod[timesteps[i + 1]].item() if i + 1 < len(timesteps) else 1.0
+        eps = guided_eps(net, x, t, y, y_null, scale)
+        x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+        x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - sigma ** 2) * eps
+        if sigma > 0:
+            x = x + sigma * randn_like(x)
+    return x
+
+
+def dpm_solver_sample(net, noise, y, alphas_cumprod, steps=50, scale=1.0, y_null=None, spacing='linspace'):
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2, midpoint form) on the data prediction, as diffusers'
+    DPMSolverMultistepScheduler with its defaults (first step first order; the final step to sigma = 0 is first
+    order, i.e. returns the x0 prediction). lambda = log(alpha / sigma)."""
+    timesteps = sampling_timesteps(len(alphas_cumprod), steps, spacing)
+    alpha, sigma = alphas_cumprod.sqrt(), (1 - alphas_cumprod).sqrt()
+    lam = (alpha / sigma).log()
+    x, x0_prev, h_prev = noise, None, None
+    for i, t in enumerate(timesteps):
+        x0 = (x - sigma[t].item() * guided_eps(net, x, t, y, y_null, scale)) / alpha[t].item()
+        if i + 1 == len(timesteps):
+            return x0
+        s = timesteps[i + 1]
+        h = (lam[s] - lam[t]).item()
+        d = x0 if x0_prev is None else x0 + (x0 - x0_prev) * h / (2 * h_prev)  # D0 + D1 / 2 with r0 = h_prev / h
+        x = (sigma[s] / sigma[t]).item() * x - alpha[s].item() * math.expm1(-h) * d
+        x0_prev, h_prev = x0, h
+    return x
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Networks: the conditioning front ends around nets.DiT and the LDM nets.UNet.
+
+TINY_DITS = {'DiT-tiny': dict(depth=2, hidden_size=64, patch_size=2, num_heads=2)}  # CPU tests only
+
+
+def is_dit(arch):
+    return arch in nets.DiT_models or arch in TINY_DITS
+
+
+class ClassEmbedder(nn.Module):
+    """LDM's class embedder: label -> (B, 1, width) cross-attention context; id num_classes is the null class."""
+
+    def __init__(self, num_classes, width):
+        super().__init__()
+        self.embedding = nn.Embedding(num_classes + 1, width)
+
+    def forward(self, y):
+        return self.embedding(y)[:, None]                                # (B, 1, width)
+
+
+class TextEncoder(nn.Module):
+    """Our stand-in for the trainable BERT of the CC3M model (App. B.3): byte tokens -> a pre-norm transformer
+    trained jointly -> (B, 77, width). Padding tokens are ordinary tokens (no mask), so the context always has
+    77 positions, like BERT's padded last_hidden_state; the null condition is the empty caption."""
+
+    def __init__(self, width, depth, length=TEXT_LENGTH):
+        super().__init__()
+        self.token = nn.Embedding(259, width)
+        self.position = nn.Parameter(torch.randn(1, length, width) * 0.02)
+        self.blocks = nn.ModuleList(nn.TransformerEncoderLayer(
+            width, max(1, width // 64), 4 * width, dropout=0.0, activation='gelu', batch_first=True, norm_first=True)
+            for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, tokens):
+        h = self.token(tokens) + self.position                           # (B, L, width)
+        for block in self.blocks:
+            h = block(h)
+        return self.norm(h)
+
+
+class Denoiser(nn.Module):
+    """eps_theta(x_t, t, c(y) + delta): y is int64 (B,) class ids or (B, 77) tokens; delta (B, *cond_shape)."""
+
+    def __init__(self, backbone, encoder=None, cond_shape=(), embedding_dropout=0.0):
+        super().__init__()
+        self.backbone, self.encoder, self.cond_shape = backbone, encoder, tuple(cond_shape)
+        self.embedding_dropout = nn.Dropout(embedding_dropout)
+
+    def forward(self, x, t, y, delta=None):
+        if self.encoder is None:  # DiT: c = t_emb + (y_emb + delta) inside adaLN
+            return self.backbone(x, t, y, embedding_noise=delta)
+        context = self.embedding_dropout(self.encoder(y))                 # (B, L, context_dim)
+        return self.backbone(x, t, context=context if delta is None else context + delta)
+
+
+def build_network(spec):
+    """The Denoiser from the spec saved in every snapshot (arch, cond, num_classes, latent shape, ...)."""
+    channels, resolution = spec['shape'][0], spec['shape'][1]
+    if is_dit(spec['arch']):
+        kwargs = dict(input_size=resolution, in_channels=channels, num_classes=spec['num_classes'],
+                      learn_sigma=True, class_dropout_prob=spec['class_dropout_prob'])
+        if spec['arch'] in TINY_DITS:
+            backbone = nets.DiT(**TINY_DITS[spec['arch']], **kwargs)
+        else:
+            backbone = nets.DiT_models[spec['arch']](**kwargs)
+        return Denoiser(backbone, None, (backbone.hidden_size,))
+    # LDM places attention by downsampling factor: keep the factors when the latents are not the preset's size.
+    preset = nets.UNET_PRESETS[spec['arch']]
+    attn = tuple(r * resolution // preset['img_resolution'] for r in preset['attn_resolutions'])
+    kwargs = {**preset, 'img_resolution': resolution, 'in_channels': channels, 'out_channels': channels,
+              'attn_resolutions': attn, 'label_dim': 0, 'dropout': spec['dropout']}
+    width = kwargs['context_dim']
+    if spec['cond'] == 'class':
+        encoder, cond_shape = ClassEmbedder(spec['num_classes'], width), (1, width)
+    else:
+        encoder, cond_shape = TextEncoder(width, spec['text_layers']), (TEXT_LENGTH, width)
+    return Denoiser(nets.UNet(**kwargs), encoder, cond_shape, spec['embedding_dropout'])
+
+
+def null_condition(spec, device):
+    """The condition fed for the unconditional branch: class id num_classes, or the tokens of ''."""
+    if spec['cond'] == 'class':
+        return torch.tensor(spec['num_classes'], device=device)
+    return tokenize(['']).to(device)[0]
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Latent cache: encode every image once with the VAE (fast-DiT style), then train from the cached moments.
+
+
+@torch.no_grad()
+def cache_latents(dataset, vae, path, xflip, batch, device, rank, world_size, workers):
+    """Store the posterior moments (mean, logvar) of every image, and of its mirror image when xflip, as float16
+    (N, 1 or 2, 2C, h, w) in an .npy file. Sampling z = mean + exp(logvar / 2) n afresh at every step keeps the
+    on-the-fly DiT recipe (latent_dist.sample()) while epochs after the first skip the encoder."""
+    if os.path.isfile(path):
+        return np.load(path, mmap_mode='r')
+    views = 2 if xflip else 1
+    probe = torch.from_numpy(dataset.read_many([0], workers)).to(device)
+    channels, height, width = vae.encode_moments(probe.float() / 127.5 - 1)[0].shape[1:]
+    temp = f'{path}.tmp'
+    if rank == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        np.lib.format.open_memmap(temp, 'w+', np.float16, (len(dataset), views, 2 * channels, height, width)).flush()
+    barrier()
+    store = np.load(temp, mmap_mode='r+')
+    for start in range(rank * batch, len(dataset), world_size * batch):  # each rank its strided share of chunks
+        indices = list(range(start, min(start + batch, len(dataset))))
+        x = torch.from_numpy(dataset.read_many(indices, workers)).to(device).float() / 127.5 - 1
+        for view in range(views):
+            mean, logvar = vae.encode_moments(x.flip(3) if view else x)
+            store[indices[0]:indices[-1] + 1, view] = torch.cat([mean, logvar], 1).half().cpu().numpy()
+    store.flush()
+    barrier()
+    if rank == 0:
+        os.replace(temp, path)
+    barrier()
+    return np.load(path, mmap_mode='r')
+
+
+class RowServer:
+    """Rows of a big array by index: from a device tensor when the array fits, else gathered on the host
+    (one batch of read-ahead in a thread) and copied from pinned memory."""
+
+    def __init__(self, array, device):
+        budget = torch.cuda.get_device_properties(device).total_memory * 0.3 if device.type == 'cuda' else math.inf
+        self.device, self.on_device = device, array.nbytes <= budget
+        self.data = torch.from_numpy(np.array(array)).to(device) if self.on_device else array
+        self.pool, self.pending = ThreadPoolExecutor(1), None
+
+    def _gather(self, index):
+        rows = torch.from_numpy(self.data[index])
+        return rows.pin_memory() if self.device.type == 'cuda' else rows
+
+    def prefetch(self, index):
+        if not self.on_device:
+            self.pending = (index, self.pool.submit(self._gather, index))
+
+    def get(self, index, index_device):
+        if self.on_device:
+            return self.data[index_device]
+        pending, self.pending = self.pending, None
+        rows = pending[1].result() if pending and np.array_equal(pending[0], index) else self._gather(index)
+        return rows.to(self.device, non_blocking=True)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Distributed helpers, EMA, checkpoints.
+
+
+def init_distributed(device_flag):
+    """torchrun (RANK / WORLD_SIZE in the environment) or a single process; nccl on CUDA, gloo on CPU."""
+    device = torch.device(device_flag or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    rank, world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    if device.type == 'cuda':
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return rank, world_size, device
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(value):
+    if dist.is_initialized():
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        value = box[0]
+    return value
+
+
+def atomic_save(obj, path):
+    """Write to a temporary name and rename, so an interrupted write never destroys the previous file."""
+    torch.save(obj, path + '.tmp')
+    os.replace(path + '.tmp', path)
+
+
+def draw_step_noise(cfg, cur_nimg, shape, cond_shape, latent, device):
+    """All per-sample randomness of the training step that starts at image cur_nimg, for the whole global batch,
+    from a generator seeded by (seed, cur_nimg): identical for every GPU count and restored exactly on resume;
+    each rank takes its own samples. t (B,), eps (B, C, H, W), z: posterior noise of the cached latents, flip (B,),
+    drop (B,): null condition for CFG, delta (B, *cond_shape): CEP, xi (B, C, H, W): IP."""
+    state = np.random.SeedSequence([cfg.seed, cur_nimg]).generate_state(1, np.uint64)
+    g = torch.Generator(device).manual_seed(int(state[0] >> 1))
+    b, full = cfg.batch, (cfg.batch,) + tuple(shape)
+    return dict(
+        t=torch.randint(0, NUM_TIMESTEPS, (b,), generator=g, device=device),
+        eps=torch.randn(full, generator=g, device=device),
+        z=torch.randn(full, generator=g, device=device) if latent else None,
+        flip=torch.rand(b, generator=g, device=device) < 0.5 if cfg.xflip else torch.zeros(b, dtype=torch.bool, device=device),
+        drop=torch.rand(b, generator=g, device=device) < cfg.class_dropout_prob,
+        delta=cep_noise((b,) + cond_shape, cfg.cep, cfg.cep_gamma, g, device) if cfg.cep != 'none' else None,
+        xi=torch.randn(full, generator=g, device=device) if cfg.input_perturbation else None)
+
+
+def data_order(seed, cur_nimg, batch, n, cache):
+    """Dataset indices of the global batch starting at image cur_nimg: one seeded permutation per epoch."""
+    position = np.arange(cur_nimg, cur_nimg + batch)
+    index = np.empty(batch, dtype=np.int64)
+    for epoch in np.unique(position // n):
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + int(epoch)))
+        mask = position // n == epoch
+        index[mask] = cache[epoch].numpy()[position[mask] % n]
+    return index
+
+
+def to_device(tensor, device):
+    """Host-to-device copy from pinned memory, which does not wait for the GPU."""
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == 'cuda' else tensor
+
+
+def format_time(seconds):
+    seconds = int(seconds)
+    if seconds < 60:
+        return f'{seconds}s'
+    if seconds < 3600:
+        return f'{seconds // 60}m{seconds % 60:02d}s'
+    return f'{seconds // 3600}h{seconds // 60 % 60:02d}m'
+
+
+def load_vae(path_or_url, device, cache_dir=None):
+    try:
+        return nets.load_autoencoder(path_or_url, cache_dir=cache_dir).to(device).eval().requires_grad_(False)
+    except nets.WeightsNotFoundError as error:
+        raise UserError(str(error))
+
+
+def load_snapshot(path, device):
+    """A network snapshot -> (EMA Denoiser in eval mode, spec, VAE or None)."""
+    if not os.path.isfile(path):
+        raise UserError(f'--network file not found: {path}')
+    snapshot = torch.load(path, map_location='cpu', weights_only=True)
+    net = build_network(snapshot['spec'])
+    net.load_state_dict(snapshot['ema'])
+    vae = load_vae(snapshot['spec']['vae'], device) if snapshot['spec']['vae'] else None
+    return net.to(device).eval().requires_grad_(False), snapshot['spec'], vae
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sampling entry point shared by the grids, `generate`, `eval` and `walk`.
+
+
+@torch.no_grad()
+def sample_images(net, spec, vae, noise, y, cfg, randn_like=torch.randn_like):
+    """Noise (B, C, h, w) and conditions -> uint8 images (B, 3, H, W), with the sampler chosen by cfg."""
+    alphas_cumprod = make_alphas_cumprod(spec['beta_schedule'], spec['linear_start'], spec['linear_end'])
+    y_null = null_condition(spec, noise.device).expand_as(y) if cfg.scale != 1 else None
+    with torch.autocast(noise.device.type, torch.bfloat16, enabled=cfg.precision == 'bf16'):
+        if cfg.scheduler == 'dpm':
+            x = dpm_solver_sample(net, noise, y, alphas_cumprod, cfg.ddim_steps, cfg.scale, y_null,
+                                  cfg.timestep_spacing)
+        else:
+            x = ddim_sample(net, noise, y, alphas_cumprod, cfg.ddim_steps, cfg.scale, y_null, cfg.ddim_eta,
+                            cfg.timestep_spacing, randn_like)
+        if vae is not None:
+            x = vae.decode(x.float())
+    return (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+def conditions_for_seeds(spec, seeds, cfg, prompts, device):
+    """Class seed % num_classes (class-balanced) or --class_idx; text: prompt seed % len(prompts)."""
+    if spec['cond'] == 'text':
+        return tokenize([prompts[s % len(prompts)] for s in seeds]).to(device)
+    if cfg.class_idx >= 0:
+        return torch.full((len(seeds),), cfg.class_idx, dtype=torch.int64, device=device)
+    return torch.tensor([s % spec['num_classes'] for s in seeds], dtype=torch.int64, device=device)
+
+
+def seeded_noise(seeds, shape, device):
+    """Image k's noise depends on seed k only, whatever the batch or GPU count."""
+    generators = [torch.Generator(device).manual_seed(s) for s in seeds]
+    stack = lambda shape_: torch.stack([torch.randn(shape_, generator=g, device=device) for g in generators])
+    return stack(shape), lambda x: stack(x.shape[1:])
+
+
+def save_grid(images, path, columns):
+    """uint8 (B, 3, H, W) -> one PNG, images row by row."""
+    b, c, h, w = images.shape
+    rows = -(-b // columns)
+    images = torch.cat([images, images.new_zeros(rows * columns - b, c, h, w)])
+    grid = images.view(rows, columns, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, columns * w, c)
+    PIL.Image.fromarray(grid.cpu().numpy()).save(path)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training loop.
+
+
+def load_conditions(cfg, dataset):
+    """Check the labels or captions -> (num_classes, clean conditions: int64 (N,) labels or (N, 77) tokens)."""
+    n = len(dataset)
+    if cfg.cond == 'text':
+        if dataset.captions is None or len(dataset.captions) != n:
+            found = 'none' if dataset.captions is None else len(dataset.captions)
+            raise UserError(f'--cond=text needs one caption per image ({n}) in captions.txt or --captions; '
+                            f'found {found}')
+        return 0, tokenize(dataset.captions)
+    if dataset.labels is None:
+        raise UserError(f'--cond=class needs labels (dataset.json, class folders or y in the .npz): {cfg.data}')
+    num_classes = cfg.num_classes or int(dataset.labels.max()) + 1
+    bad = (dataset.labels < 0) | (dataset.labels >= num_classes)
+    if bad.any():
+        raise UserError(f'label {dataset.labels[bad][0]} of image #{bad.argmax()} is outside [0, {num_classes})')
+    if cfg.corruption_classes and max(map(int, cfg.corruption_classes.split(','))) >= num_classes:
+        raise FlagError(f'--corruption_classes must lie in [0, {num_classes})')
+    return num_classes, torch.from_numpy(dataset.labels)
+
+
+def corrupt_conditions(cfg, clean, path, resume):
+    """Sec. 3.1: corrupt once and save to the run folder; a resumed run reloads them, so they never change.
+    Returns (training conditions like `clean`, corrupted indices)."""
+    if resume and os.path.isfile(path):
+        with np.load(path) as saved:
+            source, corrupted = torch.from_numpy(saved['source']), torch.from_numpy(saved['corrupted'])
+    else:
+        generator = torch.Generator().manual_seed(cfg.seed)
+        if cfg.cond == 'class':
+            classes = torch.tensor([int(c) for c in cfg.corruption_classes.split(',')]) \
+                if cfg.corruption_classes else None
+            source, corrupted = corrupt_labels(clean, cfg.corruption_ratio, generator, classes)
+        else:
+            source, corrupted = swap_captions(len(clean), cfg.corruption_ratio, generator)
+        if int(os.environ.get('RANK', 0)) == 0:
+            np.savez(path + '.tmp.npz', source=source.numpy(), corrupted=corrupted.numpy())
+            os.replace(path + '.tmp.npz', path)
+    return (source if cfg.cond == 'class' else clean[source]), corrupted
+
+
+STATE_NAME = re.compile(r'training-state-\d+\.pt')
+
+
+def open_run_dir(cfg, desc):
+    """(run folder, training state to resume or None): --resume=auto finds the newest matching run, else new."""
+    run_dir, resume_path = None, None
+    if cfg.resume == 'auto':
+        runs = sorted(d for d in os.listdir(cfg.outdir) if re.fullmatch(rf'\d{{5}}-{re.escape(desc)}', d)) \
+            if os.path.isdir(cfg.outdir) else []
+        for run in reversed(runs):
+            states = sorted(f for f in os.listdir(os.path.join(cfg.outdir, run)) if STATE_NAME.fullmatch(f))
+            if states:
+                run_dir, resume_path = os.path.join(cfg.outdir, run), os.path.join(cfg.outdir, run, states[-1])
+                break
+    elif cfg.resume:
+        if not os.path.isfile(cfg.resume):
+            raise UserError(f'--resume file not found: {cfg.resume}')
+        run_dir, resume_path = os.path.dirname(os.path.abspath(cfg.resume)), cfg.resume
+    if run_dir is None:
+        os.makedirs(cfg.outdir, exist_ok=True)
+        ids = [int(d[:5]) for d in os.listdir(cfg.outdir) if re.match(r'\d{5}-', d)]
+        run_dir = os.path.join(cfg.outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
+        os.makedirs(run_dir)
+    return run_dir, resume_path
+
+
+def training_loop(cfg, rank, world_size, device):
+    def print0(*args):
+        if rank == 0:
+            print(*args, flush=True)
+            if run_dir:
+                with open(os.path.join(run_dir, 'log.txt'), 'a') as log:
+                    print(*args, file=log)
+
+    run_dir = None
+
+    # Performance settings.
+    torch.backends.cuda.matmul.allow_tf32 = True                          # TF32 matmuls: free speed on Ampere+
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True                                 # fixed shapes: pick the fastest kernels
+    cfg = dataclasses.replace(cfg, precision=cfg.precision or ('bf16' if device.type == 'cuda' else 'fp32'))
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.precision == 'bf16')
+    channels_last = device.type == 'cuda' and not is_dit(cfg.arch)        # NHWC convolutions on tensor cores
+    batch_gpu = cfg.batch_gpu or cfg.batch // world_size
+    rounds = cfg.batch // (batch_gpu * world_size)
+    cache_dir = cfg.cache_dir or os.path.join(os.path.expanduser('~'), '.cache', 'ldm_labelnoise')
+
+    # Load the data and check the conditions before anything is written.
+    if rank == 0 and cfg.data == 'cifar10':
+        download_cifar10(cache_dir)
+    barrier()
+    dataset = ImageDataset(cfg.data, cfg.resolution, cache_dir, cfg.captions)
+    n = len(dataset)
+    num_classes, clean = load_conditions(cfg, dataset)
+    vae = None if cfg.vae == 'none' else load_vae(cfg.vae, device, cache_dir)
+
+    # Images, or their VAE latents encoded once and cached (both checked before the run folder exists).
+    if vae is not None:
+        key = json.dumps([os.path.abspath(cfg.data), n, getattr(dataset, 'names', None), cfg.resolution, cfg.vae,
+                          cfg.xflip])
+        path = os.path.join(cache_dir, f'latents-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy')
+        print0(f'Latent cache: {path}')
+        rows = cache_latents(dataset, vae, path, cfg.xflip, batch_gpu, device, rank, world_size, cfg.workers)
+        shape = (rows.shape[2] // 2,) + rows.shape[3:]                    # (C, h, w) of the latents
+    else:
+        rows = dataset.read_many(range(n), cfg.workers)                   # (N, 3, H, W) uint8
+        shape = rows.shape[1:]
+    if shape[1] != shape[2]:
+        raise UserError(f'images must be square, got {shape[2]}x{shape[1]}; set --resolution')
+
+    # Open the run folder; corrupt the conditions once (Sec. 3.1).
+    name = os.path.splitext(os.path.basename(cfg.data.rstrip('/')))[0]
+    desc = f'{name}-{cfg.arch.replace("/", "")}-{cfg.cond}-eta{cfg.corruption_ratio:g}-cep{cfg.cep}-batch{cfg.batch}'
+    run_dir, resume_path = broadcast_object(open_run_dir(cfg, desc) if rank == 0 else None)
+    conditions, corrupted = corrupt_conditions(cfg, clean, os.path.join(run_dir, 'conditions.npz'), resume_path)
+    conditions = conditions.to(device)                                    # (N,) labels or (N, 77) tokens
+    is_corrupted = torch.zeros(n, dtype=torch.bool, device=device).index_fill_(0, corrupted.to(device), True)
+    server = RowServer(rows, device)
+    spec = dict(arch=cfg.arch, cond=cfg.cond, num_classes=num_classes, shape=tuple(shape), dropout=cfg.dropout,
+                text_layers=cfg.text_layers, embedding_dropout=cfg.embedding_dropout, class_dropout_prob=
+                cfg.class_dropout_prob, vae=cfg.vae if vae else None, scaling_factor=vae.scaling_factor if vae else 1,
+                beta_schedule=cfg.beta_schedule, linear_start=cfg.linear_start, linear_end=cfg.linear_end)
+
+    # Build the network, EMA and optimizer; restore a training state.
+    torch.manual_seed(cfg.seed)
+    net = build_network(spec).to(device, memory_format=torch.channels_last if channels_last else None).train()
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=device.type == 'cuda')             # one kernel for all parameters
+    cur_nimg = 0
+    if resume_path:
+        state = torch.load(resume_path, map_location='cpu', weights_only=True)
+        net.load_state_dict(state['net'])
+        ema.load_state_dict(state['ema'])
+        optimizer.load_state_dict(state['optimizer'])
+        cur_nimg = state['cur_nimg']
+        if len(state['rng']) == world_size:  # dropout draws from the global generators
+            torch.set_rng_state(state['rng'][rank][0])
+            if device.type == 'cuda':
+                torch.cuda.set_rng_state(state['rng'][rank][1], device)
+    ddp = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None) \
+        if world_size > 1 else net
+    model = torch.compile(ddp) if cfg.compile else ddp                    # fused kernels behind --compile
+    alphas_cumprod = make_alphas_cumprod(cfg.beta_schedule, cfg.linear_start, cfg.linear_end).to(device)
+    y_null = null_condition(spec, device)
+
+    # Record the run: config and provenance; drop progress lines written after the state we resume from.
+    if rank == 0:
+        stats_path = os.path.join(run_dir, 'stats.jsonl')
+        if resume_path and os.path.isfile(stats_path):
+            with open(stats_path) as file:
+                kept = [line for line in file if json.loads(line)['kimg'] <= cur_nimg / 1000 + 1e-9]
+            with open(stats_path + '.tmp', 'w') as file:
+                file.writelines(kept)
+            os.replace(stats_path + '.tmp', stats_path)
+        with open(os.path.join(run_dir, 'config.json'), 'w') as file:
+            json.dump(dict(config=dataclasses.asdict(cfg), spec=spec, command=sys.argv, world_size=world_size,
+                           torch=torch.__version__, images=n, corrupted=len(corrupted), device=
+                           torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'), file, indent=2)
+    print0(json.dumps(dataclasses.asdict(cfg), indent=2))
+    print0(f'{"Resuming" if resume_path else "Starting"} {run_dir}: {n} images, {len(corrupted)} corrupted '
+           f'conditions, {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, {world_size} process(es)'
+           f' x {rounds} round(s) of {batch_gpu}')
+
+    # Fixed noise and conditions of the sample grids.
+    grid_noise = torch.randn((cfg.grid,) + tuple(shape), generator=torch.Generator().manual_seed(0)).to(device)
+    grid_y = torch.arange(cfg.grid, device=device) % num_classes if cfg.cond == 'class' else \
+        clean[torch.arange(cfg.grid) % n].to(device)
+
+    # Training.
+    shares = [(torch.arange(r * batch_gpu, (r + 1) * batch_gpu) * world_size + rank) for r in range(rounds)]
+    stats = torch.zeros(12, device=device)  # loss sum, count, 4 t-bins (sum, count), corrupted, dropped
+    order_cache, lr, total_nimg = {}, cfg.lr, round(cfg.kimg * 1000)
+    start_time, tick_start_time, tick_start_nimg = time.time(), time.time(), cur_nimg
+    index = data_order(cfg.seed, cur_nimg, cfg.batch, n, order_cache)
+    while cur_nimg < total_nimg:
+        # Draw this step's noise for the whole global batch in a fixed order; each rank takes its share.
+        noise = draw_step_noise(cfg, cur_nimg, shape, net.cond_shape, vae is not None, device)
+        t, flip, drop, delta, xi = noise['t'], noise['flip'], noise['drop'], noise['delta'], noise['xi']
+        index_device = to_device(torch.from_numpy(index), device)
+        next_index = data_order(cfg.seed, cur_nimg + cfg.batch, cfg.batch, n, order_cache)
+        server.prefetch(next_index[shares[0].numpy()])
+
+        # Accumulate gradients; DDP synchronises only on the last round.
+        for r, share in enumerate(shares):
+            mine = to_device(share, device)
+            i = index_device[mine]                                        # (batch_gpu,) dataset indices
+            x0 = server.get(index[share.numpy()], i)
+            if vae is not None:  # sample the cached posterior, of the mirrored image when flipped
+                mean, logvar = x0[torch.arange(len(i), device=device), flip[mine].long()].float().chunk(2, dim=1)
+                x0 = (mean + (0.5 * logvar).exp() * noise['z'][mine]) * spec['scaling_factor']
+            else:
+                x0 = x0.float() / 127.5 - 1                               # (batch_gpu, 3, H, W) in [-1, 1]
+                x0 = torch.where(flip[mine].view(-1, 1, 1, 1), x0.flip(3), x0)
+            x0 = x0.contiguous(memory_format=torch.channels_last) if channels_last else x0
+            y = drop_conditions(conditions[i], y_null, drop[mine])
+            sync = ddp.no_sync() if world_size > 1 and r + 1 < rounds else contextlib.nullcontext()
+            with sync, autocast:
+                loss = diffusion_loss(model, x0, y, t[mine], noise['eps'][mine], alphas_cumprod, None if delta is None
+                                      else delta[mine], None if xi is None else xi[mine], cfg.input_perturbation)
+                loss.sum().mul(world_size / cfg.batch).backward()         # DDP averages: the global-batch mean
+            with torch.no_grad():
+                bins = t[mine] * 4 // len(alphas_cumprod)
+                stats[0] += loss.sum()
+                stats[1] += len(loss)
+                stats[2:6].index_add_(0, bins, loss)
+                stats[6:10].index_add_(0, bins, torch.ones_like(loss))
+                stats[10] += (is_corrupted[i] & ~drop[mine]).sum()
+                stats[11] += drop[mine].sum()
+
+        # Update weights: optional warm-up and clipping, AdamW.
+        lr = cfg.lr * min(1.0, cur_nimg / (cfg.lr_rampup_kimg * 1000)) if cfg.lr_rampup_kimg else cfg.lr
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        cur_nimg += cfg.batch
+        index = next_index
+
+        # Update EMA (DiT: every step with a fixed decay; decay 0 copies the weights).
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - cfg.ema_decay)
+            for buffer_ema, buffer in zip(ema.buffers(), net.buffers()):
+                buffer_ema.copy_(buffer)
+
+        # Maintenance once per tick.
+        done = cur_nimg >= total_nimg
+        if not done and cur_nimg < tick_start_nimg + cfg.tick * 1000:
+            continue
+        if dist.is_initialized():
+            dist.all_reduce(stats)
+        s = stats.tolist()                                                # the one host sync of the tick
+        stats.zero_()
+        seconds, kimg = time.time() - tick_start_time, (cur_nimg - tick_start_nimg) / 1000
+        record = dict(kimg=round(cur_nimg / 1000, 3), time=round(time.time() - start_time, 1),
+                      sec_per_kimg=round(seconds / kimg, 3), loss=s[0] / s[1], lr=lr,
+                      loss_by_t=[s[2 + k] / max(s[6 + k], 1) for k in range(4)],
+                      corrupted_rate=s[10] / max(s[1] - s[11], 1), null_rate=s[11] / s[1])
+        gpumem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else 0
+        print0(f'kimg {record["kimg"]:.1f} | time {format_time(record["time"])} | sec/kimg {seconds / kimg:.2f} | '
+               f'ETA {format_time(seconds / kimg * (total_nimg - cur_nimg) / 1000)} | loss {record["loss"]:.4f} | '
+               f'lr {lr:.1e} | img/s {kimg * 1000 / seconds:.0f} | gpumem {gpumem:.1f}G | corrupted '
+               f'{record["corrupted_rate"]:.3f} | null {record["null_rate"]:.3f} | loss by t '
+               + ' '.join(f'{v:.3f}' for v in record['loss_by_t']))
+        if device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(device)
+        if rank == 0:
+            with open(os.path.join(run_dir, 'stats.jsonl'), 'a') as file:
+                file.write(json.dumps(record) + '\n')
+
+        # Snapshot: sample grid, EMA network, training state with the RNG states of every rank.
+        if done or round(cur_nimg / (cfg.tick * 1000)) % cfg.snap == 0:
+            rng = [(torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == 'cuda' else None)]
+            rng = rng * world_size
+            if dist.is_initialized():
+                dist.all_gather_object(rng, rng[0])
+            if rank == 0:
+                tag = f'{cur_nimg // 1000:06d}'
+                save_grid(sample_images(ema, spec, vae, grid_noise, grid_y, cfg),
+                          os.path.join(run_dir, f'samples-{tag}.png'), math.ceil(math.sqrt(cfg.grid)))
+                atomic_save(dict(ema=ema.state_dict(), spec=spec, kimg=cur_nimg / 1000),
+                            os.path.join(run_dir, f'network-snapshot-{tag}.pt'))
+                old_states = [f for f in os.listdir(run_dir) if STATE_NAME.fullmatch(f)]
+                atomic_save(dict(net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
+                                 cur_nimg=cur_nimg, rng=rng, spec=spec, config=dataclasses.asdict(cfg)),
+                            os.path.join(run_dir, f'training-state-{tag}.pt'))
+                for old in old_states:  # resuming needs only the newest state
+                    if old != f'training-state-{tag}.pt':
+                        os.remove(os.path.join(run_dir, old))
+            barrier()
+        tick_start_nimg, tick_start_time = cur_nimg, time.time()
+    print0(f'Done: {run_dir}')
+    return run_dir
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Generation, evaluation and the circular walk.
+
+
+def parse_seeds(text):
+    seeds = []
+    for part in text.split(','):
+        match = re.fullmatch(r'(\d+)(?:-(\d+))?', part.strip())
+        if not match:
+            raise FlagError(f'--seeds must look like 0-49999 or 1,5,9, got {text!r}')
+        seeds += list(range(int(match[1]), int(match[2] or match[1]) + 1))
+    return seeds
+
+
+def load_prompts(cfg, spec):
+    if spec['cond'] != 'text':
+        if not -1 <= cfg.class_idx < spec['num_classes']:
+            raise FlagError(f'--class_idx must be in [0, {spec["num_classes"]}) or -1')
+        return None
+    if not cfg.prompts or not os.path.isfile(cfg.prompts):
+        raise UserError(f'a text model needs --prompts, a file with one prompt a line: {cfg.prompts!r}')
+    with open(cfg.prompts, encoding='utf-8') as file:
+        return [line for line in file.read().splitlines() if line.strip()]
+
+
+def sample_seeds(net, spec, vae, seeds, cfg, prompts, device):
+    """Yield (seeds, uint8 images) in batches of --batch; image k depends only on seed k."""
+    for start in range(0, len(seeds), cfg.batch):
+        chunk = seeds[start:start + cfg.batch]
+        noise, randn_like = seeded_noise(chunk, tuple(spec['shape']), device)
+        y = conditions_for_seeds(spec, chunk, cfg, prompts, device)
+        yield chunk, sample_images(net, spec, vae, noise, y, cfg, randn_like)
+
+
+def generate(cfg, rank, world_size, device):
+    """One PNG per seed under outdir/<thousands>/<seed>.png, plus dataset.json with the labels (class models)."""
+    net, spec, vae = load_snapshot(cfg.network, device)
+    prompts, seeds = load_prompts(cfg, spec), parse_seeds(cfg.seeds)
+    labels = []
+    for chunk, images in sample_seeds(net, spec, vae, seeds[rank::world_size], cfg, prompts, device):
+        for seed, image in zip(chunk, images.permute(0, 2, 3, 1).cpu().numpy()):
+            name = f'{seed - seed % 1000:06d}/{seed:06d}.png'
+            os.makedirs(os.path.join(cfg.outdir, os.path.dirname(name)), exist_ok=True)
+            PIL.Image.fromarray(image).save(os.path.join(cfg.outdir, name))
+    if spec['cond'] == 'class':
+        labels = [[f'{s - s % 1000:06d}/{s:06d}.png', int(conditions_for_seeds(spec, [s], cfg, None, 'cpu')[0])]
+                  for s in seeds]
+    barrier()
+    if rank == 0 and labels:
+        with open(os.path.join(cfg.outdir, 'dataset.json'), 'w') as file:
+            json.dump({'labels': labels}, file)
+    print(f'rank {rank}: wrote {len(seeds[rank::world_size])} images to {cfg.outdir}') if rank == 0 else None
+
+
+def evaluate(cfg, rank, world_size, device):
+    """fid.compute_metrics on --num class-balanced samples held in memory; appends to metrics.jsonl."""
+    if not os.path.isfile(cfg.ref):
+        raise UserError(f'--ref statistics not found: {cfg.ref!r} (make them with `python fid.py ref`)')
+    net, spec, vae = load_snapshot(cfg.network, device)
+    prompts = load_prompts(cfg, spec)
+    detector = fid.load_inception(cfg.fid_weights or None, device=device)
+    seeds = list(range(cfg.num))[rank::world_size]
+    batches = (images for _, images in sample_seeds(net, spec, vae, seeds, cfg, prompts, device))
+    names = tuple(m.strip() for m in cfg.metrics.split(',') if m.strip())
+    results = fid.compute_metrics(batches, cfg.ref, metrics=names, detector=detector, device=device)
+    if rank == 0:
+        record = dict(network=os.path.basename(cfg.network), num=cfg.num, **dataclasses.asdict(SamplerConfig(
+            **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(SamplerConfig)})), **results)
+        print(json.dumps(record))
+        with open(os.path.join(os.path.dirname(os.path.abspath(cfg.network)), 'metrics.jsonl'), 'a') as file:
+            file.write(json.dumps(record) + '\n')
+    return results
+
+
+def walk(cfg, rank, world_size, device):
+    """The official circular walk: z_k = cos(theta_k) n_x + sin(theta_k) n_y with theta = pi * linspace(0, 2, K),
+    one row per network, one grid per class (or prompt) and walk."""
+    snapshots = [load_snapshot(path, device) for path in cfg.network.split(',')]
+    spec0 = snapshots[0][1]
+    if any(spec['shape'] != spec0['shape'] for _, spec, _ in snapshots):
+        raise UserError('walk compares networks with the same latent shape')
+    conditions = [cfg.prompt] if spec0['cond'] == 'text' else [int(c) for c in cfg.classes.split(',')]
+    generator = torch.Generator().manual_seed(cfg.seed)
+    theta = torch.linspace(0, 2, cfg.walk_steps) * math.pi
+    os.makedirs(cfg.outdir, exist_ok=True)
+    for condition in conditions:
+        for i in range(cfg.n_samples):
+            noise_x, noise_y = (torch.randn(tuple(spec0['shape']), generator=generator) for _ in range(2))
+            noise = (theta.cos().view(-1, 1, 1, 1) * noise_x + theta.sin().view(-1, 1, 1, 1) * noise_y).to(device)
+            rows = []
+            for net, spec, vae in snapshots:
+                if spec['cond'] == 'text':
+                    y = tokenize([condition] * cfg.walk_steps).to(device)
+                else:
+                    y = torch.full((cfg.walk_steps,), condition, dtype=torch.int64, device=device)
+                rows.append(torch.cat([sample_images(net, spec, vae, noise[j:j + cfg.batch], y[j:j + cfg.batch], cfg)
+                                       for j in range(0, cfg.walk_steps, cfg.batch)]))
+            tag = re.sub(r'\W+', '_', str(condition))[:40]
+            save_grid(torch.cat(rows), os.path.join(cfg.outdir, f'walk-{tag}-{i:03d}.png'), cfg.walk_steps)
+    print(f'wrote {len(conditions) * cfg.n_samples} walk grids to {cfg.outdir}')
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line.
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in ('train', 'generate', 'eval', 'walk') else 'train'
+    rank = int(os.environ.get('RANK', 0))
+    try:
+        if command == 'train':
+            cfg = parse_config(TrainConfig, argv)
+            check_train_config(cfg, int(os.environ.get('WORLD_SIZE', 1)))
+            if cfg.dry_run:
+                print(json.dumps(dataclasses.asdict(cfg), indent=2))
+                return
+        else:
+            cfg = parse_config(GenerateConfig, argv)
+            check_sampler(cfg)
+            if not cfg.network or cfg.batch < 1 or cfg.num < 1 or cfg.walk_steps < 1 or cfg.n_samples < 1:
+                raise FlagError('--network is required; --batch, --num, --walk_steps and --n_samples must be >= 1')
+        rank, world_size, device = init_distributed(cfg.device)
+        if command != 'train':
+            cfg = dataclasses.replace(cfg, precision=cfg.precision or ('bf16' if device.type == 'cuda' else 'fp32'))
+        if command == 'train':
+            return training_loop(cfg, rank, world_size, device)
+        if command == 'generate':
+            return generate(cfg, rank, world_size, device)
+        if command == 'eval':
+            return evaluate(cfg, rank, world_size, device)
+        return walk(cfg, rank, world_size, device)
+    except UserError as error:
+        if rank == 0:
+            print(f'error: {error}', file=sys.stderr)
+        sys.exit(error.exit_code)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()

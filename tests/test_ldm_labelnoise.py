@@ -1,0 +1,419 @@
+"""Tests of ldm_labelnoise.py: condition corruption statistics, CEP noise, the loss minimiser, DDIM / DPM-Solver++ on
+a class-conditional Gaussian mixture with the analytic eps-predictor, the latent cache, tiny end-to-end runs of both
+backbones, resume equality, DDP parity and bad input. CPU only, a few seconds each."""
+import json
+import math
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+import ldm_labelnoise as L
+import nets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_DATA = os.path.join(ROOT, 'tests', 'data', 'cifar10_tiny.npz')
+FAST = ['--resolution=16', '--batch=8', '--tick=0.016', '--grid=4', '--ddim_steps=2', '--workers=1']
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Condition corruption.
+
+
+def test_corrupt_labels_count_never_self_and_prior():
+    # Imbalanced prior: 50 / 30 / 15 / 5 %. A flipped class-0 label goes to k with probability n_k / (N - n_0).
+    counts = [50000, 30000, 15000, 5000]
+    y = torch.cat([torch.full((c,), k) for k, c in enumerate(counts)])
+    y_noisy, index = L.corrupt_labels(y, 0.1, torch.Generator().manual_seed(0))
+    changed = (y_noisy != y).nonzero()[:, 0]
+    assert len(index) == len(index.unique()) == len(changed) == 10000  # exactly floor(eta N), none to itself
+    assert set(changed.tolist()) == set(index.tolist())
+    for source in (0, 3):
+        new = y_noisy[index][y[index] == source]
+        others = [k for k in range(4) if k != source]
+        expected = np.array([counts[k] for k in others]) / sum(counts[k] for k in others)
+        observed = np.array([(new == k).float().mean().item() for k in others])
+        assert np.all(np.abs(observed - expected) < 4 * np.sqrt(expected * (1 - expected) / len(new)) + 1e-3)
+    # floor(eta N) despite floating point: 0.29 * 100 = 28.999999999999996.
+    assert len(L.corrupt_labels(torch.arange(100) % 4, 0.29)[1]) == 29
+    assert len(L.corrupt_labels(torch.arange(100) % 4, 0.0)[1]) == 0
+
+
+def test_corrupt_labels_asymmetric_stays_inside_the_subset():
+    y = torch.arange(1000) % 5
+    classes = torch.tensor([1, 3, 4])
+    y_noisy, index = L.corrupt_labels(y, 0.2, torch.Generator().manual_seed(1), classes)
+    assert len(index) == math.floor(0.2 * 600)  # eta of the eligible samples
+    assert torch.isin(y[index], classes).all() and torch.isin(y_noisy[index], classes).all()
+    assert (y_noisy[index] != y[index]).all()
+    assert (y_noisy == y).sum() == 1000 - len(index)
+
+
+def test_swap_captions_corrupts_the_stated_fraction():
+    source, index = L.swap_captions(1001, 0.1, torch.Generator().manual_seed(0))
+    assert len(index) == 2 * (100 // 2) == (source != torch.arange(1001)).sum()
+    assert torch.equal(source[source], torch.arange(1001))  # pairs of swaps
+    assert sorted(source.tolist()) == list(range(1001))
+
+
+def test_corruption_is_saved_and_reloaded(tmp_path):
+    cfg = L.TrainConfig(cond='class', corruption_ratio=0.1, seed=3)
+    clean = torch.arange(200) % 10
+    path = str(tmp_path / 'conditions.npz')
+    first, corrupted = L.corrupt_conditions(cfg, clean, path, resume=None)
+    assert len(corrupted) == 20 and os.path.isfile(path)
+    # A resumed run reloads the file, whatever the seed says now.
+    again, _ = L.corrupt_conditions(L.TrainConfig(cond='class', corruption_ratio=0.1, seed=4), clean, path, 'x')
+    assert torch.equal(first, again)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CEP, condition dropout, the loss.
+
+
+def test_cep_noise_bounds_and_std():
+    for shape in ((20000, 64), (400, 77, 32)):
+        d = shape[-1]
+        uniform = L.cep_noise(shape, 'uniform', 2.0, torch.Generator().manual_seed(0))
+        assert uniform.abs().max() <= 2 / math.sqrt(d) and uniform.abs().max() > 0.99 * 2 / math.sqrt(d)
+        assert abs(uniform.std().item() - 2 / math.sqrt(3 * d)) < 0.01 * 2 / math.sqrt(3 * d)
+        gaussian = L.cep_noise(shape, 'gaussian', 2.0, torch.Generator().manual_seed(0))
+        assert abs(gaussian.std().item() - 2 / math.sqrt(d)) < 0.01 * 2 / math.sqrt(d)
+        assert abs(gaussian.mean().item()) < 0.01 * 2 / math.sqrt(d)
+
+
+def test_step_noise_null_rate_and_seeding():
+    cfg = L.TrainConfig(batch=1000, class_dropout_prob=0.1, cep='gaussian', xflip=True)
+    drops = torch.cat([L.draw_step_noise(cfg, k * 1000, (3, 2, 2), (8,), False, torch.device('cpu'))['drop']
+                       for k in range(20)])
+    assert abs(drops.float().mean().item() - 0.1) < 4 * math.sqrt(0.09 / len(drops))
+    a = L.draw_step_noise(cfg, 5000, (3, 2, 2), (8,), True, torch.device('cpu'))
+    b = L.draw_step_noise(cfg, 5000, (3, 2, 2), (8,), True, torch.device('cpu'))
+    c = L.draw_step_noise(cfg, 5016, (3, 2, 2), (8,), True, torch.device('cpu'))
+    assert a['xi'] is None and all(torch.equal(a[k], b[k]) for k in a if a[k] is not None)  # only (seed, cur_nimg)
+    assert not torch.equal(a['eps'], c['eps'])
+    assert a['delta'].shape == (1000, 8) and a['z'].shape == a['eps'].shape == (1000, 3, 2, 2)
+
+
+def test_cep_only_in_training():
+    """The loss feeds delta to the network; the samplers never do, and the eval network is deterministic."""
+    calls = []
+
+    def net(x, t, y, delta=None):
+        calls.append(delta)
+        return torch.zeros_like(x)
+    alphas_cumprod = L.make_alphas_cumprod()
+    x, y = torch.randn(4, 2, 1, 1), torch.zeros(4, dtype=torch.long)
+    delta = L.cep_noise((4, 1, 8), 'uniform', 1.0)
+    L.diffusion_loss(net, x, y, torch.randint(0, 1000, (4,)), torch.randn_like(x), alphas_cumprod, delta)
+    assert calls.pop() is delta
+    L.ddim_sample(net, x, y, alphas_cumprod, steps=3, scale=2.0, y_null=y + 1)
+    L.dpm_solver_sample(net, x, y, alphas_cumprod, steps=3)
+    assert calls == [None] * 6
+    spec = dict(arch='DiT-tiny', cond='class', num_classes=10, shape=(3, 8, 8), class_dropout_prob=0.1)
+    dit = L.build_network(spec).eval()
+    for p in dit.parameters():  # leave adaLN-Zero's zero init so the label embedding reaches the output
+        torch.nn.init.normal_(p, std=0.1)
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([10, 500]), torch.tensor([1, 2])
+    assert torch.equal(dit(x, t, y), dit(x, t, y))
+    assert not torch.allclose(dit(x, t, y), dit(x, t, y, L.cep_noise((2, 64), 'gaussian', 1.0)))
+
+
+def test_drop_conditions_classes_and_tokens():
+    drop = torch.tensor([True, False, True])
+    assert L.drop_conditions(torch.tensor([4, 5, 6]), torch.tensor(10), drop).tolist() == [10, 5, 10]
+    tokens = L.tokenize(['a cat', 'a dog', 'x'])
+    out = L.drop_conditions(tokens, L.tokenize([''])[0], drop)
+    assert torch.equal(out[1], tokens[1]) and torch.equal(out[0], L.tokenize([''])[0])
+
+
+def test_loss_minimiser_is_the_posterior_mean_with_and_without_ip():
+    """For x0 ~ N(m, s^2) at a fixed t, the linear eps-predictor a x_t + b minimising the loss has
+    a = sqrt(1 - ab) / (ab s^2 + (1 - ab)(1 + gamma^2)), b = -a sqrt(ab) m (IP adds gamma xi to the input noise only)."""
+    m, s, n = 0.7, 0.5, 200000
+    alphas_cumprod = L.make_alphas_cumprod('scaled_linear', 0.0015, 0.0195)
+    t = torch.full((n,), 300)
+    ab = alphas_cumprod[300].item()
+    g = torch.Generator().manual_seed(0)
+    x0 = (m + s * torch.randn(n, 1, 1, 1, generator=g))
+    eps, xi = torch.randn(n, 1, 1, 1, generator=g), torch.randn(n, 1, 1, 1, generator=g)
+    for gamma in (0.0, 0.5):
+        a_star = math.sqrt(1 - ab) / (ab * s ** 2 + (1 - ab) * (1 + gamma ** 2))
+        for da in (0.0, 0.1):
+            ab_params = torch.tensor([a_star + da, -a_star * math.sqrt(ab) * m], requires_grad=True)
+            loss = L.diffusion_loss(lambda x, t, y, d: ab_params[0] * x + ab_params[1], x0, None, t, eps,
+                                    alphas_cumprod, xi=xi if gamma else None, gamma_ip=gamma).mean()
+            grad, = torch.autograd.grad(loss, ab_params)
+            if da == 0:
+                assert grad.abs().max() < 0.01
+            else:
+                assert grad[0] > 0.05  # the loss rises away from the optimum
+
+
+def test_vb_terms_vanish_at_the_true_posterior():
+    alphas_cumprod = L.make_alphas_cumprod()
+    x0, eps = torch.rand(6, 3, 4, 4) * 2 - 1, torch.randn(6, 3, 4, 4)
+    t = torch.tensor([1, 5, 50, 300, 700, 999])
+    a = alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    exact = L.vb_terms(x0, x_t, t, eps, -torch.ones_like(x0), alphas_cumprod)  # v = -1: posterior variance
+    assert exact.abs().max() < 1e-3
+    assert (L.vb_terms(x0, x_t, t, eps + 0.1, torch.zeros_like(x0), alphas_cumprod) > exact).all()
+    nll = L.vb_terms(x0, x0, torch.zeros(6, dtype=torch.long), torch.zeros_like(x0), torch.zeros_like(x0),
+                     alphas_cumprod)
+    assert torch.isfinite(nll).all() and (nll > 0).all()
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Samplers on a class-conditional Gaussian mixture with the analytic eps-predictor.
+
+MEANS = torch.tensor([[1.0, -0.5], [-1.5, 0.5]])
+COVS = torch.tensor([[[0.30, 0.10], [0.10, 0.20]], [[0.10, -0.05], [-0.05, 0.40]]])
+
+
+def gmm_net(alphas_cumprod):
+    """eps(x_t, t, y) = E[eps | x_t, y]: per class sqrt(1 - ab) C^-1 (x_t - sqrt(ab) mu), C = ab Sigma + (1 - ab) I;
+    the null class (2) gets the mixture's E[eps | x_t]."""
+    def net(x, t, y, delta=None):
+        ab = alphas_cumprod[t[0]].item()
+        z = x.view(len(x), 2).double()
+        cov = ab * COVS.double() + (1 - ab) * torch.eye(2, dtype=torch.float64)                  # (K, 2, 2)
+        diff = z[:, None] - math.sqrt(ab) * MEANS.double()[None]                                 # (B, K, 2)
+        eps_k = math.sqrt(1 - ab) * torch.linalg.solve(cov[None], diff.unsqueeze(-1))[..., 0]    # (B, K, 2)
+        log_p = torch.distributions.MultivariateNormal(torch.zeros(2, dtype=torch.float64), cov).log_prob(diff)
+        weights = torch.where((y == 2)[:, None], log_p.softmax(1), torch.nn.functional.one_hot(y.clamp(max=1), 2))
+        return (weights[..., None] * eps_k).sum(1).float().view_as(x)
+    return net
+
+
+# Ancestral DDIM (eta = 1) loses the variance of x0 given x_t at every step, so it needs many more steps.
+@pytest.mark.parametrize('sampler, steps, n', [('ddim', 50, 6000), ('dpm', 50, 6000), ('ddim-stochastic', 250, 3000)])
+def test_samplers_reproduce_each_class_distribution(sampler, steps, n):
+    alphas_cumprod = L.make_alphas_cumprod('scaled_linear', 0.0015, 0.0195)
+    net = gmm_net(alphas_cumprod)
+    y = torch.arange(2 * n) % 2
+    noise = torch.randn(2 * n, 2, 1, 1, generator=torch.Generator().manual_seed(0))
+    if sampler == 'dpm':
+        x = L.dpm_solver_sample(net, noise, y, alphas_cumprod, steps=steps)
+    else:
+        g = torch.Generator().manual_seed(1)
+        x = L.ddim_sample(net, noise, y, alphas_cumprod, steps, eta=1.0 if sampler == 'ddim-stochastic' else 0.0,
+                          randn_like=lambda v: torch.randn(v.shape, generator=g))
+    # The last step jumps from t_last to the x0 prediction E[x0 | x_t]: covariance ab Sigma C^-1 Sigma, not Sigma.
+    ab = alphas_cumprod[L.sampling_timesteps(1000, steps)[-1]].item()
+    for k in range(2):
+        samples = x.view(-1, 2)[y == k]
+        cov = ab * COVS[k] + (1 - ab) * torch.eye(2)
+        expected_cov = ab * COVS[k] @ torch.linalg.solve(cov, COVS[k])
+        assert torch.allclose(samples.mean(0), MEANS[k], atol=0.03)
+        assert torch.allclose(torch.cov(samples.T), expected_cov, atol=0.025)
+
+
+def test_guidance_scale_one_equals_conditional_sampling():
+    alphas_cumprod = L.make_alphas_cumprod('scaled_linear', 0.0015, 0.0195)
+    net = gmm_net(alphas_cumprod)
+    noise, y = torch.randn(64, 2, 1, 1), torch.arange(64) % 2
+    null = torch.full_like(y, 2)
+    for sample in (L.ddim_sample, L.dpm_solver_sample):
+        plain = sample(net, noise, y, alphas_cumprod, steps=20)
+        assert torch.allclose(sample(net, noise, y, alphas_cumprod, steps=20, scale=1.0, y_null=null), plain,
+                              atol=1e-5)
+        assert not torch.allclose(sample(net, noise, y, alphas_cumprod, steps=20, scale=3.0, y_null=null), plain,
+                                  atol=1e-2)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Latent cache.
+
+
+def test_latent_cache_round_trip(tmp_path):
+    torch.manual_seed(0)
+    vae = nets.AutoencoderKL(**nets.AUTOENCODER_TINY).eval()
+    images = np.random.RandomState(0).randint(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / 'data.npz', x=images)
+    dataset = L.ImageDataset(str(tmp_path / 'data.npz'), 0, str(tmp_path))
+    path = str(tmp_path / 'cache' / 'latents.npy')
+    rows = L.cache_latents(dataset, vae, path, True, 2, torch.device('cpu'), 0, 1, 1)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        for view, images_in in enumerate((x, x.flip(3))):
+            mean, logvar = vae.encode_moments(images_in)
+            cached = torch.from_numpy(np.asarray(rows[:, view])).float()                          # (N, 2C, h, w)
+            assert torch.allclose(cached, torch.cat([mean, logvar], 1), atol=2e-3, rtol=2e-3)
+    vae.encode_moments = None  # a second run reads the cache without encoding
+    assert np.array_equal(L.cache_latents(dataset, vae, path, True, 2, torch.device('cpu'), 0, 1, 1), rows)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# End to end: train -> snapshot -> generate -> eval, resume, DDP.
+
+
+def run(argv):
+    return L.main([str(a) for a in argv])
+
+
+def final_state(run_dir):
+    names = sorted(f for f in os.listdir(run_dir) if f.startswith('training-state-'))
+    return torch.load(os.path.join(run_dir, names[-1]), weights_only=True)
+
+
+def losses(run_dir):
+    with open(os.path.join(run_dir, 'stats.jsonl')) as file:
+        return [json.loads(line)['loss'] for line in file]
+
+
+def test_end_to_end_ldm_class_generate_eval(tmp_path, monkeypatch):
+    run_dir = run(['--preset=tiny', f'--data={TINY_DATA}', '--kimg=0.032', '--corruption_ratio=0.1', '--cep=uniform',
+                   f'--outdir={tmp_path}', *FAST])
+    files = os.listdir(run_dir)
+    assert {'config.json', 'log.txt', 'stats.jsonl', 'conditions.npz'} <= set(files)
+    assert any(f.startswith('samples-') for f in files)
+    with np.load(os.path.join(run_dir, 'conditions.npz')) as saved:
+        assert len(saved['corrupted']) == 20
+    stats = [json.loads(line) for line in open(os.path.join(run_dir, 'stats.jsonl'))]
+    assert len(stats) == 2 and all(np.isfinite(s['loss']) for s in stats)
+    network = os.path.join(run_dir, sorted(f for f in files if f.startswith('network-snapshot'))[-1])
+
+    # Generate: image k depends on seed k only, not on the batch.
+    for batch in (2, 3):
+        run(['generate', f'--network={network}', '--seeds=0-4', f'--outdir={tmp_path}/gen{batch}', f'--batch={batch}',
+             '--ddim_steps=3', '--scale=2'])
+    for seed in range(5):
+        a = np.asarray(PIL.Image.open(f'{tmp_path}/gen2/000000/{seed:06d}.png'))
+        assert a.shape == (16, 16, 3)
+        assert np.array_equal(a, np.asarray(PIL.Image.open(f'{tmp_path}/gen3/000000/{seed:06d}.png')))
+    labels = json.load(open(f'{tmp_path}/gen2/dataset.json'))['labels']
+    assert [label for _, label in labels] == [0, 1, 2, 3, 4]
+
+    # Eval with a random-weights Inception against statistics of the tiny data.
+    weights = str(tmp_path / 'inception.pth')
+    torch.save(L.fid.InceptionV3().state_dict(), weights)
+    monkeypatch.setenv('FID_WEIGHTS', weights)
+    images = torch.from_numpy(np.load(TINY_DATA)['x'][:10]).permute(0, 3, 1, 2)
+    stats = L.fid.compute_stats([images], device='cpu', spatial=False, progress=False)
+    L.fid.save_ref(str(tmp_path / 'ref.npz'), stats)
+    # FID itself is left out here only for time: its 2048 x 2048 eigendecompositions take ~10 s on this CPU.
+    results = run(['eval', f'--network={network}', f'--ref={tmp_path}/ref.npz', '--num=10', '--batch=5',
+                   '--ddim_steps=2', '--metrics=is,pr'])
+    assert {'is', 'precision', 'recall'} <= set(results) and np.isfinite(results['is'])
+    record = json.loads(open(os.path.join(run_dir, 'metrics.jsonl')).read().splitlines()[-1])
+    assert record['num'] == 10 and record['is'] == results['is'] and record['scale'] == 1.5
+
+
+def test_end_to_end_dit_on_cached_latents_and_walk(tmp_path):
+    torch.manual_seed(0)
+    vae = nets.AutoencoderKL(**nets.AUTOENCODER_TINY)
+    torch.save(vae.state_dict(), tmp_path / 'vae.bin')
+    run_dir = run(['--preset=tiny', '--arch=DiT-tiny', f'--vae={tmp_path}/vae.bin', f'--data={TINY_DATA}',
+                   '--kimg=0.016', '--xflip', '--cep=gaussian', f'--cache_dir={tmp_path}/cache', f'--outdir={tmp_path}',
+                   *FAST])
+    spec = final_state(run_dir)['spec']
+    assert spec['shape'] == (4, 8, 8) and spec['vae'].endswith('vae.bin')
+    assert len([f for f in os.listdir(tmp_path / 'cache') if f.startswith('latents-')]) == 1
+    network = os.path.join(run_dir, [f for f in os.listdir(run_dir) if f.startswith('network-snapshot')][-1])
+    run(['walk', f'--network={network},{network}', '--classes=3', '--walk_steps=4', '--ddim_steps=2',
+         f'--outdir={tmp_path}/walk'])
+    grid = np.asarray(PIL.Image.open(tmp_path / 'walk' / 'walk-3-000.png'))
+    assert grid.shape == (2 * 16, 4 * 16, 3)
+    assert np.array_equal(grid[:16], grid[16:])  # the same network twice gives the same row
+
+
+def test_end_to_end_text_conditioning_with_caption_swaps(tmp_path):
+    data = np.load(TINY_DATA)
+    names = [str(c) for c in data['classes']]
+    captions = np.array([f'a photo of a {names[k]}' for k in data['y']])
+    np.savez(tmp_path / 'captioned.npz', x=data['x'], y=data['y'], captions=captions)
+    run_dir = run(['--preset=tiny', '--cond=text', '--text_layers=1', f'--data={tmp_path}/captioned.npz',
+                   '--kimg=0.016', '--corruption_ratio=0.1', f'--outdir={tmp_path}', *FAST])
+    with np.load(os.path.join(run_dir, 'conditions.npz')) as saved:
+        assert len(saved['corrupted']) == 20 and (saved['source'] != np.arange(200)).sum() == 20
+    (tmp_path / 'prompts.txt').write_text('a photo of a cat\na photo of a ship\n')
+    network = os.path.join(run_dir, [f for f in os.listdir(run_dir) if f.startswith('network-snapshot')][-1])
+    run(['generate', f'--network={network}', '--seeds=0-2', f'--prompts={tmp_path}/prompts.txt',
+         f'--outdir={tmp_path}/gen', '--ddim_steps=2', '--scale=3'])
+    assert len(os.listdir(tmp_path / 'gen' / '000000')) == 3
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    flags = ['--preset=tiny', f'--data={TINY_DATA}', '--corruption_ratio=0.05', '--cep=uniform', '--snap=1', *FAST]
+    full = run([*flags, '--kimg=0.048', f'--outdir={tmp_path}/a'])
+    part = run([*flags, '--kimg=0.032', f'--outdir={tmp_path}/b'])
+    conditions = open(os.path.join(part, 'conditions.npz'), 'rb').read()
+    with open(os.path.join(part, 'stats.jsonl'), 'a') as file:  # a line written after the state, then kill -9
+        file.write(json.dumps(dict(kimg=0.04, loss=123.0)) + '\n')
+    resumed = run([*flags, '--kimg=0.048', f'--outdir={tmp_path}/b', '--resume=auto'])
+    assert resumed == part
+    assert open(os.path.join(part, 'conditions.npz'), 'rb').read() == conditions
+    a, b = final_state(full), final_state(resumed)
+    assert a['cur_nimg'] == b['cur_nimg'] == 48
+    for key in a['net']:
+        assert torch.equal(a['net'][key], b['net'][key]), key
+        assert torch.equal(a['ema'][key], b['ema'][key]), key
+    assert losses(full) == losses(resumed)
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    flags = ['--preset=tiny', '--arch=DiT-tiny', f'--data={TINY_DATA}', '--kimg=0.024', '--cep=gaussian',
+             '--corruption_ratio=0.1', '--xflip', *FAST]
+    one = run([*flags, f'--outdir={tmp_path}/one'])
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                             os.path.join(ROOT, 'ldm_labelnoise.py'), *flags, '--batch_gpu=2',
+                             f'--outdir={tmp_path}/two'], env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = os.path.join(tmp_path, 'two', os.listdir(tmp_path / 'two')[0])
+    a, b = final_state(one), final_state(two)
+    for key in a['net']:
+        assert torch.allclose(a['net'][key], b['net'][key], atol=2e-5, rtol=1e-4), key
+    assert np.allclose(losses(one), losses(two), rtol=1e-5)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, a non-zero exit, nothing written.
+
+
+def expect_error(argv, capsys, code, words, outdir):
+    with pytest.raises(SystemExit) as exit_info:
+        run(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == code and err.startswith('error:') and '\n' not in err and words in err, err
+    assert not os.path.exists(outdir)
+
+
+@pytest.mark.parametrize('flag, words', [
+    ('--corruption_ratio=1', '--corruption_ratio must be in [0, 1)'),
+    ('--corruption_ratio=-0.1', '--corruption_ratio must be in [0, 1)'),
+    ('--cep=laplace', '--cep must be'),
+    ('--batch=10', 'divisible'),
+    ('--corruption_classes=3', '--corruption_classes'),
+    ('--corruption_classes=3,42', '[0, 10)'),
+])
+def test_bad_flags(tmp_path, capsys, flag, words):
+    expect_error(['--preset=tiny', f'--data={TINY_DATA}', '--batch=8', '--batch_gpu=4', flag,
+                  f'--outdir={tmp_path}/out'], capsys, 2, words, tmp_path / 'out')
+
+
+def test_bad_data(tmp_path, capsys):
+    outdir = tmp_path / 'out'
+    data = np.load(TINY_DATA)
+    np.savez(tmp_path / 'labels.npz', x=data['x'][:20], y=np.arange(20))
+    expect_error(['--preset=tiny', f'--data={tmp_path}/labels.npz', '--num_classes=10', f'--outdir={outdir}'],
+                 capsys, 1, 'outside [0, 10)', outdir)
+    expect_error(['--preset=tiny', '--cond=text', f'--data={TINY_DATA}', f'--outdir={outdir}'], capsys, 1,
+                 'needs one caption per image', outdir)
+    expect_error(['--preset=tiny', f'--data={tmp_path}/missing', f'--outdir={outdir}'], capsys, 1, 'not found', outdir)
+    folder = tmp_path / 'images'
+    for k in range(2):
+        (folder / f'class{k}').mkdir(parents=True)
+        PIL.Image.fromarray(data['x'][k]).save(folder / f'class{k}' / 'a.png')
+    (folder / 'class1' / 'b.png').write_bytes(b'not a png')
+    expect_error(['--preset=tiny', f'--data={folder}', f'--outdir={outdir}'], capsys, 1, 'class1/b.png', outdir)
+    PIL.Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / 'class1' / 'b.png')
+    expect_error(['--preset=tiny', f'--data={folder}', f'--outdir={outdir}'], capsys, 1, 'set --resolution', outdir)
+
+
+def test_command_line_exit_code(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'ldm_labelnoise.py'), '--preset=tiny',
+                             f'--data={TINY_DATA}', '--corruption_ratio=1.5', f'--outdir={tmp_path}/out'],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip() == 'error: --corruption_ratio must be in [0, 1)'
+    assert not os.path.exists(tmp_path / 'out')

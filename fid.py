@@ -1,0 +1,1065 @@
+"""FID, Inception Score, sFID, precision/recall and KID from one pass of a pure-torch Inception-v3.
+
+The detector is the TF-2015 Inception-v3 graph that FID is defined on (Heusel et al., "GANs Trained by a Two
+Time-Scale Update Rule Converge to a Local Nash Equilibrium", NeurIPS 2017, arXiv:1706.08500), rebuilt here with
+the state_dict layout of pytorch-fid's weights file `pt_inception-2015-12-05-6726825d.pth`, which loads with
+strict=True. One forward pass gives the three taps every metric needs:
+  pool     (N, 2048)  final average pool (TF `pool_3`): FID, KID, precision/recall; logits_unbiased -> IS
+  spatial  (N, 2023)  first 7 channels of Mixed_6d.branch1x1 (TF `mixed_6/conv`), flattened NHWC: sFID (ADM)
+  logits   (N, 1008)  pool @ fc.weight.T without bias, as ADM, StyleGAN3 and torch-fidelity compute IS
+Metric definitions follow the reference tools: FID as pytorch-fid / EDM (mean and N-1 covariance in float64),
+IS with 10 splits as StyleGAN3 (equal to ADM's 5000-image chunks at N = 50k), sFID, precision and recall (k = 3,
+Kynkaanniemi et al., NeurIPS 2019, arXiv:1904.06991) as the ADM evaluator (Dhariwal & Nichol, arXiv:2105.05233),
+KID (Binkowski et al., ICLR 2018, arXiv:1801.01401) with 100 subsets of 1000 as StyleGAN3 / clean-fid.
+
+Preprocessing decides which published numbers a FID can be compared with. The default is pytorch-fid's; `tf`
+reproduces the TF pipeline of the original FID code, the ADM evaluator and NVIDIA's detector (EDM, StyleGAN), which
+made EDM's and ADM's published reference statistics. Never compare FIDs computed with different preprocessing.
+
+Library (what the paper scripts call; every function works under torchrun, each rank passing its share):
+    detector = fid.load_inception(weights=None, device='cuda')       # --weights / $FID_WEIGHTS / cache / download
+    fid.compute_metrics(uint8_batches, 'ref.npz', metrics=('fid', 'is', 'sfid', 'pr', 'kid'), detector=detector)
+    fid.save_ref('ref.npz', fid.compute_stats(uint8_batches, detector))   # EDM fid-refs format, plus extras
+    fid.compute_features(uint8_batches, detector)['pool']                 # (N, 2048), e.g. for nearest neighbours
+
+Command line (EDM-style; folders are read recursively, zips as EDM datasets, .npz with `x` or ADM's `arr_0`):
+    python fid.py ref  --data=datasets/cifar10-32x32.zip --dest=fid-refs/cifar10-32x32.npz
+    python fid.py calc --images=samples/ --ref=fid-refs/cifar10-32x32.npz --metrics=fid,is,kid --json=metrics.json
+    python fid.py calc --images=samples.npz --ref=VIRTUAL_imagenet256_labeled.npz --preprocess=tf \\
+        --metrics=fid,sfid,pr                                   # ADM protocol against ADM's reference batch
+    torchrun --standalone --nproc_per_node=8 fid.py calc --images=samples/ --ref=fid-refs/cifar10-32x32.npz
+"""
+
+import argparse
+import collections
+import concurrent.futures
+import contextlib
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+import zipfile
+
+import numpy as np
+import requests
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
+WEIGHTS_SHA256_PREFIX = "6726825d"  # torch.hub names files by the first 8 hex digits of their SHA-256
+METRICS = ("fid", "is", "sfid", "pr", "kid")
+PREPROCESS = ("pytorch-fid", "tf")
+PRECISIONS = ("fp32", "tf32", "bf16")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Detector: the TF-2015 Inception-v3 graph in torchvision's module layout, with the FID-specific pooling.
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """Inference-only batch norm with the keys of nn.BatchNorm2d minus `num_batches_tracked` (the weights file's set)."""
+
+    def __init__(self, num_features, eps=1e-3):  # TF's eps, not torch's 1e-5
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+class BasicConv2d(nn.Module):
+    """Conv (no bias) -> batch norm -> ReLU: one `conv` scope of the TF graph."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=False)
+        self.bn = FrozenBatchNorm2d(out_channels)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def avg_pool_same(x):
+    # TF's SAME average pool divides by the number of real pixels under the window; torchvision's Inception counts
+    # the zero padding (count_include_pad=True). This is the patch pytorch-fid applies to blocks A, C and E_1.
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):
+    """Mixed_5b/5c/5d (TF mixed, mixed_1, mixed_2): 35x35, 224 + pool_features output channels."""
+
+    def __init__(self, in_channels, pool_features):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(in_channels, 64, 1)
+        self.branch5x5_1 = BasicConv2d(in_channels, 48, 1)
+        self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(in_channels, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
+        self.branch_pool = BasicConv2d(in_channels, pool_features, 1)
+
+    def forward(self, x):
+        branch5x5 = self.branch5x5_2(self.branch5x5_1(x))
+        branch3x3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch1x1(x), branch5x5, branch3x3dbl, self.branch_pool(avg_pool_same(x))], dim=1)
+
+
+class InceptionB(nn.Module):
+    """Mixed_6a (TF mixed_3): grid reduction 35x35 -> 17x17, 288 -> 768 channels. Not patched for FID."""
+
+    def __init__(self, in_channels):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(in_channels, 384, 3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(in_channels, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        branch3x3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch3x3(x), branch3x3dbl, F.max_pool2d(x, kernel_size=3, stride=2)], dim=1)
+
+
+class InceptionC(nn.Module):
+    """Mixed_6b..6e (TF mixed_4..mixed_7): factorised 7x7 convolutions at 17x17, 768 channels.
+
+    The first 192 output channels are branch1x1's post-ReLU output; for Mixed_6d that is ADM's sFID tap.
+    """
+
+    def __init__(self, in_channels, channels_7x7):
+        super().__init__()
+        c7 = channels_7x7
+        self.branch1x1 = BasicConv2d(in_channels, 192, 1)
+        self.branch7x7_1 = BasicConv2d(in_channels, c7, 1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(in_channels, c7, 1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv2d(in_channels, 192, 1)
+
+    def forward(self, x):
+        branch7x7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        branch7x7dbl = x
+        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
+                     self.branch7x7dbl_5):
+            branch7x7dbl = conv(branch7x7dbl)
+        return torch.cat([self.branch1x1(x), branch7x7, branch7x7dbl, self.branch_pool(avg_pool_same(x))], dim=1)
+
+
+class InceptionD(nn.Module):
+    """Mixed_7a (TF mixed_8): grid reduction 17x17 -> 8x8, 768 -> 1280 channels. Not patched for FID."""
+
+    def __init__(self, in_channels):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(in_channels, 192, 1)
+        self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(in_channels, 192, 1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        branch3x3 = self.branch3x3_2(self.branch3x3_1(x))
+        branch7x7x3 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        return torch.cat([branch3x3, branch7x7x3, F.max_pool2d(x, kernel_size=3, stride=2)], dim=1)
+
+
+class InceptionE(nn.Module):
+    """Mixed_7b/7c (TF mixed_9, mixed_10): expanded 3x3 filter banks at 8x8, 2048 output channels.
+
+    The TF graph pools with an average in Mixed_7b but with a max in Mixed_7c (pool='max'); pytorch-fid keeps this
+    quirk of the graph, and the features are only right with it.
+    """
+
+    def __init__(self, in_channels, pool="avg"):
+        super().__init__()
+        self.pool = pool
+        self.branch1x1 = BasicConv2d(in_channels, 320, 1)
+        self.branch3x3_1 = BasicConv2d(in_channels, 384, 1)
+        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(in_channels, 448, 1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(in_channels, 192, 1)
+
+    def forward(self, x):
+        branch3x3 = self.branch3x3_1(x)
+        branch3x3 = torch.cat([self.branch3x3_2a(branch3x3), self.branch3x3_2b(branch3x3)], dim=1)
+        branch3x3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        branch3x3dbl = torch.cat([self.branch3x3dbl_3a(branch3x3dbl), self.branch3x3dbl_3b(branch3x3dbl)], dim=1)
+        pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.pool == "max" else avg_pool_same(x)
+        return torch.cat([self.branch1x1(x), branch3x3, branch3x3dbl, self.branch_pool(pooled)], dim=1)
+
+
+class InceptionV3(nn.Module):
+    """The FID Inception-v3: takes preprocessed (N, 3, 299, 299) input in [-1, 1], returns (pool, spatial).
+
+    state_dict: 472 keys, 23,850,960 parameters, exactly the keys and shapes of pytorch-fid's weights file.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
+        self.Mixed_5b = InceptionA(192, pool_features=32)
+        self.Mixed_5c = InceptionA(256, pool_features=64)
+        self.Mixed_5d = InceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = InceptionC(768, channels_7x7=128)
+        self.Mixed_6c = InceptionC(768, channels_7x7=160)
+        self.Mixed_6d = InceptionC(768, channels_7x7=160)
+        self.Mixed_6e = InceptionC(768, channels_7x7=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = InceptionE(1280, pool="avg")
+        self.Mixed_7c = InceptionE(2048, pool="max")
+        self.fc = nn.Linear(2048, 1008)  # ImageNet-1000 plus 8 unused classes of the 2015 graph
+        self.has_classifier = True  # False when the weights file had no fc (then no Inception Score)
+        self.dims = {"pool": 2048, "spatial": 2023, "logits": 1008}  # feature width of each tap
+
+    def forward(self, x):                                                     # (N, 3, 299, 299) in [-1, 1]
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))     # (N, 64, 147, 147)
+        x = F.max_pool2d(x, kernel_size=3, stride=2)                          # (N, 64, 73, 73)
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))                         # (N, 192, 71, 71)
+        x = F.max_pool2d(x, kernel_size=3, stride=2)                          # (N, 192, 35, 35)
+        x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))                    # (N, 288, 35, 35)
+        x = self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(x))))     # (N, 768, 17, 17)
+        # sFID tap: channels 0..191 of Mixed_6d are its branch1x1 (TF mixed_6/conv); ADM keeps the first 7 and
+        # flattens them in TF's NHWC order, which matters when comparing with ADM's stored mu_s / sigma_s.
+        spatial = x[:, :7].permute(0, 2, 3, 1).flatten(1)                      # (N, 17 * 17 * 7 = 2023)
+        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(self.Mixed_6e(x))))     # (N, 2048, 8, 8)
+        pool = x.mean(dim=(2, 3))                                             # (N, 2048), TF pool_3
+        return pool, spatial
+
+    def logits_unbiased(self, pool):
+        """(N, 2048) -> (N, 1008) logits without the fc bias, the input of the Inception Score in ADM/StyleGAN3."""
+        return pool @ self.fc.weight.T
+
+
+def _rank_world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _download(url, dest, sha256_prefix=None):
+    """Stream `url` to `dest` atomically, checking the SHA-256 prefix before the file appears."""
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(dest)), suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f, requests.get(url, stream=True, timeout=60) as response:
+            response.raise_for_status()
+            for chunk in response.iter_content(chunk_size=1 << 20):
+                f.write(chunk)
+                digest.update(chunk)
+        if sha256_prefix and not digest.hexdigest().startswith(sha256_prefix):
+            raise ValueError(f"download of {url} is corrupt: SHA-256 {digest.hexdigest()[:8]}, expected "
+                             f"{sha256_prefix}")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def weights_path(weights=None):
+    """Path of the FID weights: `weights`, else $FID_WEIGHTS, else the cache (downloaded once if missing)."""
+    path = weights or os.environ.get("FID_WEIGHTS")
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"FID Inception weights not found: {path}")
+        return path
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", WEIGHTS_FILE)  # where pytorch-fid caches the same file
+    if not os.path.isfile(cached):
+        try:
+            print(f"fid: downloading {WEIGHTS_URL}", file=sys.stderr)
+            _download(WEIGHTS_URL, cached, WEIGHTS_SHA256_PREFIX)
+        except requests.RequestException as error:
+            raise FileNotFoundError(f"cannot download the FID Inception weights ({type(error).__name__}): download "
+                                    f"{WEIGHTS_URL} and put it at {cached}, or pass --weights=PATH "
+                                    f"(or set FID_WEIGHTS)") from None
+    return cached
+
+
+def load_inception(weights=None, device="cpu"):
+    """The FID Inception-v3 in eval mode on `device`, from pytorch-fid's weights file (see weights_path).
+
+    Accepts the file with or without `num_batches_tracked`, with fp16 tensors (cast to fp32), and without the
+    classifier `fc.*` (then `has_classifier` is False and the Inception Score is unavailable); any other missing,
+    unexpected or mis-shaped key is an error.
+    """
+    # Under torchrun rank 0 fetches the file while the others wait, so it is downloaded once.
+    rank, world = _rank_world()
+    if world > 1 and rank != 0:
+        dist.barrier()
+    try:
+        path = weights_path(weights)
+    finally:
+        if world > 1 and rank == 0:
+            dist.barrier()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"cannot read the FID Inception weights {path}: {error}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} is not a state dict")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()
+             if not k.endswith("num_batches_tracked")}
+
+    with torch.device("meta"):  # skip the random initialisation: every tensor comes from the file
+        net = InceptionV3()
+    expected = set(net.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    has_classifier = "fc.weight" in state
+    if unexpected or set(missing) - {"fc.weight", "fc.bias"} or has_classifier != ("fc.bias" in state):
+        raise ValueError(f"{path} is not the FID Inception-v3 (pytorch-fid layout): missing {missing[:3]}"
+                         f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+                         f"{'...' if len(unexpected) > 3 else ''}")
+    if not has_classifier:  # NaN rather than random logits, should anything bypass the has_classifier check
+        state.update({"fc.weight": torch.full((1008, 2048), math.nan), "fc.bias": torch.full((1008,), math.nan)})
+    try:
+        net.load_state_dict(state, assign=True)
+    except RuntimeError as error:
+        raise ValueError(f"{path}: {' '.join(str(error).split())}") from None
+    net.has_classifier = has_classifier
+    device = torch.device(device)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # faster cuDNN convs
+    return net.eval().requires_grad_(False).to(device, memory_format=memory_format)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Preprocessing: uint8 images -> the 299x299 network input.
+#
+# pytorch-fid (default): pixels / 255, torch bilinear resize with half-pixel centres (align_corners=False, no
+#   antialiasing), then 2x - 1, i.e. v / 127.5 - 1.
+# tf: TF1 ResizeBilinear (top-left anchored grid, no half-pixel centres, last row/column clamped) on [0, 255]
+#   floats, then (v - 128) / 128: the original TTUR FID code, the ADM evaluator and NVIDIA's TorchScript detector
+#   used by EDM and StyleGAN (which emulates this resize with affine_grid + grid_sample). EDM's fid-refs and ADM's
+#   reference batches were made this way.
+# Not offered: clean-fid's `clean` mode (PIL bicubic with antialiasing per channel, then (v - 128) / 128), which
+#   runs about 5-10 % higher than both; torchmetrics >= 1.8 antialiases by default and differs again.
+# At 299x299 input the two modes differ only in the normalisation; upsampling 32x32 CIFAR images amplifies the
+# resize differences, so FIDs from different modes are never comparable.
+
+
+def resize_tf1_bilinear(x, size=299):
+    """TF1 `resize_bilinear(align_corners=False)` of float (N, C, H, W) to (N, C, size, size)."""
+    for dim in (3, 2):  # width first, then height: the order of TF's top/bottom interpolation
+        n = x.shape[dim]
+        scale = torch.tensor(n, dtype=torch.float32) / size  # TF computes the scale and coordinates in float32
+        source = torch.arange(size, dtype=torch.float32) * scale
+        lower = source.floor().long().clamp(max=n - 1)
+        upper = (lower + 1).clamp(max=n - 1)
+        shape = [size if d == dim else 1 for d in range(4)]
+        weight = (source - lower).view(shape).to(x.device)
+        low, high = x.index_select(dim, lower.to(x.device)), x.index_select(dim, upper.to(x.device))
+        x = low + (high - low) * weight
+    return x
+
+
+def preprocess_images(images, mode="pytorch-fid"):
+    """uint8 (N, 3, H, W) -> float32 (N, 3, 299, 299) in [-1, 1], as pytorch-fid or as the TF pipeline."""
+    x = images.float()
+    if mode == "pytorch-fid":
+        x = F.interpolate(x / 255, size=(299, 299), mode="bilinear", align_corners=False)  # ToTensor divides by 255
+        return 2 * x - 1
+    if mode == "tf":
+        return (resize_tf1_bilinear(x) - 128) / 128
+    raise ValueError(f"unknown preprocessing {mode!r}, expected one of {PREPROCESS}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Features: one pass over the images, features kept on the device, gathered across ranks.
+
+
+@contextlib.contextmanager
+def _numerics(device, precision):
+    """Exact fp32 on CUDA unless precision='tf32' (cuDNN convolutions default to TF32); cuDNN autotuning on."""
+    if device.type != "cuda":
+        yield
+        return
+    backends = torch.backends
+    if hasattr(backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9: mixing old and new TF32 flags raises
+        value = "tf32" if precision == "tf32" else "ieee"
+        flags = [(backends.cudnn.conv, "fp32_precision", value), (backends.cuda.matmul, "fp32_precision", value)]
+    else:
+        flags = [(backends.cudnn, "allow_tf32", precision == "tf32"),
+                 (backends.cuda.matmul, "allow_tf32", precision == "tf32")]
+    flags.append((backends.cudnn, "benchmark", True))
+    saved = [getattr(owner, name) for owner, name, _ in flags]
+    try:
+        for owner, name, value in flags:
+            setattr(owner, name, value)
+        yield
+    finally:
+        for (owner, name, _), value in zip(flags, saved):
+            setattr(owner, name, value)
+
+
+def _as_uint8_batch(images):
+    """Check one batch: uint8 (B, 3, H, W) tensor or array; grayscale (B, 1, H, W) is replicated to RGB."""
+    images = torch.as_tensor(images)
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected uint8 images of shape (B, 3, H, W), got {images.dtype} {tuple(images.shape)}; "
+                         f"convert samples with (x * 127.5 + 128).clamp(0, 255).to(torch.uint8) first")
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
+class _Progress:
+    """A status line every `interval` seconds on rank 0: images done, img/s, ETA (when the total is known)."""
+
+    def __init__(self, total=None, label="fid", interval=10.0, enabled=True):
+        self.rank, self.world = _rank_world()
+        self.total, self.label, self.interval = total, label, interval
+        self.enabled = enabled and self.rank == 0
+        self.start = self.last = time.time()
+        self.done = 0
+
+    def update(self, count):
+        self.done += count * self.world  # ranks progress at about the same pace
+        now = time.time()
+        if self.enabled and now - self.last >= self.interval:
+            self.last = now
+            rate = self.done / (now - self.start)
+            line = f"{self.label}: {self.done}" + (f"/{self.total}" if self.total else "") + f" images | {rate:.1f} img/s"
+            if self.total:
+                line += f" | ETA {_format_seconds(max(self.total - self.done, 0) / rate)}"
+            print(line, flush=True)
+
+
+def _format_seconds(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _feature_batches(batches, detector, device, preprocess, precision, taps, num_images, progress):
+    """Yield {tap: (B, dim) float32 on device} per batch; no host sync besides the progress clock."""
+    if "logits" in taps and not detector.has_classifier:
+        raise ValueError("the Inception Score needs the 1008-way classifier, but these weights have no fc.weight: "
+                         f"use pytorch-fid's full weights file {WEIGHTS_FILE}")
+    if preprocess not in PREPROCESS:
+        raise ValueError(f"unknown preprocessing {preprocess!r}, expected one of {PREPROCESS}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}, expected one of {PRECISIONS}")
+    meter = _Progress(num_images, enabled=progress)
+    with torch.no_grad(), _numerics(device, precision):
+        for images in batches:
+            images = _as_uint8_batch(images)
+            if images.device != device:
+                pinned = device.type == "cuda" and images.device.type == "cpu"
+                images = (images.pin_memory() if pinned else images).to(device, non_blocking=pinned)
+            x = preprocess_images(images, preprocess)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            # bf16 only if asked: measure first that it moves FID by < 0.01 on your data (see tests/bench_fid.py).
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                pool, spatial = detector(x)
+            pool = pool.float()
+            features = {"pool": pool, "spatial": spatial.float()}
+            if "logits" in taps:
+                features["logits"] = detector.logits_unbiased(pool)
+            meter.update(len(images))
+            yield {tap: features[tap] for tap in taps}
+
+
+def _all_gather_rows(x):
+    """Concatenate each rank's (n_r, ...) tensor in rank order on every rank; counts may differ between ranks."""
+    rank, world = _rank_world()
+    if world == 1:
+        return x
+    counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([len(x)], device=x.device))
+    counts = [int(c) for c in counts]
+    padded = x.new_zeros((max(counts), *x.shape[1:]))  # all_gather needs equal shapes
+    padded[:len(x)] = x
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:c] for g, c in zip(gathered, counts)])
+
+
+def _default_device(detector=None, device=None):
+    if device is not None:
+        return torch.device(device)
+    if detector is not None:
+        return next(detector.parameters()).device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compute_features(batches, detector=None, device=None, preprocess="pytorch-fid", taps=("pool",),
+                     precision="fp32", num_images=None, progress=True):
+    """Inception features of an iterable of uint8 (B, 3, H, W) batches.
+
+    Returns {tap: float32 tensor on `device`}: 'pool' (N, 2048), 'spatial' (N, 2023), 'logits' (N, 1008).
+    Under torch.distributed each rank passes its share and every rank receives all N rows, in rank order.
+    num_images (the global count, optional) only serves the progress line's ETA.
+    """
+    device = _default_device(detector, device)
+    detector = detector if detector is not None else load_inception(device=device)
+    chunks = collections.defaultdict(list)
+    for features in _feature_batches(batches, detector, device, preprocess, precision, taps, num_images, progress):
+        for tap, value in features.items():
+            chunks[tap].append(value)
+    empty = {tap: torch.zeros(0, detector.dims[tap], device=device) for tap in taps}  # a rank without images
+    return {tap: _all_gather_rows(torch.cat(chunks[tap]) if chunks[tap] else empty[tap]) for tap in taps}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Metrics: pure functions of features or statistics (numpy arrays or torch tensors, computed where they live).
+
+
+def _moments_to_stats(n, total, total_outer):
+    """mu and N-1 covariance from sum f and sum f f^T in float64, as EDM's fid.py (pytorch-fid's np.cov agrees)."""
+    mu = total / n
+    return mu, (total_outer - n * torch.outer(mu, mu)) / (n - 1)
+
+
+def mean_cov(features):
+    """(N, D) features -> mu (D,) and sigma (D, D), float64 tensors where the features are."""
+    f = torch.as_tensor(features).double()
+    return _moments_to_stats(len(f), f.sum(0), f.T @ f)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), the Frechet distance of two Gaussians.
+
+    pytorch-fid and EDM take scipy.linalg.sqrtm(sigma1 @ sigma2), which can turn complex or non-finite when the
+    covariances are rank-deficient (fewer images than dimensions) and then needs an eps retry and an imaginary-part
+    check. The trace only needs the eigenvalues of sigma1 @ sigma2, which equal those of the symmetric PSD matrix
+    G^T sigma2 G for any factor sigma1 = G G^T: a Cholesky factor, or V diag(lambda)^(1/2) from the
+    eigendecomposition when sigma1 is singular. This agrees with sqrtm to ~1e-12 where sqrtm works and stays
+    exact where it does not. FD(x, x) is 0 up to rounding and may come out slightly negative.
+    """
+    tensors = [torch.as_tensor(a) for a in (mu1, sigma1, mu2, sigma2)]
+    device = next((t.device for t in tensors if t.device.type != "cpu"), torch.device("cpu"))
+    mu1, sigma1, mu2, sigma2 = (t.to(device, torch.float64) for t in tensors)
+    mu1, mu2 = mu1.reshape(-1), mu2.reshape(-1)
+    d = len(mu1)
+    if mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise ValueError(f"statistics have mismatched shapes: mu {tuple(mu1.shape)} vs {tuple(mu2.shape)}, "
+                         f"sigma {tuple(sigma1.shape)} vs {tuple(sigma2.shape)}")
+    if not all(torch.isfinite(t).all() for t in (mu1, sigma1, mu2, sigma2)):
+        raise ValueError("statistics contain NaN or inf")
+    factor, info = torch.linalg.cholesky_ex(sigma1)                           # sigma1 = G G^T
+    if info != 0:  # singular: factor through the eigendecomposition (slower)
+        eigenvalues, eigenvectors = torch.linalg.eigh(sigma1)
+        factor = eigenvectors * eigenvalues.clamp(min=0).sqrt()
+    middle = factor.T @ sigma2 @ factor
+    middle = (middle + middle.T) / 2                                            # symmetric up to rounding
+    trace_covmean = torch.linalg.eigvalsh(middle).clamp(min=0).sqrt().sum()     # tr (sigma1 sigma2)^(1/2)
+    return float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * trace_covmean)
+
+
+def inception_score(logits, num_splits=10):
+    """Inception Score (Salimans et al. 2016): exp E_x KL(p(y|x) || p(y)) per split, mean and std over splits.
+
+    logits: (N, 1008) unbiased logits. Splits are consecutive, split k = rows [k N / S, (k+1) N / S) as in
+    StyleGAN3 (ADM's 5000-image chunks select the same rows at N = 50k). Log-softmax in float64 avoids the
+    0 * log 0 = nan of the reference code.
+    """
+    log_p = torch.log_softmax(torch.as_tensor(logits).double(), dim=1)   # (N, C) log p(y|x)
+    n = len(log_p)
+    if n < num_splits:
+        raise ValueError(f"the Inception Score needs at least {num_splits} images (one per split), got {n}")
+    scores = []
+    for k in range(num_splits):
+        part = log_p[k * n // num_splits:(k + 1) * n // num_splits]
+        log_marginal = torch.logsumexp(part, dim=0) - math.log(len(part))  # (C,) log p(y) over the split
+        kl = (part.exp() * (part - log_marginal)).sum(dim=1)              # (n_k,) KL per image
+        scores.append(kl.mean().exp())
+    scores = torch.stack(scores)
+    return float(scores.mean()), float(scores.std(unbiased=False))
+
+
+def _squared_distances(u, v):
+    """(n, D), (m, D) -> (n, m) squared Euclidean distances, max(|u|^2 - 2 u.v + |v|^2, 0) as ADM computes them."""
+    return (u.square().sum(1, keepdim=True) - 2 * u @ v.T + v.square().sum(1)).clamp(min=0)
+
+
+def _row_blocks(n_rows, n_cols):
+    """Row ranges whose (rows, n_cols) float32 distance block stays under ~1 GB."""
+    step = max(1, (1 << 28) // max(n_cols, 1))
+    return [(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
+
+
+def manifold_radii(features, k=3):
+    """(N, D) -> (N,) squared distance to the k-th nearest other point (the (k+1)-th smallest, self included)."""
+    if len(features) < k + 1:
+        raise ValueError(f"precision/recall with k={k} needs at least {k + 1} images per set, got {len(features)}")
+    return torch.cat([_squared_distances(features[a:b], features).kthvalue(k + 1, dim=1).values
+                      for a, b in _row_blocks(len(features), len(features))])
+
+
+def _inside_any_ball(points, centres, radii):
+    """(n, D) points, (m, D) centres, (m,) squared radii -> (n,) bool: within some centre's ball (<=, as ADM)."""
+    return torch.cat([(_squared_distances(points[a:b], centres) <= radii).any(dim=1)
+                      for a, b in _row_blocks(len(points), len(centres))])
+
+
+def precision_recall(ref_features, features, k=3):
+    """Improved precision and recall (Kynkaanniemi et al. 2019) with the ADM evaluator's conventions.
+
+    precision: fraction of samples inside the k-NN ball of some reference image; recall: fraction of reference
+    images inside the k-NN ball of some sample. ADM computes the squared distances in fp16 (falling back to fp32
+    on overflow); here they are fp32, which moves P and R by about 0.001-0.003 in ports that compared both.
+    """
+    ref = torch.as_tensor(ref_features).float()
+    samples = torch.as_tensor(features).float().to(ref.device)
+    precision = _inside_any_ball(samples, ref, manifold_radii(ref, k)).double().mean()
+    recall = _inside_any_ball(ref, samples, manifold_radii(samples, k)).double().mean()
+    return float(precision), float(recall)
+
+
+def kernel_inception_distance(features, ref_features, num_subsets=100, max_subset_size=1000, seed=0):
+    """KID (Binkowski et al. 2018): unbiased MMD^2 with the kernel k(x, y) = (x.y / d + 1)^3, mean and std over subsets.
+
+    As StyleGAN3 and clean-fid: m = min(N, N_ref, max_subset_size); each subset draws m generated and m reference
+    rows without replacement (generated first); the cross term includes i = j. Seeded, so repeatable; the value
+    can be slightly negative.
+    """
+    x_all = torch.as_tensor(features).double()
+    y_all = torch.as_tensor(ref_features).double().to(x_all.device)
+    d = x_all.shape[1]
+    m = min(len(x_all), len(y_all), max_subset_size)
+    if m < 2:
+        raise ValueError(f"KID needs at least 2 images in each set, got {len(x_all)} and {len(y_all)}")
+    rng = np.random.RandomState(seed)
+    estimates = []
+    for _ in range(num_subsets):
+        x = x_all[torch.from_numpy(rng.choice(len(x_all), m, replace=False)).to(x_all.device)]
+        y = y_all[torch.from_numpy(rng.choice(len(y_all), m, replace=False)).to(x_all.device)]
+        k_xx, k_yy, k_xy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+        within = k_xx.sum() - k_xx.diagonal().sum() + k_yy.sum() - k_yy.diagonal().sum()
+        estimates.append(within / (m * (m - 1)) - 2 * k_xy.sum() / m ** 2)
+    estimates = torch.stack(estimates)
+    return float(estimates.mean()), float(estimates.std(unbiased=False))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reference statistics: EDM's fid-refs format (`mu`, `sigma`) plus optional extras, and ADM reference batches.
+
+
+def compute_stats(batches, detector=None, device=None, preprocess="pytorch-fid", spatial=True,
+                  max_features=10000, seed=0, precision="fp32", num_images=None, progress=True):
+    """Reference statistics of an iterable of uint8 (B, 3, H, W) batches, streamed in constant memory.
+
+    Returns numpy arrays: mu (2048,), sigma (2048, 2048) and, with spatial, mu_s / sigma_s (2023-d, for sFID);
+    pool: pool features of a uniform random subset of up to max_features images (for precision/recall and
+    KID; ADM's reference batches hold 10,000 images); n; preprocess. Under torch.distributed each rank passes its
+    share and every rank gets the statistics of all images.
+    """
+    device = _default_device(detector, device)
+    detector = detector if detector is not None else load_inception(device=device)
+    taps = ("pool", "spatial") if spatial else ("pool",)
+    dims = detector.dims
+    sums = {tap: [torch.zeros(dims[tap], dtype=torch.float64, device=device),
+                  torch.zeros(dims[tap], dims[tap], dtype=torch.float64, device=device)] for tap in taps}
+    # Uniform subset in one pass: every image draws a random key and the max_features smallest keys survive.
+    rank, world = _rank_world()
+    generator = torch.Generator(device).manual_seed(seed * world + rank)
+    kept_keys, kept = torch.zeros(0, device=device), torch.zeros(0, dims["pool"], device=device)
+    n = torch.zeros((), dtype=torch.float64, device=device)
+    for features in _feature_batches(batches, detector, device, preprocess, precision, taps, num_images, progress):
+        n += len(features["pool"])
+        for tap, value in features.items():
+            value = value.double()
+            sums[tap][0] += value.sum(0)
+            sums[tap][1] += value.T @ value
+        keys = torch.cat([kept_keys, torch.rand(len(features["pool"]), device=device, generator=generator)])
+        order = keys.argsort()[:max_features]
+        kept_keys, kept = keys[order], torch.cat([kept, features["pool"]])[order]
+    if world > 1:
+        for value in [n, *(s for pair in sums.values() for s in pair)]:
+            dist.all_reduce(value)
+        kept_keys, kept = _all_gather_rows(kept_keys), _all_gather_rows(kept)
+        order = kept_keys.argsort()[:max_features]
+        kept = kept[order]
+    n = int(n)
+    if n < 2:
+        raise ValueError(f"reference statistics need at least 2 images, got {n}")
+    stats = {"n": n, "preprocess": preprocess}
+    for tap, suffix in zip(taps, ("", "_s")):
+        stats["mu" + suffix], stats["sigma" + suffix] = (t.cpu().numpy() for t in _moments_to_stats(n, *sums[tap]))
+    if max_features > 0:
+        stats["pool"] = kept.cpu().numpy()
+    return stats
+
+
+def _atomic_write(path, write):
+    """Call write(file) on a temporary file next to `path`, then rename it over `path`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_ref(path, stats):
+    """Write stats as an uncompressed .npz: `mu`, `sigma` (readable by EDM's and pytorch-fid's tools) plus
+    `mu_s`, `sigma_s` (ADM naming), `pool`, `n` and `preprocess` when present. Atomic."""
+    arrays = {"mu": np.asarray(stats["mu"], np.float64), "sigma": np.asarray(stats["sigma"], np.float64)}
+    for key in ("mu_s", "sigma_s"):
+        if key in stats:
+            arrays[key] = np.asarray(stats[key], np.float64)
+    if "pool" in stats:
+        arrays["pool"] = np.asarray(stats["pool"], np.float32)
+    if "n" in stats:
+        arrays["n"] = np.asarray(stats["n"], np.int64)
+    if stats.get("preprocess"):
+        arrays["preprocess"] = np.asarray(stats["preprocess"])  # a unicode array: no pickle needed to read it
+    _atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def load_ref(path):
+    """Reference for compute_metrics from an .npz or URL, or a folder / zip of images.
+
+    Reads EDM fid-refs and pytorch-fid stats (`mu`, `sigma`), this module's files (plus `mu_s`, `sigma_s`, `pool`,
+    `n`, `preprocess`), ADM reference batches (`mu`, `sigma`, `mu_s`, `sigma_s` and `arr_0` images for precision
+    and recall) and image sets (ADM sample batches, `x` arrays, folders, zips: statistics are computed from them).
+    """
+    path = os.fspath(path)
+    if path.startswith(("http://", "https://")):
+        cached = os.path.join(torch.hub.get_dir(), "fid-refs", os.path.basename(path.split("?")[0]))
+        if not os.path.isfile(cached):
+            try:
+                _download(path, cached)
+            except requests.RequestException as error:
+                raise FileNotFoundError(f"cannot download {path} ({type(error).__name__}): download it and pass "
+                                        f"the local file instead") from None
+        path = cached
+    if os.path.isdir(path) or path.lower().endswith(".zip"):
+        return {"images": path}
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"reference not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            keys = set(data.files)
+            ref = {key: data[key] for key in ("mu", "sigma", "mu_s", "sigma_s", "pool", "n") if key in keys}
+            if "preprocess" in keys:
+                ref["preprocess"] = str(data["preprocess"])
+    except Exception as error:
+        raise ValueError(f"cannot read reference {path}: {error}") from None
+    if keys & {"arr_0", "x"}:
+        ref["images"] = path  # read only when a metric needs it (ADM reference batches hold 10,000 images)
+    if "mu" in ref:
+        if "sigma" not in ref or ref["mu"].shape != (2048,) or ref["sigma"].shape != (2048, 2048):
+            raise ValueError(f"{path}: expected mu (2048,) and sigma (2048, 2048) Inception pool statistics, got "
+                             f"mu {ref['mu'].shape}, sigma {ref['sigma'].shape if 'sigma' in ref else None}")
+    elif "images" not in ref:
+        raise ValueError(f"{path} is not a reference: expected `mu` and `sigma` (EDM / pytorch-fid statistics) or "
+                         f"images in `arr_0` (ADM) or `x`; found keys {sorted(keys)}")
+    return ref
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# All metrics from one pass.
+
+
+def _resolve_preprocess(preprocess, ref):
+    """The samples' preprocessing must be the one the reference statistics were made with."""
+    tag = ref.get("preprocess")
+    has_stats = "mu" in ref or "pool" in ref
+    if tag and preprocess and tag != preprocess:
+        raise ValueError(f"the reference statistics were made with preprocess={tag!r}, not {preprocess!r}: their "
+                         f"FID would be meaningless")
+    if has_stats and not tag and not preprocess:
+        warnings.warn("the reference statistics do not say how they were preprocessed (EDM, ADM and pytorch-fid "
+                      "files do not); assuming pytorch-fid. EDM's fid-refs and ADM's reference batches were made with "
+                      "the TF pipeline: pass preprocess='tf' (--preprocess=tf) for them")
+    return preprocess or tag or "pytorch-fid"
+
+
+def _image_source_batches(source, batch_size=100, workers=4):
+    """This rank's contiguous share of an ImageSource as uint8 batches."""
+    rank, world = _rank_world()
+    return image_batches(source, np.array_split(np.arange(len(source)), world)[rank], batch_size, workers)
+
+
+def compute_metrics(batches, ref, metrics=("fid",), detector=None, device=None, preprocess=None,
+                    precision="fp32", num_images=None, seed=0, progress=True):
+    """Metrics of the images in `batches` (uint8 (B, 3, H, W)) against `ref` (a load_ref path or dict).
+
+    metrics: any of 'fid', 'is' (10 splits; returns 'is' and 'is_std'), 'sfid', 'pr' ('precision', 'recall';
+    k = 3) and 'kid' ('kid', 'kid_std'; 100 subsets of 1000). All come from one Inception pass. Under
+    torch.distributed each rank passes its share and every rank returns the same dict of floats.
+    preprocess: None takes the reference's tag (else pytorch-fid); seed: KID's subsets.
+    """
+    metrics = tuple(metrics)
+    unknown = set(metrics) - set(METRICS)
+    if unknown:
+        raise ValueError(f"unknown metrics {sorted(unknown)}, expected some of {METRICS}")
+    ref = load_ref(ref) if isinstance(ref, (str, os.PathLike)) else ref
+    preprocess = _resolve_preprocess(preprocess, ref)
+    device = _default_device(detector, device)
+    detector = detector if detector is not None else load_inception(device=device)
+    options = dict(preprocess=preprocess, precision=precision, progress=progress)
+
+    # Reference side: stored statistics, else computed from the reference images (ADM batches hold both).
+    wanted = {"fid": "mu", "sfid": "mu_s", "pr": "pool", "kid": "pool"}
+    missing = sorted({wanted[m] for m in metrics if m in wanted and wanted[m] not in ref})
+    if missing:
+        if "images" not in ref:
+            raise ValueError(f"the reference has no {'/'.join(missing)} for metrics {','.join(metrics)}: make it with "
+                             f"`python fid.py ref` (EDM and pytorch-fid files hold only mu and sigma)")
+        images = ref["images"] if isinstance(ref["images"], ImageSource) else ImageSource(ref["images"])
+        features = compute_features(_image_source_batches(images), detector, device, taps=("pool", "spatial"),
+                                    num_images=len(images), **options)
+        ref = {**ref, "pool": features["pool"]}
+        for tap, suffix in (("pool", ""), ("spatial", "_s")):
+            if "mu" + suffix not in ref:
+                ref["mu" + suffix], ref["sigma" + suffix] = mean_cov(features[tap])
+
+    # Sample side: one pass, only the taps the metrics need.
+    taps = ("pool",) + (("spatial",) if "sfid" in metrics else ()) + (("logits",) if "is" in metrics else ())
+    features = compute_features(batches, detector, device, taps=taps, num_images=num_images, **options)
+    n = len(features["pool"])
+    if n < 2:
+        raise ValueError(f"metrics need at least 2 images, got {n}")
+    if n < 2048 and {"fid", "sfid"} & set(metrics):
+        warnings.warn(f"FID from {n} < 2048 images: the covariance is rank-deficient and FID is biased upwards; "
+                      f"report FID of 50,000 images")
+    results = {}
+    with _numerics(device, precision):
+        if "fid" in metrics:
+            results["fid"] = frechet_distance(*mean_cov(features["pool"]), ref["mu"], ref["sigma"])
+        if "is" in metrics:
+            results["is"], results["is_std"] = inception_score(features["logits"])
+        if "sfid" in metrics:
+            results["sfid"] = frechet_distance(*mean_cov(features["spatial"]), ref["mu_s"], ref["sigma_s"])
+        if "pr" in metrics:
+            ref_pool = torch.as_tensor(ref["pool"]).to(device)
+            results["precision"], results["recall"] = precision_recall(ref_pool, features["pool"])
+        if "kid" in metrics:
+            results["kid"], results["kid_std"] = kernel_inception_distance(features["pool"], ref["pool"], seed=seed)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading images: folders, EDM-style zips, .npz arrays.
+
+
+class ImageSource:
+    """Indexable images as uint8 (3, H, W) arrays.
+
+    source: a folder (searched recursively, sorted by relative path, case-insensitive extensions as EDM), an
+    EDM-style zip, an .npz with `x` or ADM's `arr_0`, or an array; arrays are uint8 (N, H, W[, C]). Decoding follows
+    pytorch-fid: PIL's convert('RGB') replicates grayscale and drops alpha. Unreadable files raise a ValueError
+    naming the file.
+    """
+
+    def __init__(self, source):
+        self.array = self.zip = None
+        if isinstance(source, np.ndarray):
+            self.path, self.array = "array", self._check_array(source, "array")
+            self.names = range(len(self.array))
+            return
+        self.path = os.fspath(source)
+        if os.path.isdir(self.path):
+            self.names = sorted(os.path.relpath(os.path.join(root, name), self.path)
+                                for root, _, names in os.walk(self.path) for name in names
+                                if name.lower().endswith(IMAGE_EXTENSIONS))
+        elif self.path.lower().endswith(".npz") and os.path.isfile(self.path):
+            try:
+                with np.load(self.path, allow_pickle=False) as data:
+                    key = "x" if "x" in data.files else "arr_0" if "arr_0" in data.files else None
+                    if key is None:
+                        raise ValueError(f"expected images in `x` or `arr_0`, found keys {sorted(data.files)}")
+                    array = data[key]
+            except Exception as error:
+                raise ValueError(f"cannot read images from {self.path}: {error}") from None
+            self.array = self._check_array(array, self.path)
+            self.names = range(len(self.array))
+        elif zipfile.is_zipfile(self.path):
+            self.zip = zipfile.ZipFile(self.path)
+            self.names = sorted(n for n in self.zip.namelist() if n.lower().endswith(IMAGE_EXTENSIONS))
+        else:
+            raise FileNotFoundError(f"no image folder, zip or .npz at {self.path}")
+        if len(self.names) == 0:
+            raise ValueError(f"no images in {self.path} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+
+    @staticmethod
+    def _check_array(array, where):
+        if array.ndim == 3:
+            array = array[..., None]  # (N, H, W) grayscale
+        if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] not in (1, 3, 4):
+            raise ValueError(f"{where}: expected uint8 images (N, H, W, C) with C in 1, 3, 4; got {array.dtype} "
+                             f"{array.shape}")
+        return array
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, index):
+        if self.array is not None:
+            image = self.array[index]
+            image = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image[:, :, :3]
+            return np.ascontiguousarray(image.transpose(2, 0, 1))
+        name = self.names[index]
+        try:
+            with (self.zip.open(name) if self.zip else open(os.path.join(self.path, name), "rb")) as f:
+                with Image.open(io.BytesIO(f.read())) as image:
+                    image = np.asarray(image.convert("RGB"))
+        except Exception as error:
+            raise ValueError(f"cannot read image {os.path.join(self.path, name)}: {error}") from None
+        return image.transpose(2, 0, 1)
+
+
+def image_batches(source, indices, batch_size=100, workers=4):
+    """Yield uint8 (B, 3, H, W) tensors of source[indices], decoded ahead by a thread pool.
+
+    Images of another size than their predecessor start a new batch (with a warning): each image is resized to
+    299x299 on its own, as it would be alone, rather than being resampled twice.
+    """
+    warned = False
+    with concurrent.futures.ThreadPoolExecutor(max(workers, 1)) as pool:
+        pending = collections.deque()
+        batch = []
+        for position in range(len(indices) + 1):
+            # Keep two batches of decoding in flight so the device never waits for PIL.
+            while len(pending) < 2 * batch_size and position + len(pending) < len(indices):
+                pending.append(pool.submit(source.__getitem__, int(indices[position + len(pending)])))
+            image = pending.popleft().result() if position < len(indices) else None
+            if batch and (image is None or image.shape != batch[0].shape or len(batch) == batch_size):
+                if image is not None and image.shape != batch[0].shape and not warned:
+                    warnings.warn(f"{getattr(source, 'path', 'images')}: mixed image sizes ({batch[0].shape[1:]} "
+                                  f"and {image.shape[1:]}); each is resized to 299x299 separately")
+                    warned = True
+                yield torch.from_numpy(np.stack(batch))
+                batch = []
+            if image is not None:
+                batch.append(image)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line.
+
+
+def _parse_args(argv):
+    parser = argparse.ArgumentParser(description="FID, IS, sFID, precision/recall and KID (pure-torch Inception-v3).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    ref = commands.add_parser("ref", help="compute reference statistics of a dataset")
+    ref.add_argument("--data", required=True, help="image folder, EDM-style zip or .npz (`x` / `arr_0`)")
+    ref.add_argument("--dest", required=True, help="output .npz (EDM fid-refs format plus mu_s, sigma_s, pool)")
+    ref.add_argument("--ref_features", type=int, default=10000,
+                     help="keep pool features of this many random images for pr/kid (ADM's ref batches: 10,000)")
+    calc = commands.add_parser("calc", help="compute metrics of images against reference statistics")
+    calc.add_argument("--images", required=True, help="image folder, EDM-style zip or .npz (`x` / `arr_0`)")
+    calc.add_argument("--ref", required=True, help="reference .npz or URL (EDM, pytorch-fid, ADM, `fid.py ref`), "
+                      "or an image folder / zip")
+    calc.add_argument("--metrics", default="fid", help=f"comma-separated, from {','.join(METRICS)}")
+    calc.add_argument("--num", type=int, default=None,
+                      help="use this many images: a seeded random subset when there are more (EDM), error if fewer")
+    calc.add_argument("--seed", type=int, default=0, help="seed of the --num subset and of KID's subsets")
+    calc.add_argument("--json", default=None, help="also write the results as JSON to this file")
+    for command in (ref, calc):
+        command.add_argument("--batch", type=int, default=100, help="images per batch and device")
+        command.add_argument("--preprocess", choices=PREPROCESS, default=None,
+                             help="pytorch-fid (default) or tf (as EDM's and ADM's published references)")
+        command.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                             help="fp32 (exact), tf32 or bf16 autocast (CUDA speed-ups; check they move FID < 0.01)")
+        command.add_argument("--weights", default=None, help=f"path of {WEIGHTS_FILE} (default: $FID_WEIGHTS, "
+                             "then the torch hub cache, downloaded once)")
+        command.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+        command.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding threads")
+    args = parser.parse_args(argv)
+
+    if args.batch < 1:
+        parser.error("--batch must be >= 1")
+    if args.workers < 1:
+        parser.error("--workers must be >= 1")
+    if args.command == "ref" and args.ref_features < 0:
+        parser.error("--ref_features must be >= 0")
+    if args.command == "calc":
+        args.metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+        if not args.metrics or set(args.metrics) - set(METRICS):
+            parser.error(f"--metrics must be a comma-separated subset of {','.join(METRICS)}")
+        if args.num is not None and args.num < 2:
+            parser.error("--num must be >= 2")
+    return args
+
+
+def _setup_device(requested):
+    """Single process, or one process per device under torchrun (nccl on CUDA, gloo on CPU)."""
+    device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def _select(count, num, seed):
+    """EDM's rule: all images, or a sorted seeded random subset of `num` when there are more."""
+    if num is None or num == count:
+        return np.arange(count)
+    if count < num:
+        raise ValueError(f"found {count} images, but --num={num}")
+    return np.sort(np.random.RandomState(seed % (1 << 31)).permutation(count)[:num])
+
+
+def main(argv=None):
+    """python fid.py ref --data=... --dest=...  |  python fid.py calc --images=... --ref=... [--metrics=...]"""
+    args = _parse_args(argv)
+    device = _setup_device(args.device)
+    rank, world = _rank_world()
+    try:
+        if args.command == "ref":
+            source = ImageSource(args.data)
+            # A seeded shuffle makes the kept pool features a uniform subset; the statistics ignore order.
+            order = np.random.RandomState(0).permutation(len(source))
+            detector = load_inception(args.weights, device)
+            stats = compute_stats(image_batches(source, np.array_split(order, world)[rank], args.batch, args.workers),
+                                  detector, device, preprocess=args.preprocess or "pytorch-fid",
+                                  max_features=args.ref_features, precision=args.precision, num_images=len(source))
+            if rank == 0:
+                save_ref(args.dest, stats)
+                print(f"saved statistics of {stats['n']} images ({stats['preprocess']} preprocessing) to {args.dest}")
+        else:
+            source = ImageSource(args.images)
+            indices = _select(len(source), args.num, args.seed)
+            ref = load_ref(args.ref)
+            detector = load_inception(args.weights, device)
+            batches = image_batches(source, np.array_split(indices, world)[rank], args.batch, args.workers)
+            results = compute_metrics(batches, ref, args.metrics, detector, device, preprocess=args.preprocess,
+                                      precision=args.precision, num_images=len(indices), seed=args.seed)
+            if rank == 0:
+                for name, value in results.items():
+                    print(f"{name:10s} {value:g}")
+                if args.json:
+                    record = dict(results, images=args.images, ref=args.ref, num=len(indices),
+                                  preprocess=args.preprocess or ref.get("preprocess") or "pytorch-fid")
+                    _atomic_write(args.json, lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-import nets_dit_vae_part as nets
+import nets
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Helpers.

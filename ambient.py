@@ -63,6 +63,7 @@ class Config:
     delta_probability: float = 0.1         # delta: chance that B erases a pixel A kept; official train.py default
     mask_full_rgb: bool = False            # erase the 3 channels of a pixel together; official default False (README True)
     mask_seed: int = 0                     # 0 = the official masks (seeded by image index); other values redraw them
+    resample_delta: bool = False           # draw B afresh every step (paper); official: one fixed B per image
     # Network.
     arch: str = 'ddpmpp'                   # nets.UNET_PRESETS name; ddpmpp = EDM DDPM++ CIFAR (official --arch=ddpmpp)
     cbase: int = 0                         # model_channels override, 0 = preset; official --cbase
@@ -446,7 +447,8 @@ class Precond(torch.nn.Module):
         c_out = sigma * self.sigma_data / (sigma ** 2 + self.sigma_data ** 2).sqrt()
         c_in = 1 / (sigma ** 2 + self.sigma_data ** 2).sqrt()
         c_noise = sigma.flatten().log() / 4
-        F_x = self.unet(c_in * x, c_noise, class_labels=class_labels, augment_labels=augment_labels)
+        x_in = (c_in * x).contiguous(memory_format=torch.channels_last if x.is_cuda else torch.contiguous_format)
+        F_x = self.unet(x_in, c_noise, class_labels=class_labels, augment_labels=augment_labels)
         return c_skip * x + c_out * F_x.to(torch.float32)
 
 
@@ -513,10 +515,10 @@ def ambient_sampler(net, latents, masks=None, class_labels=None, num_steps=18, s
                     guidance_scale=0.0, clip=True):
     """The official eval.py ambient_sampler (S_churn = 0): EDM's deterministic Heun sampler with the denoiser
     D_hat(x, t) = clip(D([M x, M], t)[:C]) under a sampling mask M held fixed for all steps. With K > 1 masks and
-    guidance_scale w > 0, every evaluation also moves by -w grad_x R(x), R = 1/2 sum_k ||D_hat_1(x) - D_hat_k(x)||^2
-    summed over the batch (reconstruction guidance); mask 1 drives the update. masks=None gives plain EDM Heun for a
-    network trained with precond=edm. The clip is the official tensor_clipping, which with its p = 0.99 percentile
-    (of percent) is a static clip to [-1, 1]. The last step is Euler to t = 0, so the output is D_hat(x, sigma_min).
+    guidance_scale w > 0, every evaluation also moves by -w grad_x R(x), R = K/2 sum_k ||D_hat_1(x) - D_hat_k(x)||^2
+    summed over the batch (reconstruction guidance, as the official code computes it); mask 1 drives the update.
+    masks=None gives plain EDM Heun for a network trained with precond=edm; clip=False drops the official clip.
+    The last step is Euler to t = 0, so the output is D_hat(x, sigma_min). 35 network evaluations at 18 steps.
 
     latents: (B, C, H, W) standard normal; masks: (K, B, C, H, W) in {0, 1} or None. Returns (B, C, H, W) float64.
     """
@@ -527,7 +529,12 @@ def ambient_sampler(net, latents, masks=None, class_labels=None, num_steps=18, s
         inputs = x if mask is None else torch.cat([mask * x, mask], dim=1)
         sigma = torch.full((x.shape[0],), float(t), device=x.device)
         D = net(inputs.to(torch.float32), sigma, class_labels).to(torch.float64)[:, :channels]
-        return D.clamp(-1, 1) if clip else D
+        if not clip:
+            return D
+        # Official tensor_clipping(static=False): s = max(np.percentile(|D|, 0.99), 1) per image, D = clip(D, s) / s.
+        # The percentile is 0.99 percent, not 99, so s is 1 unless nearly every value exceeds 1: a clip to [-1, 1].
+        s = D.detach().abs().flatten(1).quantile(0.0099, dim=1).clamp(min=1).reshape(-1, 1, 1, 1)
+        return torch.minimum(torch.maximum(D, -s), s) / s
 
     def step(x, t, h):
         """h * dx/dt at (x, t), minus the guidance gradient."""
@@ -537,7 +544,9 @@ def ambient_sampler(net, latents, masks=None, class_labels=None, num_steps=18, s
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             D = torch.stack([denoise(x, t, mask) for mask in masks])                   # (K, B, C, H, W)
-            R = 0.5 * (D[0] - D[1:]).square().sum()
+            # The official cdist_masked broadcasts its all-ones masks to (K, K, N) and so counts every difference
+            # K times: R = K/2 sum_k ||D_hat_1 - D_hat_k||^2 (the paper writes it without the K).
+            R = 0.5 * len(masks) * (D[0] - D[1:]).square().sum()
             grad = torch.autograd.grad(R, x)[0]
         return h * (x.detach() - D[0].detach()) / t - guidance_scale * grad
 
@@ -580,6 +589,21 @@ def all_reduce(tensor):
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(tensor)
     return tensor
+
+
+class Log:
+    """print() that also appends to the run's log.txt; silent where path is None (ranks other than 0)."""
+
+    def __init__(self, path):
+        self.path = path
+        if path:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+
+    def __call__(self, message):
+        if self.path:
+            print(message, flush=True)
+            with open(self.path, 'a') as file:
+                file.write(message + '\n')
 
 
 def derive_seed(*numbers):
@@ -633,6 +657,325 @@ def load_network(path, device):
     return net.eval().requires_grad_(False).to(device), snapshot['config']
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Training loop
+
+
+class Data:
+    """The corrupted training set, on the GPU when it fits: uint8 images, bool masks A and A_tilde, labels."""
+
+    def __init__(self, cfg, device):
+        images, labels = load_images(cfg.data, cfg.cache_dir, cfg.workers)
+        if cfg.cond and labels is None:
+            raise DataError('--cond needs labels (dataset.json, class sub-folders or y in the .npz)')
+        raw_indices = subset_indices(len(images), cfg.max_size)
+        images = torch.from_numpy(images[raw_indices]).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W) uint8
+        A, A_tilde = corruption_masks(raw_indices, images.shape[1:], cfg.corruption_probability,
+                                      cfg.delta_probability, cfg.mask_full_rgb, cfg.mask_seed)
+        if not (cfg.augment_mode == 'official' and cfg.augment > 0):
+            images = images * A  # the fixed corrupted dataset: what A erased is gone for good
+        self.num_images, self.channels, self.resolution = images.shape[0], images.shape[1], images.shape[2]
+        self.label_dim = int(labels.max()) + 1 if cfg.cond else 0
+        labels = torch.from_numpy(labels[raw_indices]) if cfg.cond else None
+        # On the GPU when images and masks take less than a quarter of its free memory, else in pinned host memory.
+        fits = device.type != 'cuda' or 3 * images.numel() < torch.cuda.mem_get_info(device)[0] // 4
+        self.device = device if fits else torch.device('cpu')
+        place = lambda t: None if t is None else t.to(self.device) if fits else t.pin_memory()  # noqa: E731
+        self.images, self.A, self.A_tilde, self.labels = map(place, (images, A, A_tilde, labels))
+        self.seed, self._orders = cfg.seed, {}
+
+    def indices(self, positions):
+        """Dataset indices at positions (int64, CPU) of the endless stream of per-epoch permutations, each seeded by
+        (seed, epoch): the data order is a function of the image count alone, so a resumed run needs no state."""
+        epochs, offsets = positions // self.num_images, positions % self.num_images
+        out = torch.empty_like(positions)
+        for epoch in epochs.unique().tolist():
+            if epoch not in self._orders:
+                generator = torch.Generator().manual_seed(derive_seed(self.seed, 0, epoch))
+                self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+                self._orders[epoch] = torch.randperm(self.num_images, generator=generator)
+            out[epochs == epoch] = self._orders[epoch][offsets[epochs == epoch]]
+        return out
+
+    def batch(self, index, device):
+        """Images in [-1, 1] (B, C, H, W), A and A_tilde (B, 1 or C, H, W) as float, labels (B,) or None."""
+        index = index.to(self.device)
+        get = lambda t: None if t is None else t[index].to(device, non_blocking=True)  # noqa: E731
+        y = get(self.images).to(torch.float32) / 127.5 - 1
+        return y, get(self.A).to(torch.float32), get(self.A_tilde).to(torch.float32), get(self.labels)
+
+
+def draw_step(cfg, data, cur_nimg, device):
+    """All randomness of one global batch, a function of (seed, cur_nimg). Every rank draws it whole and takes its
+    rows, so any number of GPUs and any --batch_gpu follow the same trajectory, and resuming needs no RNG state."""
+    generator = torch.Generator(device).manual_seed(derive_seed(cfg.seed, 1, cur_nimg))
+    size = (cfg.batch, data.channels, data.resolution, data.resolution)
+    step = dict(index=data.indices(torch.arange(cur_nimg, cur_nimg + cfg.batch)),
+                normal=torch.randn(cfg.batch, generator=generator, device=device),      # (batch,) for ln(sigma)
+                eps=torch.randn(size, generator=generator, device=device))              # (batch, C, H, W)
+    if cfg.augment > 0:
+        step['flips'], step['G_inv'], step['augment_labels'] = draw_augmentation(
+            cfg.augment, cfg.batch, data.resolution, data.resolution, generator)
+    if cfg.resample_delta:
+        mask_size = (cfg.batch, 1 if cfg.mask_full_rgb else data.channels, data.resolution, data.resolution)
+        step['B'] = (torch.rand(mask_size, generator=generator, device=device) >= cfg.delta_probability).float()
+    return step
+
+
+def microbatch(cfg, data, step, rows, device):
+    """Rows of the global batch: corrupted images, masks and labels, augmented; and the augment labels."""
+    y, A, A_tilde, labels = data.batch(step['index'][rows], device)
+    rows = rows.to(device)
+    if cfg.resample_delta:
+        A_tilde = A * step['B'][rows]                  # a fresh B every step instead of the fixed one per image
+    augment_labels = None
+    if cfg.augment > 0:
+        augment_labels, flips, G_inv = step['augment_labels'][rows], step['flips'][rows], step['G_inv'][rows]
+        if cfg.augment_mode == 'joint':               # the masks travel with the image
+            stacked = augment(torch.cat([y, A, A_tilde], dim=1), flips, G_inv, 'joint')
+            y, A, A_tilde = stacked.split([y.shape[1], A.shape[1], A_tilde.shape[1]], dim=1)
+        else:                                         # official: augment the clean image, keep the masks as they are
+            y = augment(y, flips, G_inv, 'official')
+    return y, A, A_tilde, labels, augment_labels
+
+
+class TickStats:
+    """Loss, loss on the pixels the network saw, loss per noise-level bin and realised erasure rates, summed on the
+    device and read once per tick. The bins split ln(sigma) at -1.5, -0.5, 0.5, 1.5 standard deviations."""
+
+    def __init__(self, cfg, device):
+        self.edges = torch.tensor([-1.5, -0.5, 0.5, 1.5], device=device)
+        sigmas = [f'{math.exp(cfg.P_mean + cfg.P_std * z):.3g}' for z in self.edges.tolist()]
+        self.bin_names = [f'<{sigmas[0]}'] + [f'{a}-{b}' for a, b in zip(sigmas, sigmas[1:])] + [f'>{sigmas[-1]}']
+        self.sums = torch.zeros(5 + 2 * len(self.bin_names), device=device)
+
+    def add(self, loss, A, A_tilde, normal):
+        per_image = loss.flatten(1).mean(1)                                             # (B,)
+        seen = (loss * A_tilde).flatten(1).mean(1)                                      # (B,)
+        self.sums[:5] += torch.stack([per_image.sum(), seen.sum(), torch.ones_like(per_image).sum(),
+                                      (1 - A).mean() * len(A), (1 - A_tilde).mean() * len(A)])
+        bins = torch.bucketize(normal, self.edges)
+        self.sums[5:].view(2, -1)[0].index_add_(0, bins, per_image)
+        self.sums[5:].view(2, -1)[1].index_add_(0, bins, torch.ones_like(per_image))
+
+    def read(self):
+        values = all_reduce(self.sums.clone()).tolist()  # the one host sync of the tick
+        self.sums.zero_()
+        num_bins = len(self.bin_names)
+        totals, counts = values[5:5 + num_bins], values[5 + num_bins:]
+        return dict(loss=values[0] / values[2], loss_seen=values[1] / values[2], erased_A=values[3] / values[2],
+                    erased_A_tilde=values[4] / values[2],
+                    loss_by_sigma={n: t / c if c else None for n, t, c in zip(self.bin_names, totals, counts)})
+
+
+def run_description(cfg, data_name):
+    return f'{data_name}-{cfg.precond}-p{cfg.corruption_probability:g}-d{cfg.delta_probability:g}-{cfg.arch}' \
+           f'-batch{cfg.batch}' + (f'-{cfg.desc}' if cfg.desc else '')
+
+
+def find_resume(cfg, description):
+    """--resume=auto: the latest training state in the newest run folder with this description."""
+    folders = sorted(glob.glob(os.path.join(cfg.outdir, f'[0-9][0-9][0-9][0-9][0-9]-{glob.escape(description)}')))
+    for folder in reversed(folders):
+        states = glob.glob(os.path.join(folder, 'training-state-*.pt'))
+        if states:
+            return max(states, key=lambda path: float(re.search(r'-([\d.]+)\.pt$', path).group(1)))
+    return None
+
+
+def open_run_dir(cfg, description, resume_path):
+    """A new numbered folder, or the folder of the state that --resume=auto continues."""
+    if resume_path and cfg.resume == 'auto':
+        return os.path.dirname(resume_path)
+    names = os.listdir(cfg.outdir) if os.path.isdir(cfg.outdir) else []
+    run_ids = [int(name[:5]) for name in names if re.match(r'\d{5}-', name)]
+    return os.path.join(cfg.outdir, f'{max(run_ids, default=-1) + 1:05d}-{description}')
+
+
+def load_state(path, net, ema, optimizer, rank, world, device):
+    """Restores a training state; returns (cur_nimg, cur_tick). Dropout generators are restored when the number
+    of processes is unchanged (everything else does not depend on it)."""
+    state = torch.load(path, map_location='cpu', weights_only=False)
+    net.load_state_dict(state['net'])
+    ema.load_state_dict(state['ema'])
+    optimizer.load_state_dict(state['optimizer'])
+    if len(state['rng_cpu']) == world:
+        torch.set_rng_state(state['rng_cpu'][rank])
+        if device.type == 'cuda' and state['rng_cuda'][rank] is not None:
+            torch.cuda.set_rng_state(state['rng_cuda'][rank], device)
+    return state['cur_nimg'], state['cur_tick']
+
+
+def train(cfg):
+    rank, world, device = init_distributed(cfg.device)
+    is_main = rank == 0
+    batch_gpu = cfg.batch_gpu or cfg.batch // world
+    if cfg.batch % (batch_gpu * world):
+        raise UsageError(f'--batch={cfg.batch} must be divisible by GPUs x --batch_gpu = {world} x {batch_gpu}')
+    rounds = cfg.batch // (batch_gpu * world)
+    if cfg.resume not in ('', 'auto') and not os.path.isfile(cfg.resume):
+        raise UsageError(f'--resume: {cfg.resume} does not exist')
+
+    # Performance settings.
+    precision = cfg.precision or ('bf16' if device.type == 'cuda' else 'fp32')  # official: fp32 throughout
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
+    torch.backends.cuda.matmul.allow_tf32 = True       # TF32 for what stays in fp32: nearly free on Ampere and later
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True              # fixed shapes, so cuDNN's autotuning pays off
+    memory_format = torch.channels_last if device.type == 'cuda' else torch.contiguous_format  # tensor-core convs
+
+    # Data, corrupted once, and the network.
+    data = Data(cfg, device)
+    data_name = 'cifar10' if cfg.data == 'cifar10' else os.path.splitext(os.path.basename(cfg.data.rstrip('/')))[0]
+    description = run_description(cfg, data_name)
+    resume_path = find_resume(cfg, description) if cfg.resume == 'auto' else cfg.resume or None
+    net_config = network_config(cfg, data.resolution, data.channels, data.label_dim)
+    torch.manual_seed(cfg.seed)                        # the same initial weights on every rank
+    net = build_network(net_config).to(device, memory_format=memory_format).train()
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    optimizer = (torch.optim.AdamW if cfg.weight_decay > 0 else torch.optim.Adam)(
+        net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
+        fused=device.type == 'cuda')                   # official: Adam, AdamW when --weight_decay > 0
+    torch.manual_seed(cfg.seed * world + rank)         # dropout differs per rank
+    cur_nimg, cur_tick = load_state(resume_path, net, ema, optimizer, rank, world, device) if resume_path else (0, 0)
+    ddp = net if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        net, device_ids=[device] if device.type == 'cuda' else None)
+    forward = torch.compile(ddp) if cfg.compile else ddp
+
+    # Run folder: config, a copy of this file, the corrupted data as the network sees it.
+    run_dir = open_run_dir(cfg, description, resume_path)
+    log = Log(os.path.join(run_dir, 'log.txt') if is_main else None)
+    if is_main:
+        write_atomic(os.path.join(run_dir, 'config.json'), json.dumps(dict(
+            config=dataclasses.asdict(cfg), network=net_config, command=sys.argv, world_size=world,
+            torch=torch.__version__, device=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'),
+            indent=2).encode())
+        with open(__file__, 'rb') as source:
+            write_atomic(os.path.join(run_dir, 'ambient.py.txt'), source.read())
+        y, A = data.batch(torch.arange(min(64, data.num_images)), 'cpu')[:2]
+        save_grid(to_uint8(A * y), os.path.join(run_dir, 'data-corrupted.png'))
+        stats_path = os.path.join(run_dir, 'stats.jsonl')
+        if os.path.exists(stats_path):  # drop the ticks logged after the state we resume from: they are redone
+            kept = [line for line in open(stats_path) if json.loads(line)['kimg'] <= cur_nimg / 1e3 + 1e-9]
+            write_atomic(stats_path, ''.join(kept).encode())
+    log(f'{run_dir}: {data.num_images} images {data.channels}x{data.resolution}x{data.resolution}, '
+        f'{sum(p.numel() for p in net.parameters()):,} parameters, batch {cfg.batch} = {world} GPU(s) x {batch_gpu} '
+        f'x {rounds} round(s), {precision}' + (f', resuming from {resume_path}' if resume_path else ''))
+
+    stats = TickStats(cfg, device)
+    total_nimg = int(cfg.kimg * 1000)
+    start_time = tick_start_time = time.time()
+    start_nimg = tick_start_nimg = cur_nimg
+    previous_state = None
+    while True:
+        step = draw_step(cfg, data, cur_nimg, device)
+
+        # Accumulate gradients; DDP synchronises on the last round only.
+        optimizer.zero_grad(set_to_none=True)
+        for round_idx in range(rounds):
+            rows = torch.arange(batch_gpu) + (round_idx * world + rank) * batch_gpu
+            y, A, A_tilde, labels, augment_labels = microbatch(cfg, data, step, rows, device)
+            rows = rows.to(device)
+            sigma = (step['normal'][rows] * cfg.P_std + cfg.P_mean).exp()               # (batch_gpu,) EDM
+            sync = ddp.no_sync() if world > 1 and round_idx < rounds - 1 else contextlib.nullcontext()
+            with sync, autocast:
+                if cfg.precond == 'ambient':
+                    loss = ambient_loss(forward, y, A, A_tilde, sigma, step['eps'][rows], labels, augment_labels,
+                                        cfg.norm, cfg.sigma_data)
+                else:  # the naive baseline: EDM on the masked images
+                    loss = edm_loss(forward, A * y, sigma, step['eps'][rows], labels, augment_labels, cfg.sigma_data)
+                # Official normalisation: sum over pixels, mean over the global batch (DDP averages over GPUs).
+                loss.sum().mul(world / cfg.batch).backward()
+            stats.add(loss.detach(), A, A_tilde, step['normal'][rows])
+
+        # Update weights: linear warm-up from lr 0 at the first step, nan/inf cleanup, clipping (all official).
+        lr = cfg.lr * min(cur_nimg / max(cfg.lr_rampup_kimg * 1000, 1e-8), 1)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        for param in net.parameters():
+            if param.grad is not None:
+                torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+
+        # Update EMA: half-life --ema Mimg, at most --ema_rampup_ratio times the images seen (official).
+        ema_halflife_nimg = min(cfg.ema * 1e6, cur_nimg * cfg.ema_rampup_ratio)
+        ema_beta = 0.5 ** (cfg.batch / max(ema_halflife_nimg, 1e-8))
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - ema_beta)
+
+        # Maintenance once per tick (and after the first step).
+        cur_nimg += cfg.batch
+        done = cur_nimg >= total_nimg
+        if not done and cur_tick != 0 and cur_nimg < tick_start_nimg + cfg.tick * 1000:
+            continue
+        tick_time = time.time() - tick_start_time
+        sec_per_kimg = tick_time / (cur_nimg - tick_start_nimg) * 1e3
+        entry = dict(kimg=cur_nimg / 1e3, tick=cur_tick, time=time.time() - start_time, sec_per_kimg=sec_per_kimg,
+                     lr=lr, img_per_sec=(cur_nimg - tick_start_nimg) / tick_time, **stats.read(),
+                     gpumem_gb=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else 0.0)
+        log(f'kimg {entry["kimg"]:.1f} | time {format_time(entry["time"])} | sec/kimg {sec_per_kimg:.3g} | '
+            f'ETA {format_time((total_nimg - cur_nimg) / 1e3 * sec_per_kimg)} | loss {entry["loss"]:.4g} | '
+            f'lr {lr:.1e} | img/s {entry["img_per_sec"]:.0f} | gpumem {entry["gpumem_gb"]:.1f}G | '
+            f'erased A {entry["erased_A"]:.3f} A~ {entry["erased_A_tilde"]:.3f} | loss by sigma '
+            + ' '.join('-' if v is None else f'{v:.3g}' for v in entry['loss_by_sigma'].values()))
+        if device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(device)
+        if is_main:
+            with open(os.path.join(run_dir, 'stats.jsonl'), 'a') as file:
+                file.write(json.dumps(entry) + '\n')
+        if done or (cur_tick % cfg.snap == 0 and cur_tick != 0):
+            path = save_snapshot(cfg, run_dir, net, ema, optimizer, net_config, cur_nimg, cur_tick, device, rank,
+                                 world, precision)
+            if previous_state and previous_state != path:  # keep every --dump-th state, replace the others
+                os.remove(previous_state)
+            previous_state = None if cur_tick % cfg.dump == 0 else path
+        cur_tick += 1
+        tick_start_nimg, tick_start_time = cur_nimg, time.time()
+        if done:
+            break
+    log(f'Done: {(cur_nimg - start_nimg) / 1e3:.1f} kimg in {format_time(time.time() - start_time)}.')
+    return run_dir
+
+
+def save_snapshot(cfg, run_dir, net, ema, optimizer, net_config, cur_nimg, cur_tick, device, rank, world,
+                  precision):
+    """Writes samples-<kimg>.png (fixed seeds), network-snapshot-<kimg>.pt (EMA weights and the network config:
+    all that generate/eval need) and training-state-<kimg>.pt (all that resuming needs); returns the state's path
+    (None on other ranks)."""
+    rng_cpu, rng_cuda = [torch.get_rng_state()], [torch.cuda.get_rng_state(device) if device.type == 'cuda' else None]
+    if world > 1:  # every rank's dropout generator
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, (rng_cpu[0], rng_cuda[0]))
+        rng_cpu, rng_cuda = [g[0] for g in gathered], [g[1] for g in gathered]
+    if rank != 0:
+        return None
+    # EDM names files by whole kimg; runs that snapshot more often than every kimg (CPU tests) get 3 decimals.
+    kimg = f'{cur_nimg // 1000:06d}' if cfg.tick * cfg.snap >= 1 else f'{cur_nimg / 1000:010.3f}'
+    if cfg.grid:
+        grid = generate_images(ema, net_config, list(range(cfg.grid)), device, steps=cfg.steps, precision=precision)
+        save_grid(grid, os.path.join(run_dir, f'samples-{kimg}.png'))
+    save_atomic(dict(config=net_config, ema=ema.state_dict()), os.path.join(run_dir, f'network-snapshot-{kimg}.pt'))
+    path = os.path.join(run_dir, f'training-state-{kimg}.pt')
+    save_atomic(dict(net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(), cur_nimg=cur_nimg,
+                     cur_tick=cur_tick + 1, rng_cpu=rng_cpu, rng_cuda=rng_cuda, config=dataclasses.asdict(cfg)), path)
+    return path
+
+
+def format_time(seconds):
+    seconds = int(seconds)
+    if seconds < 60:
+        return f'{seconds}s'
+    if seconds < 3600:
+        return f'{seconds // 60}m{seconds % 60:02d}s'
+    return f'{seconds // 3600}h{seconds // 60 % 60:02d}m'
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation: generate, eval (FID through fid.py), neighbors (memorisation check)
+
+
 def generate_images(net, net_config, seeds, device, sampler='ambient', num_masks=1, guidance_scale=0.0, steps=18,
                     corruption_probability=None, delta_probability=None, class_idx=None, precision='fp32'):
     """uint8 images (B, C, H, W), image k a function of seeds[k] alone: latents, label and sampling masks come from
@@ -658,351 +1001,48 @@ def generate_images(net, net_config, seeds, device, sampler='ambient', num_masks
                              for g in generators], dim=1) < survival                    # (K, B, Cm, H, W)
         masks = masks.to(torch.float64).expand(-1, -1, channels, -1, -1)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
-    with autocast:
-        images = ambient_sampler(net, latents, masks, labels, num_steps=steps, guidance_scale=guidance_scale)
+    with autocast:  # the official clip belongs to the ambient sampler; plain EDM does not clip
+        images = ambient_sampler(net, latents, masks, labels, num_steps=steps, guidance_scale=guidance_scale,
+                                 clip=masks is not None)
     return to_uint8(images)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Training loop
-
-
-class Data:
-    """The corrupted training set on the device (uint8 images, bool masks), indexed by data order."""
-
-    def __init__(self, cfg, device):
-        images, labels = load_images(cfg.data, cfg.cache_dir, cfg.workers)
-        if cfg.cond and labels is None:
-            raise DataError('--cond needs labels (dataset.json, class sub-folders or y in the .npz)')
-        raw_indices = subset_indices(len(images), cfg.max_size)
-        images = torch.from_numpy(images[raw_indices]).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W) uint8
-        self.A, self.A_tilde = corruption_masks(raw_indices, images.shape[1:], cfg.corruption_probability,
-                                                cfg.delta_probability, cfg.mask_full_rgb, cfg.mask_seed)
-        if cfg.augment_mode == 'joint' or cfg.augment == 0:
-            images = images * self.A  # the fixed corrupted dataset: what A erased is gone for good
-        self.labels = torch.from_numpy(labels[raw_indices]) if cfg.cond else None
-        self.label_dim = int(self.labels.max()) + 1 if cfg.cond else 0
-        self.num_images, self.channels, self.resolution = len(images), images.shape[1], images.shape[2]
-        # The dataset lives on the GPU when it takes less than a quarter of the free memory.
-        fits = device.type != 'cuda' or 2 * images.numel() < torch.cuda.mem_get_info(device)[0] // 4
-        self.device = device if fits else torch.device('cpu')
-        self.images, self.A, self.A_tilde = (t.to(self.device) for t in (images, self.A, self.A_tilde))
-        if not fits and device.type == 'cuda':
-            self.images, self.A, self.A_tilde = (t.pin_memory() for t in (self.images, self.A, self.A_tilde))
-        self.labels = None if self.labels is None else self.labels.to(self.device)
-        self.seed, self._orders = cfg.seed, {}
-
-    def indices(self, positions):
-        """Dataset indices at positions of the endless stream of per-epoch permutations seeded by (seed, epoch)."""
-        epochs, offsets = positions // self.num_images, positions % self.num_images
-        out = torch.empty_like(positions)
-        for epoch in epochs.unique().tolist():
-            if epoch not in self._orders:
-                generator = torch.Generator().manual_seed(derive_seed(self.seed, 0, epoch))
-                self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
-                self._orders[epoch] = torch.randperm(self.num_images, generator=generator)
-            out[epochs == epoch] = self._orders[epoch][offsets[epochs == epoch]]
-        return out
-
-    def batch(self, index, device):
-        index = index.to(self.device)
-        get = lambda t: None if t is None else t[index].to(device, non_blocking=True)  # noqa: E731
-        y = get(self.images).to(torch.float32) / 127.5 - 1
-        return y, get(self.A).to(torch.float32), get(self.A_tilde).to(torch.float32), get(self.labels)
-
-
-def run_description(cfg, data_name):
-    return f'{data_name}-{cfg.precond}-p{cfg.corruption_probability:g}-d{cfg.delta_probability:g}-{cfg.arch}' \
-           f'-batch{cfg.batch}' + (f'-{cfg.desc}' if cfg.desc else '')
-
-
-def find_resume(cfg, description):
-    """--resume=auto: the latest training state in the newest run folder with this description."""
-    folders = sorted(glob.glob(os.path.join(cfg.outdir, f'[0-9][0-9][0-9][0-9][0-9]-{glob.escape(description)}')))
-    for folder in reversed(folders):
-        states = glob.glob(os.path.join(folder, 'training-state-*.pt'))
-        if states:
-            return max(states, key=lambda path: float(re.search(r'-([\d.]+)\.pt$', path).group(1)))
-    return None
-
-
-def open_run_dir(cfg, description, resume_path, is_main):
-    if resume_path and cfg.resume == 'auto':
-        return os.path.dirname(resume_path)
-    run_ids = [int(m.group()) for m in (re.match(r'\d+', n) for n in (os.listdir(cfg.outdir) if os.path.isdir(
-        cfg.outdir) else [])) if m]
-    run_dir = os.path.join(cfg.outdir, f'{max(run_ids, default=-1) + 1:05d}-{description}')
-    if is_main:
-        os.makedirs(run_dir, exist_ok=True)
-    return run_dir
-
-
-def train(cfg):
-    rank, world, device = init_distributed(cfg.device)
-    is_main = rank == 0
-    batch_gpu = cfg.batch_gpu or cfg.batch // world
-    if cfg.batch % (batch_gpu * world):
-        raise UsageError(f'--batch={cfg.batch} must be divisible by GPUs x --batch_gpu = {world} x {batch_gpu}')
-    rounds = cfg.batch // (batch_gpu * world)
-    precision = cfg.precision or ('bf16' if device.type == 'cuda' else 'fp32')
-    if cfg.resume not in ('', 'auto') and not os.path.isfile(cfg.resume):
-        raise UsageError(f'--resume: {cfg.resume} does not exist')
-
-    # Performance settings.
-    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls/convs: ~free speed on Ampere+ (official: fp32 only)
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True         # fixed shapes, so autotuning pays off
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
-    memory_format = torch.channels_last if device.type == 'cuda' else torch.contiguous_format
-
-    # Data, corrupted once.
-    data = Data(cfg, device)
-    data_name = 'cifar10' if cfg.data == 'cifar10' else os.path.splitext(os.path.basename(cfg.data.rstrip('/')))[0]
-    description = run_description(cfg, data_name)
-    resume_path = find_resume(cfg, description) if cfg.resume == 'auto' else cfg.resume or None
-
-    # Network, EMA, optimiser.
-    net_config = network_config(cfg, data.resolution, data.channels, data.label_dim)
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    net = build_network(net_config).to(device).to(memory_format=memory_format).train()
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    optimizer_class = torch.optim.AdamW if cfg.weight_decay > 0 else torch.optim.Adam
-    optimizer = optimizer_class(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
-                                weight_decay=cfg.weight_decay, fused=device.type == 'cuda')
-    cur_nimg, cur_tick = 0, 0
-    torch.manual_seed(cfg.seed * world + rank)  # dropout differs per rank
-    if resume_path:
-        state = torch.load(resume_path, map_location='cpu', weights_only=False)
-        net.load_state_dict(state['net'])
-        ema.load_state_dict(state['ema'])
-        optimizer.load_state_dict(state['optimizer'])
-        cur_nimg, cur_tick = state['cur_nimg'], state['cur_tick']
-        if len(state['rng_cpu']) == world:
-            torch.set_rng_state(state['rng_cpu'][rank])
-            if device.type == 'cuda' and state['rng_cuda'][rank] is not None:
-                torch.cuda.set_rng_state(state['rng_cuda'][rank], device)
-        del state
-    ddp = net
-    if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None)
-    forward = torch.compile(ddp) if cfg.compile else ddp
-
-    # Run folder.
-    run_dir = open_run_dir(cfg, description, resume_path, is_main)
-    log_file = open(os.path.join(run_dir, 'log.txt'), 'a') if is_main else None
-
-    def log(message):
-        if is_main:
-            print(message, flush=True)
-            log_file.write(message + '\n')
-            log_file.flush()
-
-    if is_main:
-        write_atomic(os.path.join(run_dir, 'config.json'), json.dumps(dict(
-            config=dataclasses.asdict(cfg), network=net_config, command=sys.argv, world_size=world, torch=torch.__version__,
-            device=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'), indent=2).encode())
-        with open(__file__, 'rb') as source:
-            write_atomic(os.path.join(run_dir, 'ambient.py.txt'), source.read())
-        if resume_path:  # drop the ticks logged after the state we resume from (they will be redone)
-            stats_path = os.path.join(run_dir, 'stats.jsonl')
-            kept = [line for line in open(stats_path) if json.loads(line)['kimg'] <= cur_nimg / 1e3 + 1e-9] \
-                if os.path.exists(stats_path) else []
-            write_atomic(stats_path, ''.join(kept).encode())
-        else:
-            save_grid(to_uint8(data.batch(torch.arange(min(cfg.grid or 64, data.num_images)), 'cpu')[0]),
-                      os.path.join(run_dir, 'data-corrupted.png'))
-    log(f'Run folder {run_dir}; {data.num_images} images {data.channels}x{data.resolution}x{data.resolution}, '
-        f'{sum(p.numel() for p in net.parameters()):,} parameters, {world} process(es), batch {cfg.batch} = '
-        f'{world} x {batch_gpu} x {rounds} rounds, {precision}' + (f', resuming from {resume_path}' if resume_path
-                                                                    else ''))
-
-    # Statistics accumulated on the device, read once per tick. Noise-level bins split ln(sigma) at -1.5..1.5 std.
-    bin_edges = torch.tensor([-1.5, -0.5, 0.5, 1.5], device=device)
-    stats = torch.zeros(6 + 2 * (len(bin_edges) + 1), device=device)
-    sigma_edges = [math.exp(cfg.P_mean + cfg.P_std * float(z)) for z in bin_edges]
-    bin_names = [f'<{sigma_edges[0]:.3g}'] + [f'{a:.3g}-{b:.3g}' for a, b in zip(sigma_edges, sigma_edges[1:])] + \
-        [f'>{sigma_edges[-1]:.3g}']
-    total_nimg = int(cfg.kimg * 1000)
-    start_time = tick_start_time = time.time()
-    tick_start_nimg, start_nimg = cur_nimg, cur_nimg
-    channels = data.channels
-    previous_state = None
-
-    while True:
-        # Randomness of the whole global batch, a function of (seed, cur_nimg): each rank slices its share, so any
-        # number of GPUs and any batch_gpu follow the same trajectory, and resuming needs no generator state.
-        generator = torch.Generator(device).manual_seed(derive_seed(cfg.seed, 1, cur_nimg))
-        normal = torch.randn(cfg.batch, generator=generator, device=device)
-        sigma = (normal * cfg.P_std + cfg.P_mean).exp()                                # (batch,) EDM log-normal
-        eps = torch.randn(cfg.batch, channels, data.resolution, data.resolution, generator=generator, device=device)
-        if cfg.augment > 0:
-            flips, G_inv, augment_labels = draw_augmentation(cfg.augment, cfg.batch, data.resolution,
-                                                             data.resolution, generator)
-        order = data.indices(torch.arange(cur_nimg, cur_nimg + cfg.batch))
-
-        # Accumulate gradients.
-        optimizer.zero_grad(set_to_none=True)
-        for round_idx in range(rounds):
-            rows = torch.arange(batch_gpu) + (round_idx * world + rank) * batch_gpu
-            y, A, A_tilde, labels = data.batch(order[rows], device)
-            rows = rows.to(device)
-            aug = None
-            if cfg.augment > 0:
-                aug = augment_labels[rows]
-                if cfg.augment_mode == 'joint':  # the masks travel with the image
-                    stacked = augment(torch.cat([y, A, A_tilde], dim=1), flips[rows], G_inv[rows], 'joint')
-                    y, A, A_tilde = stacked.split([channels, A.shape[1], A_tilde.shape[1]], dim=1)
-                else:  # official order: augment the clean image, then apply the un-augmented fixed masks
-                    y = augment(y, flips[rows], G_inv[rows], 'official')
-            sync = ddp.no_sync() if world > 1 and round_idx < rounds - 1 else contextlib.nullcontext()
-            with sync, autocast:
-                if cfg.precond == 'ambient':
-                    loss = ambient_loss(forward, y, A, A_tilde, sigma[rows], eps[rows], labels, aug, cfg.norm,
-                                        cfg.sigma_data)
-                else:
-                    loss = edm_loss(forward, A * y, sigma[rows], eps[rows], labels, aug, cfg.sigma_data)
-                # Sum over pixels, mean over the global batch (DDP averages over GPUs): official normalisation.
-                loss.sum().mul(world / cfg.batch).backward()
-            with torch.no_grad():
-                per_image = loss.detach().flatten(1).mean(1)                            # (batch_gpu,)
-                bins = torch.bucketize(normal[rows], bin_edges)
-                stats[:6] += torch.stack([per_image.sum(), (loss.detach() * A_tilde).flatten(1).mean(1).sum(),
-                                          torch.tensor(float(len(rows)), device=device), (1 - A).mean(),
-                                          (1 - A_tilde).mean(), torch.ones((), device=device)])
-                stats[6:].view(2, -1)[0].index_add_(0, bins, per_image)
-                stats[6:].view(2, -1)[1].index_add_(0, bins, torch.ones_like(per_image))
-
-        # Update weights: official warm-up (from lr 0 at the first step), nan/inf cleanup and clipping.
-        lr = cfg.lr * min(cur_nimg / max(cfg.lr_rampup_kimg * 1000, 1e-8), 1)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-        for param in net.parameters():
-            if param.grad is not None:
-                torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-
-        # Update EMA: half-life ema Mimg, ramped up to ema_rampup_ratio x images seen (official).
-        ema_halflife_nimg = min(cfg.ema * 1e6, cur_nimg * cfg.ema_rampup_ratio)
-        ema_beta = 0.5 ** (cfg.batch / max(ema_halflife_nimg, 1e-8))
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - ema_beta)
-
-        # Maintenance once per tick (and after the very first step).
-        cur_nimg += cfg.batch
-        done = cur_nimg >= total_nimg
-        if not done and cur_tick != 0 and cur_nimg < tick_start_nimg + cfg.tick * 1000:
-            continue
-        values = all_reduce(stats.clone()).tolist()  # the one host sync of the tick
-        stats.zero_()
-        num = max(values[2], 1)
-        elapsed, tick_time = time.time() - start_time, time.time() - tick_start_time
-        sec_per_kimg = tick_time / max(cur_nimg - tick_start_nimg, 1) * 1e3
-        gpumem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else 0.0
-        entry = dict(kimg=cur_nimg / 1e3, tick=cur_tick, time=elapsed, sec_per_kimg=sec_per_kimg, loss=values[0] / num,
-                     loss_seen=values[1] / num, lr=lr, img_per_sec=(cur_nimg - tick_start_nimg) / tick_time,
-                     gpumem_gb=gpumem, erased_A=values[3] / max(values[5], 1), erased_A_tilde=values[4] / max(
-                         values[5], 1), loss_by_sigma={name: total / count if count else None for name, total, count
-                                                       in zip(bin_names, values[6:11], values[11:16])})
-        eta = (total_nimg - cur_nimg) / 1e3 * sec_per_kimg
-        log(f'kimg {entry["kimg"]:.1f} | time {format_time(elapsed)} | sec/kimg {sec_per_kimg:.3g} | ETA '
-            f'{format_time(eta)} | loss {entry["loss"]:.4g} | lr {lr:.1e} | img/s {entry["img_per_sec"]:.0f} | gpumem '
-            f'{gpumem:.1f}G | erased A {entry["erased_A"]:.3f} A~ {entry["erased_A_tilde"]:.3f} | loss by sigma ' +
-            ' '.join(f'{v:.3g}' if v is not None else '-' for v in entry['loss_by_sigma'].values()))
-        if device.type == 'cuda':
-            torch.cuda.reset_peak_memory_stats(device)
-        if is_main:
-            with open(os.path.join(run_dir, 'stats.jsonl'), 'a') as file:
-                file.write(json.dumps(entry) + '\n')
-
-        # Snapshot: EMA network, progress grid, training state (the previous one is kept only at --dump ticks).
-        if done or (cur_tick % cfg.snap == 0 and cur_tick != 0):
-            path = save_snapshot(cfg, run_dir, net, ema, optimizer, net_config, cur_nimg, cur_tick, device, is_main,
-                                 world, precision)
-            if previous_state and previous_state != path:  # keep every --dump-th state, replace the others
-                os.remove(previous_state)
-            previous_state = None if cur_tick % cfg.dump == 0 else path
-        cur_tick += 1
-        tick_start_nimg, tick_start_time = cur_nimg, time.time()
-        if done:
-            break
-    log(f'Done: {cur_nimg / 1e3:.1f} kimg in {format_time(time.time() - start_time)} '
-        f'({(cur_nimg - start_nimg) / (time.time() - start_time):.1f} img/s).')
-    if log_file:
-        log_file.close()
-    return run_dir
-
-
-def save_snapshot(cfg, run_dir, net, ema, optimizer, net_config, cur_nimg, cur_tick, device, is_main, world,
-                  precision):
-    """Writes samples-<kimg>.png, network-snapshot-<kimg>.pt (EMA + network config) and training-state-<kimg>.pt;
-    returns the state's path (None on other ranks)."""
-    rng_cpu, rng_cuda = [torch.get_rng_state()], [torch.cuda.get_rng_state(device) if device.type == 'cuda' else None]
-    if world > 1:  # every rank's dropout generator, so that a resumed run continues exactly
-        gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, (rng_cpu[0], rng_cuda[0]))
-        rng_cpu, rng_cuda = [g[0] for g in gathered], [g[1] for g in gathered]
-    if not is_main:
-        return None
-    # EDM names files by whole kimg; runs that snapshot more often than every kimg (CPU tests) get 3 decimals.
-    kimg = f'{cur_nimg // 1000:06d}' if cfg.tick * cfg.snap >= 1 else f'{cur_nimg / 1000:010.3f}'
-    if cfg.grid:  # fixed seeds, so that progress is visible from grid to grid
-        grid = generate_images(ema, net_config, list(range(cfg.grid)), device, steps=cfg.steps, precision=precision)
-        save_grid(grid, os.path.join(run_dir, f'samples-{kimg}.png'))
-    save_atomic(dict(config=net_config, ema=ema.state_dict()), os.path.join(run_dir, f'network-snapshot-{kimg}.pt'))
-    path = os.path.join(run_dir, f'training-state-{kimg}.pt')
-    save_atomic(dict(net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(), cur_nimg=cur_nimg,
-                     cur_tick=cur_tick + 1, rng_cpu=rng_cpu, rng_cuda=rng_cuda, config=dataclasses.asdict(cfg)), path)
-    return path
-
-
-def format_time(seconds):
-    seconds = int(seconds)
-    if seconds < 60:
-        return f'{seconds}s'
-    if seconds < 3600:
-        return f'{seconds // 60}m{seconds % 60:02d}s'
-    return f'{seconds // 3600}h{seconds // 60 % 60:02d}m'
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Evaluation: generate, eval (FID through fid.py), neighbors (memorisation check)
-
-
-def sampling_parser(prog):
+def sampling_parser(prog, network_required=True):
+    """Flags shared by generate, eval and neighbors (official eval.py names)."""
     parser = QuietParser(prog=prog)
-    parser.add_argument('--network', required=True)
-    parser.add_argument('--batch', type=int, default=64)          # per GPU
-    parser.add_argument('--steps', type=int, default=18)          # official eval.py --steps
-    parser.add_argument('--sampler', choices=['ambient', 'edm'], default='ambient')
-    parser.add_argument('--num_masks', type=int, default=1)       # official README
-    parser.add_argument('--guidance_scale', type=float, default=0.0)
+    parser.add_argument('--network', required=network_required)       # network-snapshot-*.pt
+    parser.add_argument('--batch', type=int, default=64)               # per GPU
+    parser.add_argument('--steps', type=int, default=18)               # official eval.py --steps
+    parser.add_argument('--sampler', choices=['ambient', 'edm'], default='ambient')  # edm: all-ones mask
+    parser.add_argument('--num_masks', type=int, default=1)            # official README
+    parser.add_argument('--guidance_scale', type=float, default=0.0)   # official README
     parser.add_argument('--corruption_probability', type=float, default=None)  # default: the training value
-    parser.add_argument('--delta_probability', type=float, default=None)
-    parser.add_argument('--class', dest='class_idx', type=int, default=None)
+    parser.add_argument('--delta_probability', type=float, default=None)       # default: the training value
+    parser.add_argument('--class', dest='class_idx', type=int, default=None)   # default: random per seed
     parser.add_argument('--precision', choices=['fp32', 'bf16'], default=None)
     parser.add_argument('--device', default='')
     return parser
 
 
-def check_sampling_args(args):
+def prepare_sampling(args, device):
+    """Checks the sampling flags and loads the network, before anything is written."""
     for name in ('corruption_probability', 'delta_probability'):
         value = getattr(args, name)
         if value is not None and not 0 <= value < 1:
             raise UsageError(f'--{name} must be in [0, 1)')
     if args.batch < 1 or args.steps < 2 or args.num_masks < 1:
         raise UsageError('--batch and --num_masks must be >= 1, --steps >= 2')
+    net, net_config = load_network(args.network, device)
+    label_dim = net_config['unet']['label_dim']
+    if args.class_idx is not None and not 0 <= args.class_idx < label_dim:
+        raise UsageError(f'--class must be in [0, {label_dim})' if label_dim else '--class needs a conditional network')
+    return net, net_config
 
 
-def sample_batches(args, seeds, device):
+def sample_batches(net, net_config, args, seeds, device):
     """Yields (seeds, uint8 images) for this rank's share of the seeds (EDM's round-robin batches)."""
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
         if torch.distributed.is_initialized() else (0, 1)
-    net, net_config = load_network(args.network, device)
-    label_dim = net_config['unet'].get('label_dim', 0)
-    if args.class_idx is not None and not 0 <= args.class_idx < max(label_dim, 1) or (args.class_idx and not label_dim):
-        raise UsageError(f'--class must be in [0, {label_dim}) for this network')
     precision = args.precision or ('bf16' if device.type == 'cuda' else 'fp32')
     num_batches = max((len(seeds) - 1) // (args.batch * world) + 1, 1) * world
     for batch_seeds in torch.as_tensor(seeds).tensor_split(num_batches)[rank::world]:
@@ -1012,41 +1052,49 @@ def sample_batches(args, seeds, device):
                 args.steps, args.corruption_probability, args.delta_probability, args.class_idx, precision)
 
 
+def load_detector(weights, device):
+    try:
+        return fid.load_inception(weights, device=device)
+    except (FileNotFoundError, ValueError) as error:
+        raise DataError(' '.join(str(error).split()))
+
+
 def generate(argv):
     """Writes one PNG per seed, outdir/<seed>.png."""
     parser = sampling_parser('ambient.py generate')
     parser.add_argument('--seeds', default='0-63')
     parser.add_argument('--outdir', required=True)
     args = parser.parse_args(argv)
-    check_sampling_args(args)
     seeds = parse_seeds(args.seeds)
-    _, _, device = init_distributed(args.device)
+    rank, _, device = init_distributed(args.device)
+    net, net_config = prepare_sampling(args, device)
     os.makedirs(args.outdir, exist_ok=True)
-    for batch_seeds, images in sample_batches(args, seeds, device):
+    for batch_seeds, images in sample_batches(net, net_config, args, seeds, device):
         for seed, image in zip(batch_seeds, images.permute(0, 2, 3, 1).cpu().numpy()):
             save_png(image, os.path.join(args.outdir, f'{seed:06d}.png'))
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+    if rank == 0:
         print(f'Wrote {len(seeds)} images to {args.outdir}')
 
 
 def evaluate(argv):
-    """FID (and other fid.py metrics) of --num samples held in memory; appends a JSON line to metrics.jsonl."""
+    """fid.py metrics of --num samples (seeds 0..num-1) held in memory; appends a JSON line to metrics.jsonl next
+    to the network."""
     parser = sampling_parser('ambient.py eval')
-    parser.add_argument('--ref', required=True)
-    parser.add_argument('--num', type=int, default=50000)
-    parser.add_argument('--metrics', default='fid')
-    parser.add_argument('--fid_weights', default=None)
+    parser.add_argument('--ref', required=True)                        # reference statistics (fid.py ref)
+    parser.add_argument('--num', type=int, default=50000)              # official eval.py --num
+    parser.add_argument('--metrics', default='fid')                    # any of fid,is,sfid,pr,kid
+    parser.add_argument('--fid_weights', default=None)                 # default: $FID_WEIGHTS or download
     args = parser.parse_args(argv)
-    check_sampling_args(args)
     if args.num < 2:
         raise UsageError('--num must be >= 2')
     if not args.ref.startswith(('http://', 'https://')) and not os.path.exists(args.ref):
         raise UsageError(f'--ref: {args.ref} does not exist')
     rank, _, device = init_distributed(args.device)
-    detector = fid.load_inception(args.fid_weights, device=device)
-    batches = (images for _, images in sample_batches(args, list(range(args.num)), device))
-    results = fid.compute_metrics(batches, args.ref, metrics=tuple(args.metrics.split(',')), detector=detector,
-                                  device=device)
+    net, net_config = prepare_sampling(args, device)
+    detector = load_detector(args.fid_weights, device)
+    batches = (images for _, images in sample_batches(net, net_config, args, list(range(args.num)), device))
+    results = fid.compute_metrics(batches, args.ref, metrics=args.metrics.split(','), detector=detector,
+                                  device=device, num_images=args.num)
     if rank == 0:
         entry = dict(network=os.path.basename(args.network), num=args.num, sampler=args.sampler, steps=args.steps,
                      num_masks=args.num_masks, guidance_scale=args.guidance_scale, ref=args.ref,
@@ -1058,44 +1106,55 @@ def evaluate(argv):
 
 def neighbors(argv):
     """Memorisation check (official find_dataset_neighbors.py, with fid.py's Inception pool features in place of
-    DINOv2): cosine similarity of each generated image to every clean training image; writes the top-1 similarity
-    of each, the fraction above --threshold, and a PNG of the most similar pairs (generated | 3 nearest)."""
-    parser = sampling_parser('ambient.py neighbors')
-    parser.add_argument('--data', required=True)
-    parser.add_argument('--num', type=int, default=10000)         # official README --max_size=10000
+    DINOv2): cosine similarity of each generated image to every clean training image. Writes each image's top-3
+    similarities and neighbours (neighbors.npz), the fraction whose top-1 similarity exceeds --threshold
+    (neighbors.json) and the --top most similar pairs, generated | 3 nearest (neighbors.png)."""
+    parser = sampling_parser('ambient.py neighbors', network_required=False)
+    parser.add_argument('--images', default=None)                      # generated images instead of --network
+    parser.add_argument('--data', required=True)                       # the training set (read clean: an audit)
+    parser.add_argument('--num', type=int, default=10000)              # official README --max_size=10000
     parser.add_argument('--outdir', required=True)
-    parser.add_argument('--threshold', type=float, default=0.95)  # our choice: the official code has no threshold
+    parser.add_argument('--threshold', type=float, default=0.95)       # our choice: the official code has none
     parser.add_argument('--top', type=int, default=16)
     parser.add_argument('--fid_weights', default=None)
     args = parser.parse_args(argv)
-    check_sampling_args(args)
-    if args.num < 1 or not -1 <= args.threshold <= 1:
-        raise UsageError('--num must be >= 1 and --threshold in [-1, 1]')
+    if (args.network is None) == (args.images is None):
+        raise UsageError('give one of --network and --images')
+    if args.num < 1 or args.top < 1 or not -1 <= args.threshold <= 1:
+        raise UsageError('--num and --top must be >= 1, --threshold in [-1, 1]')
     if int(os.environ.get('WORLD_SIZE', 1)) > 1:
         raise UsageError('neighbors runs as one process')
     _, _, device = init_distributed(args.device)
-    train_images = torch.from_numpy(load_images(args.data)[0]).permute(0, 3, 1, 2)    # clean: this is an audit
-    detector = fid.load_inception(args.fid_weights, device=device)
-    generated = torch.cat([images.cpu() for _, images in sample_batches(args, list(range(args.num)), device)])
-    features = lambda images: F.normalize(torch.as_tensor(fid.compute_features(  # noqa: E731
-        (images[i:i + args.batch] for i in range(0, len(images), args.batch)), detector, device)['pool']).double(), dim=1)
+    if args.network:
+        net, net_config = prepare_sampling(args, device)
+    train_images = torch.from_numpy(load_images(args.data)[0]).permute(0, 3, 1, 2)    # (N, 3, H, W) uint8
+    detector = load_detector(args.fid_weights, device)
+    if args.images:
+        generated = torch.from_numpy(load_images(args.images)[0][:args.num]).permute(0, 3, 1, 2)
+    else:
+        generated = torch.cat([x.cpu() for _, x in sample_batches(net, net_config, args, range(args.num), device)])
+
+    # Cosine similarity of L2-normalised pool features, top 3 per generated image.
+    def features(images):
+        batches = (images[i:i + args.batch] for i in range(0, len(images), args.batch))
+        return F.normalize(fid.compute_features(batches, detector, device)['pool'].double(), dim=1)
     train_features, generated_features = features(train_images), features(generated)
-    similarity, neighbor = [], []
-    for chunk in generated_features.split(1024):
-        top = (chunk @ train_features.T).topk(3, dim=1)
-        similarity.append(top.values)
-        neighbor.append(top.indices)
-    similarity, neighbor = torch.cat(similarity), torch.cat(neighbor)                  # (num, 3)
+    top = [(chunk @ train_features.T).topk(min(3, len(train_images)), dim=1) for chunk in generated_features.split(1024)]
+    similarity = torch.cat([t.values for t in top]).cpu()                            # (num, 3)
+    neighbor = torch.cat([t.indices for t in top]).cpu()                             # (num, 3)
+
     os.makedirs(args.outdir, exist_ok=True)
-    summary = dict(network=args.network, num_generated=len(generated), num_train=len(train_images),
-                   threshold=args.threshold, fraction_above=float((similarity[:, 0] > args.threshold).double().mean()),
-                   mean_top1=float(similarity[:, 0].mean()), max_top1=float(similarity[:, 0].max()),
-                   quantiles_top1={q: float(similarity[:, 0].quantile(q)) for q in (0.5, 0.9, 0.99)})
-    np.savez(os.path.join(args.outdir, 'neighbors.npz'), similarity=similarity.numpy(), neighbor=neighbor.numpy())
+    top1 = similarity[:, 0]
+    summary = dict(source=args.network or args.images, num_generated=len(generated), num_train=len(train_images),
+                   threshold=args.threshold, fraction_above=float((top1 > args.threshold).double().mean()),
+                   mean_top1=float(top1.mean()), max_top1=float(top1.max()),
+                   quantiles_top1={str(q): float(top1.quantile(q)) for q in (0.5, 0.9, 0.99)})
+    buffer = io.BytesIO()
+    np.savez(buffer, similarity=similarity.numpy(), neighbor=neighbor.numpy())
+    write_atomic(os.path.join(args.outdir, 'neighbors.npz'), buffer.getvalue())
     write_atomic(os.path.join(args.outdir, 'neighbors.json'), json.dumps(summary, indent=2).encode())
-    order = similarity[:, 0].argsort(descending=True)[:args.top]
-    pairs = torch.stack([torch.cat([generated[i:i + 1], train_images[neighbor[i]]]) for i in order.tolist()])
-    save_grid(pairs.flatten(0, 1), os.path.join(args.outdir, 'neighbors.png'), columns=4)
+    rows = [torch.cat([generated[i:i + 1], train_images[neighbor[i]]]) for i in top1.argsort(descending=True)[:args.top]]
+    save_grid(torch.cat(rows), os.path.join(args.outdir, 'neighbors.png'), columns=1 + neighbor.shape[1])
     print(json.dumps(summary))
 
 

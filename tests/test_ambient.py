@@ -231,8 +231,8 @@ def test_fixed_mask_sampler_on_gaussians():
 
 def test_reconstruction_guidance():
     """With K masks and w = 0 only mask 1 matters; with w > 0 every evaluation also moves by -w grad R,
-    R = 1/2 sum_k ||D_1 - D_k||^2 summed over the batch. Checked against the recursion written out for the toy
-    denoiser D_k(x) = M_k x, whose grad R is sum_k |M_1 - M_k| x."""
+    R = K/2 sum_k ||D_1 - D_k||^2 summed over the batch (the official cdist_masked counts each difference K times).
+    Checked against the recursion written out for the toy denoiser D_k(x) = M_k x: grad R = K sum_k |M_1 - M_k| x."""
     generator = torch.Generator().manual_seed(4)
     masks = (torch.rand(3, 2, C, H, W, generator=generator) < 0.5).double()
     latents = torch.randn(2, C, H, W, generator=generator, dtype=torch.float64)
@@ -244,7 +244,7 @@ def test_reconstruction_guidance():
     i = torch.arange(4, dtype=torch.float64)
     t = torch.cat([(80 ** (1 / 7) + i / 3 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7, torch.zeros(1).double()])
     disagreement = (masks[0] - masks).abs().sum(0)
-    step = lambda x, t, h: h * (x - masks[0] * x) / t - w * disagreement * x  # noqa: E731
+    step = lambda x, t, h: h * (x - masks[0] * x) / t - w * 3 * disagreement * x  # noqa: E731
     x = latents * t[0]
     for k in range(4):
         h = t[k + 1] - t[k]

@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import glob
 import hashlib
 import inspect
@@ -63,60 +64,60 @@ import nets
 @dataclasses.dataclass
 class Config:
     # Data and run folder.
-    data: str = ''                                   # image folder, EDM zip, .npz (x, y) or 'cifar10'; official --data_dir
-    outdir: str = 'runs'                             # parent of the numbered run folders
-    preset: str = ''                                 # recipe from PRESETS: cifar10 imagenet32 lsun64 celeba64 ffhq128 tiny
-    class_cond: bool = False                         # condition on the dataset labels; official flag (paper: unconditional)
-    random_flip: bool = True                         # horizontal flips, p = 0.5; official image_datasets.py default
-    # Network: a nets.UNET_PRESETS entry, optionally overridden with the official model flags (None = preset value).
-    arch: str = 'adm-cifar10'                        # network preset
-    num_channels: int = None                         # base channel count; official flag
-    num_res_blocks: int = None                       # residual blocks per resolution; official flag
-    channel_mult: str = None                         # channel multipliers per resolution, e.g. 1,2,2,2; official flag
-    attention_resolutions: str = None                # resolutions in pixels with self-attention, e.g. 16,8; official flag
-    num_head_channels: int = None                    # channels per attention head; official flag
-    dropout: float = None                            # dropout in every ResBlock; official flag (0.3 CIFAR-10, 0.1 64px+)
-    use_scale_shift_norm: bool = None                # FiLM time conditioning; official flag
-    resblock_updown: bool = None                     # resample with ResBlocks; official flag
-    use_new_attention_order: bool = None             # qkv channel layout; official flag (True for all DDPM-IP models)
-    learn_sigma: bool = True                         # 2C outputs: eps and the variance interpolation v; DDPM-IP commands
-    image_size: int = None                           # released checkpoints: resolution if not the official default
+    data: str = ''                                # image folder, EDM zip, .npz (x, y) or cifar10; official --data_dir
+    outdir: str = 'runs'                          # parent of the numbered run folders
+    preset: str = ''                              # recipe: cifar10 imagenet32 lsun64 celeba64 ffhq128 tiny (PRESETS)
+    class_cond: bool = False                      # condition on dataset labels; official flag (paper: unconditional)
+    random_flip: bool = True                      # horizontal flips, p = 0.5; official image_datasets.py default
+    # Network: a nets.UNET_PRESETS entry; the official model flags override it (None = the preset's value).
+    arch: str = 'adm-cifar10'                     # network preset
+    num_channels: int = None                      # base width; official flag
+    num_res_blocks: int = None                    # residual blocks per resolution; official flag
+    channel_mult: str = None                      # width multipliers per resolution, e.g. 1,2,2,2; official flag
+    attention_resolutions: str = None             # resolutions (pixels) with self-attention, e.g. 16,8; official flag
+    num_head_channels: int = None                 # channels per attention head; official flag
+    dropout: float = None                         # dropout in every ResBlock; official flag (0.3 CIFAR-10, 0.1 64px+)
+    use_scale_shift_norm: bool = None             # FiLM time conditioning; official flag
+    resblock_updown: bool = None                  # resample with ResBlocks; official flag
+    use_new_attention_order: bool = None          # qkv layout; official flag (True for all DDPM-IP models)
+    learn_sigma: bool = True                      # 2C outputs: eps and the variance interpolation v; DDPM-IP commands
+    image_size: int = None                        # released checkpoints only: resolution, if not the official default
     # Diffusion.
-    diffusion_steps: int = 1000                      # T; DDPM-IP commands
-    noise_schedule: str = 'cosine'                   # cosine | linear; DDPM-IP commands use cosine
-    rescale_learned_sigmas: bool = True              # VLB weight T/1000 (RESCALED_MSE; no-op at T = 1000); DDPM-IP commands
-    input_perturbation: float = 0.1                  # gamma; alias --input_pertub; 0 = ADM baseline; official README 0.1
-    schedule_sampler: str = 'loss-second-moment'     # uniform | loss-second-moment; DDPM-IP commands
+    diffusion_steps: int = 1000                   # T; DDPM-IP commands
+    noise_schedule: str = 'cosine'                # cosine | linear; DDPM-IP commands use cosine
+    rescale_learned_sigmas: bool = True           # VLB weight T/1000 (RESCALED_MSE; 1 at T = 1000); DDPM-IP commands
+    input_perturbation: float = 0.1              # gamma, alias --input_pertub; 0 = ADM baseline; official README 0.1
+    schedule_sampler: str = 'loss-second-moment'  # uniform | loss-second-moment; DDPM-IP commands
     # Optimisation (official train_util.py: AdamW, constant lr, no warm-up, no gradient clipping).
-    lr: float = 1e-4                                 # learning rate; official default
-    weight_decay: float = 0.0                        # AdamW weight decay; official default
-    batch: int = 128                                 # global batch; DDPM-IP CIFAR-10 command (2 GPUs x 64)
-    batch_size: int = None                           # official per-GPU batch: global batch = batch_size x GPUs
-    batch_gpu: int = None                            # microbatch per GPU (gradient accumulation); official --microbatch
-    ema_rate: float = 0.9999                         # EMA decay per optimizer step; official default
-    kimg: float = 64000                              # training length, thousands of images (500k CIFAR-10 steps)
-    tick: float = 50                                 # kimg between progress lines
-    snap: int = 25                                   # ticks between snapshots and sample grids
-    grid: int = 64                                   # images in each sample grid (fixed seeds 0..grid-1)
-    seed: int = 0                                    # seeds weights, data order and all training noise
-    resume: str = ''                                 # training-state .pt or 'auto'; official --resume_checkpoint
-    precision: str = None                            # fp32 | bf16 autocast; default bf16 on CUDA; --use_fp16 True = bf16
-    compile: bool = None                             # torch.compile the network; default on for CUDA
-    device: str = None                               # default cuda when available
-    dry_run: bool = False                            # print the resolved config and exit
-    fid_weights: str = None                          # Inception weights for eval (else FID_WEIGHTS env or download)
-    # Sampling, generate, eval and exposure (for these commands --batch is the per-GPU sampling batch).
-    network: str = ''                                # network snapshot or released .pt; official --model_path
-    timestep_respacing: str = ''                     # '' = all T steps, '100', 'ddim50'; official flag; grids: '' = 100
-    use_ddim: bool = False                           # DDIM instead of ancestral sampling; official flag
-    eta: float = 0.0                                 # DDIM noise scale (official image_sample.py always uses 0)
-    clip_denoised: bool = True                       # clamp predicted x_0 to [-1, 1]; official image_sample.py default
-    seeds: str = '0-63'                              # generate: one image per seed, e.g. 0-49999 or 1,5,7-9
-    num: int = 50000                                 # eval: images for the metrics; exposure: real images; --num_samples
-    ref: str = ''                                    # eval: reference statistics .npz from `python fid.py ref`
-    metrics: str = 'fid'                             # eval: comma-separated fid.py metrics
-    forward_t: int = None                            # exposure: respaced index the chains start from; default top
-    deterministic: bool = False                      # exposure: drop the sampling noise (paper's reconstruction test)
+    lr: float = 1e-4                              # learning rate; official default
+    weight_decay: float = 0.0                     # AdamW weight decay; official default
+    batch: int = 128                              # global batch; DDPM-IP CIFAR-10 command (2 GPUs x 64)
+    batch_size: int = None                        # official per-GPU batch: sets --batch to batch_size x GPUs
+    batch_gpu: int = None                         # microbatch per GPU (gradient accumulation); official --microbatch
+    ema_rate: float = 0.9999                      # EMA decay per optimizer step; official default
+    kimg: float = 64000                           # training length in thousands of images (CIFAR-10: 500k steps)
+    tick: float = 50                              # kimg between progress lines
+    snap: int = 25                                # ticks between snapshots and sample grids
+    grid: int = 64                                # images per sample grid (seeds 0..grid-1)
+    seed: int = 0                                 # seeds the weights, the data order and all training noise
+    resume: str = ''                              # training-state .pt or auto; official --resume_checkpoint
+    precision: str = None                         # fp32 | bf16 (autocast); default bf16 on CUDA; --use_fp16 True = bf16
+    compile: bool = None                          # torch.compile the network; default on for CUDA
+    device: str = None                            # default cuda when available
+    dry_run: bool = False                         # print the resolved config and exit
+    fid_weights: str = None                       # eval: Inception weights (else $FID_WEIGHTS, cache or download)
+    # Sampling: generate, eval, exposure and the training grids. For these commands --batch is per GPU.
+    network: str = ''                             # network snapshot or released .pt; official --model_path
+    timestep_respacing: str = ''                  # '' = all T steps, 100, ddim50; official flag (grids: '' = 100)
+    use_ddim: bool = False                        # DDIM instead of ancestral sampling; official flag
+    eta: float = 0.0                              # DDIM noise scale (official image_sample.py always uses 0)
+    clip_denoised: bool = True                    # clamp predicted x_0 to [-1, 1]; official image_sample.py default
+    seeds: str = '0-63'                           # generate: one image per seed, e.g. 0-49999 or 1,5,7-9
+    num: int = 50000                              # images for eval metrics, real images for exposure; --num_samples
+    ref: str = ''                                 # eval: reference statistics .npz from `python fid.py ref`
+    metrics: str = 'fid'                          # eval: comma-separated fid.py metrics (fid, is, sfid, pr, kid)
+    forward_t: int = None                         # exposure: respaced index the chains start from (default: the top)
+    deterministic: bool = False                   # exposure: no sampling noise (the paper's reconstruction test)
 
 
 ALIASES = {  # official spellings -> our fields
@@ -124,8 +125,10 @@ ALIASES = {  # official spellings -> our fields
     'resume_checkpoint': 'resume', 'model_path': 'network', 'num_samples': 'num',
 }
 
-PRESETS = {  # official README commands; kimg = best 100-step FID iteration of the official curves x global batch
-    'cifar10':    dict(arch='adm-cifar10', dropout=0.3, input_perturbation=0.15, batch=128, kimg=64000),
+# The official README commands. kimg: iteration of the best 100-step FID in the official curves x global batch
+# (CIFAR-10: the released ADM_IP_015.pt, 460k steps). The ImageNet-32 command leaves out --rescale_learned_sigmas.
+PRESETS = {
+    'cifar10':    dict(arch='adm-cifar10', dropout=0.3, input_perturbation=0.15, batch=128, kimg=58880),
     'imagenet32': dict(arch='adm-imagenet32', dropout=0.3, input_perturbation=0.1, batch=512, kimg=2048000,
                        rescale_learned_sigmas=False),
     'lsun64':     dict(arch='adm-lsun64', dropout=0.1, input_perturbation=0.1, batch=256, kimg=56320),
@@ -194,7 +197,8 @@ def check_config(c, command, world_size):
     need(c.input_perturbation >= 0 and math.isfinite(c.input_perturbation), '--input_perturbation must be >= 0')
     need(c.noise_schedule in ('linear', 'cosine'), '--noise_schedule must be linear or cosine')
     need(c.diffusion_steps >= 2, '--diffusion_steps must be >= 2')
-    need(c.schedule_sampler in ('uniform', 'loss-second-moment'), '--schedule_sampler must be uniform or loss-second-moment')
+    need(c.schedule_sampler in ('uniform', 'loss-second-moment'),
+         '--schedule_sampler must be uniform or loss-second-moment')
     need(c.precision in (None, 'fp32', 'bf16'), '--precision must be fp32 or bf16')
     need(c.eta >= 0, '--eta must be >= 0')
     need(c.dropout is None or 0 <= c.dropout < 1, '--dropout must be in [0, 1)')
@@ -207,11 +211,12 @@ def check_config(c, command, world_size):
         need(c.arch in nets.UNET_PRESETS, f'--arch must be one of {", ".join(nets.UNET_PRESETS)}')
         need(c.lr > 0 and c.weight_decay >= 0, '--lr must be > 0 and --weight_decay >= 0')
         need(0 <= c.ema_rate < 1, '--ema_rate must be in [0, 1)')
-        need(c.kimg > 0 and c.tick > 0 and c.snap >= 1 and c.grid >= 1, '--kimg, --tick must be > 0, --snap, --grid >= 1')
+        need(c.kimg > 0 and c.tick > 0, '--kimg and --tick must be > 0')
+        need(c.snap >= 1 and c.grid >= 1, '--snap and --grid must be >= 1')
         if c.batch_size is not None:  # official semantics: per GPU
             need(c.batch_size >= 1, '--batch_size must be >= 1')
             c.batch = c.batch_size * world_size
-        need(c.batch >= 1 and c.batch % world_size == 0, f'--batch must be a positive multiple of the {world_size} GPUs')
+        need(c.batch >= 1 and c.batch % world_size == 0, f'--batch must be a positive multiple of {world_size} (GPUs)')
         c.batch_gpu = c.batch_gpu or c.batch // world_size
         need(c.batch_gpu >= 1 and (c.batch // world_size) % c.batch_gpu == 0,
              f'--batch_gpu must divide the per-GPU batch {c.batch // world_size}')
@@ -273,40 +278,45 @@ def load_dataset(path):
 
 
 def load_images(path):
-    """Decodes every image of a folder or zip; labels from dataset.json, class subfolders or an official
-    '<class>_<n>.png' file-name prefix (guided-diffusion image_datasets.py)."""
+    """Decodes every image of a folder or zip (official: converted to RGB). Labels from dataset.json (EDM), class
+    subfolders, or the official '<class>_<n>.png' file-name prefix (guided-diffusion image_datasets.py)."""
     if os.path.isdir(path):
         names = sorted(os.path.relpath(os.path.join(root, f), path).replace(os.sep, '/')
                        for root, _, files in os.walk(path) for f in files)
-        read = lambda name: open(os.path.join(path, name), 'rb').read()
+
+        def read(name):
+            with open(os.path.join(path, name), 'rb') as f:
+                return f.read()
     else:
         archive = zipfile.ZipFile(path)
         names, read = sorted(archive.namelist()), archive.read
-    images = [n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+    images = [name for name in names if name.lower().endswith(IMAGE_EXTENSIONS)]
     if not images:
         raise InputError(f'--data: no images in {path}')
     arrays = []
     for name in images:
         try:
-            image = np.asarray(PIL.Image.open(io.BytesIO(read(name))).convert('RGB'))  # official: always RGB
+            arrays.append(np.asarray(PIL.Image.open(io.BytesIO(read(name))).convert('RGB')))
         except Exception as e:
             raise InputError(f'--data: cannot read image {name} in {path}: {e}') from None
-        if image.shape != arrays[0].shape if arrays else image.shape[0] != image.shape[1]:
-            raise InputError(f'--data: image {name} is {image.shape[1]}x{image.shape[0]}, expected square images '
-                             f'of one size (the first is {arrays[0].shape[1] if arrays else "not square"})')
-        arrays.append(image)
+        (h, w, _), (h0, w0, _) = arrays[-1].shape, arrays[0].shape
+        if (h, w) != (h0, w0) or h0 != w0:
+            raise InputError(f'--data: image {name} is {w}x{h}, but all images must be square and of one size '
+                             f'(the first is {w0}x{h0})')
+    x = np.stack(arrays)                                              # (N, H, W, 3)
+    files = [name.rsplit('/', 1)[-1] for name in images]
     if 'dataset.json' in names:
         table = dict(json.loads(read('dataset.json')).get('labels') or [])
         if any(name not in table for name in images):
             raise InputError(f'--data: dataset.json in {path} lacks labels for some images')
-        return np.stack(arrays), np.array([table[name] for name in images])
-    folders = sorted({name.rsplit('/', 1)[0] for name in images if '/' in name})
-    if folders and all('/' in name for name in images):
-        return np.stack(arrays), np.array([folders.index(name.rsplit('/', 1)[0]) for name in images])
-    prefixes = [name.rsplit('/', 1)[-1].split('_')[0] for name in images]
-    if all('_' in name.rsplit('/', 1)[-1] for name in images):
-        return np.stack(arrays), np.array([sorted(set(prefixes)).index(p) for p in prefixes])
-    return np.stack(arrays), None
+        return x, np.array([table[name] for name in images])
+    if all('/' in name for name in images):
+        folders = [name.rsplit('/', 1)[0] for name in images]
+        return x, np.array([sorted(set(folders)).index(folder) for folder in folders])
+    if all('_' in file for file in files):
+        prefixes = [file.split('_')[0] for file in files]
+        return x, np.array([sorted(set(prefixes)).index(prefix) for prefix in prefixes])
+    return x, None
 
 
 def load_cifar10(cache_dir):
@@ -333,17 +343,23 @@ def load_cifar10(cache_dir):
     return np.concatenate(xs), np.concatenate(ys).astype(np.int64)
 
 
+@functools.lru_cache(maxsize=2)
+def epoch_order(num_images, seed, epoch, device):
+    """The dataset order of one epoch: a permutation seeded by (seed, epoch), so a resumed run replays it."""
+    generator = torch.Generator(device).manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_images, generator=generator, device=device)
+
+
 def batch_indices(step, batch, num_images, seed, device):
-    """Dataset indices of global batch `step`: a fresh permutation per epoch, seeded by (seed, epoch), so resuming at
-    any step restores the exact data order. (B,) int64."""
-    positions = torch.arange(step * batch, (step + 1) * batch)
-    epochs = positions // num_images
-    indices = torch.empty_like(positions)
-    for epoch in epochs.unique().tolist():
-        order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        mask = epochs == epoch
-        indices[mask] = order[positions[mask] % num_images]
-    return indices.to(device)
+    """Dataset indices (B,) of global batch number `step`, which may straddle two epochs."""
+    start, stop = step * batch, (step + 1) * batch
+    parts = []
+    for epoch in range(start // num_images, (stop - 1) // num_images + 1):
+        offset = epoch * num_images
+        parts.append(epoch_order(num_images, seed, epoch, device)[max(start, offset) - offset:
+                                                                     min(stop, offset + num_images) - offset])
+    return torch.cat(parts)
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Gaussian diffusion (guided-diffusion gaussian_diffusion.py + respace.py; Ho et al. 2020, Nichol & Dhariwal 2021)
@@ -432,7 +448,8 @@ class GaussianDiffusion:
             log_variance = self.at(self.fixed_large_log_variance, t).expand_as(x_t)
         else:
             frac = (v + 1) / 2
-            log_variance = frac * self.at(self.log_betas, t) + (1 - frac) * self.at(self.posterior_log_variance_clipped, t)
+            min_log, max_log = self.at(self.posterior_log_variance_clipped, t), self.at(self.log_betas, t)
+            log_variance = frac * max_log + (1 - frac) * min_log
         x0_hat = self.at(self.sqrt_recip_alphas_cumprod, t) * x_t - self.at(self.sqrt_recipm1_alphas_cumprod, t) * eps
         if clip_denoised:
             x0_hat = x0_hat.clamp(-1, 1)
@@ -450,7 +467,8 @@ def make_diffusion(noise_schedule, diffusion_steps, timestep_respacing='', devic
 
 def normal_kl(mean1, log_var1, mean2, log_var2):
     """KL(N(mean1, e^log_var1) || N(mean2, e^log_var2)), elementwise, in nats."""
-    return 0.5 * (-1 + log_var2 - log_var1 + torch.exp(log_var1 - log_var2) + (mean1 - mean2) ** 2 * torch.exp(-log_var2))
+    return 0.5 * (-1 + log_var2 - log_var1 + torch.exp(log_var1 - log_var2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-log_var2))
 
 
 def discretized_gaussian_log_likelihood(x, mean, log_scale):
@@ -496,39 +514,45 @@ def ip_losses(net, diffusion, x0, t, eps, xi, gamma, class_labels=None):
 class TimestepSampler:
     """Importance sampling of t (Nichol & Dhariwal Sec. 3.3; official resample.py): p_t proportional to
     sqrt(E[L_t^2]) over the last 10 losses of each t, mixed with 0.001 uniform, and uniform until every t has 10
-    losses. Training weights 1 / (T p_t) keep the objective unbiased. State lives on the device: no host sync.
-    kind='uniform' always samples uniformly (weights 1)."""
+    losses. Training weights 1 / (T p_t) keep the objective unbiased. kind='uniform' always samples uniformly.
+    The state lives on the device and nothing here waits for the GPU (no host sync)."""
 
     def __init__(self, num_timesteps, kind, device, history_per_term=10, uniform_prob=0.001):
         self.kind, self.history_per_term, self.uniform_prob = kind, history_per_term, uniform_prob
-        self.history = torch.zeros(num_timesteps, history_per_term, dtype=torch.float64, device=device)
-        self.counts = torch.zeros(num_timesteps, dtype=torch.int64, device=device)  # losses ever seen per t
+        # One spare row takes the writes of losses that are dropped (see update).
+        self.history = torch.zeros(num_timesteps + 1, history_per_term, dtype=torch.float64, device=device)
+        self.counts = torch.zeros(num_timesteps, dtype=torch.int64, device=device)  # losses seen per t, ever
 
     def probabilities(self):
-        uniform = torch.full_like(self.history[:, 0], 1 / len(self.history))
+        T = len(self.counts)
+        uniform = torch.full((T,), 1 / T, dtype=torch.float64, device=self.counts.device)
         if self.kind == 'uniform':
             return uniform
-        w = self.history.square().mean(1).sqrt()
-        w = w / w.sum() * (1 - self.uniform_prob) + self.uniform_prob / len(w)
+        w = self.history[:T].square().mean(1).sqrt()
+        w = w / w.sum() * (1 - self.uniform_prob) + self.uniform_prob / T
         return torch.where((self.counts >= self.history_per_term).all(), w, uniform)
 
     def sample(self, batch, generator):
+        """(t, weights), each (batch,), by inverse-CDF sampling (the official code uses np.random.choice)."""
         p = self.probabilities()
-        t = torch.multinomial(p, batch, replacement=True, generator=generator)
+        u = torch.rand(batch, dtype=torch.float64, generator=generator, device=p.device)
+        t = torch.searchsorted(p.cumsum(0), u * p.sum(), right=True).clamp(max=len(p) - 1)
         return t, (1 / (len(p) * p[t])).float()
 
     def update(self, t, losses):
-        """Record losses (N,) of timesteps t (N,) in order; per t only the newest history_per_term are kept. The
+        """Record the losses (N,) of timesteps t (N,) in order, keeping the newest history_per_term per t. The
         official FIFO becomes a ring buffer: the second moment does not depend on the order inside the window."""
         if self.kind == 'uniform':
             return
+        T, H = len(self.counts), self.history_per_term
         t_sorted, order = torch.sort(t, stable=True)
-        occurrence = torch.arange(len(t), device=t.device) - torch.searchsorted(t_sorted, t_sorted)
-        in_batch = torch.bincount(t, minlength=len(self.counts))
-        keep = occurrence >= in_batch[t_sorted] - self.history_per_term  # older ones would be overwritten anyway
-        slot = (self.counts[t_sorted] + occurrence) % self.history_per_term
-        self.history[t_sorted[keep], slot[keep]] = losses[order][keep].double()
+        occurrence = torch.arange(len(t), device=t.device) - torch.searchsorted(t_sorted, t_sorted)  # k-th of its t
+        in_batch = torch.zeros_like(self.counts).index_add_(0, t, torch.ones_like(t))
+        dropped = occurrence < in_batch[t_sorted] - H  # overwritten later in this same batch
+        slot = (self.counts[t_sorted] + occurrence) % H
+        self.history[torch.where(dropped, T, t_sorted), torch.where(dropped, 0, slot)] = losses[order].double()
         self.counts += in_batch
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Samplers: ancestral (learned variance) and DDIM, on the full or a respaced process
@@ -684,7 +708,7 @@ def save_png(images, path):
 # ----------------------------------------------------------------------------------------------------------------------
 # Training loop
 
-def make_run_dir(c, num_images, world_size):
+def make_run_dir(c, world_size):
     """Resolves --resume=auto and the run folder: returns (run_dir, training-state path or None)."""
     desc = f'{os.path.basename(os.path.normpath(c.data)).split(".")[0]}-{c.arch}-ip{c.input_perturbation:g}' \
            f'-gpus{world_size}-batch{c.batch}'
@@ -708,7 +732,6 @@ def training_loop(c, x_data, y_data, run_dir, resume_path, rank, world_size, dev
     torch.backends.cudnn.benchmark = True                         # fixed shapes: let cuDNN pick the fastest kernels
     cuda = device.type == 'cuda'
     memory_format = torch.channels_last if cuda else torch.contiguous_format  # NHWC convolutions on tensor cores
-    torch.manual_seed(c.seed * world_size + rank)                 # dropout streams; everything else is seeded per step
 
     # Data as a uint8 tensor on the device when it fits (flips and scaling happen there).
     data = torch.from_numpy(x_data)                                # (N, H, W, C) uint8
@@ -723,7 +746,9 @@ def training_loop(c, x_data, y_data, run_dir, resume_path, rank, world_size, dev
     net_kwargs = dict(nets.UNET_PRESETS[c.arch], img_resolution=resolution, in_channels=channels,
                       out_channels=channels * (2 if c.learn_sigma else 1),
                       label_dim=int(y_data.max()) + 1 if c.class_cond else 0) | net_overrides(c)
+    torch.manual_seed(c.seed)                                      # the same initial weights for any GPU count
     model = nets.UNet(**net_kwargs).to(device).train().to(memory_format=memory_format)
+    torch.manual_seed(c.seed * world_size + rank)                 # dropout streams; all else is seeded per step
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay, fused=cuda)
     diffusion = make_diffusion(c.noise_schedule, c.diffusion_steps, device=device)
@@ -739,9 +764,10 @@ def training_loop(c, x_data, y_data, run_dir, resume_path, rank, world_size, dev
         optimizer.load_state_dict(state['optimizer'])
         sampler.history.copy_(state['sampler_history'])
         sampler.counts.copy_(state['sampler_counts'])
-        torch.set_rng_state(state['cpu_rng'][rank].cpu())
-        if cuda:
-            torch.cuda.set_rng_state(state['cuda_rng'][rank].cpu())
+        if len(state['cpu_rng']) == world_size:  # each rank's dropout stream (a new GPU count starts new ones)
+            torch.set_rng_state(state['cpu_rng'][rank].cpu())
+            if cuda:
+                torch.cuda.set_rng_state(state['cuda_rng'][rank].cpu())
         cur_nimg = state['cur_nimg']
         log(f'resumed from {resume_path} at kimg {cur_nimg / 1000:.3f}')
         if rank == 0:  # forget progress lines written after that state (e.g. before a kill -9)
@@ -755,7 +781,7 @@ def training_loop(c, x_data, y_data, run_dir, resume_path, rank, world_size, dev
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=c.precision == 'bf16')
     grid_diffusion = make_diffusion(c.noise_schedule, c.diffusion_steps, c.timestep_respacing or '100', device)
 
-    # Statistics accumulated on the device, read once per tick: loss, grad norm, steps, then mse/vb/count per quartile.
+    # Statistics summed on the device, read once per tick: loss, grad norm, steps, then per quartile of t: mse, vb, n.
     stats = torch.zeros(3 + 3 * 4, dtype=torch.float64, device=device)
     local_batch, rounds = c.batch // world_size, c.batch // world_size // c.batch_gpu
     tick_start_nimg, tick_start_time, start_time = cur_nimg, time.time(), time.time()
@@ -770,7 +796,6 @@ def training_loop(c, x_data, y_data, run_dir, resume_path, rank, world_size, dev
         xi_all = torch.randn(c.batch, channels, resolution, resolution, generator=gen, device=device)
         flip_all = torch.rand(c.batch, generator=gen, device=device) < 0.5
         index_all = batch_indices(step, c.batch, num_images, c.seed, data.device)
-        share = slice(rank, c.batch, world_size)
 
         # Accumulate gradients.
         losses = []
@@ -816,17 +841,18 @@ def training_loop(c, x_data, y_data, run_dir, resume_path, rank, world_size, dev
         stats.zero_()
         now = time.time()
         seconds_per_kimg = (now - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1000
-        mse_q = [values[3 + q] / max(values[11 + q], 1) for q in range(4)]
-        vb_mean = sum(values[7:11]) / max(sum(values[11:15]), 1)
+        steps = values[2] / world_size
+        mse_q = [values[3 + q] / max(values[11 + q], 1) for q in range(4)]  # quartiles of t, as the official log
+        gpumem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else 0.0
         record = dict(kimg=cur_nimg / 1000, nimg=cur_nimg, time=now - start_time, sec_per_kimg=seconds_per_kimg,
-                      loss=values[0] / values[2] * world_size, grad_norm=values[1] / values[2], lr=c.lr,
-                      img_per_sec=1000 / seconds_per_kimg, gpumem_gb=torch.cuda.max_memory_allocated(device) / 2 ** 30
-                      if cuda else 0.0, vb=vb_mean, **{f'mse_q{q}': mse_q[q] for q in range(4)})
+                      loss=values[0] / steps, lr=c.lr, img_per_sec=1000 / seconds_per_kimg, gpumem_gb=gpumem,
+                      **{f'mse_q{q}': mse_q[q] for q in range(4)}, vb=sum(values[7:11]) / sum(values[11:15]),
+                      grad_norm=values[1] / values[2])
         eta_seconds = (c.kimg * 1000 - cur_nimg) / 1000 * seconds_per_kimg
         log(f'kimg {record["kimg"]:.1f} | time {format_time(record["time"])} | sec/kimg {seconds_per_kimg:.2f} | '
             f'ETA {format_time(eta_seconds)} | loss {record["loss"]:.4f} | lr {c.lr:.1e} | '
-            f'img/s {record["img_per_sec"]:.0f} | gpumem {record["gpumem_gb"]:.1f}G | '
-            f'mse q0-q3 {" ".join(f"{v:.4f}" for v in mse_q)} | vb {vb_mean:.4f} | grad {record["grad_norm"]:.3f}')
+            f'img/s {record["img_per_sec"]:.0f} | gpumem {gpumem:.1f}G | mse q0-q3 '
+            f'{" ".join(f"{v:.4f}" for v in mse_q)} | vb {record["vb"]:.4f} | grad norm {record["grad_norm"]:.3f}')
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         ticks_done += 1
@@ -923,7 +949,7 @@ def run_sampling_command(command, c, rank, world_size, device, log):
         batches = (generate_images(denoiser, diffusion, seeds, shape, label_dim, device, c)
                    for seeds in rank_batches(list(range(c.num)), c.batch, rank, world_size))
         metrics = fid.compute_metrics(batches, c.ref, metrics=tuple(c.metrics.split(',')), device=device,
-                                      detector=fid.load_inception(c.fid_weights, device=device))
+                                      detector=fid.load_inception(c.fid_weights, device=device), num_images=c.num)
         record = dict(network=c.network, num=c.num, ref=c.ref, **sampler_desc, **metrics)
         log(json.dumps(record))
         if rank == 0:
@@ -933,6 +959,10 @@ def run_sampling_command(command, c, rank, world_size, device, log):
 
     # Exposure bias: this rank's share of --num real images, chains from respaced index --forward_t.
     x_data, y_data = load_dataset(c.data)
+    if x_data.shape[1:] != (net.img_resolution, net.img_resolution, net.in_channels):
+        raise InputError(f'--data: images of shape {x_data.shape[1:]} do not fit the network (HWC {shape[::-1]})')
+    if label_dim and y_data is None:
+        raise InputError(f'--data: the network is class-conditional but {c.data} has no labels')
     chosen = torch.randperm(len(x_data), generator=torch.Generator().manual_seed(c.seed))[:c.num].tolist()
     start = diffusion.num_timesteps - 1 if c.forward_t is None else c.forward_t
     if not 1 <= start < diffusion.num_timesteps:
@@ -967,10 +997,24 @@ def run_sampling_command(command, c, rank, world_size, device, log):
 # ----------------------------------------------------------------------------------------------------------------------
 # Main
 
+def make_logger(rank, path=None):
+    """print() on rank 0, also appended to `path` (log.txt) when given."""
+    file = open(path, 'a') if path and rank == 0 else None
+
+    def log(message):
+        if rank == 0:
+            print(message, flush=True)
+        if file:
+            file.write(message + '\n')
+            file.flush()
+    return log
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     rank = int(os.environ.get('RANK', 0))
     try:
-        command, c = parse_args(sys.argv[1:] if argv is None else argv)
+        command, c = parse_args(argv)
         c = check_config(c, command, int(os.environ.get('WORLD_SIZE', 1)))
         if c.dry_run:
             print(json.dumps({'command': command, **dataclasses.asdict(c)}, indent=2))
@@ -978,12 +1022,11 @@ def main(argv=None):
         rank, world_size, device = init_distributed(c.device)
         c.precision = c.precision or ('bf16' if device.type == 'cuda' else 'fp32')
         c.compile = device.type == 'cuda' if c.compile is None else c.compile
-        log = lambda message: print(message, flush=True) if rank == 0 else None
         if command != 'train':
-            run_sampling_command(command, c, rank, world_size, device, log)
+            run_sampling_command(command, c, rank, world_size, device, make_logger(rank))
             return
 
-        # Read the data before writing anything, so bad input loses nothing.
+        # Read the data before writing anything, so that bad input loses nothing.
         if rank == 0 and c.data == 'cifar10':
             load_dataset(c.data)  # download once
         if world_size > 1:
@@ -991,22 +1034,20 @@ def main(argv=None):
         x_data, y_data = load_dataset(c.data)
         if c.class_cond and y_data is None:
             raise InputError(f'--class_cond needs labels, but {c.data} has none')
-        run = [None, None]
-        if rank == 0:
-            run = list(make_run_dir(c, len(x_data), world_size))
+
+        # Run folder (rank 0 decides), provenance, then training.
+        run = list(make_run_dir(c, world_size)) if rank == 0 else [None, None]
         if world_size > 1:
             dist.broadcast_object_list(run)
         run_dir, resume_path = run
+        log = make_logger(rank, os.path.join(run_dir, 'log.txt'))
         if rank == 0:
             config_text = json.dumps(dataclasses.asdict(c), indent=2)
             atomic_write(os.path.join(run_dir, 'config.json'), lambda f: f.write(config_text.encode()))
             shutil.copy(os.path.abspath(__file__), os.path.join(run_dir, 'ddpm_ip.py'))
-            log_file = open(os.path.join(run_dir, 'log.txt'), 'a')
-            log = lambda message: (print(message, flush=True), log_file.write(message + '\n'), log_file.flush())
-            log(f'command: {" ".join(sys.argv)}')
-            log(f'torch {torch.__version__}, device {torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}'
-                f', {world_size} process(es), run folder {run_dir}')
-            log(config_text)
+            gpu = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
+            log(f'command: ddpm_ip.py {" ".join(argv)}\ntorch {torch.__version__} on {gpu}, {world_size} process(es), '
+                f'run folder {run_dir}\n{config_text}')
         training_loop(c, x_data, y_data, run_dir, resume_path, rank, world_size, device, log)
     except FlagError as e:
         if rank == 0:

@@ -172,6 +172,11 @@ PRESETS = {
 }
 
 
+CHOICES = dict(scheduler=('dpm', 'ddim'), timestep_spacing=('linspace', 'leading'), cond=('class', 'text'),
+               cep=('none', 'uniform', 'gaussian'), beta_schedule=('linear', 'scaled_linear'),
+               precision=('', 'fp32', 'bf16'))
+
+
 class UserError(Exception):
     """Bad input: printed as one 'error: ...' line, exit code 1 (2 for flags)."""
     exit_code = 1
@@ -189,9 +194,10 @@ def parse_config(cls, argv):
     parser.error = lambda message: (_ for _ in ()).throw(FlagError(message))
     for field in dataclasses.fields(cls):
         if field.type is bool:
-            parser.add_argument(f'--{field.name}', default=field.default, nargs='?', const=True, type=parse_bool)
+            parser.add_argument(f'--{field.name}', default=field.default, nargs='?', const='true', type=parse_bool)
         else:
-            parser.add_argument(f'--{field.name}', default=field.default, type=field.type)
+            parser.add_argument(f'--{field.name}', default=field.default, type=field.type,
+                                choices=CHOICES.get(field.name))
     if cls is TrainConfig:
         parser.add_argument('--input_pertub', dest='input_perturbation', type=float, default=argparse.SUPPRESS,
                             help='alias of --input_perturbation (DDPM-IP spelling)')
@@ -202,40 +208,30 @@ def parse_config(cls, argv):
 
 
 def parse_bool(text):
-    if text.lower() in ('1', 'true', 'yes', 'on'):
-        return True
-    if text.lower() in ('0', 'false', 'no', 'off'):
-        return False
-    raise argparse.ArgumentTypeError(f'expected true or false, got {text!r}')
+    if text.lower() not in ('true', 'false', '1', '0'):
+        raise ValueError(text)
+    return text.lower() in ('true', '1')
 
 
-def check_sampler(cfg):
-    if cfg.scheduler not in ('dpm', 'ddim'):
-        raise FlagError('--scheduler must be dpm or ddim')
-    if not 1 <= cfg.ddim_steps <= 1000:
-        raise FlagError('--ddim_steps must be in [1, 1000]')
-    if cfg.ddim_eta < 0 or (cfg.ddim_eta > 0 and cfg.scheduler != 'ddim'):
-        raise FlagError('--ddim_eta must be >= 0 and needs --scheduler=ddim')
-    if cfg.scale < 1:
-        raise FlagError('--scale must be >= 1')
-    if cfg.timestep_spacing not in ('linspace', 'leading'):
-        raise FlagError('--timestep_spacing must be linspace or leading')
-
-
-def check_train_config(cfg, world_size):
+def check_config(cfg, world_size):
     """Every range check in one place, before anything is written."""
-    check_sampler(cfg)
+    if not 1 <= cfg.ddim_steps <= NUM_TIMESTEPS or cfg.ddim_eta < 0 or cfg.scale < 1:
+        raise FlagError('--ddim_steps must be in [1, 1000], --ddim_eta >= 0 and --scale >= 1')
+    if cfg.ddim_eta > 0 and cfg.scheduler != 'ddim':
+        raise FlagError('--ddim_eta needs --scheduler=ddim')
+    if cfg.timestep_spacing == 'leading' and cfg.ddim_steps > NUM_TIMESTEPS // 2:
+        raise FlagError(f'--timestep_spacing=leading allows at most {NUM_TIMESTEPS // 2} --ddim_steps')
+    if isinstance(cfg, GenerateConfig):
+        if not cfg.network or min(cfg.batch, cfg.num, cfg.walk_steps, cfg.n_samples) < 1:
+            raise FlagError('--network is required; --batch, --num, --walk_steps and --n_samples must be >= 1')
+        if set(cfg.metrics.split(',')) - set(fid.METRICS):
+            raise FlagError(f'--metrics must be a comma-separated subset of {",".join(fid.METRICS)}')
+        return
     if not cfg.data:
         raise FlagError('--data is required (an image folder, a zip, an .npz or cifar10)')
-    if not 0 <= cfg.corruption_ratio < 1:
-        raise FlagError('--corruption_ratio must be in [0, 1)')
-    for name in ('class_dropout_prob', 'embedding_dropout', 'dropout'):
+    for name in ('corruption_ratio', 'class_dropout_prob', 'embedding_dropout', 'dropout'):
         if not 0 <= getattr(cfg, name) < 1:
             raise FlagError(f'--{name} must be in [0, 1)')
-    if cfg.cond not in ('class', 'text'):
-        raise FlagError('--cond must be class or text')
-    if cfg.cep not in ('none', 'uniform', 'gaussian'):
-        raise FlagError('--cep must be none, uniform or gaussian')
     if cfg.cep_gamma < 0 or cfg.input_perturbation < 0:
         raise FlagError('--cep_gamma and --input_perturbation must be >= 0')
     if cfg.corruption_classes and (cfg.cond != 'class' or not re.fullmatch(r'\d+(,\d+)+', cfg.corruption_classes)):
@@ -244,17 +240,17 @@ def check_train_config(cfg, world_size):
         raise FlagError(f'--arch must be a DiT ({", ".join(nets.DiT_models)}) or an LDM UNet preset')
     if is_dit(cfg.arch) and (cfg.cond == 'text' or cfg.embedding_dropout > 0):
         raise FlagError('--cond=text and --embedding_dropout need an LDM UNet --arch (DiT embeds labels in adaLN)')
-    if cfg.beta_schedule not in ('linear', 'scaled_linear') or not 0 < cfg.linear_start < cfg.linear_end < 1:
-        raise FlagError('--beta_schedule must be linear or scaled_linear with 0 < linear_start < linear_end < 1')
+    if not 0 < cfg.linear_start < cfg.linear_end < 1:
+        raise FlagError('--linear_start and --linear_end must satisfy 0 < linear_start < linear_end < 1')
     batch_gpu = cfg.batch_gpu or cfg.batch // world_size
     if cfg.batch < 1 or batch_gpu < 1 or cfg.batch % (batch_gpu * world_size):
         raise FlagError(f'--batch={cfg.batch} must be divisible by GPUs ({world_size}) x --batch_gpu ({batch_gpu})')
     if cfg.lr <= 0 or cfg.weight_decay < 0 or cfg.grad_clip < 0 or not 0 <= cfg.ema_decay < 1:
         raise FlagError('--lr must be > 0, --weight_decay and --grad_clip >= 0, --ema_decay in [0, 1)')
-    if cfg.kimg <= 0 or cfg.tick <= 0 or min(cfg.snap, cfg.grid) < 1 or min(cfg.resolution, cfg.num_classes) < 0:
-        raise FlagError('--kimg and --tick must be > 0, --snap and --grid >= 1, --resolution and --num_classes >= 0')
-    if cfg.precision not in ('', 'fp32', 'bf16') or cfg.text_layers < 1 or cfg.workers < 1:
-        raise FlagError('--precision must be fp32 or bf16, --text_layers and --workers >= 1')
+    if cfg.kimg <= 0 or cfg.tick <= 0 or min(cfg.snap, cfg.grid, cfg.text_layers, cfg.workers) < 1:
+        raise FlagError('--kimg and --tick must be > 0; --snap, --grid, --text_layers and --workers >= 1')
+    if min(cfg.resolution, cfg.num_classes, cfg.lr_rampup_kimg) < 0:
+        raise FlagError('--resolution, --num_classes and --lr_rampup_kimg must be >= 0')
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Data: images, labels, captions.
@@ -303,36 +299,36 @@ class ImageDataset:
     """Images as uint8 (H, W, 3), with labels and captions, from a folder, an EDM-style zip, an .npz or 'cifar10'.
 
     Labels: dataset.json {"labels": [[name, id], ...]} (EDM), else class sub-folders in sorted order (ImageFolder),
-    else `y` of the .npz. Captions: --captions, else captions.txt in the folder / zip, else `captions` of the .npz.
+    else `y` of the .npz. Captions: --captions, else captions.txt in the folder / zip, else `captions` of the .npz;
+    one per image, in the sorted order of the image names.
     """
 
     def __init__(self, path, resolution, cache_dir, captions_path=''):
-        self.path, self.resolution, self.array, self._local = path, resolution, None, threading.local()
-        self.labels, captions, meta = None, None, None
+        self.path, self.resolution, self._local = path, resolution, threading.local()
+        self.array = labels = captions = None
         if path == 'cifar10':
-            self.array, self.labels = download_cifar10(cache_dir)
-        elif path.endswith('.npz'):
-            if not os.path.isfile(path):
-                raise UserError(f'--data file not found: {path}')
+            self.array, labels = download_cifar10(cache_dir)
+        elif path.endswith('.npz') and os.path.isfile(path):
             with np.load(path) as data:
-                self.array = data['x'] if 'x' in data else None
-                self.labels = data['y'].astype(np.int64) if 'y' in data else None
-                captions = [str(c) for c in data['captions']] if 'captions' in data else None
+                self.array, labels = data.get('x'), data.get('y')
+                captions = data['captions'].tolist() if 'captions' in data else None
             if self.array is None or self.array.dtype != np.uint8 or self.array.ndim not in (3, 4):
                 raise UserError(f'{path} must hold x: (N, H, W[, C]) uint8')
         elif os.path.isdir(path) or zipfile.is_zipfile(path):
-            names = self._list_files()
-            self.names = sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
-            meta = json.loads(self._read_file('dataset.json')) if 'dataset.json' in names else {}
-            if meta.get('labels') is not None:
-                table = dict(meta['labels'])
+            files = zipfile.ZipFile(path).namelist() if not os.path.isdir(path) else [
+                os.path.relpath(os.path.join(root, f), path).replace(os.sep, '/') for root, _, fs in os.walk(path)
+                for f in fs]
+            self.names = sorted(f for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+            table = dict(json.loads(self._read_file('dataset.json')).get('labels') or {}) \
+                if 'dataset.json' in files else {}
+            if table:
                 if any(name not in table for name in self.names):
                     raise UserError(f'dataset.json in {path} has no label for some images')
-                self.labels = np.asarray([table[name] for name in self.names], dtype=np.int64)
+                labels = [table[name] for name in self.names]
             elif self.names and all('/' in name for name in self.names):
                 folders = sorted({name.split('/')[0] for name in self.names})
-                self.labels = np.asarray([folders.index(n.split('/')[0]) for n in self.names], dtype=np.int64)
-            captions = self._read_file('captions.txt').decode('utf-8').splitlines() if 'captions.txt' in names else None
+                labels = [folders.index(name.split('/')[0]) for name in self.names]
+            captions = self._read_file('captions.txt').decode().splitlines() if 'captions.txt' in files else None
         else:
             raise UserError(f'--data not found or not a folder, zip, .npz or cifar10: {path}')
         if captions_path:
@@ -340,18 +336,13 @@ class ImageDataset:
                 raise UserError(f'--captions file not found: {captions_path}')
             with open(captions_path, encoding='utf-8') as file:
                 captions = file.read().splitlines()
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         self.captions = captions
         if len(self) == 0:
             raise UserError(f'no images in {path}')
 
     def __len__(self):
         return len(self.array) if self.array is not None else len(self.names)
-
-    def _list_files(self):
-        if os.path.isdir(self.path):
-            return [os.path.relpath(os.path.join(root, f), self.path).replace(os.sep, '/')
-                    for root, _, files in os.walk(self.path) for f in files]
-        return zipfile.ZipFile(self.path).namelist()
 
     def _read_file(self, name):
         if os.path.isdir(self.path):
@@ -364,18 +355,13 @@ class ImageDataset:
     def read(self, index):
         """One image as uint8 (H, W, 3), center-cropped to --resolution when given."""
         if self.array is not None:
-            array = self.array[index]
-            array = np.repeat(array[..., None], 3, axis=2) if array.ndim == 2 else array
-            image = PIL.Image.fromarray(array) if self.resolution else None
+            image = PIL.Image.fromarray(self.array[index].squeeze()).convert('RGB')
         else:
             try:
                 image = PIL.Image.open(io.BytesIO(self._read_file(self.names[index]))).convert('RGB')
-                image.load()
             except Exception as error:
                 raise UserError(f'cannot read image {self.names[index]} in {self.path}: {error}')
-        if self.resolution:
-            return center_crop_arr(image, self.resolution)
-        return np.asarray(image) if image is not None else array[..., :3]
+        return center_crop_arr(image, self.resolution) if self.resolution else np.asarray(image)
 
     def read_many(self, indices, workers):
         """uint8 (n, 3, H, W); images of different sizes are an error unless --resolution is set."""
@@ -844,13 +830,11 @@ def sample_images(net, spec, vae, noise, y, cfg, randn_like=torch.randn_like):
     return (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
 
-def conditions_for_seeds(spec, seeds, cfg, prompts, device):
-    """Class seed % num_classes (class-balanced) or --class_idx; text: prompt seed % len(prompts)."""
+def conditions_for_seeds(spec, seeds, cfg, prompts):
+    """Class seed % num_classes (class-balanced) or --class_idx, (B,); text: tokens of prompt seed % len(prompts)."""
     if spec['cond'] == 'text':
-        return tokenize([prompts[s % len(prompts)] for s in seeds]).to(device)
-    if cfg.class_idx >= 0:
-        return torch.full((len(seeds),), cfg.class_idx, dtype=torch.int64, device=device)
-    return torch.tensor([s % spec['num_classes'] for s in seeds], dtype=torch.int64, device=device)
+        return tokenize([prompts[s % len(prompts)] for s in seeds])
+    return torch.tensor([cfg.class_idx if cfg.class_idx >= 0 else s % spec['num_classes'] for s in seeds])
 
 
 def seeded_noise(seeds, shape, device):
@@ -952,7 +936,6 @@ def training_loop(cfg, rank, world_size, device):
     torch.backends.cuda.matmul.allow_tf32 = True                          # TF32 matmuls: free speed on Ampere+
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True                                 # fixed shapes: pick the fastest kernels
-    cfg = dataclasses.replace(cfg, precision=cfg.precision or ('bf16' if device.type == 'cuda' else 'fp32'))
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.precision == 'bf16')
     channels_last = device.type == 'cuda' and not is_dit(cfg.arch)        # NHWC convolutions on tensor cores
     batch_gpu = cfg.batch_gpu or cfg.batch // world_size
@@ -987,7 +970,7 @@ def training_loop(cfg, rank, world_size, device):
     desc = f'{name}-{cfg.arch.replace("/", "")}-{cfg.cond}-eta{cfg.corruption_ratio:g}-cep{cfg.cep}-batch{cfg.batch}'
     run_dir, resume_path = broadcast_object(open_run_dir(cfg, desc) if rank == 0 else None)
     conditions, corrupted = corrupt_conditions(cfg, clean, os.path.join(run_dir, 'conditions.npz'), resume_path)
-    conditions = conditions.to(device)                                    # (N,) labels or (N, 77) tokens
+    conditions = conditions.to(device, torch.int16 if cfg.cond == 'text' else torch.int64)  # (N,) or (N, 77)
     is_corrupted = torch.zeros(n, dtype=torch.bool, device=device).index_fill_(0, corrupted.to(device), True)
     server = RowServer(rows, device)
     spec = dict(arch=cfg.arch, cond=cfg.cond, num_classes=num_classes, shape=tuple(shape), dropout=cfg.dropout,
@@ -1042,7 +1025,8 @@ def training_loop(cfg, rank, world_size, device):
         clean[torch.arange(cfg.grid) % n].to(device)
 
     # Training.
-    shares = [(torch.arange(r * batch_gpu, (r + 1) * batch_gpu) * world_size + rank) for r in range(rounds)]
+    shares = [torch.arange(r * batch_gpu, (r + 1) * batch_gpu) * world_size + rank for r in range(rounds)]
+    shares_device = [share.to(device) for share in shares]                # positions of this rank's samples
     stats = torch.zeros(12, device=device)  # loss sum, count, 4 t-bins (sum, count), corrupted, dropped
     order_cache, lr, total_nimg = {}, cfg.lr, round(cfg.kimg * 1000)
     start_time, tick_start_time, tick_start_nimg = time.time(), time.time(), cur_nimg
@@ -1056,8 +1040,7 @@ def training_loop(cfg, rank, world_size, device):
         server.prefetch(next_index[shares[0].numpy()])
 
         # Accumulate gradients; DDP synchronises only on the last round.
-        for r, share in enumerate(shares):
-            mine = to_device(share, device)
+        for r, (share, mine) in enumerate(zip(shares, shares_device)):
             i = index_device[mine]                                        # (batch_gpu,) dataset indices
             x0 = server.get(index[share.numpy()], i)
             if vae is not None:  # sample the cached posterior, of the mirrored image when flipped
@@ -1067,11 +1050,13 @@ def training_loop(cfg, rank, world_size, device):
                 x0 = x0.float() / 127.5 - 1                               # (batch_gpu, 3, H, W) in [-1, 1]
                 x0 = torch.where(flip[mine].view(-1, 1, 1, 1), x0.flip(3), x0)
             x0 = x0.contiguous(memory_format=torch.channels_last) if channels_last else x0
-            y = drop_conditions(conditions[i], y_null, drop[mine])
+            y = drop_conditions(conditions[i].long(), y_null, drop[mine])
             sync = ddp.no_sync() if world_size > 1 and r + 1 < rounds else contextlib.nullcontext()
-            with sync, autocast:
-                loss = diffusion_loss(model, x0, y, t[mine], noise['eps'][mine], alphas_cumprod, None if delta is None
-                                      else delta[mine], None if xi is None else xi[mine], cfg.input_perturbation)
+            with sync:
+                with autocast:
+                    loss = diffusion_loss(model, x0, y, t[mine], noise['eps'][mine], alphas_cumprod, None if delta
+                                          is None else delta[mine], None if xi is None else xi[mine],
+                                          cfg.input_perturbation)
                 loss.sum().mul(world_size / cfg.batch).backward()         # DDP averages: the global-batch mean
             with torch.no_grad():
                 bins = t[mine] * 4 // len(alphas_cumprod)
@@ -1178,7 +1163,7 @@ def sample_seeds(net, spec, vae, seeds, cfg, prompts, device):
     for start in range(0, len(seeds), cfg.batch):
         chunk = seeds[start:start + cfg.batch]
         noise, randn_like = seeded_noise(chunk, tuple(spec['shape']), device)
-        y = conditions_for_seeds(spec, chunk, cfg, prompts, device)
+        y = conditions_for_seeds(spec, chunk, cfg, prompts).to(device)
         yield chunk, sample_images(net, spec, vae, noise, y, cfg, randn_like)
 
 
@@ -1186,20 +1171,18 @@ def generate(cfg, rank, world_size, device):
     """One PNG per seed under outdir/<thousands>/<seed>.png, plus dataset.json with the labels (class models)."""
     net, spec, vae = load_snapshot(cfg.network, device)
     prompts, seeds = load_prompts(cfg, spec), parse_seeds(cfg.seeds)
-    labels = []
+    names = {seed: f'{seed - seed % 1000:06d}/{seed:06d}.png' for seed in seeds}
     for chunk, images in sample_seeds(net, spec, vae, seeds[rank::world_size], cfg, prompts, device):
         for seed, image in zip(chunk, images.permute(0, 2, 3, 1).cpu().numpy()):
-            name = f'{seed - seed % 1000:06d}/{seed:06d}.png'
-            os.makedirs(os.path.join(cfg.outdir, os.path.dirname(name)), exist_ok=True)
-            PIL.Image.fromarray(image).save(os.path.join(cfg.outdir, name))
-    if spec['cond'] == 'class':
-        labels = [[f'{s - s % 1000:06d}/{s:06d}.png', int(conditions_for_seeds(spec, [s], cfg, None, 'cpu')[0])]
-                  for s in seeds]
+            os.makedirs(os.path.join(cfg.outdir, os.path.dirname(names[seed])), exist_ok=True)
+            PIL.Image.fromarray(image).save(os.path.join(cfg.outdir, names[seed]))
     barrier()
-    if rank == 0 and labels:
-        with open(os.path.join(cfg.outdir, 'dataset.json'), 'w') as file:
-            json.dump({'labels': labels}, file)
-    print(f'rank {rank}: wrote {len(seeds[rank::world_size])} images to {cfg.outdir}') if rank == 0 else None
+    if rank == 0:
+        if spec['cond'] == 'class':  # the folder is then a labelled dataset (EDM dataset.json)
+            labels = conditions_for_seeds(spec, seeds, cfg, None).tolist()
+            with open(os.path.join(cfg.outdir, 'dataset.json'), 'w') as file:
+                json.dump({'labels': [[names[s], label] for s, label in zip(seeds, labels)]}, file)
+        print(f'wrote {len(seeds)} images to {cfg.outdir}')
 
 
 def evaluate(cfg, rank, world_size, device):
@@ -1208,10 +1191,15 @@ def evaluate(cfg, rank, world_size, device):
         raise UserError(f'--ref statistics not found: {cfg.ref!r} (make them with `python fid.py ref`)')
     net, spec, vae = load_snapshot(cfg.network, device)
     prompts = load_prompts(cfg, spec)
-    detector = fid.load_inception(cfg.fid_weights or None, device=device)
+    try:
+        detector = fid.load_inception(cfg.fid_weights or None, device=device)
+    except (OSError, ValueError) as error:
+        raise UserError(str(error))
+    names = tuple(m for m in cfg.metrics.split(',') if m != 'is' or detector.has_classifier)
+    if len(names) < len(cfg.metrics.split(',')):
+        print('note: these Inception weights have no classifier, so no Inception Score')
     seeds = list(range(cfg.num))[rank::world_size]
     batches = (images for _, images in sample_seeds(net, spec, vae, seeds, cfg, prompts, device))
-    names = tuple(m.strip() for m in cfg.metrics.split(',') if m.strip())
     results = fid.compute_metrics(batches, cfg.ref, metrics=names, detector=detector, device=device)
     if rank == 0:
         record = dict(network=os.path.basename(cfg.network), num=cfg.num, **dataclasses.asdict(SamplerConfig(
@@ -1229,6 +1217,11 @@ def walk(cfg, rank, world_size, device):
     spec0 = snapshots[0][1]
     if any(spec['shape'] != spec0['shape'] for _, spec, _ in snapshots):
         raise UserError('walk compares networks with the same latent shape')
+    if spec0['cond'] == 'text' and not cfg.prompt:
+        raise FlagError('a walk over a text model needs --prompt')
+    if spec0['cond'] == 'class' and not all(c.isdigit() and int(c) < spec0['num_classes']
+                                            for c in cfg.classes.split(',')):
+        raise FlagError(f'--classes must list class ids in [0, {spec0["num_classes"]})')
     conditions = [cfg.prompt] if spec0['cond'] == 'text' else [int(c) for c in cfg.classes.split(',')]
     generator = torch.Generator().manual_seed(cfg.seed)
     theta = torch.linspace(0, 2, cfg.walk_steps) * math.pi
@@ -1258,20 +1251,13 @@ def main(argv=None):
     command = argv.pop(0) if argv and argv[0] in ('train', 'generate', 'eval', 'walk') else 'train'
     rank = int(os.environ.get('RANK', 0))
     try:
-        if command == 'train':
-            cfg = parse_config(TrainConfig, argv)
-            check_train_config(cfg, int(os.environ.get('WORLD_SIZE', 1)))
-            if cfg.dry_run:
-                print(json.dumps(dataclasses.asdict(cfg), indent=2))
-                return
-        else:
-            cfg = parse_config(GenerateConfig, argv)
-            check_sampler(cfg)
-            if not cfg.network or cfg.batch < 1 or cfg.num < 1 or cfg.walk_steps < 1 or cfg.n_samples < 1:
-                raise FlagError('--network is required; --batch, --num, --walk_steps and --n_samples must be >= 1')
+        cfg = parse_config(TrainConfig if command == 'train' else GenerateConfig, argv)
+        check_config(cfg, int(os.environ.get('WORLD_SIZE', 1)))
+        if command == 'train' and cfg.dry_run:
+            print(json.dumps(dataclasses.asdict(cfg), indent=2))
+            return
         rank, world_size, device = init_distributed(cfg.device)
-        if command != 'train':
-            cfg = dataclasses.replace(cfg, precision=cfg.precision or ('bf16' if device.type == 'cuda' else 'fp32'))
+        cfg = dataclasses.replace(cfg, precision=cfg.precision or ('bf16' if device.type == 'cuda' else 'fp32'))
         if command == 'train':
             return training_loop(cfg, rank, world_size, device)
         if command == 'generate':

@@ -382,7 +382,7 @@ def expect_error(argv, capsys, code, words, outdir):
 @pytest.mark.parametrize('flag, words', [
     ('--corruption_ratio=1', '--corruption_ratio must be in [0, 1)'),
     ('--corruption_ratio=-0.1', '--corruption_ratio must be in [0, 1)'),
-    ('--cep=laplace', '--cep must be'),
+    ('--cep=laplace', "invalid choice: 'laplace'"),
     ('--batch=10', 'divisible'),
     ('--corruption_classes=3', '--corruption_classes'),
     ('--corruption_classes=3,42', '[0, 10)'),

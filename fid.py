@@ -16,6 +16,15 @@ Preprocessing decides which published numbers a FID can be compared with. The de
 reproduces the TF pipeline of the original FID code, the ADM evaluator and NVIDIA's detector (EDM, StyleGAN), which
 made EDM's and ADM's published reference statistics. Never compare FIDs computed with different preprocessing.
 
+Images enter as uint8 (B, 3, H, W); converting samples is the caller's choice and moves FID slightly: EDM rounds,
+(x * 127.5 + 128).clamp(0, 255).to(torch.uint8), while ADM truncates ((x + 1) * 127.5).
+
+Speed: features stay on the device, files are decoded by a thread pool ahead of the GPU, and on CUDA the network
+runs channels_last with cuDNN autotuning and no host sync per batch. The default precision is exact fp32 with TF32
+off (cuDNN would use TF32 for convolutions, as pytorch-fid silently does on Ampere and later GPUs). `tf32` and
+`bf16` are faster but move the features (bf16 by 2-5 % per image, measured on CPU): use them to monitor training,
+not for reported numbers, unless tests/bench_fid.py shows FID within 0.01 of fp32 on your data.
+
 Library (what the paper scripts call; every function works under torchrun, each rank passing its share):
     detector = fid.load_inception(weights=None, device='cuda')       # --weights / $FID_WEIGHTS / cache / download
     fid.compute_metrics(uint8_batches, 'ref.npz', metrics=('fid', 'is', 'sfid', 'pr', 'kid'), detector=detector)
@@ -40,7 +49,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import warnings
 import zipfile
@@ -53,8 +61,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
+WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILE}"
 WEIGHTS_SHA256_PREFIX = "6726825d"  # torch.hub names files by the first 8 hex digits of their SHA-256
 METRICS = ("fid", "is", "sfid", "pr", "kid")
 PREPROCESS = ("pytorch-fid", "tf")
@@ -66,7 +74,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 class FrozenBatchNorm2d(nn.Module):
-    """Inference-only batch norm with the keys of nn.BatchNorm2d minus `num_batches_tracked` (the weights file's set)."""
+    """Inference-only batch norm: the keys of nn.BatchNorm2d without `num_batches_tracked`, as in the weights file."""
 
     def __init__(self, num_features, eps=1e-3):  # TF's eps, not torch's 1e-5
         super().__init__()
@@ -261,24 +269,34 @@ def _rank_world():
     return 0, 1
 
 
+def _atomic_write(path, write):
+    """Call write(file) on a temporary file next to `path`, then rename it over `path`: no partial file ever."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def _download(url, dest, sha256_prefix=None):
     """Stream `url` to `dest` atomically, checking the SHA-256 prefix before the file appears."""
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-    digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(dest)), suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f, requests.get(url, stream=True, timeout=60) as response:
+    def write(f):
+        digest = hashlib.sha256()
+        with requests.get(url, stream=True, timeout=60) as response:
             response.raise_for_status()
             for chunk in response.iter_content(chunk_size=1 << 20):
                 f.write(chunk)
                 digest.update(chunk)
         if sha256_prefix and not digest.hexdigest().startswith(sha256_prefix):
-            raise ValueError(f"download of {url} is corrupt: SHA-256 {digest.hexdigest()[:8]}, expected "
-                             f"{sha256_prefix}")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+            raise ValueError(f"download of {url} is corrupt: SHA-256 {digest.hexdigest()[:8]}..., expected "
+                             f"{sha256_prefix}...")
+
+    _atomic_write(dest, write)
 
 
 def weights_path(weights=None):
@@ -440,7 +458,7 @@ class _Progress:
         if self.enabled and now - self.last >= self.interval:
             self.last = now
             rate = self.done / (now - self.start)
-            line = f"{self.label}: {self.done}" + (f"/{self.total}" if self.total else "") + f" images | {rate:.1f} img/s"
+            line = f"{self.label}: {self.done}{f'/{self.total}' if self.total else ''} images | {rate:.1f} img/s"
             if self.total:
                 line += f" | ETA {_format_seconds(max(self.total - self.done, 0) / rate)}"
             print(line, flush=True)
@@ -461,24 +479,22 @@ def _feature_batches(batches, detector, device, preprocess, precision, taps, num
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}, expected one of {PRECISIONS}")
     meter = _Progress(num_images, enabled=progress)
-    with torch.no_grad(), _numerics(device, precision):
-        for images in batches:
-            images = _as_uint8_batch(images)
-            if images.device != device:
+    for images in batches:  # the settings below stay out of the caller's generator (e.g. a sampler)
+        images = _as_uint8_batch(images)
+        with torch.no_grad(), _numerics(device, precision):
+            if images.device != device:  # pinned host memory lets the copy overlap the previous batch
                 pinned = device.type == "cuda" and images.device.type == "cpu"
                 images = (images.pin_memory() if pinned else images).to(device, non_blocking=pinned)
-            x = preprocess_images(images, preprocess)
+            x = preprocess_images(images, preprocess)                          # (B, 3, 299, 299)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            # bf16 only if asked: measure first that it moves FID by < 0.01 on your data (see tests/bench_fid.py).
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 pool, spatial = detector(x)
-            pool = pool.float()
-            features = {"pool": pool, "spatial": spatial.float()}
+            features = {"pool": pool.float(), "spatial": spatial.float()}
             if "logits" in taps:
-                features["logits"] = detector.logits_unbiased(pool)
-            meter.update(len(images))
-            yield {tap: features[tap] for tap in taps}
+                features["logits"] = detector.logits_unbiased(features["pool"])
+        meter.update(len(images))
+        yield {tap: features[tap] for tap in taps}
 
 
 def _all_gather_rows(x):
@@ -538,15 +554,16 @@ def mean_cov(features):
     return _moments_to_stats(len(f), f.sum(0), f.T @ f)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2):
+def frechet_distance(mu1, sigma1, mu2, sigma2, factor1=None):
     """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), the Frechet distance of two Gaussians.
 
     pytorch-fid and EDM take scipy.linalg.sqrtm(sigma1 @ sigma2), which can turn complex or non-finite when the
     covariances are rank-deficient (fewer images than dimensions) and then needs an eps retry and an imaginary-part
     check. The trace only needs the eigenvalues of sigma1 @ sigma2, which equal those of the symmetric PSD matrix
     G^T sigma2 G for any factor sigma1 = G G^T: a Cholesky factor, or V diag(lambda)^(1/2) from the
-    eigendecomposition when sigma1 is singular. This agrees with sqrtm to ~1e-12 where sqrtm works and stays
-    exact where it does not. FD(x, x) is 0 up to rounding and may come out slightly negative.
+    eigendecomposition when sigma1 is singular, or factor1 (D, r) if given (e.g. the centred features divided by
+    sqrt(N - 1) when N <= D, see features_frechet_distance). This agrees with sqrtm to ~1e-12 where sqrtm works
+    and stays exact where it does not. FD(x, x) is 0 up to rounding and may come out slightly negative.
     """
     tensors = [torch.as_tensor(a) for a in (mu1, sigma1, mu2, sigma2)]
     device = next((t.device for t in tensors if t.device.type != "cpu"), torch.device("cpu"))
@@ -558,14 +575,31 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
                          f"sigma {tuple(sigma1.shape)} vs {tuple(sigma2.shape)}")
     if not all(torch.isfinite(t).all() for t in (mu1, sigma1, mu2, sigma2)):
         raise ValueError("statistics contain NaN or inf")
-    factor, info = torch.linalg.cholesky_ex(sigma1)                           # sigma1 = G G^T
-    if info != 0:  # singular: factor through the eigendecomposition (slower)
-        eigenvalues, eigenvectors = torch.linalg.eigh(sigma1)
-        factor = eigenvectors * eigenvalues.clamp(min=0).sqrt()
-    middle = factor.T @ sigma2 @ factor
+    if factor1 is None:
+        factor1, info = torch.linalg.cholesky_ex(sigma1)                       # sigma1 = G G^T
+        if info != 0:  # singular: factor through the eigendecomposition (slower)
+            eigenvalues, eigenvectors = torch.linalg.eigh(sigma1)
+            # Eigenvalues at rounding level (matrix-rank tolerance) are zeros of the true sigma1; keeping their
+            # noise would add sqrt(noise) terms to the trace.
+            tolerance = d * torch.finfo(torch.float64).eps * eigenvalues.abs().max()
+            factor1 = eigenvectors * torch.where(eigenvalues > tolerance, eigenvalues, 0).sqrt()
+    factor1 = torch.as_tensor(factor1).to(device, torch.float64)                 # (D, r)
+    middle = factor1.T @ sigma2 @ factor1                                       # (r, r)
     middle = (middle + middle.T) / 2                                            # symmetric up to rounding
     trace_covmean = torch.linalg.eigvalsh(middle).clamp(min=0).sqrt().sum()     # tr (sigma1 sigma2)^(1/2)
     return float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * trace_covmean)
+
+
+def features_frechet_distance(features, mu_ref, sigma_ref):
+    """Frechet distance of (N, D) features to reference statistics (FID on pool features, sFID on spatial ones).
+
+    With N <= D images sigma = G G^T for G the centred features / sqrt(N - 1), an exact factor of rank < N, so the
+    rank-deficient covariance needs no D x D eigendecomposition.
+    """
+    f = torch.as_tensor(features).double()
+    mu, sigma = mean_cov(f)
+    factor = (f - mu).T / math.sqrt(len(f) - 1) if len(f) <= f.shape[1] else None  # (D, N)
+    return frechet_distance(mu, sigma, mu_ref, sigma_ref, factor1=factor)
 
 
 def inception_score(logits, num_splits=10):
@@ -703,20 +737,6 @@ def compute_stats(batches, detector=None, device=None, preprocess="pytorch-fid",
     return stats
 
 
-def _atomic_write(path, write):
-    """Call write(file) on a temporary file next to `path`, then rename it over `path`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_ref(path, stats):
     """Write stats as an uncompressed .npz: `mu`, `sigma` (readable by EDM's and pytorch-fid's tools) plus
     `mu_s`, `sigma_s` (ADM naming), `pool`, `n` and `preprocess` when present. Atomic."""
@@ -822,7 +842,8 @@ def compute_metrics(batches, ref, metrics=("fid",), detector=None, device=None, 
     missing = sorted({wanted[m] for m in metrics if m in wanted and wanted[m] not in ref})
     if missing:
         if "images" not in ref:
-            raise ValueError(f"the reference has no {'/'.join(missing)} for metrics {','.join(metrics)}: make it with "
+            names = {"mu": "mu/sigma", "mu_s": "mu_s/sigma_s (for sfid)", "pool": "pool features (for pr, kid)"}
+            raise ValueError(f"the reference has no {' or '.join(names[key] for key in missing)}: make it with "
                              f"`python fid.py ref` (EDM and pytorch-fid files hold only mu and sigma)")
         images = ref["images"] if isinstance(ref["images"], ImageSource) else ImageSource(ref["images"])
         features = compute_features(_image_source_batches(images), detector, device, taps=("pool", "spatial"),
@@ -844,11 +865,11 @@ def compute_metrics(batches, ref, metrics=("fid",), detector=None, device=None, 
     results = {}
     with _numerics(device, precision):
         if "fid" in metrics:
-            results["fid"] = frechet_distance(*mean_cov(features["pool"]), ref["mu"], ref["sigma"])
+            results["fid"] = features_frechet_distance(features["pool"], ref["mu"], ref["sigma"])
         if "is" in metrics:
             results["is"], results["is_std"] = inception_score(features["logits"])
         if "sfid" in metrics:
-            results["sfid"] = frechet_distance(*mean_cov(features["spatial"]), ref["mu_s"], ref["sigma_s"])
+            results["sfid"] = features_frechet_distance(features["spatial"], ref["mu_s"], ref["sigma_s"])
         if "pr" in metrics:
             ref_pool = torch.as_tensor(ref["pool"]).to(device)
             results["precision"], results["recall"] = precision_recall(ref_pool, features["pool"])
@@ -979,7 +1000,7 @@ def _parse_args(argv):
         command.add_argument("--preprocess", choices=PREPROCESS, default=None,
                              help="pytorch-fid (default) or tf (as EDM's and ADM's published references)")
         command.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                             help="fp32 (exact), tf32 or bf16 autocast (CUDA speed-ups; check they move FID < 0.01)")
+                             help="fp32 (exact; default), tf32 or bf16 autocast: faster, but they move the features")
         command.add_argument("--weights", default=None, help=f"path of {WEIGHTS_FILE} (default: $FID_WEIGHTS, "
                              "then the torch hub cache, downloaded once)")
         command.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
@@ -988,6 +1009,12 @@ def _parse_args(argv):
 
     if args.batch < 1:
         parser.error("--batch must be >= 1")
+    try:
+        device_type = torch.device(args.device).type if args.device else None
+    except RuntimeError:
+        parser.error(f"--device={args.device} is not a torch device")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device=cuda, but CUDA is not available")
     if args.workers < 1:
         parser.error("--workers must be >= 1")
     if args.command == "ref" and args.ref_features < 0:

@@ -8,8 +8,8 @@ pytorch-fid's get_activations runs it (fp32, NCHW, one host copy per batch) is t
 torchvision are installed.
 
     python tests/bench_fid.py --num=200 --batch=50 --device=cpu                  # random weights and images
-    python tests/bench_fid.py --num=50000 --batch=500 --data=cifar10.npz --weights=pt_inception-2015-12-05-6726825d.pth \\
-        --precision=fp32,tf32,bf16 --pytorch_fid
+    python tests/bench_fid.py --num=50000 --batch=500 --data=cifar10.npz --precision=fp32,tf32,bf16 --pytorch_fid \\
+        --weights=pt_inception-2015-12-05-6726825d.pth
 """
 import argparse
 import os
@@ -68,7 +68,7 @@ def report(name, features, seconds, device, with_fid):
            f"{peak_memory(device)}"
     if with_fid:
         first, second = features.split(len(features) // 2)[:2]
-        line += f" | FID(first half, second half) {fid.frechet_distance(*fid.mean_cov(first), *fid.mean_cov(second)):.4f}"
+        line += f" | FID(first half, second half) {fid.features_frechet_distance(first, *fid.mean_cov(second)):.4f}"
     print(line, flush=True)
 
 

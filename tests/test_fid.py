@@ -179,6 +179,13 @@ def test_preprocess_tf_resize_and_normalisation():
     ramp = resize(torch.arange(4.0).view(1, 1, 1, 4).expand(1, 1, 4, 4), 299)[0, 0, 0]
     torch.testing.assert_close(ramp[:3], torch.tensor([0, 4 / 299, 8 / 299]))
     assert ramp[-4:].tolist() == [3, 3, 3, 3]
+    # NVIDIA's detector (EDM, StyleGAN) emulates the same resize with a shifted affine grid and border sampling.
+    for size in (32, 64):
+        x = torch.rand(1, 3, size, size, dtype=torch.float64) * 255
+        theta = torch.tensor([[[1, 0, 1 / size - 1 / 299], [0, 1, 1 / size - 1 / 299]]], dtype=torch.float64)
+        grid = F.affine_grid(theta, [1, 3, 299, 299], align_corners=False)
+        nvidia = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        assert (resize(x, 299) - nvidia).abs().max() < 1e-3  # TF's float32 coordinates against float64 ones
     image = torch.tensor([0, 128, 255], dtype=torch.uint8).view(1, 1, 1, 3).expand(1, 3, 299, 3).contiguous()
     image = F.pad(image, (0, 296))  # 299 x 299: identity resize
     assert fid.preprocess_images(image, "tf")[0, 0, 0, :3].tolist() == [-1, 0, 0.9921875]
@@ -234,6 +241,10 @@ def test_frechet_distance_rank_deficient():
     rotated = features @ np.linalg.qr(rng.randn(256, 256))[0]
     distance = fid.frechet_distance(mu, sigma, *fid.mean_cov(rotated))
     assert math.isfinite(distance) and distance > 0
+    # The factor taken from the features themselves (what compute_metrics uses below 2048 images) agrees.
+    assert fid.features_frechet_distance(features, *fid.mean_cov(rotated)) == pytest.approx(distance, rel=1e-9)
+    assert fid.features_frechet_distance(features, *fid.mean_cov(rotated)) == pytest.approx(
+        fid.features_frechet_distance(rotated, mu, sigma), rel=1e-9)
     with pytest.raises(ValueError, match="shapes"):
         fid.frechet_distance(mu, sigma, mu[:10], sigma)
 
@@ -333,7 +344,7 @@ def test_ref_file_round_trip_and_formats(tmp_path):
     loaded = fid.load_ref(tmp_path / "ref.npz")
     for key in ("mu", "sigma", "mu_s", "sigma_s", "pool"):
         assert np.array_equal(loaded[key], stats[key])
-    assert loaded["preprocess"] == "tf" and int(loaded["n"]) == 7 and not list(tmp_path.glob("*.tmp"))
+    assert loaded["preprocess"] == "tf" and int(loaded["n"]) == 7 and not list(tmp_path.glob("*.tmp*"))
     # A plain EDM fid-refs file, an ADM reference batch, and files that are no reference at all.
     np.savez(tmp_path / "edm.npz", mu=stats["mu"], sigma=stats["sigma"])
     assert set(fid.load_ref(tmp_path / "edm.npz")) == {"mu", "sigma"}
@@ -410,7 +421,8 @@ def test_cli_end_to_end(weights, tmp_path, capsys):
         warnings.simplefilter("ignore")  # fewer than 2048 images
         fid.main(["calc", f"--images={tmp_path / 'images'}", f"--ref={tmp_path / 'refs' / 'ref.npz'}",
                   "--metrics=fid,pr,kid", f"--json={tmp_path / 'metrics.json'}", *common])
-    printed = dict(line.split() for line in capsys.readouterr().out.splitlines() if not line.startswith(("fid:", "saved")))
+    lines = capsys.readouterr().out.splitlines()
+    printed = dict(line.split() for line in lines if not line.startswith(("fid:", "saved")))
     results = json.loads((tmp_path / "metrics.json").read_text())
     assert abs(results["fid"]) < 1e-6 * np.trace(np.load(tmp_path / "refs" / "ref.npz")["sigma"])  # same images
     assert results["precision"] == results["recall"] == 1.0 and results["num"] == 6 and math.isfinite(results["kid"])
@@ -478,7 +490,26 @@ def test_distributed_matches_single_process(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Real weights (slow: 1000 images through Inception on CPU take minutes; RUN_SLOW=1 to run)
+# Real weights
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(SHARED, "fid_inception_tf2015_nofc_fp16.pth")),
+                    reason="needs ../shared/data beside the repository")
+def test_real_weights_match_pytorch_fid_features():
+    detector = fid.load_inception(os.path.join(SHARED, "fid_inception_tf2015_nofc_fp16.pth"))
+    images = torch.from_numpy(np.load(os.path.join(SHARED, "cifar10_small_uint8.npz"))["x"][:3]).permute(0, 3, 1, 2)
+    pool = fid.compute_features([images], detector)["pool"].double()
+    # pytorch-fid 0.3.0's InceptionV3 with the same weights file (fc zero-filled), run once on these three images.
+    torch.testing.assert_close(pool[:, :5], torch.tensor([
+        [0.030960779637098312, 0.01120822224766016, 0.6647468209266663, 0.2595881223678589, 1.1353075504302979],
+        [0.08269847184419632, 0.2149249166250229, 0.32653579115867615, 0.29011476039886475, 0.4997023344039917],
+        [0.08235403895378113, 0.1261657476425171, 0.4614452123641968, 0.3363988399505615, 0.46099933981895447]],
+        dtype=torch.float64), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(pool.norm(dim=1), torch.tensor(
+        [24.27030275722727, 21.719218163619278, 25.755737632924582], dtype=torch.float64), rtol=1e-5, atol=0)
+
+
+# Slow: 1000 images through Inception take minutes on CPU; RUN_SLOW=1 to run.
 
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(SHARED, "fid_inception_tf2015_nofc_fp16.pth"))
@@ -487,4 +518,4 @@ def test_fid_of_cifar10_halves_with_real_weights():
     detector = fid.load_inception(os.path.join(SHARED, "fid_inception_tf2015_nofc_fp16.pth"))
     images = torch.from_numpy(np.load(os.path.join(SHARED, "cifar10_small_uint8.npz"))["x"]).permute(0, 3, 1, 2)
     first, second = (fid.compute_features(batches_of(half, 50), detector)["pool"] for half in images.split(500))
-    assert fid.frechet_distance(*fid.mean_cov(first), *fid.mean_cov(second)) == pytest.approx(76.84, abs=0.01)
+    assert fid.features_frechet_distance(first, *fid.mean_cov(second)) == pytest.approx(76.84, abs=0.01)  # 76.835

@@ -81,7 +81,8 @@ class SamplerConfig:
     ddim_steps:         int   = 50           # sampling steps (official scripts' flag name; paper: 50)
     ddim_eta:           float = 0.0          # DDIM stochasticity (official default 0)
     scale:              float = 1.5          # guidance scale s of Eq. 2; 1 = plain conditional sampling
-    timestep_spacing:   str   = 'linspace'   # 'linspace' (diffusers DPM default) | 'leading' (LDM DDIM, offset 1)
+    timestep_spacing:   str   = ''           # linspace | leading (offset 1); '' = diffusers' default: dpm linspace,
+                                               # ddim leading (as LDM's DDIM)
 
 
 @dataclasses.dataclass
@@ -104,7 +105,7 @@ class TrainConfig(SamplerConfig):
     class_dropout_prob: float = 0.1          # null class / empty caption rate (DiT models.py; SD2 ucg_rate)
     # Network and diffusion.
     arch:               str   = 'DiT-XL/2'   # nets.DiT_models name, or an LDM UNet preset ('ldm-cin256', 'tiny-ldm')
-    vae:                str   = 'none'       # KL-f8 autoencoder: file, URL, 'ema' / 'mse' (sd-vae-ft-*); 'none' = pixels
+    vae:                str   = 'none'       # KL-f8 autoencoder: file, URL, 'ema' / 'mse' (sd-vae-ft-*), or 'none'
     dropout:            float = 0.0          # UNet dropout (LDM cin256-v2: 0)
     text_layers:        int   = 4            # depth of the byte-level text encoder that stands in for BERT
     beta_schedule:      str   = 'linear'     # 'linear' (DiT) | 'scaled_linear' (LDM's "linear": sqrt-spaced)
@@ -172,7 +173,7 @@ PRESETS = {
 }
 
 
-CHOICES = dict(scheduler=('dpm', 'ddim'), timestep_spacing=('linspace', 'leading'), cond=('class', 'text'),
+CHOICES = dict(scheduler=('dpm', 'ddim'), timestep_spacing=('', 'linspace', 'leading'), cond=('class', 'text'),
                cep=('none', 'uniform', 'gaussian'), beta_schedule=('linear', 'scaled_linear'),
                precision=('', 'fp32', 'bf16'))
 
@@ -219,7 +220,8 @@ def check_config(cfg, world_size):
         raise FlagError('--ddim_steps must be in [1, 1000], --ddim_eta >= 0 and --scale >= 1')
     if cfg.ddim_eta > 0 and cfg.scheduler != 'ddim':
         raise FlagError('--ddim_eta needs --scheduler=ddim')
-    if cfg.timestep_spacing == 'leading' and cfg.ddim_steps > NUM_TIMESTEPS // 2:
+    if (cfg.timestep_spacing or {'dpm': 'linspace', 'ddim': 'leading'}[cfg.scheduler]) == 'leading' and \
+            cfg.ddim_steps > NUM_TIMESTEPS // 2:
         raise FlagError(f'--timestep_spacing=leading allows at most {NUM_TIMESTEPS // 2} --ddim_steps')
     if isinstance(cfg, GenerateConfig):
         if not cfg.network or min(cfg.batch, cfg.num, cfg.walk_steps, cfg.n_samples) < 1:
@@ -463,7 +465,7 @@ def drop_conditions(y, y_null, drop):
 
 
 def diffusion_loss(net, x0, y, t, eps, alphas_cumprod, delta=None, xi=None, gamma_ip=0.0):
-    """Per-sample L_simple of Eq. 1 with the perturbed condition of Eq. 8: || eps - eps_theta(x_t, t, c(y) + delta) ||^2.
+    """Per-sample L_simple (Eq. 1) with the perturbed condition of Eq. 8: ||eps - eps_theta(x_t, t, c(y) + delta)||^2.
 
     x0, eps, xi: (B, C, H, W); y: (B,) class ids or (B, L) tokens; t: int64 (B,); delta: (B, *cond_shape) or None.
     IP baseline: x_t is built from eps + gamma_ip * xi while the target stays eps (Ning et al., Eq. 9).
@@ -512,11 +514,15 @@ def vb_terms(x0, x_t, t, eps_hat, v, alphas_cumprod):
 # Samplers with classifier-free guidance: DDIM and DPM-Solver++(2M).
 
 
-def sampling_timesteps(num_timesteps, steps, spacing='linspace'):
-    """Descending timesteps: 'linspace' as diffusers' DPM-Solver default, 'leading' as LDM's DDIM (offset 1)."""
+def sampling_timesteps(num_timesteps, steps, spacing='linspace', solver='dpm'):
+    """Descending timesteps, spaced as diffusers' schedulers do: DPM-Solver places steps + 1 points and drops the
+    last (it then steps to sigma = 0), DDIM places steps points. 'leading' uses steps_offset 1 (LDM's DDIM)."""
+    points = steps + 1 if solver == 'dpm' else steps
     if spacing == 'linspace':
-        return np.linspace(0, num_timesteps - 1, steps + 1).round()[::-1][:-1].astype(np.int64).tolist()
-    return (np.arange(steps) * (num_timesteps // steps) + 1)[::-1].tolist()
+        timesteps = np.linspace(0, num_timesteps - 1, points).round()
+    else:
+        timesteps = np.arange(points) * (num_timesteps // points) + 1
+    return timesteps[::-1][:steps].astype(np.int64).tolist()
 
 
 def guided_eps(net, x, t, y, y_null=None, scale=1.0):
@@ -529,11 +535,12 @@ def guided_eps(net, x, t, y, y_null=None, scale=1.0):
     return eps_u + scale * (eps_c - eps_u)
 
 
-def ddim_sample(net, noise, y, alphas_cumprod, steps=50, scale=1.0, y_null=None, eta=0.0, spacing='linspace',
+def ddim_sample(net, noise, y, alphas_cumprod, steps=50, scale=1.0, y_null=None, eta=0.0, spacing='leading',
                 randn_like=torch.randn_like):
-    """DDIM (Song et al., Eq. 12) from x_T = noise (B, C, H, W); the last step lands on alpha_bar = 1 (the x0
-    prediction), as diffusers' set_alpha_to_one. alphas_cumprod: float64 (T,) on the CPU."""
-    timesteps = sampling_timesteps(len(alphas_cumprod), steps, spacing)
+    """DDIM (Song et al., Eq. 12) from x_T = noise (B, C, H, W), as diffusers' DDIMScheduler: the last step lands
+    on alpha_bar = 1 (set_alpha_to_one). Each step goes to the next listed timestep (diffusers goes to
+    t - T // steps, the same for its default 'leading' spacing). alphas_cumprod: float64 (T,) on the CPU."""
+    timesteps = sampling_timesteps(len(alphas_cumprod), steps, spacing, 'ddim')
     x = noise
     for i, t in enumerate(timesteps):
         a = alphas_cumprod[t].item()
@@ -551,7 +558,7 @@ def dpm_solver_sample(net, noise, y, alphas_cumprod, steps=50, scale=1.0, y_null
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2, midpoint form) on the data prediction, as diffusers'
     DPMSolverMultistepScheduler with its defaults (first step first order; the final step to sigma = 0 is first
     order, i.e. returns the x0 prediction). lambda = log(alpha / sigma)."""
-    timesteps = sampling_timesteps(len(alphas_cumprod), steps, spacing)
+    timesteps = sampling_timesteps(len(alphas_cumprod), steps, spacing, 'dpm')
     alpha, sigma = alphas_cumprod.sqrt(), (1 - alphas_cumprod).sqrt()
     lam = (alpha / sigma).log()
     x, x0_prev, h_prev = noise, None, None
@@ -688,29 +695,19 @@ def cache_latents(dataset, vae, path, xflip, batch, device, rank, world_size, wo
 
 
 class RowServer:
-    """Rows of a big array by index: from a device tensor when the array fits, else gathered on the host
-    (one batch of read-ahead in a thread) and copied from pinned memory."""
+    """Rows of a big array by index: from a device tensor when the array fits in 30% of the GPU (or on a CPU),
+    else gathered from host memory (or the memory-mapped cache) and copied from pinned memory."""
 
     def __init__(self, array, device):
         budget = torch.cuda.get_device_properties(device).total_memory * 0.3 if device.type == 'cuda' else math.inf
         self.device, self.on_device = device, array.nbytes <= budget
         self.data = torch.from_numpy(np.array(array)).to(device) if self.on_device else array
-        self.pool, self.pending = ThreadPoolExecutor(1), None
-
-    def _gather(self, index):
-        rows = torch.from_numpy(self.data[index])
-        return rows.pin_memory() if self.device.type == 'cuda' else rows
-
-    def prefetch(self, index):
-        if not self.on_device:
-            self.pending = (index, self.pool.submit(self._gather, index))
 
     def get(self, index, index_device):
+        """index: int64 numpy (B,) for the host path, index_device: the same on the device."""
         if self.on_device:
             return self.data[index_device]
-        pending, self.pending = self.pending, None
-        rows = pending[1].result() if pending and np.array_equal(pending[0], index) else self._gather(index)
-        return rows.to(self.device, non_blocking=True)
+        return to_device(torch.from_numpy(self.data[np.asarray(index)]), self.device)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Distributed helpers, EMA, checkpoints.
@@ -759,7 +756,7 @@ def draw_step_noise(cfg, cur_nimg, shape, cond_shape, latent, device):
         t=torch.randint(0, NUM_TIMESTEPS, (b,), generator=g, device=device),
         eps=torch.randn(full, generator=g, device=device),
         z=torch.randn(full, generator=g, device=device) if latent else None,
-        flip=torch.rand(b, generator=g, device=device) < 0.5 if cfg.xflip else torch.zeros(b, dtype=torch.bool, device=device),
+        flip=torch.rand(b, generator=g, device=device) < (0.5 if cfg.xflip else 0),
         drop=torch.rand(b, generator=g, device=device) < cfg.class_dropout_prob,
         delta=cep_noise((b,) + cond_shape, cfg.cep, cfg.cep_gamma, g, device) if cfg.cep != 'none' else None,
         xi=torch.randn(full, generator=g, device=device) if cfg.input_perturbation else None)
@@ -821,10 +818,10 @@ def sample_images(net, spec, vae, noise, y, cfg, randn_like=torch.randn_like):
     with torch.autocast(noise.device.type, torch.bfloat16, enabled=cfg.precision == 'bf16'):
         if cfg.scheduler == 'dpm':
             x = dpm_solver_sample(net, noise, y, alphas_cumprod, cfg.ddim_steps, cfg.scale, y_null,
-                                  cfg.timestep_spacing)
+                                  cfg.timestep_spacing or 'linspace')
         else:
             x = ddim_sample(net, noise, y, alphas_cumprod, cfg.ddim_steps, cfg.scale, y_null, cfg.ddim_eta,
-                            cfg.timestep_spacing, randn_like)
+                            cfg.timestep_spacing or 'leading', randn_like)
         if vae is not None:
             x = vae.decode(x.float())
     return (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
@@ -1030,14 +1027,12 @@ def training_loop(cfg, rank, world_size, device):
     stats = torch.zeros(12, device=device)  # loss sum, count, 4 t-bins (sum, count), corrupted, dropped
     order_cache, lr, total_nimg = {}, cfg.lr, round(cfg.kimg * 1000)
     start_time, tick_start_time, tick_start_nimg = time.time(), time.time(), cur_nimg
-    index = data_order(cfg.seed, cur_nimg, cfg.batch, n, order_cache)
     while cur_nimg < total_nimg:
-        # Draw this step's noise for the whole global batch in a fixed order; each rank takes its share.
+        # This step's data and noise for the whole global batch; each rank takes its share.
+        index = data_order(cfg.seed, cur_nimg, cfg.batch, n, order_cache)                 # (batch,) numpy
+        index_device = to_device(torch.from_numpy(index), device)
         noise = draw_step_noise(cfg, cur_nimg, shape, net.cond_shape, vae is not None, device)
         t, flip, drop, delta, xi = noise['t'], noise['flip'], noise['drop'], noise['delta'], noise['xi']
-        index_device = to_device(torch.from_numpy(index), device)
-        next_index = data_order(cfg.seed, cur_nimg + cfg.batch, cfg.batch, n, order_cache)
-        server.prefetch(next_index[shares[0].numpy()])
 
         # Accumulate gradients; DDP synchronises only on the last round.
         for r, (share, mine) in enumerate(zip(shares, shares_device)):
@@ -1076,7 +1071,6 @@ def training_loop(cfg, rank, world_size, device):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         cur_nimg += cfg.batch
-        index = next_index
 
         # Update EMA (DiT: every step with a fixed decay; decay 0 copies the weights).
         with torch.no_grad():

@@ -7,19 +7,20 @@ Every training image is seen only through a fixed random inpainting mask A (each
 Ambient Diffusion corrupts it further with a second mask B (probability delta), A_tilde = B * A, shows the network
 only A_tilde x_t and A_tilde, and asks it to predict the image on all pixels that A keeps, including those that B hid.
 Since the network cannot tell which of its hidden pixels A kept, the minimiser is E[x0 | A_tilde x_t, A_tilde] on
-every pixel (Eq. 3.2, Theorem 4.1): a clean-data denoiser, learned without a clean image. Sampling runs the EDM Heun
+every pixel (the paper's main theorem): a clean-data denoiser, learned without a clean image. Sampling runs EDM's Heun
 sampler with that denoiser under one fixed mask (the official "fixed-mask sampler"), optionally with reconstruction
 guidance across several masks. Everything else is EDM (Karras et al. 2022): preconditioning, noise levels, EMA.
 
-Quick start (CPU, about a minute):
+Quick start (CPU, 1-2 minutes):
     python ambient.py --preset=tiny --data=tests/data/cifar10_tiny.npz --corruption_probability=0.6 --kimg=2
 One GPU, the official CelebA-64 recipe with 90% of the pixels missing:
     python ambient.py --preset=celeba64 --data=datasets/celeba-64x64.zip --corruption_probability=0.9
-Eight GPUs, CIFAR-10 (downloaded once):
+Eight GPUs, CIFAR-10 (downloaded once); add --resume=auto to continue the newest matching run:
     torchrun --standalone --nproc_per_node=8 ambient.py --preset=cifar10 --data=cifar10 --corruption_probability=0.6
-Generate 50k images, FID against reference statistics (`python fid.py ref --data=cifar10 --dest=cifar10.npz`):
+Generate 50k images, FID against reference statistics (`python fid.py ref --data=cifar10 --dest=cifar10.npz`); the
+`--` keeps torchrun from reading --num as an abbreviation of its own --numa-binding:
     torchrun --standalone --nproc_per_node=8 ambient.py generate --network=NET.pt --seeds=0-49999 --outdir=out
-    torchrun --standalone --nproc_per_node=8 ambient.py eval --network=NET.pt --ref=cifar10.npz --num=50000
+    torchrun --standalone --nproc_per_node=8 -- ambient.py eval --network=NET.pt --ref=cifar10.npz --num=50000
 Memorisation check (nearest training neighbours of generated images):
     python ambient.py neighbors --network=NET.pt --data=cifar10 --num=10000 --outdir=out/neighbors
 """
@@ -61,7 +62,7 @@ class Config:
     max_size: int = 0                      # keep this many images (RandomState(0) subset, official --max_size); 0 = all
     corruption_probability: float = 0.4   # p: chance that A erases a pixel; official train.py default
     delta_probability: float = 0.1         # delta: chance that B erases a pixel A kept; official train.py default
-    mask_full_rgb: bool = False            # erase the 3 channels of a pixel together; official default False (README True)
+    mask_full_rgb: bool = False            # erase a pixel's channels together; official default False, README True
     mask_seed: int = 0                     # 0 = the official masks (seeded by image index); other values redraw them
     resample_delta: bool = False           # draw B afresh every step (paper); official: one fixed B per image
     # Network.
@@ -72,12 +73,12 @@ class Config:
     gated: bool = True                     # gated convolutions, gate = sigmoid(sigmoid(conv)); official --gated default
     precond: str = 'ambient'               # ambient: masked input + mask channels; edm: plain EDM on the masked images
     # Loss and optimisation.
-    norm: int = 2                          # 2 = squared error, 1 = absolute error, both weighted by lambda; official --norm
+    norm: int = 2                          # 2 = squared error, 1 = absolute error (both times lambda); official
     P_mean: float = -1.2                   # mean of ln(sigma) during training; EDM default
     P_std: float = 1.2                     # std of ln(sigma) during training; EDM default
     sigma_data: float = 0.5                # EDM default
     batch: int = 512                       # global batch; official train.py default
-    batch_gpu: int = 0                     # per-GPU microbatch, 0 = batch / GPUs; gradient accumulation makes up the rest
+    batch_gpu: int = 0                     # per-GPU microbatch, 0 = batch / GPUs; gradient accumulation does the rest
     lr: float = 1e-3                       # official train.py default (10e-4)
     lr_rampup_kimg: float = 10000          # linear warm-up; official training_loop default (not a CLI flag there)
     weight_decay: float = 0.0              # > 0 switches Adam to AdamW; official --weight_decay
@@ -98,7 +99,7 @@ class Config:
     dump: int = 500                        # ticks between kept training states (others are replaced); official --dump
     seed: int = 0                          # training seed (data order, noise, augmentation, dropout)
     resume: str = ''                       # training-state-*.pt path, or auto
-    precision: str = ''                    # fp32 or bf16; default bf16 on CUDA, fp32 on CPU (official: fp32)
+    precision: str = ''                    # bf16 (autocast + TF32) or fp32 (official); default bf16 on CUDA
     compile: bool = False                  # torch.compile the network
     workers: int = 4                       # threads for decoding images
     cache_dir: str = ''                    # where cifar10 is downloaded, default ~/.cache/ambient-diffusion
@@ -143,10 +144,10 @@ def parse_train_args(argv):
     parser.add_argument('--preset', choices=sorted(PRESETS), default=None)
     parser.add_argument('--duration', type=float, default=None, help='training length in Mimg (official name)')
     for field in dataclasses.fields(Config):
-        kind = parse_bool if field.type in (bool, 'bool') else {'int': int, 'float': float}.get(field.type, field.type)
-        kind = {int: int, float: float, str: str}.get(kind, kind)
-        parser.add_argument(f'--{field.name}', type=kind, default=None, nargs='?' if kind is parse_bool else None,
-                            const=True if kind is parse_bool else None)
+        if field.type is bool:  # --flag, --flag=True, --flag=0 ...
+            parser.add_argument(f'--{field.name}', type=parse_bool, nargs='?', const=True)
+        else:
+            parser.add_argument(f'--{field.name}', type=field.type)
     args = parser.parse_args(argv)
     values = dict(PRESETS[args.preset]) if args.preset else {}
     if args.duration is not None:
@@ -171,7 +172,7 @@ def validate(cfg):
         (cfg.weight_decay >= 0 and cfg.max_grad_norm >= 0, '--weight_decay and --max_grad_norm must be >= 0'),
         (cfg.ema >= 0 and cfg.ema_rampup_ratio >= 0, '--ema and --ema_rampup_ratio must be >= 0'),
         (cfg.P_std > 0 and cfg.sigma_data > 0, '--P_std and --sigma_data must be > 0'),
-        (cfg.kimg > 0 and cfg.tick > 0 and cfg.snap >= 1 and cfg.dump >= 1, '--kimg, --tick, --snap, --dump must be > 0'),
+        (min(cfg.kimg, cfg.tick, cfg.snap, cfg.dump) > 0, '--kimg, --tick, --snap and --dump must be > 0'),
         (cfg.steps >= 2 and cfg.grid >= 0 and cfg.max_size >= 0, '--steps must be >= 2, --grid and --max_size >= 0'),
         (cfg.precision in ('', 'fp32', 'bf16'), '--precision must be fp32 or bf16'),
         (re.fullmatch(r'(\d+,)*\d+', cfg.cres) is not None or cfg.cres == '', '--cres must look like 1,2,2,2'),
@@ -310,7 +311,7 @@ def subset_indices(num_images, max_size):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Corruption (Section 3): fixed masks A and A_tilde = B * A per image
+# Corruption: fixed masks A and A_tilde = B * A per image (official training/dataset.py)
 
 
 def corruption_masks(raw_indices, image_shape, corruption_probability, delta_probability, mask_full_rgb, mask_seed=0):
@@ -374,33 +375,29 @@ def draw_augmentation(p, n, height, width, generator):
 
 
 def warp_official(images, G_inv):
-    """EDM's geometric resampling: reflect pad, 2x wavelet upsampling, bilinear grid_sample, 2x downsampling. Pads by
-    the largest margin EDM ever uses, so that each image's result does not depend on the rest of the batch."""
+    """EDM's geometric resampling: reflect padding, 2x upsampling with the sym6 wavelet, bilinear grid_sample, 2x
+    downsampling. Always pads by the largest margin EDM uses, so that an image's result does not depend on the
+    rest of the batch (EDM sizes the margin by the batch's largest warp)."""
     n, channels, height, width = images.shape
-    filt = torch.tensor(SYM6, dtype=images.dtype, device=images.device)
-    pad = len(SYM6) // 4
+    taps, pad = len(SYM6), len(SYM6) // 4
+    wavelet = torch.tensor(SYM6, dtype=images.dtype, device=images.device)[None, None].repeat(channels, 1, 1)
     images = F.pad(images, [width - 1, width - 1, height - 1, height - 1], mode='reflect')
-    # Upsample 2x: zero insertion and the time-reversed wavelet filter along each axis.
-    up = filt.flip(0)[None, None].repeat(channels, 1, 1)
-    images = torch.stack([images, torch.zeros_like(images)], dim=4).flatten(3)[..., :-1]
-    images = F.conv2d(images, up[:, :, None, :], groups=channels, padding=[0, (len(SYM6) + 1) // 2])
+    # Upsample 2x: zero insertion along each axis, then the time-reversed wavelet.
+    images = torch.stack([images, torch.zeros_like(images)], dim=4).flatten(3)[:, :, :, :-1]
+    images = F.conv2d(images, wavelet.flip(2)[:, :, None, :], groups=channels, padding=[0, (taps + 1) // 2])
     images = torch.stack([images, torch.zeros_like(images)], dim=3).flatten(2, 3)[:, :, :-1]
-    images = F.conv2d(images, up[:, :, :, None], groups=channels, padding=[(len(SYM6) + 1) // 2, 0])
-    # Express G_inv in the normalised coordinates of affine_grid on the upsampled canvas.
-    to_pixels = lambda sx, sy: torch.tensor([[sx, 0, 0], [0, sy, 0], [0, 0, 1]], dtype=G_inv.dtype,  # noqa: E731
-                                            device=G_inv.device)
-    shift = lambda tx, ty: torch.tensor([[1, 0, tx], [0, 1, ty], [0, 0, 1]], dtype=G_inv.dtype,  # noqa: E731
-                                        device=G_inv.device)
-    G = to_pixels(2, 2) @ G_inv @ to_pixels(0.5, 0.5)
-    G = shift(-0.5, -0.5) @ G @ shift(0.5, 0.5)
-    out_h, out_w = (height + pad * 2) * 2, (width + pad * 2) * 2
-    G = to_pixels(2 / images.shape[3], 2 / images.shape[2]) @ G @ to_pixels(out_w / 2, out_h / 2)
-    grid = F.affine_grid(G[:, :2, :].to(images.dtype), [n, channels, out_h, out_w], align_corners=False)
+    images = F.conv2d(images, wavelet.flip(2)[:, :, :, None], groups=channels, padding=[(taps + 1) // 2, 0])
+    # G_inv in affine_grid's normalised coordinates: EDM's chain of scalings and half-pixel shifts, multiplied out.
+    out_h, out_w = (height + 2 * pad) * 2, (width + 2 * pad) * 2
+    left = G_inv.new_tensor([[4 / images.shape[3], 0, -1 / images.shape[3]], [0, 4 / images.shape[2],
+                             -1 / images.shape[2]], [0, 0, 1]])
+    right = G_inv.new_tensor([[out_w / 4, 0, 0.25], [0, out_h / 4, 0.25], [0, 0, 1]])
+    grid = F.affine_grid((left @ G_inv @ right)[:, :2].to(images.dtype), [n, channels, out_h, out_w],
+                         align_corners=False)
     images = F.grid_sample(images, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
-    # Downsample 2x with the wavelet filter and crop the guard band.
-    down = filt[None, None].repeat(channels, 1, 1)
-    images = F.conv2d(images, down[:, :, None, :], groups=channels, stride=[1, 2], padding=[0, (len(SYM6) - 1) // 2])
-    images = F.conv2d(images, down[:, :, :, None], groups=channels, stride=[2, 1], padding=[(len(SYM6) - 1) // 2, 0])
+    # Downsample 2x with the wavelet and crop the guard band.
+    images = F.conv2d(images, wavelet[:, :, None, :], groups=channels, stride=[1, 2], padding=[0, (taps - 1) // 2])
+    images = F.conv2d(images, wavelet[:, :, :, None], groups=channels, stride=[2, 1], padding=[(taps - 1) // 2, 0])
     return images[:, :, pad:-pad, pad:-pad]
 
 
@@ -475,15 +472,15 @@ def network_config(cfg, resolution, channels, label_dim):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Loss (Section 3.2): penalise the prediction on every pixel A keeps, from an input further corrupted by B
+# Loss: penalise the prediction on every pixel A keeps, from an input further corrupted by B (training/loss.py)
 
 
 def ambient_loss(net, y, A, A_tilde, sigma, eps, labels=None, augment_labels=None, norm=2, sigma_data=0.5):
-    """Official AmbientLoss, the objective of Eq. 3.2 with EDM's weighting:
+    """The official AmbientLoss: the paper's training objective with EDM's weighting,
         lambda(sigma) * A * |D(A_tilde (y + sigma eps), A_tilde, sigma) - y|^norm,  lambda = 1 / c_out^2.
     Noise is added to the image and then masked (official order); D sees [A_tilde x_t, A_tilde] and only its first
     C output channels are used. Pixels that A erased never enter: y is multiplied by A_tilde <= A in the input and by
-    A in the loss. Minimiser on every pixel: E[x0 | A_tilde x_t, A_tilde] (Theorem 4.1), since the network cannot
+    A in the loss. Minimiser on every pixel: E[x0 | A_tilde x_t, A_tilde] (the paper's theorem), as the network cannot
     tell which of the pixels it does not see A kept.
 
     y: (B, C, H, W) image in [-1, 1] (erased pixels may hold anything); A, A_tilde: (B, C or 1, H, W) in {0, 1};
@@ -508,7 +505,7 @@ def edm_loss(net, y, sigma, eps, labels=None, augment_labels=None, sigma_data=0.
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Sampler (Section 3.3): EDM Heun with the fixed-mask denoiser and optional reconstruction guidance
+# Sampler: EDM Heun with the fixed-mask denoiser and optional reconstruction guidance (official eval.py)
 
 
 def ambient_sampler(net, latents, masks=None, class_labels=None, num_steps=18, sigma_min=0.002, sigma_max=80, rho=7,
@@ -527,7 +524,7 @@ def ambient_sampler(net, latents, masks=None, class_labels=None, num_steps=18, s
 
     def denoise(x, t, mask):
         inputs = x if mask is None else torch.cat([mask * x, mask], dim=1)
-        sigma = torch.full((x.shape[0],), float(t), device=x.device)
+        sigma = t.to(torch.float32).expand(x.shape[0])                                 # (B,), no host sync
         D = net(inputs.to(torch.float32), sigma, class_labels).to(torch.float64)[:, :channels]
         if not clip:
             return D
@@ -544,25 +541,26 @@ def ambient_sampler(net, latents, masks=None, class_labels=None, num_steps=18, s
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             D = torch.stack([denoise(x, t, mask) for mask in masks])                   # (K, B, C, H, W)
-            # The official cdist_masked broadcasts its all-ones masks to (K, K, N) and so counts every difference
-            # K times: R = K/2 sum_k ||D_hat_1 - D_hat_k||^2 (the paper writes it without the K).
+            # The official cdist_masked broadcasts its all-ones masks to (K, K, N), which counts every difference
+            # K times: R = K/2 sum_k ||D_hat_1 - D_hat_k||^2.
             R = 0.5 * len(masks) * (D[0] - D[1:]).square().sum()
             grad = torch.autograd.grad(R, x)[0]
         return h * (x.detach() - D[0].detach()) / t - guidance_scale * grad
 
     # EDM time steps (Karras et al. 2022, Eq. 5), t_N = 0.
-    i = torch.arange(num_steps, dtype=torch.float64, device=latents.device)
-    t_steps = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    step_index = torch.arange(num_steps, dtype=torch.float64, device=latents.device)
+    t_max, t_min = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    t_steps = (t_max + step_index / (num_steps - 1) * (t_min - t_max)) ** rho
     t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
 
     x = latents.to(torch.float64) * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         # Euler step.
-        delta = step(x, t_cur, t_next - t_cur)
-        x_next = x + delta
+        euler = step(x, t_cur, t_next - t_cur)
+        x_next = x + euler
         # Heun correction, except on the last step to t = 0.
         if i < num_steps - 1:
-            x_next = x + 0.5 * (delta + step(x_next, t_next, t_next - t_cur))
+            x_next = x + 0.5 * (euler + step(x_next, t_next, t_next - t_cur))
         x = x_next
     return x
 
@@ -817,10 +815,10 @@ def train(cfg):
         raise UsageError(f'--resume: {cfg.resume} does not exist')
 
     # Performance settings.
-    precision = cfg.precision or ('bf16' if device.type == 'cuda' else 'fp32')  # official: fp32 throughout
+    precision = cfg.precision or ('bf16' if device.type == 'cuda' else 'fp32')
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
-    torch.backends.cuda.matmul.allow_tf32 = True       # TF32 for what stays in fp32: nearly free on Ampere and later
-    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = precision == 'bf16'  # TF32 for what stays fp32; fp32 = official numerics
+    torch.backends.cudnn.allow_tf32 = precision == 'bf16'
     torch.backends.cudnn.benchmark = True              # fixed shapes, so cuDNN's autotuning pays off
     memory_format = torch.channels_last if device.type == 'cuda' else torch.contiguous_format  # tensor-core convs
 
@@ -1139,7 +1137,8 @@ def neighbors(argv):
         batches = (images[i:i + args.batch] for i in range(0, len(images), args.batch))
         return F.normalize(fid.compute_features(batches, detector, device)['pool'].double(), dim=1)
     train_features, generated_features = features(train_images), features(generated)
-    top = [(chunk @ train_features.T).topk(min(3, len(train_images)), dim=1) for chunk in generated_features.split(1024)]
+    k = min(3, len(train_images))
+    top = [(chunk @ train_features.T).topk(k, dim=1) for chunk in generated_features.split(1024)]
     similarity = torch.cat([t.values for t in top]).cpu()                            # (num, 3)
     neighbor = torch.cat([t.indices for t in top]).cpu()                             # (num, 3)
 
@@ -1153,7 +1152,8 @@ def neighbors(argv):
     np.savez(buffer, similarity=similarity.numpy(), neighbor=neighbor.numpy())
     write_atomic(os.path.join(args.outdir, 'neighbors.npz'), buffer.getvalue())
     write_atomic(os.path.join(args.outdir, 'neighbors.json'), json.dumps(summary, indent=2).encode())
-    rows = [torch.cat([generated[i:i + 1], train_images[neighbor[i]]]) for i in top1.argsort(descending=True)[:args.top]]
+    most_similar = top1.argsort(descending=True)[:args.top]
+    rows = [torch.cat([generated[i:i + 1], train_images[neighbor[i]]]) for i in most_similar]
     save_grid(torch.cat(rows), os.path.join(args.outdir, 'neighbors.png'), columns=1 + neighbor.shape[1])
     print(json.dumps(summary))
 
@@ -1174,12 +1174,9 @@ def main(argv=None):
             train(cfg)
         else:
             dict(generate=generate, eval=evaluate, neighbors=neighbors)[command](argv)
-    except UsageError as error:
+    except (UsageError, DataError) as error:
         print(f'error: {error}', file=sys.stderr)
-        sys.exit(2)
-    except DataError as error:
-        print(f'error: {error}', file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2 if isinstance(error, UsageError) else 1)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -63,6 +63,24 @@ def test_masks_are_fixed_per_image(tmp_path):
     assert ((y0 + 1) * (1 - A0)).abs().max() == 0                                # erased pixels hold 0 (= -1)
 
 
+def test_masks_seen_by_training_steps():
+    """A training step sees A erasing p of the pixels and A_tilde erasing p + (1 - p) delta; A_tilde is the image's
+    fixed one (official), or redrawn every step with --resample_delta."""
+    for resample in (False, True):
+        cfg = ambient.Config(data=TINY_DATA, corruption_probability=0.6, delta_probability=0.3, batch=200, augment=0,
+                             resample_delta=resample)
+        data = ambient.Data(cfg, torch.device('cpu'))
+        seen = []
+        for cur_nimg in (0, 200):                                                     # two epochs
+            step = ambient.draw_step(cfg, data, cur_nimg, torch.device('cpu'))
+            _, A, A_tilde, _, _ = ambient.microbatch(cfg, data, step, torch.arange(200), torch.device('cpu'))
+            for rate, expected in ((1 - A.mean(), 0.6), (1 - A_tilde.mean(), 0.6 + 0.4 * 0.3)):
+                assert abs(float(rate) - expected) < 4 * (expected * (1 - expected) / A.numel()) ** 0.5
+            assert not (A_tilde > A).any()
+            seen.append(A_tilde[step['index'].argsort()])
+        assert torch.equal(seen[0], seen[1]) != resample
+
+
 def test_loss_ignores_erased_pixels():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(6, 6, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv2d(6, 6, 3, padding=1))
@@ -349,10 +367,11 @@ def test_train_generate_eval_neighbors(tmp_path, monkeypatch):
     # Nearest training neighbours.
     small = tmp_path / 'small.npz'
     np.savez(small, x=np.load(TINY_DATA)['x'][:6])
-    ambient.main(['neighbors', f'--network={network}', f'--data={small}', '--num=3', '--batch=3', '--steps=3',
+    ambient.main(['neighbors', f'--images={tmp_path / "a"}', f'--data={small}', '--num=3', '--batch=3',
                   f'--outdir={tmp_path / "nn"}', '--top=2'])
     summary = json.load(open(tmp_path / 'nn' / 'neighbors.json'))
     assert summary['num_generated'] == 3 and summary['num_train'] == 6 and 0 <= summary['fraction_above'] <= 1
+    assert np.load(tmp_path / 'nn' / 'neighbors.npz')['neighbor'].shape == (3, 3)
     assert os.path.exists(tmp_path / 'nn' / 'neighbors.png')
 
 

@@ -12,20 +12,21 @@ ancestral sampling for FID. gamma = 0 is exactly the ADM baseline. The `exposure
 reduces: the gap delta_t between the spread of sampled x_t around sqrt(alpha_bar_t) x_0 and the training spread
 sqrt(1 - alpha_bar_t), for chains started from real images (Ning et al., ICLR 2024, the same authors' metric).
 
-Commands (explicit flags override the preset; official flag names work, e.g. --input_pertub, --batch_size):
-  # 1-minute CPU smoke run on the embedded 200 CIFAR-10 images
-  python ddpm_ip.py --preset=tiny --data=tests/data/cifar10_tiny.npz --kimg=2
-  # CIFAR-10 ADM-IP on 1 GPU (official recipe: gamma 0.15, batch 128, dropout 0.3)
+Commands (explicit flags override the preset; official flag names work too, e.g. --input_pertub, --batch_size):
+  # CPU smoke run on the embedded 200 CIFAR-10 images: 32 steps, then a 16-image grid
+  python ddpm_ip.py --preset=tiny --data=tests/data/cifar10_tiny.npz
+  # CIFAR-10 ADM-IP on 1 GPU (official recipe: gamma 0.15, batch 128, dropout 0.3, cosine, learned sigma)
   python ddpm_ip.py --preset=cifar10 --data=cifar10
-  # 8 GPUs (global batch stays 128 unless --batch or the official per-GPU --batch_size says otherwise)
+  # 8 GPUs; the global batch is the preset's (256) unless --batch, or the official per-GPU --batch_size, says otherwise
   torchrun --standalone --nproc_per_node=8 ddpm_ip.py --preset=celeba64 --data=celeba64.zip
-  # 50k images with 100 respaced steps (the paper's FID setting), then FID against reference statistics
-  torchrun --standalone --nproc_per_node=8 ddpm_ip.py generate --network=runs/00000-cifar10/network-snapshot-058880.pt \
-      --seeds=0-49999 --outdir=out --timestep_respacing=100
-  python fid.py ref --data=cifar10 --dest=cifar10-train.npz
-  torchrun --standalone --nproc_per_node=8 ddpm_ip.py eval --network=ADM_IP_015.pt --ref=cifar10-train.npz \
+  # 50k samples with 100 respaced steps (the paper's FID setting), as PNGs or straight into FID
+  torchrun --standalone --nproc_per_node=8 ddpm_ip.py generate --seeds=0-49999 --outdir=out --timestep_respacing=100 \
+      --network=runs/00000-cifar10-adm-cifar10-ip0.15-gpus1-batch128/network-snapshot-058880.pt
+  python -c "import ddpm_ip, numpy; numpy.savez('cifar10-train.npz', x=ddpm_ip.load_dataset('cifar10')[0])"
+  python fid.py ref --data=cifar10-train.npz --dest=cifar10-train-ref.npz --preprocess=tf
+  torchrun --standalone --nproc_per_node=8 ddpm_ip.py eval --network=ADM_IP_015.pt --ref=cifar10-train-ref.npz \
       --timestep_respacing=100
-  # exposure bias of a released or trained model: 20-step chains started from real images
+  # exposure bias of a released or trained model: 20-step chains started from 1000 real images
   python ddpm_ip.py exposure --network=ADM_IP_015.pt --data=cifar10 --timestep_respacing=20 --num=1000
 """
 
@@ -53,7 +54,6 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import fid
 import nets
@@ -81,7 +81,7 @@ class Config:
     resblock_updown: bool = None                  # resample with ResBlocks; official flag
     use_new_attention_order: bool = None          # qkv layout; official flag (True for all DDPM-IP models)
     learn_sigma: bool = True                      # 2C outputs: eps and the variance interpolation v; DDPM-IP commands
-    image_size: int = None                        # released checkpoints only: resolution, if not the official default
+    image_size: int = None                        # training: checks the data; released checkpoints: resolution
     # Diffusion.
     diffusion_steps: int = 1000                   # T; DDPM-IP commands
     noise_schedule: str = 'cosine'                # cosine | linear; DDPM-IP commands use cosine
@@ -169,7 +169,10 @@ class OneLineParser(argparse.ArgumentParser):
 
 def parse_args(argv):
     """Returns (command, Config): PRESETS[--preset] under explicitly given flags; help text = the field comments."""
-    helps = dict(re.findall(r'^    (\w+): .*?# (.*)$', inspect.getsource(Config), re.M))
+    try:
+        helps = dict(re.findall(r'^    (\w+): .*?# (.*)$', inspect.getsource(Config), re.M))
+    except (OSError, TypeError):  # source unavailable (e.g. under a profiler): flags without help text
+        helps = {}
     parser = OneLineParser(prog='ddpm_ip.py', argument_default=argparse.SUPPRESS)
     parser.add_argument('command', nargs='?', default='train', choices=['train', 'generate', 'eval', 'exposure'])
     for f in dataclasses.fields(Config):
@@ -428,7 +431,8 @@ class GaussianDiffusion:
             setattr(self, name, value.to(device))
 
     def at(self, array, t):
-        return array[t].float()[:, None, None, None]  # (B,) -> (B, 1, 1, 1)
+        """Per-sample values array[t] (B,) as float32 (B, 1, 1, 1)."""
+        return array[t].float()[:, None, None, None]
 
     def q_sample(self, x0, t, noise):
         """x_t ~ q(x_t | x_0) (Ho et al. Eq. 4)."""
@@ -458,6 +462,7 @@ class GaussianDiffusion:
 
 
 def make_diffusion(noise_schedule, diffusion_steps, timestep_respacing='', device='cpu'):
+    """The process of official create_gaussian_diffusion: all T steps, or those kept by timestep_respacing."""
     betas = get_named_beta_schedule(noise_schedule, diffusion_steps)
     kept = space_timesteps(diffusion_steps, timestep_respacing) if timestep_respacing else None
     return GaussianDiffusion(betas, kept, device)
@@ -501,14 +506,16 @@ def ip_losses(net, diffusion, x0, t, eps, xi, gamma, class_labels=None):
     x_t = sqrt(ab) x0 + sqrt(1 - ab) (eps + gamma xi) but regresses the unperturbed eps. The VLB term (learned sigma
     only) uses the same perturbed x_t and a stop-gradient on the eps channels, so it trains the variance alone
     (Nichol & Dhariwal Eq. 16). The hybrid loss is mse + (T / 1000 if rescale_learned_sigmas else 1) * vb."""
-    x_t = diffusion.q_sample(x0, t, eps + gamma * xi)
+    # The whole of DDPM-IP: the input is built from eps' = eps + gamma xi, the target stays eps.
+    x_t = diffusion.q_sample(x0, t, eps + gamma * xi)                    # (B, C, H, W)
     out = net(x_t, diffusion.timestep_map[t], class_labels).float()      # (B, C or 2C, H, W)
     eps_hat = out[:, :x0.shape[1]]
-    mse = (eps - eps_hat).square().flatten(1).mean(1)
-    if out.shape[1] == x0.shape[1]:
+    mse = (eps - eps_hat).square().flatten(1).mean(1)                    # (B,) L_simple
+    if out.shape[1] == x0.shape[1]:  # fixed variances: nothing for the VLB to train
         return mse, torch.zeros_like(mse)
+    # L_vlb through a copy of the output whose eps half is detached: its gradient reaches v only.
     frozen = torch.cat([eps_hat.detach(), out[:, x0.shape[1]:]], dim=1)
-    return mse, vb_terms_bpd(diffusion, frozen, x0, x_t, t)
+    return mse, vb_terms_bpd(diffusion, frozen, x0, x_t, t)              # (B,), (B,)
 
 
 class TimestepSampler:
@@ -567,12 +574,12 @@ def sample_chain(net, diffusion, x, start=None, clip_denoised=True, eta=None, cl
     start = diffusion.num_timesteps - 1 if start is None else start
     for i in range(start, -1, -1):
         t = torch.full((x.shape[0],), i, dtype=torch.int64, device=x.device)
-        out = net(x, diffusion.timestep_map[t], class_labels)
+        out = net(x, diffusion.timestep_map[t], class_labels)              # the net sees the original timestep
         mean, log_variance, x0_hat = diffusion.p_mean_variance(out, x, t, clip_denoised)
-        noise = randn_like(x) * (i > 0)
+        noise = randn_like(x) * (i > 0)                                    # drawn at every step, as official
         if eta is None:
             x = mean + torch.exp(0.5 * log_variance) * noise
-        else:
+        else:  # DDIM ignores the learned variance
             ab, ab_prev = diffusion.at(diffusion.alphas_cumprod, t), diffusion.at(diffusion.alphas_cumprod_prev, t)
             eps = (diffusion.at(diffusion.sqrt_recip_alphas_cumprod, t) * x - x0_hat) / \
                 diffusion.at(diffusion.sqrt_recipm1_alphas_cumprod, t)
@@ -609,6 +616,13 @@ def all_gather_cat(tensor, world_size):
     parts = [torch.empty_like(tensor) for _ in range(world_size)]
     dist.all_gather(parts, tensor)
     return torch.cat(parts)
+
+
+def net_config(c, resolution, channels, label_dim):
+    """nets.UNet keywords: the --arch preset for this data, under the official model flags that were given."""
+    kwargs = dict(nets.UNET_PRESETS[c.arch], img_resolution=resolution, in_channels=channels,
+                  out_channels=channels * (2 if c.learn_sigma else 1), label_dim=label_dim)
+    return kwargs | net_overrides(c)
 
 
 def net_overrides(c):
@@ -743,9 +757,7 @@ def training_loop(c, x_data, y_data, run_dir, resume_path, rank, world_size, dev
     num_images, resolution, channels = data.shape[0], data.shape[1], data.shape[3]
 
     # Network, EMA, optimizer, timestep sampler.
-    net_kwargs = dict(nets.UNET_PRESETS[c.arch], img_resolution=resolution, in_channels=channels,
-                      out_channels=channels * (2 if c.learn_sigma else 1),
-                      label_dim=int(y_data.max()) + 1 if c.class_cond else 0) | net_overrides(c)
+    net_kwargs = net_config(c, resolution, channels, int(y_data.max()) + 1 if c.class_cond else 0)
     torch.manual_seed(c.seed)                                      # the same initial weights for any GPU count
     model = nets.UNet(**net_kwargs).to(device).train().to(memory_format=memory_format)
     torch.manual_seed(c.seed * world_size + rank)                 # dropout streams; all else is seeded per step
@@ -772,7 +784,9 @@ def training_loop(c, x_data, y_data, run_dir, resume_path, rank, world_size, dev
         log(f'resumed from {resume_path} at kimg {cur_nimg / 1000:.3f}')
         if rank == 0:  # forget progress lines written after that state (e.g. before a kill -9)
             stats_path = os.path.join(run_dir, 'stats.jsonl')
-            lines = open(stats_path).readlines() if os.path.isfile(stats_path) else []
+            with open(stats_path, 'a+') as f:
+                f.seek(0)
+                lines = f.readlines()
             kept = ''.join(line for line in lines if json.loads(line)['nimg'] <= cur_nimg)
             atomic_write(stats_path, lambda f: f.write(kept.encode()))
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None) \
@@ -848,7 +862,7 @@ def training_loop(c, x_data, y_data, run_dir, resume_path, rank, world_size, dev
                       loss=values[0] / steps, lr=c.lr, img_per_sec=1000 / seconds_per_kimg, gpumem_gb=gpumem,
                       **{f'mse_q{q}': mse_q[q] for q in range(4)}, vb=sum(values[7:11]) / sum(values[11:15]),
                       grad_norm=values[1] / values[2])
-        eta_seconds = (c.kimg * 1000 - cur_nimg) / 1000 * seconds_per_kimg
+        eta_seconds = max(c.kimg * 1000 - cur_nimg, 0) / 1000 * seconds_per_kimg
         log(f'kimg {record["kimg"]:.1f} | time {format_time(record["time"])} | sec/kimg {seconds_per_kimg:.2f} | '
             f'ETA {format_time(eta_seconds)} | loss {record["loss"]:.4f} | lr {c.lr:.1e} | '
             f'img/s {record["img_per_sec"]:.0f} | gpumem {gpumem:.1f}G | mse q0-q3 '
@@ -1034,6 +1048,8 @@ def main(argv=None):
         x_data, y_data = load_dataset(c.data)
         if c.class_cond and y_data is None:
             raise InputError(f'--class_cond needs labels, but {c.data} has none')
+        if c.image_size and c.image_size != x_data.shape[1]:
+            raise InputError(f'--image_size {c.image_size}: the images of {c.data} are {x_data.shape[1]} pixels wide')
 
         # Run folder (rank 0 decides), provenance, then training.
         run = list(make_run_dir(c, world_size)) if rank == 0 else [None, None]

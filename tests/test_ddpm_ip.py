@@ -119,7 +119,7 @@ def test_posterior_and_vb_terms_against_float64_direct_computation():
     t = torch.tensor([0, 1, 5, 300, 998, 999])
 
     # Posterior q(x_{t-1} | x_t, x0) by Bayes' rule in float64 (t > 0).
-    ab, ab_prev, beta = d.alphas_cumprod[t], d.alphas_cumprod_prev[t], d.betas[t]
+    ab_prev, beta = d.alphas_cumprod_prev[t], d.betas[t]
     precision = 1 / (1 - ab_prev) + (1 - beta) / beta
     var = (1 / precision)[:, None, None, None]
     mean = var * ((ab_prev.sqrt() / (1 - ab_prev))[:, None, None, None] * x0.double()
@@ -342,10 +342,17 @@ def test_official_cifar10_config_and_guided_diffusion_state_dict_load(tmp_path):
     state = net.state_dict()
     assert sum(p.numel() for p in net.parameters()) == 57_094_662 and len(state) == 494  # spec Sec. 3.3
     for key in ('time_embed.0.weight', 'input_blocks.0.0.weight', 'input_blocks.4.0.in_layers.2.weight',
-                'input_blocks.5.1.qkv.weight', 'middle_block.1.proj_out.weight', 'output_blocks.11.2.in_layers.0.weight',
+                'input_blocks.5.1.qkv.weight', 'middle_block.1.proj_out.weight',
+                'output_blocks.11.2.in_layers.0.weight',
                 'out.2.weight'):
         assert key in state, key
     assert state['out.2.weight'].shape == (6, 128, 3, 3)
+    # The official README command's model flags give exactly this network, whatever --arch says.
+    _, c = ddpm_ip.parse_args(
+        '--arch=tiny-adm --num_channels 128 --channel_mult 1,2,2,2 --num_res_blocks 3 --attention_resolutions 16,8 '
+        '--num_head_channels 32 --dropout 0.3 --learn_sigma True --use_scale_shift_norm True --resblock_updown True '
+        '--use_new_attention_order True'.split())
+    assert ddpm_ip.net_config(c, 32, 3, 0) == nets.UNET_PRESETS['adm-cifar10']
 
     # A released checkpoint is a plain state dict: it loads through --network with official flags and samples.
     tiny = nets.UNet(**nets.UNET_PRESETS['tiny-adm']).eval()

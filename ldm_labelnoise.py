@@ -308,6 +308,7 @@ class ImageDataset:
     def __init__(self, path, resolution, cache_dir, captions_path=''):
         self.path, self.resolution, self._local = path, resolution, threading.local()
         self.array = labels = captions = None
+        # Arrays (CIFAR-10, .npz) are held in memory; folders and zips are read image by image.
         if path == 'cifar10':
             self.array, labels = download_cifar10(cache_dir)
         elif path.endswith('.npz') and os.path.isfile(path):
@@ -333,6 +334,7 @@ class ImageDataset:
             captions = self._read_file('captions.txt').decode().splitlines() if 'captions.txt' in files else None
         else:
             raise UserError(f'--data not found or not a folder, zip, .npz or cifar10: {path}')
+        # An explicit caption file overrides the one next to the images.
         if captions_path:
             if not os.path.isfile(captions_path):
                 raise UserError(f'--captions file not found: {captions_path}')
@@ -402,12 +404,15 @@ def corrupt_labels(y, eta, generator=None, classes=None):
 
     y: int64 (N,). Returns (the corrupted labels (N,), the flipped indices (M,)).
     """
+    # The class prior n_k, restricted to `classes` for the asymmetric variant.
     prior = torch.bincount(y).double()
     eligible = torch.ones_like(y, dtype=torch.bool)
     if classes is not None:
         inside = torch.zeros_like(prior, dtype=torch.bool)
         inside[classes[classes < len(prior)]] = True
         prior, eligible = prior * inside, inside[y]
+
+    # Pick the samples to corrupt, then draw their new labels.
     candidates = eligible.nonzero()[:, 0]                                 # (N_eligible,)
     picked = candidates[torch.randperm(len(candidates), generator=generator)]
     index = picked[:corrupted_count(eta, len(candidates))]                # (M,) without replacement
@@ -486,6 +491,7 @@ def diffusion_loss(net, x0, y, t, eps, alphas_cumprod, delta=None, xi=None, gamm
 def vb_terms(x0, x_t, t, eps_hat, v, alphas_cumprod):
     """Improved-DDPM variational bound in bits per dim for the learned-range variance, as DiT trains it:
     KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) for t > 0, the discretised decoder NLL at t = 0. Returns (B,)."""
+    # Posterior q(x_{t-1} | x_t, x0) and the model's mean (from eps_hat) and variance (interpolated by v).
     a, a_prev = alphas_cumprod, F.pad(alphas_cumprod[:-1], (1, 0), value=1.0)
     beta = 1 - a / a_prev
     var_post = beta * (1 - a_prev) / (1 - a)
@@ -671,6 +677,7 @@ def cache_latents(dataset, vae, path, xflip, batch, device, rank, world_size, wo
     on-the-fly DiT recipe (latent_dist.sample()) while epochs after the first skip the encoder."""
     if os.path.isfile(path):
         return np.load(path, mmap_mode='r')
+    # Latent shape from one image; rank 0 creates the temporary file that every rank fills.
     views = 2 if xflip else 1
     probe = torch.from_numpy(dataset.read_many([0], workers)).to(device)
     channels, height, width = vae.encode_moments(probe.float() / 127.5 - 1)[0].shape[1:]
@@ -679,6 +686,8 @@ def cache_latents(dataset, vae, path, xflip, batch, device, rank, world_size, wo
         os.makedirs(os.path.dirname(path), exist_ok=True)
         np.lib.format.open_memmap(temp, 'w+', np.float16, (len(dataset), views, 2 * channels, height, width)).flush()
     barrier()
+
+    # Encode each rank's share in chunks, then publish the file under its final name (atomic).
     store = np.load(temp, mmap_mode='r+')
     for start in range(rank * batch, len(dataset), world_size * batch):  # each rank its strided share of chunks
         indices = list(range(start, min(start + batch, len(dataset))))
@@ -781,12 +790,8 @@ def to_device(tensor, device):
 
 
 def format_time(seconds):
-    seconds = int(seconds)
-    if seconds < 60:
-        return f'{seconds}s'
-    if seconds < 3600:
-        return f'{seconds // 60}m{seconds % 60:02d}s'
-    return f'{seconds // 3600}h{seconds // 60 % 60:02d}m'
+    s = int(seconds)
+    return f'{s // 3600}h{s // 60 % 60:02d}m' if s >= 3600 else f'{s // 60}m{s % 60:02d}s' if s >= 60 else f'{s}s'
 
 
 def load_vae(path_or_url, device, cache_dir=None):
@@ -1093,7 +1098,7 @@ def training_loop(cfg, rank, world_size, device):
                       corrupted_rate=s[10] / max(s[1] - s[11], 1), null_rate=s[11] / s[1])
         gpumem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else 0
         print0(f'kimg {record["kimg"]:.1f} | time {format_time(record["time"])} | sec/kimg {seconds / kimg:.2f} | '
-               f'ETA {format_time(seconds / kimg * (total_nimg - cur_nimg) / 1000)} | loss {record["loss"]:.4f} | '
+               f'ETA {format_time(seconds / kimg * max(total_nimg - cur_nimg, 0) / 1000)} | loss {record["loss"]:.4f} | '
                f'lr {lr:.1e} | img/s {kimg * 1000 / seconds:.0f} | gpumem {gpumem:.1f}G | corrupted '
                f'{record["corrupted_rate"]:.3f} | null {record["null_rate"]:.3f} | loss by t '
                + ' '.join(f'{v:.3f}' for v in record['loss_by_t']))
@@ -1196,8 +1201,8 @@ def evaluate(cfg, rank, world_size, device):
     batches = (images for _, images in sample_seeds(net, spec, vae, seeds, cfg, prompts, device))
     results = fid.compute_metrics(batches, cfg.ref, metrics=names, detector=detector, device=device)
     if rank == 0:
-        record = dict(network=os.path.basename(cfg.network), num=cfg.num, **dataclasses.asdict(SamplerConfig(
-            **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(SamplerConfig)})), **results)
+        sampler = {field.name: getattr(cfg, field.name) for field in dataclasses.fields(SamplerConfig)}
+        record = dict(network=os.path.basename(cfg.network), num=cfg.num, **sampler, **results)
         print(json.dumps(record))
         with open(os.path.join(os.path.dirname(os.path.abspath(cfg.network)), 'metrics.jsonl'), 'a') as file:
             file.write(json.dumps(record) + '\n')
@@ -1217,8 +1222,10 @@ def walk(cfg, rank, world_size, device):
                                             for c in cfg.classes.split(',')):
         raise FlagError(f'--classes must list class ids in [0, {spec0["num_classes"]})')
     conditions = [cfg.prompt] if spec0['cond'] == 'text' else [int(c) for c in cfg.classes.split(',')]
+
+    # One generator for all walks, as the official script; the same noise circle for every network.
     generator = torch.Generator().manual_seed(cfg.seed)
-    theta = torch.linspace(0, 2, cfg.walk_steps) * math.pi
+    theta = torch.linspace(0, 2, cfg.walk_steps) * math.pi                # the end points repeat, as official
     os.makedirs(cfg.outdir, exist_ok=True)
     for condition in conditions:
         for i in range(cfg.n_samples):

@@ -214,7 +214,7 @@ def test_samplers_reproduce_each_class_distribution(sampler, steps, n):
 
 
 def test_timesteps_match_diffusers():
-    # diffusers 0.42, DPMSolverMultistepScheduler / DDIMScheduler(steps_offset=1, timestep_spacing=...).set_timesteps(10)
+    # diffusers 0.42: DPMSolverMultistepScheduler / DDIMScheduler(steps_offset=1, timestep_spacing).set_timesteps(10)
     assert L.sampling_timesteps(1000, 10, 'linspace', 'dpm') == [999, 899, 799, 699, 599, 500, 400, 300, 200, 100]
     assert L.sampling_timesteps(1000, 10, 'leading', 'dpm') == [901, 811, 721, 631, 541, 451, 361, 271, 181, 91]
     assert L.sampling_timesteps(1000, 10, 'linspace', 'ddim') == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]

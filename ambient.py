@@ -31,6 +31,7 @@ import copy
 import dataclasses
 import glob
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -143,11 +144,12 @@ def parse_train_args(argv):
     parser = QuietParser(prog='ambient.py train')
     parser.add_argument('--preset', choices=sorted(PRESETS), default=None)
     parser.add_argument('--duration', type=float, default=None, help='training length in Mimg (official name)')
+    meanings = dict(re.findall(r'^ +(\w+): .*?# (.*)$', inspect.getsource(Config), re.M))  # --help shows the comments
     for field in dataclasses.fields(Config):
         if field.type is bool:  # --flag, --flag=True, --flag=0 ...
-            parser.add_argument(f'--{field.name}', type=parse_bool, nargs='?', const=True)
+            parser.add_argument(f'--{field.name}', type=parse_bool, nargs='?', const=True, help=meanings[field.name])
         else:
-            parser.add_argument(f'--{field.name}', type=field.type)
+            parser.add_argument(f'--{field.name}', type=field.type, help=meanings[field.name])
     args = parser.parse_args(argv)
     values = dict(PRESETS[args.preset]) if args.preset else {}
     if args.duration is not None:
@@ -455,6 +457,8 @@ def build_network(net_config):
 
 
 def network_config(cfg, resolution, channels, label_dim):
+    """Everything a snapshot needs to rebuild the network and sample from it (the official eval.py instead reads
+    training_options.json and takes the corruption flags again)."""
     preset = 'ddpmpp-cifar10' if cfg.arch == 'ddpmpp' else cfg.arch
     unet = dict(nets.UNET_PRESETS[preset])
     unet.update(img_resolution=resolution, dropout=cfg.dropout, label_dim=label_dim, gated=cfg.gated,
@@ -771,12 +775,22 @@ def run_description(cfg, data_name):
            f'-batch{cfg.batch}' + (f'-{cfg.desc}' if cfg.desc else '')
 
 
+# Flags that may differ between a run and its continuation by --resume=auto; any other difference starts a new run.
+RESUMABLE_CHANGES = {'kimg', 'resume', 'outdir', 'tick', 'snap', 'dump', 'grid', 'steps', 'precision', 'compile',
+                     'workers', 'cache_dir', 'device', 'dry_run'}
+
+
 def find_resume(cfg, description):
-    """--resume=auto: the latest training state in the newest run folder with this description."""
+    """--resume=auto: the latest training state of the newest run folder with this description and config."""
     folders = sorted(glob.glob(os.path.join(cfg.outdir, f'[0-9][0-9][0-9][0-9][0-9]-{glob.escape(description)}')))
+    wanted = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_CHANGES}
     for folder in reversed(folders):
         states = glob.glob(os.path.join(folder, 'training-state-*.pt'))
-        if states:
+        try:
+            saved = json.load(open(os.path.join(folder, 'config.json')))['config']
+        except (OSError, ValueError, KeyError):
+            continue
+        if states and all(saved.get(k) == v for k, v in wanted.items()):
             return max(states, key=lambda path: float(re.search(r'-([\d.]+)\.pt$', path).group(1)))
     return None
 
@@ -1130,7 +1144,8 @@ def neighbors(argv):
     if args.images:
         generated = torch.from_numpy(load_images(args.images)[0][:args.num]).permute(0, 3, 1, 2)
     else:
-        generated = torch.cat([x.cpu() for _, x in sample_batches(net, net_config, args, range(args.num), device)])
+        seeds = list(range(args.num))
+        generated = torch.cat([x.cpu() for _, x in sample_batches(net, net_config, args, seeds, device)])
 
     # Cosine similarity of L2-normalised pool features, top 3 per generated image.
     def features(images):
@@ -1172,8 +1187,12 @@ def main(argv=None):
                 print(json.dumps(dict(preset=preset, **dataclasses.asdict(cfg)), indent=2))
                 return
             train(cfg)
+        elif command == 'generate':
+            generate(argv)
+        elif command == 'eval':
+            evaluate(argv)
         else:
-            dict(generate=generate, eval=evaluate, neighbors=neighbors)[command](argv)
+            neighbors(argv)
     except (UsageError, DataError) as error:
         print(f'error: {error}', file=sys.stderr)
         sys.exit(2 if isinstance(error, UsageError) else 1)

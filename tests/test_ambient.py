@@ -399,6 +399,9 @@ def test_resume_is_bitwise(tmp_path):
     for key in ('net', 'ema'):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
     assert losses(straight) == losses(resumed)
+    # A different training config does not continue this run: it starts a new folder.
+    train(tmp_path, '--kimg=0.016', '--grid=0', '--resume=auto', '--norm=1', outdir='resumed')
+    assert len(os.listdir(tmp_path / 'resumed')) == 2
 
 
 def test_ddp_matches_one_process(tmp_path):

@@ -416,6 +416,8 @@ def corrupt_labels(y, eta, generator=None, classes=None):
     candidates = eligible.nonzero()[:, 0]                                 # (N_eligible,)
     picked = candidates[torch.randperm(len(candidates), generator=generator)]
     index = picked[:corrupted_count(eta, len(candidates))]                # (M,) without replacement
+    if len(index) and (prior > 0).sum() < 2:
+        raise ValueError('label corruption needs samples of at least two (eligible) classes')
     new = y[index].clone()
     todo = torch.ones_like(index, dtype=torch.bool)
     while todo.any():  # rejection sampling: the prior restricted to the other classes, without an (M, K) table
@@ -878,24 +880,17 @@ def load_conditions(cfg, dataset):
     return num_classes, torch.from_numpy(dataset.labels)
 
 
-def corrupt_conditions(cfg, clean, path, resume):
-    """Sec. 3.1: corrupt once and save to the run folder; a resumed run reloads them, so they never change.
-    Returns (training conditions like `clean`, corrupted indices)."""
-    if resume and os.path.isfile(path):
-        with np.load(path) as saved:
-            source, corrupted = torch.from_numpy(saved['source']), torch.from_numpy(saved['corrupted'])
-    else:
-        generator = torch.Generator().manual_seed(cfg.seed)
-        if cfg.cond == 'class':
-            classes = torch.tensor([int(c) for c in cfg.corruption_classes.split(',')]) \
-                if cfg.corruption_classes else None
-            source, corrupted = corrupt_labels(clean, cfg.corruption_ratio, generator, classes)
-        else:
-            source, corrupted = swap_captions(len(clean), cfg.corruption_ratio, generator)
-        if int(os.environ.get('RANK', 0)) == 0:
-            np.savez(path + '.tmp.npz', source=source.numpy(), corrupted=corrupted.numpy())
-            os.replace(path + '.tmp.npz', path)
-    return (source if cfg.cond == 'class' else clean[source]), corrupted
+def corrupt_conditions(cfg, clean):
+    """Sec. 3.1: the training conditions, corrupted once from --seed. Returns (label array (N,) or caption source
+    indices (N,), corrupted indices)."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    if cfg.cond == 'text':
+        return swap_captions(len(clean), cfg.corruption_ratio, generator)
+    classes = torch.tensor([int(c) for c in cfg.corruption_classes.split(',')]) if cfg.corruption_classes else None
+    try:
+        return corrupt_labels(clean, cfg.corruption_ratio, generator, classes)
+    except ValueError as error:
+        raise UserError(str(error))
 
 
 STATE_NAME = re.compile(r'training-state-\d+\.pt')
@@ -967,12 +962,20 @@ def training_loop(cfg, rank, world_size, device):
     if shape[1] != shape[2]:
         raise UserError(f'images must be square, got {shape[2]}x{shape[1]}; set --resolution')
 
-    # Open the run folder; corrupt the conditions once (Sec. 3.1).
+    # Corrupt the conditions once (Sec. 3.1) and save them in the run folder; a resumed run reloads its own.
+    source, corrupted = corrupt_conditions(cfg, clean)
     name = os.path.splitext(os.path.basename(cfg.data.rstrip('/')))[0]
     desc = f'{name}-{cfg.arch.replace("/", "")}-{cfg.cond}-eta{cfg.corruption_ratio:g}-cep{cfg.cep}-batch{cfg.batch}'
     run_dir, resume_path = broadcast_object(open_run_dir(cfg, desc) if rank == 0 else None)
-    conditions, corrupted = corrupt_conditions(cfg, clean, os.path.join(run_dir, 'conditions.npz'), resume_path)
-    conditions = conditions.to(device, torch.int16 if cfg.cond == 'text' else torch.int64)  # (N,) or (N, 77)
+    conditions_path = os.path.join(run_dir, 'conditions.npz')
+    if resume_path and os.path.isfile(conditions_path):
+        with np.load(conditions_path) as saved:
+            source, corrupted = torch.from_numpy(saved['source']), torch.from_numpy(saved['corrupted'])
+    elif rank == 0:
+        np.savez(conditions_path + '.tmp.npz', source=source.numpy(), corrupted=corrupted.numpy())
+        os.replace(conditions_path + '.tmp.npz', conditions_path)
+    conditions = source if cfg.cond == 'class' else clean[source].short()  # (N,) labels or (N, 77) tokens
+    conditions = conditions.to(device)
     is_corrupted = torch.zeros(n, dtype=torch.bool, device=device).index_fill_(0, corrupted.to(device), True)
     server = RowServer(rows, device)
     spec = dict(arch=cfg.arch, cond=cfg.cond, num_classes=num_classes, shape=tuple(shape), dropout=cfg.dropout,

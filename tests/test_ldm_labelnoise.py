@@ -60,15 +60,23 @@ def test_swap_captions_corrupts_the_stated_fraction():
     assert sorted(source.tolist()) == list(range(1001))
 
 
-def test_corruption_is_saved_and_reloaded(tmp_path):
-    cfg = L.TrainConfig(cond='class', corruption_ratio=0.1, seed=3)
+def test_conditions_are_corrupted_from_the_seed():
     clean = torch.arange(200) % 10
-    path = str(tmp_path / 'conditions.npz')
-    first, corrupted = L.corrupt_conditions(cfg, clean, path, resume=None)
-    assert len(corrupted) == 20 and os.path.isfile(path)
-    # A resumed run reloads the file, whatever the seed says now.
-    again, _ = L.corrupt_conditions(L.TrainConfig(cond='class', corruption_ratio=0.1, seed=4), clean, path, 'x')
-    assert torch.equal(first, again)
+    first, corrupted = L.corrupt_conditions(L.TrainConfig(corruption_ratio=0.1, seed=3), clean)
+    again, _ = L.corrupt_conditions(L.TrainConfig(corruption_ratio=0.1, seed=3), clean)
+    other, _ = L.corrupt_conditions(L.TrainConfig(corruption_ratio=0.1, seed=4), clean)
+    assert len(corrupted) == 20 and torch.equal(first, again) and not torch.equal(first, other)
+    with pytest.raises(L.UserError, match='two'):
+        L.corrupt_conditions(L.TrainConfig(corruption_ratio=0.1), torch.zeros(50, dtype=torch.long))
+
+
+def test_data_order_is_a_fresh_permutation_per_epoch_and_independent_of_batching():
+    n = 10
+    stream = np.concatenate([L.data_order(7, start, 6, n, {}) for start in range(0, 30, 6)])       # 3 epochs
+    again = np.concatenate([L.data_order(7, start, 5, n, {}) for start in range(0, 30, 5)])
+    assert np.array_equal(stream, again)  # image k of the stream depends on k only (resume, any batch split)
+    epochs = stream.reshape(3, n)
+    assert all(sorted(e) == list(range(n)) for e in epochs) and not np.array_equal(epochs[0], epochs[1])
 
 # ----------------------------------------------------------------------------------------------------------------------
 # CEP, condition dropout, the loss.
@@ -360,6 +368,19 @@ def test_resume_equals_uninterrupted_run(tmp_path):
         assert torch.equal(a['net'][key], b['net'][key]), key
         assert torch.equal(a['ema'][key], b['ema'][key]), key
     assert losses(full) == losses(resumed)
+
+
+def test_resume_reloads_the_saved_conditions(tmp_path):
+    flags = ['--preset=tiny', '--arch=DiT-tiny', f'--data={TINY_DATA}', '--corruption_ratio=0.1', '--snap=1',
+             f'--outdir={tmp_path}', *FAST]
+    run_dir = run([*flags, '--kimg=0.008'])
+    labels = np.load(TINY_DATA)['y'].copy()
+    labels[:7] = (labels[:7] + 1) % 10
+    np.savez(os.path.join(run_dir, 'conditions.npz'), source=labels, corrupted=np.arange(7))
+    assert run([*flags, '--kimg=0.016', '--resume=auto']) == run_dir
+    assert json.load(open(os.path.join(run_dir, 'config.json')))['corrupted'] == 7
+    with np.load(os.path.join(run_dir, 'conditions.npz')) as saved:
+        assert np.array_equal(saved['source'], labels)
 
 
 def test_ddp_two_processes_match_one(tmp_path):

@@ -26,6 +26,7 @@ Memorisation check (nearest training neighbours of generated images):
 """
 
 import argparse
+import concurrent.futures
 import contextlib
 import copy
 import dataclasses
@@ -45,6 +46,7 @@ import zipfile
 
 import numpy as np
 import PIL.Image
+import requests
 import torch
 import torch.nn.functional as F
 
@@ -217,7 +219,6 @@ def download_cifar10(cache_dir):
     """Official CIFAR-10 train set as (50000, 32, 32, 3) uint8 and labels; downloaded once, checked, cached."""
     path = os.path.join(cache_dir, 'cifar-10-python.tar.gz')
     if not os.path.exists(path):
-        import requests
         os.makedirs(cache_dir, exist_ok=True)
         print(f'Downloading {CIFAR10_URL} ...')
         try:
@@ -277,8 +278,7 @@ def load_images(path, cache_dir='', workers=4):
         image_names = [n for n in names if os.path.splitext(n)[1].lower() in ('.png', '.jpg', '.jpeg', '.bmp', '.webp')]
         if not image_names:
             raise DataError(f'--data: no images in {path}')
-        from concurrent.futures import ThreadPoolExecutor
-        with ThreadPoolExecutor(max(workers, 1)) as pool:
+        with concurrent.futures.ThreadPoolExecutor(max(workers, 1)) as pool:
             decoded = list(pool.map(lambda name: decode_image(read(name), name), image_names))
         shapes = {image.shape for image in decoded}
         if len(shapes) != 1:

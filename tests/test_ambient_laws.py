@@ -1,0 +1,463 @@
+"""Tests of ambient_laws.py: the clean/noisy data split, the ambient loss's minimiser and the sampler on Gaussian
+mixtures with closed-form denoisers, augmentation, and the script end to end (train, resume, DDP, generate, eval,
+bad input). CPU only; the tiny network runs a few steps of 8 images."""
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+import ambient_laws as al
+import fid
+from conftest import ROOT, TINY_DATA
+
+# A small, fast network for the end-to-end runs: the tiny preset at half width, 8 images a step, 4-step grids.
+FAST = ['--preset=tiny', f'--data={TINY_DATA}', '--cbase=16', '--batch=8', '--grid=2', '--steps=3', '--workers=1']
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Gaussian mixtures: the exact denoiser E[x0 | x0 + sigma * noise = x]
+
+
+class GMMDenoiser:
+    """x0 ~ sum_k w_k N(mu_k, s_k^2 I) in d dimensions, data shaped (B, d, 1, 1). Called like a network:
+    D(x, sigma, labels) with sigma a number or a (B, 1, 1, 1) tensor. extra_std > 0 gives the denoiser of the
+    *noisy* data x0 + extra_std * eps (every component widened)."""
+
+    def __init__(self, weights, means, stds, extra_std=0.0):
+        self.log_w = torch.tensor(weights, dtype=torch.float64).log()
+        self.mu = torch.tensor(means, dtype=torch.float64)                       # (K, d)
+        self.var = torch.tensor(stds, dtype=torch.float64) ** 2 + extra_std ** 2  # (K,)
+
+    def responsibilities(self, x, sigma):
+        """p(component k | x0 + sigma * noise = x): (B, K)."""
+        B, d = x.shape[0], self.mu.shape[1]
+        x = x.reshape(B, 1, d).double()
+        total = self.var + torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1) ** 2      # (B or 1, K)
+        return (self.log_w - 0.5 * d * total.log() - ((x - self.mu) ** 2).sum(-1) / (2 * total)).softmax(-1)
+
+    def __call__(self, x, sigma, labels=None):
+        B, d = x.shape[0], self.mu.shape[1]
+        total = self.var + torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1) ** 2
+        posterior_mean = self.mu + (self.var / total)[..., None] * (x.reshape(B, 1, d).double() - self.mu)
+        return (self.responsibilities(x, sigma)[..., None] * posterior_mean).sum(1).reshape(B, d, 1, 1)
+
+    def sample(self, n, generator):
+        k = torch.multinomial(self.log_w.exp(), n, replacement=True, generator=generator)
+        noise = torch.randn(n, self.mu.shape[1], generator=generator, dtype=torch.float64)
+        return (self.mu[k] + self.var[k].sqrt()[:, None] * noise).reshape(n, -1, 1, 1), k
+
+
+MIXTURE = dict(weights=[0.5, 0.3, 0.2], means=[[-2.0, 0.0], [2.0, 1.0], [0.0, 3.0]], stds=[0.4, 0.6, 0.3])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: keep fraction, noisy fraction, fixed noise
+
+
+def test_keep_fraction_is_exact_nested_and_official():
+    n = 1000
+    for keep in (0.1, 0.25, 0.5, 0.999, 1.0):
+        assert len(al.keep_subset(n, keep)) == int(n * keep)
+    small, large = set(al.keep_subset(n, 0.1)), set(al.keep_subset(n, 0.5))
+    assert small < large  # nested across keep fractions, as the official RandomState(0) shuffle makes them
+    # The official subset: RandomState(0) shuffle of all indices, first int(keep * N), sorted.
+    index = np.arange(n)
+    np.random.RandomState(0).shuffle(index)
+    assert np.array_equal(al.keep_subset(n, 0.25), np.sort(index[:250]))
+
+
+def test_noisy_fraction_is_exact_nested_and_fixed_per_seed():
+    raw = torch.from_numpy(al.keep_subset(1000, 0.5))
+    for p in (0.0, 0.1, 0.33, 0.9, 1.0):
+        sigma_n = al.noise_levels(raw, 1000, 0.2, p, seed=0)
+        assert int((sigma_n > 0).sum()) == int(p * 500 + 0.5)
+        assert set(sigma_n.unique().tolist()) <= {0.0, np.float32(0.2)}
+    noisy = lambda p, seed=0: set(torch.nonzero(al.noise_levels(raw, 1000, 0.2, p, seed)).view(-1).tolist())  # noqa
+    assert noisy(0.3) < noisy(0.9)                 # nested across p
+    assert noisy(0.5) == noisy(0.5)                # fixed for a seed
+    assert noisy(0.5) != noisy(0.5, seed=1)        # and a different seed picks different images
+
+
+def test_image_noise_is_fixed_per_image_and_standard_normal():
+    index = torch.arange(4000)
+    eps = al.image_noise(index, (3, 8, 8), seed=7)                         # (4000, 3, 8, 8)
+    # Standard normal: moments, and no correlation between neighbouring pixels or images.
+    values = eps.flatten()
+    assert abs(values.mean()) < 0.01 and abs(values.std() - 1) < 0.01
+    assert abs((values ** 4).mean() - 3) < 0.05                            # Gaussian kurtosis
+    assert abs((eps[..., 1:] * eps[..., :-1]).mean()) < 0.01
+    assert abs((eps[1:] * eps[:-1]).mean()) < 0.01
+    # A function of (seed, image index) only: the same image gets the same noise in any batch.
+    assert torch.equal(al.image_noise(torch.tensor([5, 3999, 17]), (3, 8, 8), 7), eps[[5, 3999, 17]])
+    assert not torch.allclose(al.image_noise(index[:3], (3, 8, 8), 8), eps[:3])
+
+
+def test_noise_is_the_same_in_every_epoch():
+    """An image drawn in two different epochs (different batches and positions) is observed identically; clean
+    images are exactly their pixels."""
+    x, _ = al.load_dataset(TINY_DATA)
+    images = torch.from_numpy(x).permute(0, 3, 1, 2)
+    raw = torch.arange(len(images))
+    sigma_n = al.noise_levels(raw, len(images), 0.2, 0.5, seed=0)
+    first = al.batch_indices(0, 32, len(images), seed=0)
+    later = al.batch_indices(len(images) + 64, 32, len(images), seed=0)   # epoch 1, another part of the order
+    assert sorted(set(first.tolist()) & set(later.tolist()))
+    seen = {}
+    for index in (first, later):
+        y = al.observe(images[index], sigma_n[index], raw[index], seed=0)
+        for k, i in enumerate(index.tolist()):
+            if i in seen:
+                assert torch.equal(seen[i], y[k])
+            seen[i] = y[k]
+    clean = int(torch.nonzero(sigma_n == 0)[0])
+    noisy = int(torch.nonzero(sigma_n > 0)[0])
+    y = al.observe(images[[clean, noisy]], sigma_n[[clean, noisy]], raw[[clean, noisy]], seed=0)
+    x0 = images[[clean, noisy]].float() / 127.5 - 1
+    assert torch.equal(y[0], x0[0])
+    assert abs((y[1] - x0[1]).std() - 0.2) < 0.02
+
+
+def test_epoch_order_is_a_permutation_of_the_data():
+    order = torch.cat([al.batch_indices(start, 50, 200, seed=3) for start in range(0, 400, 50)])
+    assert sorted(order[:200].tolist()) == list(range(200)) and sorted(order[200:].tolist()) == list(range(200))
+    assert not torch.equal(order[:200], order[200:])  # a new permutation each epoch
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loss
+
+
+def test_noisy_samples_are_never_used_below_their_noise_level():
+    """sigma >= sigma_n always; x_t carries exactly the missing noise; a clamped noisy sample (sigma = sigma_n) has
+    loss and gradient exactly 0, so no noisy image ever trains the network at sigma <= sigma_n."""
+    g = torch.Generator().manual_seed(0)
+    B = 4000
+    y = torch.randn(B, 3, 4, 4, generator=g)
+    sigma_n = torch.where(torch.arange(B) % 2 == 0, 0.2, 0.0)
+    rnd_normal, eps = torch.randn(B, generator=g), torch.randn(B, 3, 4, 4, generator=g)
+    scale = torch.ones((), requires_grad=True)
+    net = lambda x, sigma, labels=None: scale * x / (1 + sigma ** 2)  # noqa: E731
+    loss, x_t, sigma, _ = al.ambient_loss(net, y, sigma_n, rnd_normal, eps)
+    sigma, noisy = sigma.view(-1), sigma_n > 0
+    assert torch.all(sigma >= sigma_n)
+    clamped = noisy & (sigma == sigma_n)
+    assert 0.3 < clamped.float().sum() / noisy.sum() < 0.45        # Phi((ln 0.2 + 1.2) / 1.2) = 0.367
+    assert torch.all((sigma[~clamped & noisy] > 0.2))
+    torch.testing.assert_close(sigma[~noisy], (rnd_normal[~noisy] * 1.2 - 1.2).exp())  # clean: plain EDM
+    added = (x_t - y).flatten(1).std(1) / (sigma ** 2 - sigma_n ** 2).clamp(min=1e-12).sqrt()
+    assert abs(added[~clamped].mean() - 1) < 0.05
+    assert torch.equal(loss[clamped], torch.zeros_like(loss[clamped]))
+    grad, = torch.autograd.grad(loss[clamped].sum(), scale)
+    assert grad == 0
+    assert torch.all(loss[~clamped].flatten(1).sum(1) > 0)
+
+
+def _mixture_losses(clean, noisy_data, sigma_n, n=200_000):
+    """Monte-Carlo ambient and naive losses of D_a = (1 - a) clean + a noisy_data at a = 0, 0.5, 1, with common
+    random numbers; both losses are quadratic in a. Returns the minimising a of each."""
+    g = torch.Generator().manual_seed(1)
+    x0, _ = clean.sample(n, g)
+    y = x0 + sigma_n * torch.randn(x0.shape, generator=g, dtype=torch.float64)   # only noisy samples
+    rnd_normal, eps = torch.randn(n, generator=g), torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    minimisers = {}
+    for name, levels in (('ambient', torch.full((n,), sigma_n)), ('naive', torch.zeros(n))):
+        values = []
+        for a in (0.0, 0.5, 1.0):
+            net = lambda x, s, labels=None, a=a: (1 - a) * clean(x, s) + a * noisy_data(x, s)  # noqa: E731
+            values.append(al.ambient_loss(net, y, levels.double(), rnd_normal, eps)[0].sum().item() / n)
+        curvature = values[0] - 2 * values[1] + values[2]
+        assert curvature > 0
+        minimisers[name] = 0.5 + (values[0] - values[2]) / (4 * curvature)  # vertex of the parabola
+    return minimisers
+
+
+def test_ambient_loss_is_minimised_by_the_clean_denoiser():
+    """Noisy data only (sigma_n = 0.3): along the line from the clean-data denoiser (a = 0) to the noisy-data
+    denoiser (a = 1), the ambient loss is minimised at the clean end, the naive loss (noisy images taken as clean)
+    at the noisy end. Perturbing the clean denoiser raises the ambient loss."""
+    sigma_n = 0.3
+    clean = GMMDenoiser(**MIXTURE)
+    noisy_data = GMMDenoiser(**MIXTURE, extra_std=sigma_n)
+    minimisers = _mixture_losses(clean, noisy_data, sigma_n)
+    assert abs(minimisers['ambient']) < 0.05, minimisers
+    assert abs(minimisers['naive'] - 1) < 0.05, minimisers
+    # Any perturbation of the exact denoiser costs (common random numbers, 100k noisy samples).
+    g = torch.Generator().manual_seed(2)
+    n = 100_000
+    x0, _ = clean.sample(n, g)
+    y = x0 + sigma_n * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    rnd_normal, eps = torch.randn(n, generator=g), torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    levels = torch.full((n,), sigma_n, dtype=torch.float64)
+    loss = lambda net: al.ambient_loss(net, y, levels, rnd_normal, eps)[0].sum().item() / n  # noqa: E731
+    best = loss(clean)
+    for perturbed in (lambda x, s, l=None: clean(x, s) + 0.05, lambda x, s, l=None: clean(x, s) * 1.05,
+                      lambda x, s, l=None: clean(x, s) + 0.05 * torch.tanh(x)):
+        assert loss(perturbed) > best
+
+
+def test_reverse_sde_moves_between_noise_levels_of_a_gaussian():
+    """For x0 ~ N(0, s^2), x_sigma' given x_sigma is Gaussian with mean m and variance v in closed form; the
+    Euler-Maruyama reverse SDE of the consistency loss reproduces both, and the denoiser is a martingale along it
+    (E[D(x_sigma', sigma') | x_sigma] = D(x_sigma, sigma)), which is what the consistency loss enforces."""
+    s, sigma, sigma_prime, n = 0.8, 1.5, 0.4, 20_000
+    net = lambda x, t, labels=None: s ** 2 / (s ** 2 + t ** 2) * x  # noqa: E731
+    x = torch.full((n, 1, 1, 1), 1.2, dtype=torch.float64)
+    start = torch.full((n, 1, 1, 1), sigma, dtype=torch.float64)
+    end = torch.full((n, 1, 1, 1), sigma_prime, dtype=torch.float64)
+    z = torch.randn(200, n, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = al.reverse_sde(net, x, start, end, z)
+    mean = 1.2 * (s ** 2 + sigma_prime ** 2) / (s ** 2 + sigma ** 2)
+    var = (sigma ** 2 - sigma_prime ** 2) * (s ** 2 + sigma_prime ** 2) / (s ** 2 + sigma ** 2)
+    assert abs(out.mean() - mean) < 0.02 and abs(out.var() / var - 1) < 0.05
+    assert abs(net(out, sigma_prime).mean() - net(x[:1], sigma).item()) < 0.01
+
+
+def test_consistency_loss_is_zero_for_zero_length_steps_and_needs_gradients_on_request():
+    """Rows whose sigma' equals sigma (clean samples, as in the official code) make zero-length SDE steps, so a
+    deterministic network gives exactly 0; with_grad=False stops gradients through the SDE."""
+    weight = torch.ones((), requires_grad=True)
+    net = lambda x, t, labels=None: weight * x / (1 + t ** 2)  # noqa: E731
+    x_t = torch.randn(3, 2, 4, 4)
+    sigma = torch.full((3, 1, 1, 1), 0.7)
+    z = torch.randn(5, 3 * 4, 2, 4, 4)
+    assert torch.equal(al.consistency_loss(net, x_t, sigma, sigma, net(x_t, sigma), z), torch.zeros_like(x_t))
+    sigma_prime = torch.full((3, 1, 1, 1), 0.2)
+    with_grad = torch.autograd.grad(al.consistency_loss(net, x_t, sigma, sigma_prime, net(x_t, sigma).detach(),
+                                                        z).sum(), weight)[0]
+    without = torch.autograd.grad(al.consistency_loss(net, x_t, sigma, sigma_prime, net(x_t, sigma).detach(), z,
+                                                      with_grad=False).sum(), weight)[0]
+    assert with_grad != without
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sampler
+
+
+def test_heun_sampler_reproduces_the_mixture():
+    """EDM's Heun sampler with the exact denoiser: mode weights, per-mode means and spreads (soft-assigned with the
+    mixture's own responsibilities, whose averages are exactly these quantities under the true law). 40 steps, as EDM
+    uses at 64x64: at 18 steps this sharp toy mixture still shows an O(0.08) discretisation bias in one mode."""
+    mixture = GMMDenoiser(**MIXTURE)
+    n = 6000
+    latents = torch.randn(n, 2, 1, 1, generator=torch.Generator().manual_seed(3))
+    x = al.edm_sampler(mixture, latents, num_steps=40)                            # (n, 2, 1, 1)
+    resp = mixture.responsibilities(x, 0.0)                                       # (n, K)
+    x = x.reshape(n, 2)
+    for k, (w, mu, std) in enumerate(zip(MIXTURE['weights'], MIXTURE['means'], MIXTURE['stds'])):
+        r = resp[:, k:k + 1]
+        mean = (r * x).sum(0) / r.sum()
+        spread = ((r * (x - mean) ** 2).sum(0) / r.sum()).sqrt()
+        assert abs(r.mean() - w) < 0.02
+        assert torch.allclose(mean, torch.tensor(mu, dtype=torch.float64), atol=0.04)
+        assert torch.allclose(spread, torch.tensor([std, std], dtype=torch.float64), rtol=0.06)
+
+
+def test_sampler_churn_and_early_stop():
+    """Churn keeps the mixture (EDM's stochastic sampler); stop_variance returns the denoiser's output early."""
+    mixture = GMMDenoiser(weights=[1.0], means=[[1.0, -1.0]], stds=[0.5])
+    g = torch.Generator().manual_seed(4)
+    latents = torch.randn(4000, 2, 1, 1, generator=g)
+    x = al.edm_sampler(mixture, latents, num_steps=32, S_churn=20, S_min=0.05, S_max=50,
+                       randn_like=lambda v: torch.randn(v.shape, generator=g, dtype=v.dtype))
+    assert torch.allclose(x.mean(0).view(-1), torch.tensor([1.0, -1.0], dtype=torch.float64), atol=0.04)
+    assert torch.allclose(x.std(0).view(-1), torch.tensor([0.5, 0.5], dtype=torch.float64), rtol=0.08)
+    early = al.edm_sampler(mixture, latents[:10], stop_variance=1e6)
+    torch.testing.assert_close(early, mixture(latents[:10].double() * 80, 80.0))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Augmentation
+
+
+def test_augment_labels_and_pure_transforms():
+    g = torch.Generator().manual_seed(5)
+    x = torch.nn.functional.interpolate(torch.randn(4, 3, 8, 8, generator=g), size=32, mode='bicubic')  # smooth
+    never = torch.ones(4, 11)                                             # every gate closed
+    out, labels = al.augment(x, 0.5, never, torch.zeros(4, 4))
+    assert labels.shape == (4, 9) and torch.equal(labels, torch.zeros(4, 9))
+    assert (out - x).abs().max() < 0.05                                   # the identity warp only filters lightly
+    flip = never.clone()
+    flip[:, :2] = 0.0                                                      # x-flip gate and coin
+    out_flip, labels = al.augment(x, 0.5, flip, torch.zeros(4, 4))
+    assert torch.equal(labels[:, 0], torch.ones(4))
+    torch.testing.assert_close(out_flip, out.flip(3))
+    shift = never.clone()
+    shift[:, 10] = 0.0                                                    # translation by t * W / 8 pixels
+    g_shift = torch.tensor([[0, 0, 0.25, 0.0]]).repeat(4, 1)              # one pixel to the right
+    out_shift, labels = al.augment(x, 0.5, shift, g_shift)
+    assert torch.equal(labels[:, 7], torch.full((4,), 0.25))
+    torch.testing.assert_close(out_shift[..., 4:-4, 5:-4], out[..., 4:-4, 4:-5], atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The script: train, resume, DDP, generate, eval, bad input
+
+
+def _state(path):
+    return torch.load(path, map_location='cpu', weights_only=False)
+
+
+def _run_dir(outdir):
+    runs = sorted(os.listdir(outdir))
+    return os.path.join(outdir, runs[-1])
+
+
+def _losses(run_dir):
+    with open(os.path.join(run_dir, 'stats.jsonl')) as f:
+        return [(e['kimg'], e['loss'], e['clean_loss'], e['noisy_loss']) for e in map(json.loads, f)]
+
+
+def test_train_generate_eval_end_to_end(tmp_path, monkeypatch, capsys):
+    outdir = tmp_path / 'runs'
+    al.main(['train', *FAST, '--sigma=0.2', '--corruption_probability=0.9', '--kimg=0.032', '--tick=0.016',
+             f'--outdir={outdir}'])
+    run_dir = _run_dir(outdir)
+    files = set(os.listdir(run_dir))
+    assert {'config.json', 'log.txt', 'stats.jsonl', 'dataset.png', 'samples-000000.png',
+            'network-snapshot-000000.pt', 'training-state-000000.pt'} <= files
+    stats = [json.loads(line) for line in open(os.path.join(run_dir, 'stats.jsonl'))]
+    assert stats[-1]['kimg'] == 0.032 and all(np.isfinite(s['loss']) for s in stats)
+    assert 0.7 < np.mean([s['noisy_frac'] for s in stats]) <= 1.0
+    assert 'noisy_used' in open(os.path.join(run_dir, 'log.txt')).read()
+    network = os.path.join(run_dir, 'network-snapshot-000000.pt')
+
+    # Generate: one PNG per seed; image k is the same whatever the batch size.
+    for batch, folder in ((2, 'a'), (3, 'b')):
+        al.main(['generate', f'--network={network}', '--seeds=0-3', f'--batch={batch}',
+                 f'--outdir={tmp_path / folder}'])
+    names = sorted(os.listdir(tmp_path / 'a'))
+    assert names == ['000000.png', '000001.png', '000002.png', '000003.png']
+    for name in names:
+        a, b = (np.asarray(PIL.Image.open(tmp_path / f / name)) for f in ('a', 'b'))
+        assert a.shape == (32, 32, 3)
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    assert not np.array_equal(np.asarray(PIL.Image.open(tmp_path / 'a' / names[0])),
+                              np.asarray(PIL.Image.open(tmp_path / 'a' / names[1])))
+
+    # Eval with a random-weights Inception against made-up reference statistics (Inception on CPU is slow; the
+    # metric itself is fid.py's to test): the samples go through fid.compute_metrics and land in metrics.jsonl.
+    weights = tmp_path / 'inception.pth'
+    torch.save(fid.InceptionV3().state_dict(), weights)
+    monkeypatch.setenv('FID_WEIGHTS', str(weights))
+    fid.save_ref(tmp_path / 'ref.npz', dict(mu=np.zeros(2048), sigma=np.eye(2048), preprocess='pytorch-fid'))
+    al.main(['eval', f'--network={network}', f'--ref={tmp_path / "ref.npz"}', '--num=4', '--batch=2'])
+    result = json.loads(open(os.path.join(run_dir, 'metrics.jsonl')).read().splitlines()[-1])
+    assert result['num'] == 4 and np.isfinite(result['fid']) and result['fid'] > 0
+    assert result == json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    common = [*FAST, '--sigma=0.2', '--corruption_probability=0.5', '--tick=0.008', '--snap=1', '--augment=0.5',
+              '--dropout=0.2']
+    al.main([*common, '--kimg=0.032', f'--outdir={tmp_path / "straight"}'])
+    al.main([*common, '--kimg=0.016', f'--outdir={tmp_path / "resumed"}'])
+    al.main([*common, '--kimg=0.032', f'--outdir={tmp_path / "resumed"}', '--resume=auto'])
+    assert len(os.listdir(tmp_path / 'resumed')) == 1                   # continued in the same run folder
+    a, b = (_run_dir(tmp_path / d) for d in ('straight', 'resumed'))
+    sa, sb = (_state(os.path.join(d, 'training-state-000000.pt')) for d in (a, b))
+    assert sa['cur_nimg'] == sb['cur_nimg'] == 32
+    for key in ('net', 'ema'):
+        for name, value in sa[key].items():
+            assert torch.equal(value, sb[key][name]), name
+    assert _losses(a) == _losses(b)
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    common = [*FAST, '--sigma=0.2', '--corruption_probability=0.5', '--kimg=0.016', '--tick=1', '--augment=0.5',
+              '--lr_rampup_kimg=0', '--consistency_coeff=0.5', '--consistency_batch_size=4', '--num_primes=2',
+              '--num_consistency_steps=3']
+    al.main([*common, f'--outdir={tmp_path / "one"}'])
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                    os.path.join(ROOT, 'ambient_laws.py'), *common, '--batch_gpu=2', f'--outdir={tmp_path / "two"}'],
+                   check=True, cwd=ROOT, env=env, capture_output=True, timeout=120)
+    one, two = (_state(os.path.join(_run_dir(tmp_path / d), 'training-state-000000.pt')) for d in ('one', 'two'))
+    torch.manual_seed(al.derive_seed(0, 0))
+    init = al.build_network(al.resolve_config({'preset': 'tiny', 'cbase': 16}), 32, 3, 0)[0].state_dict()
+    moved = 0
+    for name, value in one['net'].items():
+        torch.testing.assert_close(two['net'][name], value, atol=2e-6, rtol=1e-4)
+        moved += not torch.equal(value, init[name])
+    assert moved > len(init) // 2                                        # the weights did train
+    assert _losses(_run_dir(tmp_path / 'one'))[-1][1:] == pytest.approx(_losses(_run_dir(tmp_path / 'two'))[-1][1:],
+                                                                         rel=1e-5)
+
+
+@pytest.mark.parametrize('flag, message', [
+    ('--sigma=-0.1', '--sigma must be >= 0'),
+    ('--corruption_probability=1.5', '--corruption_probability must be in [0, 1]'),
+    ('--corruption_probability=-0.1', '--corruption_probability must be in [0, 1]'),
+    ('--dataset_keep_percentage=0', '--dataset_keep_percentage must be in (0, 1]'),
+    ('--dataset_keep_percentage=1.2', '--dataset_keep_percentage must be in (0, 1]'),
+    ('--consistency_coeff=-1', '--consistency_coeff must be >= 0'),
+    ('--batch_gpu=3', 'must be divisible'),
+    ('--sigma=abc', 'invalid float value'),
+])
+def test_bad_flags_fail_with_one_line_and_write_nothing(tmp_path, capsys, flag, message):
+    with pytest.raises(SystemExit) as exit_info:
+        al.main([*FAST, flag, f'--outdir={tmp_path / "runs"}'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith('error: ') and message in err[0]
+    assert not (tmp_path / 'runs').exists()
+
+
+def _expect_data_error(tmp_path, capsys, data, message, *flags):
+    with pytest.raises(SystemExit) as exit_info:
+        al.main([*FAST, f'--data={data}', *flags, f'--outdir={tmp_path / "runs"}'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code != 0 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / 'runs').exists()
+
+
+def test_bad_data_fails_with_one_line(tmp_path, capsys):
+    _expect_data_error(tmp_path, capsys, tmp_path / 'missing', 'does not exist')
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    for k in range(3):
+        PIL.Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / f'{k}.png')
+    (folder / 'broken.png').write_bytes(b'not a png')
+    _expect_data_error(tmp_path, capsys, folder, 'cannot read image broken.png')
+    (folder / 'broken.png').unlink()
+    PIL.Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(folder / 'small.png')
+    _expect_data_error(tmp_path, capsys, folder, 'resize them first')
+    npz = tmp_path / 'bad_labels.npz'
+    np.savez(npz, x=np.zeros((8, 32, 32, 3), np.uint8), y=np.array([0, 1, 2, -1, 0, 1, 2, 3]))
+    _expect_data_error(tmp_path, capsys, npz, 'labels must be 8 integers >= 0', '--cond=true')
+    _expect_data_error(tmp_path, capsys, TINY_DATA, '--sigma_per_image must hold 200', '--sigma_per_image=' +
+                       str(_save(tmp_path / 'levels.npy', np.full(10, 0.1))))
+
+
+def _save(path, array):
+    np.save(path, array)
+    return path
+
+
+def test_per_image_noise_levels(tmp_path):
+    """--sigma_per_image gives every image its own sigma_n (0 = clean); the loss uses each sample's own level."""
+    levels = np.zeros(200, np.float32)
+    levels[::3], levels[1::3] = 0.1, 0.4
+    cfg = al.resolve_config({'preset': 'tiny', 'data': TINY_DATA, 'sigma_per_image': str(_save(tmp_path / 'l.npy',
+                                                                                                 levels)),
+                             'dataset_keep_percentage': 0.5})
+    images, labels, sigma_n, raw_index, _ = al.prepare_data(cfg, lambda *a: None)
+    assert len(images) == 100 and torch.equal(sigma_n, torch.from_numpy(levels[raw_index.numpy()]))
+    y = al.observe(images, sigma_n, raw_index, seed=0)
+    residual = (y - (images.float() / 127.5 - 1)).flatten(1).std(1)
+    for level in (0.0, 0.1, 0.4):
+        assert abs(residual[sigma_n == level].mean() - level) < 0.02
+    g = torch.Generator().manual_seed(0)
+    _, _, sigma, _ = al.ambient_loss(lambda x, s, l=None: x, y, sigma_n, torch.randn(100, generator=g),
+                                     torch.randn(y.shape, generator=g))
+    assert torch.all(sigma.view(-1) >= sigma_n)
+
+
+def test_dry_run_writes_nothing(tmp_path, capsys):
+    al.main([*FAST, '--dry_run', f'--outdir={tmp_path / "runs"}', '--sigma=0.2', '--corruption_probability=0.9'])
+    assert '"corruption_probability": 0.9' in capsys.readouterr().out
+    assert not (tmp_path / 'runs').exists()

@@ -81,8 +81,7 @@ class SamplerConfig:
     ddim_steps:         int   = 50           # sampling steps (official scripts' flag name; paper: 50)
     ddim_eta:           float = 0.0          # DDIM stochasticity (official default 0)
     scale:              float = 1.5          # guidance scale s of Eq. 2; 1 = plain conditional sampling
-    timestep_spacing:   str   = ''           # linspace | leading (offset 1); '' = diffusers' default: dpm linspace,
-                                               # ddim leading (as LDM's DDIM)
+    timestep_spacing:   str   = ''           # linspace | leading; '' = diffusers' (dpm: linspace, ddim: leading)
 
 
 @dataclasses.dataclass
@@ -156,6 +155,7 @@ class GenerateConfig(SamplerConfig):
     device:             str   = ''           # '' = cuda when available
 
 
+# The LDM presets train on KL-f8 latents: the paper's VQ-f4 autoencoder is not in nets.py (see the docs).
 _LDM_IN1K = dict(arch='ldm-cin256', cond='class', vae='ema', resolution=256, beta_schedule='scaled_linear',
                  linear_start=0.0015, linear_end=0.0195, batch=512, weight_decay=0.01, ema_decay=0.0)
 PRESETS = {
@@ -1095,16 +1095,17 @@ def training_loop(cfg, rank, world_size, device):
         s = stats.tolist()                                                # the one host sync of the tick
         stats.zero_()
         seconds, kimg = time.time() - tick_start_time, (cur_nimg - tick_start_nimg) / 1000
-        record = dict(kimg=round(cur_nimg / 1000, 3), time=round(time.time() - start_time, 1),
-                      sec_per_kimg=round(seconds / kimg, 3), loss=s[0] / s[1], lr=lr,
-                      loss_by_t=[s[2 + k] / max(s[6 + k], 1) for k in range(4)],
-                      corrupted_rate=s[10] / max(s[1] - s[11], 1), null_rate=s[11] / s[1])
         gpumem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else 0
+        record = dict(kimg=round(cur_nimg / 1000, 3), time=round(time.time() - start_time, 1),
+                      sec_per_kimg=round(seconds / kimg, 3), img_per_sec=round(kimg * 1000 / seconds, 1),
+                      gpumem_gb=round(gpumem, 2), loss=s[0] / s[1], lr=lr,
+                      loss_by_t=[s[2 + k] / max(s[6 + k], 1) for k in range(4)],  # t in [0, 250), ..., [750, 1000)
+                      corrupted_rate=s[10] / max(s[1] - s[11], 1), null_rate=s[11] / s[1])
+        eta_seconds = seconds / kimg * max(total_nimg - cur_nimg, 0) / 1000
         print0(f'kimg {record["kimg"]:.1f} | time {format_time(record["time"])} | sec/kimg {seconds / kimg:.2f} | '
-               f'ETA {format_time(seconds / kimg * max(total_nimg - cur_nimg, 0) / 1000)} | loss {record["loss"]:.4f} | '
-               f'lr {lr:.1e} | img/s {kimg * 1000 / seconds:.0f} | gpumem {gpumem:.1f}G | corrupted '
-               f'{record["corrupted_rate"]:.3f} | null {record["null_rate"]:.3f} | loss by t '
-               + ' '.join(f'{v:.3f}' for v in record['loss_by_t']))
+               f'ETA {format_time(eta_seconds)} | loss {record["loss"]:.4f} | lr {lr:.1e} | img/s '
+               f'{record["img_per_sec"]:.0f} | gpumem {gpumem:.1f}G | corrupted {record["corrupted_rate"]:.3f} | '
+               f'null {record["null_rate"]:.3f} | loss by t ' + ' '.join(f'{v:.3f}' for v in record['loss_by_t']))
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(device)
         if rank == 0:

@@ -257,7 +257,7 @@ def test_latent_cache_round_trip(tmp_path):
     with torch.no_grad():
         for view, images_in in enumerate((x, x.flip(3))):
             mean, logvar = vae.encode_moments(images_in)
-            cached = torch.from_numpy(np.asarray(rows[:, view])).float()                          # (N, 2C, h, w)
+            cached = torch.from_numpy(np.array(rows[:, view])).float()                            # (N, 2C, h, w)
             assert torch.allclose(cached, torch.cat([mean, logvar], 1), atol=2e-3, rtol=2e-3)
     vae.encode_moments = None  # a second run reads the cache without encoding
     assert np.array_equal(L.cache_latents(dataset, vae, path, True, 2, torch.device('cpu'), 0, 1, 1), rows)

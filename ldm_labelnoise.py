@@ -236,6 +236,8 @@ def check_config(cfg, world_size):
             raise FlagError(f'--{name} must be in [0, 1)')
     if cfg.cep_gamma < 0 or cfg.input_perturbation < 0:
         raise FlagError('--cep_gamma and --input_perturbation must be >= 0')
+    if cfg.class_dropout_prob == 0 and cfg.scale != 1:
+        raise FlagError('the sample grids use --scale, which needs null conditions: --class_dropout_prob > 0')
     if cfg.corruption_classes and (cfg.cond != 'class' or not re.fullmatch(r'\d+(,\d+)+', cfg.corruption_classes)):
         raise FlagError('--corruption_classes must list at least two class ids, e.g. 3,5,9, with --cond=class')
     if not is_dit(cfg.arch) and nets.UNET_PRESETS.get(cfg.arch, {}).get('arch') != 'ldm':
@@ -803,11 +805,13 @@ def load_vae(path_or_url, device, cache_dir=None):
         raise UserError(str(error))
 
 
-def load_snapshot(path, device):
+def load_snapshot(path, device, scale):
     """A network snapshot -> (EMA Denoiser in eval mode, spec, VAE or None)."""
     if not os.path.isfile(path):
         raise UserError(f'--network file not found: {path}')
     snapshot = torch.load(path, map_location='cpu', weights_only=True)
+    if scale != 1 and not snapshot['spec']['class_dropout_prob']:
+        raise FlagError(f'{path} was trained without null conditions (--class_dropout_prob=0): use --scale=1')
     net = build_network(snapshot['spec'])
     net.load_state_dict(snapshot['ema'])
     vae = load_vae(snapshot['spec']['vae'], device) if snapshot['spec']['vae'] else None
@@ -1172,7 +1176,7 @@ def sample_seeds(net, spec, vae, seeds, cfg, prompts, device):
 
 def generate(cfg, rank, world_size, device):
     """One PNG per seed under outdir/<thousands>/<seed>.png, plus dataset.json with the labels (class models)."""
-    net, spec, vae = load_snapshot(cfg.network, device)
+    net, spec, vae = load_snapshot(cfg.network, device, cfg.scale)
     prompts, seeds = load_prompts(cfg, spec), parse_seeds(cfg.seeds)
     names = {seed: f'{seed - seed % 1000:06d}/{seed:06d}.png' for seed in seeds}
     for chunk, images in sample_seeds(net, spec, vae, seeds[rank::world_size], cfg, prompts, device):
@@ -1192,7 +1196,7 @@ def evaluate(cfg, rank, world_size, device):
     """fid.compute_metrics on --num class-balanced samples held in memory; appends to metrics.jsonl."""
     if not os.path.isfile(cfg.ref):
         raise UserError(f'--ref statistics not found: {cfg.ref!r} (make them with `python fid.py ref`)')
-    net, spec, vae = load_snapshot(cfg.network, device)
+    net, spec, vae = load_snapshot(cfg.network, device, cfg.scale)
     prompts = load_prompts(cfg, spec)
     try:
         detector = fid.load_inception(cfg.fid_weights or None, device=device)
@@ -1216,7 +1220,9 @@ def evaluate(cfg, rank, world_size, device):
 def walk(cfg, rank, world_size, device):
     """The official circular walk: z_k = cos(theta_k) n_x + sin(theta_k) n_y with theta = pi * linspace(0, 2, K),
     one row per network, one grid per class (or prompt) and walk."""
-    snapshots = [load_snapshot(path, device) for path in cfg.network.split(',')]
+    if rank != 0:  # a handful of grids: one process does them all
+        return
+    snapshots = [load_snapshot(path, device, cfg.scale) for path in cfg.network.split(',')]
     spec0 = snapshots[0][1]
     if any(spec['shape'] != spec0['shape'] for _, spec, _ in snapshots):
         raise UserError('walk compares networks with the same latent shape')

@@ -190,7 +190,8 @@ class FlagError(UserError):
 def parse_config(cls, argv):
     """Flags from the dataclass fields (`--name=value`); `--preset` sets defaults that explicit flags override.
     `--help` prints the commented dataclass."""
-    parser = argparse.ArgumentParser(prog='ldm_labelnoise.py', epilog=inspect.getsource(cls),
+    epilog = '\n'.join(inspect.getsource(c) for c in reversed(cls.__mro__[:-1]))  # SamplerConfig, then cls
+    parser = argparse.ArgumentParser(prog='ldm_labelnoise.py', epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.error = lambda message: (_ for _ in ()).throw(FlagError(message))
     for field in dataclasses.fields(cls):

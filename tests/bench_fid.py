@@ -132,7 +132,8 @@ def main():
         with torch.no_grad():
             model(batches[0].float() / 255)  # warm-up
         features, seconds = timed(device, run_reference)
-        report("pytorch-fid (torch defaults: TF32 convs on CUDA)", features, seconds, device, args.data)
+        tf32 = " (TF32 convs, torch's default)" if device.type == "cuda" else ""
+        report(f"pytorch-fid{tf32}", features, seconds, device, args.data)
 
 
 if __name__ == "__main__":

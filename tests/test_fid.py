@@ -1,11 +1,12 @@
 """Tests of fid.py: detector layout, preprocessing, metric math against closed forms, files, CLI, torchrun.
 
 The network is checked with randomly initialised weights saved to a temporary file; pipeline tests use a tiny
-stand-in detector so that they take milliseconds. With the real weights beside the repository
-(../shared/data/fid_inception_tf2015_nofc_fp16.pth) and RUN_SLOW=1, the FID of two CIFAR-10 halves is checked
-against the published number.
+stand-in detector so that they take milliseconds. When the real weights lie beside the repository
+(../shared/data/fid_inception_tf2015_nofc_fp16.pth), features of three CIFAR-10 images are compared with
+pytorch-fid's, and with RUN_SLOW=1 the FID of two 500-image CIFAR-10 halves with the data README's 76.84.
 """
 import hashlib
+import io
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import warnings
+import zipfile
 
 import numpy as np
 import pytest
@@ -149,6 +151,23 @@ def test_load_inception_variants(weights, tmp_path, monkeypatch):
 
     monkeypatch.setattr(fid.requests, "get", offline)
     with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05-6726825d.pth"):
+        fid.load_inception()
+
+    class WrongBytes:  # a download whose SHA-256 does not start with 6726825d
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *args):
+            pass
+
+        def raise_for_status(self):
+            pass
+
+        def iter_content(self, chunk_size):
+            yield b"not the weights"
+
+    monkeypatch.setattr(fid.requests, "get", lambda *args, **kwargs: WrongBytes())
+    with pytest.raises(ValueError, match="corrupt"):
         fid.load_inception()
     assert not [p for p in (tmp_path / "hub").rglob("*") if p.is_file()]  # no partial file left behind
 
@@ -403,6 +422,23 @@ def test_image_folder_modes_and_mixed_sizes(tmp_path):
     with pytest.warns(UserWarning, match="mixed image sizes"):
         batches = list(fid.image_batches(source, range(4), batch_size=3))
     assert [tuple(b.shape) for b in batches] == [(2, 3, 8, 8), (1, 3, 6, 6), (1, 3, 8, 8)]
+
+
+def test_zip_and_npz_sources(tmp_path):
+    images = np.random.RandomState(12).randint(0, 256, (3, 5, 7, 3), dtype=np.uint8)
+    with zipfile.ZipFile(tmp_path / "dataset.zip", "w") as archive:  # EDM layout: class folders + dataset.json
+        archive.writestr("dataset.json", json.dumps({"labels": [["1/b.png", 1], ["0/a.png", 0], ["0/c.png", 0]]}))
+        for name, image in zip(("0/a.png", "1/b.png", "0/c.png"), images):
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="png")
+            archive.writestr(name, buffer.getvalue())
+    from_zip = fid.ImageSource(tmp_path / "dataset.zip")
+    assert from_zip.names == ["0/a.png", "0/c.png", "1/b.png"]
+    assert np.array_equal(from_zip[1], images[2].transpose(2, 0, 1))
+    np.savez(tmp_path / "adm.npz", arr_0=images)
+    np.savez(tmp_path / "gray.npz", x=images[..., 0])
+    assert np.array_equal(fid.ImageSource(tmp_path / "adm.npz")[2], images[2].transpose(2, 0, 1))
+    assert fid.ImageSource(tmp_path / "gray.npz")[0].shape == (3, 5, 7)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -63,11 +63,6 @@ import torch.nn.functional as F
 import fid
 import nets
 
-if not hasattr(nets, 'DiT_models'):  # TEMPORARY: until the DiT / VAE part is merged into nets.py
-    import nets_dit_vae_part
-    for _name in ('DiT', 'DiT_models', 'AutoencoderKL', 'AUTOENCODER_TINY', 'load_autoencoder', 'WeightsNotFoundError'):
-        setattr(nets, _name, getattr(nets_dit_vae_part, _name))
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Configuration.
 

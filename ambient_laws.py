@@ -24,10 +24,11 @@ Commands (the flags follow ambient-laws' train.py; `--preset` picks the CIFAR-10
     torchrun --standalone --nproc_per_node=8 ambient_laws.py --preset=cifar10 --data=cifar10 --sigma=0.2 \\
         --corruption_probability=0.9 --resume=auto
 
-    # 50,000 samples as PNGs, then FID against EDM's reference statistics (TF preprocessing)
+    # 50,000 samples as PNGs; then FID of 50,000 samples in memory against EDM's reference statistics (TF
+    # preprocessing). The `--` stops torchrun from taking --num for its own --numa-binding.
     torchrun --standalone --nproc_per_node=8 ambient_laws.py generate --seeds=0-49999 --outdir=samples \\
-        --network=runs/00000-cifar10-ddpmpp-cifar10-sigma0.2-p0.9-keep1.0/network-snapshot-200000.pt
-    torchrun --standalone --nproc_per_node=8 ambient_laws.py eval --num=50000 --preprocess=tf \\
+        --network=runs/00000-cifar10-ddpmpp-cifar10-sigma0.2-p0.9-keep1/network-snapshot-200000.pt
+    torchrun --standalone --nproc_per_node=8 -- ambient_laws.py eval --num=50000 --preprocess=tf \\
         --ref=https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz --network=runs/.../network-snapshot-...pt
 """
 
@@ -101,7 +102,7 @@ class Config:
     weight_decay: float = 0.0             # Adam's L2 weight decay (torch.optim.Adam); official default
     ema_halflife_kimg: float = 500        # EMA half-life; official --ema=0.5 (Mimg)
     ema_rampup_ratio: float = 0.05        # half-life <= this x images seen; EDM default
-    # Sampler (EDM Algorithm 2): the grids during training and the defaults of generate / eval.
+    # Sampler (EDM Algorithms 1-2): the grids during training and the defaults of generate / eval.
     steps: int = 18                       # Heun steps (2 x steps - 1 network calls); official default
     sigma_min: float = 0.002              # EDM default
     sigma_max: float = 80.0               # EDM default
@@ -139,7 +140,8 @@ class Config:
 
 # Dataset recipes. CIFAR-10 is ambient-laws' train.py default (= EDM's unconditional CIFAR-10 DDPM++). The repo gives
 # no CelebA / ImageNet command; the paper's clean FIDs (2.40, 1.41) match EDM's 64x64 DDPM++ and ImageNet-64 ADM
-# recipes (EDM README), which are used here. Sampler settings are EDM's recommendations per resolution.
+# recipes (EDM README), which are used here; nets.py's 'adm-celeba64' has exactly EDM's ImageNet-64 DhariwalUNet
+# layout (192 channels, 1-2-3-4, 3 blocks, attention at 32/16/8). Sampler settings are EDM's per resolution.
 PRESETS = {
     'cifar10': dict(arch='ddpmpp-cifar10', cond=False, batch=512, lr=1e-3, dropout=0.13, augment=0.12,
                     kimg=200_000, ema_halflife_kimg=500, steps=18),
@@ -417,9 +419,9 @@ SYM6 = [0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.04
 
 def augment(images, p, u, g):
     """EDM's AugmentPipe as ambient-laws configures it (xflip=1e8, yflip, scale, rotate_frac, aniso, translate_frac,
-    each with probability p; EDM App. F.2). images (B, C, H, W); u (B, 11) uniforms and g (B, 4) normals drawn by the
-    caller. Returns the images and the 9 augmentation labels the network is conditioned on. The official code
-    augments noisy images too, which low-passes their noise (a quirk kept for faithfulness)."""
+    each with probability p; NVlabs/edm training/augment.py). images (B, C, H, W); u (B, 11) uniforms and g (B, 4)
+    normals drawn by the caller. Returns the images and the 9 augmentation labels the network is conditioned on.
+    The official code augments noisy images too; the warps low-pass their noise (a quirk kept for faithfulness)."""
     B, C, H, W = images.shape
     gate = lambda k, mult=1.0: u[:, k] < mult * p  # noqa: E731
     zero = torch.zeros_like(u[:, 0])
@@ -522,7 +524,7 @@ def reverse_sde(net, x, sigma_start, sigma_end, z, class_labels=None, rho=7.0):
 
 
 def consistency_loss(net, x_t, sigma, sigma_prime, x0_pred, z, class_labels=None, with_grad=True):
-    """Consistency term (official training/loss.py; Daras et al. ICML 2024 Sec. 3.2): E[x0 | x_t] must equal the mean
+    """Consistency term (official training/loss.py; Daras et al. ICML 2024): E[x0 | x_t] must equal the mean
     of E[x0 | x_t'] over reverse-SDE samples x_t' at sigma' < sigma. It teaches levels below sigma_n, which noisy
     images cannot. x_t, x0_pred = D(x_t, sigma) (b, C, H, W); sigma, sigma_prime (b, 1, 1, 1); z (steps - 1, b K, C,
     H, W) for K runs per row. Returns the per-pixel term (b, C, H, W). Costs K (steps - 1) + K extra network passes
@@ -542,8 +544,9 @@ def consistency_loss(net, x_t, sigma, sigma_prime, x0_pred, z, class_labels=None
 def edm_sampler(net, latents, class_labels=None, num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0,
                 S_churn=0.0, S_min=0.0, S_max=float('inf'), S_noise=1.0, randn_like=torch.randn_like,
                 stop_variance=0.0):
-    """EDM Algorithm 2 (Heun, optional churn), as in ambient-laws generate.py edm_sampler. latents (B, C, H, W)
-    standard normal; returns samples (B, C, H, W) in float64. The schedule stays on the host (no syncs)."""
+    """EDM Algorithms 1 and 2 (Heun; stochastic with S_churn > 0), as in ambient-laws generate.py edm_sampler.
+    latents (B, C, H, W) standard normal; returns samples (B, C, H, W) in float64. The schedule stays on the host, so
+    the loop has no host syncs."""
     t_steps = [(sigma_max ** (1 / rho) + i / max(num_steps - 1, 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho)))
                ** rho for i in range(num_steps)] + [0.0]                                   # t_N = 0
     x_next = latents.to(torch.float64) * t_steps[0]
@@ -686,7 +689,7 @@ def build_network(cfg, resolution, channels, label_dim):
 def load_snapshot(path, device):
     """The EMA network of a network-snapshot-*.pt (or training-state-*.pt), in eval mode, and its config."""
     try:
-        data = torch.load(path, map_location='cpu', weights_only=False)
+        data = torch.load(path, map_location='cpu', weights_only=True)
         net = EDMPrecond(nets.UNet(**data['net_kwargs']), data['config']['sigma_data'])
         net.load_state_dict(data['ema'])
     except Exception as error:
@@ -770,7 +773,7 @@ def open_run(cfg, desc, net, ema, optimizer, rank, world):
     cur_nimg, cur_tick, ema_rampup_ratio = 0, 0, cfg.ema_rampup_ratio
     if state_path or cfg.transfer:
         try:
-            data = torch.load(state_path or cfg.transfer, map_location='cpu', weights_only=False)
+            data = torch.load(state_path or cfg.transfer, map_location='cpu', weights_only=True)
             net.load_state_dict(data['net'] if state_path else data['ema'])
             ema.load_state_dict(data['ema'])
             if state_path:
@@ -1021,8 +1024,8 @@ def sampling_setup(given, default_batch):
     fields = {f.name for f in dataclasses.fields(Config)}
     cfg = resolve_config({**{k: v for k, v in saved.items() if k in fields}, 'batch': default_batch, 'resume': '',
                           'transfer': '', **given})
-    precision = cfg.precision or ('bf16' if device.type == 'cuda' else 'fp32')
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=precision == 'bf16')
+    # Sampling runs in fp32 unless --precision=bf16 is given here (the official samplers run fp32 networks).
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=given.get('precision') == 'bf16')
     if net.unet.label_dim and cfg.class_idx >= net.unet.label_dim:
         fail(f'--class must be < {net.unet.label_dim}')
     return rank, world, device, net, cfg, autocast
@@ -1057,15 +1060,17 @@ def generate(given):
 def evaluate(given):
     """Sample --num images in memory (seeds 0..num-1), compute fid.py metrics, append them to metrics.jsonl."""
     rank, world, device, net, cfg, autocast = sampling_setup(given, default_batch=256)
-    if not cfg.ref:
-        fail('--ref is required (reference .npz, URL, or images)')
+    metrics = cfg.metrics.split(',')
+    if not cfg.ref or set(metrics) - set(fid.METRICS):
+        fail(f'--ref (reference .npz, URL or images) is required and --metrics must be some of {",".join(fid.METRICS)}')
     try:
+        ref = fid.load_ref(cfg.ref)
         detector = fid.load_inception(cfg.fid_weights or None, device)
     except (FileNotFoundError, ValueError) as error:
         fail(str(error))
     batches = (sample_images(net, b, device, cfg, autocast)
                for b in rank_batches(list(range(cfg.num)), cfg.batch, rank, world) if b)
-    metrics = fid.compute_metrics(batches, cfg.ref, metrics=cfg.metrics.split(','), detector=detector, device=device,
+    metrics = fid.compute_metrics(batches, ref, metrics=metrics, detector=detector, device=device,
                                   preprocess=cfg.preprocess or None, num_images=cfg.num)
     if rank == 0:
         result = dict(network=os.path.abspath(cfg.network), num=cfg.num, steps=cfg.steps, S_churn=cfg.S_churn,

@@ -300,7 +300,7 @@ def test_augment_labels_and_pure_transforms():
 
 
 def _state(path):
-    return torch.load(path, map_location='cpu', weights_only=False)
+    return torch.load(path, map_location='cpu', weights_only=True)
 
 
 def _run_dir(outdir):
@@ -352,6 +352,21 @@ def test_train_generate_eval_end_to_end(tmp_path, monkeypatch, capsys):
     assert result == json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
+def test_class_conditional_train_and_generate(tmp_path, capsys):
+    """--cond=true takes the labels of the .npz (10 classes), passes them through the loss and the consistency
+    term, and generate --class picks one; a class out of range is an error."""
+    al.main([*FAST, '--cond=true', '--sigma=0.1', '--corruption_probability=0.5', '--kimg=0.008',
+             '--consistency_coeff=1', '--consistency_batch_size=2', '--num_primes=2', '--num_consistency_steps=2',
+             f'--outdir={tmp_path / "runs"}'])
+    network = os.path.join(_run_dir(tmp_path / 'runs'), 'network-snapshot-000000.pt')
+    assert _state(network)['net_kwargs']['label_dim'] == 10
+    al.main(['generate', f'--network={network}', '--seeds=0-1', '--class=3', f'--outdir={tmp_path / "gen"}'])
+    assert sorted(os.listdir(tmp_path / 'gen')) == ['000000.png', '000001.png']
+    with pytest.raises(SystemExit):
+        al.main(['generate', f'--network={network}', '--seeds=0', '--class=10', f'--outdir={tmp_path / "gen"}'])
+    assert capsys.readouterr().err.strip() == 'error: --class must be < 10'
+
+
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     common = [*FAST, '--sigma=0.2', '--corruption_probability=0.5', '--tick=0.008', '--snap=1', '--augment=0.5',
               '--dropout=0.2']
@@ -385,6 +400,9 @@ def test_two_process_ddp_matches_one_process(tmp_path):
         torch.testing.assert_close(two['net'][name], value, atol=2e-6, rtol=1e-4)
         moved += not torch.equal(value, init[name])
     assert moved > len(init) // 2                                        # the weights did train
+    for k, state in one['optimizer']['state'].items():                   # Adam's gradient averages agree
+        torch.testing.assert_close(two['optimizer']['state'][k]['exp_avg'], state['exp_avg'],
+                                   atol=1e-4 * state['exp_avg'].abs().max().item(), rtol=1e-4)
     assert _losses(_run_dir(tmp_path / 'one'))[-1][1:] == pytest.approx(_losses(_run_dir(tmp_path / 'two'))[-1][1:],
                                                                          rel=1e-5)
 
@@ -455,6 +473,46 @@ def test_per_image_noise_levels(tmp_path):
     _, _, sigma, _ = al.ambient_loss(lambda x, s, l=None: x, y, sigma_n, torch.randn(100, generator=g),
                                      torch.randn(y.shape, generator=g))
     assert torch.all(sigma.view(-1) >= sigma_n)
+
+
+def test_cifar10_download_is_checked_extracted_and_cached(tmp_path, monkeypatch):
+    """--data=cifar10 without the network: a fake archive in the official layout goes through the md5 check, the
+    extraction and the cache; a wrong checksum is an error."""
+    import hashlib
+    import io
+    import pickle
+    import tarfile
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode='w:gz') as tar:
+        for k in range(1, 6):
+            data = pickle.dumps({b'data': np.full((2, 3072), k, np.uint8), b'labels': [k, k + 1]})
+            info = tarfile.TarInfo(f'cifar-10-batches-py/data_batch_{k}')
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    payload, calls = archive.getvalue(), []
+
+    class Response:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *args):
+            return False
+
+        def raise_for_status(self):
+            pass
+
+        def iter_content(self, size):
+            return [payload[i:i + size] for i in range(0, len(payload), size)]
+
+    monkeypatch.setattr(al.requests, 'get', lambda *a, **k: calls.append(a) or Response())
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+    with pytest.raises(ValueError, match='md5'):
+        al.load_dataset('cifar10')
+    monkeypatch.setattr(al, 'CIFAR10_MD5', hashlib.md5(payload).hexdigest())
+    for _ in range(2):
+        x, y = al.load_dataset('cifar10')
+        assert x.shape == (10, 32, 32, 3) and x[2, 0, 0, 0] == 2 and y.tolist() == [1, 2, 2, 3, 3, 4, 4, 5, 5, 6]
+    assert len(calls) == 2                                                # the second load came from the cache
 
 
 def test_dry_run_writes_nothing(tmp_path, capsys):

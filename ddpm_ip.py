@@ -52,6 +52,7 @@ import zipfile
 
 import numpy as np
 import PIL.Image
+import requests
 import torch
 import torch.distributed as dist
 
@@ -324,7 +325,6 @@ def load_images(path):
 
 def load_cifar10(cache_dir):
     """CIFAR-10 training set from the official tarball: downloaded once, checksum verified, written atomically."""
-    import requests
     path = os.path.join(cache_dir, 'cifar-10-python.tar.gz')
     if not os.path.isfile(path):
         os.makedirs(cache_dir, exist_ok=True)
@@ -337,6 +337,9 @@ def load_cifar10(cache_dir):
         if hashlib.md5(data).hexdigest() != CIFAR10_MD5:
             raise InputError(f'--data cifar10: checksum mismatch for {CIFAR10_URL}')
         atomic_write(path, lambda f: f.write(data))
+    with open(path, 'rb') as f:
+        if hashlib.md5(f.read()).hexdigest() != CIFAR10_MD5:
+            raise InputError(f'--data cifar10: {path} is corrupt (checksum mismatch); delete it to download again')
     xs, ys = [], []
     with tarfile.open(path) as tar:
         for i in range(1, 6):
@@ -464,7 +467,8 @@ class GaussianDiffusion:
 def make_diffusion(noise_schedule, diffusion_steps, timestep_respacing='', device='cpu'):
     """The process of official create_gaussian_diffusion: all T steps, or those kept by timestep_respacing."""
     betas = get_named_beta_schedule(noise_schedule, diffusion_steps)
-    kept = space_timesteps(diffusion_steps, timestep_respacing) if timestep_respacing else None
+    # Official: even the full process is a SpacedDiffusion, whose betas are re-derived from alpha_bar.
+    kept = space_timesteps(diffusion_steps, timestep_respacing or str(diffusion_steps))
     return GaussianDiffusion(betas, kept, device)
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -981,7 +985,8 @@ def run_sampling_command(command, c, rank, world_size, device, log):
     start = diffusion.num_timesteps - 1 if c.forward_t is None else c.forward_t
     if not 1 <= start < diffusion.num_timesteps:
         raise FlagError(f'--forward_t must be in [1, {diffusion.num_timesteps - 1}]')
-    totals = [0, 0, 0]
+    totals = [torch.zeros(start, *shape, dtype=torch.float64, device=device) for _ in range(2)]
+    totals.append(torch.zeros((), dtype=torch.float64, device=device))  # sums of r, r^2, |x0_hat - x0|
     for indices in rank_batches(chosen, c.batch, rank, world_size):
         x0 = torch.from_numpy(x_data[indices]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
         labels = torch.from_numpy(y_data[indices]).to(device) if label_dim else None
@@ -991,7 +996,6 @@ def run_sampling_command(command, c, rank, world_size, device, log):
                               c.eta if c.use_ddim else None, labels,
                               torch.zeros_like if c.deterministic else rnd.randn_like)
         totals = [a + b for a, b in zip(totals, parts)]
-    totals = [torch.as_tensor(v, dtype=torch.float64, device=device) for v in totals]
     if world_size > 1:
         for tensor in totals:
             dist.all_reduce(tensor)

@@ -368,6 +368,43 @@ def test_official_cifar10_config_and_guided_diffusion_state_dict_load(tmp_path):
     images = ddpm_ip.generate_images(ddpm_ip.make_denoiser(loaded, 'fp32'), diffusion, [0, 1], (3, 32, 32), 0, 'cpu', c)
     assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8
 
+def test_cifar10_download_checksum_and_cache(tmp_path, monkeypatch):
+    """The `cifar10` data path with a stand-in for the official tarball (the tests run offline)."""
+    import io
+    import pickle
+    import tarfile
+    rng = np.random.default_rng(0)
+    batches = [dict(data=rng.integers(0, 256, (2, 3072), dtype=np.uint8), labels=[i, 9 - i]) for i in range(5)]
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode='w:gz') as tar:
+        for i, batch in enumerate(batches):
+            payload = pickle.dumps({k.encode(): v for k, v in batch.items()})
+            info = tarfile.TarInfo(f'cifar-10-batches-py/data_batch_{i + 1}')
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    tarball = buffer.getvalue()
+
+    class Response:
+        def raise_for_status(self):
+            pass
+
+        def iter_content(self, size):
+            return [tarball[:100], tarball[100:]]
+
+    downloads = []
+    monkeypatch.setattr(ddpm_ip.requests, 'get', lambda url, **kw: downloads.append(url) or Response())
+    monkeypatch.setattr(ddpm_ip, 'CIFAR10_MD5', __import__('hashlib').md5(tarball).hexdigest())
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+    for _ in range(2):  # the second call reads the cache
+        x, y = ddpm_ip.load_dataset('cifar10')
+    assert downloads == [ddpm_ip.CIFAR10_URL] and x.shape == (10, 32, 32, 3) and x.dtype == np.uint8
+    assert y.tolist() == [0, 9, 1, 8, 2, 7, 3, 6, 4, 5]
+    np.testing.assert_array_equal(x[1, 0, 0], batches[0]['data'][1, [0, 1024, 2048]])  # CHW rows -> HWC
+    (tmp_path / 'ddpm_ip' / 'cifar-10-python.tar.gz').write_bytes(b'truncated')
+    with pytest.raises(ddpm_ip.InputError, match='corrupt'):
+        ddpm_ip.load_dataset('cifar10')
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line: tiny runs on 8x8 images (the embedded CIFAR-10 sample, box-downsampled)
 
@@ -449,8 +486,15 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(small_data, tmp_path):
     args = [f'--data={small_data}', *TINY_NET, '--schedule_sampler=loss-second-moment', '--dropout=0.1']
     assert run_main([*args, f'--outdir={tmp_path}/a', '--kimg=0.048']) == 0
     assert run_main([*args, f'--outdir={tmp_path}/b', '--kimg=0.032']) == 0
+    # As if killed (kill -9) after one more tick but before the next state: a progress line the state does not
+    # cover and a half-written temporary file. Neither may leak into the resumed run.
+    run_b = only_run_dir(tmp_path / 'b')
+    with open(os.path.join(run_b, 'stats.jsonl'), 'a') as f:
+        f.write(json.dumps(dict(nimg=48, kimg=0.048, loss=123.0)) + '\n')
+    open(os.path.join(run_b, 'training-state-000000.pt.tmp999'), 'wb').write(b'partial')
     assert run_main([*args, f'--outdir={tmp_path}/b', '--kimg=0.048', '--resume=auto']) == 0
-    run_a, run_b = only_run_dir(tmp_path / 'a'), only_run_dir(tmp_path / 'b')  # resumed in the same folder
+    run_a = only_run_dir(tmp_path / 'a')
+    assert only_run_dir(tmp_path / 'b') == run_b  # resumed in the same folder
     state_a, state_b = (torch.load(os.path.join(r, 'training-state-000000.pt'), weights_only=True)
                         for r in (run_a, run_b))
     assert state_a['cur_nimg'] == state_b['cur_nimg'] == 48

@@ -161,7 +161,8 @@ ALIASES = {'duration': ('kimg', 1000), 'ema': ('ema_halflife_kimg', 1000), 'clas
 def fail(message, code=2):
     """One clear line on stderr (from one rank) and a non-zero exit."""
     if os.environ.get('RANK', '0') == '0':
-        print(f'error: {message}', file=sys.stderr)
+        message = ' '.join(str(message).split())  # one line, even for multi-line library errors
+        print(f'error: {message[:600]}{"..." if len(message) > 600 else ""}', file=sys.stderr)
     sys.exit(code)
 
 
@@ -384,7 +385,8 @@ def image_noise(raw_index, shape, seed):
     image keeps the same noise in every epoch and run without storing it, on any device. The official code reseeds
     NumPy with the image index in __getitem__ for the same effect."""
     half = (math.prod(shape) + 1) // 2
-    key = _hash32((raw_index.long() + _hash32(raw_index.new_tensor(seed % 2 ** 32))) & 0xFFFFFFFF)   # (B,)
+    seed_key = int(_hash32(torch.tensor(seed % 2 ** 32)))                                           # on the host
+    key = _hash32((raw_index.long() + seed_key) & 0xFFFFFFFF)                                        # (B,)
     bits = _hash32(key[:, None] ^ _hash32(torch.arange(2 * half, device=raw_index.device)))         # (B, 2 half)
     u = ((bits >> 8).float() + 0.5) / 2 ** 24                                                        # in (0, 1)
     radius, angle = (-2 * u[:, :half].log()).sqrt(), 2 * math.pi * u[:, half:]
@@ -411,10 +413,14 @@ def _rotate(theta):
     return _affine(theta, theta.cos(), -theta.sin(), theta.sin(), theta.cos())
 
 
-# Low-pass filter of the sym6 wavelet, with which EDM's AugmentPipe up- and downsamples around the warp.
-SYM6 = [0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633, 0.4910559419267466,
-        0.787641141030194, 0.3379294217276218, -0.07263752278646252, -0.021060292512300564, 0.04472490177066578,
-        0.0017677118642428036, -0.007800708325034148]
+@functools.lru_cache(maxsize=None)
+def _sym6(device):
+    """Low-pass filter of the sym6 wavelet, with which EDM's AugmentPipe resamples around the warp (built once per
+    device: a host-to-device copy in every step would be a sync)."""
+    return torch.tensor([0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633,
+                         0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252,
+                         -0.021060292512300564, 0.04472490177066578, 0.0017677118642428036, -0.007800708325034148],
+                        device=device)
 
 
 def augment(images, p, u, g):
@@ -441,7 +447,7 @@ def augment(images, p, u, g):
     labels = torch.stack([flip_x.float(), flip_y.float(), w_scale, w_rot.cos() - 1, w_rot.sin(),
                           w_aniso * r_aniso.cos(), w_aniso * r_aniso.sin(), t[:, 0], t[:, 1]], dim=1)   # (B, 9)
     # Reflect-pad by the largest margin EDM can choose (same result, no host sync), then upsample 2x with sym6.
-    filt = images.new_tensor(SYM6)
+    filt = _sym6(images.device).to(images.dtype)
     images = F.pad(images, [W - 1, W - 1, H - 1, H - 1], mode='reflect')                  # (B, C, 3H-2, 3W-2)
     for dim in (3, 2):
         images = torch.stack([images, torch.zeros_like(images)], dim=dim + 1).flatten(dim, dim + 1)
@@ -476,8 +482,8 @@ class EDMPrecond(torch.nn.Module):
 
     def forward(self, x, sigma, class_labels=None, augment_labels=None):
         x = x.float()                                                                      # (B, C, H, W)
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
-        sigma = sigma.expand(x.shape[0], 1, 1, 1)                                          # (B, 1, 1, 1)
+        sigma = sigma.float() if torch.is_tensor(sigma) else x.new_full([1], sigma)        # no host-device copy
+        sigma = sigma.reshape(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)                     # (B, 1, 1, 1)
         c_skip = self.sigma_data ** 2 / (sigma ** 2 + self.sigma_data ** 2)
         c_out = sigma * self.sigma_data / (sigma ** 2 + self.sigma_data ** 2).sqrt()
         c_in = 1 / (self.sigma_data ** 2 + sigma ** 2).sqrt()
@@ -575,11 +581,11 @@ class SeedGenerators:
     def __init__(self, device, seeds):
         self.generators = [torch.Generator(device).manual_seed(int(s) % (1 << 32)) for s in seeds]
 
-    def randn(self, shape, device):
-        return torch.stack([torch.randn(shape, generator=g, device=device) for g in self.generators])
+    def randn(self, shape, device, dtype=torch.float32):
+        return torch.stack([torch.randn(shape, generator=g, device=device, dtype=dtype) for g in self.generators])
 
-    def randn_like(self, x):
-        return self.randn(x.shape[1:], x.device).to(x.dtype)
+    def randn_like(self, x):  # drawn in x's dtype (float64 in the sampler), as EDM, so the streams match
+        return self.randn(x.shape[1:], x.device, x.dtype)
 
     def randint(self, high, device):
         return torch.stack([torch.randint(high, [], generator=g, device=device) for g in self.generators])
@@ -678,7 +684,7 @@ def build_network(cfg, resolution, channels, label_dim):
     if kwargs['arch'] == 'ddpmpp':
         kwargs['augment_dim'] = 9 if cfg.augment > 0 else 0  # EDM conditions DDPM++ on the augmentation labels
     elif cfg.augment > 0:
-        fail(f'--augment needs a ddpmpp arch (EDM trained its ADM without augmentation); pass --augment=0')
+        fail('--augment needs a ddpmpp arch (EDM trained its ADM without augmentation); pass --augment=0')
     if cfg.cbase:
         kwargs['model_channels'] = cfg.cbase
     if cfg.cres:
@@ -871,7 +877,9 @@ def train(cfg):
     # parameter's accumulator once) and torch.compile.
     ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if cuda else None) if world > 1 else net
     model = torch.compile(ddp) if cfg.compile else ddp
-    my_rows = torch.arange(cfg.batch)[rank::world].view(rounds, batch_gpu)  # this rank's rows of the global batch
+    # This rank's rows of the global batch, (rounds, batch_gpu), on the host and where they index.
+    my_rows = torch.arange(cfg.batch)[rank::world].view(rounds, batch_gpu)
+    rows_device, rows_data = my_rows.to(device), my_rows.to(data_device)
     num_cons = min(cfg.consistency_batch_size, cfg.batch) if cfg.consistency_coeff > 0 else 0
     stats = torch.zeros(len(STATS), device=device)
     bins = torch.tensor(SIGMA_BINS, device=device)
@@ -881,19 +889,19 @@ def train(cfg):
         step = cur_nimg // cfg.batch
         rnd_normal, eps, aug_u, aug_g, z = step_randomness(cfg, step, (C, H, W), num_cons, device)
         torch.manual_seed(derive_seed(cfg.seed, 3, step, rank))  # dropout masks
-        index = batch_indices(cur_nimg, cfg.batch, len(images), cfg.seed).to(data_device)
+        index = batch_indices(cur_nimg, cfg.batch, len(images), cfg.seed)
+        index = (index.pin_memory() if cuda else index).to(data_device, non_blocking=True)  # no host sync
 
         # Accumulate gradients.
         optimizer.zero_grad(set_to_none=True)
-        for round_idx, rows in enumerate(my_rows):
-            i = index[rows.to(data_device)]
-            rows = rows.to(device)
+        for round_idx, rows in enumerate(rows_device):
+            i = index[rows_data[round_idx]]
+            # The observed images (clean, or noisy with their fixed noise), augmented (in fp32) as the official code.
+            y_sigma_n, y_labels = sigma_n[i].to(device), (labels[i].to(device) if cfg.cond else None)
+            y = observe(images[i].to(device, non_blocking=True), y_sigma_n, raw_index[i].to(device),
+                        cfg.corruption_seed, not cfg.already_noisy)
+            y, aug_labels = augment(y, cfg.augment, aug_u[rows], aug_g[rows]) if cfg.augment > 0 else (y, None)
             with (contextlib.nullcontext() if round_idx == rounds - 1 or world == 1 else ddp.no_sync()), autocast:
-                # The observed images (clean, or noisy with their fixed noise), augmented as the official code does.
-                y_sigma_n, y_labels = sigma_n[i].to(device), (labels[i].to(device) if cfg.cond else None)
-                y = observe(images[i].to(device, non_blocking=True), y_sigma_n, raw_index[i].to(device),
-                            cfg.corruption_seed, not cfg.already_noisy)
-                y, aug_labels = augment(y, cfg.augment, aug_u[rows], aug_g[rows]) if cfg.augment > 0 else (y, None)
                 loss, x_t, sigma, x0_pred = ambient_loss(
                     functools.partial(model, augment_labels=aug_labels), y, y_sigma_n, rnd_normal[rows], eps[rows],
                     y_labels, cfg.P_mean, cfg.P_std, cfg.sigma_data)
@@ -910,7 +918,7 @@ def train(cfg):
                     if cfg.with_weight:
                         cons = cons * (sigma[:m] ** 2 + cfg.sigma_data ** 2) / (sigma[:m] * cfg.sigma_data) ** 2
                     total = total + cfg.consistency_coeff * cons.sum()
-                    stats[7:9] += torch.stack([cons.detach().mean(dim=(1, 2, 3)).sum(), cons.new_tensor(m)])
+                    stats[7:9] += torch.stack([cons.detach().mean(dim=(1, 2, 3)).sum(), cons.new_full([], m)])
                 # Sum over pixels, mean over the global batch (DDP averages over GPUs), as EDM.
                 total.mul(1 / batch_gpu_total).backward()
 
@@ -919,7 +927,7 @@ def train(cfg):
                 per_sample = loss.detach().mean(dim=(1, 2, 3))
                 noisy = (y_sigma_n > 0).float()
                 used = noisy * (sigma.view(-1) > y_sigma_n).float()
-                stats[:7] += torch.stack([per_sample.sum(), noisy.new_tensor(len(rows)),
+                stats[:7] += torch.stack([per_sample.sum(), noisy.new_full([], len(rows)),
                                           (per_sample * (1 - noisy)).sum(), (1 - noisy).sum(),
                                           (per_sample * noisy).sum(), noisy.sum(), used.sum()])
                 sigma_bin = torch.bucketize(sigma.view(-1), bins)

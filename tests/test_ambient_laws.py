@@ -1,7 +1,6 @@
 """Tests of ambient_laws.py: the clean/noisy data split, the ambient loss's minimiser and the sampler on Gaussian
 mixtures with closed-form denoisers, augmentation, and the script end to end (train, resume, DDP, generate, eval,
 bad input). CPU only; the tiny network runs a few steps of 8 images."""
-import functools
 import json
 import os
 import subprocess

@@ -229,6 +229,7 @@ def check_config(c, command, world_size):
         need(bool(c.network), '--network is required')
         need(c.batch >= 1 and c.num >= 1, '--batch and --num must be >= 1')
         need(command != 'eval' or bool(c.ref), '--ref is required for eval')
+        need(set(c.metrics.split(',')) <= set(fid.METRICS), f'--metrics must be among {",".join(fid.METRICS)}')
         need(command != 'exposure' or bool(c.data), '--data is required for exposure')
         if command == 'generate':
             parse_seeds(c.seeds)
@@ -964,10 +965,15 @@ def run_sampling_command(command, c, rank, world_size, device, log):
         log(f'generated {len(parse_seeds(c.seeds))} images in {c.outdir}')
         return
     if command == 'eval':
+        try:  # weights and reference first, so that a missing file is reported before sampling
+            ref = fid.load_ref(c.ref)
+            detector = fid.load_inception(c.fid_weights, device=device)
+        except (OSError, ValueError) as e:
+            raise InputError(f'eval: {e}') from None
         batches = (generate_images(denoiser, diffusion, seeds, shape, label_dim, device, c)
                    for seeds in rank_batches(list(range(c.num)), c.batch, rank, world_size))
-        metrics = fid.compute_metrics(batches, c.ref, metrics=tuple(c.metrics.split(',')), device=device,
-                                      detector=fid.load_inception(c.fid_weights, device=device), num_images=c.num)
+        metrics = fid.compute_metrics(batches, ref, metrics=tuple(c.metrics.split(',')), device=device,
+                                      detector=detector, num_images=c.num)
         record = dict(network=c.network, num=c.num, ref=c.ref, **sampler_desc, **metrics)
         log(json.dumps(record))
         if rank == 0:
@@ -979,8 +985,8 @@ def run_sampling_command(command, c, rank, world_size, device, log):
     x_data, y_data = load_dataset(c.data)
     if x_data.shape[1:] != (net.img_resolution, net.img_resolution, net.in_channels):
         raise InputError(f'--data: images of shape {x_data.shape[1:]} do not fit the network (HWC {shape[::-1]})')
-    if label_dim and y_data is None:
-        raise InputError(f'--data: the network is class-conditional but {c.data} has no labels')
+    if label_dim and (y_data is None or y_data.max() >= label_dim):
+        raise InputError(f'--data: the network is conditional on {label_dim} classes; {c.data} needs labels below it')
     chosen = torch.randperm(len(x_data), generator=torch.Generator().manual_seed(c.seed))[:c.num].tolist()
     start = diffusion.num_timesteps - 1 if c.forward_t is None else c.forward_t
     if not 1 <= start < diffusion.num_timesteps:

@@ -559,6 +559,13 @@ def test_bad_input_gives_one_error_line_and_writes_nothing(small_data, tmp_path,
         assert len(err) == 1 and message in err[0], err
     assert not outdir.exists()
 
-    # Training continues from a written state without touching it when a flag is wrong.
+    # Sampling commands: a missing network, a missing reference, an unknown metric.
     assert run_main(['generate', '--network=missing.pt', f'--outdir={tmp_path}/gen']) == 1
     assert 'no file missing.pt' in capsys.readouterr().err
+    released = tmp_path / 'released.pt'
+    torch.save(nets.UNet(**nets.UNET_PRESETS['tiny-adm']).state_dict(), released)
+    assert run_main(['eval', f'--network={released}', f'--ref={tmp_path}/missing.npz', '--num_head_channels=32']) == 1
+    assert 'reference not found' in capsys.readouterr().err
+    assert run_main(['eval', f'--network={released}', '--ref=ref.npz', '--metrics=fid,bogus']) == 2
+    assert '--metrics must be among' in capsys.readouterr().err
+    assert not (tmp_path / 'gen').exists()

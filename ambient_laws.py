@@ -798,7 +798,11 @@ def open_run(cfg, desc, net, ema, optimizer, rank, world):
         os.makedirs(run_dir, exist_ok=True)
         stats_path = os.path.join(run_dir, 'stats.jsonl')
         if state_path and os.path.exists(stats_path):  # forget ticks logged after the state we resume from
-            kept = [line for line in open(stats_path) if json.loads(line)['kimg'] <= cur_nimg / 1000 + 1e-9]
+            kept = []
+            for line in open(stats_path):
+                if not line.endswith('\n') or json.loads(line)['kimg'] > cur_nimg / 1000 + 1e-9:
+                    break  # a later tick, or a line cut short by a kill
+                kept.append(line)
             atomic_write(stats_path, lambda f: f.write(''.join(kept).encode()))
         provenance = dict(dataclasses.asdict(cfg), command=' '.join(sys.argv), torch=torch.__version__,
                           world_size=world, gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None)

@@ -1,10 +1,12 @@
 """Tests of ambient_laws.py: the clean/noisy data split, the ambient loss's minimiser and the sampler on Gaussian
 mixtures with closed-form denoisers, augmentation, and the script end to end (train, resume, DDP, generate, eval,
 bad input). CPU only; the tiny network runs a few steps of 8 images."""
+import glob
 import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import PIL.Image
@@ -379,6 +381,29 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     for key in ('net', 'ema'):
         for name, value in sa[key].items():
             assert torch.equal(value, sb[key][name]), name
+    assert _losses(a) == _losses(b)
+
+
+def test_resume_after_kill_9(tmp_path):
+    """kill -9 a run once it has written a training state; --resume=auto finishes it exactly like a run that was
+    never interrupted (weights bitwise, per-tick losses)."""
+    common = [*FAST, '--sigma=0.2', '--corruption_probability=0.5', '--tick=0.008', '--snap=1', '--kimg=0.048']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, 'ambient_laws.py'), *common,
+                                f'--outdir={tmp_path / "killed"}'], cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not glob.glob(str(tmp_path / 'killed' / '*' / 'training-state-*.pt')) and time.time() < deadline:
+        time.sleep(0.02)
+    process.kill()
+    process.wait()
+    state = _state(glob.glob(str(tmp_path / 'killed' / '*' / 'training-state-*.pt'))[0])
+    assert state['cur_nimg'] < 48                                        # killed before the end
+    al.main([*common, f'--outdir={tmp_path / "killed"}', '--resume=auto'])
+    al.main([*common, f'--outdir={tmp_path / "straight"}'])
+    a, b = (_run_dir(tmp_path / d) for d in ('straight', 'killed'))
+    sa, sb = (_state(os.path.join(d, 'training-state-000000.pt')) for d in (a, b))
+    for name, value in sa['net'].items():
+        assert torch.equal(value, sb['net'][name]), name
     assert _losses(a) == _losses(b)
 
 

@@ -303,7 +303,7 @@ def test_loss_second_moment_sampler_matches_the_official_fifo():
 def test_exposure_metric_matches_its_closed_form_on_gaussian_data():
     """Chains from q_sample(x0, start) with a linear (Gaussian-optimal) predictor: x stays jointly Gaussian with x0, so
     Var(x_t - sqrt(ab_t) x0) follows from propagating the joint covariance through the linear sampler steps."""
-    mu, var0 = torch.tensor([0.2, -0.1, 0.0]), torch.tensor([0.3, 0.1, 0.05])
+    mu, var0 = torch.tensor([0.2, -0.1, 0.0]), torch.tensor([1.0, 0.6, 0.3])
     full = ddpm_ip.make_diffusion('cosine', 1000)
     d = ddpm_ip.make_diffusion('cosine', 1000, '20')
     net = gaussian_eps_net(mu.double(), torch.diag(var0).double(), full.alphas_cumprod, v=0.0)
@@ -326,7 +326,7 @@ def test_exposure_metric_matches_its_closed_form_on_gaussian_data():
         log_var = 0.5 * (d.log_betas[i] + d.posterior_log_variance_clipped[i])     # v = 0: geometric mean
         cov_x0_x, var_x = P * cov_x0_x, P ** 2 * var_x + log_var.exp()
         var_r = var_x - 2 * a(i - 1) * cov_x0_x + a(i - 1) ** 2 * var0.double()
-        assert row['sigma_hat'] == pytest.approx(var_r.sqrt().mean().item(), rel=0.02)
+        assert row['sigma_hat'] == pytest.approx(var_r.sqrt().mean().item(), rel=0.01)
         assert row['sigma_train'] == pytest.approx((1 - d.alphas_cumprod[i - 1]).sqrt().item(), rel=1e-6)
         assert row['delta'] == pytest.approx((row['sigma_hat'] - row['sigma_train']) ** 2, rel=1e-6)
     assert rows[-1]['sigma_hat'] > 2 * rows[-1]['sigma_train']  # chains forget x0: the bias grows towards t = 0
@@ -519,6 +519,9 @@ def test_two_process_ddp_matches_one_process(small_data, tmp_path):
     for name, value in states[0]['model'].items():
         torch.testing.assert_close(value, states[1]['model'][name], rtol=1e-4, atol=1e-5, msg=name)
     assert len(states[0]['cpu_rng']) == 2  # each rank's dropout stream is saved for resume
+    # The timestep sampler saw the gathered losses in the same (global) order as the single process.
+    torch.testing.assert_close(states[0]['sampler_history'], states[1]['sampler_history'], rtol=1e-4, atol=1e-6)
+    assert states[0]['sampler_history'].abs().sum() > 0
     losses = [[json.loads(line)['loss'] for line in open(os.path.join(only_run_dir(tmp_path / name), 'stats.jsonl'))]
               for name in ('ddp', 'single')]
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)

@@ -1,0 +1,1008 @@
+"""Speed benchmark of the four paper scripts and fid.py, side by side with the official implementations.
+
+Not a test (pytest does not collect it; tests/test_benchmark.py runs its CPU quick mode). For each script's standard
+configuration it measures the training throughput (img/s in steady state: warm-up steps excluded, the clock read
+after torch.cuda.synchronize()), the peak GPU memory of the timed steps, the model FLOPs utilisation of DiT, the
+sampling speed (EDM Heun 35 NFE at 32x32, ADM respaced to 100 steps, DPM-Solver++ 50 steps for DiT) and the
+Inception feature extraction speed of fid.py. It prints one table and writes JSON.
+
+Our training step is each script's own step: its config from its own flag parser and preset, its data pipeline,
+loss, network builder, optimizer, precision and compile settings, called line for line as its training loop calls
+them (each builder below names the loop it mirrors). The data are random uint8 images of the right size, held as the
+script holds them. With --official=DIR, where DIR holds plain source trees of the official code (DIR/edm,
+DIR/DDPM-IP or DIR/guided-diffusion, DIR/DiT, DIR/pytorch-fid), the same step of the official trainer runs on the same
+GPU, with the same network configuration and batch. Whatever cannot run is reported as n/a with the reason.
+
+    python tests/benchmark.py --quick                                  # seconds on a CPU: keeps the tool working
+    python tests/benchmark.py --official=official --json=bench.json   # GPU: default configurations, side by side
+    python tests/benchmark.py --only=dit,fid --compile --peak_tflops=989
+
+The official trees are fetched into the ignored official/ folder, e.g. `git archive HEAD | tar -x -C official/edm`
+from a clone of NVlabs/edm; never commit them.
+"""
+
+import argparse
+import ast
+import contextlib
+import copy
+import dataclasses
+import datetime
+import gc
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import traceback
+import types
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import ambient  # noqa: E402
+import ambient_laws  # noqa: E402
+import ddpm_ip  # noqa: E402
+import fid  # noqa: E402
+import ldm_labelnoise  # noqa: E402
+import nets  # noqa: E402
+
+BENCHMARKS = ('ambient', 'ambient_laws', 'ddpm_ip', 'dit', 'fid')
+# Dense bf16 tensor-core peak (no sparsity), TFLOP/s, by a substring of torch.cuda.get_device_name.
+PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0}
+# Goals of the issue: ours / theirs for each kind of row.
+GOALS = {'ddpmpp': 1.5, 'adm': 2.0, 'dit': 1.5, 'sampling': 1.5, 'fid': 2.0}
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Options and timing
+
+
+@dataclasses.dataclass
+class Options:
+    quick: bool          # tiny networks, small batches, few steps (automatic on CPU)
+    only: tuple          # which of BENCHMARKS to run
+    official: str        # folder with the official source trees, '' = ours only
+    compile: bool        # torch.compile our networks (ddpm_ip compiles on CUDA by default anyway)
+    warmup: int          # training steps before the clock starts
+    steps: int           # timed training steps
+    batch: dict          # benchmark name -> global training batch override
+    batch_gpu: int       # microbatch (gradient accumulation), 0 = the whole batch at once
+    sample_batch: int    # images per sampling call
+    fid_num: int         # images for the feature extraction
+    fid_batch: int       # images per Inception forward pass
+    peak_tflops: float   # for the MFU; 0 = look up the GPU name
+    device: torch.device
+
+
+def synchronize(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_gb(device):
+    return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else None
+
+
+def time_training(step, batch, opt):
+    """img/s over opt.steps steps after opt.warmup untimed ones, and the peak memory of the timed steps."""
+    for _ in range(opt.warmup):  # compilation, cuDNN autotuning, allocator growth
+        step()
+    synchronize(opt.device)
+    if opt.device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(opt.device)
+    start = time.perf_counter()
+    for _ in range(opt.steps):
+        step()
+    synchronize(opt.device)  # the queued GPU work is part of the steps
+    return dict(img_per_sec=batch * opt.steps / (time.perf_counter() - start), mem_gb=peak_memory_gb(opt.device))
+
+
+def time_once(run, num_images, device):
+    """img/s of one call of run() after one untimed call, and its peak memory."""
+    run()
+    synchronize(device)
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    run()
+    synchronize(device)
+    return dict(img_per_sec=num_images / (time.perf_counter() - start), mem_gb=peak_memory_gb(device))
+
+
+def release_memory(device):
+    gc.collect()
+    if device.type == 'cuda':
+        torch.cuda.empty_cache()
+
+
+def random_images(n, channels, resolution, seed=0):
+    """(n, H, W, C) uint8 noise images and (n,) labels i % 10: the benchmark data."""
+    generator = np.random.default_rng(seed)
+    return generator.integers(0, 256, (n, resolution, resolution, channels), dtype=np.uint8), np.arange(n) % 10
+
+
+def dataset_file(folder, n, resolution=32):
+    """An .npz in the scripts' format (x (N, H, W, C) uint8, y (N,)), for the scripts that read --data."""
+    path = os.path.join(folder, f'bench-{n}x{resolution}.npz')
+    if not os.path.exists(path):
+        x, y = random_images(n, 3, resolution)
+        np.savez(path, x=x, y=y)
+    return path
+
+# ----------------------------------------------------------------------------------------------------------------------
+# DiT model FLOPs (for the MFU)
+
+
+def dit_forward_flops(net, num_tokens):
+    """Forward FLOPs of one image through a DiT, counted from its layers: 2 per multiply-add of every linear map
+    applied per token (patch embedding, attention projections, MLP, output layer), of the per-image ones (timestep
+    MLP, adaLN modulations), plus attention's Q K^T and A V, 2 N^2 d each per block. Names are DiT's models.py
+    names, which nets.DiT keeps, so the same count serves both implementations."""
+    per_token = per_image = 0
+    for name, module in net.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            weights = module.weight.numel()
+            if 'adaLN_modulation' in name or 't_embedder' in name:
+                per_image += weights
+            else:
+                per_token += weights
+    depth, hidden = len(net.blocks), net.x_embedder.proj.out_channels
+    return 2 * per_token * num_tokens + 2 * per_image + depth * 4 * num_tokens ** 2 * hidden
+
+
+def peak_tflops(opt):
+    if opt.peak_tflops:
+        return opt.peak_tflops
+    if opt.device.type != 'cuda':
+        return None
+    name = torch.cuda.get_device_name(opt.device)
+    return next((value for key, value in PEAK_TFLOPS.items() if key in name), None)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Our training steps. Each builder returns (step, batch, info): step() runs one optimizer step exactly as the named
+# training loop does (the per-tick maintenance, which runs once per tick and holds the one host sync, is left out).
+
+
+def performance_flags(tf32):
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = True
+
+
+def ours_ambient(opt, data_path):
+    """ambient.train(): masks A / A_tilde fixed per image, EDM augmentation on the GPU, ambient_loss, Adam with
+    nan cleanup and clipping, EMA. The cifar10 preset: DDPM++ with 6 gated input channels, batch 512."""
+    argv = ['--preset=tiny' if opt.quick else '--preset=cifar10', f'--data={data_path}']
+    argv += [f'--batch={opt.batch["ambient"]}'] if 'ambient' in opt.batch else []
+    cfg, _ = ambient.parse_train_args(argv)
+    cfg = dataclasses.replace(cfg, compile=cfg.compile or opt.compile, batch_gpu=opt.batch_gpu or cfg.batch_gpu)
+    device, cuda = opt.device, opt.device.type == 'cuda'
+    batch_gpu = cfg.batch_gpu or cfg.batch
+    rounds = cfg.batch // batch_gpu
+    precision = cfg.precision or ('bf16' if cuda else 'fp32')
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
+    performance_flags(precision == 'bf16')
+    memory_format = torch.channels_last if cuda else torch.contiguous_format
+
+    data = ambient.Data(cfg, device)
+    net_config = ambient.network_config(cfg, data.resolution, data.channels, data.label_dim)
+    torch.manual_seed(cfg.seed)
+    net = ambient.build_network(net_config).to(device, memory_format=memory_format).train()
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    optimizer = (torch.optim.AdamW if cfg.weight_decay > 0 else torch.optim.Adam)(
+        net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay, fused=cuda)
+    forward = torch.compile(net) if cfg.compile else net
+    stats = ambient.TickStats(cfg, device)
+    progress = dict(cur_nimg=0)
+
+    def step():
+        cur_nimg = progress['cur_nimg']
+        draws = ambient.draw_step(cfg, data, cur_nimg, device)
+        optimizer.zero_grad(set_to_none=True)
+        for round_idx in range(rounds):
+            rows = torch.arange(batch_gpu) + round_idx * batch_gpu
+            y, A, A_tilde, labels, augment_labels = ambient.microbatch(cfg, data, draws, rows, device)
+            rows = rows.to(device)
+            sigma = (draws['normal'][rows] * cfg.P_std + cfg.P_mean).exp()
+            with autocast:
+                loss = ambient.ambient_loss(forward, y, A, A_tilde, sigma, draws['eps'][rows], labels, augment_labels,
+                                            cfg.norm, cfg.sigma_data)
+                loss.sum().mul(1 / cfg.batch).backward()
+            stats.add(loss.detach(), A, A_tilde, draws['normal'][rows])
+        lr = cfg.lr * min(cur_nimg / max(cfg.lr_rampup_kimg * 1000, 1e-8), 1)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        for param in net.parameters():
+            if param.grad is not None:
+                torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        ema_beta = 0.5 ** (cfg.batch / max(min(cfg.ema * 1e6, cur_nimg * cfg.ema_rampup_ratio), 1e-8))
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - ema_beta)
+        progress['cur_nimg'] += cfg.batch
+
+    def sample(seeds):
+        return ambient.generate_images(ema, net_config, seeds, device, steps=cfg.steps, precision=precision)
+
+    unet = net_config['unet']
+    info = dict(config=f'{cfg.arch} {unet["in_channels"]}ch gated={cfg.gated} {precision}'
+                       + (' compile' if cfg.compile else ''), unet=unet, precision=precision, sample=sample,
+                steps=cfg.steps)
+    return step, cfg.batch, info
+
+
+def ours_ambient_laws(opt, data_path, consistency):
+    """ambient_laws.train(): observed images with their fixed noise, EDM augmentation, ambient score matching and,
+    with consistency, the reverse-SDE consistency term on 32 rows (6 grid points, 6 runs each: official defaults)."""
+    argv = ['--preset=tiny' if opt.quick else '--preset=cifar10', f'--data={data_path}', '--sigma=0.2',
+            '--corruption_probability=0.9']
+    argv += ['--consistency_coeff=1'] if consistency else []
+    argv += ['--consistency_batch_size=4', '--num_primes=2', '--num_consistency_steps=3'] if consistency and \
+        opt.quick else []
+    argv += [f'--batch={opt.batch["ambient_laws"]}'] if 'ambient_laws' in opt.batch else []
+    _, given = ambient_laws.parse_args(argv)
+    cfg = ambient_laws.resolve_config(given)
+    cfg = dataclasses.replace(cfg, compile=cfg.compile or opt.compile, batch_gpu=opt.batch_gpu or cfg.batch_gpu)
+    device, cuda = opt.device, opt.device.type == 'cuda'
+    batch_gpu = cfg.batch_gpu or cfg.batch
+    rounds = cfg.batch // batch_gpu
+    performance_flags(True)  # ambient_laws turns TF32 on in every precision
+    precision = cfg.precision or ('bf16' if cuda else 'fp32')
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=precision == 'bf16')
+
+    images, labels, sigma_n, raw_index, label_dim = ambient_laws.prepare_data(cfg, lambda *args: None)
+    C, H, W = images.shape[1:]
+    images, labels, sigma_n, raw_index = (t.to(device) for t in (images, labels, sigma_n, raw_index))
+    torch.manual_seed(ambient_laws.derive_seed(cfg.seed, 0))
+    net, net_kwargs = ambient_laws.build_network(cfg, H, C, label_dim)
+    net.train().requires_grad_(True).to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
+    ema = ambient_laws.EDMPrecond(nets.UNet(**net_kwargs), cfg.sigma_data).to(device).eval().requires_grad_(False)
+    ema.load_state_dict(net.state_dict())
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+                                 weight_decay=cfg.weight_decay, fused=cuda)
+    model = torch.compile(net) if cfg.compile else net
+    my_rows = torch.arange(cfg.batch).view(rounds, batch_gpu)
+    rows_device = my_rows.to(device)
+    num_cons = min(cfg.consistency_batch_size, cfg.batch) if cfg.consistency_coeff > 0 else 0
+    stats = torch.zeros(len(ambient_laws.STATS), device=device)
+    bins = torch.tensor(ambient_laws.SIGMA_BINS, device=device)
+    progress = dict(cur_nimg=0)
+
+    def step():
+        cur_nimg = progress['cur_nimg']
+        step_index = cur_nimg // cfg.batch
+        rnd_normal, eps, aug_u, aug_g, z = ambient_laws.step_randomness(cfg, step_index, (C, H, W), num_cons, device)
+        torch.manual_seed(ambient_laws.derive_seed(cfg.seed, 3, step_index, 0))
+        index = ambient_laws.batch_indices(cur_nimg, cfg.batch, len(images), cfg.seed)
+        index = (index.pin_memory() if cuda else index).to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        for round_idx, rows in enumerate(rows_device):
+            i = index[rows]
+            y_sigma_n, y_labels = sigma_n[i], (labels[i] if cfg.cond else None)
+            y = ambient_laws.observe(images[i], y_sigma_n, raw_index[i], cfg.corruption_seed, not cfg.already_noisy)
+            y, aug_labels = ambient_laws.augment(y, cfg.augment, aug_u[rows], aug_g[rows]) if cfg.augment > 0 \
+                else (y, None)
+            with autocast:
+                loss, x_t, sigma, x0_pred = ambient_laws.ambient_loss(
+                    lambda *args: model(*args, augment_labels=aug_labels), y, y_sigma_n, rnd_normal[rows],
+                    eps[rows], y_labels, cfg.P_mean, cfg.P_std, cfg.sigma_data)
+                total = loss.sum()
+                m = int((my_rows[round_idx] < num_cons).sum())
+                if m:
+                    sigma_raw = (rnd_normal[rows[:m]] * cfg.P_std + cfg.P_mean).exp().view(-1, 1, 1, 1)
+                    cons = ambient_laws.consistency_loss(
+                        model, x_t[:m], sigma[:m], sigma_raw.minimum(sigma[:m]), x0_pred[:m],
+                        z[:, rows[:m]].flatten(1, 2), None if y_labels is None else y_labels[:m], cfg.with_grad)
+                    total = total + cfg.consistency_coeff * cons.sum()
+                    stats[7:9] += torch.stack([cons.detach().mean(dim=(1, 2, 3)).sum(), cons.new_full([], m)])
+                total.mul(1 / cfg.batch).backward()
+            with torch.no_grad():
+                per_sample = loss.detach().mean(dim=(1, 2, 3))
+                noisy = (y_sigma_n > 0).float()
+                used = noisy * (sigma.view(-1) > y_sigma_n).float()
+                stats[:7] += torch.stack([per_sample.sum(), noisy.new_full([], len(rows)),
+                                          (per_sample * (1 - noisy)).sum(), (1 - noisy).sum(),
+                                          (per_sample * noisy).sum(), noisy.sum(), used.sum()])
+                sigma_bin = torch.bucketize(sigma.view(-1), bins)
+                stats[9:13].index_add_(0, sigma_bin, per_sample)
+                stats[13:17].index_add_(0, sigma_bin, torch.ones_like(per_sample))
+        lr = cfg.lr * min(cur_nimg / max(cfg.lr_rampup_kimg * 1000, 1e-8), 1)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        for param in net.parameters():
+            if param.grad is not None:
+                torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+        optimizer.step()
+        ema_halflife_nimg = min(cfg.ema_halflife_kimg * 1000, cur_nimg * cfg.ema_rampup_ratio)
+        ema_beta = 0.5 ** (cfg.batch / max(ema_halflife_nimg, 1e-8))
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - ema_beta)
+        progress['cur_nimg'] += cfg.batch
+
+    def sample(seeds):
+        # generate / eval default: fp32 networks, as the official samplers.
+        return ambient_laws.sample_images(ema, seeds, device, cfg, contextlib.nullcontext())
+
+    info = dict(config=f'{cfg.arch} {precision}' + (' compile' if cfg.compile else '')
+                + (f' +consistency({num_cons} rows x {cfg.num_primes} x {cfg.num_consistency_steps - 1})'
+                   if num_cons else ''), unet=net_kwargs, precision=precision, sample=sample, steps=cfg.steps)
+    return step, cfg.batch, info
+
+
+def ours_ddpm_ip(opt, x_data, y_data):
+    """ddpm_ip.training_loop(): ADM with learned sigma, input perturbation, loss-second-moment timestep sampler,
+    AdamW, EMA. The cifar10 preset (the DDPM-IP README command): batch 128, gamma 0.15; compiled on CUDA."""
+    argv = ['--preset=tiny' if opt.quick else '--preset=cifar10', '--data=benchmark']
+    argv += [f'--batch={opt.batch["ddpm_ip"]}'] if 'ddpm_ip' in opt.batch else []
+    argv += [f'--batch_gpu={opt.batch_gpu}'] if opt.batch_gpu else []
+    argv += ['--compile=True'] if opt.compile else []
+    _, c = ddpm_ip.parse_args(argv)
+    c = ddpm_ip.check_config(c, 'train', 1)
+    device, cuda = opt.device, opt.device.type == 'cuda'
+    c.precision = c.precision or ('bf16' if cuda else 'fp32')
+    c.compile = cuda if c.compile is None else c.compile
+    performance_flags(True)
+    memory_format = torch.channels_last if cuda else torch.contiguous_format
+
+    data = torch.from_numpy(x_data).to(device)
+    num_images, resolution, channels = data.shape[0], data.shape[1], data.shape[3]
+    net_kwargs = ddpm_ip.net_config(c, resolution, channels, 0)
+    torch.manual_seed(c.seed)
+    model = nets.UNet(**net_kwargs).to(device).train().to(memory_format=memory_format)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay, fused=cuda)
+    diffusion = ddpm_ip.make_diffusion(c.noise_schedule, c.diffusion_steps, device=device)
+    sampler = ddpm_ip.TimestepSampler(diffusion.num_timesteps, c.schedule_sampler, device)
+    vb_weight = diffusion.num_timesteps / 1000 if c.rescale_learned_sigmas else 1.0
+    net = torch.compile(model) if c.compile else model
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=c.precision == 'bf16')
+    stats = torch.zeros(3 + 3 * 4, dtype=torch.float64, device=device)
+    rounds = c.batch // c.batch_gpu
+    progress = dict(cur_nimg=0)
+
+    def step():
+        step_index = progress['cur_nimg'] // c.batch
+        gen = torch.Generator(device).manual_seed(c.seed * (1 << 32) + step_index)
+        t_all, w_all = sampler.sample(c.batch, gen)
+        eps_all = torch.randn(c.batch, channels, resolution, resolution, generator=gen, device=device)
+        xi_all = torch.randn(c.batch, channels, resolution, resolution, generator=gen, device=device)
+        flip_all = torch.rand(c.batch, generator=gen, device=device) < 0.5
+        index_all = ddpm_ip.batch_indices(step_index, c.batch, num_images, c.seed, data.device)
+        losses = []
+        for r in range(rounds):
+            mb = slice(r * c.batch_gpu, (r + 1) * c.batch_gpu)
+            x0 = data[index_all[mb]].to(device, non_blocking=True).permute(0, 3, 1, 2)
+            if c.random_flip:
+                x0 = torch.where(flip_all[mb, None, None, None], x0.flip(3), x0)
+            x0 = (x0.float() / 127.5 - 1).contiguous(memory_format=memory_format)
+            t, w = t_all[mb], w_all[mb]
+            with autocast:
+                mse, vb = ddpm_ip.ip_losses(net, diffusion, x0, t, eps_all[mb], xi_all[mb], c.input_perturbation)
+                loss = mse + vb_weight * vb
+                (loss * w).sum().div(c.batch).backward()
+            losses.append(loss.detach())
+            quartile = t * 4 // diffusion.num_timesteps
+            stats[0] += (loss * w).detach().sum() / c.batch
+            for k, value in enumerate((mse.detach(), vb.detach(), torch.ones_like(mse))):
+                stats[3 + 4 * k:7 + 4 * k].index_add_(0, quartile, value.double())
+        sampler.update(t_all, torch.cat(losses))
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        stats[1] += torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).double()
+        stats[2] += 1
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - c.ema_rate)
+        progress['cur_nimg'] += c.batch
+
+    sample_steps = '10' if opt.quick else '100'
+    sample_diffusion = ddpm_ip.make_diffusion(c.noise_schedule, c.diffusion_steps, sample_steps, device)
+
+    def sample(seeds):
+        return ddpm_ip.generate_images(ddpm_ip.make_denoiser(ema, c.precision), sample_diffusion, seeds,
+                                       (channels, resolution, resolution), 0, device, c)
+
+    info = dict(config=f'{c.arch} {c.precision}' + (' compile' if c.compile else ''), unet=net_kwargs,
+                precision=c.precision, sample=sample, steps=int(sample_steps), gamma=c.input_perturbation)
+    return step, c.batch, info
+
+
+def ours_dit(opt):
+    """ldm_labelnoise.training_loop() for the in1k-dit preset (DiT-XL/2, batch 256) on 32x32x4 latents: the cached
+    posterior moments (as the script holds them after its VAE pass) are sampled each step, labels dropped for CFG,
+    L_simple + VB, AdamW, EMA. Quick mode: the script's DiT-tiny on 8x8x4 latents."""
+    argv = ['--preset=in1k-dit', '--data=benchmark']
+    argv += ['--arch=DiT-tiny', '--batch=8'] if opt.quick else []
+    argv += [f'--batch={opt.batch["dit"]}'] if 'dit' in opt.batch else []
+    argv += [f'--batch_gpu={opt.batch_gpu}'] if opt.batch_gpu else []
+    argv += ['--compile=true'] if opt.compile else []
+    cfg = ldm_labelnoise.parse_config(ldm_labelnoise.TrainConfig, argv)
+    ldm_labelnoise.check_config(cfg, 1)
+    device, cuda = opt.device, opt.device.type == 'cuda'
+    cfg = dataclasses.replace(cfg, precision=cfg.precision or ('bf16' if cuda else 'fp32'))
+    performance_flags(True)
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.precision == 'bf16')
+    batch_gpu = cfg.batch_gpu or cfg.batch
+    rounds = cfg.batch // batch_gpu
+
+    # The latent cache: (N, 2 views, 2C moments, h, w) float16, and class labels.
+    num_classes, latent = (10, 8) if opt.quick else (1000, 32)
+    n = 2 * cfg.batch
+    generator = torch.Generator().manual_seed(0)
+    moments = torch.randn(n, 2, 8, latent, latent, generator=generator).mul(0.5).half().numpy()
+    server = ldm_labelnoise.RowServer(moments, device)
+    conditions = torch.randint(num_classes, (n,), generator=generator).to(device)
+    is_corrupted = torch.zeros(n, dtype=torch.bool, device=device)
+    shape = (4, latent, latent)
+    spec = dict(arch=cfg.arch, cond='class', num_classes=num_classes, shape=shape, dropout=cfg.dropout,
+                text_layers=cfg.text_layers, embedding_dropout=cfg.embedding_dropout,
+                class_dropout_prob=cfg.class_dropout_prob, vae=None, scaling_factor=0.18215,
+                beta_schedule=cfg.beta_schedule, linear_start=cfg.linear_start, linear_end=cfg.linear_end)
+    torch.manual_seed(cfg.seed)
+    net = ldm_labelnoise.build_network(spec).to(device).train()
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cuda)
+    model = torch.compile(net) if cfg.compile else net
+    alphas_cumprod = ldm_labelnoise.make_alphas_cumprod(cfg.beta_schedule, cfg.linear_start,
+                                                        cfg.linear_end).to(device)
+    y_null = ldm_labelnoise.null_condition(spec, device)
+    shares = [torch.arange(r * batch_gpu, (r + 1) * batch_gpu) for r in range(rounds)]
+    shares_device = [share.to(device) for share in shares]
+    stats = torch.zeros(12, device=device)
+    order_cache, progress = {}, dict(cur_nimg=0)
+
+    def step():
+        cur_nimg = progress['cur_nimg']
+        index = ldm_labelnoise.data_order(cfg.seed, cur_nimg, cfg.batch, n, order_cache)
+        index_device = ldm_labelnoise.to_device(torch.from_numpy(index), device)
+        noise = ldm_labelnoise.draw_step_noise(cfg, cur_nimg, shape, net.cond_shape, True, device)
+        t, flip, drop, delta, xi = noise['t'], noise['flip'], noise['drop'], noise['delta'], noise['xi']
+        for share, mine in zip(shares, shares_device):
+            i = index_device[mine]
+            x0 = server.get(index[share.numpy()], i)
+            mean, logvar = x0[torch.arange(len(i), device=device), flip[mine].long()].float().chunk(2, dim=1)
+            x0 = (mean + (0.5 * logvar).exp() * noise['z'][mine]) * spec['scaling_factor']
+            y = ldm_labelnoise.drop_conditions(conditions[i].long(), y_null, drop[mine])
+            with autocast:
+                loss = ldm_labelnoise.diffusion_loss(model, x0, y, t[mine], noise['eps'][mine], alphas_cumprod,
+                                                     None if delta is None else delta[mine],
+                                                     None if xi is None else xi[mine], cfg.input_perturbation)
+            loss.sum().mul(1 / cfg.batch).backward()
+            with torch.no_grad():
+                bins = t[mine] * 4 // len(alphas_cumprod)
+                stats[0] += loss.sum()
+                stats[1] += len(loss)
+                stats[2:6].index_add_(0, bins, loss)
+                stats[6:10].index_add_(0, bins, torch.ones_like(loss))
+                stats[10] += (is_corrupted[i] & ~drop[mine]).sum()
+                stats[11] += drop[mine].sum()
+        for group in optimizer.param_groups:
+            group['lr'] = cfg.lr
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress['cur_nimg'] += cfg.batch
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - cfg.ema_decay)
+            for buffer_ema, buffer in zip(ema.buffers(), net.buffers()):
+                buffer_ema.copy_(buffer)
+
+    steps = 5 if opt.quick else cfg.ddim_steps
+
+    def sample(seeds):
+        # The script's sampling path without the VAE decode (theirs skips it too): DPM-Solver++(2M) with CFG.
+        noise, _ = ldm_labelnoise.seeded_noise(seeds, shape, device)
+        y = torch.tensor(seeds, device=device) % num_classes
+        return ldm_labelnoise.sample_images(ema, spec, None, noise, y, dataclasses.replace(cfg, ddim_steps=steps))
+
+    tokens = (latent // net.backbone.x_embedder.proj.stride[0]) ** 2
+    info = dict(config=f'{cfg.arch} latents {latent}x{latent}x4 {cfg.precision}' + (' compile' if cfg.compile else ''),
+                flops=3 * dit_forward_flops(net.backbone, tokens), precision=cfg.precision, sample=sample,
+                steps=steps, scale=cfg.scale, num_classes=num_classes, shape=shape,
+                dit=dict(depth=len(net.backbone.blocks), hidden_size=net.backbone.hidden_size,
+                         patch_size=net.backbone.x_embedder.proj.stride[0],
+                         num_heads=net.backbone.blocks[0].attn.num_heads if hasattr(net.backbone.blocks[0].attn,
+                                                                                     'num_heads') else None))
+    return step, cfg.batch, info
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The official implementations, imported by path from --official.
+
+
+class Unavailable(Exception):
+    """The official code for a row cannot run here (missing tree or package): the row says n/a and why."""
+
+
+def official_tree(opt, *names):
+    """The first of DIR/name that exists, put at the front of sys.path."""
+    for name in names:
+        path = os.path.join(opt.official, name)
+        if os.path.isdir(path):
+            if path not in sys.path:
+                sys.path.insert(0, path)
+            return path
+    raise Unavailable(f'no {" or ".join(names)} in {opt.official}')
+
+
+def official_function(path, name, namespace):
+    """One top-level function or class of an official script, compiled from its source without importing the script
+    (EDM's generate.py imports click and its whole tool chain at the top). The code runs unchanged."""
+    with open(path) as file:
+        tree = ast.parse(file.read())
+    node = next(n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == name)
+    exec(compile(ast.Module(body=[node], type_ignores=[]), path, 'exec'), namespace)
+    return namespace[name]
+
+
+def process_group(device):
+    """A one-process group: the official trainers wrap their network in DDP (and guided-diffusion's timestep sampler
+    all-gathers) even on one GPU, so their timed step includes that, as when they run."""
+    if not torch.distributed.is_initialized():
+        store = os.path.join(tempfile.mkdtemp(prefix='bench-pg-'), 'store')
+        torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
+                                             init_method=f'file://{store}', rank=0, world_size=1)
+
+
+def ddp(net, device):
+    return torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None)
+
+
+def theirs_edm(opt, unet, label_dim, batch):
+    """NVlabs/edm training_loop.py for `train.py --arch=ddpmpp`: EDMPrecond(SongUNet) in fp32 with TF32 off (as
+    training_loop.py sets it), EDMLoss with AugmentPipe(p=0.12, the train.py set), Adam, nan cleanup, EMA loop, DDP.
+    The same UNet size as ours (ambient: 2C input channels; EDM has no gated convolutions)."""
+    official_tree(opt, 'edm')
+    from training import augment as edm_augment, loss as edm_loss, networks as edm_networks
+    from torch_utils import training_stats
+    device, cuda = opt.device, opt.device.type == 'cuda'
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    channels, resolution = unet['in_channels'], unet['img_resolution']
+    net = edm_networks.EDMPrecond(
+        img_resolution=resolution, img_channels=channels, label_dim=label_dim, use_fp16=False,
+        model_type='SongUNet', embedding_type='positional', encoder_type='standard', decoder_type='standard',
+        channel_mult_noise=1, resample_filter=[1, 1], model_channels=unet['model_channels'],
+        channel_mult=list(unet['channel_mult']), num_blocks=unet['num_blocks'],
+        attn_resolutions=list(unet['attn_resolutions']), dropout=unet['dropout'], augment_dim=unet['augment_dim'])
+    net.train().requires_grad_(True).to(device)
+    loss_fn = edm_loss.EDMLoss()
+    augment_pipe = edm_augment.AugmentPipe(p=0.12, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
+                                           translate_frac=1) if unet['augment_dim'] else None
+    optimizer = torch.optim.Adam(net.parameters(), lr=10e-4, betas=[0.9, 0.999], eps=1e-8)
+    process_group(device)
+    net_ddp = ddp(net, device)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    batch_gpu = opt.batch_gpu or batch
+    # Their DataLoader hands over pinned uint8 batches and one-hot labels.
+    images = torch.from_numpy(random_images(batch_gpu, channels, resolution)[0]).permute(0, 3, 1, 2)
+    images = images.pin_memory() if cuda else images
+    labels = torch.eye(label_dim)[torch.arange(batch_gpu) % label_dim] if label_dim else torch.zeros(batch_gpu, 0)
+    progress = dict(cur_nimg=0)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        for round_idx in range(batch // batch_gpu):
+            sync = contextlib.nullcontext() if round_idx == batch // batch_gpu - 1 else net_ddp.no_sync()
+            with sync:
+                x = images.to(device).to(torch.float32) / 127.5 - 1
+                loss = loss_fn(net=net_ddp, images=x, labels=labels.to(device), augment_pipe=augment_pipe)
+                training_stats.report('Loss/loss', loss)
+                loss.sum().mul(1 / batch).backward()
+        for g in optimizer.param_groups:
+            g['lr'] = 10e-4 * min(progress['cur_nimg'] / max(10000 * 1000, 1e-8), 1)
+        for param in net.parameters():
+            if param.grad is not None:
+                torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+        optimizer.step()
+        ema_beta = 0.5 ** (batch / max(min(500 * 1000, progress['cur_nimg'] * 0.05), 1e-8))
+        for p_ema, p_net in zip(ema.parameters(), net.parameters()):
+            p_ema.copy_(p_net.detach().lerp(p_ema, ema_beta))
+        progress['cur_nimg'] += batch
+
+    edm_sampler = official_function(os.path.join(opt.official, 'edm', 'generate.py'), 'edm_sampler',
+                                    dict(torch=torch, np=np))
+    stacked = official_function(os.path.join(opt.official, 'edm', 'generate.py'), 'StackedRandomGenerator',
+                                dict(torch=torch, np=np))
+
+    def sample(seeds, num_steps):
+        # generate.py: per-seed generators, fp32 network, Heun (it draws churn noise even at S_churn = 0).
+        rnd = stacked(device, seeds)
+        latents = rnd.randn([len(seeds), channels, resolution, resolution], device=device)
+        class_labels = torch.eye(label_dim, device=device)[rnd.randint(label_dim, size=[len(seeds)], device=device)] \
+            if label_dim else None
+        with torch.no_grad():
+            x = edm_sampler(ema, latents, class_labels, randn_like=rnd.randn_like, num_steps=num_steps)
+        return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+    return step, dict(config='EDM SongUNet fp32 (TF32 off) DDP', sample=sample)
+
+
+def stub_module(name, **attributes):
+    module = types.ModuleType(name)
+    module.__dict__.update(attributes)
+    sys.modules.setdefault(name, module)
+
+
+def theirs_guided(opt, unet, gamma, batch, fp16):
+    """guided-diffusion's TrainLoop.run_step (DDPM-IP's fork when DIR/DDPM-IP exists: its training_losses adds the
+    input perturbation): create_model_and_diffusion with the DDPM-IP CIFAR-10 flags, loss-second-moment sampler,
+    MixedPrecisionTrainer with --use_fp16 True on CUDA, AdamW, EMA, DDP. blobfile and mpi4py are stubbed when
+    missing: only checkpoint I/O and process-group setup use them, never the timed step."""
+    path = official_tree(opt, 'DDPM-IP', 'guided-diffusion')
+    for name in ('blobfile', 'mpi4py'):
+        try:
+            __import__(name)
+        except ImportError:
+            stub_module(name)
+    if not hasattr(sys.modules['mpi4py'], 'MPI'):
+        stub_module('mpi4py.MPI')
+        sys.modules['mpi4py'].MPI = sys.modules['mpi4py.MPI']
+    if not hasattr(np, 'int'):  # resample.py's np.int, removed in NumPy 1.24: the alias meant the builtin int
+        np.int = int
+    from guided_diffusion import logger, resample, script_util, train_util
+    device, cuda = opt.device, opt.device.type == 'cuda'
+    torch.backends.cudnn.benchmark = False  # their defaults: neither sets cuDNN autotuning nor TF32 matmuls
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = True
+    logger.configure(dir=tempfile.mkdtemp(prefix='bench-guided-'), format_strs=[])
+    process_group(device)
+    flags = script_util.model_and_diffusion_defaults()
+    flags.update(image_size=unet['img_resolution'], num_channels=unet['model_channels'],
+                 num_res_blocks=unet['num_blocks'], channel_mult=','.join(map(str, unet['channel_mult'])),
+                 num_head_channels=unet['num_head_channels'],
+                 attention_resolutions=','.join(map(str, unet['attn_resolutions'])), dropout=unet['dropout'],
+                 learn_sigma=True, diffusion_steps=1000, noise_schedule='cosine', use_scale_shift_norm=True,
+                 resblock_updown=True, use_new_attention_order=True, rescale_learned_sigmas=True, use_fp16=fp16)
+    if 'input_pertub' in flags:
+        flags['input_pertub'] = gamma
+    model, diffusion = script_util.create_model_and_diffusion(**flags)
+    model.to(device)
+    loop = train_util.TrainLoop(
+        model=model, diffusion=diffusion, data=None, batch_size=batch, microbatch=opt.batch_gpu or -1, lr=1e-4,
+        ema_rate='0.9999', log_interval=10, save_interval=10 ** 9, resume_checkpoint='', use_fp16=fp16,
+        schedule_sampler=resample.create_named_schedule_sampler('loss-second-moment', diffusion), weight_decay=0.0)
+    # Their data loader yields float32 host batches in [-1, 1].
+    images = torch.from_numpy(random_images(batch, 3, unet['img_resolution'])[0]).permute(0, 3, 1, 2)
+    images = images.float().div(127.5).sub(1)
+    images = images.pin_memory() if cuda else images
+
+    def step():
+        loop.run_step(images, {})
+        if loop.step % loop.log_interval == 0:
+            logger.dumpkvs()
+        loop.step += 1
+
+    sample_flags = dict(flags, timestep_respacing='10' if opt.quick else '100')
+    sample_model, sample_diffusion = script_util.create_model_and_diffusion(**sample_flags)
+    sample_model.to(device).eval()
+    if fp16:
+        sample_model.convert_to_fp16()
+
+    def sample(num):
+        with torch.no_grad():
+            x = sample_diffusion.p_sample_loop(sample_model, (num, 3, unet['img_resolution'], unet['img_resolution']),
+                                               clip_denoised=True)
+        return ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+
+    name = os.path.basename(path)
+    return step, dict(config=f'{name} UNetModel {"fp16" if fp16 else "fp32"} DDP', sample=sample)
+
+
+def theirs_dit(opt, info, batch):
+    """facebookresearch/DiT train.py: DiT_models[...] (fp32 with TF32, as train.py sets it), create_diffusion(''),
+    training_losses with its label dropout inside the model, AdamW(1e-4, 0), update_ema, loss.item() per step,
+    DDP. The latents are given (train.py encodes images with the VAE inside the step; our script caches them)."""
+    official_tree(opt, 'DiT')
+    try:
+        import timm  # noqa: F401 (DiT's models.py builds on timm's layers)
+    except ImportError:
+        raise Unavailable('timm is not installed (DiT models.py needs it)') from None
+    import models as dit_models
+    from diffusion import create_diffusion
+    device = opt.device
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    shape, spec = info['shape'], info['dit']
+    model = dit_models.DiT(input_size=shape[1], patch_size=spec['patch_size'], in_channels=shape[0],
+                           hidden_size=spec['hidden_size'], depth=spec['depth'], num_heads=spec['num_heads'],
+                           num_classes=info['num_classes'], class_dropout_prob=0.1, learn_sigma=True).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    update_ema = official_function(os.path.join(opt.official, 'DiT', 'train.py'), 'update_ema',
+                                   dict(torch=torch, OrderedDict=__import__('collections').OrderedDict))
+    process_group(device)
+    model_ddp = ddp(model, device)
+    diffusion = create_diffusion(timestep_respacing='')
+    opt_dit = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+    model.train()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *shape, generator=generator).to(device)
+    y = torch.randint(info['num_classes'], (batch,), generator=generator).to(device)
+    running = dict(loss=0.0)
+
+    def step():
+        t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
+        loss = diffusion.training_losses(model_ddp, x, t, dict(y=y))['loss'].mean()
+        opt_dit.zero_grad()
+        loss.backward()
+        opt_dit.step()
+        update_ema(ema, model_ddp.module)
+        running['loss'] += loss.item()
+
+    def sample(num):
+        # sample.py with the DDPM sampler respaced to our number of steps (same network evaluations), CFG doubled.
+        sample_diffusion = create_diffusion(str(info['steps']))
+        z = torch.randn(num, *shape, device=device)
+        z = torch.cat([z, z], 0)
+        labels = torch.cat([torch.arange(num, device=device) % info['num_classes'],
+                            torch.full((num,), info['num_classes'], device=device)])
+        with torch.no_grad():
+            out = sample_diffusion.p_sample_loop(ema.forward_with_cfg, z.shape, z, clip_denoised=False, model_kwargs=dict(
+                y=labels, cfg_scale=info['scale']), progress=False, device=device)
+        return out
+
+    flops = 3 * dit_forward_flops(model, (shape[1] // spec['patch_size']) ** 2)
+    return step, dict(config='DiT models.py fp32+TF32 DDP', sample=sample, flops=flops)
+
+
+def theirs_pytorch_fid(opt, detector):
+    """pytorch-fid's InceptionV3([3]) with the same weights, run as fid_score.get_activations: [0, 1] float input,
+    one host copy of the features per batch; torch's defaults (TF32 convolutions)."""
+    path = official_tree(opt, os.path.join('pytorch-fid', 'src'))
+    try:
+        import pytorch_fid.inception as reference
+    except ImportError as error:
+        raise Unavailable(f'pytorch-fid cannot be imported from {path}: {error}') from None
+    state = detector.state_dict()
+    reference.load_state_dict_from_url = lambda *args, **kwargs: state  # no download: the same weights as ours
+    model = reference.InceptionV3([3]).to(opt.device).eval()
+    torch.backends.cudnn.allow_tf32 = True
+
+    def run(batches):
+        features = []
+        with torch.no_grad():
+            for batch in batches:
+                features.append(model(batch.float() / 255)[0].squeeze(3).squeeze(2).cpu().numpy())
+        return np.concatenate(features)
+
+    return run
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The rows
+
+
+def row(name, config, batch, ours, theirs=None, goal=None, flops=None, peak=None, note=''):
+    """One table row; ours / theirs are time_* dicts, or a string saying why there is no number."""
+    def number(result, key):
+        return result.get(key) if isinstance(result, dict) else None
+    entry = dict(name=name, config=config, batch=batch, ours=number(ours, 'img_per_sec'),
+                 theirs=number(theirs, 'img_per_sec'), mem_ours_gb=number(ours, 'mem_gb'),
+                 mem_theirs_gb=number(theirs, 'mem_gb'), goal=goal, note=note)
+    entry['theirs_config'] = theirs.get('config') if isinstance(theirs, dict) else None
+    entry['ratio'] = entry['ours'] / entry['theirs'] if entry['ours'] and entry['theirs'] else None
+    for side, result in (('ours', ours), ('theirs', theirs)):
+        if isinstance(result, str):
+            entry['note'] = (entry['note'] + '; ' if entry['note'] else '') + f'{side}: {result}'
+        model_flops = result.get('flops', flops) if isinstance(result, dict) else None
+        entry[f'mfu_{side}'] = entry[side] * model_flops / (peak * 1e12) if entry[side] and model_flops and peak \
+            else None
+    return entry
+
+
+def attempt(what, function, *args):
+    """function(*args), or the reason it could not run (the official code may be missing or break)."""
+    try:
+        return function(*args)
+    except Unavailable as error:
+        return f'n/a ({error})'
+    except torch.cuda.OutOfMemoryError:
+        return 'n/a (out of GPU memory: try --batch_gpu)'
+    except Exception as error:  # noqa: BLE001 (one failing row must not lose the others)
+        traceback.print_exc()
+        return f'n/a ({what}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ""})'
+
+
+def bench_training(opt, ours_builder, theirs_builder, name, goal, peak, rows):
+    """Times our step, then theirs (same batch, same network size); returns our info for the sampling rows."""
+    step, batch, info = ours_builder()
+    ours = time_training(step, batch, opt)
+    del step
+    release_memory(opt.device)
+    theirs = None
+    if opt.official and theirs_builder:
+        def run_theirs():
+            their_step, their_info = theirs_builder(info, batch)
+            result = time_training(their_step, batch, opt)
+            return dict(result, **{k: v for k, v in their_info.items() if k in ('config', 'flops')},
+                        sample=their_info.get('sample'))
+        theirs = attempt(f'official {name}', run_theirs)
+        release_memory(opt.device)
+    rows.append(row(name, info['config'], batch, ours, theirs, goal, info.get('flops'), peak))
+    return info, theirs
+
+
+def run_benchmarks(opt, folder):
+    rows, peak = [], peak_tflops(opt)
+    quick = opt.quick
+    sample_num = opt.sample_batch
+
+    if {'ambient', 'ambient_laws'} & set(opt.only):
+        data_path = dataset_file(folder, 64 if quick else 4096)
+
+    if 'ambient' in opt.only:
+        info, theirs = bench_training(
+            opt, lambda: ours_ambient(opt, data_path),
+            lambda info, batch: theirs_edm(opt, info['unet'], info['unet']['label_dim'], batch),
+            'ambient train', GOALS['ddpmpp'], peak, rows)
+        seeds = list(range(sample_num))
+        ours = time_once(lambda: info['sample'](seeds), sample_num, opt.device)
+        rows.append(row('ambient sample', f'ambient Heun {2 * info["steps"] - 1} NFE {info["precision"]}',
+                        sample_num, ours, note='fixed-mask sampler; theirs: see ambient_laws sample'))
+        release_memory(opt.device)
+
+    if 'ambient_laws' in opt.only:
+        info, theirs = bench_training(
+            opt, lambda: ours_ambient_laws(opt, data_path, consistency=False),
+            lambda info, batch: theirs_edm(opt, info['unet'], info['unet']['label_dim'], batch),
+            'ambient_laws train', GOALS['ddpmpp'], peak, rows)
+        seeds = list(range(sample_num))
+        ours = time_once(lambda: info['sample'](seeds), sample_num, opt.device)
+        theirs_sample = None
+        if isinstance(theirs, dict) and theirs.get('sample'):
+            theirs_sample = attempt('official EDM sampler', lambda: time_once(
+                lambda: theirs['sample'](seeds, info['steps']), sample_num, opt.device))
+        elif isinstance(theirs, str):
+            theirs_sample = theirs
+        rows.append(row('EDM Heun sample', f'{info["unet"]["arch"]} Heun {2 * info["steps"] - 1} NFE fp32',
+                        sample_num, ours, theirs_sample, GOALS['sampling']))
+        del info, theirs
+        release_memory(opt.device)
+        bench_training(opt, lambda: ours_ambient_laws(opt, data_path, consistency=True), None,
+                       'ambient_laws train +consistency', None, peak, rows)
+        release_memory(opt.device)
+
+    if 'ddpm_ip' in opt.only:
+        x_data, y_data = random_images(64 if quick else 8192, 3, 32)
+        fp16 = opt.device.type == 'cuda'
+        info, theirs = bench_training(
+            opt, lambda: ours_ddpm_ip(opt, x_data, y_data),
+            lambda info, batch: theirs_guided(opt, info['unet'], info['gamma'], batch, fp16),
+            'ddpm_ip train', GOALS['adm'], peak, rows)
+        seeds = list(range(sample_num))
+        ours = time_once(lambda: info['sample'](seeds), sample_num, opt.device)
+        theirs_sample = theirs if isinstance(theirs, str) else None
+        if isinstance(theirs, dict) and theirs.get('sample'):
+            theirs_sample = attempt('official p_sample_loop', lambda: time_once(
+                lambda: theirs['sample'](sample_num), sample_num, opt.device))
+        rows.append(row('ADM sample', f'{info["unet"]["arch"]} ancestral, respaced {info["steps"]} steps '
+                        f'{info["precision"]}', sample_num, ours, theirs_sample, GOALS['sampling']))
+        del info, theirs
+        release_memory(opt.device)
+
+    if 'dit' in opt.only:
+        info, theirs = bench_training(opt, lambda: ours_dit(opt), lambda info, batch: theirs_dit(opt, info, batch),
+                                      'DiT train', GOALS['dit'], peak, rows)
+        seeds = list(range(sample_num))
+        ours = time_once(lambda: info['sample'](seeds), sample_num, opt.device)
+        theirs_sample = theirs if isinstance(theirs, str) else None
+        if isinstance(theirs, dict) and theirs.get('sample'):
+            theirs_sample = attempt('official DiT sampler', lambda: time_once(
+                lambda: theirs['sample'](sample_num), sample_num, opt.device))
+        rows.append(row('DiT sample', f'DPM-Solver++(2M) {info["steps"]} steps CFG {info["scale"]} '
+                        f'{info["precision"]}', sample_num, ours, theirs_sample, GOALS['sampling'],
+                        note='theirs: DDPM p_sample_loop respaced to the same number of steps'))
+        del info, theirs
+        release_memory(opt.device)
+
+    if 'fid' in opt.only:
+        images = torch.from_numpy(random_images(opt.fid_num, 3, 32)[0]).permute(0, 3, 1, 2).to(opt.device)
+        batches = images.split(opt.fid_batch)
+        detector = fid.InceptionV3().eval().requires_grad_(False).to(opt.device)  # speed only: weights do not matter
+        for precision in ('fp32', 'tf32'):
+            def ours_features(precision=precision):
+                return fid.compute_features(batches, detector, opt.device, precision=precision, progress=False)
+            ours = time_once(ours_features, opt.fid_num, opt.device)
+            theirs = attempt('pytorch-fid', lambda: time_once(
+                lambda run=theirs_pytorch_fid(opt, detector): run(batches), opt.fid_num, opt.device)) \
+                if opt.official else None
+            rows.append(row(f'fid.py features {precision}', f'Inception-v3 pool3, 32x32 -> 299, {precision}',
+                            opt.fid_batch, ours, theirs, GOALS['fid'],
+                            note='pytorch-fid: torch defaults (TF32 convolutions)' if opt.official else ''))
+        release_memory(opt.device)
+    return rows
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Output and main
+
+
+def format_number(value, digits=0):
+    return '-' if value is None else f'{value:.{digits}f}'
+
+
+def format_table(rows, header):
+    columns = ['name', 'config', 'batch', 'ours img/s', 'theirs img/s', 'ratio', 'goal', 'mem GiB ours/theirs',
+               'MFU ours/theirs']
+    lines = []
+    for r in rows:
+        memory = f'{format_number(r["mem_ours_gb"], 1)}/{format_number(r["mem_theirs_gb"], 1)}'
+        mfu = '-' if r['mfu_ours'] is None and r['mfu_theirs'] is None else \
+            f'{format_number(100 * r["mfu_ours"] if r["mfu_ours"] else None)}%/' \
+            f'{format_number(100 * r["mfu_theirs"] if r["mfu_theirs"] else None)}%'
+        lines.append([r['name'], r['config'], str(r['batch']), format_number(r['ours'], 1),
+                      format_number(r['theirs'], 1), format_number(r['ratio'], 2) + ('x' if r['ratio'] else ''),
+                      f'{r["goal"]}x' if r['goal'] else '-', memory, mfu])
+    widths = [max(len(c), *(len(line[k]) for line in lines)) for k, c in enumerate(columns)] if lines else \
+        [len(c) for c in columns]
+    text = [header, ' | '.join(c.ljust(w) for c, w in zip(columns, widths)), '-+-'.join('-' * w for w in widths)]
+    text += [' | '.join(v.ljust(w) for v, w in zip(line, widths)) for line in lines]
+    notes = [f'  {r["name"]}: {r["note"]}' for r in rows if r['note']]
+    return '\n'.join(text + (['notes:'] + notes if notes else []))
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--quick', action='store_true', help='tiny configurations (automatic on CPU)')
+    parser.add_argument('--only', default=','.join(BENCHMARKS), help='comma list of ' + ','.join(BENCHMARKS))
+    parser.add_argument('--official', default='', help='folder with edm, DDPM-IP or guided-diffusion, DiT, pytorch-fid')
+    parser.add_argument('--json', default='', help='write the results here')
+    parser.add_argument('--batch', action='append', default=[], metavar='NAME=N',
+                        help='global training batch of one benchmark, e.g. --batch=dit=128 (repeatable)')
+    parser.add_argument('--batch_gpu', type=int, default=0, help='microbatch for ours and theirs, 0 = whole batch')
+    parser.add_argument('--compile', action='store_true', help='torch.compile our networks')
+    parser.add_argument('--warmup', type=int, default=None, help='untimed training steps (default 5, quick 2)')
+    parser.add_argument('--steps', type=int, default=None, help='timed training steps (default 20, quick 3)')
+    parser.add_argument('--sample_batch', type=int, default=None, help='images per sampling run (64, quick 4)')
+    parser.add_argument('--fid_num', type=int, default=None, help='images for fid (10000, quick 8)')
+    parser.add_argument('--fid_batch', type=int, default=None, help='Inception batch (500, quick 4)')
+    parser.add_argument('--peak_tflops', type=float, default=0, help='dense bf16 peak for the MFU, 0 = from the GPU')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    args = parser.parse_args(argv)
+    only = tuple(name for name in args.only.split(',') if name)
+    if not only or set(only) - set(BENCHMARKS):
+        parser.error(f'--only must list some of {",".join(BENCHMARKS)}')
+    batch = {}
+    for text in args.batch:
+        name, _, value = text.partition('=')
+        if name not in BENCHMARKS or not value.isdigit() or int(value) < 1:
+            parser.error(f'--batch takes NAME=N with NAME in {",".join(BENCHMARKS)}, got {text!r}')
+        batch[name] = int(value)
+    if args.official and not os.path.isdir(args.official):
+        parser.error(f'--official: no folder {args.official}')
+    device = torch.device(args.device)
+    quick = args.quick or device.type == 'cpu'
+    pick = lambda value, full, small: value if value is not None else small if quick else full  # noqa: E731
+    return args, Options(
+        quick=quick, only=only, official=os.path.abspath(args.official) if args.official else '',
+        compile=args.compile, warmup=pick(args.warmup, 5, 2), steps=pick(args.steps, 20, 3), batch=batch,
+        batch_gpu=args.batch_gpu, sample_batch=pick(args.sample_batch, 64, 4), fid_num=pick(args.fid_num, 10000, 8),
+        fid_batch=pick(args.fid_batch, 500, 4), peak_tflops=args.peak_tflops, device=device)
+
+
+def main(argv=None):
+    args, opt = parse_args(sys.argv[1:] if argv is None else argv)
+    gpu = torch.cuda.get_device_name(opt.device) if opt.device.type == 'cuda' else 'cpu'
+    header = f'{gpu} | torch {torch.__version__} | {datetime.datetime.now().isoformat(timespec="seconds")} | ' \
+             f'{"quick" if opt.quick else "full"} | warm-up {opt.warmup} + {opt.steps} timed steps' \
+             f' | peak {peak_tflops(opt) or "-"} TFLOP/s'
+    print(header, flush=True)
+    with tempfile.TemporaryDirectory(prefix='bench-') as folder:
+        rows = run_benchmarks(opt, folder)
+    print(format_table(rows, header), flush=True)
+    if args.json:
+        report = dict(gpu=gpu, torch=torch.__version__, cuda=torch.version.cuda, date=datetime.datetime.now().isoformat(),
+                      command=' '.join([os.path.basename(sys.argv[0])] + (sys.argv[1:] if argv is None else argv)),
+                      options={k: str(v) for k, v in dataclasses.asdict(opt).items()}, peak_tflops=peak_tflops(opt),
+                      rows=rows)
+        with open(args.json + '.tmp', 'w') as file:
+            json.dump(report, file, indent=2)
+        os.replace(args.json + '.tmp', args.json)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()

@@ -741,7 +741,7 @@ def make_run_dir(c, world_size):
     previous = [int(d[:5]) for d in os.listdir(c.outdir) if re.match(r'\d{5}-', d)]
     run_dir = os.path.join(c.outdir, f'{max(previous, default=-1) + 1:05d}-{desc}')
     os.makedirs(run_dir)
-    return run_dir, (c.resume or None)
+    return run_dir, (None if c.resume in ('', 'auto') else c.resume)  # auto without a state: a fresh run
 
 
 def training_loop(c, x_data, y_data, run_dir, resume_path, rank, world_size, device, log):
@@ -773,27 +773,7 @@ def training_loop(c, x_data, y_data, run_dir, resume_path, rank, world_size, dev
     vb_weight = diffusion.num_timesteps / 1000 if c.rescale_learned_sigmas else 1.0  # RESCALED_MSE vs MSE
     log(f'network: {sum(p.numel() for p in model.parameters()):,} parameters, {json.dumps(net_kwargs)}')
 
-    cur_nimg = 0
-    if resume_path:
-        state = torch.load(resume_path, map_location=device, weights_only=True)
-        model.load_state_dict(state['model'])
-        ema.load_state_dict(state['ema'])
-        optimizer.load_state_dict(state['optimizer'])
-        sampler.history.copy_(state['sampler_history'])
-        sampler.counts.copy_(state['sampler_counts'])
-        if len(state['cpu_rng']) == world_size:  # each rank's dropout stream (a new GPU count starts new ones)
-            torch.set_rng_state(state['cpu_rng'][rank].cpu())
-            if cuda:
-                torch.cuda.set_rng_state(state['cuda_rng'][rank].cpu())
-        cur_nimg = state['cur_nimg']
-        log(f'resumed from {resume_path} at kimg {cur_nimg / 1000:.3f}')
-        if rank == 0:  # forget progress lines written after that state (e.g. before a kill -9)
-            stats_path = os.path.join(run_dir, 'stats.jsonl')
-            with open(stats_path, 'a+') as f:
-                f.seek(0)
-                lines = f.readlines()
-            kept = ''.join(line for line in lines if json.loads(line)['nimg'] <= cur_nimg)
-            atomic_write(stats_path, lambda f: f.write(kept.encode()))
+    cur_nimg = resume(resume_path, model, ema, optimizer, sampler, run_dir, rank, world_size, log) if resume_path else 0
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None) \
         if world_size > 1 else model
     net = torch.compile(ddp) if c.compile else ddp
@@ -805,7 +785,7 @@ def training_loop(c, x_data, y_data, run_dir, resume_path, rank, world_size, dev
     local_batch, rounds = c.batch // world_size, c.batch // world_size // c.batch_gpu
     tick_start_nimg, tick_start_time, start_time = cur_nimg, time.time(), time.time()
     ticks_done = 0
-    while True:
+    while cur_nimg < c.kimg * 1000:  # a resumed run that is already done trains no further
         # Draw this step's randomness for the whole global batch, then take this rank's strided share:
         # the result does not depend on the GPU count, and resuming at any step replays it exactly.
         step = cur_nimg // c.batch
@@ -887,8 +867,6 @@ def training_loop(c, x_data, y_data, run_dir, resume_path, rank, world_size, dev
             if world_size > 1:
                 dist.barrier()
         tick_start_nimg, tick_start_time = cur_nimg, time.time()
-        if done:
-            return
 
 
 def save_snapshot(c, model, ema, optimizer, sampler, net_kwargs, cur_nimg, run_dir, rank, world_size, device):
@@ -909,6 +887,32 @@ def save_snapshot(c, model, ema, optimizer, sampler, net_kwargs, cur_nimg, run_d
                  sampler_history=sampler.history.cpu(), sampler_counts=sampler.counts.cpu(), cur_nimg=cur_nimg,
                  cpu_rng=[r.cpu() for r in rng[0]], cuda_rng=[r.cpu() for r in rng[1]], config=dataclasses.asdict(c))
     atomic_write(os.path.join(run_dir, f'training-state-{kimg}.pt'), lambda f: torch.save(state, f))
+
+
+def resume(path, model, ema, optimizer, sampler, run_dir, rank, world_size, log):
+    """Loads a training state saved by save_snapshot into the given objects; returns its cur_nimg."""
+    try:
+        state = torch.load(path, map_location=sampler.counts.device, weights_only=True)
+        model.load_state_dict(state['model'])
+    except Exception as e:  # truncated file, another network: one line instead of a traceback
+        raise InputError(f'--resume: cannot load {path}: {str(e).splitlines()[0]}') from None
+    ema.load_state_dict(state['ema'])
+    optimizer.load_state_dict(state['optimizer'])
+    sampler.history.copy_(state['sampler_history'])
+    sampler.counts.copy_(state['sampler_counts'])
+    if len(state['cpu_rng']) == world_size:  # each rank's dropout stream (a new GPU count starts new ones)
+        torch.set_rng_state(state['cpu_rng'][rank].cpu())
+        if sampler.counts.is_cuda:
+            torch.cuda.set_rng_state(state['cuda_rng'][rank].cpu())
+    log(f'resumed from {path} at kimg {state["cur_nimg"] / 1000:.3f}')
+    if rank == 0:  # forget progress lines written after that state, even one cut short by a kill -9
+        stats_path = os.path.join(run_dir, 'stats.jsonl')
+        with open(stats_path, 'a+') as f:
+            f.seek(0)
+            lines = [line for line in f if line.endswith('\n')]
+        kept = ''.join(line for line in lines if json.loads(line)['nimg'] <= state['cur_nimg'])
+        atomic_write(stats_path, lambda f: f.write(kept.encode()))
+    return state['cur_nimg']
 
 
 def format_time(seconds):

@@ -485,12 +485,12 @@ def test_train_generate_eval_exposure_end_to_end(small_data, tmp_path, monkeypat
 def test_resume_reproduces_the_uninterrupted_run_bitwise(small_data, tmp_path):
     args = [f'--data={small_data}', *TINY_NET, '--schedule_sampler=loss-second-moment', '--dropout=0.1']
     assert run_main([*args, f'--outdir={tmp_path}/a', '--kimg=0.048']) == 0
-    assert run_main([*args, f'--outdir={tmp_path}/b', '--kimg=0.032']) == 0
+    assert run_main([*args, f'--outdir={tmp_path}/b', '--kimg=0.032', '--resume=auto']) == 0  # nothing to resume
     # As if killed (kill -9) after one more tick but before the next state: a progress line the state does not
-    # cover and a half-written temporary file. Neither may leak into the resumed run.
+    # cover, a line cut short and a half-written temporary file. None may leak into the resumed run.
     run_b = only_run_dir(tmp_path / 'b')
     with open(os.path.join(run_b, 'stats.jsonl'), 'a') as f:
-        f.write(json.dumps(dict(nimg=48, kimg=0.048, loss=123.0)) + '\n')
+        f.write(json.dumps(dict(nimg=48, kimg=0.048, loss=123.0)) + '\n{"kimg": 0.0')
     open(os.path.join(run_b, 'training-state-000000.pt.tmp999'), 'wb').write(b'partial')
     assert run_main([*args, f'--outdir={tmp_path}/b', '--kimg=0.048', '--resume=auto']) == 0
     run_a = only_run_dir(tmp_path / 'a')
@@ -504,6 +504,11 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(small_data, tmp_path):
     assert torch.equal(state_a['sampler_history'], state_b['sampler_history'])
     stats_a, stats_b = ([json.loads(line) for line in open(os.path.join(r, 'stats.jsonl'))] for r in (run_a, run_b))
     assert [s['loss'] for s in stats_a] == [s['loss'] for s in stats_b] and len(stats_a) == 3
+    # Resuming a finished run trains no further step.
+    assert run_main([*args, f'--outdir={tmp_path}/a', '--kimg=0.048', '--resume=auto']) == 0
+    assert len(open(os.path.join(run_a, 'stats.jsonl')).readlines()) == 3
+    assert torch.equal(torch.load(os.path.join(run_a, 'training-state-000000.pt'), weights_only=True)['model'][name],
+                       state_a['model'][name])
 
 
 def test_two_process_ddp_matches_one_process(small_data, tmp_path):
@@ -561,6 +566,13 @@ def test_bad_input_gives_one_error_line_and_writes_nothing(small_data, tmp_path,
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
     assert not outdir.exists()
+
+    # A truncated training state to resume from.
+    (tmp_path / 'state.pt').write_bytes(b'partial')
+    assert run_main([f'--data={small_data}', f'--outdir={tmp_path}/resumed', f'--resume={tmp_path}/state.pt',
+                     *TINY_NET]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error: --resume: cannot load'), err
 
     # Sampling commands: a missing network, a missing reference, an unknown metric.
     assert run_main(['generate', '--network=missing.pt', f'--outdir={tmp_path}/gen']) == 1

@@ -259,11 +259,13 @@ def load_images(path, cache_dir='', workers=4):
     if not os.path.exists(path):
         raise DataError(f'--data: {path} does not exist')
     if path.endswith('.npz'):
-        with np.load(path) as npz:
-            if 'x' not in npz or npz['x'].ndim != 4 or npz['x'].dtype != np.uint8 or npz['x'].shape[-1] != 3:
-                raise DataError(f'{path}: expected an array x of shape (N, H, W, 3) uint8')
-            labels = np.asarray(npz['y']).astype(np.int64) if 'y' in npz else None
-            images = npz['x']
+        try:
+            with np.load(path) as npz:
+                images, labels = npz.get('x'), np.asarray(npz['y']).astype(np.int64) if 'y' in npz else None
+        except (OSError, ValueError, EOFError) as error:
+            raise DataError(f'--data: cannot read {path} ({error})')
+        if images is None or images.ndim != 4 or images.dtype != np.uint8 or images.shape[-1] != 3:
+            raise DataError(f'{path}: expected an array x of shape (N, H, W, 3) uint8')
     else:
         if os.path.isdir(path):
             names = sorted(os.path.relpath(os.path.join(root, name), path).replace(os.sep, '/')
@@ -787,7 +789,8 @@ def find_resume(cfg, description):
     for folder in reversed(folders):
         states = glob.glob(os.path.join(folder, 'training-state-*.pt'))
         try:
-            saved = json.load(open(os.path.join(folder, 'config.json')))['config']
+            with open(os.path.join(folder, 'config.json')) as file:
+                saved = json.load(file)['config']
         except (OSError, ValueError, KeyError):
             continue
         if states and all(saved.get(k) == v for k, v in wanted.items()):
@@ -807,10 +810,13 @@ def open_run_dir(cfg, description, resume_path):
 def load_state(path, net, ema, optimizer, rank, world, device):
     """Restores a training state; returns (cur_nimg, cur_tick). Dropout generators are restored when the number
     of processes is unchanged (everything else does not depend on it)."""
-    state = torch.load(path, map_location='cpu', weights_only=False)
-    net.load_state_dict(state['net'])
-    ema.load_state_dict(state['ema'])
-    optimizer.load_state_dict(state['optimizer'])
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=False)
+        net.load_state_dict(state['net'])
+        ema.load_state_dict(state['ema'])
+        optimizer.load_state_dict(state['optimizer'])
+    except Exception as error:  # a truncated file, another script's state, another network: one line, not a trace
+        raise UsageError(f'--resume: cannot load {path} ({type(error).__name__}: {error})')
     if len(state['rng_cpu']) == world:
         torch.set_rng_state(state['rng_cpu'][rank])
         if device.type == 'cuda' and state['rng_cuda'][rank] is not None:
@@ -1064,11 +1070,12 @@ def sample_batches(net, net_config, args, seeds, device):
                 args.steps, args.corruption_probability, args.delta_probability, args.class_idx, precision)
 
 
-def load_detector(weights, device):
+def fid_call(function, *args, **kwargs):
+    """Calls a fid.py function, turning its errors (missing weights offline, a bad reference) into one line."""
     try:
-        return fid.load_inception(weights, device=device)
+        return function(*args, **kwargs)
     except (FileNotFoundError, ValueError) as error:
-        raise DataError(' '.join(str(error).split()))
+        raise DataError(str(error))
 
 
 def generate(argv):
@@ -1097,16 +1104,19 @@ def evaluate(argv):
     parser.add_argument('--metrics', default='fid')                    # any of fid,is,sfid,pr,kid
     parser.add_argument('--fid_weights', default=None)                 # default: $FID_WEIGHTS or download
     args = parser.parse_args(argv)
-    if args.num < 2:
-        raise UsageError('--num must be >= 2')
+    metrics = args.metrics.split(',')
+    if args.num < 2 or not set(metrics) <= set(fid.METRICS):
+        raise UsageError(f'--num must be >= 2 and --metrics a list of {",".join(fid.METRICS)}')
     if not args.ref.startswith(('http://', 'https://')) and not os.path.exists(args.ref):
         raise UsageError(f'--ref: {args.ref} does not exist')
     rank, _, device = init_distributed(args.device)
     net, net_config = prepare_sampling(args, device)
-    detector = load_detector(args.fid_weights, device)
+    # Reference, detector and metric checks all fail here, before minutes of sampling.
+    ref = fid_call(fid.load_ref, args.ref)
+    detector = fid_call(fid.load_inception, args.fid_weights, device=device)
     batches = (images for _, images in sample_batches(net, net_config, args, list(range(args.num)), device))
-    results = fid.compute_metrics(batches, args.ref, metrics=args.metrics.split(','), detector=detector,
-                                  device=device, num_images=args.num)
+    results = fid_call(fid.compute_metrics, batches, ref, metrics=metrics, detector=detector, device=device,
+                       num_images=args.num)
     if rank == 0:
         entry = dict(network=os.path.basename(args.network), num=args.num, sampler=args.sampler, steps=args.steps,
                      num_masks=args.num_masks, guidance_scale=args.guidance_scale, ref=args.ref,
@@ -1140,7 +1150,7 @@ def neighbors(argv):
     if args.network:
         net, net_config = prepare_sampling(args, device)
     train_images = torch.from_numpy(load_images(args.data)[0]).permute(0, 3, 1, 2)    # (N, 3, H, W) uint8
-    detector = load_detector(args.fid_weights, device)
+    detector = fid_call(fid.load_inception, args.fid_weights, device=device)
     if args.images:
         generated = torch.from_numpy(load_images(args.images)[0][:args.num]).permute(0, 3, 1, 2)
     else:
@@ -1194,7 +1204,7 @@ def main(argv=None):
         else:
             neighbors(argv)
     except (UsageError, DataError) as error:
-        print(f'error: {error}', file=sys.stderr)
+        print('error:', ' '.join(str(error).split()), file=sys.stderr)  # one line, even for multi-line messages
         sys.exit(2 if isinstance(error, UsageError) else 1)
     finally:
         if torch.distributed.is_initialized():

@@ -446,15 +446,39 @@ def test_bad_data(tmp_path, capsys):
     npz = tmp_path / 'labels.npz'
     np.savez(npz, x=x[:4], y=np.array([0, 1, -3, 2]))
     ambient.PIL.Image.fromarray(x[0][:16]).save(tmp_path / 'mixed.png')
-    cases = [([f'--data={folder}'], 'broken.png'), ([f'--data={npz}', '--cond'], 'labels')]
-    for flags, message in cases:
+    (tmp_path / 'garbage.npz').write_bytes(b'not an npz')
+    (tmp_path / 'garbage.pt').write_bytes(b'not a state')
+    cases = [([f'--data={folder}'], 1, 'broken.png'), ([f'--data={npz}', '--cond'], 1, 'labels'),
+             ([f'--data={tmp_path / "garbage.npz"}'], 1, 'cannot read'),
+             ([f'--data={TINY_DATA}', f'--resume={tmp_path / "garbage.pt"}'], 2, '--resume: cannot load')]
+    for flags, code, message in cases:
         with pytest.raises(SystemExit) as exit_info:
             ambient.main(['train', f'--outdir={tmp_path / "runs"}', '--preset=tiny', *flags])
         err = capsys.readouterr().err.strip().splitlines()
-        assert exit_info.value.code == 1 and len(err) == 1 and message in err[0]
+        assert exit_info.value.code == code and len(err) == 1 and message in err[0], err
     (folder / 'broken.png').unlink()
     os.replace(tmp_path / 'mixed.png', folder / 'mixed.png')
     with pytest.raises(SystemExit):
         ambient.main(['train', f'--outdir={tmp_path / "runs"}', '--preset=tiny', f'--data={folder}'])
     assert 'different sizes' in capsys.readouterr().err
     assert not os.path.exists(tmp_path / 'runs')
+
+
+def test_bad_sampling_input(tmp_path, capsys):
+    """generate / eval reject a broken network, unknown metrics and a broken reference in one line, before sampling
+    and before writing anything."""
+    net_config = ambient.network_config(ambient.Config(**ambient.PRESETS['tiny']), 32, 3, 0)
+    network = tmp_path / 'network.pt'
+    torch.save(dict(config=net_config, ema=ambient.build_network(net_config).state_dict()), network)
+    (tmp_path / 'garbage.npz').write_bytes(b'not statistics')
+    (tmp_path / 'garbage.pt').write_bytes(b'not a network')
+    cases = [(['generate', f'--network={tmp_path / "garbage.pt"}', f'--outdir={tmp_path / "out"}'], 2, '--network'),
+             (['eval', f'--network={network}', f'--ref={tmp_path / "garbage.npz"}', '--metrics=fid,bogus'], 2,
+              '--metrics'),
+             (['eval', f'--network={network}', f'--ref={tmp_path / "garbage.npz"}', '--num=4'], 1, 'garbage.npz')]
+    for argv, code, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            ambient.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == code and len(err) == 1 and message in err[0], err
+    assert sorted(os.listdir(tmp_path)) == ['garbage.npz', 'garbage.pt', 'network.pt']

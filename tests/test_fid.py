@@ -555,3 +555,23 @@ def test_fid_of_cifar10_halves_with_real_weights():
     images = torch.from_numpy(np.load(os.path.join(SHARED, "cifar10_small_uint8.npz"))["x"]).permute(0, 3, 1, 2)
     first, second = (fid.compute_features(batches_of(half, 50), detector)["pool"] for half in images.split(500))
     assert fid.features_frechet_distance(first, *fid.mean_cov(second)) == pytest.approx(76.84, abs=0.01)  # 76.835
+
+
+def test_random_weights_give_a_detector_that_separates_image_sets():
+    """The paper scripts' end-to-end tests evaluate with a randomly initialised detector. Its features must not
+    collapse (torch's default init shrinks them to ~1e-8), or every FID in those tests would be ~0 whatever the
+    images: real-vs-real must come out far below real-vs-noise."""
+    torch.manual_seed(0)
+    detector = fid.InceptionV3().eval()
+    images = torch.from_numpy(np.load(os.path.join(ROOT, "tests", "data", "cifar10_tiny.npz"))["x"][:24])
+    images = images.permute(0, 3, 1, 2).contiguous()                         # (24, 3, 32, 32) uint8
+    noise = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)
+    real_a, real_b, pure_noise = (fid.compute_features([x], detector=detector, progress=False)["pool"].double()
+                                  for x in (images[:12], images[12:], noise))
+    assert real_a.std(0).mean() > 1e-3                                       # features vary from image to image
+
+    def distance(x, y):
+        return fid.frechet_distance(x.mean(0).numpy(), np.cov(x.numpy(), rowvar=False),
+                                    y.mean(0).numpy(), np.cov(y.numpy(), rowvar=False))
+
+    assert distance(real_a, pure_noise) > 10 * distance(real_a, real_b)

@@ -249,6 +249,20 @@ def test_samplers_with_the_analytic_predictor_reproduce_the_data_moments(respaci
                            clip_denoised=False, eta=eta, randn_like=rng_like(g))
     assert (moments(wrong)[1] - COV).abs().max() > 0.03
 
+def test_ddim_with_eta_one_takes_the_posterior_step():
+    """Song et al. Eq. 16 at eta = 1 gives sigma^2 = beta_tilde_t, and the DDIM step becomes a draw from the posterior
+    q(x_{t-1} | x_t, x0_hat): mean c1 x0_hat + c2 x_t, variance beta_tilde_t (Ho et al. Eq. 7)."""
+    full, d = ddpm_ip.make_diffusion('cosine', 1000), ddpm_ip.make_diffusion('cosine', 1000, '50')
+    net = gaussian_eps_net(MU, COV, full.alphas_cumprod)
+    g = torch.Generator().manual_seed(4)
+    x, z = torch.randn(8, 2, 1, 1, generator=g), torch.randn(8, 2, 1, 1, generator=g)
+    for i in (1, 10, 49):
+        _, x_prev, x0_hat = next(ddpm_ip.sample_chain(net, d, x, i, clip_denoised=False, eta=1.0,
+                                                      randn_like=lambda _: z))
+        t = torch.full((8,), i)
+        mean, _ = d.q_posterior(x0_hat, x, t)
+        torch.testing.assert_close(x_prev, mean + d.at(d.posterior_variance, t).sqrt() * z, rtol=1e-5, atol=1e-5)
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Timestep sampler and exposure bias
 

@@ -741,8 +741,9 @@ def theirs_dit(opt, info, batch):
         labels = torch.cat([torch.arange(num, device=device) % info['num_classes'],
                             torch.full((num,), info['num_classes'], device=device)])
         with torch.no_grad():
-            out = sample_diffusion.p_sample_loop(ema.forward_with_cfg, z.shape, z, clip_denoised=False, model_kwargs=dict(
-                y=labels, cfg_scale=info['scale']), progress=False, device=device)
+            out = sample_diffusion.p_sample_loop(ema.forward_with_cfg, z.shape, z, clip_denoised=False,
+                                                 model_kwargs=dict(y=labels, cfg_scale=info['scale']), progress=False,
+                                                 device=device)
         return out
 
     flops = 3 * dit_forward_flops(model, (shape[1] // spec['patch_size']) ** 2)
@@ -993,7 +994,8 @@ def main(argv=None):
         rows = run_benchmarks(opt, folder)
     print(format_table(rows, header), flush=True)
     if args.json:
-        report = dict(gpu=gpu, torch=torch.__version__, cuda=torch.version.cuda, date=datetime.datetime.now().isoformat(),
+        report = dict(gpu=gpu, torch=torch.__version__, cuda=torch.version.cuda,
+                      date=datetime.datetime.now().isoformat(),
                       command=' '.join([os.path.basename(sys.argv[0])] + (sys.argv[1:] if argv is None else argv)),
                       options={k: str(v) for k, v in dataclasses.asdict(opt).items()}, peak_tflops=peak_tflops(opt),
                       rows=rows)

@@ -87,7 +87,7 @@ class Config:
     diffusion_steps: int = 1000                   # T; DDPM-IP commands
     noise_schedule: str = 'cosine'                # cosine | linear; DDPM-IP commands use cosine
     rescale_learned_sigmas: bool = True           # VLB weight T/1000 (RESCALED_MSE; 1 at T = 1000); DDPM-IP commands
-    input_perturbation: float = 0.1              # gamma, alias --input_pertub; 0 = ADM baseline; official README 0.1
+    input_perturbation: float = 0.1               # gamma, alias --input_pertub; 0 = ADM baseline; official README 0.1
     schedule_sampler: str = 'loss-second-moment'  # uniform | loss-second-moment; DDPM-IP commands
     # Optimisation (official train_util.py: AdamW, constant lr, no warm-up, no gradient clipping).
     lr: float = 1e-4                              # learning rate; official default
@@ -716,10 +716,9 @@ def save_png(images, path):
     if images.ndim == 4:
         n, channels, h, w = images.shape
         cols = math.ceil(math.sqrt(n))
-        grid = torch.zeros(channels, math.ceil(n / cols) * h, cols * w, dtype=torch.uint8)
-        for k, image in enumerate(images.cpu()):
-            grid[:, k // cols * h:(k // cols + 1) * h, k % cols * w:(k % cols + 1) * w] = image
-        images = grid
+        rows = math.ceil(n / cols)
+        images = torch.cat([images, images.new_zeros(rows * cols - n, channels, h, w)])  # black cells at the end
+        images = images.view(rows, cols, channels, h, w).permute(2, 0, 3, 1, 4).reshape(channels, rows * h, cols * w)
     array = images.cpu().permute(1, 2, 0).numpy()
     image = PIL.Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
     atomic_write(path, lambda f: image.save(f, format='PNG'))
@@ -1079,14 +1078,10 @@ def main(argv=None):
             log(f'command: ddpm_ip.py {" ".join(argv)}\ntorch {torch.__version__} on {gpu}, {world_size} process(es), '
                 f'run folder {run_dir}\n{config_text}')
         training_loop(c, x_data, y_data, run_dir, resume_path, rank, world_size, device, log)
-    except FlagError as e:
+    except (FlagError, InputError) as e:
         if rank == 0:
             print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
-    except InputError as e:
-        if rank == 0:
-            print(f'error: {e}', file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2 if isinstance(e, FlagError) else 1)  # 2 = usage error, as argparse
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

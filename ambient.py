@@ -87,7 +87,7 @@ class Config:
     weight_decay: float = 0.0              # > 0 switches Adam to AdamW; official --weight_decay
     max_grad_norm: float = 0.0             # gradient clipping, 0 = off; official default None, README 1.0
     ema: float = 0.5                       # EMA half-life in Mimg; official --ema
-    ema_rampup_ratio: float = 0.05         # EMA half-life <= ratio * images seen; official training_loop
+    ema_rampup_ratio: float = 0.05         # EMA half-life <= ratio * images seen, 0 = off (official None)
     augment: float = 0.12                  # EDM augmentation probability; official train.py default
     augment_mode: str = 'joint'            # joint: masks move with the image (hidden pixels never read); official
     kimg: float = 200000                   # training length in kimg; official --duration=200 Mimg
@@ -918,7 +918,9 @@ def train(cfg):
         optimizer.step()
 
         # Update EMA: half-life --ema Mimg, at most --ema_rampup_ratio times the images seen (official).
-        ema_halflife_nimg = min(cfg.ema * 1e6, cur_nimg * cfg.ema_rampup_ratio)
+        ema_halflife_nimg = cfg.ema * 1e6
+        if cfg.ema_rampup_ratio > 0:
+            ema_halflife_nimg = min(ema_halflife_nimg, cur_nimg * cfg.ema_rampup_ratio)
         ema_beta = 0.5 ** (cfg.batch / max(ema_halflife_nimg, 1e-8))
         with torch.no_grad():
             torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - ema_beta)

@@ -99,6 +99,23 @@ def test_loss_ignores_erased_pixels():
     assert results[0][0][A.expand_as(y) == 0].abs().max() == 0 and results[0][0].abs().sum() > 0
 
 
+def test_loss_is_the_official_formula():
+    """The network reads [A_tilde (y + sigma eps), A_tilde] (noise first, then the mask: official order) and the
+    loss is lambda(sigma) A |D[:C] - y|^norm with lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2."""
+    y = torch.rand(4, 3, 8, 8) * 2 - 1
+    A, A_tilde = (t.float() for t in ambient.corruption_masks(np.arange(4), (3, 8, 8), 0.5, 0.2, True))
+    sigma, eps, out = torch.rand(4) + 0.1, torch.randn(4, 3, 8, 8), torch.randn(4, 6, 8, 8)
+    seen = {}
+    net = lambda x, s, *_: seen.update(x=x, sigma=s) or out  # noqa: E731
+    s = sigma.reshape(-1, 1, 1, 1)
+    weight = (s ** 2 + 0.25) / (s * 0.5) ** 2
+    for norm, error in ((2, (out[:, :3] - y).square()), (1, (out[:, :3] - y).abs())):
+        loss = ambient.ambient_loss(net, y, A, A_tilde, sigma, eps, norm=norm)
+        assert torch.allclose(loss, weight * A * error)
+    mask = A_tilde.expand(-1, 3, -1, -1)
+    assert torch.equal(seen['x'], torch.cat([mask * (y + s * eps), mask], 1)) and torch.equal(seen['sigma'], sigma)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Gaussian data: the loss's minimiser and the sampler's output in closed form
 
@@ -373,6 +390,20 @@ def test_train_generate_eval_neighbors(tmp_path, monkeypatch):
     assert summary['num_generated'] == 3 and summary['num_train'] == 6 and 0 <= summary['fraction_above'] <= 1
     assert np.load(tmp_path / 'nn' / 'neighbors.npz')['neighbor'].shape == (3, 3)
     assert os.path.exists(tmp_path / 'nn' / 'neighbors.png')
+
+
+def test_ema_and_lr_schedule(tmp_path):
+    """Three steps: the lr ramps up linearly from 0 at the first step (lr * cur_nimg / rampup), and the EMA follows
+    ema <- beta ema + (1 - beta) net with beta = 0.5^(batch / half-life) (EDM's training_loop)."""
+    run_dir = train(tmp_path, '--kimg=0.024', '--tick=0.008', '--dump=1', '--grid=0', '--ema=0.00002',
+                    '--ema_rampup_ratio=0')
+    assert [entry['lr'] for entry in map(json.loads, open(os.path.join(run_dir, 'stats.jsonl')))] == \
+        [0.0, pytest.approx(2e-3 * 8 / 100), pytest.approx(2e-3 * 16 / 100)]
+    first, second = (torch.load(os.path.join(run_dir, f'training-state-{kimg}.pt'), weights_only=False)
+                     for kimg in ('000000.016', '000000.024'))
+    beta = 0.5 ** (8 / 20)
+    for k in second['ema']:
+        assert torch.allclose(second['ema'][k], beta * first['ema'][k] + (1 - beta) * second['net'][k], atol=1e-7)
 
 
 def test_erased_pixels_never_reach_training(tmp_path):

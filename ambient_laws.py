@@ -299,6 +299,8 @@ def decode_images(names, read, workers):
 
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         arrays = list(pool.map(decode, names))
+    if any(a.shape[2] == 3 for a in arrays):  # a few grayscale files in a colour data set (ImageNet has some)
+        arrays = [a.repeat(3, axis=2) if a.shape[2] == 1 else a for a in arrays]
     for name, array in zip(names, arrays):
         if array.shape != arrays[0].shape:
             raise ValueError(f'image {name} is {array.shape}, but {names[0]} is {arrays[0].shape}: resize them first')
@@ -616,6 +618,8 @@ def init_distributed(device_flag):
     rank = int(os.environ.get('RANK', '0'))
     requested = device_flag or ('cuda' if torch.cuda.is_available() else 'cpu')
     cuda = requested.startswith('cuda')
+    if requested not in ('cpu', 'cuda') or (cuda and not torch.cuda.is_available()):
+        fail(f'--device must be cpu or cuda (with CUDA available), not {requested!r}')
     device = torch.device(f'cuda:{int(os.environ.get("LOCAL_RANK", "0"))}') if cuda else torch.device(requested)
     if cuda:
         torch.cuda.set_device(device)
@@ -776,7 +780,7 @@ def open_run(cfg, desc, net, ema, optimizer, rank, world):
     --transfer), then the run folder: a resumed run continues in its own folder. Returns (run_dir, cur_nimg,
     cur_tick, ema_rampup_ratio, state_path)."""
     state_path = find_resume_state(cfg, desc) if cfg.resume else None
-    cur_nimg, cur_tick, ema_rampup_ratio = 0, 0, cfg.ema_rampup_ratio
+    cur_nimg, cur_tick, transferred = 0, 0, bool(cfg.transfer)
     if state_path or cfg.transfer:
         try:
             data = torch.load(state_path or cfg.transfer, map_location='cpu', weights_only=True)
@@ -784,10 +788,10 @@ def open_run(cfg, desc, net, ema, optimizer, rank, world):
             ema.load_state_dict(data['ema'])
             if state_path:
                 optimizer.load_state_dict(data['optimizer'])
-                cur_nimg, cur_tick = data['cur_nimg'], data['cur_tick']
+                cur_nimg, cur_tick, transferred = data['cur_nimg'], data['cur_tick'], data.get('transferred', False)
         except Exception as error:
             fail(f'cannot load {state_path or cfg.transfer}: {error}')
-        ema_rampup_ratio = ema_rampup_ratio if state_path else None  # official: no EMA ramp-up after --transfer
+    ema_rampup_ratio = None if transferred else cfg.ema_rampup_ratio  # official: no EMA ramp-up after --transfer
     if state_path:
         run_dir = os.path.dirname(state_path)
     else:
@@ -824,6 +828,20 @@ def step_randomness(cfg, step, shape, num_cons, device):
     aug_u, aug_g = torch.rand(cfg.batch, 11, generator=gen, device=device), draw(cfg.batch, 4)
     z = draw(cfg.num_consistency_steps - 1, num_cons, cfg.num_primes, *shape)
     return rnd_normal, eps, aug_u, aug_g, z
+
+
+def tally(stats, loss, sigma, sigma_n, bins):
+    """Add one microbatch's diagnostics to the on-device sums named by STATS (no host sync): loss per sample, split
+    into clean and noisy, the noisy samples that trained (sigma > sigma_n; the clamped rest give zero loss), and the
+    loss per quartile of sigma. loss (b, C, H, W); sigma (b, 1, 1, 1); sigma_n (b,)."""
+    per_sample = loss.detach().mean(dim=(1, 2, 3))                                          # (b,)
+    noisy = (sigma_n > 0).float()
+    used = noisy * (sigma.view(-1) > sigma_n).float()
+    stats[:7] += torch.stack([per_sample.sum(), noisy.new_full([], len(noisy)), (per_sample * (1 - noisy)).sum(),
+                              (1 - noisy).sum(), (per_sample * noisy).sum(), noisy.sum(), used.sum()])
+    sigma_bin = torch.bucketize(sigma.view(-1), bins)
+    stats[9:13].index_add_(0, sigma_bin, per_sample)
+    stats[13:17].index_add_(0, sigma_bin, torch.ones_like(per_sample))
 
 
 def train(cfg):
@@ -926,17 +944,8 @@ def train(cfg):
                 # Sum over pixels, mean over the global batch (DDP averages over GPUs), as EDM.
                 total.mul(1 / batch_gpu_total).backward()
 
-            # Diagnostics on the device: loss per sample, clean vs noisy, noisy samples used, sigma quartiles.
             with torch.no_grad():
-                per_sample = loss.detach().mean(dim=(1, 2, 3))
-                noisy = (y_sigma_n > 0).float()
-                used = noisy * (sigma.view(-1) > y_sigma_n).float()
-                stats[:7] += torch.stack([per_sample.sum(), noisy.new_full([], len(rows)),
-                                          (per_sample * (1 - noisy)).sum(), (1 - noisy).sum(),
-                                          (per_sample * noisy).sum(), noisy.sum(), used.sum()])
-                sigma_bin = torch.bucketize(sigma.view(-1), bins)
-                stats[9:13].index_add_(0, sigma_bin, per_sample)
-                stats[13:17].index_add_(0, sigma_bin, torch.ones_like(per_sample))
+                tally(stats, loss, sigma, y_sigma_n, bins)
 
         # Update weights: EDM's linear lr warm-up, non-finite gradients zeroed (the official code does not clip).
         lr = cfg.lr * min(cur_nimg / max(cfg.lr_rampup_kimg * 1000, 1e-8), 1)
@@ -970,13 +979,13 @@ def train(cfg):
         if (done or cur_tick % cfg.snap == 0) and rank == 0:
             tag = f'{cur_nimg // 1000:06d}'
             config = dataclasses.asdict(cfg)
-            atomic_write(os.path.join(run_dir, f'network-snapshot-{tag}.pt'), lambda f: torch.save(dict(
-                ema=ema.state_dict(), net_kwargs=net_kwargs, config=config, cur_nimg=cur_nimg), f))
-            grid = sample_images(ema, list(range(cfg.grid)), device, cfg, autocast)
-            save_grid(os.path.join(run_dir, f'samples-{tag}.png'), grid)
+            snapshot = dict(ema=ema.state_dict(), net_kwargs=net_kwargs, config=config, cur_nimg=cur_nimg)
+            atomic_write(os.path.join(run_dir, f'network-snapshot-{tag}.pt'), lambda f: torch.save(snapshot, f))
+            save_grid(os.path.join(run_dir, f'samples-{tag}.png'),
+                      sample_images(ema, list(range(cfg.grid)), device, cfg, autocast))
             atomic_write(os.path.join(run_dir, f'training-state-{tag}.pt'), lambda f: torch.save(dict(
-                net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(), net_kwargs=net_kwargs,
-                config=config, cur_nimg=cur_nimg, cur_tick=cur_tick + 1), f))
+                snapshot, net=net.state_dict(), optimizer=optimizer.state_dict(), cur_tick=cur_tick + 1,
+                transferred=ema_rampup_ratio is None), f))
         cur_tick += 1
         tick_start_nimg, tick_start_time = cur_nimg, time.time()
         if done:

@@ -369,10 +369,15 @@ def test_class_conditional_train_and_generate(tmp_path, capsys):
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    """Both runs start from a --transfer snapshot, so the resumed half must also remember that the EMA ramp-up is off
+    (official --transfer); the from-scratch start is covered by the kill -9 test."""
     common = [*FAST, '--sigma=0.2', '--corruption_probability=0.5', '--tick=0.008', '--snap=1', '--augment=0.5',
               '--dropout=0.2']
-    al.main([*common, '--kimg=0.032', f'--outdir={tmp_path / "straight"}'])
-    al.main([*common, '--kimg=0.016', f'--outdir={tmp_path / "resumed"}'])
+    net, net_kwargs = al.build_network(al.resolve_config({'preset': 'tiny', 'cbase': 16}), 32, 3, 0)
+    torch.save(dict(ema=net.state_dict(), net_kwargs=net_kwargs), tmp_path / 'start.pt')
+    transfer = f'--transfer={tmp_path / "start.pt"}'
+    al.main([*common, transfer, '--kimg=0.032', f'--outdir={tmp_path / "straight"}'])
+    al.main([*common, transfer, '--kimg=0.016', f'--outdir={tmp_path / "resumed"}'])
     al.main([*common, '--kimg=0.032', f'--outdir={tmp_path / "resumed"}', '--resume=auto'])
     assert len(os.listdir(tmp_path / 'resumed')) == 1                   # continued in the same run folder
     a, b = (_run_dir(tmp_path / d) for d in ('straight', 'resumed'))
@@ -402,8 +407,9 @@ def test_resume_after_kill_9(tmp_path):
     al.main([*common, f'--outdir={tmp_path / "straight"}'])
     a, b = (_run_dir(tmp_path / d) for d in ('straight', 'killed'))
     sa, sb = (_state(os.path.join(d, 'training-state-000000.pt')) for d in (a, b))
-    for name, value in sa['net'].items():
-        assert torch.equal(value, sb['net'][name]), name
+    for key in ('net', 'ema'):
+        for name, value in sa[key].items():
+            assert torch.equal(value, sb[key][name]), name
     assert _losses(a) == _losses(b)
 
 
@@ -440,6 +446,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     ('--consistency_coeff=-1', '--consistency_coeff must be >= 0'),
     ('--batch_gpu=3', 'must be divisible'),
     ('--sigma=abc', 'invalid float value'),
+    ('--device=tpu', '--device must be cpu or cuda'),
 ])
 def test_bad_flags_fail_with_one_line_and_write_nothing(tmp_path, capsys, flag, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -473,6 +480,15 @@ def test_bad_data_fails_with_one_line(tmp_path, capsys):
     _expect_data_error(tmp_path, capsys, npz, 'labels must be 8 integers >= 0', '--cond=true')
     _expect_data_error(tmp_path, capsys, TINY_DATA, '--sigma_per_image must hold 200', '--sigma_per_image=' +
                        str(_save(tmp_path / 'levels.npy', np.full(10, 0.1))))
+
+
+def test_grayscale_files_in_a_colour_folder_become_rgb(tmp_path):
+    colour = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    PIL.Image.fromarray(colour).save(tmp_path / 'a.png')
+    PIL.Image.fromarray(colour[:, :, 0]).save(tmp_path / 'b.png')                   # mode L
+    x, labels = al.load_dataset(str(tmp_path), workers=1)
+    assert x.shape == (2, 32, 32, 3) and labels is None
+    assert np.array_equal(x[0], colour) and np.array_equal(x[1], colour[:, :, :1].repeat(3, axis=2))
 
 
 def _save(path, array):

@@ -711,6 +711,12 @@ def atomic_write(path, write):
     os.replace(tmp, path)
 
 
+def append_jsonl(path, record):
+    """One JSON object per line: stats.jsonl and the metrics files, readable while a run goes on."""
+    with open(path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
 def save_png(images, path):
     """uint8 (C, H, W) image or (N, C, H, W) batch (saved as a square-ish grid) -> PNG, atomically."""
     if images.ndim == 4:
@@ -855,8 +861,7 @@ def training_loop(c, x_data, y_data, run_dir, resume_path, rank, world_size, dev
             torch.cuda.reset_peak_memory_stats(device)
         ticks_done += 1
         if rank == 0:
-            with open(os.path.join(run_dir, 'stats.jsonl'), 'a') as f:
-                f.write(json.dumps(record) + '\n')
+            append_jsonl(os.path.join(run_dir, 'stats.jsonl'), record)
         if done or ticks_done % c.snap == 0:
             save_snapshot(c, model, ema, optimizer, sampler, net_kwargs, cur_nimg, run_dir, rank, world_size, device)
             if rank == 0:  # fixed-seed grid from the EMA network, 100 respaced steps unless --timestep_respacing
@@ -952,6 +957,39 @@ def exposure_table(sums, squares, num, diffusion, start):
             for t, s, g, d in zip(diffusion.timestep_map[:start].flip(0), sigma_hat, sigma_train, delta)]
 
 
+def exposure_over_data(c, denoiser, diffusion, shape, label_dim, rank, world_size, device):
+    """exposure_bias summed over --num real images of --data (each rank its share), chains from respaced index
+    --forward_t: returns ([sum r, sum r^2, sum |x0_hat - x0|], number of images, start index)."""
+    start = diffusion.num_timesteps - 1 if c.forward_t is None else c.forward_t
+    if not 1 <= start < diffusion.num_timesteps:
+        raise FlagError(f'--forward_t must be in [1, {diffusion.num_timesteps - 1}]')
+
+    # Real images that fit the network, a fixed random subset of them.
+    x_data, y_data = load_dataset(c.data)
+    if x_data.shape[1:] != shape[1:] + shape[:1]:  # (H, W, C) against the network's (C, H, W)
+        raise InputError(f'--data: images of shape {x_data.shape[1:]} do not fit the network (HWC {shape[::-1]})')
+    if label_dim and (y_data is None or y_data.max() >= label_dim):
+        raise InputError(f'--data: the network is conditional on {label_dim} classes; {c.data} needs labels below it')
+    chosen = torch.randperm(len(x_data), generator=torch.Generator().manual_seed(c.seed))[:c.num].tolist()
+
+    # Sums over this rank's chains, then over all ranks.
+    totals = [torch.zeros(start, *shape, dtype=torch.float64, device=device) for _ in range(2)]
+    totals.append(torch.zeros((), dtype=torch.float64, device=device))  # sums of r, r^2, |x0_hat - x0|
+    for indices in rank_batches(chosen, c.batch, rank, world_size):
+        x0 = torch.from_numpy(x_data[indices]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        labels = torch.from_numpy(y_data[indices]).to(device) if label_dim else None
+        rnd = StackedRandomGenerator(device, indices)  # noise of image k depends on k only
+        # --deterministic: x_{t-1} = mu_theta(x_t) (official exposure_bias_deterministic branch).
+        parts = exposure_bias(denoiser, diffusion, x0, start, rnd.randn_like(x0), c.clip_denoised,
+                              c.eta if c.use_ddim else None, labels,
+                              torch.zeros_like if c.deterministic else rnd.randn_like)
+        totals = [a + b for a, b in zip(totals, parts)]
+    if world_size > 1:
+        for tensor in totals:
+            dist.all_reduce(tensor)
+    return totals, len(chosen), start
+
+
 def run_sampling_command(command, c, rank, world_size, device, log):
     """generate: one PNG per seed. eval: metrics via fid.compute_metrics. exposure: delta_t table."""
     net, diffusion = load_network(c.network, c, device)
@@ -980,45 +1018,20 @@ def run_sampling_command(command, c, rank, world_size, device, log):
         record = dict(network=c.network, num=c.num, ref=c.ref, **sampler_desc, **metrics)
         log(json.dumps(record))
         if rank == 0:
-            with open(os.path.join(results_dir, 'metrics-ddpm_ip.jsonl'), 'a') as f:
-                f.write(json.dumps(record) + '\n')
+            append_jsonl(os.path.join(results_dir, 'metrics-ddpm_ip.jsonl'), record)
         return
 
-    # Exposure bias: this rank's share of --num real images, chains from respaced index --forward_t.
-    x_data, y_data = load_dataset(c.data)
-    if x_data.shape[1:] != (net.img_resolution, net.img_resolution, net.in_channels):
-        raise InputError(f'--data: images of shape {x_data.shape[1:]} do not fit the network (HWC {shape[::-1]})')
-    if label_dim and (y_data is None or y_data.max() >= label_dim):
-        raise InputError(f'--data: the network is conditional on {label_dim} classes; {c.data} needs labels below it')
-    chosen = torch.randperm(len(x_data), generator=torch.Generator().manual_seed(c.seed))[:c.num].tolist()
-    start = diffusion.num_timesteps - 1 if c.forward_t is None else c.forward_t
-    if not 1 <= start < diffusion.num_timesteps:
-        raise FlagError(f'--forward_t must be in [1, {diffusion.num_timesteps - 1}]')
-    totals = [torch.zeros(start, *shape, dtype=torch.float64, device=device) for _ in range(2)]
-    totals.append(torch.zeros((), dtype=torch.float64, device=device))  # sums of r, r^2, |x0_hat - x0|
-    for indices in rank_batches(chosen, c.batch, rank, world_size):
-        x0 = torch.from_numpy(x_data[indices]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
-        labels = torch.from_numpy(y_data[indices]).to(device) if label_dim else None
-        rnd = StackedRandomGenerator(device, indices)  # noise of image k depends on k only
-        # --deterministic: x_{t-1} = mu_theta(x_t) (official exposure_bias_deterministic branch).
-        parts = exposure_bias(denoiser, diffusion, x0, start, rnd.randn_like(x0), c.clip_denoised,
-                              c.eta if c.use_ddim else None, labels,
-                              torch.zeros_like if c.deterministic else rnd.randn_like)
-        totals = [a + b for a, b in zip(totals, parts)]
-    if world_size > 1:
-        for tensor in totals:
-            dist.all_reduce(tensor)
-    rows = exposure_table(totals[0], totals[1], len(chosen), diffusion, start)
+    totals, num, start = exposure_over_data(c, denoiser, diffusion, shape, label_dim, rank, world_size, device)
+    rows = exposure_table(totals[0], totals[1], num, diffusion, start)
     for row in rows:
         log(f't {row["t"]:4d} | std of x_t - sqrt(ab) x0: sampled {row["sigma_hat"]:.4f}, '
             f'training {row["sigma_train"]:.4f} | delta_t {row["delta"]:.3e}')
-    record = dict(network=c.network, data=c.data, num=len(chosen), forward_t=start, deterministic=c.deterministic,
-                  **sampler_desc, x0_l1=float(totals[2]) / len(chosen), delta_sum=sum(r['delta'] for r in rows),
+    record = dict(network=c.network, data=c.data, num=num, forward_t=start, deterministic=c.deterministic,
+                  **sampler_desc, x0_l1=float(totals[2]) / num, delta_sum=sum(r['delta'] for r in rows),
                   per_step=rows)
     log(f'exposure bias: sum of delta_t {record["delta_sum"]:.4e} | final |x0_hat - x0| {record["x0_l1"]:.4f}')
     if rank == 0:
-        with open(os.path.join(results_dir, 'exposure-ddpm_ip.jsonl'), 'a') as f:
-            f.write(json.dumps(record) + '\n')
+        append_jsonl(os.path.join(results_dir, 'exposure-ddpm_ip.jsonl'), record)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ Generation (one PNG per seed, class k % num_classes) and evaluation (FID, IS, sF
   torchrun --standalone --nproc_per_node=8 ldm_labelnoise.py generate --network=runs/00000-.../network-snapshot.pt \\
       --seeds=0-49999 --outdir=out --scale=1.75
   python fid.py ref --data=imagenet/val --dest=in1k_val.npz
-  torchrun --standalone --nproc_per_node=8 ldm_labelnoise.py eval --network=... --ref=in1k_val.npz --scale=1.75
+  torchrun --standalone --nproc_per_node=8 -- ldm_labelnoise.py eval --network=... --ref=in1k_val.npz --num=50000 \\
+      --scale=1.75   # the `--` keeps torchrun from reading --num as its own --numa-binding
 Circular walk between two noises, one row per network (as the official visualisation scripts):
   python ldm_labelnoise.py walk --network=clean.pt,eta2.5.pt --classes=88,207 --walk_steps=20 --scale=7.5
 """
@@ -703,6 +704,17 @@ def cache_latents(dataset, vae, path, xflip, batch, device, rank, world_size, wo
     return np.load(path, mmap_mode='r')
 
 
+def clean_batch(rows, flip, z=None, scaling_factor=1.0):
+    """x0 of a batch. Pixels: uint8 rows (B, 3, H, W) -> [-1, 1], mirrored where flip (B,). Latents: cached moments
+    (B, views, 2C, h, w) -> a fresh sample mean + exp(logvar / 2) z of the image's (or, flipped, its mirror's)
+    posterior, times the VAE scaling factor, as DiT's latent_dist.sample() * 0.18215. Returns (B, C, H, W)."""
+    if z is None:
+        x0 = rows.float() / 127.5 - 1
+        return torch.where(flip.view(-1, 1, 1, 1), x0.flip(3), x0)
+    mean, logvar = rows[torch.arange(len(rows), device=rows.device), flip.long()].float().chunk(2, dim=1)
+    return (mean + (0.5 * logvar).exp() * z) * scaling_factor
+
+
 class RowServer:
     """Rows of a big array by index: from a device tensor when the array fits in 30% of the GPU (or on a CPU),
     else gathered from host memory (or the memory-mapped cache) and copied from pinned memory."""
@@ -801,11 +813,23 @@ def load_vae(path_or_url, device, cache_dir=None):
         raise UserError(str(error))
 
 
+def load_checkpoint(path, flag, keys):
+    """One of our .pt files as a dict holding `keys`; a missing, damaged or foreign file is one clear error line."""
+    if not os.path.isfile(path):
+        raise UserError(f'{flag} file not found: {path}')
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+        missing = [key for key in keys if key not in checkpoint]
+    except Exception as error:  # torch's own message spans several lines
+        raise UserError(f'{flag}={path} is damaged or not a checkpoint ({type(error).__name__})')
+    if missing:
+        raise UserError(f'{flag}={path} was not written by this script (it has no {", ".join(missing)})')
+    return checkpoint
+
+
 def load_snapshot(path, device, scale):
     """A network snapshot -> (EMA Denoiser in eval mode, spec, VAE or None)."""
-    if not os.path.isfile(path):
-        raise UserError(f'--network file not found: {path}')
-    snapshot = torch.load(path, map_location='cpu', weights_only=True)
+    snapshot = load_checkpoint(path, '--network', ('ema', 'spec'))
     if scale != 1 and not snapshot['spec']['class_dropout_prob']:
         raise FlagError(f'{path} was trained without null conditions (--class_dropout_prob=0): use --scale=1')
     net = build_network(snapshot['spec'])
@@ -862,15 +886,14 @@ def save_grid(images, path, columns):
 
 def load_conditions(cfg, dataset):
     """Check the labels or captions -> (num_classes, clean conditions: int64 (N,) labels or (N, 77) tokens)."""
-    n = len(dataset)
-    if cfg.cond == 'text':
-        if dataset.captions is None or len(dataset.captions) != n:
-            found = 'none' if dataset.captions is None else len(dataset.captions)
-            raise UserError(f'--cond=text needs one caption per image ({n}) in captions.txt or --captions; '
-                            f'found {found}')
+    n, text = len(dataset), cfg.cond == 'text'
+    given = dataset.captions if text else dataset.labels
+    if given is None or len(given) != n:
+        where = 'captions.txt or --captions' if text else 'dataset.json, class folders or y in the .npz'
+        raise UserError(f'--cond={cfg.cond} needs one {"caption" if text else "label"} per image ({n}) in {where}; '
+                        f'found {0 if given is None else len(given)}')
+    if text:
         return 0, tokenize(dataset.captions)
-    if dataset.labels is None:
-        raise UserError(f'--cond=class needs labels (dataset.json, class folders or y in the .npz): {cfg.data}')
     num_classes = cfg.num_classes or int(dataset.labels.max()) + 1
     bad = (dataset.labels < 0) | (dataset.labels >= num_classes)
     if bad.any():
@@ -893,41 +916,92 @@ def corrupt_conditions(cfg, clean):
         raise UserError(str(error))
 
 
+def training_rows(cfg, dataset, vae, cache_dir, batch_gpu, rank, world_size, device):
+    """What the steps read: uint8 images (N, 3, H, W), or the VAE posterior moments (N, views, 2C, h, w) cached
+    once per data set, VAE and flags. Returns (rows, the (C, H, W) shape the network sees)."""
+    if vae is None:
+        rows = dataset.read_many(range(len(dataset)), cfg.workers)          # (N, 3, H, W) uint8
+        shape = rows.shape[1:]
+    else:
+        key = json.dumps([os.path.abspath(cfg.data), len(dataset), getattr(dataset, 'names', None), cfg.resolution,
+                          cfg.vae, cfg.xflip])
+        path = os.path.join(cache_dir, f'latents-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy')
+        if rank == 0:
+            print(f'Latent cache: {path}', flush=True)
+        rows = cache_latents(dataset, vae, path, cfg.xflip, batch_gpu, device, rank, world_size, cfg.workers)
+        shape = (rows.shape[2] // 2,) + rows.shape[3:]                      # (C, h, w) of the latents
+    if shape[1] != shape[2]:
+        raise UserError(f'images must be square, got {shape[2]}x{shape[1]}; set --resolution')
+    return rows, tuple(shape)
+
+
 STATE_NAME = re.compile(r'training-state-\d+\.pt')
 
 
 def open_run_dir(cfg, desc):
     """(run folder, training state to resume or None): --resume=auto finds the newest matching run, else new."""
-    run_dir, resume_path = None, None
-    if cfg.resume == 'auto':
-        runs = sorted(d for d in os.listdir(cfg.outdir) if re.fullmatch(rf'\d{{5}}-{re.escape(desc)}', d)) \
-            if os.path.isdir(cfg.outdir) else []
-        for run in reversed(runs):
-            states = sorted(f for f in os.listdir(os.path.join(cfg.outdir, run)) if STATE_NAME.fullmatch(f))
-            if states:
-                run_dir, resume_path = os.path.join(cfg.outdir, run), os.path.join(cfg.outdir, run, states[-1])
-                break
-    elif cfg.resume:
-        if not os.path.isfile(cfg.resume):
-            raise UserError(f'--resume file not found: {cfg.resume}')
-        run_dir, resume_path = os.path.dirname(os.path.abspath(cfg.resume)), cfg.resume
-    if run_dir is None:
-        os.makedirs(cfg.outdir, exist_ok=True)
-        ids = [int(d[:5]) for d in os.listdir(cfg.outdir) if re.match(r'\d{5}-', d)]
-        run_dir = os.path.join(cfg.outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
-        os.makedirs(run_dir)
-    return run_dir, resume_path
+    if cfg.resume and cfg.resume != 'auto':
+        return os.path.dirname(os.path.abspath(cfg.resume)), cfg.resume
+    runs = sorted(d for d in os.listdir(cfg.outdir) if re.fullmatch(rf'\d{{5}}-{re.escape(desc)}', d)) \
+        if cfg.resume and os.path.isdir(cfg.outdir) else []
+    for run in reversed(runs):
+        states = sorted(f for f in os.listdir(os.path.join(cfg.outdir, run)) if STATE_NAME.fullmatch(f))
+        if states:
+            return os.path.join(cfg.outdir, run), os.path.join(cfg.outdir, run, states[-1])
+    os.makedirs(cfg.outdir, exist_ok=True)
+    ids = [int(d[:5]) for d in os.listdir(cfg.outdir) if re.match(r'\d{5}-', d)]
+    run_dir = os.path.join(cfg.outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
+    os.makedirs(run_dir)
+    return run_dir, None
+
+
+def record_run(cfg, run_dir, resumed_nimg, **facts):
+    """config.json with the provenance; on resume, drop the progress lines written after the state we resume from
+    (a run killed between a tick and its snapshot)."""
+    stats_path = os.path.join(run_dir, 'stats.jsonl')
+    if resumed_nimg is not None and os.path.isfile(stats_path):
+        with open(stats_path) as file:
+            kept = [line for line in file if json.loads(line)['kimg'] <= resumed_nimg / 1000 + 1e-9]
+        with open(stats_path + '.tmp', 'w') as file:
+            file.writelines(kept)
+        os.replace(stats_path + '.tmp', stats_path)
+    with open(os.path.join(run_dir, 'config.json'), 'w') as file:
+        json.dump(dict(config=dataclasses.asdict(cfg), command=sys.argv, torch=torch.__version__, **facts), file,
+                  indent=2)
+
+
+def tick_record(s, cur_nimg, total_nimg, tick_nimg, tick_seconds, total_seconds, lr, gpumem):
+    """The tick's summed stats s (loss sum, count, 4 t-bins (sum, count), corrupted, dropped; see the loop) ->
+    (the stats.jsonl record, the progress line)."""
+    kimg = tick_nimg / 1000
+    record = dict(kimg=round(cur_nimg / 1000, 3), time=round(total_seconds, 1),
+                  sec_per_kimg=round(tick_seconds / kimg, 3), img_per_sec=round(tick_nimg / tick_seconds, 1),
+                  gpumem_gb=round(gpumem, 2), loss=s[0] / s[1], lr=lr,
+                  loss_by_t=[s[2 + k] / max(s[6 + k], 1) for k in range(4)],  # t in [0, 250), ..., [750, 1000)
+                  corrupted_rate=s[10] / max(s[1] - s[11], 1), null_rate=s[11] / s[1])
+    eta_seconds = tick_seconds / kimg * max(total_nimg - cur_nimg, 0) / 1000
+    line = (f'kimg {record["kimg"]:.1f} | time {format_time(total_seconds)} | sec/kimg {tick_seconds / kimg:.2f} | '
+            f'ETA {format_time(eta_seconds)} | loss {record["loss"]:.4f} | lr {lr:.1e} | img/s '
+            f'{record["img_per_sec"]:.0f} | gpumem {gpumem:.1f}G | corrupted {record["corrupted_rate"]:.3f} | '
+            f'null {record["null_rate"]:.3f} | loss by t ' + ' '.join(f'{v:.3f}' for v in record['loss_by_t']))
+    return record, line
+
+
+def save_training_state(run_dir, tag, state):
+    """training-state-<tag>.pt, then remove the older ones: resuming needs only the newest."""
+    old_states = [f for f in os.listdir(run_dir) if STATE_NAME.fullmatch(f)]
+    atomic_save(state, os.path.join(run_dir, f'training-state-{tag}.pt'))
+    for old in old_states:
+        if old != f'training-state-{tag}.pt':
+            os.remove(os.path.join(run_dir, old))
 
 
 def training_loop(cfg, rank, world_size, device):
     def print0(*args):
         if rank == 0:
             print(*args, flush=True)
-            if run_dir:
-                with open(os.path.join(run_dir, 'log.txt'), 'a') as log:
-                    print(*args, file=log)
-
-    run_dir = None
+            with open(os.path.join(run_dir, 'log.txt'), 'a') as log:
+                print(*args, file=log)
 
     # Performance settings.
     torch.backends.cuda.matmul.allow_tf32 = True                          # TF32 matmuls: free speed on Ampere+
@@ -939,7 +1013,7 @@ def training_loop(cfg, rank, world_size, device):
     rounds = cfg.batch // (batch_gpu * world_size)
     cache_dir = cfg.cache_dir or os.path.join(os.path.expanduser('~'), '.cache', 'ldm_labelnoise')
 
-    # Load the data and check the conditions before anything is written.
+    # Load and check the data, its conditions and the network before anything is written.
     if rank == 0 and cfg.data == 'cifar10':
         download_cifar10(cache_dir)
     barrier()
@@ -947,51 +1021,28 @@ def training_loop(cfg, rank, world_size, device):
     n = len(dataset)
     num_classes, clean = load_conditions(cfg, dataset)
     vae = None if cfg.vae == 'none' else load_vae(cfg.vae, device, cache_dir)
-
-    # Images, or their VAE latents encoded once and cached (both checked before the run folder exists).
-    if vae is not None:
-        key = json.dumps([os.path.abspath(cfg.data), n, getattr(dataset, 'names', None), cfg.resolution, cfg.vae,
-                          cfg.xflip])
-        path = os.path.join(cache_dir, f'latents-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy')
-        print0(f'Latent cache: {path}')
-        rows = cache_latents(dataset, vae, path, cfg.xflip, batch_gpu, device, rank, world_size, cfg.workers)
-        shape = (rows.shape[2] // 2,) + rows.shape[3:]                    # (C, h, w) of the latents
-    else:
-        rows = dataset.read_many(range(n), cfg.workers)                   # (N, 3, H, W) uint8
-        shape = rows.shape[1:]
-    if shape[1] != shape[2]:
-        raise UserError(f'images must be square, got {shape[2]}x{shape[1]}; set --resolution')
-
-    # Corrupt the conditions once (Sec. 3.1) and save them in the run folder; a resumed run reloads its own.
-    source, corrupted = corrupt_conditions(cfg, clean)
-    name = os.path.splitext(os.path.basename(cfg.data.rstrip('/')))[0]
-    desc = f'{name}-{cfg.arch.replace("/", "")}-{cfg.cond}-eta{cfg.corruption_ratio:g}-cep{cfg.cep}-batch{cfg.batch}'
-    run_dir, resume_path = broadcast_object(open_run_dir(cfg, desc) if rank == 0 else None)
-    conditions_path = os.path.join(run_dir, 'conditions.npz')
-    if resume_path and os.path.isfile(conditions_path):
-        with np.load(conditions_path) as saved:
-            source, corrupted = torch.from_numpy(saved['source']), torch.from_numpy(saved['corrupted'])
-    elif rank == 0:
-        np.savez(conditions_path + '.tmp.npz', source=source.numpy(), corrupted=corrupted.numpy())
-        os.replace(conditions_path + '.tmp.npz', conditions_path)
-    conditions = source if cfg.cond == 'class' else clean[source].short()  # (N,) labels or (N, 77) tokens
-    conditions = conditions.to(device)
-    is_corrupted = torch.zeros(n, dtype=torch.bool, device=device).index_fill_(0, corrupted.to(device), True)
-    server = RowServer(rows, device)
-    spec = dict(arch=cfg.arch, cond=cfg.cond, num_classes=num_classes, shape=tuple(shape), dropout=cfg.dropout,
+    rows, shape = training_rows(cfg, dataset, vae, cache_dir, batch_gpu, rank, world_size, device)
+    source, corrupted = corrupt_conditions(cfg, clean)                    # Sec. 3.1: fixed once, from --seed
+    spec = dict(arch=cfg.arch, cond=cfg.cond, num_classes=num_classes, shape=shape, dropout=cfg.dropout,
                 text_layers=cfg.text_layers, embedding_dropout=cfg.embedding_dropout, class_dropout_prob=
                 cfg.class_dropout_prob, vae=cfg.vae if vae else None, scaling_factor=vae.scaling_factor if vae else 1,
                 beta_schedule=cfg.beta_schedule, linear_start=cfg.linear_start, linear_end=cfg.linear_end)
-
-    # Build the network, EMA and optimizer; restore a training state.
     torch.manual_seed(cfg.seed)
-    net = build_network(spec).to(device, memory_format=torch.channels_last if channels_last else None).train()
+    try:
+        net = build_network(spec).to(device, memory_format=torch.channels_last if channels_last else None).train()
+    except ValueError as error:  # e.g. a DiT patch size that does not divide the image
+        raise FlagError(str(error))
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=device.type == 'cuda')             # one kernel for all parameters
-    cur_nimg = 0
+
+    # Open the run folder; restore a training state and the conditions saved with it.
+    name = os.path.splitext(os.path.basename(cfg.data.rstrip('/')))[0]
+    desc = f'{name}-{cfg.arch.replace("/", "")}-{cfg.cond}-eta{cfg.corruption_ratio:g}-cep{cfg.cep}-batch{cfg.batch}'
+    run_dir, resume_path = broadcast_object(open_run_dir(cfg, desc) if rank == 0 else None)
+    cur_nimg, conditions_path = 0, os.path.join(run_dir, 'conditions.npz')
     if resume_path:
-        state = torch.load(resume_path, map_location='cpu', weights_only=True)
+        state = load_checkpoint(resume_path, '--resume', ('net', 'ema', 'optimizer', 'cur_nimg', 'rng'))
         net.load_state_dict(state['net'])
         ema.load_state_dict(state['ema'])
         optimizer.load_state_dict(state['optimizer'])
@@ -1000,32 +1051,32 @@ def training_loop(cfg, rank, world_size, device):
             torch.set_rng_state(state['rng'][rank][0])
             if device.type == 'cuda':
                 torch.cuda.set_rng_state(state['rng'][rank][1], device)
+        if os.path.isfile(conditions_path):
+            with np.load(conditions_path) as saved:
+                source, corrupted = torch.from_numpy(saved['source']), torch.from_numpy(saved['corrupted'])
+    if rank == 0 and not (resume_path and os.path.isfile(conditions_path)):
+        np.savez(conditions_path + '.tmp.npz', source=source.numpy(), corrupted=corrupted.numpy())
+        os.replace(conditions_path + '.tmp.npz', conditions_path)
+    conditions = source if cfg.cond == 'class' else clean[source].short()  # (N,) labels or (N, 77) tokens
+    conditions = conditions.to(device)
+    is_corrupted = torch.zeros(n, dtype=torch.bool, device=device).index_fill_(0, corrupted.to(device), True)
+    server = RowServer(rows, device)
     ddp = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None) \
         if world_size > 1 else net
     model = torch.compile(ddp) if cfg.compile else ddp                    # fused kernels behind --compile
     alphas_cumprod = make_alphas_cumprod(cfg.beta_schedule, cfg.linear_start, cfg.linear_end).to(device)
     y_null = null_condition(spec, device)
-
-    # Record the run: config and provenance; drop progress lines written after the state we resume from.
     if rank == 0:
-        stats_path = os.path.join(run_dir, 'stats.jsonl')
-        if resume_path and os.path.isfile(stats_path):
-            with open(stats_path) as file:
-                kept = [line for line in file if json.loads(line)['kimg'] <= cur_nimg / 1000 + 1e-9]
-            with open(stats_path + '.tmp', 'w') as file:
-                file.writelines(kept)
-            os.replace(stats_path + '.tmp', stats_path)
-        with open(os.path.join(run_dir, 'config.json'), 'w') as file:
-            json.dump(dict(config=dataclasses.asdict(cfg), spec=spec, command=sys.argv, world_size=world_size,
-                           torch=torch.__version__, images=n, corrupted=len(corrupted), device=
-                           torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'), file, indent=2)
+        record_run(cfg, run_dir, cur_nimg if resume_path else None, spec=spec, world_size=world_size, images=n,
+                   corrupted=len(corrupted), device=torch.cuda.get_device_name(device) if device.type == 'cuda'
+                   else 'cpu')
     print0(json.dumps(dataclasses.asdict(cfg), indent=2))
     print0(f'{"Resuming" if resume_path else "Starting"} {run_dir}: {n} images, {len(corrupted)} corrupted '
            f'conditions, {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, {world_size} process(es)'
            f' x {rounds} round(s) of {batch_gpu}')
 
     # Fixed noise and conditions of the sample grids.
-    grid_noise = torch.randn((cfg.grid,) + tuple(shape), generator=torch.Generator().manual_seed(0)).to(device)
+    grid_noise = torch.randn((cfg.grid,) + shape, generator=torch.Generator().manual_seed(0)).to(device)
     grid_y = torch.arange(cfg.grid, device=device) % num_classes if cfg.cond == 'class' else \
         clean[torch.arange(cfg.grid) % n].to(device)
 
@@ -1045,13 +1096,8 @@ def training_loop(cfg, rank, world_size, device):
         # Accumulate gradients; DDP synchronises only on the last round.
         for r, (share, mine) in enumerate(zip(shares, shares_device)):
             i = index_device[mine]                                        # (batch_gpu,) dataset indices
-            x0 = server.get(index[share.numpy()], i)
-            if vae is not None:  # sample the cached posterior, of the mirrored image when flipped
-                mean, logvar = x0[torch.arange(len(i), device=device), flip[mine].long()].float().chunk(2, dim=1)
-                x0 = (mean + (0.5 * logvar).exp() * noise['z'][mine]) * spec['scaling_factor']
-            else:
-                x0 = x0.float() / 127.5 - 1                               # (batch_gpu, 3, H, W) in [-1, 1]
-                x0 = torch.where(flip[mine].view(-1, 1, 1, 1), x0.flip(3), x0)
+            x0 = clean_batch(server.get(index[share.numpy()], i), flip[mine], None if vae is None else
+                             noise['z'][mine], spec['scaling_factor'])   # (batch_gpu, C, H, W)
             x0 = x0.contiguous(memory_format=torch.channels_last) if channels_last else x0
             y = drop_conditions(conditions[i].long(), y_null, drop[mine])
             sync = ddp.no_sync() if world_size > 1 and r + 1 < rounds else contextlib.nullcontext()
@@ -1061,7 +1107,7 @@ def training_loop(cfg, rank, world_size, device):
                                           is None else delta[mine], None if xi is None else xi[mine],
                                           cfg.input_perturbation)
                 loss.sum().mul(world_size / cfg.batch).backward()         # DDP averages: the global-batch mean
-            with torch.no_grad():
+            with torch.no_grad():  # diagnostics, summed on the device and read once per tick
                 bins = t[mine] * 4 // len(alphas_cumprod)
                 stats[0] += loss.sum()
                 stats[1] += len(loss)
@@ -1086,26 +1132,17 @@ def training_loop(cfg, rank, world_size, device):
             for buffer_ema, buffer in zip(ema.buffers(), net.buffers()):
                 buffer_ema.copy_(buffer)
 
-        # Maintenance once per tick.
+        # Maintenance once per tick: progress line and stats.jsonl.
         done = cur_nimg >= total_nimg
         if not done and cur_nimg < tick_start_nimg + cfg.tick * 1000:
             continue
         if dist.is_initialized():
             dist.all_reduce(stats)
-        s = stats.tolist()                                                # the one host sync of the tick
-        stats.zero_()
-        seconds, kimg = time.time() - tick_start_time, (cur_nimg - tick_start_nimg) / 1000
         gpumem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else 0
-        record = dict(kimg=round(cur_nimg / 1000, 3), time=round(time.time() - start_time, 1),
-                      sec_per_kimg=round(seconds / kimg, 3), img_per_sec=round(kimg * 1000 / seconds, 1),
-                      gpumem_gb=round(gpumem, 2), loss=s[0] / s[1], lr=lr,
-                      loss_by_t=[s[2 + k] / max(s[6 + k], 1) for k in range(4)],  # t in [0, 250), ..., [750, 1000)
-                      corrupted_rate=s[10] / max(s[1] - s[11], 1), null_rate=s[11] / s[1])
-        eta_seconds = seconds / kimg * max(total_nimg - cur_nimg, 0) / 1000
-        print0(f'kimg {record["kimg"]:.1f} | time {format_time(record["time"])} | sec/kimg {seconds / kimg:.2f} | '
-               f'ETA {format_time(eta_seconds)} | loss {record["loss"]:.4f} | lr {lr:.1e} | img/s '
-               f'{record["img_per_sec"]:.0f} | gpumem {gpumem:.1f}G | corrupted {record["corrupted_rate"]:.3f} | '
-               f'null {record["null_rate"]:.3f} | loss by t ' + ' '.join(f'{v:.3f}' for v in record['loss_by_t']))
+        record, line = tick_record(stats.tolist(), cur_nimg, total_nimg, cur_nimg - tick_start_nimg,  # host sync
+                                   time.time() - tick_start_time, time.time() - start_time, lr, gpumem)
+        stats.zero_()
+        print0(line)
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(device)
         if rank == 0:
@@ -1124,13 +1161,9 @@ def training_loop(cfg, rank, world_size, device):
                           os.path.join(run_dir, f'samples-{tag}.png'), math.ceil(math.sqrt(cfg.grid)))
                 atomic_save(dict(ema=ema.state_dict(), spec=spec, kimg=cur_nimg / 1000),
                             os.path.join(run_dir, f'network-snapshot-{tag}.pt'))
-                old_states = [f for f in os.listdir(run_dir) if STATE_NAME.fullmatch(f)]
-                atomic_save(dict(net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                                 cur_nimg=cur_nimg, rng=rng, spec=spec, config=dataclasses.asdict(cfg)),
-                            os.path.join(run_dir, f'training-state-{tag}.pt'))
-                for old in old_states:  # resuming needs only the newest state
-                    if old != f'training-state-{tag}.pt':
-                        os.remove(os.path.join(run_dir, old))
+                save_training_state(run_dir, tag, dict(net=net.state_dict(), ema=ema.state_dict(), optimizer=
+                                                       optimizer.state_dict(), cur_nimg=cur_nimg, rng=rng, spec=spec,
+                                                       config=dataclasses.asdict(cfg)))
             barrier()
         tick_start_nimg, tick_start_time = cur_nimg, time.time()
     print0(f'Done: {run_dir}')
@@ -1147,6 +1180,8 @@ def parse_seeds(text):
         if not match:
             raise FlagError(f'--seeds must look like 0-49999 or 1,5,9, got {text!r}')
         seeds += list(range(int(match[1]), int(match[2] or match[1]) + 1))
+    if not seeds:
+        raise FlagError(f'--seeds={text} is an empty range')
     return seeds
 
 
@@ -1172,8 +1207,9 @@ def sample_seeds(net, spec, vae, seeds, cfg, prompts, device):
 
 def generate(cfg, rank, world_size, device):
     """One PNG per seed under outdir/<thousands>/<seed>.png, plus dataset.json with the labels (class models)."""
+    seeds = parse_seeds(cfg.seeds)
     net, spec, vae = load_snapshot(cfg.network, device, cfg.scale)
-    prompts, seeds = load_prompts(cfg, spec), parse_seeds(cfg.seeds)
+    prompts = load_prompts(cfg, spec)
     names = {seed: f'{seed - seed % 1000:06d}/{seed:06d}.png' for seed in seeds}
     for chunk, images in sample_seeds(net, spec, vae, seeds[rank::world_size], cfg, prompts, device):
         for seed, image in zip(chunk, images.permute(0, 2, 3, 1).cpu().numpy()):

@@ -170,9 +170,15 @@ def test_vb_terms_vanish_at_the_true_posterior():
     exact = L.vb_terms(x0, x_t, t, eps, -torch.ones_like(x0), alphas_cumprod)  # v = -1: posterior variance
     assert exact.abs().max() < 1e-3
     assert (L.vb_terms(x0, x_t, t, eps + 0.1, torch.zeros_like(x0), alphas_cumprod) > exact).all()
-    nll = L.vb_terms(x0, x0, torch.zeros(6, dtype=torch.long), torch.zeros_like(x0), torch.zeros_like(x0),
+    # t = 0: the decoder NLL of the 1/127.5-wide bin around an interior x0 under N(x0, beta_tilde_1), in bits
+    # (beta_tilde_0 = 0 is "clipped" to beta_tilde_1, the variance v = -1 selects).
+    x0 = torch.rand(6, 3, 4, 4) * 1.8 - 0.9
+    nll = L.vb_terms(x0, x0, torch.zeros(6, dtype=torch.long), torch.zeros_like(x0), -torch.ones_like(x0),
                      alphas_cumprod)
-    assert torch.isfinite(nll).all() and (nll > 0).all()
+    ab = alphas_cumprod.tolist()
+    beta_tilde_1 = (1 - ab[1] / ab[0]) * (1 - ab[0]) / (1 - ab[1])
+    expected = -math.log2(math.erf(1 / 255 / math.sqrt(2 * beta_tilde_1)))
+    assert torch.allclose(nll, torch.full((6,), expected), rtol=2e-3)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Samplers on a class-conditional Gaussian mixture with the analytic eps-predictor.
@@ -219,6 +225,34 @@ def test_samplers_reproduce_each_class_distribution(sampler, steps, n):
         expected_cov = ab * COVS[k] @ torch.linalg.solve(cov, COVS[k])
         assert torch.allclose(samples.mean(0), MEANS[k], atol=0.03)
         assert torch.allclose(torch.cov(samples.T), expected_cov, atol=0.025)
+
+
+def test_ancestral_ddim_step_is_the_ddpm_posterior():
+    """eta = 1: each DDIM step samples q(x_s | x_t, x0_hat) = N(mu_tilde, beta_tilde) (Ho et al., Eq. 6-7)."""
+    alphas_cumprod = L.make_alphas_cumprod()
+    x, z = torch.randn(5, 3, 2, 2), torch.randn(5, 3, 2, 2)
+
+    def net(x, t, y, delta=None):
+        return 0.3 * x
+    out = L.ddim_sample(net, x, None, alphas_cumprod, steps=2, eta=1.0, randn_like=lambda v: z)  # t = 501, then 1
+    a, a_prev = alphas_cumprod[501].item(), alphas_cumprod[1].item()
+    x0 = (x - math.sqrt(1 - a) * 0.3 * x) / math.sqrt(a)
+    mu = (math.sqrt(a_prev) * (1 - a / a_prev) * x0 + math.sqrt(a / a_prev) * (1 - a_prev) * x) / (1 - a)
+    x1 = mu + math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev)) * z
+    assert torch.allclose(out, (x1 - math.sqrt(1 - a_prev) * 0.3 * x1) / math.sqrt(a_prev), atol=1e-5)
+
+
+def test_clean_batch_flips_pixels_and_picks_the_mirrored_latents():
+    flip = torch.tensor([False, True])
+    images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    x0 = L.clean_batch(images, flip)
+    assert torch.equal(x0[0], images[0] / 127.5 - 1) and torch.equal(x0[1], images[1].flip(2) / 127.5 - 1)
+    moments = torch.randn(2, 2, 8, 4, 4)                                  # (B, views, 2C, h, w)
+    z = torch.randn(2, 4, 4, 4)
+    x0 = L.clean_batch(moments, flip, z, 0.5)
+    for b, view in enumerate((0, 1)):
+        mean, logvar = moments[b, view].chunk(2)
+        assert torch.allclose(x0[b], 0.5 * (mean + (0.5 * logvar).exp() * z[b]))
 
 
 def test_timesteps_match_diffusers():
@@ -431,6 +465,18 @@ def test_bad_data(tmp_path, capsys):
                  capsys, 1, 'outside [0, 10)', outdir)
     expect_error(['--preset=tiny', '--cond=text', f'--data={TINY_DATA}', f'--outdir={outdir}'], capsys, 1,
                  'needs one caption per image', outdir)
+    np.savez(tmp_path / 'few_labels.npz', x=data['x'][:20], y=data['y'][:10])
+    expect_error(['--preset=tiny', f'--data={tmp_path}/few_labels.npz', f'--outdir={outdir}'], capsys, 1,
+                 'one label per image (20)', outdir)
+    expect_error(['--preset=tiny', '--arch=DiT-tiny', '--resolution=17', f'--data={TINY_DATA}', f'--outdir={outdir}'],
+                 capsys, 2, 'divisible by patch_size', outdir)
+    (tmp_path / 'damaged' / 'training-state-000001.pt').parent.mkdir()
+    (tmp_path / 'damaged' / 'training-state-000001.pt').write_bytes(b'cut short')
+    expect_error(['--preset=tiny', f'--data={TINY_DATA}', f'--resume={tmp_path}/damaged/training-state-000001.pt',
+                  f'--outdir={outdir}'], capsys, 1, 'damaged', outdir)
+    assert os.listdir(tmp_path / 'damaged') == ['training-state-000001.pt']  # nothing written beside it
+    expect_error(['generate', f'--network={tmp_path}/damaged/training-state-000001.pt', f'--outdir={outdir}'], capsys,
+                 1, 'damaged', outdir)
     expect_error(['--preset=tiny', f'--data={tmp_path}/missing', f'--outdir={outdir}'], capsys, 1, 'not found', outdir)
     folder = tmp_path / 'images'
     for k in range(2):

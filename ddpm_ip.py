@@ -614,15 +614,6 @@ def init_distributed(device):
     return rank, world_size, device
 
 
-def all_gather_cat(tensor, world_size):
-    """Concatenates equal-shaped tensors from all ranks, rank-major along dim 0."""
-    if world_size == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(world_size)]
-    dist.all_gather(parts, tensor)
-    return torch.cat(parts)
-
-
 def net_config(c, resolution, channels, label_dim):
     """nets.UNet keywords: the --arch preset for this data, under the official model flags that were given."""
     kwargs = dict(nets.UNET_PRESETS[c.arch], img_resolution=resolution, in_channels=channels,
@@ -632,13 +623,9 @@ def net_config(c, resolution, channels, label_dim):
 
 def net_overrides(c):
     """nets.UNet keywords given by official model flags."""
-    overrides = {}
-    for flag, name in NET_FLAGS.items():
-        value = getattr(c, flag)
-        if value is not None:
-            is_tuple = flag in ('channel_mult', 'attention_resolutions')
-            overrides[name] = tuple(int(v) for v in value.split(',')) if is_tuple else value
-    return overrides
+    given = {name: getattr(c, flag) for flag, name in NET_FLAGS.items() if getattr(c, flag) is not None}
+    return {name: tuple(int(v) for v in value.split(',')) if isinstance(value, str) else value  # '1,2,2,2'
+            for name, value in given.items()}
 
 
 def load_network(path, c, device):
@@ -781,48 +768,58 @@ def training_loop(c, x_data, y_data, run_dir, resume_path, rank, world_size, dev
     cur_nimg = resume(resume_path, model, ema, optimizer, sampler, run_dir, rank, world_size, log) if resume_path else 0
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None) \
         if world_size > 1 else model
-    net = torch.compile(ddp) if c.compile else ddp
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=c.precision == 'bf16')
+    net = torch.compile(ddp) if c.compile else ddp                 # --compile: fused kernels, default on CUDA
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=c.precision == 'bf16')  # bf16 matmul/conv
     grid_diffusion = make_diffusion(c.noise_schedule, c.diffusion_steps, c.timestep_respacing or '100', device)
 
     # Statistics summed on the device, read once per tick: loss, grad norm, steps, then per quartile of t: mse, vb, n.
     stats = torch.zeros(3 + 3 * 4, dtype=torch.float64, device=device)
-    local_batch, rounds = c.batch // world_size, c.batch // world_size // c.batch_gpu
+    local_batch, rounds = c.batch // world_size, c.batch // world_size // c.batch_gpu  # per GPU; accumulation rounds
     tick_start_nimg, tick_start_time, start_time = cur_nimg, time.time(), time.time()
     ticks_done = 0
     while cur_nimg < c.kimg * 1000:  # a resumed run that is already done trains no further
         # Draw this step's randomness for the whole global batch, then take this rank's strided share:
         # the result does not depend on the GPU count, and resuming at any step replays it exactly.
-        step = cur_nimg // c.batch
+        step = cur_nimg // c.batch                                                    # seeds the step
         gen = torch.Generator(device).manual_seed(c.seed * (1 << 32) + step)
-        t_all, w_all = sampler.sample(c.batch, gen)                                   # (B,)
+        # Official code samples t per microbatch, after the previous one's update: the same with one round (default).
+        t_all, w_all = sampler.sample(c.batch, gen)                                   # (B,) timesteps, weights
         eps_all = torch.randn(c.batch, channels, resolution, resolution, generator=gen, device=device)
         xi_all = torch.randn(c.batch, channels, resolution, resolution, generator=gen, device=device)
-        flip_all = torch.rand(c.batch, generator=gen, device=device) < 0.5
-        index_all = batch_indices(step, c.batch, num_images, c.seed, data.device)
+        flip_all = torch.rand(c.batch, generator=gen, device=device) < 0.5            # official random_flip
+        index_all = batch_indices(step, c.batch, num_images, c.seed, data.device)     # (B,) dataset indices
 
         # Accumulate gradients.
         losses = []
         for r in range(rounds):
+            # This rank's r-th microbatch: global samples rank, rank + world_size, ...
             mb = slice(rank + r * c.batch_gpu * world_size, rank + (r + 1) * c.batch_gpu * world_size, world_size)
             x0 = data[index_all[mb]].to(device, non_blocking=True).permute(0, 3, 1, 2)      # (b, C, H, W) uint8
             if c.random_flip:
                 x0 = torch.where(flip_all[mb, None, None, None], x0.flip(3), x0)
             x0 = (x0.float() / 127.5 - 1).contiguous(memory_format=memory_format)
             t, w = t_all[mb], w_all[mb]
-            sync = r == rounds - 1 or world_size == 1
+            sync = r == rounds - 1 or world_size == 1  # DDP all-reduces the gradients in the last round only
             with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast:
                 mse, vb = ip_losses(net, diffusion, x0, t, eps_all[mb], xi_all[mb], c.input_perturbation,
                                     labels[index_all[mb]].to(device) if labels is not None else None)
                 loss = mse + vb_weight * vb                                                 # (b,) hybrid loss
+                # Mean over the per-GPU batch; DDP then averages over GPUs. (Official --microbatch sums the
+                # microbatch means, which scales the step by the number of rounds; here --batch_gpu saves memory only.)
                 (loss * w).sum().div(local_batch).backward()
             losses.append(loss.detach())
-            quartile = t * 4 // diffusion.num_timesteps
-            stats[0] += (loss * w).detach().sum() / c.batch
+            quartile = t * 4 // diffusion.num_timesteps                # (b,) bins of the official loss_q0..q3 logs
+            stats[0] += (loss * w).detach().sum() / c.batch            # importance-weighted, as the official log
             for k, value in enumerate((mse.detach(), vb.detach(), torch.ones_like(mse))):
                 stats[3 + 4 * k:7 + 4 * k].index_add_(0, quartile, value.double())
-        # Global sample j = rank + world_size * p sits at local position p of its rank: restore the global order.
-        sampler.update(t_all, all_gather_cat(torch.cat(losses), world_size).view(world_size, -1).t().flatten())
+        # Every rank records all losses, so the samplers stay identical. Global sample j = rank + world_size * p sits
+        # at local position p of its rank: interleaving the ranks' lists restores the global order.
+        losses = torch.cat(losses)                                                          # (local_batch,)
+        if world_size > 1:
+            gathered = [torch.empty_like(losses) for _ in range(world_size)]
+            dist.all_gather(gathered, losses)
+            losses = torch.stack(gathered, dim=1).flatten()                                 # (B,)
+        sampler.update(t_all, losses)
 
         # Update weights (official: constant lr, no clipping).
         grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -845,7 +842,7 @@ def training_loop(c, x_data, y_data, run_dir, resume_path, rank, world_size, dev
         stats.zero_()
         now = time.time()
         seconds_per_kimg = (now - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1000
-        steps = values[2] / world_size
+        steps = values[2] / world_size                                       # each rank counted every step
         mse_q = [values[3 + q] / max(values[11 + q], 1) for q in range(4)]  # quartiles of t, as the official log
         gpumem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else 0.0
         record = dict(kimg=cur_nimg / 1000, nimg=cur_nimg, time=now - start_time, sec_per_kimg=seconds_per_kimg,
@@ -859,10 +856,10 @@ def training_loop(c, x_data, y_data, run_dir, resume_path, rank, world_size, dev
             f'{" ".join(f"{v:.4f}" for v in mse_q)} | vb {record["vb"]:.4f} | grad norm {record["grad_norm"]:.3f}')
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        ticks_done += 1
         if rank == 0:
             append_jsonl(os.path.join(run_dir, 'stats.jsonl'), record)
-        if done or ticks_done % c.snap == 0:
+        ticks_done += 1
+        if done or ticks_done % c.snap == 0:  # snapshot, training state and sample grid
             save_snapshot(c, model, ema, optimizer, sampler, net_kwargs, cur_nimg, run_dir, rank, world_size, device)
             if rank == 0:  # fixed-seed grid from the EMA network, 100 respaced steps unless --timestep_respacing
                 images = generate_images(make_denoiser(ema, c.precision), grid_diffusion, list(range(c.grid)),

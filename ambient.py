@@ -129,6 +129,7 @@ class UsageError(Exception):
 
 
 def parse_bool(text):
+    """True/False, 1/0, yes/no: the spellings of the official click flags."""
     if text.lower() in ('1', 'true', 'yes'):
         return True
     if text.lower() in ('0', 'false', 'no'):
@@ -137,6 +138,8 @@ def parse_bool(text):
 
 
 class QuietParser(argparse.ArgumentParser):
+    """argparse that raises UsageError (one line, exit 2) instead of printing the usage block."""
+
     def error(self, message):
         raise UsageError(message)
 
@@ -163,6 +166,7 @@ def parse_train_args(argv):
 
 
 def validate(cfg):
+    """Range checks of the training flags: the first failure becomes the one error line."""
     checks = [
         (0 <= cfg.corruption_probability < 1, '--corruption_probability must be in [0, 1)'),
         (0 <= cfg.delta_probability < 1, '--delta_probability must be in [0, 1)'),
@@ -245,6 +249,7 @@ def download_cifar10(cache_dir):
 
 
 def decode_image(blob, name):
+    """PNG/JPEG bytes -> (H, W, 3) uint8; grayscale and RGBA become RGB."""
     try:
         image = np.asarray(PIL.Image.open(io.BytesIO(blob)).convert('RGB'))
     except Exception as error:
@@ -254,7 +259,7 @@ def decode_image(blob, name):
 
 def load_images(path, cache_dir='', workers=4):
     """Returns images (N, H, W, 3) uint8 and labels (N,) int64 or None, in sorted file-name order (as EDM)."""
-    if path == 'cifar10':
+    if path == 'cifar10':  # the official archive, downloaded once
         return download_cifar10(cache_dir or os.path.expanduser('~/.cache/ambient-diffusion'))
     if not os.path.exists(path):
         raise DataError(f'--data: {path} does not exist')
@@ -280,12 +285,14 @@ def load_images(path, cache_dir='', workers=4):
         image_names = [n for n in names if os.path.splitext(n)[1].lower() in ('.png', '.jpg', '.jpeg', '.bmp', '.webp')]
         if not image_names:
             raise DataError(f'--data: no images in {path}')
+        # Decode in threads (PIL releases the GIL); every image must have the same size.
         with concurrent.futures.ThreadPoolExecutor(max(workers, 1)) as pool:
             decoded = list(pool.map(lambda name: decode_image(read(name), name), image_names))
         shapes = {image.shape for image in decoded}
         if len(shapes) != 1:
             raise DataError(f'--data: images have different sizes {sorted(shapes)[:3]}; resize them first')
         images = np.stack(decoded)
+        # Labels: EDM's dataset.json ({"labels": [[name, label], ...]}), else the class sub-folder of each image.
         labels = None
         if 'dataset.json' in names:
             table = json.loads(read('dataset.json')).get('labels')
@@ -298,6 +305,7 @@ def load_images(path, cache_dir='', workers=4):
         elif all('/' in n for n in image_names):
             classes = sorted({n.split('/')[0] for n in image_names})
             labels = np.asarray([classes.index(n.split('/')[0]) for n in image_names], dtype=np.int64)
+    # Checks shared by every source.
     if labels is not None and (labels.shape != (len(images),) or labels.min() < 0):
         raise DataError(f'--data: labels must be {len(images)} non-negative integers')
     if images.shape[1] != images.shape[2]:
@@ -462,12 +470,12 @@ def network_config(cfg, resolution, channels, label_dim):
     """Everything a snapshot needs to rebuild the network and sample from it (the official eval.py instead reads
     training_options.json and takes the corruption flags again)."""
     preset = 'ddpmpp-cifar10' if cfg.arch == 'ddpmpp' else cfg.arch
-    unet = dict(nets.UNET_PRESETS[preset])
-    unet.update(img_resolution=resolution, dropout=cfg.dropout, label_dim=label_dim, gated=cfg.gated,
-                augment_dim=9 if cfg.augment > 0 else 0)  # EDM: augment labels only when augmenting
     # The official network is built with img_channels = 2C: it reads [A_tilde x_t, A_tilde] and writes 2C channels.
-    unet.update(in_channels=channels * (2 if cfg.precond == 'ambient' else 1))
-    unet.update(out_channels=unet['in_channels'])
+    # EDM gives the network augment labels only when it augments.
+    img_channels = channels * (2 if cfg.precond == 'ambient' else 1)
+    unet = dict(nets.UNET_PRESETS[preset], img_resolution=resolution, dropout=cfg.dropout, label_dim=label_dim,
+                gated=cfg.gated, augment_dim=9 if cfg.augment > 0 else 0, in_channels=img_channels,
+                out_channels=img_channels)
     if cfg.cbase:
         unet['model_channels'] = cfg.cbase
     if cfg.cres:
@@ -590,6 +598,7 @@ def init_distributed(device_flag):
 
 
 def all_reduce(tensor):
+    """In-place sum over processes; a no-op in a single process."""
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(tensor)
     return tensor
@@ -616,6 +625,7 @@ def derive_seed(*numbers):
 
 
 def to_uint8(images):
+    """[-1, 1] floats -> uint8 with EDM's rounding (x * 127.5 + 128, clipped)."""
     return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
 
@@ -632,18 +642,21 @@ def save_grid(images, path, columns=None):
 
 
 def save_png(array, path):
+    """(H, W, C) uint8 -> PNG, written atomically."""
     buffer = io.BytesIO()
     PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(buffer, format='png')
     write_atomic(path, buffer.getvalue())
 
 
 def write_atomic(path, data):
+    """Temp file + os.replace: an interrupted write never destroys the previous file."""
     with open(path + '.tmp', 'wb') as file:
         file.write(data)
     os.replace(path + '.tmp', path)
 
 
 def save_atomic(obj, path):
+    """torch.save through a temp file, so a kill mid-write leaves the previous checkpoint intact."""
     torch.save(obj, path + '.tmp')
     os.replace(path + '.tmp', path)
 
@@ -669,6 +682,7 @@ class Data:
     """The corrupted training set, on the GPU when it fits: uint8 images, bool masks A and A_tilde, labels."""
 
     def __init__(self, cfg, device):
+        # Read, keep the official --max_size subset, draw each image's masks from its raw index.
         images, labels = load_images(cfg.data, cfg.cache_dir, cfg.workers)
         if cfg.cond and labels is None:
             raise DataError('--cond needs labels (dataset.json, class sub-folders or y in the .npz)')
@@ -676,8 +690,10 @@ class Data:
         images = torch.from_numpy(images[raw_indices]).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W) uint8
         A, A_tilde = corruption_masks(raw_indices, images.shape[1:], cfg.corruption_probability,
                                       cfg.delta_probability, cfg.mask_full_rgb, cfg.mask_seed)
+        # The fixed corrupted dataset: what A erased is gone for good. Only the official augmentation order (augment
+        # the clean image, then mask: spec A10.1) needs the clean pixels, so only it keeps them.
         if not (cfg.augment_mode == 'official' and cfg.augment > 0):
-            images = images * A  # the fixed corrupted dataset: what A erased is gone for good
+            images = images * A
         self.num_images, self.channels, self.resolution = images.shape[0], images.shape[1], images.shape[2]
         self.label_dim = int(labels.max()) + 1 if cfg.cond else 0
         labels = torch.from_numpy(labels[raw_indices]) if cfg.cond else None
@@ -773,6 +789,7 @@ class TickStats:
 
 
 def run_description(cfg, data_name):
+    """The run folder's name after its number: data, method, p, delta, network, batch (EDM-like)."""
     return f'{data_name}-{cfg.precond}-p{cfg.corruption_probability:g}-d{cfg.delta_probability:g}-{cfg.arch}' \
            f'-batch{cfg.batch}' + (f'-{cfg.desc}' if cfg.desc else '')
 
@@ -825,6 +842,10 @@ def load_state(path, net, ema, optimizer, rank, world, device):
 
 
 def train(cfg):
+    """The EDM training loop with the ambient loss (official training/training_loop.py); returns the run folder.
+    One global batch per step, split into rounds of --batch_gpu per process; all randomness of a step is drawn by
+    draw_step from (seed, cur_nimg), so resuming and changing the number of GPUs keep the trajectory."""
+    # Processes, batch split and the flags that need them.
     rank, world, device = init_distributed(cfg.device)
     is_main = rank == 0
     batch_gpu = cfg.batch_gpu or cfg.batch // world
@@ -873,13 +894,16 @@ def train(cfg):
         y, A = data.batch(torch.arange(min(64, data.num_images)), 'cpu')[:2]
         save_grid(to_uint8(A * y), os.path.join(run_dir, 'data-corrupted.png'))
         stats_path = os.path.join(run_dir, 'stats.jsonl')
-        if os.path.exists(stats_path):  # drop the ticks logged after the state we resume from: they are redone
-            kept = [line for line in open(stats_path) if json.loads(line)['kimg'] <= cur_nimg / 1e3 + 1e-9]
+        if os.path.exists(stats_path):  # drop ticks logged after the resumed state (redone) and a line cut by a kill
+            with open(stats_path) as file:
+                lines = [line for line in file if line.endswith('\n')]
+            kept = [line for line in lines if json.loads(line)['kimg'] <= cur_nimg / 1e3 + 1e-9]
             write_atomic(stats_path, ''.join(kept).encode())
     log(f'{run_dir}: {data.num_images} images {data.channels}x{data.resolution}x{data.resolution}, '
         f'{sum(p.numel() for p in net.parameters()):,} parameters, batch {cfg.batch} = {world} GPU(s) x {batch_gpu} '
         f'x {rounds} round(s), {precision}' + (f', resuming from {resume_path}' if resume_path else ''))
 
+    # Tick bookkeeping: statistics stay on the device, clocks count images.
     stats = TickStats(cfg, device)
     total_nimg = int(cfg.kimg * 1000)
     start_time = tick_start_time = time.time()
@@ -984,12 +1008,9 @@ def save_snapshot(cfg, run_dir, net, ema, optimizer, net_config, cur_nimg, cur_t
 
 
 def format_time(seconds):
-    seconds = int(seconds)
-    if seconds < 60:
-        return f'{seconds}s'
-    if seconds < 3600:
-        return f'{seconds // 60}m{seconds % 60:02d}s'
-    return f'{seconds // 3600}h{seconds // 60 % 60:02d}m'
+    """4m05s style, as EDM's status line."""
+    s = int(seconds)
+    return f'{s}s' if s < 60 else f'{s // 60}m{s % 60:02d}s' if s < 3600 else f'{s // 3600}h{s // 60 % 60:02d}m'
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1000,6 +1021,7 @@ def generate_images(net, net_config, seeds, device, sampler='ambient', num_masks
                     corruption_probability=None, delta_probability=None, class_idx=None, precision='fp32'):
     """uint8 images (B, C, H, W), image k a function of seeds[k] alone: latents, label and sampling masks come from
     a generator seeded by it (the official masks come from NumPy's global RNG, which makes samples irreproducible)."""
+    # Latents, labels and masks, in this order, from one generator per seed.
     unet = net_config['unet']
     channels, resolution = net_config['channels'], unet['img_resolution']
     generators = [torch.Generator(device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
@@ -1148,6 +1170,7 @@ def neighbors(argv):
         raise UsageError('--num and --top must be >= 1, --threshold in [-1, 1]')
     if int(os.environ.get('WORLD_SIZE', 1)) > 1:
         raise UsageError('neighbors runs as one process')
+    # Generated images (sampled here, or read from --images) and the clean training set.
     _, _, device = init_distributed(args.device)
     if args.network:
         net, net_config = prepare_sampling(args, device)
@@ -1169,6 +1192,7 @@ def neighbors(argv):
     similarity = torch.cat([t.values for t in top]).cpu()                            # (num, 3)
     neighbor = torch.cat([t.indices for t in top]).cpu()                             # (num, 3)
 
+    # Outputs: the numbers, a summary, and a picture of the most similar pairs.
     os.makedirs(args.outdir, exist_ok=True)
     top1 = similarity[:, 0]
     summary = dict(source=args.network or args.images, num_generated=len(generated), num_train=len(train_images),

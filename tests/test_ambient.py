@@ -422,7 +422,9 @@ def test_erased_pixels_never_reach_training(tmp_path):
 
 def test_resume_is_bitwise(tmp_path):
     straight = train(tmp_path, '--kimg=0.048', '--grid=0', outdir='straight')
-    train(tmp_path, '--kimg=0.040', '--grid=0', outdir='resumed')
+    interrupted = train(tmp_path, '--kimg=0.040', '--grid=0', outdir='resumed')
+    with open(os.path.join(interrupted, 'stats.jsonl'), 'a') as file:
+        file.write('{"kimg": 0.04')                                                # a line cut short by kill -9
     resumed = train(tmp_path, '--kimg=0.048', '--grid=0', '--resume=auto', outdir='resumed')
     assert len(os.listdir(tmp_path / 'resumed')) == 1                               # continued in the same folder
     a, b = final_state(straight), final_state(resumed)

@@ -872,11 +872,10 @@ def training_loop(c, x_data, y_data, run_dir, resume_path, rank, world_size, dev
 
 def save_snapshot(c, model, ema, optimizer, sampler, net_kwargs, cur_nimg, run_dir, rank, world_size, device):
     """network-snapshot (EMA weights + what generate/eval need) and training-state (everything resume needs)."""
-    rng = [torch.get_rng_state()], [torch.cuda.get_rng_state(device) if device.type == 'cuda' else torch.zeros(0)]
+    mine = torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == 'cuda' else torch.zeros(0)
+    rng = [mine] if world_size == 1 else [None] * world_size  # (CPU, CUDA) generator states per rank, on the CPU
     if world_size > 1:  # every rank's dropout stream, so a resumed DDP run continues each of them
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, (rng[0][0].cpu(), rng[1][0].cpu()))
-        rng = [g[0] for g in gathered], [g[1] for g in gathered]
+        dist.all_gather_object(rng, mine)
     if rank != 0:
         return
     kimg = f'{cur_nimg // 1000:06d}'
@@ -886,7 +885,7 @@ def save_snapshot(c, model, ema, optimizer, sampler, net_kwargs, cur_nimg, run_d
     atomic_write(os.path.join(run_dir, f'network-snapshot-{kimg}.pt'), lambda f: torch.save(snapshot, f))
     state = dict(model=as_cpu(model.state_dict()), ema=snapshot['ema'], optimizer=optimizer.state_dict(),
                  sampler_history=sampler.history.cpu(), sampler_counts=sampler.counts.cpu(), cur_nimg=cur_nimg,
-                 cpu_rng=[r.cpu() for r in rng[0]], cuda_rng=[r.cpu() for r in rng[1]], config=dataclasses.asdict(c))
+                 cpu_rng=[r[0] for r in rng], cuda_rng=[r[1] for r in rng], config=dataclasses.asdict(c))
     atomic_write(os.path.join(run_dir, f'training-state-{kimg}.pt'), lambda f: torch.save(state, f))
 
 
@@ -917,10 +916,9 @@ def resume(path, model, ema, optimizer, sampler, run_dir, rank, world_size, log)
 
 
 def format_time(seconds):
-    seconds = int(seconds)
-    if seconds < 3600:
-        return f'{seconds // 60}m{seconds % 60:02d}s'
-    return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
+    """4m05s below an hour, else 1h02m."""
+    s = int(seconds)
+    return f'{s // 60}m{s % 60:02d}s' if s < 3600 else f'{s // 3600}h{s % 3600 // 60:02d}m'
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Evaluation: generate, eval (FID through fid.py) and the exposure-bias measurement

@@ -174,8 +174,8 @@ def performance_flags(tf32):
 def ours_ambient(opt, data_path):
     """ambient.train(): masks A / A_tilde fixed per image, EDM augmentation on the GPU, ambient_loss, Adam with
     nan cleanup and clipping, EMA. The cifar10 preset: DDPM++ with 6 gated input channels, batch 512."""
-    argv = ['--preset=tiny' if opt.quick else '--preset=cifar10', f'--data={data_path}']
-    argv += [f'--batch={opt.batch["ambient"]}'] if 'ambient' in opt.batch else []
+    argv = ['--preset=tiny', '--batch=8', '--steps=3'] if opt.quick else ['--preset=cifar10']
+    argv += [f'--data={data_path}'] + ([f'--batch={opt.batch["ambient"]}'] if 'ambient' in opt.batch else [])
     cfg, _ = ambient.parse_train_args(argv)
     cfg = dataclasses.replace(cfg, compile=cfg.compile or opt.compile, batch_gpu=opt.batch_gpu or cfg.batch_gpu)
     device, cuda = opt.device, opt.device.type == 'cuda'
@@ -238,10 +238,10 @@ def ours_ambient(opt, data_path):
 def ours_ambient_laws(opt, data_path, consistency):
     """ambient_laws.train(): observed images with their fixed noise, EDM augmentation, ambient score matching and,
     with consistency, the reverse-SDE consistency term on 32 rows (6 grid points, 6 runs each: official defaults)."""
-    argv = ['--preset=tiny' if opt.quick else '--preset=cifar10', f'--data={data_path}', '--sigma=0.2',
-            '--corruption_probability=0.9']
+    argv = ['--preset=tiny', '--batch=8', '--steps=3', '--cbase=16'] if opt.quick else ['--preset=cifar10']
+    argv += [f'--data={data_path}', '--sigma=0.2', '--corruption_probability=0.9']
     argv += ['--consistency_coeff=1'] if consistency else []
-    argv += ['--consistency_batch_size=4', '--num_primes=2', '--num_consistency_steps=3'] if consistency and \
+    argv += ['--consistency_batch_size=2', '--num_primes=1', '--num_consistency_steps=2'] if consistency and \
         opt.quick else []
     argv += [f'--batch={opt.batch["ambient_laws"]}'] if 'ambient_laws' in opt.batch else []
     _, given = ambient_laws.parse_args(argv)
@@ -336,8 +336,8 @@ def ours_ambient_laws(opt, data_path, consistency):
 def ours_ddpm_ip(opt, x_data, y_data):
     """ddpm_ip.training_loop(): ADM with learned sigma, input perturbation, loss-second-moment timestep sampler,
     AdamW, EMA. The cifar10 preset (the DDPM-IP README command): batch 128, gamma 0.15; compiled on CUDA."""
-    argv = ['--preset=tiny' if opt.quick else '--preset=cifar10', '--data=benchmark']
-    argv += [f'--batch={opt.batch["ddpm_ip"]}'] if 'ddpm_ip' in opt.batch else []
+    argv = ['--preset=tiny', '--batch=8'] if opt.quick else ['--preset=cifar10']
+    argv += ['--data=benchmark'] + ([f'--batch={opt.batch["ddpm_ip"]}'] if 'ddpm_ip' in opt.batch else [])
     argv += [f'--batch_gpu={opt.batch_gpu}'] if opt.batch_gpu else []
     argv += ['--compile=True'] if opt.compile else []
     _, c = ddpm_ip.parse_args(argv)
@@ -398,7 +398,7 @@ def ours_ddpm_ip(opt, x_data, y_data):
         torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - c.ema_rate)
         progress['cur_nimg'] += c.batch
 
-    sample_steps = '10' if opt.quick else '100'
+    sample_steps = '4' if opt.quick else '100'
     sample_diffusion = ddpm_ip.make_diffusion(c.noise_schedule, c.diffusion_steps, sample_steps, device)
 
     def sample(seeds):
@@ -491,7 +491,7 @@ def ours_dit(opt):
             for buffer_ema, buffer in zip(ema.buffers(), net.buffers()):
                 buffer_ema.copy_(buffer)
 
-    steps = 5 if opt.quick else cfg.ddim_steps
+    steps = 3 if opt.quick else cfg.ddim_steps
 
     def sample(seeds):
         # The script's sampling path without the VAE decode (theirs skips it too): DPM-Solver++(2M) with CFG.
@@ -677,7 +677,7 @@ def theirs_guided(opt, unet, gamma, batch, fp16):
             logger.dumpkvs()
         loop.step += 1
 
-    sample_flags = dict(flags, timestep_respacing='10' if opt.quick else '100')
+    sample_flags = dict(flags, timestep_respacing='4' if opt.quick else '100')
     sample_model, sample_diffusion = script_util.create_model_and_diffusion(**sample_flags)
     sample_model.to(device).eval()
     if fp16:
@@ -957,8 +957,8 @@ def parse_args(argv):
     parser.add_argument('--warmup', type=int, default=None, help='untimed training steps (default 5, quick 2)')
     parser.add_argument('--steps', type=int, default=None, help='timed training steps (default 20, quick 3)')
     parser.add_argument('--sample_batch', type=int, default=None, help='images per sampling run (64, quick 4)')
-    parser.add_argument('--fid_num', type=int, default=None, help='images for fid (10000, quick 8)')
-    parser.add_argument('--fid_batch', type=int, default=None, help='Inception batch (500, quick 4)')
+    parser.add_argument('--fid_num', type=int, default=None, help='images for fid (10000, quick 4)')
+    parser.add_argument('--fid_batch', type=int, default=None, help='Inception batch (500, quick 2)')
     parser.add_argument('--peak_tflops', type=float, default=0, help='dense bf16 peak for the MFU, 0 = from the GPU')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = parser.parse_args(argv)
@@ -979,8 +979,8 @@ def parse_args(argv):
     return args, Options(
         quick=quick, only=only, official=os.path.abspath(args.official) if args.official else '',
         compile=args.compile, warmup=pick(args.warmup, 5, 2), steps=pick(args.steps, 20, 3), batch=batch,
-        batch_gpu=args.batch_gpu, sample_batch=pick(args.sample_batch, 64, 4), fid_num=pick(args.fid_num, 10000, 8),
-        fid_batch=pick(args.fid_batch, 500, 4), peak_tflops=args.peak_tflops, device=device)
+        batch_gpu=args.batch_gpu, sample_batch=pick(args.sample_batch, 64, 4), fid_num=pick(args.fid_num, 10000, 4),
+        fid_batch=pick(args.fid_batch, 500, 2), peak_tflops=args.peak_tflops, device=device)
 
 
 def main(argv=None):
@@ -989,7 +989,7 @@ def main(argv=None):
     header = f'{gpu} | torch {torch.__version__} | {datetime.datetime.now().isoformat(timespec="seconds")} | ' \
              f'{"quick" if opt.quick else "full"} | warm-up {opt.warmup} + {opt.steps} timed steps' \
              f' | peak {peak_tflops(opt) or "-"} TFLOP/s'
-    print(header, flush=True)
+    print(f'running {", ".join(opt.only)} on {gpu}' + (f' against {opt.official}' if opt.official else ''), flush=True)
     with tempfile.TemporaryDirectory(prefix='bench-') as folder:
         rows = run_benchmarks(opt, folder)
     print(format_table(rows, header), flush=True)

@@ -213,6 +213,7 @@ def parse_bool(text):
 
 def check_config(cfg, world_size):
     """Every range check in one place, before anything is written."""
+    # Sampler flags, shared by every command.
     if not 1 <= cfg.ddim_steps <= NUM_TIMESTEPS or cfg.ddim_eta < 0 or cfg.scale < 1:
         raise FlagError('--ddim_steps must be in [1, 1000], --ddim_eta >= 0 and --scale >= 1')
     if cfg.ddim_eta > 0 and cfg.scheduler != 'ddim':
@@ -226,6 +227,7 @@ def check_config(cfg, world_size):
         if set(cfg.metrics.split(',')) - set(fid.METRICS):
             raise FlagError(f'--metrics must be a comma-separated subset of {",".join(fid.METRICS)}')
         return
+    # Training: data, corruption and perturbation rates, network, schedule, batch, optimiser, bookkeeping.
     if not cfg.data:
         raise FlagError('--data is required (an image folder, a zip, an .npz or cifar10)')
     for name in ('corruption_ratio', 'class_dropout_prob', 'embedding_dropout', 'dropout'):
@@ -308,6 +310,7 @@ class ImageDataset:
         self.path, self.resolution, self._local = path, resolution, threading.local()
         self.array = labels = captions = None
         # Arrays (CIFAR-10, .npz) are held in memory; folders and zips are read image by image.
+        # Labels come with the array, or from dataset.json or the class folders of a folder / zip.
         if path == 'cifar10':
             self.array, labels = download_cifar10(cache_dir)
         elif path.endswith('.npz') and os.path.isfile(path):
@@ -368,8 +371,9 @@ class ImageDataset:
 
     def read_many(self, indices, workers):
         """uint8 (n, 3, H, W); images of different sizes are an error unless --resolution is set."""
-        with ThreadPoolExecutor(workers) as pool:
+        with ThreadPoolExecutor(workers) as pool:  # PIL decodes outside the GIL: threads overlap the decoding
             images = list(pool.map(self.read, indices))
+        # One size for all, so that the images stack into one array.
         for index, image in zip(indices, images):
             if image.shape != images[0].shape:
                 name = self.names[index] if self.array is None else f'#{index}'
@@ -550,6 +554,7 @@ def ddim_sample(net, noise, y, alphas_cumprod, steps=50, scale=1.0, y_null=None,
     timesteps = sampling_timesteps(len(alphas_cumprod), steps, spacing, 'ddim')
     x = noise
     for i, t in enumerate(timesteps):
+        # Predict x0, then move it to the next noise level with the DDIM eps share and sigma of fresh noise.
         a = alphas_cumprod[t].item()
         a_prev = alphas_cumprod[timesteps[i + 1]].item() if i + 1 < len(timesteps) else 1.0
         eps = guided_eps(net, x, t, y, y_null, scale)
@@ -570,9 +575,11 @@ def dpm_solver_sample(net, noise, y, alphas_cumprod, steps=50, scale=1.0, y_null
     lam = (alpha / sigma).log()
     x, x0_prev, h_prev = noise, None, None
     for i, t in enumerate(timesteps):
+        # Data prediction at t; the last step returns it (a first-order step to sigma = 0).
         x0 = (x - sigma[t].item() * guided_eps(net, x, t, y, y_null, scale)) / alpha[t].item()
         if i + 1 == len(timesteps):
             return x0
+        # Second-order multistep update from the last two data predictions (first order on the first step).
         s = timesteps[i + 1]
         h = (lam[s] - lam[t]).item()
         d = x0 if x0_prev is None else x0 + (x0 - x0_prev) * h / (2 * h_prev)  # D0 + D1 / 2 with r0 = h_prev / h
@@ -845,6 +852,7 @@ def load_snapshot(path, device, scale):
 def sample_images(net, spec, vae, noise, y, cfg, randn_like=torch.randn_like):
     """Noise (B, C, h, w) and conditions -> uint8 images (B, 3, H, W), with the sampler chosen by cfg."""
     alphas_cumprod = make_alphas_cumprod(spec['beta_schedule'], spec['linear_start'], spec['linear_end'])
+    # Guidance needs the null condition (Eq. 2); scale 1 is plain conditional sampling, one forward pass a step.
     y_null = null_condition(spec, noise.device).expand_as(y) if cfg.scale != 1 else None
     with torch.autocast(noise.device.type, torch.bfloat16, enabled=cfg.precision == 'bf16'):
         if cfg.scheduler == 'dpm':
@@ -894,6 +902,7 @@ def load_conditions(cfg, dataset):
                         f'found {0 if given is None else len(given)}')
     if text:
         return 0, tokenize(dataset.captions)
+    # Labels must fit the embedding table (num_classes rows plus the null class).
     num_classes = cfg.num_classes or int(dataset.labels.max()) + 1
     bad = (dataset.labels < 0) | (dataset.labels >= num_classes)
     if bad.any():
@@ -987,6 +996,28 @@ def tick_record(s, cur_nimg, total_nimg, tick_nimg, tick_seconds, total_seconds,
     return record, line
 
 
+def gather_rng_states(device, world_size):
+    """The (CPU, CUDA) generator states of every rank, for the training state."""
+    rng = [(torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == 'cuda' else None)] * world_size
+    if dist.is_initialized():
+        dist.all_gather_object(rng, rng[0])
+    return rng
+
+
+def restore_training_state(path, net, ema, optimizer, rank, world_size, device):
+    """Weights, optimizer and this rank's RNG states (dropout draws from them) from a training state -> cur_nimg.
+    The data order and the step noise need no state: they follow from (--seed, cur_nimg)."""
+    state = load_checkpoint(path, '--resume', ('net', 'ema', 'optimizer', 'cur_nimg', 'rng'))
+    net.load_state_dict(state['net'])
+    ema.load_state_dict(state['ema'])
+    optimizer.load_state_dict(state['optimizer'])
+    if len(state['rng']) == world_size:  # another GPU count continues with fresh global generators
+        torch.set_rng_state(state['rng'][rank][0])
+        if device.type == 'cuda':
+            torch.cuda.set_rng_state(state['rng'][rank][1], device)
+    return state['cur_nimg']
+
+
 def save_training_state(run_dir, tag, state):
     """training-state-<tag>.pt, then remove the older ones: resuming needs only the newest."""
     old_states = [f for f in os.listdir(run_dir) if STATE_NAME.fullmatch(f)]
@@ -1040,21 +1071,12 @@ def training_loop(cfg, rank, world_size, device):
     name = os.path.splitext(os.path.basename(cfg.data.rstrip('/')))[0]
     desc = f'{name}-{cfg.arch.replace("/", "")}-{cfg.cond}-eta{cfg.corruption_ratio:g}-cep{cfg.cep}-batch{cfg.batch}'
     run_dir, resume_path = broadcast_object(open_run_dir(cfg, desc) if rank == 0 else None)
-    cur_nimg, conditions_path = 0, os.path.join(run_dir, 'conditions.npz')
-    if resume_path:
-        state = load_checkpoint(resume_path, '--resume', ('net', 'ema', 'optimizer', 'cur_nimg', 'rng'))
-        net.load_state_dict(state['net'])
-        ema.load_state_dict(state['ema'])
-        optimizer.load_state_dict(state['optimizer'])
-        cur_nimg = state['cur_nimg']
-        if len(state['rng']) == world_size:  # dropout draws from the global generators
-            torch.set_rng_state(state['rng'][rank][0])
-            if device.type == 'cuda':
-                torch.cuda.set_rng_state(state['rng'][rank][1], device)
-        if os.path.isfile(conditions_path):
-            with np.load(conditions_path) as saved:
-                source, corrupted = torch.from_numpy(saved['source']), torch.from_numpy(saved['corrupted'])
-    if rank == 0 and not (resume_path and os.path.isfile(conditions_path)):
+    cur_nimg = restore_training_state(resume_path, net, ema, optimizer, rank, world_size, device) if resume_path else 0
+    conditions_path = os.path.join(run_dir, 'conditions.npz')
+    if resume_path and os.path.isfile(conditions_path):  # a resumed run keeps its own corrupted conditions
+        with np.load(conditions_path) as saved:
+            source, corrupted = torch.from_numpy(saved['source']), torch.from_numpy(saved['corrupted'])
+    elif rank == 0:
         np.savez(conditions_path + '.tmp.npz', source=source.numpy(), corrupted=corrupted.numpy())
         os.replace(conditions_path + '.tmp.npz', conditions_path)
     conditions = source if cfg.cond == 'class' else clean[source].short()  # (N,) labels or (N, 77) tokens
@@ -1151,10 +1173,7 @@ def training_loop(cfg, rank, world_size, device):
 
         # Snapshot: sample grid, EMA network, training state with the RNG states of every rank.
         if done or round(cur_nimg / (cfg.tick * 1000)) % cfg.snap == 0:
-            rng = [(torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == 'cuda' else None)]
-            rng = rng * world_size
-            if dist.is_initialized():
-                dist.all_gather_object(rng, rng[0])
+            rng = gather_rng_states(device, world_size)
             if rank == 0:
                 tag = f'{cur_nimg // 1000:06d}'
                 save_grid(sample_images(ema, spec, vae, grid_noise, grid_y, cfg),
@@ -1210,6 +1229,7 @@ def generate(cfg, rank, world_size, device):
     seeds = parse_seeds(cfg.seeds)
     net, spec, vae = load_snapshot(cfg.network, device, cfg.scale)
     prompts = load_prompts(cfg, spec)
+    # Seeds are dealt round-robin to the ranks; a folder per thousand keeps directories small.
     names = {seed: f'{seed - seed % 1000:06d}/{seed:06d}.png' for seed in seeds}
     for chunk, images in sample_seeds(net, spec, vae, seeds[rank::world_size], cfg, prompts, device):
         for seed, image in zip(chunk, images.permute(0, 2, 3, 1).cpu().numpy()):
@@ -1234,9 +1254,11 @@ def evaluate(cfg, rank, world_size, device):
         detector = fid.load_inception(cfg.fid_weights or None, device=device)
     except (OSError, ValueError) as error:
         raise UserError(str(error))
+    # Inception Score needs the classifier head, which FID-only weights files lack.
     names = tuple(m for m in cfg.metrics.split(',') if m != 'is' or detector.has_classifier)
     if len(names) < len(cfg.metrics.split(',')):
         print('note: these Inception weights have no classifier, so no Inception Score')
+    # Each rank samples its share of the seeds; fid.compute_metrics gathers the features.
     seeds = list(range(cfg.num))[rank::world_size]
     batches = (images for _, images in sample_seeds(net, spec, vae, seeds, cfg, prompts, device))
     results = fid.compute_metrics(batches, cfg.ref, metrics=names, detector=detector, device=device)
@@ -1254,6 +1276,7 @@ def walk(cfg, rank, world_size, device):
     one row per network, one grid per class (or prompt) and walk."""
     if rank != 0:  # a handful of grids: one process does them all
         return
+    # Load the networks and check that they share a latent shape and a kind of condition.
     snapshots = [load_snapshot(path, device, cfg.scale) for path in cfg.network.split(',')]
     spec0 = snapshots[0][1]
     if any(spec['shape'] != spec0['shape'] for _, spec, _ in snapshots):
@@ -1294,6 +1317,7 @@ def main(argv=None):
     command = argv.pop(0) if argv and argv[0] in ('train', 'generate', 'eval', 'walk') else 'train'
     rank = int(os.environ.get('RANK', 0))
     try:
+        # Flags are parsed and checked before a process group starts, so a bad flag writes and waits for nothing.
         cfg = parse_config(TrainConfig if command == 'train' else GenerateConfig, argv)
         check_config(cfg, int(os.environ.get('WORLD_SIZE', 1)))
         if command == 'train' and cfg.dry_run:

@@ -223,7 +223,6 @@ def download_cifar10(cache_dir):
     """Official CIFAR-10 train set as (50000, 32, 32, 3) uint8 and labels; downloaded once, checked, cached."""
     path = os.path.join(cache_dir, 'cifar-10-python.tar.gz')
     if not os.path.exists(path):
-        os.makedirs(cache_dir, exist_ok=True)
         print(f'Downloading {CIFAR10_URL} ...')
         try:
             response = requests.get(CIFAR10_URL, timeout=60)
@@ -232,9 +231,8 @@ def download_cifar10(cache_dir):
             raise DataError(f'cannot download CIFAR-10 ({error}); put cifar-10-python.tar.gz into {cache_dir}')
         if hashlib.md5(response.content).hexdigest() != CIFAR10_MD5:
             raise DataError('downloaded CIFAR-10 archive has a wrong md5 checksum')
-        with open(path + '.tmp', 'wb') as file:
-            file.write(response.content)
-        os.replace(path + '.tmp', path)
+        os.makedirs(cache_dir, exist_ok=True)
+        write_atomic(path, response.content)
     with open(path, 'rb') as file:
         blob = file.read()
     if hashlib.md5(blob).hexdigest() != CIFAR10_MD5:
@@ -649,10 +647,11 @@ def save_png(array, path):
 
 
 def write_atomic(path, data):
-    """Temp file + os.replace: an interrupted write never destroys the previous file."""
-    with open(path + '.tmp', 'wb') as file:
+    """Temp file + os.replace: an interrupted write never destroys the previous file. The temp name is per process,
+    as every rank may download CIFAR-10 into the same cache at once."""
+    with open(f'{path}.tmp{os.getpid()}', 'wb') as file:
         file.write(data)
-    os.replace(path + '.tmp', path)
+    os.replace(f'{path}.tmp{os.getpid()}', path)
 
 
 def save_atomic(obj, path):

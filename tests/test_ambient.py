@@ -1,10 +1,14 @@
 """Tests of ambient.py: the corruption, the loss's minimiser and the sampler on Gaussian data with closed-form answers,
 augmentation, and a tiny end-to-end run with resume, DDP parity and bad input. CPU only."""
 import glob
+import hashlib
+import io
 import json
 import os
+import pickle
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import pytest
@@ -515,3 +519,29 @@ def test_bad_sampling_input(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == code and len(err) == 1 and message in err[0], err
     assert sorted(os.listdir(tmp_path)) == ['garbage.npz', 'garbage.pt', 'network.pt']
+
+
+def test_cifar10_download_is_checked_extracted_and_cached(tmp_path, monkeypatch):
+    """--data=cifar10 offline: a fake archive in the official layout goes through the md5 check (a bad one is not
+    cached), the extraction and the cache (the second load does not download)."""
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode='w:gz') as tar:
+        for k in range(1, 6):
+            blob = pickle.dumps({b'data': np.full((2, 3072), k, np.uint8), b'labels': [k, k + 1]})
+            info = tarfile.TarInfo(f'cifar-10-batches-py/data_batch_{k}')
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    calls = []
+    response = type('Response', (), dict(content=archive.getvalue(), raise_for_status=lambda self: None))()
+    monkeypatch.setattr(ambient.requests, 'get', lambda *args, **kwargs: calls.append(args) or response)
+    with pytest.raises(ambient.DataError, match='md5'):
+        ambient.load_images('cifar10', str(tmp_path / 'cache'))
+    assert not os.path.exists(tmp_path / 'cache' / 'cifar-10-python.tar.gz')
+    monkeypatch.setattr(ambient, 'CIFAR10_MD5', hashlib.md5(response.content).hexdigest())
+    for _ in range(2):
+        x, y = ambient.load_images('cifar10', str(tmp_path / 'cache'))
+        assert x.shape == (10, 32, 32, 3) and x[2, 0, 0, 0] == 2 and y.tolist() == [1, 2, 2, 3, 3, 4, 4, 5, 5, 6]
+    assert len(calls) == 2 and os.listdir(tmp_path / 'cache') == ['cifar-10-python.tar.gz']
+    (tmp_path / 'cache' / 'cifar-10-python.tar.gz').write_bytes(b'cut short')
+    with pytest.raises(ambient.DataError, match='delete it'):
+        ambient.load_images('cifar10', str(tmp_path / 'cache'))

@@ -212,7 +212,8 @@ def check_config(c, command, world_size):
         raise FlagError(f'--timestep_respacing: {e}') from None
     if command == 'train':
         need(bool(c.data), '--data is required')
-        need(c.arch in nets.UNET_PRESETS, f'--arch must be one of {", ".join(nets.UNET_PRESETS)}')
+        adm = [name for name, preset in nets.UNET_PRESETS.items() if preset['arch'] == 'adm']  # guided-diffusion's UNet
+        need(c.arch in adm, f'--arch must be one of {", ".join(adm)}')
         need(c.lr > 0 and c.weight_decay >= 0, '--lr must be > 0 and --weight_decay >= 0')
         need(0 <= c.ema_rate < 1, '--ema_rate must be in [0, 1)')
         need(c.kimg > 0 and c.tick > 0, '--kimg and --tick must be > 0')
@@ -262,10 +263,11 @@ def load_dataset(path):
     if not os.path.exists(path):
         raise InputError(f'--data: {path} does not exist')
     if path.endswith('.npz'):
-        with np.load(path) as npz:
-            if 'x' not in npz:
-                raise InputError(f'--data: {path} has no array x (expected x (N,H,W,C) uint8 and optional y)')
-            x, y = npz['x'], npz['y'] if 'y' in npz else None
+        try:
+            with np.load(path) as npz:
+                x, y = npz['x'], npz['y'] if 'y' in npz else None
+        except Exception as e:  # not a zip, truncated, pickled objects, no x
+            raise InputError(f'--data: cannot read x (N,H,W,C) uint8 and optional y from {path}: {e}') from None
         if x.ndim == 3:
             x = x[..., None]  # (N, H, W) grayscale -> (N, H, W, 1)
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1] != x.shape[2] or len(x) == 0:

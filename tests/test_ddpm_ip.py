@@ -556,6 +556,7 @@ def test_bad_input_gives_one_error_line_and_writes_nothing(small_data, tmp_path,
         (['--noise_schedule=quadratic'], 2, '--noise_schedule'),
         (['--preset=huge'], 2, '--preset'),
         (['--learn_sigma=maybe'], 2, 'expected True or False'),
+        (['--arch=tiny'], 2, '--arch must be one of'),  # an EDM network: wrong time input, not the official UNet
     ]
     for flags, code, message in cases:
         assert run_main([f'--data={small_data}', f'--outdir={outdir}', *flags]) == code
@@ -563,7 +564,7 @@ def test_bad_input_gives_one_error_line_and_writes_nothing(small_data, tmp_path,
         assert len(err) == 1 and err[0].startswith('error:') and message in err[0], (flags, err)
     assert not outdir.exists()
 
-    # Missing data, a corrupt image, mixed sizes, negative labels: exit 1, one line, nothing written.
+    # Missing data, a corrupt image, mixed sizes, negative labels, a truncated .npz: exit 1, one line, nothing written.
     folder = tmp_path / 'images'
     folder.mkdir()
     ddpm_ip.PIL.Image.new('RGB', (8, 8)).save(folder / 'a.png')
@@ -574,8 +575,10 @@ def test_bad_input_gives_one_error_line_and_writes_nothing(small_data, tmp_path,
     ddpm_ip.PIL.Image.new('RGB', (16, 16)).save(mixed / 'b.png')
     labels = tmp_path / 'labels.npz'
     np.savez(labels, x=np.zeros((4, 8, 8, 3), np.uint8), y=np.array([0, 1, -1, 2]))
+    truncated = tmp_path / 'truncated.npz'
+    truncated.write_bytes(open(small_data, 'rb').read()[:500])
     for data, message in ((tmp_path / 'missing', 'does not exist'), (folder, 'cannot read image b.png'),
-                          (mixed, 'b.png is 16x16'), (labels, 'non-negative integers')):
+                          (mixed, 'b.png is 16x16'), (labels, 'non-negative integers'), (truncated, 'cannot read x')):
         assert run_main([f'--data={data}', f'--outdir={outdir}', '--class_cond', *TINY_NET]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err

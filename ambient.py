@@ -595,13 +595,6 @@ def init_distributed(device_flag):
     return rank, world, device
 
 
-def all_reduce(tensor):
-    """In-place sum over processes; a no-op in a single process."""
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(tensor)
-    return tensor
-
-
 class Log:
     """print() that also appends to the run's log.txt; silent where path is None (ranks other than 0)."""
 
@@ -778,13 +771,14 @@ class TickStats:
         self.sums[5:].view(2, -1)[1].index_add_(0, bins, torch.ones_like(per_image))
 
     def read(self):
-        values = all_reduce(self.sums.clone()).tolist()  # the one host sync of the tick
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.sums)
+        values = self.sums.tolist()  # the one host sync of the tick
         self.sums.zero_()
-        num_bins = len(self.bin_names)
-        totals, counts = values[5:5 + num_bins], values[5 + num_bins:]
-        return dict(loss=values[0] / values[2], loss_seen=values[1] / values[2], erased_A=values[3] / values[2],
-                    erased_A_tilde=values[4] / values[2],
-                    loss_by_sigma={n: t / c if c else None for n, t, c in zip(self.bin_names, totals, counts)})
+        (loss, seen, n, erased_A, erased_A_tilde), bins = values[:5], values[5:]
+        totals, counts = bins[:len(bins) // 2], bins[len(bins) // 2:]
+        return dict(loss=loss / n, loss_seen=seen / n, erased_A=erased_A / n, erased_A_tilde=erased_A_tilde / n,
+                    loss_by_sigma={k: t / c if c else None for k, t, c in zip(self.bin_names, totals, counts)})
 
 
 def run_description(cfg, data_name):
@@ -987,11 +981,9 @@ def save_snapshot(cfg, run_dir, net, ema, optimizer, net_config, cur_nimg, cur_t
     """Writes samples-<kimg>.png (fixed seeds), network-snapshot-<kimg>.pt (EMA weights and the network config:
     all that generate/eval need) and training-state-<kimg>.pt (all that resuming needs); returns the state's path
     (None on other ranks)."""
-    rng_cpu, rng_cuda = [torch.get_rng_state()], [torch.cuda.get_rng_state(device) if device.type == 'cuda' else None]
+    rng = [(torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == 'cuda' else None)] * world
     if world > 1:  # every rank's dropout generator
-        gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, (rng_cpu[0], rng_cuda[0]))
-        rng_cpu, rng_cuda = [g[0] for g in gathered], [g[1] for g in gathered]
+        torch.distributed.all_gather_object(rng, rng[0])
     if rank != 0:
         return None
     # EDM names files by whole kimg; runs that snapshot more often than every kimg (CPU tests) get 3 decimals.
@@ -1002,7 +994,8 @@ def save_snapshot(cfg, run_dir, net, ema, optimizer, net_config, cur_nimg, cur_t
     save_atomic(dict(config=net_config, ema=ema.state_dict()), os.path.join(run_dir, f'network-snapshot-{kimg}.pt'))
     path = os.path.join(run_dir, f'training-state-{kimg}.pt')
     save_atomic(dict(net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(), cur_nimg=cur_nimg,
-                     cur_tick=cur_tick + 1, rng_cpu=rng_cpu, rng_cuda=rng_cuda, config=dataclasses.asdict(cfg)), path)
+                     cur_tick=cur_tick + 1, rng_cpu=[r[0] for r in rng], rng_cuda=[r[1] for r in rng],
+                     config=dataclasses.asdict(cfg)), path)
     return path
 
 

@@ -24,8 +24,9 @@ Commands (explicit flags override the preset; official flag names work too, e.g.
       --network=runs/00000-cifar10-adm-cifar10-ip0.15-gpus1-batch128/network-snapshot-058880.pt
   python -c "import ddpm_ip, numpy; numpy.savez('cifar10-train.npz', x=ddpm_ip.load_dataset('cifar10')[0])"
   python fid.py ref --data=cifar10-train.npz --dest=cifar10-train-ref.npz --preprocess=tf
-  torchrun --standalone --nproc_per_node=8 ddpm_ip.py eval --network=ADM_IP_015.pt --ref=cifar10-train-ref.npz \
-      --timestep_respacing=100
+  # (with torchrun, `--` before the script name: recent torchrun takes the script's --num for its --numa-binding)
+  torchrun --standalone --nproc_per_node=8 -- ddpm_ip.py eval --network=ADM_IP_015.pt --ref=cifar10-train-ref.npz \
+      --timestep_respacing=100 --num=50000
   # exposure bias of a released or trained model: 20-step chains started from 1000 real images
   python ddpm_ip.py exposure --network=ADM_IP_015.pt --data=cifar10 --timestep_respacing=20 --num=1000
 """

@@ -197,13 +197,10 @@ def parse_seeds(text):
     """'0-49999' or '1,2,5-10' -> list of ints (EDM's parse_int_list)."""
     seeds = []
     for part in text.split(','):
-        match = re.fullmatch(r'(\d+)-(\d+)', part)
-        if match:
-            seeds.extend(range(int(match.group(1)), int(match.group(2)) + 1))
-        elif part.isdigit():
-            seeds.append(int(part))
-        else:
+        match = re.fullmatch(r'(\d+)(?:-(\d+))?', part)
+        if not match:
             raise UsageError(f'--seeds: cannot parse {part!r}')
+        seeds.extend(range(int(match.group(1)), int(match.group(2) or match.group(1)) + 1))
     return seeds
 
 
@@ -902,7 +899,7 @@ def train(cfg):
     start_time = tick_start_time = time.time()
     start_nimg = tick_start_nimg = cur_nimg
     previous_state = None
-    while True:
+    while cur_nimg < total_nimg:  # a state resumed at or past --kimg trains no further
         step = draw_step(cfg, data, cur_nimg, device)
 
         # Accumulate gradients; DDP synchronises on the last round only.
@@ -970,8 +967,6 @@ def train(cfg):
             previous_state = None if cur_tick % cfg.dump == 0 else path
         cur_tick += 1
         tick_start_nimg, tick_start_time = cur_nimg, time.time()
-        if done:
-            break
     log(f'Done: {(cur_nimg - start_nimg) / 1e3:.1f} kimg in {format_time(time.time() - start_time)}.')
     return run_dir
 

@@ -370,6 +370,7 @@ def test_train_generate_eval_neighbors(tmp_path, monkeypatch):
     for batch, outdir in ((2, 'a'), (3, 'b')):
         ambient.main(['generate', f'--network={network}', '--seeds=0-4', f'--outdir={tmp_path / outdir}',
                       f'--batch={batch}', '--steps=3'])
+    assert ambient.parse_seeds('3,0-2,7') == [3, 0, 1, 2, 7]
     first = [np.asarray(ambient.PIL.Image.open(tmp_path / 'a' / f'{k:06d}.png')) for k in range(5)]
     second = [np.asarray(ambient.PIL.Image.open(tmp_path / 'b' / f'{k:06d}.png')) for k in range(5)]
     assert len(os.listdir(tmp_path / 'a')) == 5 and first[0].shape == (32, 32, 3)
@@ -436,6 +437,9 @@ def test_resume_is_bitwise(tmp_path):
     for key in ('net', 'ema'):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
     assert losses(straight) == losses(resumed)
+    # Resuming a finished run trains no further.
+    train(tmp_path, '--kimg=0.048', '--grid=0', '--resume=auto', outdir='resumed')
+    assert final_state(resumed)['cur_nimg'] == 48 and losses(resumed) == losses(straight)
     # A different training config does not continue this run: it starts a new folder.
     train(tmp_path, '--kimg=0.016', '--grid=0', '--resume=auto', '--norm=1', outdir='resumed')
     assert len(os.listdir(tmp_path / 'resumed')) == 2

@@ -40,9 +40,11 @@ import functools
 import hashlib
 import inspect
 import io
+import itertools
 import json
 import math
 import os
+import pathlib
 import pickle
 import re
 import sys
@@ -166,23 +168,18 @@ def fail(message, code=2):
     sys.exit(code)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        fail(message)
-
-
 def parse_bool(text):
-    if text.lower() in ('1', 'true', 'yes', 'on'):
-        return True
-    if text.lower() in ('0', 'false', 'no', 'off'):
-        return False
-    raise argparse.ArgumentTypeError(f'expected true or false, got {text!r}')
+    if text.lower() not in ('1', 'true', 'yes', 'on', '0', 'false', 'no', 'off'):
+        raise argparse.ArgumentTypeError(f'expected true or false, got {text!r}')
+    return text.lower() in ('1', 'true', 'yes', 'on')
 
 
 def parse_args(argv):
     """(command, {flag: value} of the flags given on the command line)."""
     command = argv[0] if argv and argv[0] in COMMANDS else 'train'
-    parser = _Parser(prog='ambient_laws.py', description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(prog='ambient_laws.py', description=__doc__,
+                                     formatter_class=argparse.RawTextHelpFormatter)
+    parser.error = fail  # bad flags: one error line and exit code 2
     types = {field.name: field.type for field in dataclasses.fields(Config)}
     comments = dict(re.findall(r'^    (\w+): \w+ = .*?# (.*)$', inspect.getsource(Config), re.M))  # --help texts
     for name, kind in types.items():
@@ -327,10 +324,7 @@ def load_dataset(path, workers=4):
     elif os.path.isdir(path):
         names = [os.path.relpath(os.path.join(root, f), path).replace(os.sep, '/')
                  for root, _, files in os.walk(path) for f in files]
-
-        def read(name):
-            with open(os.path.join(path, name), 'rb') as f:
-                return f.read()
+        read = lambda name: pathlib.Path(path, name).read_bytes()  # noqa: E731
     else:
         raise ValueError(f'--data: {path} is not an image folder, a zip or an .npz')
     images = sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
@@ -354,12 +348,7 @@ def load_dataset(path, workers=4):
 def keep_subset(num_images, keep):
     """Indices of the images used at all: the first int(keep * N) of a RandomState(0) permutation, sorted (ambient_utils
     dataset_utils.py max_size). Subsets are nested across keep fractions and identical across runs."""
-    index = np.arange(num_images)
-    size = int(num_images * keep)
-    if size < num_images:
-        np.random.RandomState(0).shuffle(index)
-        index = np.sort(index[:size])
-    return index
+    return np.sort(np.random.RandomState(0).permutation(num_images)[:int(num_images * keep)])  # = shuffle(arange)
 
 
 def noise_levels(raw_index, num_images, sigma, corruption_probability, seed):
@@ -493,6 +482,11 @@ class EDMPrecond(torch.nn.Module):
         return c_skip * x + c_out * F_x.float()
 
 
+def edm_weight(sigma, sigma_data=0.5):
+    """EDM's loss weight lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 (EDM Table 1)."""
+    return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+
+
 def ambient_loss(net, y, sigma_n, rnd_normal, eps, class_labels=None, P_mean=-1.2, P_std=1.2, sigma_data=0.5):
     """Ambient score matching for a batch of clean (sigma_n = 0) and noisy (y = x0 + sigma_n eps_n) images, exactly as
     ambient-laws training/loss.py EDMLoss computes it. With sigma_n = 0 it is EDM's loss (EDM Eq. 2, Table 1).
@@ -515,8 +509,7 @@ def ambient_loss(net, y, sigma_n, rnd_normal, eps, class_labels=None, P_mean=-1.
     # from_x0_pred_to_xnature_pred_ve_to_ve, written out: its later versions broadcast these shapes wrongly).
     ratio = sigma_n ** 2 / sigma ** 2
     y_pred = (1 - ratio) * x0_pred + ratio * x_t
-    weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2                    # EDM lambda(sigma)
-    return weight * (y_pred - y) ** 2, x_t, sigma, x0_pred
+    return edm_weight(sigma, sigma_data) * (y_pred - y) ** 2, x_t, sigma, x0_pred
 
 
 def reverse_sde(net, x, sigma_start, sigma_end, z, class_labels=None, rho=7.0):
@@ -598,10 +591,9 @@ def sample_images(net, seeds, device, cfg, autocast):
     unet = net.unet
     rng = SeedGenerators(device, seeds)
     latents = rng.randn([unet.in_channels, unet.img_resolution, unet.img_resolution], device)
-    labels = None
-    if unet.label_dim:
-        labels = rng.randint(unet.label_dim, device) if cfg.class_idx < 0 else torch.full(
-            [len(seeds)], cfg.class_idx, device=device)
+    labels = rng.randint(unet.label_dim, device) if unet.label_dim else None                # (B,) class ids
+    if labels is not None and cfg.class_idx >= 0:
+        labels.fill_(cfg.class_idx)
     with torch.no_grad(), autocast:
         x = edm_sampler(net, latents, labels, cfg.steps, cfg.sigma_min, cfg.sigma_max, cfg.rho, cfg.S_churn,
                         cfg.S_min, cfg.S_max, cfg.S_noise, rng.randn_like, cfg.stop_variance)
@@ -802,11 +794,9 @@ def open_run(cfg, desc, net, ema, optimizer, rank, world):
         os.makedirs(run_dir, exist_ok=True)
         stats_path = os.path.join(run_dir, 'stats.jsonl')
         if state_path and os.path.exists(stats_path):  # forget ticks logged after the state we resume from
-            kept = []
-            for line in open(stats_path):
-                if not line.endswith('\n') or json.loads(line)['kimg'] > cur_nimg / 1000 + 1e-9:
-                    break  # a later tick, or a line cut short by a kill
-                kept.append(line)
+            with open(stats_path) as f:  # stop at a later tick, or at a line cut short by a kill
+                kept = list(itertools.takewhile(
+                    lambda line: line.endswith('\n') and json.loads(line)['kimg'] <= cur_nimg / 1000 + 1e-9, f))
             atomic_write(stats_path, lambda f: f.write(''.join(kept).encode()))
         provenance = dict(dataclasses.asdict(cfg), command=' '.join(sys.argv), torch=torch.__version__,
                           world_size=world, gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
@@ -938,7 +928,7 @@ def train(cfg):
                                             z[:, rows[:m]].flatten(1, 2), None if y_labels is None else y_labels[:m],
                                             cfg.with_grad)
                     if cfg.with_weight:
-                        cons = cons * (sigma[:m] ** 2 + cfg.sigma_data ** 2) / (sigma[:m] * cfg.sigma_data) ** 2
+                        cons = cons * edm_weight(sigma[:m], cfg.sigma_data)
                     total = total + cfg.consistency_coeff * cons.sum()
                     stats[7:9] += torch.stack([cons.detach().mean(dim=(1, 2, 3)).sum(), cons.new_full([], m)])
                 # Sum over pixels, mean over the global batch (DDP averages over GPUs), as EDM.

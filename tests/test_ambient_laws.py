@@ -151,6 +151,8 @@ def test_noisy_samples_are_never_used_below_their_noise_level():
     assert 0.3 < clamped.float().sum() / noisy.sum() < 0.45        # Phi((ln 0.2 + 1.2) / 1.2) = 0.367
     assert torch.all((sigma[~clamped & noisy] > 0.2))
     torch.testing.assert_close(sigma[~noisy], (rnd_normal[~noisy] * 1.2 - 1.2).exp())  # clean: plain EDM
+    edm_weight = ((sigma ** 2 + 0.25) / (0.25 * sigma ** 2)).view(-1, 1, 1, 1)          # EDM lambda(sigma)
+    torch.testing.assert_close(loss[~noisy], (edm_weight * (net(x_t, sigma.view(-1, 1, 1, 1)) - y) ** 2)[~noisy])
     added = (x_t - y).flatten(1).std(1) / (sigma ** 2 - sigma_n ** 2).clamp(min=1e-12).sqrt()
     assert abs(added[~clamped].mean() - 1) < 0.05
     assert torch.equal(loss[clamped], torch.zeros_like(loss[clamped]))

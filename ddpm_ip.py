@@ -740,6 +740,8 @@ def make_run_dir(c, world_size):
 
 
 def training_loop(c, x_data, y_data, run_dir, resume_path, rank, world_size, device, log):
+    """Official train_util.py run_loop, counted in images: AdamW at a constant lr, EMA every step, the IP hybrid
+    loss under importance-sampled t; a progress line, stats.jsonl record, snapshot and sample grid per tick."""
     # Performance settings.
     torch.backends.cuda.matmul.allow_tf32 = True                  # TF32 matmuls: free speed on Ampere+
     torch.backends.cudnn.allow_tf32 = True                        # same for convolutions

@@ -496,6 +496,21 @@ def test_train_generate_eval_exposure_end_to_end(small_data, tmp_path, monkeypat
     assert all(math.isfinite(row['delta']) for row in record['per_step']) and record['num'] == 8
 
 
+def test_training_step_feeds_gamma_and_independent_noises_to_the_ip_loss(small_data, tmp_path, monkeypatch):
+    seen = []
+
+    def spy(net, diffusion, x0, t, eps, xi, gamma, class_labels=None):
+        seen.append((gamma, eps, xi))
+        return ip_losses(net, diffusion, x0, t, eps, xi, gamma, class_labels)
+    ip_losses = ddpm_ip.ip_losses
+    monkeypatch.setattr(ddpm_ip, 'ip_losses', spy)
+    assert run_main([f'--data={small_data}', f'--outdir={tmp_path}', *TINY_NET, '--kimg=0.008', '--input_pertub=0.15',
+                     '--batch_gpu=4']) == 0
+    assert [gamma for gamma, _, _ in seen] == [0.15, 0.15]  # one step, two accumulation rounds, official alias
+    eps, xi = (torch.cat([s[k] for s in seen]) for k in (1, 2))
+    assert eps.shape == (8, 3, 8, 8) and abs(torch.corrcoef(torch.stack([eps.flatten(), xi.flatten()]))[0, 1]) < 0.1
+
+
 def test_resume_reproduces_the_uninterrupted_run_bitwise(small_data, tmp_path):
     args = [f'--data={small_data}', *TINY_NET, '--schedule_sampler=loss-second-moment', '--dropout=0.1']
     assert run_main([*args, f'--outdir={tmp_path}/a', '--kimg=0.048']) == 0

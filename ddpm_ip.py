@@ -627,7 +627,7 @@ def net_config(c, resolution, channels, label_dim):
 def net_overrides(c):
     """nets.UNet keywords given by official model flags."""
     given = {name: getattr(c, flag) for flag, name in NET_FLAGS.items() if getattr(c, flag) is not None}
-    return {name: tuple(int(v) for v in value.split(',')) if isinstance(value, str) else value  # '1,2,2,2'
+    return {name: tuple(int(v) for v in value.split(',')) if isinstance(value, str) else value  # e.g. '1,2,2,2'
             for name, value in given.items()}
 
 

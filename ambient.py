@@ -660,7 +660,9 @@ def load_network(path, device):
         raise UsageError(f'--network: {path} does not exist')
     except Exception as error:
         raise UsageError(f'--network: cannot load {path} ({type(error).__name__}: {error})')
-    return net.eval().requires_grad_(False).to(device), snapshot['config']
+    cuda = torch.device(device).type == 'cuda'  # NHWC convolutions on tensor cores, as in training
+    net.to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
+    return net.eval().requires_grad_(False), snapshot['config']
 
 
 # ----------------------------------------------------------------------------------------------------------------------

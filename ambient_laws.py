@@ -696,7 +696,9 @@ def load_snapshot(path, device):
         net.load_state_dict(data['ema'])
     except Exception as error:
         fail(f'--network: cannot load {path}: {error}')
-    return net.eval().requires_grad_(False).to(device), data['config']
+    cuda = torch.device(device).type == 'cuda'  # NHWC convolutions on tensor cores
+    net.to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
+    return net.eval().requires_grad_(False), data['config']
 
 
 def find_resume_state(cfg, desc):
@@ -865,7 +867,8 @@ def train(cfg):
     torch.manual_seed(derive_seed(cfg.seed, 0))  # the same initial weights on every rank
     net, net_kwargs = build_network(cfg, H, C, label_dim)
     net.train().requires_grad_(True).to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
-    ema = EDMPrecond(nets.UNet(**net_kwargs), cfg.sigma_data).to(device).eval().requires_grad_(False)
+    ema = EDMPrecond(nets.UNet(**net_kwargs), cfg.sigma_data).eval().requires_grad_(False)
+    ema.to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)  # same layout as net
     ema.load_state_dict(net.state_dict())
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                  weight_decay=cfg.weight_decay, fused=cuda)

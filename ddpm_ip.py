@@ -652,7 +652,9 @@ def load_network(path, c, device):
             raise InputError(f'--network: cannot build a network for {path}: {e}') from None
         steps, schedule = c.diffusion_steps, c.noise_schedule
     diffusion = make_diffusion(schedule, steps, c.timestep_respacing, device)
-    return net.eval().requires_grad_(False).to(device), diffusion
+    cuda = torch.device(device).type == 'cuda'  # NHWC convolutions on tensor cores, as in training
+    net.to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
+    return net.eval().requires_grad_(False), diffusion
 
 
 def make_denoiser(net, precision):

@@ -842,7 +842,9 @@ def load_snapshot(path, device, scale):
     net = build_network(snapshot['spec'])
     net.load_state_dict(snapshot['ema'])
     vae = load_vae(snapshot['spec']['vae'], device) if snapshot['spec']['vae'] else None
-    return net.to(device).eval().requires_grad_(False), snapshot['spec'], vae
+    channels_last = torch.device(device).type == 'cuda' and not is_dit(snapshot['spec']['arch'])  # as in training
+    net.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    return net.eval().requires_grad_(False), snapshot['spec'], vae
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Sampling entry point shared by the grids, `generate`, `eval` and `walk`.

@@ -29,7 +29,6 @@ import dataclasses
 import datetime
 import gc
 import json
-import math
 import os
 import sys
 import tempfile

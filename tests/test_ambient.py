@@ -9,6 +9,7 @@ import pickle
 import subprocess
 import sys
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -443,6 +444,29 @@ def test_resume_is_bitwise(tmp_path):
     # A different training config does not continue this run: it starts a new folder.
     train(tmp_path, '--kimg=0.016', '--grid=0', '--resume=auto', '--norm=1', outdir='resumed')
     assert len(os.listdir(tmp_path / 'resumed')) == 2
+
+
+def test_resume_after_kill_9(tmp_path):
+    """kill -9 a run once it has written a training state; --resume=auto then ends exactly like a run that was never
+    interrupted (weights bitwise, per-tick losses)."""
+    flags = [f'--data={TINY_DATA}', *TINY, '--kimg=0.064', '--grid=0']
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, 'ambient.py'), *flags,
+                                f'--outdir={tmp_path / "killed"}'], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    deadline = time.time() + 120
+    while not glob.glob(str(tmp_path / 'killed' / '*' / 'training-state-*.pt')) and time.time() < deadline:
+        time.sleep(0.01)
+    process.kill()
+    process.wait()
+    killed = glob.glob(str(tmp_path / 'killed' / '*'))[0]
+    assert final_state(killed)['cur_nimg'] < 64                                    # killed before the end
+    train(tmp_path, '--kimg=0.064', '--grid=0', '--resume=auto', outdir='killed')
+    straight = train(tmp_path, '--kimg=0.064', '--grid=0', outdir='straight')
+    a, b = final_state(straight), final_state(killed)
+    assert a['cur_nimg'] == b['cur_nimg'] == 64
+    for key in ('net', 'ema'):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert losses(straight) == losses(killed)
 
 
 def test_ddp_matches_one_process(tmp_path):

@@ -759,11 +759,10 @@ def barrier():
 
 
 def broadcast_object(value):
+    box = [value]
     if dist.is_initialized():
-        box = [value]
         dist.broadcast_object_list(box, src=0)
-        value = box[0]
-    return value
+    return box[0]
 
 
 def atomic_save(obj, path):
@@ -1022,11 +1021,11 @@ def restore_training_state(path, net, ema, optimizer, rank, world_size, device):
 
 def save_training_state(run_dir, tag, state):
     """training-state-<tag>.pt, then remove the older ones: resuming needs only the newest."""
-    old_states = [f for f in os.listdir(run_dir) if STATE_NAME.fullmatch(f)]
-    atomic_save(state, os.path.join(run_dir, f'training-state-{tag}.pt'))
+    name = f'training-state-{tag}.pt'
+    old_states = {f for f in os.listdir(run_dir) if STATE_NAME.fullmatch(f)} - {name}
+    atomic_save(state, os.path.join(run_dir, name))
     for old in old_states:
-        if old != f'training-state-{tag}.pt':
-            os.remove(os.path.join(run_dir, old))
+        os.remove(os.path.join(run_dir, old))
 
 
 def training_loop(cfg, rank, world_size, device):
@@ -1281,8 +1280,8 @@ def walk(cfg, rank, world_size, device):
     # Load the networks and check that they share a latent shape and a kind of condition.
     snapshots = [load_snapshot(path, device, cfg.scale) for path in cfg.network.split(',')]
     spec0 = snapshots[0][1]
-    if any(spec['shape'] != spec0['shape'] for _, spec, _ in snapshots):
-        raise UserError('walk compares networks with the same latent shape')
+    if any((spec['shape'], spec['cond']) != (spec0['shape'], spec0['cond']) for _, spec, _ in snapshots):
+        raise UserError('walk compares networks with the same latent shape and kind of condition')
     if spec0['cond'] == 'text' and not cfg.prompt:
         raise FlagError('a walk over a text model needs --prompt')
     if spec0['cond'] == 'class' and not all(c.isdigit() and int(c) < spec0['num_classes']
@@ -1295,17 +1294,13 @@ def walk(cfg, rank, world_size, device):
     theta = torch.linspace(0, 2, cfg.walk_steps) * math.pi                # the end points repeat, as official
     os.makedirs(cfg.outdir, exist_ok=True)
     for condition in conditions:
+        y = (tokenize([condition] * cfg.walk_steps) if spec0['cond'] == 'text' else
+             torch.full((cfg.walk_steps,), condition, dtype=torch.int64)).to(device)
         for i in range(cfg.n_samples):
             noise_x, noise_y = (torch.randn(tuple(spec0['shape']), generator=generator) for _ in range(2))
             noise = (theta.cos().view(-1, 1, 1, 1) * noise_x + theta.sin().view(-1, 1, 1, 1) * noise_y).to(device)
-            rows = []
-            for net, spec, vae in snapshots:
-                if spec['cond'] == 'text':
-                    y = tokenize([condition] * cfg.walk_steps).to(device)
-                else:
-                    y = torch.full((cfg.walk_steps,), condition, dtype=torch.int64, device=device)
-                rows.append(torch.cat([sample_images(net, spec, vae, noise[j:j + cfg.batch], y[j:j + cfg.batch], cfg)
-                                       for j in range(0, cfg.walk_steps, cfg.batch)]))
+            rows = [torch.cat([sample_images(net, spec, vae, noise[j:j + cfg.batch], y[j:j + cfg.batch], cfg)
+                               for j in range(0, cfg.walk_steps, cfg.batch)]) for net, spec, vae in snapshots]
             tag = re.sub(r'\W+', '_', str(condition))[:40]
             save_grid(torch.cat(rows), os.path.join(cfg.outdir, f'walk-{tag}-{i:03d}.png'), cfg.walk_steps)
     print(f'wrote {len(conditions) * cfg.n_samples} walk grids to {cfg.outdir}')
@@ -1327,13 +1322,8 @@ def main(argv=None):
             return
         rank, world_size, device = init_distributed(cfg.device)
         cfg = dataclasses.replace(cfg, precision=cfg.precision or ('bf16' if device.type == 'cuda' else 'fp32'))
-        if command == 'train':
-            return training_loop(cfg, rank, world_size, device)
-        if command == 'generate':
-            return generate(cfg, rank, world_size, device)
-        if command == 'eval':
-            return evaluate(cfg, rank, world_size, device)
-        return walk(cfg, rank, world_size, device)
+        run = dict(train=training_loop, generate=generate, eval=evaluate, walk=walk)[command]
+        return run(cfg, rank, world_size, device)
     except UserError as error:
         if rank == 0:
             print(f'error: {error}', file=sys.stderr)

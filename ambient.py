@@ -243,15 +243,6 @@ def download_cifar10(cache_dir):
     return np.concatenate(images), np.concatenate(labels)
 
 
-def decode_image(blob, name):
-    """PNG/JPEG bytes -> (H, W, 3) uint8; grayscale and RGBA become RGB."""
-    try:
-        image = np.asarray(PIL.Image.open(io.BytesIO(blob)).convert('RGB'))
-    except Exception as error:
-        raise DataError(f'cannot read image {name}: {error}')
-    return image
-
-
 def load_images(path, cache_dir='', workers=4):
     """Returns images (N, H, W, 3) uint8 and labels (N,) int64 or None, in sorted file-name order (as EDM)."""
     if path == 'cifar10':  # the official archive, downloaded once
@@ -280,9 +271,14 @@ def load_images(path, cache_dir='', workers=4):
         image_names = [n for n in names if os.path.splitext(n)[1].lower() in ('.png', '.jpg', '.jpeg', '.bmp', '.webp')]
         if not image_names:
             raise DataError(f'--data: no images in {path}')
+        def decode(name):  # -> (H, W, 3) uint8; grayscale and RGBA become RGB
+            try:
+                return np.asarray(PIL.Image.open(io.BytesIO(read(name))).convert('RGB'))
+            except Exception as error:
+                raise DataError(f'cannot read image {name}: {error}')
         # Decode in threads (PIL releases the GIL); every image must have the same size.
         with concurrent.futures.ThreadPoolExecutor(max(workers, 1)) as pool:
-            decoded = list(pool.map(lambda name: decode_image(read(name), name), image_names))
+            decoded = list(pool.map(decode, image_names))
         shapes = {image.shape for image in decoded}
         if len(shapes) != 1:
             raise DataError(f'--data: images have different sizes {sorted(shapes)[:3]}; resize them first')
@@ -306,15 +302,6 @@ def load_images(path, cache_dir='', workers=4):
     if images.shape[1] != images.shape[2]:
         raise DataError(f'--data: images must be square, got {images.shape[1]}x{images.shape[2]}')
     return images, labels
-
-
-def subset_indices(num_images, max_size):
-    """The official --max_size subset: a RandomState(0) shuffle, first max_size, sorted (dataset.py)."""
-    indices = np.arange(num_images)
-    if 0 < max_size < num_images:
-        np.random.RandomState(0).shuffle(indices)
-        indices = np.sort(indices[:max_size])
-    return indices
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -580,9 +567,8 @@ def ambient_sampler(net, latents, masks=None, class_labels=None, num_steps=18, s
 
 def init_distributed(device_flag):
     """torchrun sets RANK / WORLD_SIZE; without them this is one process. nccl on CUDA, gloo on CPU."""
-    world = int(os.environ.get('WORLD_SIZE', 1))
-    rank = int(os.environ.get('RANK', 0))
-    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    rank, world, local_rank = (int(os.environ.get(name, default)) for name, default in
+                               (('RANK', 0), ('WORLD_SIZE', 1), ('LOCAL_RANK', 0)))
     device = torch.device(device_flag or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if device.type == 'cuda':
         device = torch.device('cuda', local_rank)
@@ -677,7 +663,10 @@ class Data:
         images, labels = load_images(cfg.data, cfg.cache_dir, cfg.workers)
         if cfg.cond and labels is None:
             raise DataError('--cond needs labels (dataset.json, class sub-folders or y in the .npz)')
-        raw_indices = subset_indices(len(images), cfg.max_size)
+        raw_indices = np.arange(len(images))
+        if 0 < cfg.max_size < len(images):  # official dataset.py: a RandomState(0) shuffle, first max_size, sorted
+            np.random.RandomState(0).shuffle(raw_indices)
+            raw_indices = np.sort(raw_indices[:cfg.max_size])
         images = torch.from_numpy(images[raw_indices]).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W) uint8
         A, A_tilde = corruption_masks(raw_indices, images.shape[1:], cfg.corruption_probability,
                                       cfg.delta_probability, cfg.mask_full_rgb, cfg.mask_seed)
@@ -850,8 +839,8 @@ def train(cfg):
     # Performance settings.
     precision = cfg.precision or ('bf16' if device.type == 'cuda' else 'fp32')
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
-    torch.backends.cuda.matmul.allow_tf32 = precision == 'bf16'  # TF32 for what stays fp32; fp32 = official numerics
-    torch.backends.cudnn.allow_tf32 = precision == 'bf16'
+    # TF32 for what stays fp32; fp32 = official numerics.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == 'bf16'
     torch.backends.cudnn.benchmark = True              # fixed shapes, so cuDNN's autotuning pays off
     memory_format = torch.channels_last if device.type == 'cuda' else torch.contiguous_format  # tensor-core convs
 
@@ -1031,8 +1020,8 @@ def generate_images(net, net_config, seeds, device, sampler='ambient', num_masks
         masks = torch.stack([torch.rand(num_masks, mask_channels, resolution, resolution, generator=g, device=device)
                              for g in generators], dim=1) < survival                    # (K, B, Cm, H, W)
         masks = masks.to(torch.float64).expand(-1, -1, channels, -1, -1)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
-    with autocast:  # the official clip belongs to the ambient sampler; plain EDM does not clip
+    # The official clip belongs to the ambient sampler; plain EDM does not clip.
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16'):
         images = ambient_sampler(net, latents, masks, labels, num_steps=steps, guidance_scale=guidance_scale,
                                  clip=masks is not None)
     return to_uint8(images)

@@ -157,11 +157,9 @@ class InputError(Exception):
 
 
 def str2bool(text):
-    if text.lower() in ('1', 'true', 't', 'yes', 'y'):
-        return True
-    if text.lower() in ('0', 'false', 'f', 'no', 'n'):
-        return False
-    raise argparse.ArgumentTypeError(f'expected True or False, got {text!r}')
+    if text.lower() not in ('1', 'true', 't', 'yes', 'y', '0', 'false', 'f', 'no', 'n'):
+        raise argparse.ArgumentTypeError(f'expected True or False, got {text!r}')
+    return text.lower() in ('1', 'true', 't', 'yes', 'y')
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -318,12 +316,10 @@ def load_images(path):
         if any(name not in table for name in images):
             raise InputError(f'--data: dataset.json in {path} lacks labels for some images')
         return x, np.array([table[name] for name in images])
-    if all('/' in name for name in images):
-        folders = [name.rsplit('/', 1)[0] for name in images]
-        return x, np.array([sorted(set(folders)).index(folder) for folder in folders])
-    if all('_' in file for file in files):
-        prefixes = [file.split('_')[0] for file in files]
-        return x, np.array([sorted(set(prefixes)).index(prefix) for prefix in prefixes])
+    if all('/' in name for name in images):  # class subfolders, numbered in sorted order
+        return x, np.unique([name.rsplit('/', 1)[0] for name in images], return_inverse=True)[1]
+    if all('_' in file for file in files):  # official '<class>_<n>.png'
+        return x, np.unique([file.split('_')[0] for file in files], return_inverse=True)[1]
     return x, None
 
 
@@ -363,12 +359,9 @@ def epoch_order(num_images, seed, epoch, device):
 def batch_indices(step, batch, num_images, seed, device):
     """Dataset indices (B,) of global batch number `step`, which may straddle two epochs."""
     start, stop = step * batch, (step + 1) * batch
-    parts = []
-    for epoch in range(start // num_images, (stop - 1) // num_images + 1):
-        offset = epoch * num_images
-        parts.append(epoch_order(num_images, seed, epoch, device)[max(start, offset) - offset:
-                                                                     min(stop, offset + num_images) - offset])
-    return torch.cat(parts)
+    first = start // num_images
+    orders = [epoch_order(num_images, seed, epoch, device) for epoch in range(first, (stop - 1) // num_images + 1)]
+    return torch.cat(orders)[start - first * num_images:stop - first * num_images]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -675,15 +668,13 @@ class StackedRandomGenerator:
         return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype)
                             for g in self.generators])
 
-    def randint(self, high, device):
-        return torch.stack([torch.randint(high, (), generator=g, device=device) for g in self.generators])
-
 
 def generate_images(denoiser, diffusion, seeds, shape, label_dim, device, c):
     """uint8 (B, C, H, W) images for `seeds`, official conversion: clamp((x + 1) * 127.5) truncated to uint8."""
     rnd = StackedRandomGenerator(device, seeds)
     x_T = rnd.randn_like(torch.empty(len(seeds), *shape, device=device))
-    labels = rnd.randint(label_dim, device) if label_dim else None
+    labels = torch.stack([torch.randint(label_dim, (), generator=g, device=device) for g in rnd.generators]) \
+        if label_dim else None
     x = sample(denoiser, diffusion, x_T, clip_denoised=c.clip_denoised, eta=c.eta if c.use_ddim else None,
                class_labels=labels, randn_like=rnd.randn_like)
     return ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8)
@@ -1041,14 +1032,13 @@ def run_sampling_command(command, c, rank, world_size, device, log):
 
 def make_logger(rank, path=None):
     """print() on rank 0, also appended to `path` (log.txt) when given."""
-    file = open(path, 'a') if path and rank == 0 else None
+    file = open(path, 'a', buffering=1) if path and rank == 0 else None  # line-buffered: readable during the run
 
     def log(message):
         if rank == 0:
             print(message, flush=True)
-        if file:
-            file.write(message + '\n')
-            file.flush()
+            if file:
+                print(message, file=file)
     return log
 
 

@@ -340,13 +340,11 @@ def load_cifar10(cache_dir):
     with open(path, 'rb') as f:
         if hashlib.md5(f.read()).hexdigest() != CIFAR10_MD5:
             raise InputError(f'--data cifar10: {path} is corrupt (checksum mismatch); delete it to download again')
-    xs, ys = [], []
     with tarfile.open(path) as tar:
-        for i in range(1, 6):
-            batch = pickle.load(tar.extractfile(f'cifar-10-batches-py/data_batch_{i}'), encoding='bytes')
-            xs.append(batch[b'data'].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-            ys.append(batch[b'labels'])
-    return np.concatenate(xs), np.concatenate(ys).astype(np.int64)
+        batches = [pickle.load(tar.extractfile(f'cifar-10-batches-py/data_batch_{i}'), encoding='bytes')
+                   for i in range(1, 6)]
+    x = np.concatenate([batch[b'data'].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1) for batch in batches])
+    return x, np.concatenate([batch[b'labels'] for batch in batches]).astype(np.int64)  # (N, 32, 32, 3), (N,)
 
 
 @functools.lru_cache(maxsize=2)
@@ -808,8 +806,7 @@ def training_loop(c, x_data, y_data, run_dir, resume_path, rank, world_size, dev
             losses.append(loss.detach())
             quartile = t * 4 // diffusion.num_timesteps                # (b,) bins of the official loss_q0..q3 logs
             stats[0] += (loss * w).detach().sum() / c.batch            # importance-weighted, as the official log
-            for k, value in enumerate((mse.detach(), vb.detach(), torch.ones_like(mse))):
-                stats[3 + 4 * k:7 + 4 * k].index_add_(0, quartile, value.double())
+            stats[3:].view(3, 4).index_add_(1, quartile, torch.stack([mse, vb, torch.ones_like(mse)]).detach().double())
         # Every rank records all losses, so the samplers stay identical. Global sample j = rank + world_size * p sits
         # at local position p of its rank: interleaving the ranks' lists restores the global order.
         losses = torch.cat(losses)                                                          # (local_batch,)
@@ -966,8 +963,8 @@ def exposure_over_data(c, denoiser, diffusion, shape, label_dim, rank, world_siz
     chosen = torch.randperm(len(x_data), generator=torch.Generator().manual_seed(c.seed))[:c.num].tolist()
 
     # Sums over this rank's chains, then over all ranks.
-    totals = [torch.zeros(start, *shape, dtype=torch.float64, device=device) for _ in range(2)]
-    totals.append(torch.zeros((), dtype=torch.float64, device=device))  # sums of r, r^2, |x0_hat - x0|
+    totals = [torch.zeros(size, dtype=torch.float64, device=device)  # sums of r, r^2, |x0_hat - x0|
+              for size in ((start, *shape), (start, *shape), ())]
     for indices in rank_batches(chosen, c.batch, rank, world_size):
         x0 = torch.from_numpy(x_data[indices]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
         labels = torch.from_numpy(y_data[indices]).to(device) if label_dim else None

@@ -35,6 +35,7 @@ Commands (the flags follow ambient-laws' train.py; `--preset` picks the CIFAR-10
 import argparse
 import concurrent.futures
 import contextlib
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -570,33 +571,22 @@ def edm_sampler(net, latents, class_labels=None, num_steps=18, sigma_min=0.002, 
     return x_next
 
 
-class SeedGenerators:
-    """One torch.Generator per image seed (EDM's StackedRandomGenerator): image k depends on seed k only."""
-
-    def __init__(self, device, seeds):
-        self.generators = [torch.Generator(device).manual_seed(int(s) % (1 << 32)) for s in seeds]
-
-    def randn(self, shape, device, dtype=torch.float32):
-        return torch.stack([torch.randn(shape, generator=g, device=device, dtype=dtype) for g in self.generators])
-
-    def randn_like(self, x):  # drawn in x's dtype (float64 in the sampler), as EDM, so the streams match
-        return self.randn(x.shape[1:], x.device, x.dtype)
-
-    def randint(self, high, device):
-        return torch.stack([torch.randint(high, [], generator=g, device=device) for g in self.generators])
-
-
 def sample_images(net, seeds, device, cfg, autocast):
-    """uint8 (B, C, H, W) samples of the EMA network for a list of seeds (latents and labels as EDM generate.py)."""
+    """uint8 (B, C, H, W) samples of the EMA network for a list of seeds (latents and labels as EDM generate.py). One
+    torch.Generator per seed (EDM's StackedRandomGenerator): image k depends on seed k only."""
     unet = net.unet
-    rng = SeedGenerators(device, seeds)
-    latents = rng.randn([unet.in_channels, unet.img_resolution, unet.img_resolution], device)
-    labels = rng.randint(unet.label_dim, device) if unet.label_dim else None                # (B,) class ids
+    generators = [torch.Generator(device).manual_seed(int(s) % (1 << 32)) for s in seeds]
+    stack = lambda draw: torch.stack([draw(g) for g in generators])  # noqa: E731
+    latents = stack(lambda g: torch.randn([unet.in_channels, unet.img_resolution, unet.img_resolution], generator=g,
+                                          device=device))                                 # (B, C, H, W)
+    labels = stack(lambda g: torch.randint(unet.label_dim, [], generator=g, device=device)) if unet.label_dim else None
+    # Churn noise in x's dtype (float64 in the sampler), as EDM, so the streams match.
+    randn_like = lambda x: stack(lambda g: torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype))  # noqa
     if labels is not None and cfg.class_idx >= 0:
         labels.fill_(cfg.class_idx)
     with torch.no_grad(), autocast:
         x = edm_sampler(net, latents, labels, cfg.steps, cfg.sigma_min, cfg.sigma_max, cfg.rho, cfg.S_churn,
-                        cfg.S_min, cfg.S_max, cfg.S_noise, rng.randn_like, cfg.stop_variance)
+                        cfg.S_min, cfg.S_max, cfg.S_noise, randn_like, cfg.stop_variance)
     return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
 
@@ -666,11 +656,8 @@ def batch_indices(cur_nimg, batch, num_images, seed):
 
 def format_time(seconds):
     s = int(seconds)
-    if s < 60:
-        return f'{s}s'
-    if s < 3600:
-        return f'{s // 60}m{s % 60:02d}s'
-    return f'{s // 3600}h{s % 3600 // 60:02d}m' if s < 86400 else f'{s // 86400}d{s % 86400 // 3600:02d}h'
+    return (f'{s}s' if s < 60 else f'{s // 60}m{s % 60:02d}s' if s < 3600 else
+            f'{s // 3600}h{s % 3600 // 60:02d}m' if s < 86400 else f'{s // 86400}d{s % 86400 // 3600:02d}h')
 
 
 def build_network(cfg, resolution, channels, label_dim):
@@ -803,8 +790,7 @@ def open_run(cfg, desc, net, ema, optimizer, rank, world):
         provenance = dict(dataclasses.asdict(cfg), command=' '.join(sys.argv), torch=torch.__version__,
                           world_size=world, gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
         atomic_write(os.path.join(run_dir, 'config.json'), lambda f: f.write(json.dumps(provenance, indent=2).encode()))
-        with open(__file__, 'rb') as source:  # the exact code of this run
-            code = source.read()
+        code = pathlib.Path(__file__).read_bytes()  # the exact code of this run
         atomic_write(os.path.join(run_dir, os.path.basename(__file__)), lambda f: f.write(code))
     return run_dir, cur_nimg, cur_tick, ema_rampup_ratio, state_path
 
@@ -867,9 +853,7 @@ def train(cfg):
     torch.manual_seed(derive_seed(cfg.seed, 0))  # the same initial weights on every rank
     net, net_kwargs = build_network(cfg, H, C, label_dim)
     net.train().requires_grad_(True).to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
-    ema = EDMPrecond(nets.UNet(**net_kwargs), cfg.sigma_data).eval().requires_grad_(False)
-    ema.to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)  # same layout as net
-    ema.load_state_dict(net.state_dict())
+    ema = copy.deepcopy(net).eval().requires_grad_(False)  # same weights and memory layout as net
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                  weight_decay=cfg.weight_decay, fused=cuda)
     desc = (f'{os.path.splitext(os.path.basename(cfg.data.rstrip("/")))[0]}-{cfg.arch}-sigma{cfg.sigma:g}-'

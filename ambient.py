@@ -130,11 +130,10 @@ class UsageError(Exception):
 
 def parse_bool(text):
     """True/False, 1/0, yes/no: the spellings of the official click flags."""
-    if text.lower() in ('1', 'true', 'yes'):
-        return True
-    if text.lower() in ('0', 'false', 'no'):
-        return False
-    raise argparse.ArgumentTypeError(f'expected a boolean, got {text!r}')
+    value = {'1': True, 'true': True, 'yes': True, '0': False, 'false': False, 'no': False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f'expected a boolean, got {text!r}')
+    return value
 
 
 class QuietParser(argparse.ArgumentParser):
@@ -578,21 +577,6 @@ def init_distributed(device_flag):
     return rank, world, device
 
 
-class Log:
-    """print() that also appends to the run's log.txt; silent where path is None (ranks other than 0)."""
-
-    def __init__(self, path):
-        self.path = path
-        if path:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-
-    def __call__(self, message):
-        if self.path:
-            print(message, flush=True)
-            with open(self.path, 'a') as file:
-                file.write(message + '\n')
-
-
 def derive_seed(*numbers):
     """A 63-bit seed from a tuple of integers (numpy's SeedSequence), for per-epoch and per-step generators."""
     return int(np.random.SeedSequence([int(n) for n in numbers]).generate_state(1, np.uint64)[0] >> 1)
@@ -769,12 +753,6 @@ class TickStats:
                     loss_by_sigma={k: t / c if c else None for k, t, c in zip(self.bin_names, totals, counts)})
 
 
-def run_description(cfg, data_name):
-    """The run folder's name after its number: data, method, p, delta, network, batch (EDM-like)."""
-    return f'{data_name}-{cfg.precond}-p{cfg.corruption_probability:g}-d{cfg.delta_probability:g}-{cfg.arch}' \
-           f'-batch{cfg.batch}' + (f'-{cfg.desc}' if cfg.desc else '')
-
-
 # Flags that may differ between a run and its continuation by --resume=auto; any other difference starts a new run.
 RESUMABLE_CHANGES = {'kimg', 'resume', 'outdir', 'tick', 'snap', 'dump', 'grid', 'steps', 'precision', 'compile',
                      'workers', 'cache_dir', 'device', 'dry_run'}
@@ -847,7 +825,8 @@ def train(cfg):
     # Data, corrupted once, and the network.
     data = Data(cfg, device)
     data_name = 'cifar10' if cfg.data == 'cifar10' else os.path.splitext(os.path.basename(cfg.data.rstrip('/')))[0]
-    description = run_description(cfg, data_name)
+    description = f'{data_name}-{cfg.precond}-p{cfg.corruption_probability:g}-d{cfg.delta_probability:g}-' \
+                  f'{cfg.arch}-batch{cfg.batch}' + (f'-{cfg.desc}' if cfg.desc else '')  # run folder name, EDM-like
     resume_path = find_resume(cfg, description) if cfg.resume == 'auto' else cfg.resume or None
     net_config = network_config(cfg, data.resolution, data.channels, data.label_dim)
     torch.manual_seed(cfg.seed)                        # the same initial weights on every rank
@@ -864,8 +843,14 @@ def train(cfg):
 
     # Run folder: config, a copy of this file, the corrupted data as the network sees it.
     run_dir = open_run_dir(cfg, description, resume_path)
-    log = Log(os.path.join(run_dir, 'log.txt') if is_main else None)
+
+    def log(message):  # print() that also appends to the run's log.txt, on rank 0 only
+        if is_main:
+            print(message, flush=True)
+            with open(os.path.join(run_dir, 'log.txt'), 'a') as file:
+                file.write(message + '\n')
     if is_main:
+        os.makedirs(run_dir, exist_ok=True)
         write_atomic(os.path.join(run_dir, 'config.json'), json.dumps(dict(
             config=dataclasses.asdict(cfg), network=net_config, command=sys.argv, world_size=world,
             torch=torch.__version__, device=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'),

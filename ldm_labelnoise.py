@@ -1114,30 +1114,27 @@ def training_loop(cfg, rank, world_size, device):
         index = data_order(cfg.seed, cur_nimg, cfg.batch, n, order_cache)                 # (batch,) numpy
         index_device = to_device(torch.from_numpy(index), device)
         noise = draw_step_noise(cfg, cur_nimg, shape, net.cond_shape, vae is not None, device)
-        t, flip, drop, delta, xi = noise['t'], noise['flip'], noise['drop'], noise['delta'], noise['xi']
 
         # Accumulate gradients; DDP synchronises only on the last round.
         for r, (share, mine) in enumerate(zip(shares, shares_device)):
             i = index_device[mine]                                        # (batch_gpu,) dataset indices
-            x0 = clean_batch(server.get(index[share.numpy()], i), flip[mine], None if vae is None else
-                             noise['z'][mine], spec['scaling_factor'])   # (batch_gpu, C, H, W)
-            x0 = x0.contiguous(memory_format=torch.channels_last) if channels_last else x0
-            y = drop_conditions(conditions[i].long(), y_null, drop[mine])
-            sync = ddp.no_sync() if world_size > 1 and r + 1 < rounds else contextlib.nullcontext()
-            with sync:
+            my = {key: None if value is None else value[mine] for key, value in noise.items()}  # this round's share
+            x0 = clean_batch(server.get(index[share.numpy()], i), my['flip'], my['z'], spec['scaling_factor'])
+            x0 = x0.contiguous(memory_format=torch.channels_last) if channels_last else x0  # (batch_gpu, C, H, W)
+            y = drop_conditions(conditions[i].long(), y_null, my['drop'])
+            with ddp.no_sync() if world_size > 1 and r + 1 < rounds else contextlib.nullcontext():
                 with autocast:
-                    loss = diffusion_loss(model, x0, y, t[mine], noise['eps'][mine], alphas_cumprod, None if delta
-                                          is None else delta[mine], None if xi is None else xi[mine],
+                    loss = diffusion_loss(model, x0, y, my['t'], my['eps'], alphas_cumprod, my['delta'], my['xi'],
                                           cfg.input_perturbation)
                 loss.sum().mul(world_size / cfg.batch).backward()         # DDP averages: the global-batch mean
             with torch.no_grad():  # diagnostics, summed on the device and read once per tick
-                bins = t[mine] * 4 // len(alphas_cumprod)
+                bins = my['t'] * 4 // len(alphas_cumprod)
                 stats[0] += loss.sum()
                 stats[1] += len(loss)
                 stats[2:6].index_add_(0, bins, loss)
                 stats[6:10].index_add_(0, bins, torch.ones_like(loss))
-                stats[10] += (is_corrupted[i] & ~drop[mine]).sum()
-                stats[11] += drop[mine].sum()
+                stats[10] += (is_corrupted[i] & ~my['drop']).sum()
+                stats[11] += my['drop'].sum()
 
         # Update weights: optional warm-up and clipping, AdamW.
         lr = cfg.lr * min(1.0, cur_nimg / (cfg.lr_rampup_kimg * 1000)) if cfg.lr_rampup_kimg else cfg.lr

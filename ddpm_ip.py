@@ -43,6 +43,7 @@ import io
 import json
 import math
 import os
+import pathlib
 import pickle
 import re
 import shutil
@@ -289,10 +290,7 @@ def load_images(path):
     if os.path.isdir(path):
         names = sorted(os.path.relpath(os.path.join(root, f), path).replace(os.sep, '/')
                        for root, _, files in os.walk(path) for f in files)
-
-        def read(name):
-            with open(os.path.join(path, name), 'rb') as f:
-                return f.read()
+        read = lambda name: pathlib.Path(path, name).read_bytes()
     else:
         archive = zipfile.ZipFile(path)
         names, read = sorted(archive.namelist()), archive.read

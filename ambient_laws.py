@@ -573,20 +573,20 @@ def edm_sampler(net, latents, class_labels=None, num_steps=18, sigma_min=0.002, 
 
 def sample_images(net, seeds, device, cfg, autocast):
     """uint8 (B, C, H, W) samples of the EMA network for a list of seeds (latents and labels as EDM generate.py). One
-    torch.Generator per seed (EDM's StackedRandomGenerator): image k depends on seed k only."""
+    torch.Generator per seed (EDM's StackedRandomGenerator): image k depends on seed k only. The churn noise is
+    drawn in the sampler's float64, as EDM, so the streams match."""
     unet = net.unet
     generators = [torch.Generator(device).manual_seed(int(s) % (1 << 32)) for s in seeds]
-    stack = lambda draw: torch.stack([draw(g) for g in generators])  # noqa: E731
-    latents = stack(lambda g: torch.randn([unet.in_channels, unet.img_resolution, unet.img_resolution], generator=g,
-                                          device=device))                                 # (B, C, H, W)
-    labels = stack(lambda g: torch.randint(unet.label_dim, [], generator=g, device=device)) if unet.label_dim else None
-    # Churn noise in x's dtype (float64 in the sampler), as EDM, so the streams match.
-    randn_like = lambda x: stack(lambda g: torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype))  # noqa
+    randn = lambda shape, dtype=torch.float32: torch.stack(  # noqa: E731
+        [torch.randn(shape, generator=g, device=device, dtype=dtype) for g in generators])
+    latents = randn([unet.in_channels, unet.img_resolution, unet.img_resolution])           # (B, C, H, W)
+    labels = (torch.stack([torch.randint(unet.label_dim, [], generator=g, device=device) for g in generators])
+              if unet.label_dim else None)                                                  # (B,) class ids
     if labels is not None and cfg.class_idx >= 0:
         labels.fill_(cfg.class_idx)
     with torch.no_grad(), autocast:
         x = edm_sampler(net, latents, labels, cfg.steps, cfg.sigma_min, cfg.sigma_max, cfg.rho, cfg.S_churn,
-                        cfg.S_min, cfg.S_max, cfg.S_noise, randn_like, cfg.stop_variance)
+                        cfg.S_min, cfg.S_max, cfg.S_noise, lambda x: randn(x.shape[1:], x.dtype), cfg.stop_variance)
     return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
 
@@ -711,7 +711,7 @@ def save_grid(path, images, columns=8):
     grid = torch.zeros(rows * columns, C, H, W, dtype=torch.uint8)
     grid[:N] = images.cpu()
     grid = grid.view(rows, columns, C, H, W).permute(0, 3, 1, 4, 2).reshape(rows * H, columns * W, C)
-    image = PIL.Image.fromarray(grid.squeeze(-1).numpy() if C == 1 else grid.numpy())
+    image = PIL.Image.fromarray(grid.squeeze(-1).numpy())  # (H, W) or (H, W, 3)
     atomic_write(path, lambda f: image.save(f, format='PNG'))
 
 
@@ -920,9 +920,7 @@ def train(cfg):
                     stats[7:9] += torch.stack([cons.detach().mean(dim=(1, 2, 3)).sum(), cons.new_full([], m)])
                 # Sum over pixels, mean over the global batch (DDP averages over GPUs), as EDM.
                 total.mul(1 / batch_gpu_total).backward()
-
-            with torch.no_grad():
-                tally(stats, loss, sigma, y_sigma_n, bins)
+            tally(stats, loss, sigma, y_sigma_n, bins)  # nothing in it needs gradients
 
         # Update weights: EDM's linear lr warm-up, non-finite gradients zeroed (the official code does not clip).
         lr = cfg.lr * min(cur_nimg / max(cfg.lr_rampup_kimg * 1000, 1e-8), 1)
@@ -1046,8 +1044,7 @@ def generate(given):
         if batch_seeds:
             for seed, image in zip(batch_seeds, sample_images(net, batch_seeds, device, cfg, autocast).cpu()):
                 folder = os.path.join(outdir, f'{seed - seed % 1000:06d}') if cfg.subdirs else outdir
-                array = image.permute(1, 2, 0).numpy()
-                pil = PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+                pil = PIL.Image.fromarray(image.permute(1, 2, 0).squeeze(-1).numpy())  # (H, W) or (H, W, 3)
                 atomic_write(os.path.join(folder, f'{seed:06d}.png'), lambda f: pil.save(f, format='PNG'))
     if world > 1:
         dist.barrier()

@@ -646,12 +646,9 @@ def epoch_permutation(num_images, seed, epoch):
 def batch_indices(cur_nimg, batch, num_images, seed):
     """Dataset indices of the global batch that starts at image cur_nimg: one seeded permutation per epoch, so the data
     order is a function of (seed, cur_nimg) and resumes exactly."""
-    position = torch.arange(cur_nimg, cur_nimg + batch)
-    epoch = position // num_images
-    index = torch.empty(batch, dtype=torch.int64)
-    for e in epoch.unique().tolist():
-        index[epoch == e] = epoch_permutation(num_images, seed, e)[position[epoch == e] % num_images]
-    return index
+    epochs = range(cur_nimg // num_images, (cur_nimg + batch - 1) // num_images + 1)        # the epochs it spans
+    order = torch.cat([epoch_permutation(num_images, seed, e) for e in epochs])
+    return order[torch.arange(cur_nimg, cur_nimg + batch) - epochs[0] * num_images]
 
 
 def format_time(seconds):

@@ -618,9 +618,8 @@ class Logger:
 
     def open(self, path):
         if self.rank == 0:
-            self.file = open(path, 'a')
-            self.file.write(''.join(self.pending))
-            self.file.flush()
+            self.file = open(path, 'a', buffering=1)  # line-buffered: each line reaches the file at once
+            self.file.writelines(self.pending)
 
     def __call__(self, *args):
         if self.rank == 0:
@@ -628,7 +627,6 @@ class Logger:
             print(line, flush=True)
             if self.file:
                 self.file.write(line + '\n')
-                self.file.flush()
             else:
                 self.pending.append(line + '\n')
 

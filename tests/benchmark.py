@@ -10,8 +10,10 @@ Our training step is each script's own step: its config from its own flag parser
 loss, network builder, optimizer, precision and compile settings, called line for line as its training loop calls
 them (each builder below names the loop it mirrors). The data are random uint8 images of the right size, held as the
 script holds them. With --official=DIR, where DIR holds plain source trees of the official code (DIR/edm,
-DIR/DDPM-IP or DIR/guided-diffusion, DIR/DiT, DIR/pytorch-fid), the same step of the official trainer runs on the same
-GPU, with the same network configuration and batch. Whatever cannot run is reported as n/a with the reason.
+DIR/DDPM-IP or DIR/guided-diffusion, DIR/DiT, DIR/pytorch-fid, and DIR/ambient-diffusion for a like-for-like ambient
+row), the same step of the official trainer runs on the same GPU, with the same network configuration and batch.
+Whatever cannot run is reported as n/a with the reason; packages the official trees import but the timed code never
+uses (wandb, s3fs, blobfile, mpi4py, Python 3.12's missing distutils) are stubbed when absent.
 
     python tests/benchmark.py --quick                                  # seconds on a CPU: keeps the tool working
     python tests/benchmark.py --official=official --json=bench.json   # GPU: default configurations, side by side
@@ -230,7 +232,7 @@ def ours_ambient(opt, data_path):
     unet = net_config['unet']
     info = dict(config=f'{cfg.arch} {unet["in_channels"]}ch gated={cfg.gated} {precision}'
                        + (' compile' if cfg.compile else ''), unet=unet, precision=precision, sample=sample,
-                steps=cfg.steps)
+                steps=cfg.steps, cfg=cfg)
     return step, cfg.batch, info
 
 
@@ -517,10 +519,18 @@ class Unavailable(Exception):
 
 
 def official_tree(opt, *names):
-    """The first of DIR/name that exists, put at the front of sys.path."""
+    """The first of DIR/name that exists, put at the front of sys.path. edm and ambient-diffusion both have top-level
+    packages named training, torch_utils and dnnlib, so whatever another official tree put on sys.path or in
+    sys.modules is taken out first."""
     for name in names:
         path = os.path.join(opt.official, name)
         if os.path.isdir(path):
+            inside = lambda file, folder: file.startswith(folder + os.sep)  # noqa: E731
+            sys.path[:] = [p for p in sys.path if not inside(p, opt.official) or p == path]
+            for module_name, module in list(sys.modules.items()):
+                file = getattr(module, '__file__', None) or ''
+                if inside(file, opt.official) and not inside(file, path):
+                    del sys.modules[module_name]
             if path not in sys.path:
                 sys.path.insert(0, path)
             return path
@@ -555,6 +565,7 @@ def theirs_edm(opt, unet, label_dim, batch):
     training_loop.py sets it), EDMLoss with AugmentPipe(p=0.12, the train.py set), Adam, nan cleanup, EMA loop, DDP.
     The same UNet size as ours (ambient: 2C input channels; EDM has no gated convolutions)."""
     official_tree(opt, 'edm')
+    stub_missing()
     from training import augment as edm_augment, loss as edm_loss, networks as edm_networks
     from torch_utils import training_stats
     device, cuda = opt.device, opt.device.type == 'cuda'
@@ -621,10 +632,119 @@ def theirs_edm(opt, unet, label_dim, batch):
     return step, dict(config='EDM SongUNet fp32 (TF32 off) DDP', sample=sample)
 
 
+def theirs_ambient(opt, info, batch):
+    """giannisdaras/ambient-diffusion training_loop.py for `train.py --precond=ambient --arch=ddpmpp --gated=True`, like
+    for like with ours: EDMPrecond(SongUNet) with 2C input channels and gated convolutions, torch.compile'd as that
+    loop does, fp32 with TF32 off, AmbientLoss with AugmentPipe(p=0.12), Adam, nan cleanup, optional clipping, EMA,
+    DDP. Its DataLoader's batches (images in [-1, 1], A and A_tilde as float32, drawn by NumPy per image in a worker
+    process) are stood in for by pinned float32 tensors made once, so the loader's CPU cost is left out of both."""
+    path = official_tree(opt, 'ambient-diffusion')
+    stub_missing('wandb', 's3fs', 'torchvision')
+    if not hasattr(sys.modules['torchvision'], 'transforms'):  # dnnlib/util.py: `from torchvision import transforms`
+        sys.modules['torchvision'].transforms = types.ModuleType('torchvision.transforms')
+    from training import augment as their_augment, loss as their_loss, networks as their_networks
+    from torch_utils import training_stats
+    device, cuda, unet, cfg = opt.device, opt.device.type == 'cuda', info['unet'], info['cfg']
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    channels, resolution, label_dim = unet['in_channels'], unet['img_resolution'], unet['label_dim']
+    net = their_networks.EDMPrecond(
+        img_resolution=resolution, img_channels=channels, label_dim=label_dim, use_fp16=False, model_type='SongUNet',
+        embedding_type='positional', encoder_type='standard', decoder_type='standard', channel_mult_noise=1,
+        resample_filter=[1, 1], model_channels=unet['model_channels'], channel_mult=list(unet['channel_mult']),
+        num_blocks=unet['num_blocks'], attn_resolutions=list(unet['attn_resolutions']), dropout=unet['dropout'],
+        augment_dim=unet['augment_dim'], gated=unet['gated'])
+    net.train().requires_grad_(True).to(device)
+    loss_fn = their_loss.AmbientLoss(norm=cfg.norm)
+    augment_pipe = their_augment.AugmentPipe(p=cfg.augment, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
+                                             translate_frac=1) if unet['augment_dim'] else None
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=[0.9, 0.999], eps=1e-8)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)  # (their ema copies the compiled module: same parameters)
+    compiled = net if opt.quick and not opt.compile else torch.compile(net)  # quick mode: CPU compile takes minutes
+    process_group(device)
+    net_ddp = ddp(compiled, device)
+    batch_gpu = opt.batch_gpu or batch
+    image_channels = channels // 2
+    shape = (batch_gpu, image_channels, resolution, resolution)
+    generator = np.random.default_rng(0)
+    images = torch.from_numpy(random_images(batch_gpu, image_channels, resolution)[0]).permute(0, 3, 1, 2)
+    images = images.float().div(127.5).sub(1)
+    A = torch.from_numpy(generator.binomial(1, 1 - cfg.corruption_probability, shape).astype(np.float32))
+    A_tilde = A * torch.from_numpy(generator.binomial(1, 1 - cfg.delta_probability, shape).astype(np.float32))
+    labels = torch.eye(label_dim)[torch.arange(batch_gpu) % label_dim] if label_dim else torch.zeros(batch_gpu, 0)
+    images, A, A_tilde, labels = (t.pin_memory() if cuda else t for t in (images, A, A_tilde, labels))
+    progress = dict(cur_nimg=0)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        for round_idx in range(batch // batch_gpu):
+            sync = contextlib.nullcontext() if round_idx == batch // batch_gpu - 1 else net_ddp.no_sync()
+            with sync:
+                train_loss, val_loss, test_loss = loss_fn(
+                    net=net_ddp, images=images.to(device).to(torch.float32), labels=labels.to(device),
+                    augment_pipe=augment_pipe, corruption_matrix=A.to(device), hat_corruption_matrix=A_tilde.to(device))
+                training_stats.report('Loss/loss', val_loss)
+                training_stats.report('Loss/loss_test', test_loss)
+                training_stats.report('Loss/loss_train', train_loss)
+                val_loss.sum().mul(1 / batch).backward()
+        for g in optimizer.param_groups:
+            g['lr'] = cfg.lr * min(progress['cur_nimg'] / max(cfg.lr_rampup_kimg * 1000, 1e-8), 1)
+        for param in net.parameters():
+            if param.grad is not None:
+                torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        ema_beta = 0.5 ** (batch / max(min(cfg.ema * 1e6, progress['cur_nimg'] * cfg.ema_rampup_ratio), 1e-8))
+        for p_ema, p_net in zip(ema.parameters(), net.parameters()):
+            p_ema.copy_(p_net.detach().lerp(p_ema, ema_beta))
+        progress['cur_nimg'] += batch
+
+    # eval.py's ambient_sampler and its helpers, taken from the source without importing eval.py (click, wandb, ...).
+    read = lambda file, name, **namespace: official_function(  # noqa: E731
+        os.path.join(path, file), name, dict(torch=torch, np=np, **namespace))
+    sampler = read('eval.py', 'ambient_sampler', cdist_masked=read('eval.py', 'cdist_masked'),
+                   tensor_clipping=read(os.path.join('dnnlib', 'util.py'), 'tensor_clipping'),
+                   get_random_mask=read(os.path.join('torch_utils', 'ambient_diffusion.py'), 'get_random_mask'))
+    stacked = read(os.path.join('torch_utils', 'misc.py'), 'StackedRandomGenerator')
+    survival = (1 - cfg.corruption_probability) * (1 - cfg.delta_probability)
+
+    def sample(seeds, num_steps):
+        # eval.py: per-seed latents and labels, fp32 network, the fixed-mask Heun sampler in float64 (one mask,
+        # no guidance: the official README's CIFAR-10 setting), masks from NumPy's global generator.
+        rnd = stacked(device, seeds)
+        latents = rnd.randn([len(seeds), image_channels, resolution, resolution], device=device)
+        class_labels = torch.eye(label_dim, device=device)[rnd.randint(label_dim, size=[len(seeds)], device=device)] \
+            if label_dim else None
+        x = sampler(ema, latents, class_labels, randn_like=rnd.randn_like, num_steps=num_steps,
+                    survival_probability=survival, mask_full_rgb=cfg.mask_full_rgb, num_masks=1, guidance_scale=0.0)
+        return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+    compiled_note = '' if compiled is net else ' compile'
+    return step, dict(config=f'ambient-diffusion SongUNet gated fp32 (TF32 off){compiled_note} DDP', sample=sample)
+
+
 def stub_module(name, **attributes):
     module = types.ModuleType(name)
     module.__dict__.update(attributes)
     sys.modules.setdefault(name, module)
+
+
+def stub_missing(*names):
+    """Empty stand-ins for packages the official trees import at the top but never use in the timed code (wandb,
+    s3fs, blobfile, ...), for those not installed. distutils (gone in Python 3.12) gets the one function dnnlib uses."""
+    for name in names:
+        try:
+            __import__(name)
+        except ImportError:
+            stub_module(name)
+    try:
+        from distutils.util import strtobool  # noqa: F401
+    except ImportError:
+        stub_module('distutils')
+        stub_module('distutils.util', strtobool=lambda text: int(text.lower() in ('y', 'yes', 't', 'true', 'on', '1')))
+        sys.modules['distutils'].util = sys.modules['distutils.util']
 
 
 def theirs_guided(opt, unet, gamma, batch, fp16):
@@ -633,11 +753,7 @@ def theirs_guided(opt, unet, gamma, batch, fp16):
     MixedPrecisionTrainer with --use_fp16 True on CUDA, AdamW, EMA, DDP. blobfile and mpi4py are stubbed when
     missing: only checkpoint I/O and process-group setup use them, never the timed step."""
     path = official_tree(opt, 'DDPM-IP', 'guided-diffusion')
-    for name in ('blobfile', 'mpi4py'):
-        try:
-            __import__(name)
-        except ImportError:
-            stub_module(name)
+    stub_missing('blobfile', 'mpi4py')
     if not hasattr(sys.modules['mpi4py'], 'MPI'):
         stub_module('mpi4py.MPI')
         sys.modules['mpi4py'].MPI = sys.modules['mpi4py.MPI']
@@ -838,10 +954,23 @@ def run_benchmarks(opt, folder):
             opt, lambda: ours_ambient(opt, data_path),
             lambda info, batch: theirs_edm(opt, info['unet'], info['unet']['label_dim'], batch),
             'ambient train', GOALS['ddpmpp'], peak, rows)
+        if opt.official:  # like for like: the same gated network, loss and sampler in ambient-diffusion's code
+            del info, theirs
+            release_memory(opt.device)
+            info, theirs = bench_training(opt, lambda: ours_ambient(opt, data_path),
+                                          lambda info, batch: theirs_ambient(opt, info, batch),
+                                          'ambient train vs ambient-diffusion', None, peak, rows)
+        else:
+            theirs = None
         seeds = list(range(sample_num))
         ours = time_once(lambda: info['sample'](seeds), sample_num, opt.device)
+        theirs_sample = theirs if isinstance(theirs, str) else None
+        if isinstance(theirs, dict) and theirs.get('sample'):
+            theirs_sample = attempt('official ambient_sampler', lambda: time_once(
+                lambda: theirs['sample'](seeds, info['steps']), sample_num, opt.device))
         rows.append(row('ambient sample', f'ambient Heun {2 * info["steps"] - 1} NFE {info["precision"]}',
-                        sample_num, ours, note='fixed-mask sampler; theirs: see ambient_laws sample'))
+                        sample_num, ours, theirs_sample, GOALS['sampling'], note='fixed-mask sampler, 1 mask'))
+        del info, theirs
         release_memory(opt.device)
 
     if 'ambient_laws' in opt.only:
@@ -947,7 +1076,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--quick', action='store_true', help='tiny configurations (automatic on CPU)')
     parser.add_argument('--only', default=','.join(BENCHMARKS), help='comma list of ' + ','.join(BENCHMARKS))
-    parser.add_argument('--official', default='', help='folder with edm, DDPM-IP or guided-diffusion, DiT, pytorch-fid')
+    parser.add_argument('--official', default='',
+                        help='folder with edm, DDPM-IP or guided-diffusion, DiT, pytorch-fid, ambient-diffusion')
     parser.add_argument('--json', default='', help='write the results here')
     parser.add_argument('--batch', action='append', default=[], metavar='NAME=N',
                         help='global training batch of one benchmark, e.g. --batch=dit=128 (repeatable)')

@@ -920,10 +920,11 @@ def train(cfg):
         done = cur_nimg >= total_nimg
         if not done and cur_tick != 0 and cur_nimg < tick_start_nimg + cfg.tick * 1000:
             continue
+        tick_stats = stats.read()  # the host sync first: the tick's time includes all of its GPU work
         tick_time = time.time() - tick_start_time
         sec_per_kimg = tick_time / (cur_nimg - tick_start_nimg) * 1e3
         entry = dict(kimg=cur_nimg / 1e3, tick=cur_tick, time=time.time() - start_time, sec_per_kimg=sec_per_kimg,
-                     lr=lr, img_per_sec=(cur_nimg - tick_start_nimg) / tick_time, **stats.read(),
+                     lr=lr, img_per_sec=(cur_nimg - tick_start_nimg) / tick_time, **tick_stats,
                      gpumem_gb=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else 0.0)
         log(f'kimg {entry["kimg"]:.1f} | time {format_time(entry["time"])} | sec/kimg {sec_per_kimg:.3g} | '
             f'ETA {format_time((total_nimg - cur_nimg) / 1e3 * sec_per_kimg)} | loss {entry["loss"]:.4g} | '

@@ -6,10 +6,14 @@ after torch.cuda.synchronize()), the peak GPU memory of the timed steps, the mod
 sampling speed (EDM Heun 35 NFE at 32x32, ADM respaced to 100 steps, DPM-Solver++ 50 steps for DiT) and the
 Inception feature extraction speed of fid.py. It prints one table and writes JSON.
 
-Our training step is each script's own step: its config from its own flag parser and preset, its data pipeline,
-loss, network builder, optimizer, precision and compile settings, called line for line as its training loop calls
-them (each builder below names the loop it mirrors). The data are random uint8 images of the right size, held as the
-script holds them. With --official=DIR, where DIR holds plain source trees of the official code (DIR/edm,
+Our training is the scripts themselves: ambient.py, ambient_laws.py and ddpm_ip.py train in a child process with
+their own command line (preset, data pipeline, loss, precision, compile settings) for 2S + 1 steps with a progress
+tick every S steps, and the row takes the img/s and peak memory their last full tick reports (the ticks before it are
+the warm-up: compilation, cuDNN autotuning). Their sampling rows load the snapshot that run wrote with the scripts'
+own loaders and sampling functions. DiT-XL/2 is the exception: ldm_labelnoise.py trains it on VAE latents, and the
+SD VAE weights are a download an offline GPU machine lacks, so its step is rebuilt here from the script's functions
+on random latents, called as its training loop calls them. The data are random uint8 images of the right size.
+With --official=DIR, where DIR holds plain source trees of the official code (DIR/edm,
 DIR/DDPM-IP or DIR/guided-diffusion, DIR/DiT, DIR/pytorch-fid, and DIR/ambient-diffusion for a like-for-like ambient
 row), the same step of the official trainer runs on the same GPU, with the same network configuration and batch.
 Whatever cannot run is reported as n/a with the reason; packages the official trees import but the timed code never
@@ -32,6 +36,7 @@ import datetime
 import gc
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -162,8 +167,9 @@ def peak_tflops(opt):
     return next((value for key, value in PEAK_TFLOPS.items() if key in name), None)
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Our training steps. Each builder returns (step, batch, info): step() runs one optimizer step exactly as the named
-# training loop does (the per-tick maintenance, which runs once per tick and holds the one host sync, is left out).
+# Our training: the scripts themselves. ambient.py, ambient_laws.py and ddpm_ip.py train in a child process with their
+# own command line, exactly as a user runs them, and the numbers are the ones their progress ticks report. Their
+# sampling rows load the snapshot that run wrote, with the scripts' own loaders and sampling functions.
 
 
 def performance_flags(tf32):
@@ -172,243 +178,127 @@ def performance_flags(tf32):
     torch.backends.cudnn.benchmark = True
 
 
-def ours_ambient(opt, data_path):
-    """ambient.train(): masks A / A_tilde fixed per image, EDM augmentation on the GPU, ambient_loss, Adam with
-    nan cleanup and clipping, EMA. The cifar10 preset: DDPM++ with 6 gated input channels, batch 512."""
-    argv = ['--preset=tiny', '--batch=8', '--steps=3'] if opt.quick else ['--preset=cifar10']
-    argv += [f'--data={data_path}'] + ([f'--batch={opt.batch["ambient"]}'] if 'ambient' in opt.batch else [])
+def default_flags():
+    """torch's defaults, which the scripts' generate commands keep: the official samplers' conditions too."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = False
+
+
+def train_precision(opt, given):
+    """What the scripts train in when --precision is not given: bf16 autocast on CUDA, fp32 on the CPU."""
+    return given or ('bf16' if opt.device.type == 'cuda' else 'fp32')
+
+
+def train_script(opt, script, argv, batch, folder):
+    """Runs `python SCRIPT.py train ARGV` in a child process for 2S + 1 steps with a progress tick every S steps
+    (S = --steps), and returns the img/s and peak GPU memory of its last full tick, and its final snapshot. A tick's
+    clock runs from the end of the previous tick's maintenance to the host sync of its own, so compilation, cuDNN
+    autotuning (the ticks before) and checkpoint writing are outside it, and the data pipeline is inside."""
+    steps, outdir = opt.steps, tempfile.mkdtemp(prefix=f'{script}-', dir=folder)
+    # Half a batch under the tick and run lengths, so float rounding of kimg cannot move a tick by one step.
+    tick, kimg = (steps * batch - batch / 2) / 1000, ((2 * steps + 1) * batch - batch / 2) / 1000
+    command = [sys.executable, os.path.join(ROOT, f'{script}.py'), 'train', *argv, f'--batch={batch}',
+               f'--kimg={kimg}', f'--tick={tick}', '--snap=1000000', f'--outdir={outdir}']
+    env = dict(os.environ, PYTHONUNBUFFERED='1', **({'CUDA_VISIBLE_DEVICES': ''} if opt.device.type == 'cpu' else {}))
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        lines = (result.stderr or result.stdout).strip().splitlines() or ['no output']
+        raise RuntimeError(f'{script}.py train exited with {result.returncode}: {lines[-1]}')
+    [run_dir] = [os.path.join(outdir, d) for d in os.listdir(outdir)]
+    with open(os.path.join(run_dir, 'stats.jsonl')) as file:
+        records = [json.loads(line) for line in file]
+    nimg = [0] + [round(r['kimg'] * 1000) for r in records]
+    full = [r for r, a, b in zip(records, nimg, nimg[1:]) if b - a == steps * batch]
+    if len(full) < 2:
+        raise RuntimeError(f'{script}.py: expected two ticks of {steps} steps, got ticks at nimg {nimg[1:]}')
+    snapshots = sorted(f for f in os.listdir(run_dir) if f.startswith('network-snapshot-'))
+    timing = dict(img_per_sec=1000 / full[-1]['sec_per_kimg'],
+                  mem_gb=full[-1]['gpumem_gb'] if opt.device.type == 'cuda' else None)
+    return timing, os.path.join(run_dir, snapshots[-1])
+
+
+def ours_ambient(opt, data_path, folder):
+    """ambient.py train --preset=cifar10 (tiny when quick): masks A / A_tilde fixed per image, DDPM++ with 6 gated
+    input channels, batch 512. Sampling: the generate command's path (ambient sampler, 1 mask, bf16 on CUDA)."""
+    argv = ['--preset=tiny', '--steps=3'] if opt.quick else ['--preset=cifar10']
+    argv += [f'--data={data_path}', '--grid=4', '--dump=1000000'] + (['--compile=true'] if opt.compile else [])
+    argv += [f'--batch_gpu={opt.batch_gpu}'] if opt.batch_gpu else []
     cfg, _ = ambient.parse_train_args(argv)
-    cfg = dataclasses.replace(cfg, compile=cfg.compile or opt.compile, batch_gpu=opt.batch_gpu or cfg.batch_gpu)
-    device, cuda = opt.device, opt.device.type == 'cuda'
-    batch_gpu = cfg.batch_gpu or cfg.batch
-    rounds = cfg.batch // batch_gpu
-    precision = cfg.precision or ('bf16' if cuda else 'fp32')
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
-    performance_flags(precision == 'bf16')
-    memory_format = torch.channels_last if cuda else torch.contiguous_format
-
-    data = ambient.Data(cfg, device)
-    net_config = ambient.network_config(cfg, data.resolution, data.channels, data.label_dim)
-    torch.manual_seed(cfg.seed)
-    net = ambient.build_network(net_config).to(device, memory_format=memory_format).train()
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    optimizer = (torch.optim.AdamW if cfg.weight_decay > 0 else torch.optim.Adam)(
-        net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay, fused=cuda)
-    forward = torch.compile(net) if cfg.compile else net
-    stats = ambient.TickStats(cfg, device)
-    progress = dict(cur_nimg=0)
-
-    def step():
-        cur_nimg = progress['cur_nimg']
-        draws = ambient.draw_step(cfg, data, cur_nimg, device)
-        optimizer.zero_grad(set_to_none=True)
-        for round_idx in range(rounds):
-            rows = torch.arange(batch_gpu) + round_idx * batch_gpu
-            y, A, A_tilde, labels, augment_labels = ambient.microbatch(cfg, data, draws, rows, device)
-            rows = rows.to(device)
-            sigma = (draws['normal'][rows] * cfg.P_std + cfg.P_mean).exp()
-            with autocast:
-                loss = ambient.ambient_loss(forward, y, A, A_tilde, sigma, draws['eps'][rows], labels, augment_labels,
-                                            cfg.norm, cfg.sigma_data)
-                loss.sum().mul(1 / cfg.batch).backward()
-            stats.add(loss.detach(), A, A_tilde, draws['normal'][rows])
-        lr = cfg.lr * min(cur_nimg / max(cfg.lr_rampup_kimg * 1000, 1e-8), 1)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-        for param in net.parameters():
-            if param.grad is not None:
-                torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        ema_beta = 0.5 ** (cfg.batch / max(min(cfg.ema * 1e6, cur_nimg * cfg.ema_rampup_ratio), 1e-8))
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - ema_beta)
-        progress['cur_nimg'] += cfg.batch
+    batch = opt.batch.get('ambient', 8 if opt.quick else cfg.batch)
+    timing, snapshot = train_script(opt, 'ambient', argv, batch, folder)
+    device = opt.device
+    net, net_config = ambient.load_network(snapshot, device)
+    precision = 'bf16' if device.type == 'cuda' else 'fp32'  # generate's default
 
     def sample(seeds):
-        return ambient.generate_images(ema, net_config, seeds, device, steps=cfg.steps, precision=precision)
+        default_flags()
+        return ambient.generate_images(net, net_config, seeds, device, steps=cfg.steps, precision=precision)
 
     unet = net_config['unet']
-    info = dict(config=f'{cfg.arch} {unet["in_channels"]}ch gated={cfg.gated} {precision}'
+    info = dict(config=f'{cfg.arch} {unet["in_channels"]}ch gated={cfg.gated} {train_precision(opt, cfg.precision)}'
                        + (' compile' if cfg.compile else ''), unet=unet, precision=precision, sample=sample,
-                steps=cfg.steps, cfg=cfg)
-    return step, cfg.batch, info
+                steps=cfg.steps, cfg=dataclasses.replace(cfg, batch=batch))
+    return timing, batch, info
 
 
-def ours_ambient_laws(opt, data_path, consistency):
-    """ambient_laws.train(): observed images with their fixed noise, EDM augmentation, ambient score matching and,
-    with consistency, the reverse-SDE consistency term on 32 rows (6 grid points, 6 runs each: official defaults)."""
-    argv = ['--preset=tiny', '--batch=8', '--steps=3', '--cbase=16'] if opt.quick else ['--preset=cifar10']
-    argv += [f'--data={data_path}', '--sigma=0.2', '--corruption_probability=0.9']
+def ours_ambient_laws(opt, data_path, folder, consistency):
+    """ambient_laws.py train --preset=cifar10 (tiny when quick): observed images with their fixed noise, EDM
+    augmentation, ambient score matching and, with consistency, the reverse-SDE consistency term on 32 rows (6 grid
+    points, 6 runs each: official defaults). Sampling: the generate command's path (EDM Heun, fp32 network)."""
+    argv = ['--preset=tiny', '--steps=3', '--cbase=16'] if opt.quick else ['--preset=cifar10']
+    argv += [f'--data={data_path}', '--grid=4'] + (['--compile=true'] if opt.compile else [])
     argv += ['--consistency_coeff=1'] if consistency else []
     argv += ['--consistency_batch_size=2', '--num_primes=1', '--num_consistency_steps=2'] if consistency and \
         opt.quick else []
-    argv += [f'--batch={opt.batch["ambient_laws"]}'] if 'ambient_laws' in opt.batch else []
-    _, given = ambient_laws.parse_args(argv)
-    cfg = ambient_laws.resolve_config(given)
-    cfg = dataclasses.replace(cfg, compile=cfg.compile or opt.compile, batch_gpu=opt.batch_gpu or cfg.batch_gpu)
-    device, cuda = opt.device, opt.device.type == 'cuda'
-    batch_gpu = cfg.batch_gpu or cfg.batch
-    rounds = cfg.batch // batch_gpu
-    performance_flags(True)  # ambient_laws turns TF32 on in every precision
-    precision = cfg.precision or ('bf16' if cuda else 'fp32')
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=precision == 'bf16')
-
-    images, labels, sigma_n, raw_index, label_dim = ambient_laws.prepare_data(cfg, lambda *args: None)
-    C, H, W = images.shape[1:]
-    images, labels, sigma_n, raw_index = (t.to(device) for t in (images, labels, sigma_n, raw_index))
-    torch.manual_seed(ambient_laws.derive_seed(cfg.seed, 0))
-    net, net_kwargs = ambient_laws.build_network(cfg, H, C, label_dim)
-    net.train().requires_grad_(True).to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
-    ema = ambient_laws.EDMPrecond(nets.UNet(**net_kwargs), cfg.sigma_data).to(device).eval().requires_grad_(False)
-    ema.load_state_dict(net.state_dict())
-    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
-                                 weight_decay=cfg.weight_decay, fused=cuda)
-    model = torch.compile(net) if cfg.compile else net
-    my_rows = torch.arange(cfg.batch).view(rounds, batch_gpu)
-    rows_device = my_rows.to(device)
-    num_cons = min(cfg.consistency_batch_size, cfg.batch) if cfg.consistency_coeff > 0 else 0
-    stats = torch.zeros(len(ambient_laws.STATS), device=device)
-    bins = torch.tensor(ambient_laws.SIGMA_BINS, device=device)
-    progress = dict(cur_nimg=0)
-
-    def step():
-        cur_nimg = progress['cur_nimg']
-        step_index = cur_nimg // cfg.batch
-        rnd_normal, eps, aug_u, aug_g, z = ambient_laws.step_randomness(cfg, step_index, (C, H, W), num_cons, device)
-        torch.manual_seed(ambient_laws.derive_seed(cfg.seed, 3, step_index, 0))
-        index = ambient_laws.batch_indices(cur_nimg, cfg.batch, len(images), cfg.seed)
-        index = (index.pin_memory() if cuda else index).to(device, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)
-        for round_idx, rows in enumerate(rows_device):
-            i = index[rows]
-            y_sigma_n, y_labels = sigma_n[i], (labels[i] if cfg.cond else None)
-            y = ambient_laws.observe(images[i], y_sigma_n, raw_index[i], cfg.corruption_seed, not cfg.already_noisy)
-            y, aug_labels = ambient_laws.augment(y, cfg.augment, aug_u[rows], aug_g[rows]) if cfg.augment > 0 \
-                else (y, None)
-            with autocast:
-                loss, x_t, sigma, x0_pred = ambient_laws.ambient_loss(
-                    lambda *args: model(*args, augment_labels=aug_labels), y, y_sigma_n, rnd_normal[rows],
-                    eps[rows], y_labels, cfg.P_mean, cfg.P_std, cfg.sigma_data)
-                total = loss.sum()
-                m = int((my_rows[round_idx] < num_cons).sum())
-                if m:
-                    sigma_raw = (rnd_normal[rows[:m]] * cfg.P_std + cfg.P_mean).exp().view(-1, 1, 1, 1)
-                    cons = ambient_laws.consistency_loss(
-                        model, x_t[:m], sigma[:m], sigma_raw.minimum(sigma[:m]), x0_pred[:m],
-                        z[:, rows[:m]].flatten(1, 2), None if y_labels is None else y_labels[:m], cfg.with_grad)
-                    total = total + cfg.consistency_coeff * cons.sum()
-                    stats[7:9] += torch.stack([cons.detach().mean(dim=(1, 2, 3)).sum(), cons.new_full([], m)])
-                total.mul(1 / cfg.batch).backward()
-            with torch.no_grad():
-                per_sample = loss.detach().mean(dim=(1, 2, 3))
-                noisy = (y_sigma_n > 0).float()
-                used = noisy * (sigma.view(-1) > y_sigma_n).float()
-                stats[:7] += torch.stack([per_sample.sum(), noisy.new_full([], len(rows)),
-                                          (per_sample * (1 - noisy)).sum(), (1 - noisy).sum(),
-                                          (per_sample * noisy).sum(), noisy.sum(), used.sum()])
-                sigma_bin = torch.bucketize(sigma.view(-1), bins)
-                stats[9:13].index_add_(0, sigma_bin, per_sample)
-                stats[13:17].index_add_(0, sigma_bin, torch.ones_like(per_sample))
-        lr = cfg.lr * min(cur_nimg / max(cfg.lr_rampup_kimg * 1000, 1e-8), 1)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-        for param in net.parameters():
-            if param.grad is not None:
-                torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
-        optimizer.step()
-        ema_halflife_nimg = min(cfg.ema_halflife_kimg * 1000, cur_nimg * cfg.ema_rampup_ratio)
-        ema_beta = 0.5 ** (cfg.batch / max(ema_halflife_nimg, 1e-8))
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - ema_beta)
-        progress['cur_nimg'] += cfg.batch
-
-    def sample(seeds):
-        # generate / eval default: fp32 networks, as the official samplers.
-        return ambient_laws.sample_images(ema, seeds, device, cfg, contextlib.nullcontext())
-
-    info = dict(config=f'{cfg.arch} {precision}' + (' compile' if cfg.compile else '')
-                + (f' +consistency({num_cons} rows x {cfg.num_primes} x {cfg.num_consistency_steps - 1})'
-                   if num_cons else ''), unet=net_kwargs, precision=precision, sample=sample, steps=cfg.steps)
-    return step, cfg.batch, info
-
-
-def ours_ddpm_ip(opt, x_data, y_data):
-    """ddpm_ip.training_loop(): ADM with learned sigma, input perturbation, loss-second-moment timestep sampler,
-    AdamW, EMA. The cifar10 preset (the DDPM-IP README command): batch 128, gamma 0.15; compiled on CUDA."""
-    argv = ['--preset=tiny', '--batch=8'] if opt.quick else ['--preset=cifar10']
-    argv += ['--data=benchmark'] + ([f'--batch={opt.batch["ddpm_ip"]}'] if 'ddpm_ip' in opt.batch else [])
     argv += [f'--batch_gpu={opt.batch_gpu}'] if opt.batch_gpu else []
-    argv += ['--compile=True'] if opt.compile else []
-    _, c = ddpm_ip.parse_args(argv)
-    c = ddpm_ip.check_config(c, 'train', 1)
-    device, cuda = opt.device, opt.device.type == 'cuda'
-    c.precision = c.precision or ('bf16' if cuda else 'fp32')
-    c.compile = cuda if c.compile is None else c.compile
-    performance_flags(True)
-    memory_format = torch.channels_last if cuda else torch.contiguous_format
-
-    data = torch.from_numpy(x_data).to(device)
-    num_images, resolution, channels = data.shape[0], data.shape[1], data.shape[3]
-    net_kwargs = ddpm_ip.net_config(c, resolution, channels, 0)
-    torch.manual_seed(c.seed)
-    model = nets.UNet(**net_kwargs).to(device).train().to(memory_format=memory_format)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay, fused=cuda)
-    diffusion = ddpm_ip.make_diffusion(c.noise_schedule, c.diffusion_steps, device=device)
-    sampler = ddpm_ip.TimestepSampler(diffusion.num_timesteps, c.schedule_sampler, device)
-    vb_weight = diffusion.num_timesteps / 1000 if c.rescale_learned_sigmas else 1.0
-    net = torch.compile(model) if c.compile else model
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=c.precision == 'bf16')
-    stats = torch.zeros(3 + 3 * 4, dtype=torch.float64, device=device)
-    rounds = c.batch // c.batch_gpu
-    progress = dict(cur_nimg=0)
-
-    def step():
-        step_index = progress['cur_nimg'] // c.batch
-        gen = torch.Generator(device).manual_seed(c.seed * (1 << 32) + step_index)
-        t_all, w_all = sampler.sample(c.batch, gen)
-        eps_all = torch.randn(c.batch, channels, resolution, resolution, generator=gen, device=device)
-        xi_all = torch.randn(c.batch, channels, resolution, resolution, generator=gen, device=device)
-        flip_all = torch.rand(c.batch, generator=gen, device=device) < 0.5
-        index_all = ddpm_ip.batch_indices(step_index, c.batch, num_images, c.seed, data.device)
-        losses = []
-        for r in range(rounds):
-            mb = slice(r * c.batch_gpu, (r + 1) * c.batch_gpu)
-            x0 = data[index_all[mb]].to(device, non_blocking=True).permute(0, 3, 1, 2)
-            if c.random_flip:
-                x0 = torch.where(flip_all[mb, None, None, None], x0.flip(3), x0)
-            x0 = (x0.float() / 127.5 - 1).contiguous(memory_format=memory_format)
-            t, w = t_all[mb], w_all[mb]
-            with autocast:
-                mse, vb = ddpm_ip.ip_losses(net, diffusion, x0, t, eps_all[mb], xi_all[mb], c.input_perturbation)
-                loss = mse + vb_weight * vb
-                (loss * w).sum().div(c.batch).backward()
-            losses.append(loss.detach())
-            quartile = t * 4 // diffusion.num_timesteps
-            stats[0] += (loss * w).detach().sum() / c.batch
-            for k, value in enumerate((mse.detach(), vb.detach(), torch.ones_like(mse))):
-                stats[3 + 4 * k:7 + 4 * k].index_add_(0, quartile, value.double())
-        sampler.update(t_all, torch.cat(losses))
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        stats[1] += torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).double()
-        stats[2] += 1
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - c.ema_rate)
-        progress['cur_nimg'] += c.batch
-
-    sample_steps = '4' if opt.quick else '100'
-    sample_diffusion = ddpm_ip.make_diffusion(c.noise_schedule, c.diffusion_steps, sample_steps, device)
+    cfg = ambient_laws.resolve_config(ambient_laws.parse_args(argv)[1])
+    batch = opt.batch.get('ambient_laws', 8 if opt.quick else cfg.batch)
+    timing, snapshot = train_script(opt, 'ambient_laws', argv, batch, folder)
+    _, _, device, net, sample_cfg, autocast = ambient_laws.sampling_setup(
+        dict(network=snapshot, device=str(opt.device)), default_batch=64)
 
     def sample(seeds):
-        return ddpm_ip.generate_images(ddpm_ip.make_denoiser(ema, c.precision), sample_diffusion, seeds,
-                                       (channels, resolution, resolution), 0, device, c)
+        default_flags()
+        return ambient_laws.sample_images(net, seeds, device, sample_cfg, autocast)
 
-    info = dict(config=f'{c.arch} {c.precision}' + (' compile' if c.compile else ''), unet=net_kwargs,
-                precision=c.precision, sample=sample, steps=int(sample_steps), gamma=c.input_perturbation)
-    return step, c.batch, info
+    num_cons = min(cfg.consistency_batch_size, batch) if cfg.consistency_coeff > 0 else 0
+    unet = torch.load(snapshot, map_location='cpu', weights_only=True)['net_kwargs']
+    info = dict(config=f'{cfg.arch} {train_precision(opt, cfg.precision)}' + (' compile' if cfg.compile else '')
+                + (f' +consistency({num_cons} rows x {cfg.num_primes} x {cfg.num_consistency_steps - 1})'
+                   if num_cons else ''), unet=unet, precision='fp32', sample=sample, steps=sample_cfg.steps)
+    return timing, batch, info
+
+
+def ours_ddpm_ip(opt, data_path, folder):
+    """ddpm_ip.py train --preset=cifar10 (tiny when quick): ADM with learned sigma, input perturbation,
+    loss-second-moment timestep sampler, AdamW, EMA, batch 128, gamma 0.15, compiled on CUDA. Sampling: the generate
+    command's path, ancestral sampling respaced to 100 steps (4 when quick), bf16 on CUDA."""
+    argv = ['--preset=tiny'] if opt.quick else ['--preset=cifar10']
+    argv += [f'--data={data_path}', '--grid=4'] + (['--compile=True'] if opt.compile else [])
+    argv += [f'--batch_gpu={opt.batch_gpu}'] if opt.batch_gpu else []
+    _, c = ddpm_ip.parse_args(['train'] + argv)
+    batch = opt.batch.get('ddpm_ip', 8 if opt.quick else c.batch)
+    timing, snapshot = train_script(opt, 'ddpm_ip', argv, batch, folder)
+    sample_steps = '4' if opt.quick else '100'
+    _, g = ddpm_ip.parse_args(['generate', f'--network={snapshot}', f'--timestep_respacing={sample_steps}'])
+    g = ddpm_ip.check_config(g, 'generate', 1)
+    device = opt.device
+    g.precision = g.precision or ('bf16' if device.type == 'cuda' else 'fp32')
+    net, diffusion = ddpm_ip.load_network(snapshot, g, device)
+    denoiser = ddpm_ip.make_denoiser(net, g.precision)
+    shape = (net.in_channels, net.img_resolution, net.img_resolution)
+
+    def sample(seeds):
+        default_flags()
+        return ddpm_ip.generate_images(denoiser, diffusion, seeds, shape, net.label_dim, device, g)
+
+    net_kwargs = torch.load(snapshot, map_location='cpu', weights_only=True)['net_kwargs']
+    compiled = c.compile if c.compile is not None else device.type == 'cuda'
+    info = dict(config=f'{c.arch} {train_precision(opt, c.precision)}' + (' compile' if compiled else ''),
+                unet=net_kwargs,
+                precision=g.precision, sample=sample, steps=int(sample_steps), gamma=c.input_perturbation)
+    return timing, batch, info
 
 
 def ours_dit(opt):
@@ -529,8 +419,9 @@ def official_tree(opt, *names):
             sys.path[:] = [p for p in sys.path if not inside(p, opt.official) or p == path]
             for module_name, module in list(sys.modules.items()):
                 file = getattr(module, '__file__', None) or ''
-                if inside(file, opt.official) and not inside(file, path):
+                if inside(file, opt.official) and not inside(file, path) or module_name in STUBS:
                     del sys.modules[module_name]
+            STUBS.clear()
             if path not in sys.path:
                 sys.path.insert(0, path)
             return path
@@ -725,10 +616,14 @@ def theirs_ambient(opt, info, batch):
     return step, dict(config=f'ambient-diffusion SongUNet gated fp32 (TF32 off){compiled_note} DDP', sample=sample)
 
 
+STUBS = set()  # names of the stand-in modules, dropped again when another official tree is put on the path
+
+
 def stub_module(name, **attributes):
     module = types.ModuleType(name)
     module.__dict__.update(attributes)
     sys.modules.setdefault(name, module)
+    STUBS.add(name)
 
 
 def stub_missing(*names):
@@ -924,9 +819,9 @@ def attempt(what, function, *args):
 
 def bench_training(opt, ours_builder, theirs_builder, name, goal, peak, rows):
     """Times our step, then theirs (same batch, same network size); returns our info for the sampling rows."""
-    step, batch, info = ours_builder()
-    ours = time_training(step, batch, opt)
-    del step
+    ours, batch, info = ours_builder()
+    if callable(ours):  # a step function to time here (DiT); the other scripts ran and timed themselves
+        ours = time_training(ours, batch, opt)
     release_memory(opt.device)
     theirs = None
     if opt.official and theirs_builder:
@@ -946,18 +841,18 @@ def run_benchmarks(opt, folder):
     quick = opt.quick
     sample_num = opt.sample_batch
 
-    if {'ambient', 'ambient_laws'} & set(opt.only):
+    if {'ambient', 'ambient_laws', 'ddpm_ip'} & set(opt.only):
         data_path = dataset_file(folder, 64 if quick else 4096)
 
     if 'ambient' in opt.only:
         info, theirs = bench_training(
-            opt, lambda: ours_ambient(opt, data_path),
+            opt, lambda: ours_ambient(opt, data_path, folder),
             lambda info, batch: theirs_edm(opt, info['unet'], info['unet']['label_dim'], batch),
             'ambient train', GOALS['ddpmpp'], peak, rows)
         if opt.official:  # like for like: the same gated network, loss and sampler in ambient-diffusion's code
             del info, theirs
             release_memory(opt.device)
-            info, theirs = bench_training(opt, lambda: ours_ambient(opt, data_path),
+            info, theirs = bench_training(opt, lambda: ours_ambient(opt, data_path, folder),
                                           lambda info, batch: theirs_ambient(opt, info, batch),
                                           'ambient train vs ambient-diffusion', None, peak, rows)
         else:
@@ -975,7 +870,7 @@ def run_benchmarks(opt, folder):
 
     if 'ambient_laws' in opt.only:
         info, theirs = bench_training(
-            opt, lambda: ours_ambient_laws(opt, data_path, consistency=False),
+            opt, lambda: ours_ambient_laws(opt, data_path, folder, consistency=False),
             lambda info, batch: theirs_edm(opt, info['unet'], info['unet']['label_dim'], batch),
             'ambient_laws train', GOALS['ddpmpp'], peak, rows)
         seeds = list(range(sample_num))
@@ -990,15 +885,14 @@ def run_benchmarks(opt, folder):
                         sample_num, ours, theirs_sample, GOALS['sampling']))
         del info, theirs
         release_memory(opt.device)
-        bench_training(opt, lambda: ours_ambient_laws(opt, data_path, consistency=True), None,
+        bench_training(opt, lambda: ours_ambient_laws(opt, data_path, folder, consistency=True), None,
                        'ambient_laws train +consistency', None, peak, rows)
         release_memory(opt.device)
 
     if 'ddpm_ip' in opt.only:
-        x_data, y_data = random_images(64 if quick else 8192, 3, 32)
         fp16 = opt.device.type == 'cuda'
         info, theirs = bench_training(
-            opt, lambda: ours_ddpm_ip(opt, x_data, y_data),
+            opt, lambda: ours_ddpm_ip(opt, data_path, folder),
             lambda info, batch: theirs_guided(opt, info['unet'], info['gamma'], batch, fp16),
             'ddpm_ip train', GOALS['adm'], peak, rows)
         seeds = list(range(sample_num))
@@ -1083,8 +977,10 @@ def parse_args(argv):
                         help='global training batch of one benchmark, e.g. --batch=dit=128 (repeatable)')
     parser.add_argument('--batch_gpu', type=int, default=0, help='microbatch for ours and theirs, 0 = whole batch')
     parser.add_argument('--compile', action='store_true', help='torch.compile our networks')
-    parser.add_argument('--warmup', type=int, default=None, help='untimed training steps (default 5, quick 2)')
-    parser.add_argument('--steps', type=int, default=None, help='timed training steps (default 20, quick 3)')
+    parser.add_argument('--warmup', type=int, default=None,
+                        help='untimed steps before the DiT and official steps (default 5, quick 2)')
+    parser.add_argument('--steps', type=int, default=None,
+                        help='timed training steps S (default 20, quick 3); our scripts warm up for one tick of S')
     parser.add_argument('--sample_batch', type=int, default=None, help='images per sampling run (64, quick 4)')
     parser.add_argument('--fid_num', type=int, default=None, help='images for fid (10000, quick 4)')
     parser.add_argument('--fid_batch', type=int, default=None, help='Inception batch (500, quick 2)')
@@ -1116,7 +1012,8 @@ def main(argv=None):
     args, opt = parse_args(sys.argv[1:] if argv is None else argv)
     gpu = torch.cuda.get_device_name(opt.device) if opt.device.type == 'cuda' else 'cpu'
     header = f'{gpu} | torch {torch.__version__} | {datetime.datetime.now().isoformat(timespec="seconds")} | ' \
-             f'{"quick" if opt.quick else "full"} | warm-up {opt.warmup} + {opt.steps} timed steps' \
+             f'{"quick" if opt.quick else "full"} | {opt.steps} timed steps after {opt.warmup} (DiT, theirs) ' \
+             f'or {opt.steps} (our scripts)' \
              f' | peak {peak_tflops(opt) or "-"} TFLOP/s'
     print(f'running {", ".join(opt.only)} on {gpu}' + (f' against {opt.official}' if opt.official else ''), flush=True)
     with tempfile.TemporaryDirectory(prefix='bench-') as folder:

@@ -875,6 +875,7 @@ def train(cfg):
     my_rows = torch.arange(cfg.batch)[rank::world].view(rounds, batch_gpu)
     rows_device, rows_data = my_rows.to(device), my_rows.to(data_device)
     num_cons = min(cfg.consistency_batch_size, cfg.batch) if cfg.consistency_coeff > 0 else 0
+    cons_per_round = (my_rows < num_cons).sum(1).tolist()  # consistency rows in each round, known before training
     stats = torch.zeros(len(STATS), device=device)
     bins = torch.tensor(SIGMA_BINS, device=device)
     total_nimg = int(cfg.kimg * 1000)
@@ -903,7 +904,7 @@ def train(cfg):
                 # Consistency on the first consistency_batch_size rows of the global batch (official: of each
                 # per-GPU batch), from sigma to sigma' = min(raw draw, sigma), the official target. Like the official
                 # code, these network calls get no augmentation labels.
-                m = int((my_rows[round_idx] < num_cons).sum())
+                m = cons_per_round[round_idx]
                 if m:
                     sigma_raw = (rnd_normal[rows[:m]] * cfg.P_std + cfg.P_mean).exp().view(-1, 1, 1, 1)
                     cons = consistency_loss(model, x_t[:m], sigma[:m], sigma_raw.minimum(sigma[:m]), x0_pred[:m],

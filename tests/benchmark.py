@@ -1,18 +1,17 @@
 """Speed benchmark of the four paper scripts and fid.py, side by side with the official implementations.
 
 Not a test (pytest does not collect it; tests/test_benchmark.py runs its CPU quick mode). For each script's standard
-configuration it measures the training throughput (img/s in steady state: warm-up steps excluded, the clock read
-after torch.cuda.synchronize()), the peak GPU memory of the timed steps, the model FLOPs utilisation of DiT, the
-sampling speed (EDM Heun 35 NFE at 32x32, ADM respaced to 100 steps, DPM-Solver++ 50 steps for DiT) and the
-Inception feature extraction speed of fid.py. It prints one table and writes JSON.
+configuration it measures the training throughput (img/s in steady state, warm-up excluded), the peak GPU memory of
+the timed steps, the model FLOPs utilisation of DiT, the sampling speed (EDM Heun 35 NFE at 32x32, ADM respaced to
+100 steps, DPM-Solver++ 50 steps for DiT) and the Inception feature extraction speed of fid.py. It prints one table
+and writes JSON.
 
-Our training is the scripts themselves: ambient.py, ambient_laws.py and ddpm_ip.py train in a child process with
-their own command line (preset, data pipeline, loss, precision, compile settings) for 2S + 1 steps with a progress
-tick every S steps, and the row takes the img/s and peak memory their last full tick reports (the ticks before it are
-the warm-up: compilation, cuDNN autotuning). Their sampling rows load the snapshot that run wrote with the scripts'
-own loaders and sampling functions. DiT-XL/2 is the exception: ldm_labelnoise.py trains it on VAE latents, and the
-SD VAE weights are a download an offline GPU machine lacks, so its step is rebuilt here from the script's functions
-on random latents, called as its training loop calls them. The data are random uint8 images of the right size.
+Our training is the scripts themselves: each trains in a child process with its own command line (preset, data
+pipeline, loss, precision, compile settings) for 2S + 1 steps with a progress tick every S steps, and the row takes
+the img/s and peak memory of the last full tick it reports (the ticks before it are the warm-up: compilation, cuDNN
+autotuning; a tick's clock stops after its host sync). The sampling rows load the snapshot that run wrote with the
+scripts' own loaders and sampling functions. The data are random uint8 images of the right size; DiT trains on the
+latents of a randomly initialised SD VAE (the real weights are a download, and the VAE's speed is not measured).
 With --official=DIR, where DIR holds plain source trees of the official code (DIR/edm,
 DIR/DDPM-IP or DIR/guided-diffusion, DIR/DiT, DIR/pytorch-fid, and DIR/ambient-diffusion for a like-for-like ambient
 row), the same step of the official trainer runs on the same GPU, with the same network configuration and batch.
@@ -172,12 +171,6 @@ def peak_tflops(opt):
 # sampling rows load the snapshot that run wrote, with the scripts' own loaders and sampling functions.
 
 
-def performance_flags(tf32):
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
-    torch.backends.cudnn.benchmark = True
-
-
 def default_flags():
     """torch's defaults, which the scripts' generate commands keep: the official samplers' conditions too."""
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -301,104 +294,48 @@ def ours_ddpm_ip(opt, data_path, folder):
     return timing, batch, info
 
 
-def ours_dit(opt):
-    """ldm_labelnoise.training_loop() for the in1k-dit preset (DiT-XL/2, batch 256) on 32x32x4 latents: the cached
-    posterior moments (as the script holds them after its VAE pass) are sampled each step, labels dropped for CFG,
-    L_simple + VB, AdamW, EMA. Quick mode: the script's DiT-tiny on 8x8x4 latents."""
-    argv = ['--preset=in1k-dit', '--data=benchmark']
-    argv += ['--arch=DiT-tiny', '--batch=8'] if opt.quick else []
-    argv += [f'--batch={opt.batch["dit"]}'] if 'dit' in opt.batch else []
-    argv += [f'--batch_gpu={opt.batch_gpu}'] if opt.batch_gpu else []
+def ours_dit(opt, folder):
+    """ldm_labelnoise.py train --preset=in1k-dit: DiT-XL/2 on the KL-f8 latents of 256x256 images with x-flips, batch
+    256, label dropout 0.1 (DiT-tiny on 16x16 images when quick). The SD VAE weights are a download that an offline
+    GPU machine lacks, and the VAE's speed is not measured here (the script encodes the data once, into its latent
+    cache, before training), so a randomly initialised VAE of the same architecture stands in. Sampling: the generate
+    path's DPM-Solver++(2M), 50 steps, CFG 1.75, without the VAE decode (the official sampler is timed without it)."""
+    resolution, vae_config, num_classes = (16, nets.AUTOENCODER_TINY, 10) if opt.quick else (256, {}, 1000)
+    argv = ['--preset=in1k-dit', f'--resolution={resolution}', f'--num_classes={num_classes}']
+    argv += ['--arch=DiT-tiny', '--ddim_steps=3'] if opt.quick else []
     argv += ['--compile=true'] if opt.compile else []
+    argv += [f'--batch_gpu={opt.batch_gpu}'] if opt.batch_gpu else []
     cfg = ldm_labelnoise.parse_config(ldm_labelnoise.TrainConfig, argv)
-    ldm_labelnoise.check_config(cfg, 1)
-    device, cuda = opt.device, opt.device.type == 'cuda'
-    cfg = dataclasses.replace(cfg, precision=cfg.precision or ('bf16' if cuda else 'fp32'))
-    performance_flags(True)
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.precision == 'bf16')
-    batch_gpu = cfg.batch_gpu or cfg.batch
-    rounds = cfg.batch // batch_gpu
+    batch = opt.batch.get('dit', 8 if opt.quick else cfg.batch)
+    images, _ = random_images(2 * batch, 3, resolution)
+    data_path, vae_path = os.path.join(folder, f'dit-{resolution}.npz'), os.path.join(folder, 'random-vae.bin')
+    np.savez(data_path, x=images, y=np.arange(len(images)) % num_classes)
+    torch.manual_seed(0)
+    torch.save(nets.AutoencoderKL(**vae_config).state_dict(), vae_path)
+    argv += [f'--data={data_path}', f'--vae={vae_path}', f'--cache_dir={folder}', '--grid=4']
+    timing, snapshot = train_script(opt, 'ldm_labelnoise', argv, batch, folder)
 
-    # The latent cache: (N, 2 views, 2C moments, h, w) float16, and class labels.
-    num_classes, latent = (10, 8) if opt.quick else (1000, 32)
-    n = 2 * cfg.batch
-    generator = torch.Generator().manual_seed(0)
-    moments = torch.randn(n, 2, 8, latent, latent, generator=generator).mul(0.5).half().numpy()
-    server = ldm_labelnoise.RowServer(moments, device)
-    conditions = torch.randint(num_classes, (n,), generator=generator).to(device)
-    is_corrupted = torch.zeros(n, dtype=torch.bool, device=device)
-    shape = (4, latent, latent)
-    spec = dict(arch=cfg.arch, cond='class', num_classes=num_classes, shape=shape, dropout=cfg.dropout,
-                text_layers=cfg.text_layers, embedding_dropout=cfg.embedding_dropout,
-                class_dropout_prob=cfg.class_dropout_prob, vae=None, scaling_factor=0.18215,
-                beta_schedule=cfg.beta_schedule, linear_start=cfg.linear_start, linear_end=cfg.linear_end)
-    torch.manual_seed(cfg.seed)
-    net = ldm_labelnoise.build_network(spec).to(device).train()
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cuda)
-    model = torch.compile(net) if cfg.compile else net
-    alphas_cumprod = ldm_labelnoise.make_alphas_cumprod(cfg.beta_schedule, cfg.linear_start,
-                                                        cfg.linear_end).to(device)
-    y_null = ldm_labelnoise.null_condition(spec, device)
-    shares = [torch.arange(r * batch_gpu, (r + 1) * batch_gpu) for r in range(rounds)]
-    shares_device = [share.to(device) for share in shares]
-    stats = torch.zeros(12, device=device)
-    order_cache, progress = {}, dict(cur_nimg=0)
-
-    def step():
-        cur_nimg = progress['cur_nimg']
-        index = ldm_labelnoise.data_order(cfg.seed, cur_nimg, cfg.batch, n, order_cache)
-        index_device = ldm_labelnoise.to_device(torch.from_numpy(index), device)
-        noise = ldm_labelnoise.draw_step_noise(cfg, cur_nimg, shape, net.cond_shape, True, device)
-        t, flip, drop, delta, xi = noise['t'], noise['flip'], noise['drop'], noise['delta'], noise['xi']
-        for share, mine in zip(shares, shares_device):
-            i = index_device[mine]
-            x0 = server.get(index[share.numpy()], i)
-            mean, logvar = x0[torch.arange(len(i), device=device), flip[mine].long()].float().chunk(2, dim=1)
-            x0 = (mean + (0.5 * logvar).exp() * noise['z'][mine]) * spec['scaling_factor']
-            y = ldm_labelnoise.drop_conditions(conditions[i].long(), y_null, drop[mine])
-            with autocast:
-                loss = ldm_labelnoise.diffusion_loss(model, x0, y, t[mine], noise['eps'][mine], alphas_cumprod,
-                                                     None if delta is None else delta[mine],
-                                                     None if xi is None else xi[mine], cfg.input_perturbation)
-            loss.sum().mul(1 / cfg.batch).backward()
-            with torch.no_grad():
-                bins = t[mine] * 4 // len(alphas_cumprod)
-                stats[0] += loss.sum()
-                stats[1] += len(loss)
-                stats[2:6].index_add_(0, bins, loss)
-                stats[6:10].index_add_(0, bins, torch.ones_like(loss))
-                stats[10] += (is_corrupted[i] & ~drop[mine]).sum()
-                stats[11] += drop[mine].sum()
-        for group in optimizer.param_groups:
-            group['lr'] = cfg.lr
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        progress['cur_nimg'] += cfg.batch
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - cfg.ema_decay)
-            for buffer_ema, buffer in zip(ema.buffers(), net.buffers()):
-                buffer_ema.copy_(buffer)
-
-    steps = 3 if opt.quick else cfg.ddim_steps
+    device = opt.device
+    sample_cfg = ldm_labelnoise.parse_config(ldm_labelnoise.GenerateConfig, [
+        f'--network={snapshot}', f'--ddim_steps={cfg.ddim_steps}', f'--scale={cfg.scale}'])
+    sample_cfg = dataclasses.replace(sample_cfg, precision=train_precision(opt, sample_cfg.precision))
+    net, spec, _ = ldm_labelnoise.load_snapshot(snapshot, device, sample_cfg.scale)
+    shape, backbone = tuple(spec['shape']), net.backbone
 
     def sample(seeds):
-        # The script's sampling path without the VAE decode (theirs skips it too): DPM-Solver++(2M) with CFG.
-        noise, _ = ldm_labelnoise.seeded_noise(seeds, shape, device)
-        y = torch.tensor(seeds, device=device) % num_classes
-        return ldm_labelnoise.sample_images(ema, spec, None, noise, y, dataclasses.replace(cfg, ddim_steps=steps))
+        default_flags()
+        noise, randn_like = ldm_labelnoise.seeded_noise(seeds, shape, device)
+        y = ldm_labelnoise.conditions_for_seeds(spec, seeds, sample_cfg, None).to(device)
+        return ldm_labelnoise.sample_images(net, spec, None, noise, y, sample_cfg, randn_like)
 
-    tokens = (latent // net.backbone.x_embedder.proj.stride[0]) ** 2
-    info = dict(config=f'{cfg.arch} latents {latent}x{latent}x4 {cfg.precision}' + (' compile' if cfg.compile else ''),
-                flops=3 * dit_forward_flops(net.backbone, tokens), precision=cfg.precision, sample=sample,
-                steps=steps, scale=cfg.scale, num_classes=num_classes, shape=shape,
-                dit=dict(depth=len(net.backbone.blocks), hidden_size=net.backbone.hidden_size,
-                         patch_size=net.backbone.x_embedder.proj.stride[0],
-                         num_heads=net.backbone.blocks[0].attn.num_heads if hasattr(net.backbone.blocks[0].attn,
-                                                                                     'num_heads') else None))
-    return step, cfg.batch, info
+    patch = backbone.x_embedder.proj.stride[0]
+    info = dict(config=f'{cfg.arch} latents {shape[1]}x{shape[2]}x{shape[0]} {train_precision(opt, cfg.precision)}'
+                       + (' compile' if cfg.compile else ''),
+                flops=3 * dit_forward_flops(backbone, (shape[1] // patch) ** 2), precision=sample_cfg.precision,
+                sample=sample, steps=sample_cfg.ddim_steps, scale=sample_cfg.scale, num_classes=num_classes,
+                shape=shape, dit=dict(depth=len(backbone.blocks), hidden_size=backbone.hidden_size, patch_size=patch,
+                                      num_heads=backbone.blocks[0].attn.num_heads))
+    return timing, batch, info
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The official implementations, imported by path from --official.
@@ -819,9 +756,7 @@ def attempt(what, function, *args):
 
 def bench_training(opt, ours_builder, theirs_builder, name, goal, peak, rows):
     """Times our step, then theirs (same batch, same network size); returns our info for the sampling rows."""
-    ours, batch, info = ours_builder()
-    if callable(ours):  # a step function to time here (DiT); the other scripts ran and timed themselves
-        ours = time_training(ours, batch, opt)
+    ours, batch, info = ours_builder()  # the script ran and timed itself
     release_memory(opt.device)
     theirs = None
     if opt.official and theirs_builder:
@@ -907,7 +842,8 @@ def run_benchmarks(opt, folder):
         release_memory(opt.device)
 
     if 'dit' in opt.only:
-        info, theirs = bench_training(opt, lambda: ours_dit(opt), lambda info, batch: theirs_dit(opt, info, batch),
+        info, theirs = bench_training(opt, lambda: ours_dit(opt, folder),
+                                      lambda info, batch: theirs_dit(opt, info, batch),
                                       'DiT train', GOALS['dit'], peak, rows)
         seeds = list(range(sample_num))
         ours = time_once(lambda: info['sample'](seeds), sample_num, opt.device)
@@ -978,7 +914,7 @@ def parse_args(argv):
     parser.add_argument('--batch_gpu', type=int, default=0, help='microbatch for ours and theirs, 0 = whole batch')
     parser.add_argument('--compile', action='store_true', help='torch.compile our networks')
     parser.add_argument('--warmup', type=int, default=None,
-                        help='untimed steps before the DiT and official steps (default 5, quick 2)')
+                        help='untimed steps before the official steps (default 5, quick 2)')
     parser.add_argument('--steps', type=int, default=None,
                         help='timed training steps S (default 20, quick 3); our scripts warm up for one tick of S')
     parser.add_argument('--sample_batch', type=int, default=None, help='images per sampling run (64, quick 4)')
@@ -1012,8 +948,8 @@ def main(argv=None):
     args, opt = parse_args(sys.argv[1:] if argv is None else argv)
     gpu = torch.cuda.get_device_name(opt.device) if opt.device.type == 'cuda' else 'cpu'
     header = f'{gpu} | torch {torch.__version__} | {datetime.datetime.now().isoformat(timespec="seconds")} | ' \
-             f'{"quick" if opt.quick else "full"} | {opt.steps} timed steps after {opt.warmup} (DiT, theirs) ' \
-             f'or {opt.steps} (our scripts)' \
+             f'{"quick" if opt.quick else "full"} | {opt.steps} timed steps after {opt.warmup} (theirs) ' \
+             f'or one tick of {opt.steps} (ours)' \
              f' | peak {peak_tflops(opt) or "-"} TFLOP/s'
     print(f'running {", ".join(opt.only)} on {gpu}' + (f' against {opt.official}' if opt.official else ''), flush=True)
     with tempfile.TemporaryDirectory(prefix='bench-') as folder:

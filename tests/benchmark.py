@@ -384,6 +384,18 @@ def process_group(device):
                                              init_method=f'file://{store}', rank=0, world_size=1)
 
 
+def one_hot_labels(label_dim, n):
+    """The labels EDM's dataset hands over: one-hot rows, (n, 0) for an unconditional network."""
+    return torch.eye(label_dim)[torch.arange(n) % label_dim] if label_dim else torch.zeros(n, 0)
+
+
+def accumulation_rounds(net_ddp, rounds):
+    """EDM's gradient accumulation (misc.ddp_sync): DDP all-reduces the gradients in the last round only."""
+    for round_idx in range(rounds):
+        with contextlib.nullcontext() if round_idx == rounds - 1 else net_ddp.no_sync():
+            yield
+
+
 def ddp(net, device):
     return torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None)
 
@@ -419,18 +431,16 @@ def theirs_edm(opt, unet, label_dim, batch):
     # Their DataLoader hands over pinned uint8 batches and one-hot labels.
     images = torch.from_numpy(random_images(batch_gpu, channels, resolution)[0]).permute(0, 3, 1, 2)
     images = images.pin_memory() if cuda else images
-    labels = torch.eye(label_dim)[torch.arange(batch_gpu) % label_dim] if label_dim else torch.zeros(batch_gpu, 0)
+    labels = one_hot_labels(label_dim, batch_gpu)
     progress = dict(cur_nimg=0)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        for round_idx in range(batch // batch_gpu):
-            sync = contextlib.nullcontext() if round_idx == batch // batch_gpu - 1 else net_ddp.no_sync()
-            with sync:
-                x = images.to(device).to(torch.float32) / 127.5 - 1
-                loss = loss_fn(net=net_ddp, images=x, labels=labels.to(device), augment_pipe=augment_pipe)
-                training_stats.report('Loss/loss', loss)
-                loss.sum().mul(1 / batch).backward()
+        for _ in accumulation_rounds(net_ddp, batch // batch_gpu):
+            x = images.to(device).to(torch.float32) / 127.5 - 1
+            loss = loss_fn(net=net_ddp, images=x, labels=labels.to(device), augment_pipe=augment_pipe)
+            training_stats.report('Loss/loss', loss)
+            loss.sum().mul(1 / batch).backward()
         for g in optimizer.param_groups:
             g['lr'] = 10e-4 * min(progress['cur_nimg'] / max(10000 * 1000, 1e-8), 1)
         for param in net.parameters():
@@ -500,22 +510,20 @@ def theirs_ambient(opt, info, batch):
     images = images.float().div(127.5).sub(1)
     A = torch.from_numpy(generator.binomial(1, 1 - cfg.corruption_probability, shape).astype(np.float32))
     A_tilde = A * torch.from_numpy(generator.binomial(1, 1 - cfg.delta_probability, shape).astype(np.float32))
-    labels = torch.eye(label_dim)[torch.arange(batch_gpu) % label_dim] if label_dim else torch.zeros(batch_gpu, 0)
+    labels = one_hot_labels(label_dim, batch_gpu)
     images, A, A_tilde, labels = (t.pin_memory() if cuda else t for t in (images, A, A_tilde, labels))
     progress = dict(cur_nimg=0)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        for round_idx in range(batch // batch_gpu):
-            sync = contextlib.nullcontext() if round_idx == batch // batch_gpu - 1 else net_ddp.no_sync()
-            with sync:
-                train_loss, val_loss, test_loss = loss_fn(
-                    net=net_ddp, images=images.to(device).to(torch.float32), labels=labels.to(device),
-                    augment_pipe=augment_pipe, corruption_matrix=A.to(device), hat_corruption_matrix=A_tilde.to(device))
-                training_stats.report('Loss/loss', val_loss)
-                training_stats.report('Loss/loss_test', test_loss)
-                training_stats.report('Loss/loss_train', train_loss)
-                val_loss.sum().mul(1 / batch).backward()
+        for _ in accumulation_rounds(net_ddp, batch // batch_gpu):
+            train_loss, val_loss, test_loss = loss_fn(
+                net=net_ddp, images=images.to(device).to(torch.float32), labels=labels.to(device),
+                augment_pipe=augment_pipe, corruption_matrix=A.to(device), hat_corruption_matrix=A_tilde.to(device))
+            training_stats.report('Loss/loss', val_loss)
+            training_stats.report('Loss/loss_test', test_loss)
+            training_stats.report('Loss/loss_train', train_loss)
+            val_loss.sum().mul(1 / batch).backward()
         for g in optimizer.param_groups:
             g['lr'] = cfg.lr * min(progress['cur_nimg'] / max(cfg.lr_rampup_kimg * 1000, 1e-8), 1)
         for param in net.parameters():

@@ -21,6 +21,7 @@ uses (wandb, s3fs, blobfile, mpi4py, Python 3.12's missing distutils) are stubbe
     python tests/benchmark.py --quick                                  # seconds on a CPU: keeps the tool working
     python tests/benchmark.py --official=official --json=bench.json   # GPU: default configurations, side by side
     python tests/benchmark.py --only=dit,fid --compile --peak_tflops=989
+    python tests/benchmark.py --readme=bench1.json,bench2.json        # the README's table from earlier runs
 
 The official trees are fetched into the ignored official/ folder, e.g. `git archive HEAD | tar -x -C official/edm`
 from a clone of NVlabs/edm; never commit them.
@@ -910,6 +911,23 @@ def format_table(rows, header):
     return '\n'.join(text + (['notes:'] + notes if notes else []))
 
 
+def readme_table(reports):
+    """The README's performance table (Markdown) from the JSON reports of one or more runs."""
+    lines = ['| GPU | torch | date | row | config | batch | ours img/s | theirs img/s | ours/theirs | goal | '
+             'peak GiB ours/theirs | MFU ours/theirs |', '|' + '---|' * 12]
+    for report in reports:
+        for r in report['rows']:
+            mfu = '-' if r['mfu_ours'] is None and r['mfu_theirs'] is None else \
+                f'{format_number(100 * r["mfu_ours"] if r["mfu_ours"] else None)}% / ' \
+                f'{format_number(100 * r["mfu_theirs"] if r["mfu_theirs"] else None)}%'
+            lines.append(' | '.join([
+                '', report['gpu'], report['torch'], report['date'][:10], r['name'], r['config'], str(r['batch']),
+                format_number(r['ours'], 1), format_number(r['theirs'], 1),
+                format_number(r['ratio'], 2) + ('x' if r['ratio'] else ''), f'{r["goal"]}x' if r['goal'] else '-',
+                f'{format_number(r["mem_ours_gb"], 1)} / {format_number(r["mem_theirs_gb"], 1)}', mfu, '']).strip())
+    return '\n'.join(lines)
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--quick', action='store_true', help='tiny configurations (automatic on CPU)')
@@ -917,6 +935,8 @@ def parse_args(argv):
     parser.add_argument('--official', default='',
                         help='folder with edm, DDPM-IP or guided-diffusion, DiT, pytorch-fid, ambient-diffusion')
     parser.add_argument('--json', default='', help='write the results here')
+    parser.add_argument('--readme', default='', metavar='A.json,B.json',
+                        help='print the README table of earlier --json reports, and run nothing')
     parser.add_argument('--batch', action='append', default=[], metavar='NAME=N',
                         help='global training batch of one benchmark, e.g. --batch=dit=128 (repeatable)')
     parser.add_argument('--batch_gpu', type=int, default=0, help='microbatch for ours and theirs, 0 = whole batch')
@@ -954,6 +974,13 @@ def parse_args(argv):
 
 def main(argv=None):
     args, opt = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.readme:
+        reports = []
+        for path in args.readme.split(','):
+            with open(path) as file:
+                reports.append(json.load(file))
+        print(readme_table(reports))
+        return
     gpu = torch.cuda.get_device_name(opt.device) if opt.device.type == 'cuda' else 'cpu'
     header = f'{gpu} | torch {torch.__version__} | {datetime.datetime.now().isoformat(timespec="seconds")} | ' \
              f'{"quick" if opt.quick else "full"} | {opt.steps} timed steps after {opt.warmup} (theirs) ' \

@@ -46,6 +46,13 @@ def test_quick_mode_writes_every_row(tmp_path):
     dit = next(r for r in report['rows'] if r['name'] == 'DiT train')
     assert 0 < dit['mfu_ours'] < 1
     assert all(r['mfu_ours'] is None for r in report['rows'] if r['name'] != 'DiT train')
+    # The README table from that report: a header, a rule, one line per row with its numbers.
+    table = benchmark.readme_table([report]).splitlines()
+    assert len(table) == 2 + len(ROWS) and table[0].startswith('| GPU | torch | date | row |')
+    for line, r in zip(table[2:], report['rows']):
+        cells = [c.strip() for c in line.strip('|').split('|')]
+        assert cells[:4] == ['cpu', report['torch'], report['date'][:10], r['name']]
+        assert cells[6] == f'{r["ours"]:.1f}' and cells[7] == '-'
 
 
 @pytest.mark.parametrize('flags', [['--only=nothing'], ['--batch=dit=zero'], ['--official=/no/such/folder']])

@@ -764,7 +764,8 @@ def attempt(what, function, *args):
 
 
 def bench_training(opt, ours_builder, theirs_builder, name, goal, peak, rows):
-    """Times our step, then theirs (same batch, same network size); returns our info for the sampling rows."""
+    """Runs our script (it times itself), then times their step (same batch, same network); returns our info and
+    theirs for the sampling rows."""
     ours, batch, info = ours_builder()  # the script ran and timed itself
     release_memory(opt.device)
     theirs = None
@@ -780,10 +781,21 @@ def bench_training(opt, ours_builder, theirs_builder, name, goal, peak, rows):
     return info, theirs
 
 
+def bench_sampling(opt, name, config, info, theirs, their_call, note=''):
+    """Times our sampler on --sample_batch seeds and, when the official trainer gave a sampler, theirs on as many
+    images (their_call(sampler, seeds) runs it); a failed official trainer's reason carries over."""
+    seeds = list(range(opt.sample_batch))
+    ours = time_once(lambda: info['sample'](seeds), len(seeds), opt.device)
+    theirs_sample = theirs if isinstance(theirs, str) else None
+    if isinstance(theirs, dict) and theirs.get('sample'):
+        theirs_sample = attempt(f'official {name}', lambda: time_once(
+            lambda: their_call(theirs['sample'], seeds), len(seeds), opt.device))
+    return row(name, config, len(seeds), ours, theirs_sample, GOALS['sampling'], note=note)
+
+
 def run_benchmarks(opt, folder):
     rows, peak = [], peak_tflops(opt)
     quick = opt.quick
-    sample_num = opt.sample_batch
 
     if {'ambient', 'ambient_laws', 'ddpm_ip'} & set(opt.only):
         data_path = dataset_file(folder, 64 if quick else 4096)
@@ -801,14 +813,10 @@ def run_benchmarks(opt, folder):
                                           'ambient train vs ambient-diffusion', None, peak, rows)
         else:
             theirs = None
-        seeds = list(range(sample_num))
-        ours = time_once(lambda: info['sample'](seeds), sample_num, opt.device)
-        theirs_sample = theirs if isinstance(theirs, str) else None
-        if isinstance(theirs, dict) and theirs.get('sample'):
-            theirs_sample = attempt('official ambient_sampler', lambda: time_once(
-                lambda: theirs['sample'](seeds, info['steps']), sample_num, opt.device))
-        rows.append(row('ambient sample', f'ambient Heun {2 * info["steps"] - 1} NFE {info["precision"]}',
-                        sample_num, ours, theirs_sample, GOALS['sampling'], note='fixed-mask sampler, 1 mask'))
+        rows.append(bench_sampling(opt, 'ambient sample',
+                                   f'ambient Heun {2 * info["steps"] - 1} NFE {info["precision"]}', info, theirs,
+                                   lambda sample, seeds: sample(seeds, info['steps']),
+                                   note='fixed-mask sampler, 1 mask'))
         del info, theirs
         release_memory(opt.device)
 
@@ -817,16 +825,9 @@ def run_benchmarks(opt, folder):
             opt, lambda: ours_ambient_laws(opt, data_path, folder, consistency=False),
             lambda info, batch: theirs_edm(opt, info['unet'], info['unet']['label_dim'], batch),
             'ambient_laws train', GOALS['ddpmpp'], peak, rows)
-        seeds = list(range(sample_num))
-        ours = time_once(lambda: info['sample'](seeds), sample_num, opt.device)
-        theirs_sample = None
-        if isinstance(theirs, dict) and theirs.get('sample'):
-            theirs_sample = attempt('official EDM sampler', lambda: time_once(
-                lambda: theirs['sample'](seeds, info['steps']), sample_num, opt.device))
-        elif isinstance(theirs, str):
-            theirs_sample = theirs
-        rows.append(row('EDM Heun sample', f'{info["unet"]["arch"]} Heun {2 * info["steps"] - 1} NFE fp32',
-                        sample_num, ours, theirs_sample, GOALS['sampling']))
+        rows.append(bench_sampling(opt, 'EDM Heun sample', f'{info["unet"]["arch"]} Heun {2 * info["steps"] - 1} NFE '
+                                   f'{info["precision"]}', info, theirs,
+                                   lambda sample, seeds: sample(seeds, info['steps'])))
         del info, theirs
         release_memory(opt.device)
         bench_training(opt, lambda: ours_ambient_laws(opt, data_path, folder, consistency=True), None,
@@ -839,14 +840,9 @@ def run_benchmarks(opt, folder):
             opt, lambda: ours_ddpm_ip(opt, data_path, folder),
             lambda info, batch: theirs_guided(opt, info['unet'], info['gamma'], batch, fp16),
             'ddpm_ip train', GOALS['adm'], peak, rows)
-        seeds = list(range(sample_num))
-        ours = time_once(lambda: info['sample'](seeds), sample_num, opt.device)
-        theirs_sample = theirs if isinstance(theirs, str) else None
-        if isinstance(theirs, dict) and theirs.get('sample'):
-            theirs_sample = attempt('official p_sample_loop', lambda: time_once(
-                lambda: theirs['sample'](sample_num), sample_num, opt.device))
-        rows.append(row('ADM sample', f'{info["unet"]["arch"]} ancestral, respaced {info["steps"]} steps '
-                        f'{info["precision"]}', sample_num, ours, theirs_sample, GOALS['sampling']))
+        rows.append(bench_sampling(opt, 'ADM sample', f'{info["unet"]["arch"]} ancestral, respaced {info["steps"]} '
+                                   f'steps {info["precision"]}', info, theirs,
+                                   lambda sample, seeds: sample(len(seeds))))
         del info, theirs
         release_memory(opt.device)
 
@@ -854,15 +850,9 @@ def run_benchmarks(opt, folder):
         info, theirs = bench_training(opt, lambda: ours_dit(opt, folder),
                                       lambda info, batch: theirs_dit(opt, info, batch),
                                       'DiT train', GOALS['dit'], peak, rows)
-        seeds = list(range(sample_num))
-        ours = time_once(lambda: info['sample'](seeds), sample_num, opt.device)
-        theirs_sample = theirs if isinstance(theirs, str) else None
-        if isinstance(theirs, dict) and theirs.get('sample'):
-            theirs_sample = attempt('official DiT sampler', lambda: time_once(
-                lambda: theirs['sample'](sample_num), sample_num, opt.device))
-        rows.append(row('DiT sample', f'DPM-Solver++(2M) {info["steps"]} steps CFG {info["scale"]} '
-                        f'{info["precision"]}', sample_num, ours, theirs_sample, GOALS['sampling'],
-                        note='theirs: DDPM p_sample_loop respaced to the same number of steps'))
+        rows.append(bench_sampling(opt, 'DiT sample', f'DPM-Solver++(2M) {info["steps"]} steps CFG {info["scale"]} '
+                                   f'{info["precision"]}', info, theirs, lambda sample, seeds: sample(len(seeds)),
+                                   note='theirs: DDPM p_sample_loop respaced to the same number of steps'))
         del info, theirs
         release_memory(opt.device)
 

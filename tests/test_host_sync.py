@@ -1,15 +1,13 @@
 """No host sync per training step. Reading a tensor's value on the host (.item(), float(), int(), bool(), .tolist(),
 nonzero, unique, boolean-mask indexing) makes the CPU wait for the GPU; the training loops do it once per progress
 tick, never per step. Each script trains twice in this process, for 3 and for 7 steps with one tick at the end, and
-every op that reads a value on the host is counted by the line of our code that asked for it: what grows with the
+every op that reads a value on the host is counted by the function of our code that asked for it: what grows with the
 number of steps is a per-step read, and only the reads of CPU-only tensors listed in ALLOWED may do so."""
 import collections
 import os
-import sys
 import traceback
 
 import pytest
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ambient
@@ -63,7 +61,7 @@ def count_reads(script, steps, outdir, extra):
                                                            '--num_primes=1', '--num_consistency_steps=2']),
                                            (ddpm_ip, []), (ldm_labelnoise, ['--cep=uniform'])],
                          ids=['ambient', 'ambient_laws', 'ddpm_ip', 'ldm_labelnoise'])
-def test_no_host_read_per_training_step(script, extra, tmp_path, capsys):
+def test_no_host_read_per_training_step(script, extra, tmp_path):
     short = count_reads(script, 3, str(tmp_path / 'short'), extra)
     long = count_reads(script, 7, str(tmp_path / 'long'), extra)
     per_step = {site: (long[site] - short[site]) / 4 for site in long if long[site] > short[site]}

@@ -762,25 +762,151 @@ def default_cache_dir():
     return os.environ.get('CORRUPTED_DIFFUSION_CACHE') or default
 
 
-def download_cached(url, cache_dir=None):
-    """Return the path of a cached copy of url, downloading it on first use (atomically: temp file + rename).
+def download_cached(url, cache_dir=None, path=None):
+    """Return the path of a cached copy of url (default: under cache_dir, named after the URL's path), downloading
+    it on first use with download_file (atomic, resumable, size-checked)."""
+    if path is None:
+        url_path = urllib.parse.urlsplit(url).path.strip('/')
+        path = os.path.join(cache_dir or default_cache_dir(), re.sub(r'[^A-Za-z0-9._-]+', '_', url_path))
+    if not os.path.isfile(path):
+        download_file(url, path)
+    return path
 
-    Offline, raises WeightsNotFoundError with one line that names the URL and the path to save it at by hand.
+
+def download_file(url, path, headers=None):
+    """GET url into path with requests: atomic, resumable and size-checked.
+
+    The bytes go to `path + '.part'` and are renamed to path only once their count equals the size the server
+    announced (Content-Length, or the total of Content-Range), so path is never a partial file. A `.part` left by an
+    interrupted download is resumed with a Range request (a server that ignores Range sends the whole file, which
+    replaces the partial one). Processes downloading the same file at once (torchrun ranks) take turns through a
+    lock on the .part file. Failure (offline, HTTP error, interrupted, wrong size) raises WeightsNotFoundError with
+    one line naming the URL and the path to save it at by hand; an interrupted download keeps its .part for the
+    next call to resume.
     """
-    url_path = urllib.parse.urlsplit(url).path.strip('/')
-    path = os.path.join(cache_dir or default_cache_dir(), re.sub(r'[^A-Za-z0-9._-]+', '_', url_path))
-    if os.path.isfile(path):
-        return path
+    part = path + '.part'
+    reason = 'the server keeps changing the partial file'
     try:
-        with requests.get(url, stream=True, timeout=30) as response:
-            response.raise_for_status()
-            write_atomic(path, response.iter_content(chunk_size=1 << 20))
+        for _ in range(3):  # a retry only when another process wrote to the .part between our request and our lock
+            offset = os.path.getsize(part) if os.path.isfile(part) else 0
+            range_header = {'Range': f'bytes={offset}-'} if offset else {}
+            with requests.get(url, headers={**(headers or {}), **range_header}, stream=True, timeout=30) as response:
+                if response.status_code == 416:  # the partial file is not a prefix of this file: start again
+                    os.remove(part)
+                    continue
+                response.raise_for_status()
+                resumed = offset > 0 and response.status_code == 206
+                total = _announced_size(response, offset if resumed else 0)
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                with open(part, 'ab') as f:
+                    _lock_file(f)
+                    if os.path.isfile(path):  # another process finished it while we waited for the lock
+                        return path
+                    if f.seek(0, os.SEEK_END) != offset:
+                        continue
+                    if not resumed:
+                        f.truncate(0)
+                    for chunk in _received_chunks(response):
+                        f.write(chunk)
+                    size = f.tell()
+            if total is not None and size != total:
+                if size > total:  # more than announced: the partial file belongs to another version
+                    os.remove(part)
+                reason = f'got {size} bytes, the server announced {total}'
+                break
+            os.replace(part, path)
+            return path
     except (requests.RequestException, OSError) as error:
         response = getattr(error, 'response', None)
         reason = f'HTTP {response.status_code}' if response is not None else type(error).__name__
-        message = f'cannot download {url} ({reason}); download it by hand and save it as {path}'
-        raise WeightsNotFoundError(message) from None
+        if os.path.isfile(part):
+            reason += f', {os.path.getsize(part)} bytes kept in {os.path.basename(part)} to resume'
+    raise WeightsNotFoundError(f'cannot download {url} ({reason}); download it by hand and save it as {path}')
+
+
+def _announced_size(response, offset):
+    """The full file size a response announces: the total of Content-Range ('bytes a-b/total'), else offset plus
+    Content-Length; None when the server says neither (then only the transfer itself is trusted)."""
+    content_range = response.headers.get('Content-Range', '')
+    if offset and re.fullmatch(rf'bytes {offset}-\d+/\d+', content_range):
+        return int(content_range.rsplit('/', 1)[1])
+    if offset:
+        raise requests.RequestException(f'Content-Range {content_range!r} does not start at byte {offset}')
+    length = response.headers.get('Content-Length')
+    return int(length) if length and 'Content-Encoding' not in response.headers else None
+
+
+def _received_chunks(response):
+    """The body of a streamed response as it arrives (read1), so that the bytes before a dropped connection reach
+    the .part file; urllib3's errors become requests.ConnectionError."""
+    import urllib3  # installed with requests
+    try:
+        while chunk := response.raw.read1(1 << 20, decode_content=True):
+            yield chunk
+    except urllib3.exceptions.HTTPError as error:
+        raise requests.ConnectionError(error) from None
+
+
+def _lock_file(f):
+    """Block until this process holds an exclusive lock on the open file f (POSIX; elsewhere a no-op)."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+
+
+HF_REPO_ID = re.compile(r'[A-Za-z0-9][\w.-]*/[\w.-]+')  # owner/name on the Hugging Face Hub
+LOCAL_SUFFIXES = ('.pkl', '.pt', '.pth', '.bin', '.ckpt', '.safetensors', '.json', '.npz', '.zip')
+
+
+def hf_hub_download(repo_id, filename, revision='main', cache_dir=None):
+    """Download one file of a Hugging Face Hub repository with requests and return its local path.
+
+    GETs `{HF_ENDPOINT}/{repo_id}/resolve/{revision}/{filename}` (HF_ENDPOINT defaults to https://huggingface.co; the
+    tests point it at a local server; HF_TOKEN, when set, is sent for gated repositories) into
+    `{cache_dir}/hf/{repo_id}/{revision}/{filename}` (cache_dir: default_cache_dir()). The copy is reused from then on;
+    the download is atomic, resumable and size-checked (download_file).
+    """
+    if not HF_REPO_ID.fullmatch(repo_id) or '..' in f'{repo_id}/{revision}/{filename}'.split('/'):
+        raise ValueError(f'not a Hugging Face repository and file name: {repo_id!r}, {revision!r}, {filename!r}')
+    endpoint = (os.environ.get('HF_ENDPOINT') or 'https://huggingface.co').rstrip('/')
+    url = f'{endpoint}/{repo_id}/resolve/{urllib.parse.quote(revision, safe="")}/{urllib.parse.quote(filename)}'
+    path = os.path.join(cache_dir or default_cache_dir(), 'hf', *repo_id.split('/'), revision, *filename.split('/'))
+    headers = {'Authorization': f'Bearer {os.environ["HF_TOKEN"]}'} if os.environ.get('HF_TOKEN') else None
+    if not os.path.isfile(path):
+        download_file(url, path, headers)
     return path
+
+
+def resolve_source(source, filenames=(), cache_dir=None):
+    """A local file or folder for `source`: a local path (returned as is), an http(s) URL (downloaded into the
+    cache, the file's path returned), or a Hugging Face repository, `hf://owner/name[@revision][/sub/folder]` or a
+    bare `owner/name` that is not a local path: then each of `filenames` (relative to the sub-folder; a tuple in the
+    list means "the first of these that exists") is downloaded with hf_hub_download, and the local folder that holds
+    them is returned. A missing local file raises WeightsNotFoundError."""
+    source = os.fspath(source)
+    if os.path.exists(source):
+        return source
+    if source.startswith(('http://', 'https://')):
+        return download_cached(source, cache_dir)
+    spec = source[len('hf://'):] if source.startswith('hf://') else source
+    repo_match = re.fullmatch(r'([A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@([\w.-]+))?(?:/(.+?))?/?', spec)
+    looks_local = not source.startswith('hf://') and (source.endswith(LOCAL_SUFFIXES) or spec.count('/') != 1)
+    if repo_match is None or looks_local:
+        raise WeightsNotFoundError(f'{source}: no such file or folder (nor an http(s) URL or Hugging Face repo id)')
+    repo_id, revision, sub = repo_match[1], repo_match[2] or 'main', repo_match[3] or ''
+    folder = os.path.join(cache_dir or default_cache_dir(), 'hf', *repo_id.split('/'), revision, *sub.split('/'))
+    for names in filenames:
+        names = (names,) if isinstance(names, str) else tuple(names)
+        for i, name in enumerate(names):
+            try:
+                hf_hub_download(repo_id, f'{sub}/{name}' if sub else name, revision, cache_dir)
+                break
+            except WeightsNotFoundError as error:  # try the next alternative only when this one is absent (404)
+                if i == len(names) - 1 or '(HTTP 404' not in str(error):
+                    raise
+    return folder
 
 
 # ----------------------------------------------------------------------------------------------------------------------

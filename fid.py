@@ -26,7 +26,7 @@ off (cuDNN would use TF32 for convolutions, as pytorch-fid silently does on Ampe
 not for reported numbers, unless tests/bench_fid.py shows FID within 0.01 of fp32 on your data.
 
 Library (what the paper scripts call; every function works under torchrun, each rank passing its share):
-    detector = fid.load_inception(weights=None, device='cuda')       # --weights / $FID_WEIGHTS / cache / download
+    detector = fid.load_inception(weights=None, device='cuda')       # --fid_weights / $FID_WEIGHTS / cache / download
     fid.compute_metrics(uint8_batches, 'ref.npz', metrics=('fid', 'is', 'sfid', 'pr', 'kid'), detector=detector)
     fid.save_ref('ref.npz', fid.compute_stats(uint8_batches, detector))   # EDM fid-refs format, plus extras
     fid.compute_features(uint8_batches, detector)['pool']                 # (N, 2048), e.g. for nearest neighbours
@@ -68,6 +68,27 @@ METRICS = ("fid", "is", "sfid", "pr", "kid")
 PREPROCESS = ("pytorch-fid", "tf")
 PRECISIONS = ("fp32", "tf32", "bf16")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+# Evaluation protocols: the rules of the reference tool whose numbers a result is compared with.
+#   preprocess     how uint8 images become the 299x299 input (see preprocess_images)
+#   num            images evaluated (None: all); fewer available is an error, more are subsampled by `select`
+#   select         which `num` images: 'random' = EDM's sorted seeded subset, 'first' = file order (ADM reads its
+#                  sample batch in order), 'all'
+#   is_split_size  Inception Score splits: None = 10 equal consecutive splits (StyleGAN3), k = consecutive
+#                  k-image splits with a shorter last one (ADM's evaluator)
+#   reference      the reference statistics the tool reads
+PROTOCOLS = {
+    "edm": dict(preprocess="tf", num=50000, select="random", is_split_size=None,
+                reference="EDM fid-refs .npz (mu, sigma) or `fid.py ref --protocol=edm`",
+                tool="NVlabs/edm fid.py (calc --num=50000)"),
+    "adm": dict(preprocess="tf", num=50000, select="first", is_split_size=5000,
+                reference="ADM reference batch .npz (arr_0 images; mu, sigma, mu_s, sigma_s) or `fid.py ref "
+                          "--protocol=adm`",
+                tool="openai/guided-diffusion evaluations/evaluator.py"),
+    "pytorch-fid": dict(preprocess="pytorch-fid", num=None, select="all", is_split_size=None,
+                        reference="pytorch-fid .npz (mu, sigma) or `fid.py ref --protocol=pytorch-fid`",
+                        tool="mseitzer/pytorch-fid"),
+}
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Detector: the TF-2015 Inception-v3 graph in torchvision's module layout, with the FID-specific pooling.
@@ -226,6 +247,8 @@ class InceptionV3(nn.Module):
     state_dict: 472 keys, 23,850,960 parameters, exactly the keys and shapes of pytorch-fid's weights file.
     """
 
+    DIMS = {"pool": 2048, "spatial": 2023, "logits": 1008}
+
     def __init__(self):
         super().__init__()
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
@@ -246,7 +269,7 @@ class InceptionV3(nn.Module):
         self.Mixed_7c = InceptionE(2048, pool="max")
         self.fc = nn.Linear(2048, 1008)  # ImageNet-1000 plus 8 unused classes of the 2015 graph
         self.has_classifier = True  # False when the weights file had no fc (then no Inception Score)
-        self.dims = {"pool": 2048, "spatial": 2023, "logits": 1008}  # feature width of each tap
+        self.dims = dict(self.DIMS)  # feature width of each tap
 
     def forward(self, x):                                                     # (N, 3, 299, 299) in [-1, 1]
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))     # (N, 64, 147, 147)
@@ -317,7 +340,7 @@ def weights_path(weights=None):
             _download(WEIGHTS_URL, cached, WEIGHTS_SHA256_PREFIX)
         except requests.RequestException as error:
             raise FileNotFoundError(f"cannot download the FID Inception weights ({type(error).__name__}): download "
-                                    f"{WEIGHTS_URL} and put it at {cached}, or pass --weights=PATH "
+                                    f"{WEIGHTS_URL} and put it at {cached}, or pass --fid_weights=PATH "
                                     f"(or set FID_WEIGHTS)") from None
     return cached
 
@@ -606,20 +629,27 @@ def features_frechet_distance(features, mu_ref, sigma_ref):
     return frechet_distance(mu, sigma, mu_ref, sigma_ref, factor1=factor)
 
 
-def inception_score(logits, num_splits=10):
+def inception_score(logits, num_splits=10, split_size=None):
     """Inception Score (Salimans et al. 2016): exp E_x KL(p(y|x) || p(y)) per split, mean and std over splits.
 
-    logits: (N, 1008) unbiased logits. Splits are consecutive, split k = rows [k N / S, (k+1) N / S) as in
-    StyleGAN3 (ADM's 5000-image chunks select the same rows at N = 50k). Log-softmax in float64 avoids the
-    0 * log 0 = nan of the reference code.
+    logits: (N, 1008) unbiased logits. Splits are consecutive rows. split_size=None: num_splits equal splits,
+    split k = rows [k N / S, (k+1) N / S), as StyleGAN3. split_size=k: rows [0, k), [k, 2k), ... with a shorter last
+    split, as ADM's evaluator (k = 5000); the two agree at N = 50,000 but not elsewhere (N = 5,003 gives ADM a
+    split of 3 images). Log-softmax in float64 avoids the 0 * log 0 = nan of the reference code.
     """
     log_p = torch.log_softmax(torch.as_tensor(logits).double(), dim=1)   # (N, C) log p(y|x)
     n = len(log_p)
-    if n < num_splits:
-        raise ValueError(f"the Inception Score needs at least {num_splits} images (one per split), got {n}")
+    if split_size is not None:
+        bounds = [(start, min(start + split_size, n)) for start in range(0, n, split_size)]
+    else:
+        if n < num_splits:
+            raise ValueError(f"the Inception Score needs at least {num_splits} images (one per split), got {n}")
+        bounds = [(k * n // num_splits, (k + 1) * n // num_splits) for k in range(num_splits)]
+    if not bounds:
+        raise ValueError("the Inception Score needs at least 1 image")
     scores = []
-    for k in range(num_splits):
-        part = log_p[k * n // num_splits:(k + 1) * n // num_splits]
+    for start, stop in bounds:
+        part = log_p[start:stop]
         log_marginal = torch.logsumexp(part, dim=0) - math.log(len(part))  # (C,) log p(y) over the split
         kl = (part.exp() * (part - log_marginal)).sum(dim=1)              # (n_k,) KL per image
         scores.append(kl.mean().exp())
@@ -752,8 +782,9 @@ def save_ref(path, stats):
         arrays["pool"] = np.asarray(stats["pool"], np.float32)
     if "n" in stats:
         arrays["n"] = np.asarray(stats["n"], np.int64)
-    if stats.get("preprocess"):
-        arrays["preprocess"] = np.asarray(stats["preprocess"])  # a unicode array: no pickle needed to read it
+    for key in ("preprocess", "protocol"):  # the tags: unicode arrays, no pickle needed to read them
+        if stats.get(key):
+            arrays[key] = np.asarray(stats[key])
     _atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
@@ -775,17 +806,19 @@ def load_ref(path):
                                         f"the local file instead") from None
         path = cached
     if os.path.isdir(path) or path.lower().endswith(".zip"):
-        return {"images": path}
+        return {"images": path, "path": path}
     if not os.path.isfile(path):
         raise FileNotFoundError(f"reference not found: {path}")
     try:
         with np.load(path, allow_pickle=False) as data:
             keys = set(data.files)
             ref = {key: data[key] for key in ("mu", "sigma", "mu_s", "sigma_s", "pool", "n") if key in keys}
-            if "preprocess" in keys:
-                ref["preprocess"] = str(data["preprocess"])
+            for key in ("preprocess", "protocol"):
+                if key in keys:
+                    ref[key] = str(data[key])
     except Exception as error:
         raise ValueError(f"cannot read reference {path}: {error}") from None
+    ref["path"] = path
     if keys & {"arr_0", "x"}:
         ref["images"] = path  # read only when a metric needs it (ADM reference batches hold 10,000 images)
     if "mu" in ref:
@@ -802,18 +835,109 @@ def load_ref(path):
 # All metrics from one pass.
 
 
-def _resolve_preprocess(preprocess, ref):
-    """The samples' preprocessing must be the one the reference statistics were made with."""
-    tag = ref.get("preprocess")
-    has_stats = "mu" in ref or "pool" in ref
-    if tag and preprocess and tag != preprocess:
-        raise ValueError(f"the reference statistics were made with preprocess={tag!r}, not {preprocess!r}: their "
-                         f"FID would be meaningless")
-    if has_stats and not tag and not preprocess:
-        warnings.warn("the reference statistics do not say how they were preprocessed (EDM, ADM and pytorch-fid "
-                      "files do not); assuming pytorch-fid. EDM's fid-refs and ADM's reference batches were made with "
-                      "the TF pipeline: pass preprocess='tf' (--preprocess=tf) for them")
-    return preprocess or tag or "pytorch-fid"
+def _ref_name(ref):
+    return ref.get("path") or "the reference"
+
+
+def resolve_protocol(protocol=None, preprocess=None, ref=None, metrics=("fid",), detector=None, num=None,
+                     available=None):
+    """Settle the evaluation protocol and run every check that can fail before the long pass.
+
+    protocol: 'edm', 'adm', 'pytorch-fid', None or a dict from an earlier call; preprocess: 'tf', 'pytorch-fid'
+    or None; ref: a load_ref path or dict (optional); metrics: the metrics to compute; detector: the loaded
+    Inception (optional; checked for the classifier IS needs); num: images to evaluate (None: the protocol's
+    number); available: images available (optional). Raises ValueError with one line for: an unknown protocol,
+    preprocessing or metric; a preprocessing that contradicts the protocol or the reference's tag; a reference
+    with statistics but no tag and neither protocol nor preprocess given (EDM's, ADM's and pytorch-fid's files
+    carry none, and the two preprocessings differ by 25 % of the mean feature on 32x32 images); a reference that
+    lacks what a metric needs; IS without the classifier; fewer images available than `num`, or too few for a
+    metric. Reads no image.
+
+    Returns a JSON-serialisable dict: protocol (a PROTOCOLS name, or None when only a preprocessing was chosen),
+    preprocess, num (None: all images), select ('random', 'first' or 'all'), is_split_size (None: 10 splits),
+    tool (the reference implementation followed).
+    """
+    if isinstance(protocol, dict):
+        num = protocol.get("num") if num is None else num
+        preprocess = preprocess or protocol.get("preprocess")
+        protocol = protocol.get("protocol")
+    if protocol is not None and protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}, expected one of {', '.join(PROTOCOLS)}")
+    if preprocess is not None and preprocess not in PREPROCESS:
+        raise ValueError(f"unknown preprocessing {preprocess!r}, expected one of {', '.join(PREPROCESS)}")
+    metrics = tuple(metrics)
+    unknown = sorted(set(metrics) - set(METRICS))
+    if unknown or not metrics:
+        raise ValueError(f"unknown metrics {unknown}, expected some of {', '.join(METRICS)}")
+    if protocol and preprocess and preprocess != PROTOCOLS[protocol]["preprocess"]:
+        raise ValueError(f"protocol {protocol} preprocesses with {PROTOCOLS[protocol]['preprocess']!r}, not "
+                         f"{preprocess!r}: drop one of the two")
+    ref = load_ref(ref) if isinstance(ref, (str, os.PathLike)) else (ref or {})
+    tag, tag_protocol = ref.get("preprocess"), ref.get("protocol")
+    has_stats = any(key in ref for key in ("mu", "mu_s", "pool"))
+    explicit = protocol or preprocess
+    if has_stats and not tag and not explicit:
+        raise ValueError(f"{_ref_name(ref)} does not say how its images were preprocessed (EDM, ADM and "
+                         f"pytorch-fid files carry no tag): pass --protocol=edm|adm|pytorch-fid for the tool that "
+                         f"made it (EDM fid-refs: edm, ADM reference batches: adm)")
+    preprocess = PROTOCOLS[protocol]["preprocess"] if protocol else preprocess or tag or "pytorch-fid"
+    if has_stats and tag and tag != preprocess:
+        raise ValueError(f"{_ref_name(ref)} was made with preprocess={tag!r}, not {preprocess!r}"
+                         f"{f' (protocol {protocol})' if protocol else ''}: its FID would be meaningless")
+    if protocol is None:
+        if tag_protocol in PROTOCOLS and PROTOCOLS[tag_protocol]["preprocess"] == preprocess:
+            protocol = tag_protocol  # the protocol the reference was made for
+        elif preprocess == "pytorch-fid":
+            protocol = "pytorch-fid"
+    rules = PROTOCOLS[protocol] if protocol else dict(num=None, select="all", is_split_size=None, tool="fid.py")
+    if num is not None and (isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num < 2):
+        raise ValueError(f"--num must be an integer >= 2, got {num!r}")
+    select = rules["select"] if num is None or rules["select"] != "all" else "random"
+    num = rules["num"] if num is None else int(num)
+    if available is not None and num is not None and available < num:
+        hint = f" (protocol {protocol} evaluates {num:,}; pass --num={available} to evaluate fewer)" \
+            if protocol and num == rules["num"] else ""
+        raise ValueError(f"found {available} images, but --num={num}{hint}")
+    count = num if num is not None else available
+
+    # What each metric needs: the classifier, reference statistics or features, enough images.
+    if "is" in metrics and detector is not None and not getattr(detector, "has_classifier", True):
+        raise ValueError("the Inception Score needs the 1008-way classifier, but these weights have no fc.weight: "
+                         f"use pytorch-fid's full weights file {WEIGHTS_FILE} (or drop is from --metrics)")
+    wanted = {"fid": "mu", "sfid": "mu_s", "pr": "pool", "kid": "pool"}
+    missing = sorted({wanted[m] for m in metrics if m in wanted and wanted[m] not in ref})
+    if ref and missing and "images" not in ref:
+        names = {"mu": "mu/sigma", "mu_s": "mu_s/sigma_s (for sfid)", "pool": "pool features (for pr, kid)"}
+        raise ValueError(f"{_ref_name(ref)} has no {' or '.join(names[key] for key in missing)}: make it with "
+                         f"`python fid.py ref` (EDM and pytorch-fid files hold only mu and sigma)")
+    dims = getattr(detector, "dims", None) or InceptionV3.DIMS
+    shapes = {"mu": (dims["pool"],), "sigma": (dims["pool"],) * 2, "mu_s": (dims["spatial"],),
+              "sigma_s": (dims["spatial"],) * 2}
+    for key, shape in shapes.items():
+        if key in ref and tuple(np.shape(ref[key])) != shape:
+            raise ValueError(f"{_ref_name(ref)}: {key} has shape {tuple(np.shape(ref[key]))}, expected {shape}")
+    if "pool" in ref and (np.ndim(ref["pool"]) != 2 or np.shape(ref["pool"])[1] != dims["pool"]):
+        raise ValueError(f"{_ref_name(ref)}: pool has shape {tuple(np.shape(ref['pool']))}, expected "
+                         f"(N, {dims['pool']})")
+    if count is not None:
+        least = {"fid": 2, "sfid": 2, "kid": 2, "pr": 4, "is": 1 if rules["is_split_size"] else 10}
+        for metric in metrics:
+            if count < least[metric]:
+                raise ValueError(f"{metric} needs at least {least[metric]} images, got {count}")
+    return dict(protocol=protocol, preprocess=preprocess, num=num, select=select,
+                is_split_size=rules["is_split_size"], tool=rules["tool"])
+
+
+def select_images(count, protocol, seed=0):
+    """Indices of the images a resolved protocol evaluates out of `count` (EDM: sorted seeded subset)."""
+    num = protocol["num"] if isinstance(protocol, dict) else protocol
+    if num is None or num == count:
+        return np.arange(count)
+    if count < num:
+        raise ValueError(f"found {count} images, but --num={num}")
+    if isinstance(protocol, dict) and protocol.get("select") == "first":
+        return np.arange(num)
+    return np.sort(np.random.RandomState(seed % (1 << 31)).permutation(count)[:num])
 
 
 def _image_source_batches(source, batch_size=100, workers=4):
@@ -823,32 +947,29 @@ def _image_source_batches(source, batch_size=100, workers=4):
 
 
 def compute_metrics(batches, ref, metrics=("fid",), detector=None, device=None, preprocess=None,
-                    precision="fp32", num_images=None, seed=0, progress=True):
+                    precision="fp32", num_images=None, seed=0, progress=True, protocol=None):
     """Metrics of the images in `batches` (uint8 (B, 3, H, W)) against `ref` (a load_ref path or dict).
 
-    metrics: any of 'fid', 'is' (10 splits; returns 'is' and 'is_std'), 'sfid', 'pr' ('precision', 'recall';
-    k = 3) and 'kid' ('kid', 'kid_std'; 100 subsets of 1000). All come from one Inception pass. Under
-    torch.distributed each rank passes its share and every rank returns the same dict of floats.
-    preprocess: None takes the reference's tag (else pytorch-fid); seed: KID's subsets.
+    metrics: any of 'fid', 'is' (returns 'is' and 'is_std'), 'sfid', 'pr' ('precision', 'recall'; k = 3) and
+    'kid' ('kid', 'kid_std'; 100 subsets of 1000). All come from one Inception pass. Under torch.distributed each
+    rank passes its share and every rank returns the same dict.
+    protocol: 'edm', 'adm', 'pytorch-fid' or resolve_protocol's dict (call resolve_protocol before sampling, so its
+    checks fail early, and pass its dict here). It sets the preprocessing and the IS splits, the number of images
+    must then equal its num, and the results also hold 'protocol' and 'preprocess' (strings, for the metrics
+    JSON). Without it the results hold floats only and the preprocessing is `preprocess`, else the reference's tag,
+    else pytorch-fid; a reference with statistics but no tag is refused (see resolve_protocol).
+    seed: KID's subsets.
     """
-    metrics = tuple(metrics)
-    unknown = set(metrics) - set(METRICS)
-    if unknown:
-        raise ValueError(f"unknown metrics {sorted(unknown)}, expected some of {METRICS}")
     ref = load_ref(ref) if isinstance(ref, (str, os.PathLike)) else ref
-    preprocess = _resolve_preprocess(preprocess, ref)
     device = _default_device(detector, device)
     detector = detector if detector is not None else load_inception(device=device)
-    options = dict(preprocess=preprocess, precision=precision, progress=progress)
+    resolved = resolve_protocol(protocol, preprocess, ref, metrics, detector)
+    metrics = tuple(metrics)
+    options = dict(preprocess=resolved["preprocess"], precision=precision, progress=progress)
 
     # Reference side: stored statistics, else computed from the reference images (ADM batches hold both).
     wanted = {"fid": "mu", "sfid": "mu_s", "pr": "pool", "kid": "pool"}
-    missing = sorted({wanted[m] for m in metrics if m in wanted and wanted[m] not in ref})
-    if missing:
-        if "images" not in ref:
-            names = {"mu": "mu/sigma", "mu_s": "mu_s/sigma_s (for sfid)", "pool": "pool features (for pr, kid)"}
-            raise ValueError(f"the reference has no {' or '.join(names[key] for key in missing)}: make it with "
-                             f"`python fid.py ref` (EDM and pytorch-fid files hold only mu and sigma)")
+    if any(m in wanted and wanted[m] not in ref for m in metrics):
         images = ref["images"] if isinstance(ref["images"], ImageSource) else ImageSource(ref["images"])
         features = compute_features(_image_source_batches(images), detector, device, taps=("pool", "spatial"),
                                     num_images=len(images), **options)
@@ -863,6 +984,8 @@ def compute_metrics(batches, ref, metrics=("fid",), detector=None, device=None, 
     n = len(features["pool"])
     if n < 2:
         raise ValueError(f"metrics need at least 2 images, got {n}")
+    if protocol is not None and resolved["num"] is not None and n != resolved["num"]:
+        raise ValueError(f"protocol {resolved['protocol']} evaluates {resolved['num']} images, got {n}")
     if n < 2048 and {"fid", "sfid"} & set(metrics):
         warnings.warn(f"FID from {n} < 2048 images: the covariance is rank-deficient and FID is biased upwards; "
                       f"report FID of 50,000 images")
@@ -871,7 +994,8 @@ def compute_metrics(batches, ref, metrics=("fid",), detector=None, device=None, 
         if "fid" in metrics:
             results["fid"] = features_frechet_distance(features["pool"], ref["mu"], ref["sigma"])
         if "is" in metrics:
-            results["is"], results["is_std"] = inception_score(features["logits"])
+            results["is"], results["is_std"] = inception_score(features["logits"],
+                                                               split_size=resolved["is_split_size"])
         if "sfid" in metrics:
             results["sfid"] = features_frechet_distance(features["spatial"], ref["mu_s"], ref["sigma_s"])
         if "pr" in metrics:
@@ -879,6 +1003,8 @@ def compute_metrics(batches, ref, metrics=("fid",), detector=None, device=None, 
             results["precision"], results["recall"] = precision_recall(ref_pool, features["pool"])
         if "kid" in metrics:
             results["kid"], results["kid_std"] = kernel_inception_distance(features["pool"], ref["pool"], seed=seed)
+    if protocol is not None:
+        results.update(protocol=resolved["protocol"], preprocess=resolved["preprocess"])
     return results
 
 
@@ -982,35 +1108,65 @@ def image_batches(source, indices, batch_size=100, workers=4):
 # Command line.
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (`fid.py: error: ...`, exit 2) and no prefix matching of flags."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message):
+        print(f"fid.py: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def _parse_args(argv):
-    parser = argparse.ArgumentParser(description="FID, IS, sFID, precision/recall and KID (pure-torch Inception-v3).")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="fid.py", description="FID, IS, sFID, precision/recall and KID (pure-torch Inception-v3).")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     ref = commands.add_parser("ref", help="compute reference statistics of a dataset")
-    ref.add_argument("--data", required=True, help="image folder, EDM-style zip or .npz (`x` / `arr_0`)")
-    ref.add_argument("--dest", required=True, help="output .npz (EDM fid-refs format plus mu_s, sigma_s, pool)")
+    ref.add_argument("--data", required=True, help="image folder, EDM-style zip or .npz (`x` / `arr_0`) (required)")
+    ref.add_argument("--dest", required=True,
+                     help="output .npz: EDM fid-refs format (mu, sigma) plus mu_s, sigma_s, pool and the "
+                          "preprocess/protocol tags (required)")
     ref.add_argument("--ref_features", type=int, default=10000,
-                     help="keep pool features of this many random images for pr/kid (ADM's ref batches: 10,000)")
+                     help="keep pool features of this many random images for pr/kid (ADM's ref batches hold "
+                          "10,000) (default: 10000)")
     calc = commands.add_parser("calc", help="compute metrics of images against reference statistics")
-    calc.add_argument("--images", required=True, help="image folder, EDM-style zip or .npz (`x` / `arr_0`)")
+    calc.add_argument("--images", required=True, help="image folder, EDM-style zip or .npz (`x` / `arr_0`) "
+                      "(required)")
     calc.add_argument("--ref", required=True, help="reference .npz or URL (EDM, pytorch-fid, ADM, `fid.py ref`), "
-                      "or an image folder / zip")
-    calc.add_argument("--metrics", default="fid", help=f"comma-separated, from {','.join(METRICS)}")
+                      "or an image folder / zip (required)")
+    calc.add_argument("--metrics", default="fid", help=f"comma-separated, from {','.join(METRICS)} (default: fid)")
     calc.add_argument("--num", type=int, default=None,
-                      help="use this many images: a seeded random subset when there are more (EDM), error if fewer")
-    calc.add_argument("--seed", type=int, default=0, help="seed of the --num subset and of KID's subsets")
-    calc.add_argument("--json", default=None, help="also write the results as JSON to this file")
+                      help="images to evaluate: the protocol's number (edm, adm: 50000; pytorch-fid: all), an error "
+                           "if fewer are found; with more, edm takes a sorted seeded random subset, adm the first "
+                           "ones (default: none)")
+    calc.add_argument("--seed", type=int, default=0, help="seed of the --num subset and of KID's subsets (default: 0)")
+    calc.add_argument("--json", default=None, help="also write the results, protocol and preprocessing as JSON to "
+                      "this file (default: none)")
     for command in (ref, calc):
-        command.add_argument("--batch", type=int, default=100, help="images per batch and device")
+        command.add_argument("--protocol", choices=tuple(PROTOCOLS), default=None,
+                             help="edm (EDM's fid.py), adm (guided-diffusion's evaluator) or pytorch-fid: sets the "
+                                  "preprocessing, the number of images and the IS splits; required for a reference "
+                                  "without a preprocessing tag, unless --preprocess is given (default: the "
+                                  "reference's tag)")
+        command.add_argument("--batch", type=int, default=100, help="images per batch and device (default: 100)")
         command.add_argument("--preprocess", choices=PREPROCESS, default=None,
-                             help="pytorch-fid (default) or tf (as EDM's and ADM's published references)")
+                             help="pytorch-fid or tf (EDM's and ADM's references); set by --protocol (default: the "
+                                  "protocol's, else the reference's tag, else pytorch-fid)")
         command.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                             help="fp32 (exact; default), tf32 or bf16 autocast: faster, but they move the features")
-        command.add_argument("--weights", default=None, help=f"path of {WEIGHTS_FILE} (default: $FID_WEIGHTS, "
-                             "then the torch hub cache, downloaded once)")
+                             help="fp32 (exact), tf32 or bf16 autocast: faster, but they move the features "
+                                  "(default: fp32)")
+        command.add_argument("--fid_weights", default=None,
+                             help=f"path of {WEIGHTS_FILE} (default: $FID_WEIGHTS, then the torch hub cache, "
+                                  "downloaded once)")
+        command.add_argument("--weights", default=None, help=argparse.SUPPRESS)  # renamed: refused below
         command.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-        command.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding threads")
+        command.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                             help="image decoding threads (default: min(8, CPU count))")
     args = parser.parse_args(argv)
 
+    if args.weights is not None:
+        parser.error("--weights is not supported: the FID weights flag is --fid_weights=PATH")
     if args.batch < 1:
         parser.error("--batch must be >= 1")
     try:
@@ -1021,6 +1177,9 @@ def _parse_args(argv):
         parser.error("--device=cuda, but CUDA is not available")
     if args.workers < 1:
         parser.error("--workers must be >= 1")
+    if args.protocol and args.preprocess and args.preprocess != PROTOCOLS[args.protocol]["preprocess"]:
+        parser.error(f"--protocol={args.protocol} preprocesses with {PROTOCOLS[args.protocol]['preprocess']}, not "
+                     f"--preprocess={args.preprocess}")
     if args.command == "ref" and args.ref_features < 0:
         parser.error("--ref_features must be >= 0")
     if args.command == "calc":
@@ -1030,6 +1189,23 @@ def _parse_args(argv):
         if args.num is not None and args.num < 2:
             parser.error("--num must be >= 2")
     return args
+
+
+def check_writable(path, flag="--dest"):
+    """Fail now, not after the long pass, when `path` cannot be written (a folder, read-only, missing parent)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{flag}={path} is a folder, expected a file name")
+    probe = f"{path}.tmp{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(probe, "wb"):
+            pass
+    except OSError as error:
+        raise ValueError(f"{flag}={path} is not writable: {error.strerror or error}") from None
+    finally:
+        if os.path.exists(probe):
+            os.remove(probe)
 
 
 def _setup_device(requested):
@@ -1043,50 +1219,55 @@ def _setup_device(requested):
     return device
 
 
-def _select(count, num, seed):
-    """EDM's rule: all images, or a sorted seeded random subset of `num` when there are more."""
-    if num is None or num == count:
-        return np.arange(count)
-    if count < num:
-        raise ValueError(f"found {count} images, but --num={num}")
-    return np.sort(np.random.RandomState(seed % (1 << 31)).permutation(count)[:num])
-
-
 def main(argv=None):
-    """python fid.py ref --data=... --dest=...  |  python fid.py calc --images=... --ref=... [--metrics=...]"""
+    """python fid.py ref --data=... --dest=...  |  python fid.py calc --images=... --ref=... [--metrics=...]
+
+    Exit status 2 for bad flags or inputs, found before any image is read; 1 for a failure during the pass.
+    """
     args = _parse_args(argv)
     device = _setup_device(args.device)
     rank, world = _rank_world()
+    started = False  # errors before the long pass are input errors (2), after it failures while running (1)
     try:
         if args.command == "ref":
+            check_writable(args.dest)
             source = ImageSource(args.data)
+            resolved = resolve_protocol(args.protocol, args.preprocess)
+            detector = load_inception(args.fid_weights, device)
             # A seeded shuffle makes the kept pool features a uniform subset; the statistics ignore order.
             order = np.random.RandomState(0).permutation(len(source))
-            detector = load_inception(args.weights, device)
+            started = True
             stats = compute_stats(image_batches(source, np.array_split(order, world)[rank], args.batch, args.workers),
-                                  detector, device, preprocess=args.preprocess or "pytorch-fid",
+                                  detector, device, preprocess=resolved["preprocess"],
                                   max_features=args.ref_features, precision=args.precision, num_images=len(source))
+            stats["protocol"] = resolved["protocol"]
             if rank == 0:
                 save_ref(args.dest, stats)
-                print(f"saved statistics of {stats['n']} images ({stats['preprocess']} preprocessing) to {args.dest}")
+                print(f"saved statistics of {stats['n']} images (protocol {resolved['protocol'] or 'none'}, "
+                      f"{stats['preprocess']} preprocessing) to {args.dest}")
         else:
-            source = ImageSource(args.images)
-            indices = _select(len(source), args.num, args.seed)
-            ref = load_ref(args.ref)
-            detector = load_inception(args.weights, device)
+            if args.json:
+                check_writable(args.json, "--json")
+            source = ImageSource(args.images)             # lists the images (or reads an .npz header) only
+            ref = load_ref(args.ref)                      # statistics only; reference images are read later
+            detector = load_inception(args.fid_weights, device)
+            resolved = resolve_protocol(args.protocol, args.preprocess, ref, args.metrics, detector, args.num,
+                                        available=len(source))
+            indices = select_images(len(source), resolved, args.seed)
+            started = True
             batches = image_batches(source, np.array_split(indices, world)[rank], args.batch, args.workers)
-            results = compute_metrics(batches, ref, args.metrics, detector, device, preprocess=args.preprocess,
-                                      precision=args.precision, num_images=len(indices), seed=args.seed)
+            results = compute_metrics(batches, ref, args.metrics, detector, device, precision=args.precision,
+                                      num_images=len(indices), seed=args.seed, protocol=resolved)
             if rank == 0:
                 for name, value in results.items():
-                    print(f"{name:10s} {value:g}")
+                    print(f"{name:10s} {value:g}" if isinstance(value, float) else f"{name:10s} {value}")
                 if args.json:
                     record = dict(results, images=args.images, ref=args.ref, num=len(indices),
-                                  preprocess=args.preprocess or ref.get("preprocess") or "pytorch-fid")
+                                  is_split_size=resolved["is_split_size"], tool=resolved["tool"])
                     _atomic_write(args.json, lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
     except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        print(f"fid.py: error: {' '.join(str(error).split())}", file=sys.stderr)
+        sys.exit(1 if started else 2)
     finally:
         if world > 1:
             dist.destroy_process_group()

@@ -366,7 +366,7 @@ def test_ref_file_round_trip_and_formats(tmp_path):
     assert loaded["preprocess"] == "tf" and int(loaded["n"]) == 7 and not list(tmp_path.glob("*.tmp*"))
     # A plain EDM fid-refs file, an ADM reference batch, and files that are no reference at all.
     np.savez(tmp_path / "edm.npz", mu=stats["mu"], sigma=stats["sigma"])
-    assert set(fid.load_ref(tmp_path / "edm.npz")) == {"mu", "sigma"}
+    assert set(fid.load_ref(tmp_path / "edm.npz")) == {"mu", "sigma", "path"}  # path: for messages
     np.savez(tmp_path / "adm.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8), mu=stats["mu"], sigma=stats["sigma"],
              mu_s=stats["mu_s"], sigma_s=stats["sigma_s"])
     assert fid.load_ref(tmp_path / "adm.npz")["images"] == str(tmp_path / "adm.npz")
@@ -449,7 +449,7 @@ def test_cli_end_to_end(weights, tmp_path, capsys):
     (tmp_path / "images").mkdir()
     for i, image in enumerate(np.random.RandomState(10).randint(0, 256, (6, 12, 12, 3), dtype=np.uint8)):
         Image.fromarray(image).save(tmp_path / "images" / f"{i:03d}.png")
-    common = [f"--weights={weights['full']}", "--device=cpu", "--batch=5", "--workers=2"]
+    common = [f"--fid_weights={weights['full']}", "--device=cpu", "--batch=5", "--workers=2"]
     fid.main(["ref", f"--data={tmp_path / 'images'}", f"--dest={tmp_path / 'refs' / 'ref.npz'}", *common])
     with np.load(tmp_path / "refs" / "ref.npz") as ref:
         assert ref["mu"].shape == (2048,) and ref["sigma_s"].shape == (2023, 2023) and ref["pool"].shape == (6, 2048)
@@ -473,7 +473,7 @@ def test_cli_errors_exit_nonzero(tmp_path, capsys):
     with pytest.raises(SystemExit) as data_error:
         fid.main(["calc", f"--images={tmp_path / 'empty'}", "--ref=x.npz", "--device=cpu"])
     err = capsys.readouterr().err.strip()
-    assert data_error.value.code == 1 and err.startswith("error: no images") and len(err.splitlines()) == 1
+    assert data_error.value.code == 2 and err.startswith("fid.py: error: no images") and len(err.splitlines()) == 1
 
 
 DISTRIBUTED_WORKER = """

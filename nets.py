@@ -1424,6 +1424,160 @@ def load_autoencoder(path_or_url, cache_dir=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# VQ-f4 autoencoder: the vector-quantised first stage of LDM-4 (LDM Sec. 3.1, Tab. 8), in diffusers' VQModel layout
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-codebook-entry quantisation of (B, C, h, w) latents (taming-transformers VectorQuantizer2 as diffusers
+    runs it: Euclidean cdist, first minimum on ties). Key `embedding.weight` (num_embeddings, C)."""
+
+    def __init__(self, num_embeddings, embed_dim):
+        super().__init__()
+        self.embedding = nn.Embedding(num_embeddings, embed_dim)
+
+    def forward(self, z):
+        """(B, C, h, w) -> quantised latents (B, C, h, w) and code indices (B, h, w). The straight-through form
+        z + (z_q - z) keeps gradients flowing to z and rounds exactly as diffusers does."""
+        B, C, h, w = z.shape
+        z_flat = z.permute(0, 2, 3, 1).reshape(-1, C)                                  # (B h w, C)
+        indices = torch.cdist(z_flat, self.embedding.weight.to(z_flat.dtype)).argmin(dim=1)
+        z_q = self.embedding(indices).to(z.dtype).reshape(B, h, w, C).permute(0, 3, 1, 2)
+        return z + (z_q - z).detach(), indices.reshape(B, h, w)
+
+
+class VQModel(nn.Module):
+    """The VQ-regularised autoencoder of latent diffusion (CompVis vq-f4 / diffusers VQModel). The defaults are
+    LDM-4's VQ-f4: 256x256x3 images <-> 64x64x3 latents, 8192 codes (CompVis models/first_stage_models/vq-f4).
+
+    Encoder and decoder are the KL autoencoder's (VAEEncoder / VAEDecoder) with a single-width encoder output
+    (no posterior log-variance), then quant_conv -> codebook `quantize` -> post_quant_conv, as in diffusers:
+    encode(x) -> the PRE-quantisation latents quant_conv(encoder(x)) (diffusers VQModel.encode().latents);
+    decode(h, force_not_quantize=False) -> images, quantising h to the nearest codes first unless
+    force_not_quantize (diffusers VQModel.decode; CompVis VQModelInterface.decode). Neither scales: scaling_factor
+    is what a pipeline divides sampled latents by before decode (diffusers' pipelines do; LDM's VQ models use 1).
+    """
+
+    def __init__(self, in_channels=3, out_channels=3, block_out_channels=(128, 256, 512), layers_per_block=2,
+                 latent_channels=3, num_vq_embeddings=8192, vq_embed_dim=None, norm_num_groups=32,
+                 scaling_factor=1.0):
+        super().__init__()
+        vq_embed_dim = vq_embed_dim or latent_channels
+        self.scaling_factor = scaling_factor
+        self.downscale_factor = 2 ** (len(block_out_channels) - 1)
+        self.latent_channels = vq_embed_dim  # the channels of what encode returns and decode takes
+        self.encoder = VAEEncoder(in_channels, latent_channels, block_out_channels, layers_per_block, norm_num_groups)
+        self.encoder.conv_out = nn.Conv2d(block_out_channels[-1], latent_channels, 3, padding=1)  # double_z=False
+        self.quant_conv = nn.Conv2d(latent_channels, vq_embed_dim, 1)
+        self.quantize = VectorQuantizer(num_vq_embeddings, vq_embed_dim)
+        self.post_quant_conv = nn.Conv2d(vq_embed_dim, latent_channels, 1)
+        self.decoder = VAEDecoder(latent_channels, out_channels, block_out_channels, layers_per_block,
+                                  norm_num_groups)
+
+    def encode(self, x):
+        """Images (B, in_channels, H, W) in [-1, 1] -> pre-quantisation latents (B, vq_embed_dim, H/f, W/f)."""
+        return self.quant_conv(self.encoder(x))
+
+    def decode(self, h, force_not_quantize=False):
+        """Latents (B, vq_embed_dim, h, w) -> images (B, out_channels, h*f, w*f) in about [-1, 1] (not clamped)."""
+        quant = h if force_not_quantize else self.quantize(h)[0]
+        return self.decoder(self.post_quant_conv(quant))
+
+    def forward(self, x):
+        return self.decode(self.encode(x))
+
+
+VQMODEL_TINY = dict(block_out_channels=(32, 64), layers_per_block=1, num_vq_embeddings=64)  # f = 2, for CPU tests
+VQMODEL_CONFIG_KEYS = ('in_channels', 'out_channels', 'block_out_channels', 'layers_per_block', 'latent_channels',
+                       'num_vq_embeddings', 'vq_embed_dim', 'norm_num_groups', 'scaling_factor')
+
+
+def vq_state_dict_to_diffusers(state_dict):
+    """Keys of a released VQ autoencoder -> the diffusers VQModel layout: a CompVis/taming first-stage checkpoint
+    (`state_dict`, optional `first_stage_model.` prefix of a full LDM checkpoint, `quantize.embedding.weight`) or a
+    diffusers file (old or current attention names); see vae_state_dict_to_diffusers for the encoder/decoder."""
+    state_dict = state_dict.get('state_dict', state_dict)
+    prefix = 'first_stage_model.' if any(key.startswith('first_stage_model.') for key in state_dict) else ''
+    codebook = state_dict.get(prefix + 'quantize.embedding.weight')
+    converted = vae_state_dict_to_diffusers(state_dict)
+    if codebook is not None:
+        converted['quantize.embedding.weight'] = codebook
+    return converted
+
+
+def vq_config_from_state_dict(state_dict):
+    """VQModel keyword arguments read from the shapes of a diffusers-layout state dict (norm groups: 32)."""
+    if 'quantize.embedding.weight' not in state_dict:
+        raise ValueError('state dict does not look like a VQ autoencoder (no quantize.embedding.weight)')
+    config = vae_config_from_state_dict(state_dict)
+    num_vq_embeddings, vq_embed_dim = state_dict['quantize.embedding.weight'].shape
+    return {**config, 'num_vq_embeddings': num_vq_embeddings, 'vq_embed_dim': vq_embed_dim}
+
+
+def vq_config_from_diffusers(config):
+    """VQModel keyword arguments from a diffusers VQModel config.json; the variants nets.VQModel does not implement
+    (MoVQ's spatial norm, codebook-index decoding, no mid-block attention, other blocks or activations) are refused."""
+    unsupported = {'norm_type': 'group', 'act_fn': 'silu', 'mid_block_add_attention': True,
+                   'lookup_from_codebook': False}
+    for key, supported in unsupported.items():
+        if config.get(key, supported) != supported:
+            raise ValueError(f'VQModel with {key}={config[key]!r} is not supported (only {key}={supported!r})')
+    block_types = set(config.get('down_block_types', ())) | set(config.get('up_block_types', ()))
+    if block_types - {'DownEncoderBlock2D', 'UpDecoderBlock2D'}:
+        raise ValueError(f'VQModel blocks {sorted(block_types)} are not supported (only DownEncoderBlock2D / '
+                         'UpDecoderBlock2D)')
+    defaults = dict(in_channels=3, out_channels=3, block_out_channels=(64,), layers_per_block=1, latent_channels=3,
+                    num_vq_embeddings=256, vq_embed_dim=None, norm_num_groups=32, scaling_factor=0.18215)
+    return {key: tuple(value) if isinstance(value, list) else value
+            for key, value in {**defaults, **{k: config[k] for k in VQMODEL_CONFIG_KEYS if k in config}}.items()}
+
+
+def read_diffusers_weights(folder, names=('diffusion_pytorch_model.safetensors', 'diffusion_pytorch_model.bin')):
+    """The state dict of a diffusers/transformers model folder: the first of `names` present (safetensors first)."""
+    for name in names:
+        if os.path.isfile(os.path.join(folder, name)):
+            return load_weights_file(os.path.join(folder, name))
+    raise WeightsNotFoundError(f'{folder}: none of {", ".join(names)} found')
+
+
+def read_json(path):
+    """A JSON file as a dict, or ValueError naming the file."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f'{path}: not a readable JSON file ({error})') from None
+
+
+def load_vqmodel(path_or_folder, cache_dir=None):
+    """Load a VQ autoencoder, frozen and in eval mode, from a diffusers folder (config.json +
+    diffusion_pytorch_model.safetensors or .bin; a pipeline folder with a vqvae/ sub-folder also works), a file of
+    weights (.safetensors / .bin / .ckpt / .pt: diffusers layout or a CompVis first-stage / full LDM checkpoint, shapes
+    giving the config, scaling_factor 1.0 unless the LDM checkpoint stores a scale_factor), or a Hugging Face repo
+    id / hf:// / URL resolved with resolve_source. Strict: every key must match."""
+    files = ('config.json', ('diffusion_pytorch_model.safetensors', 'diffusion_pytorch_model.bin'))
+    try:
+        source = resolve_source(path_or_folder, files, cache_dir)
+    except WeightsNotFoundError as error:  # a hub pipeline repository: its autoencoder is in vqvae/
+        if '(HTTP 404' not in str(error) or str(path_or_folder).rstrip('/').endswith('/vqvae'):
+            raise
+        source = resolve_source(str(path_or_folder).rstrip('/') + '/vqvae', files, cache_dir)
+    if os.path.isdir(source):
+        folder = source if os.path.isfile(os.path.join(source, 'config.json')) else os.path.join(source, 'vqvae')
+        config = vq_config_from_diffusers(read_json(os.path.join(folder, 'config.json')))
+        state_dict = vq_state_dict_to_diffusers(read_diffusers_weights(folder))
+    else:
+        raw = load_weights_file(source)
+        state_dict = vq_state_dict_to_diffusers(raw)
+        scale = raw.get('state_dict', raw).get('scale_factor')
+        config = {**vq_config_from_state_dict(state_dict), 'scaling_factor': float(scale) if scale is not None else 1.0}
+    with torch.device('meta'):  # no random init of weights that are overwritten anyway
+        net = VQModel(**config)
+    net.load_state_dict({key: value.float() for key, value in state_dict.items()}, assign=True)
+    net.config = config
+    return net.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Released checkpoints
 
 

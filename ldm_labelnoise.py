@@ -73,136 +73,250 @@ TEXT_LENGTH = 77  # BERT max_length in the official text pipeline
 
 @dataclasses.dataclass
 class SamplerConfig:
-    scheduler:          str   = 'dpm'        # 'dpm' (DPM-Solver++ 2M, paper evaluation) | 'ddim' (official scripts)
-    ddim_steps:         int   = 50           # sampling steps (official scripts' flag name; paper: 50)
-    ddim_eta:           float = 0.0          # DDIM stochasticity (official default 0)
-    scale:              float = 1.5          # guidance scale s of Eq. 2; 1 = plain conditional sampling
-    timestep_spacing:   str   = ''           # linspace | leading; '' = diffusers' (dpm: linspace, ddim: leading)
+    scheduler:          str   = 'ddim'       # ddim | dpm (DPM-Solver++ 2M, the paper's evaluation) | ddpm (DiT's ancestral)
+    ddim_steps:         int   = 50           # sampling steps (DiT's protocol: --scheduler=ddpm --ddim_steps=250)
+    ddim_eta:           float = 0.0          # DDIM stochasticity; 0 = deterministic
+    scale:              float = 7.5          # guidance scale s of Eq. 2; 1 = plain conditional sampling
+    cfg_channels:       str   = 'all'        # eps channels guided: all (diffusers pipelines) | dit (first 3, DiT sample.py)
+    timestep_spacing:   str   = ''           # linspace | leading; '' = diffusers' own (dpm: linspace, ddim: leading)
 
 
 @dataclasses.dataclass
 class TrainConfig(SamplerConfig):
     # Data and conditions.
     data:               str   = ''           # image folder, EDM-style zip, .npz (x, y) or 'cifar10' (downloaded)
-    cond:               str   = 'class'      # 'class' labels or 'text' captions (CC3M setting, LDM backbone only)
-    captions:           str   = ''           # file, one caption a line in image order; '' = captions.txt beside images
+    cond:               str   = 'class'      # class labels, or text captions (CC3M setting, LDM backbone only)
+    captions:           str   = ''           # file with one caption a line in image order; '' = captions.txt beside
     resolution:         int   = 0            # ADM center crop to this size (DiT train.py: 256); 0 = keep as is
-    num_classes:        int   = 0            # labels must lie in [0, num_classes); 0 = 1 + largest label
+    num_classes:        int   = 0            # labels lie in [0, num_classes); 0 = from the data (classes, folders)
     xflip:              bool  = False        # random horizontal flips (DiT train.py: on; LDM ImageNetTrain: off)
     # Condition corruption, fixed once before training (Sec. 3.1, App. B.1).
     corruption_ratio:   float = 0.0          # eta: fraction of samples with a wrong label or a swapped caption
-    corruption_classes: str   = ''           # asymmetric: corrupt only within these class ids (Sec. 3.3), '1,5,9'
+    corruption_classes: str   = ''           # asymmetric: corrupt only within these class ids (Sec. 3.3), e.g. 1,5,9
     # Training-time perturbations (Sec. 5) and classifier-free guidance.
     cep:                str   = 'none'       # conditional embedding perturbation: none | uniform | gaussian (Eq. 8)
     cep_gamma:          float = 1.0          # gamma of Eq. 8; the paper uses 1 for all models
+    cep_perturb_null:   bool  = True         # CEP also perturbs the null condition of CFG training (paper: silent)
     input_perturbation: float = 0.0          # IP baseline (Ning et al.): gamma of eps + gamma * xi; DDPM-IP: 0.1
     embedding_dropout:  float = 0.0          # dropout on the condition embedding (App. E.3 baseline: 0.1); LDM only
     class_dropout_prob: float = 0.1          # null class / empty caption rate (DiT models.py; SD2 ucg_rate)
     # Network and diffusion.
-    arch:               str   = 'DiT-XL/2'   # nets.DiT_models name, or an LDM UNet preset ('ldm-cin256', 'tiny-ldm')
-    vae:                str   = 'none'       # KL-f8 autoencoder: file, URL, 'ema' / 'mse' (sd-vae-ft-*), or 'none'
+    arch:               str   = 'DiT-XL/2'   # a DiT (DiT-XL/2, ...) or an LDM UNet preset (ldm-cin256, ldm-cc3m, tiny-ldm)
+    vae:                str   = 'none'       # autoencoder: ema | mse (KL-f8 sd-vae-ft-*), vq-f4, a file or URL, or none
+    transfer:           str   = ''           # start from these weights: a facebookresearch/DiT .pt or our snapshot
     dropout:            float = 0.0          # UNet dropout (LDM cin256-v2: 0)
     text_layers:        int   = 4            # depth of the byte-level text encoder that stands in for BERT
-    beta_schedule:      str   = 'linear'     # 'linear' (DiT) | 'scaled_linear' (LDM's "linear": sqrt-spaced)
+    beta_schedule:      str   = 'linear'     # linear (DiT) | scaled_linear (LDM's "linear": sqrt-spaced)
     linear_start:       float = 1e-4         # beta_1 (DiT 1e-4; LDM cin256-v2 0.0015)
     linear_end:         float = 0.02         # beta_T (DiT 0.02; LDM cin256-v2 0.0195)
     # Optimisation (DiT train.py defaults; paper App. B.4).
     batch:              int   = 256          # global batch (DiT: 256; LDM: 8 GPUs x 64)
-    batch_gpu:          int   = 0            # per-GPU microbatch; gradient accumulation makes up the rest; 0 = all
+    batch_gpu:          int   = 0            # per-GPU microbatch, accumulation makes up the rest; 0 = batch / GPUs
     lr:                 float = 1e-4         # AdamW learning rate, constant (paper App. B.3, B.4)
     weight_decay:       float = 0.0          # AdamW weight decay (DiT: 0; LDM: torch default 0.01)
-    lr_rampup_kimg:     float = 0.0          # linear warm-up; neither official recipe has one
+    lr_rampup_kimg:     float = 0.0          # linear warm-up in kimg; neither official recipe has one
     grad_clip:          float = 0.0          # max gradient norm; 0 = off (DiT and LDM do not clip)
     ema_decay:          float = 0.9999       # per-step EMA (DiT); 0 = snapshot the raw weights (LDM: use_ema False)
-    kimg:               float = 102400       # training length: DiT-XL/2 400K steps x 256 images
+    kimg:               float = 102400       # training length in kimg: DiT-XL/2 400K steps x 256 images
     # Bookkeeping.
     outdir:             str   = 'runs'       # run folders go here
     tick:               float = 10.0         # kimg between progress lines
     snap:               int   = 50           # ticks between snapshots, sample grids and training states
     grid:               int   = 64           # images in the sample grids (text models: the first captions)
     seed:               int   = 0            # seeds the corruption, the data order and all training noise
-    resume:             str   = ''           # training-state-*.pt to continue, or 'auto' (latest matching run)
-    precision:          str   = ''           # 'fp32' | 'bf16' autocast; '' = bf16 on CUDA, fp32 on CPU
+    resume:             str   = ''           # training-state-*.pt to continue, or auto (latest matching run)
+    precision:          str   = ''           # fp32 | bf16 autocast; '' = bf16 on CUDA, fp32 on CPU
     compile:            bool  = False        # torch.compile the network
     workers:            int   = 4            # threads decoding images
-    cache_dir:          str   = ''           # CIFAR-10 download and VAE latent cache; '' = ~/.cache/ldm_labelnoise
-    device:             str   = ''           # '' = cuda when available
+    cache_dir:          str   = ''           # CIFAR-10 and latent cache; '' = ~/.cache/ldm_labelnoise
+    device:             str   = ''           # cpu | cuda; '' = cuda when available
     dry_run:            bool  = False        # print the resolved config and exit
 
 
 @dataclasses.dataclass
 class GenerateConfig(SamplerConfig):
-    network:            str   = ''           # network-snapshot-*.pt (walk: comma-separated list, one row each)
-    seeds:              str   = '0-63'       # generate: one image per seed, e.g. 0-49999
-    outdir:             str   = 'out'        # generate: PNG folder; walk: grid folder
-    batch:              int   = 64           # images per forward pass and GPU (never changes an image)
-    class_idx:          int   = -1           # class of every image; -1 = seed % num_classes (class-balanced)
-    prompts:            str   = ''           # text models: file with one prompt a line, image k uses prompt k % n
+    network:            str   = ''           # our snapshot, a DiT .pt, a diffusers folder or repo id (walk: a list)
+    vae:                str   = ''           # autoencoder of a DiT .pt: ema | mse | file; '' = generate mse, eval ema
+    seeds:              str   = ''           # one image per seed, e.g. 0-49999; '' = the official per-class layout
+    n_samples:          int   = 0            # images per class / prompt (walk: walks per class); 0 = official 100/5/5
+    class_start_idx:    int   = 0            # first class (or prompt) of the official layout
+    class_end_idx:      int   = -1           # end of the class (or prompt) range; -1 = all (official: 1000 / 100)
+    fixed_code:         bool  = False        # fixed start codes; ours always are (a function of the seed alone)
+    image_size:         int   = 0            # output side; 0 = the network's (the official scripts ignore it)
+    outdir:             str   = 'tmp'        # generate: image folder; walk: grid folder
+    batch:              int   = 50           # images per forward pass and GPU (never changes an image)
+    class_idx:          int   = -1           # --seeds: the class of every image; -1 = seed % num_classes
+    prompts:            str   = ''           # text models: file with one prompt a line (--seeds: image k, prompt k % n)
     num:                int   = 50000        # eval: number of samples (class-balanced)
     ref:                str   = ''           # eval: reference statistics .npz from `python fid.py ref`
+    protocol:           str   = ''           # eval: edm | adm | pytorch-fid; '' = the reference's tag
     metrics:            str   = 'fid,is,sfid,pr'  # eval: fid.compute_metrics names
-    fid_weights:        str   = ''           # Inception weights file; '' = FID_WEIGHTS env or download
+    fid_weights:        str   = ''           # eval: Inception weights file; '' = FID_WEIGHTS env or download
     classes:            str   = '0'          # walk: class ids (text models: use --prompt)
     prompt:             str   = ''           # walk: the caption of a text model
-    walk_steps:         int   = 20           # walk: points on the circle (official default 20)
-    n_samples:          int   = 1            # walk: walks per class
-    seed:               int   = 42           # walk: seed of the two noises (official default 42)
-    precision:          str   = ''           # 'fp32' | 'bf16'; '' = bf16 on CUDA
-    device:             str   = ''           # '' = cuda when available
+    walk_steps:         int   = 20           # walk: points on the circle
+    seed:               int   = 42           # base seed of the official layout and of the walk noises
+    hub_token:          str   = ''           # Hugging Face token for gated repos (also read from HF_TOKEN)
+    precision:          str   = ''           # fp32 | bf16 (official: full | autocast); '' = bf16 on CUDA
+    device:             str   = ''           # cpu | cuda; '' = cuda when available
 
 
-# The LDM presets train on KL-f8 latents: the paper's VQ-f4 autoencoder is not in nets.py (see the docs).
-_LDM_IN1K = dict(arch='ldm-cin256', cond='class', vae='ema', resolution=256, beta_schedule='scaled_linear',
+# The LDM presets train on VQ-f4 latents (64 x 64 x 3 at 256 px, the paper's LDM-4); --vae=ema gives KL-f8 instead.
+_LDM_IN1K = dict(arch='ldm-cin256', cond='class', vae='vq-f4', resolution=256, beta_schedule='scaled_linear',
                  linear_start=0.0015, linear_end=0.0195, batch=512, weight_decay=0.01, ema_decay=0.0)
 PRESETS = {
     # LDM-4 class-conditional ImageNet, 178K iterations of 8 x 64 (App. B.3); s = 2.0 in Table 1.
-    'in1k-ldm': dict(_LDM_IN1K, kimg=91136, scale=2.0),
+    'in1k-ldm': dict(_LDM_IN1K, kimg=91136, scale=2.0, scheduler='dpm'),
     # LDM-4 text-conditional CC3M, 396K iterations of 8 x 64 (App. B.3); s = 3.0 in Table 1.
-    'cc3m-ldm': dict(_LDM_IN1K, arch='ldm-cc3m', cond='text', kimg=202752, scale=3.0),
+    'cc3m-ldm': dict(_LDM_IN1K, arch='ldm-cc3m', cond='text', kimg=202752, scale=3.0, scheduler='dpm'),
     # DiT-XL/2 ImageNet: DiT train.py, 400K iterations of 256 (App. B.4); s = 1.75 in Table 1.
-    'in1k-dit': dict(arch='DiT-XL/2', vae='ema', resolution=256, xflip=True, kimg=102400, scale=1.75),
+    'in1k-dit': dict(arch='DiT-XL/2', vae='ema', resolution=256, xflip=True, kimg=102400, scale=1.75,
+                     scheduler='dpm'),
     # CIFAR-10 in pixel space: our recipe for small experiments (not in the paper).
-    'cifar10': dict(arch='DiT-B/2', xflip=True, batch=128, kimg=100000, tick=50, scale=1.5),
+    'cifar10': dict(arch='DiT-B/2', xflip=True, batch=128, kimg=100000, tick=50, scale=1.5, scheduler='dpm'),
     # Seconds on a CPU: a tiny LDM UNet in pixel space.
     'tiny': dict(arch='tiny-ldm', batch=16, lr=2e-4, ema_decay=0.99, kimg=0.5, tick=0.1, snap=5, grid=16,
-                 ddim_steps=10, scale=1.5, workers=1),
+                 ddim_steps=10, scale=1.5, scheduler='dpm', workers=1),
 }
 
-
-CHOICES = dict(scheduler=('dpm', 'ddim'), timestep_spacing=('', 'linspace', 'leading'), cond=('class', 'text'),
-               cep=('none', 'uniform', 'gaussian'), beta_schedule=('linear', 'scaled_linear'),
-               precision=('', 'fp32', 'bf16'))
+CHOICES = dict(scheduler=('ddim', 'dpm', 'ddpm'), cfg_channels=('all', 'dit'), timestep_spacing=('', 'linspace',
+               'leading'), cond=('class', 'text'), cep=('none', 'uniform', 'gaussian'),
+               beta_schedule=('linear', 'scaled_linear'), precision=('', 'fp32', 'bf16', 'full', 'autocast'),
+               protocol=('', *fid.PROTOCOLS))
+COMMANDS = {  # extra flags of each command beyond the sampler's (train: all of TrainConfig)
+    'generate': ('network', 'vae', 'seeds', 'n_samples', 'class_start_idx', 'class_end_idx', 'fixed_code',
+                 'image_size', 'outdir', 'batch', 'class_idx', 'prompts', 'seed', 'hub_token', 'precision', 'device'),
+    'eval': ('network', 'vae', 'num', 'ref', 'protocol', 'metrics', 'fid_weights', 'batch', 'class_idx', 'prompts',
+             'hub_token', 'precision', 'device'),
+    'walk': ('network', 'vae', 'classes', 'prompt', 'walk_steps', 'n_samples', 'seed', 'outdir', 'batch',
+             'hub_token', 'precision', 'device'),
+}
+COMMAND_DEFAULTS = {  # the official circular-walk script's own defaults
+    'walk': dict(scheduler='dpm', ddim_steps=25, n_samples=5, batch=20),
+}
+GROUPS = {  # --help sections (the same titles and order in the four scripts)
+    'data and corruption': ('data', 'cond', 'captions', 'resolution', 'num_classes', 'xflip', 'corruption_ratio',
+                            'corruption_classes', 'cep', 'cep_gamma', 'cep_perturb_null', 'input_perturbation',
+                            'embedding_dropout', 'class_dropout_prob'),
+    'network': ('network', 'arch', 'vae', 'transfer', 'dropout', 'text_layers', 'beta_schedule', 'linear_start',
+                'linear_end', 'hub_token'),
+    'optimisation': ('batch', 'batch_gpu', 'lr', 'weight_decay', 'lr_rampup_kimg', 'grad_clip', 'ema_decay', 'kimg'),
+    'run': ('preset', 'outdir', 'tick', 'snap', 'grid', 'seed', 'resume', 'precision', 'compile', 'workers',
+            'cache_dir', 'device', 'dry_run'),
+    'sampling': ('scheduler', 'ddim_steps', 'ddim_eta', 'scale', 'cfg_channels', 'timestep_spacing', 'seeds',
+                 'n_samples', 'class_start_idx', 'class_end_idx', 'fixed_code', 'image_size', 'class_idx', 'prompts',
+                 'classes', 'prompt', 'walk_steps'),
+    'evaluation': ('num', 'ref', 'protocol', 'metrics', 'fid_weights'),
+}
+SAMPLING_GROUP = {'batch', 'outdir', 'seed'}  # under `sampling` for generate / eval / walk, not optimisation / run
+OFFICIAL_NAMES = {  # our flag -> the official DiffusionNoise scripts' spelling (both accepted)
+    'network': ('pretrained_model_name_or_path', 'model_list'), 'batch': ('batch_size',),
+    'prompts': ('prompt_data',), 'input_perturbation': ('input_pertub',),
+}
+REFUSED = {  # official flags we do not take: why, and what to use
+    'push_to_hub': 'uploading to the Hugging Face Hub is not part of sampling; upload --outdir yourself',
+    'class_synset': 'WordNet synsets need the ImageNet index; use --classes=ID,ID (data/index_synset.yaml maps them)',
+}
+TOP_HELP = """usage: ldm_labelnoise.py [COMMAND] [--flag=value ...]
+Slight Corruption in Pre-training Data Makes Better Diffusion Models (Chen et al., NeurIPS 2024)
+commands:
+  train      train a DiT or LDM with condition corruption and CEP (default)
+  generate   one image per seed, or the official per-class folders of JPEGs
+  eval       FID, IS, sFID, precision/recall of samples held in memory
+  walk       the official circular walk between two noises, one row per network
+Run 'python ldm_labelnoise.py COMMAND --help' for the flags of a command."""
 
 
 class UserError(Exception):
-    """Bad input: printed as one 'error: ...' line, exit code 1 (2 for flags)."""
-    exit_code = 1
-
-
-class FlagError(UserError):
+    """Bad input (a flag, a data, checkpoint or resume file): one 'ldm_labelnoise.py: error: ...' line, exit 2."""
     exit_code = 2
 
 
-def parse_config(cls, argv):
-    """Flags from the dataclass fields (`--name=value`); `--preset` sets defaults that explicit flags override.
-    `--help` prints the commented dataclass."""
-    epilog = '\n'.join(inspect.getsource(c) for c in reversed(cls.__mro__[:-1]))  # SamplerConfig, then cls
-    parser = argparse.ArgumentParser(prog='ldm_labelnoise.py', epilog=epilog,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+class FlagError(UserError):
+    pass
+
+
+class RunError(Exception):
+    """A failure while running (e.g. a full disk during training): one error line, exit 1."""
+    exit_code = 1
+
+
+def field_help(cls):
+    """Each field's trailing comment in the dataclass source: the one place a flag is described."""
+    helps = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        for line in inspect.getsource(klass).splitlines():
+            match = re.match(r'\s+(\w+):\s+\w+\s+=.*?#\s*(.*)$', line)
+            if match:
+                helps[match[1]] = match[2]
+    return helps
+
+
+def parse_config(cls, argv, command=None):
+    """Flags from the dataclass fields (`--name=value`), grouped for --help; `--preset` sets defaults that explicit
+    flags override; official spellings are aliases; refused official flags fail with one line."""
+    command = command or ('train' if cls is TrainConfig else 'generate')
+    parser = argparse.ArgumentParser(prog=f'ldm_labelnoise.py {command}', allow_abbrev=False, add_help=False,
+                                     usage=f'ldm_labelnoise.py {command} [--flag=value ...]', formatter_class=
+                                     lambda prog: HelpFormatter(prog, max_help_position=40, width=120))
     parser.error = lambda message: (_ for _ in ()).throw(FlagError(message))
-    for field in dataclasses.fields(cls):
-        if field.type is bool:
-            parser.add_argument(f'--{field.name}', default=field.default, nargs='?', const='true', type=parse_bool)
-        else:
-            parser.add_argument(f'--{field.name}', default=field.default, type=field.type,
-                                choices=CHOICES.get(field.name))
+    fields = {field.name: field for field in dataclasses.fields(cls)}
+    names = list(fields) + ['preset'] if cls is TrainConfig else \
+        [name for name in fields if name in COMMANDS[command] or name in SamplerConfig.__dataclass_fields__]
+    defaults = {name: field.default for name, field in fields.items()}
+    defaults.update(COMMAND_DEFAULTS.get(command, {}))
+    helps = field_help(cls)
+    helps['preset'] = 'a paper recipe: ' + ', '.join(PRESETS)
+    for title, members in GROUPS.items():
+        group = parser.add_argument_group(title)
+        if title == 'run':
+            group.add_argument('-h', '--help', action='help', help='print this help and exit')
+        for name in names:
+            in_group = title == 'sampling' if cls is GenerateConfig and name in SAMPLING_GROUP else name in members
+            if not in_group:
+                continue
+            default = defaults.get(name, '')
+            official = OFFICIAL_NAMES.get(name, ())
+            text = helps[name] + (f'; official: {", ".join("--" + n for n in official)}' if official else '') + \
+                f' (default: {"none" if default == "" else default})'
+            text = text.replace('%', '%%')  # argparse formats help with %
+            flags = [f'--{name}'] + [f'--{n}' for n in official]
+            if name in fields and fields[name].type is bool:
+                group.add_argument(*flags, dest=name, default=default, nargs='?', const='true', type=parse_bool,
+                                   metavar='BOOL', help=text)  # --flag alone means true
+            else:
+                kind = fields[name].type if name in fields else str
+                nargs = '+' if name == 'network' else None  # the walk's --model_list takes several
+                group.add_argument(*flags, dest=name, default=default, type=kind, choices=CHOICES.get(name),
+                                   nargs=nargs, help=text, metavar=kind.__name__.upper())
+    for name, why in REFUSED.items():
+        if cls is GenerateConfig:
+            parser.add_argument(f'--{name}', nargs='*', help=argparse.SUPPRESS, action=RefusedFlag, why=why)
     if cls is TrainConfig:
-        parser.add_argument('--input_pertub', dest='input_perturbation', type=float, default=argparse.SUPPRESS,
-                            help='alias of --input_perturbation (DDPM-IP spelling)')
-        parser.add_argument('--preset', default='', choices=list(PRESETS), help='recipe: ' + ', '.join(PRESETS))
         parser.set_defaults(**PRESETS.get(parser.parse_known_args(argv)[0].preset, {}))
     args = vars(parser.parse_args(argv))
-    return cls(**{field.name: args[field.name] for field in dataclasses.fields(cls)})
+    if isinstance(args.get('network'), list):
+        args['network'] = ','.join(args['network'])
+    if args.get('precision') in ('full', 'autocast'):  # the official spellings
+        args['precision'] = 'fp32' if args['precision'] == 'full' else 'bf16'
+    return cls(**{name: args.get(name, defaults[name]) for name in fields})
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Flags shown as they are typed: --name=TYPE."""
+
+    def _format_action_invocation(self, action):
+        value = '' if action.nargs == 0 else f'={action.metavar}'
+        return ', '.join(option + value for option in action.option_strings)
+
+
+class RefusedFlag(argparse.Action):
+    def __init__(self, *args, why='', **kwargs):
+        super().__init__(*args, **kwargs)
+        self.why = why
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise FlagError(f'{option_string} (official Hhhhhhao/DiffusionNoise flag) is not supported: {self.why}')
 
 
 def parse_bool(text):
@@ -218,14 +332,20 @@ def check_config(cfg, world_size):
         raise FlagError('--ddim_steps must be in [1, 1000], --ddim_eta >= 0 and --scale >= 1')
     if cfg.ddim_eta > 0 and cfg.scheduler != 'ddim':
         raise FlagError('--ddim_eta needs --scheduler=ddim')
-    if (cfg.timestep_spacing or {'dpm': 'linspace', 'ddim': 'leading'}[cfg.scheduler]) == 'leading' and \
-            cfg.ddim_steps > NUM_TIMESTEPS // 2:
+    if cfg.scheduler == 'ddpm' and (cfg.ddim_steps < 2 or cfg.timestep_spacing):
+        raise FlagError('--scheduler=ddpm takes --ddim_steps >= 2 and DiT\'s own spacing (no --timestep_spacing)')
+    if (cfg.timestep_spacing or {'dpm': 'linspace', 'ddim': 'leading', 'ddpm': ''}[cfg.scheduler]) == 'leading' \
+            and cfg.ddim_steps > NUM_TIMESTEPS // 2:
         raise FlagError(f'--timestep_spacing=leading allows at most {NUM_TIMESTEPS // 2} --ddim_steps')
     if isinstance(cfg, GenerateConfig):
-        if not cfg.network or min(cfg.batch, cfg.num, cfg.walk_steps, cfg.n_samples) < 1:
-            raise FlagError('--network is required; --batch, --num, --walk_steps and --n_samples must be >= 1')
+        if not cfg.network or min(cfg.batch, cfg.num, cfg.walk_steps) < 1 or cfg.n_samples < 0:
+            raise FlagError('--network is required; --batch, --num and --walk_steps must be >= 1, --n_samples >= 0')
         if set(cfg.metrics.split(',')) - set(fid.METRICS):
             raise FlagError(f'--metrics must be a comma-separated subset of {",".join(fid.METRICS)}')
+        if cfg.class_start_idx < 0 or (cfg.class_end_idx != -1 and cfg.class_end_idx <= cfg.class_start_idx):
+            raise FlagError('--class_start_idx must be >= 0 and below --class_end_idx (or --class_end_idx=-1)')
+        if cfg.image_size < 0:
+            raise FlagError('--image_size must be >= 0')
         return
     # Training: data, corruption and perturbation rates, network, schedule, batch, optimiser, bookkeeping.
     if not cfg.data:
@@ -254,6 +374,18 @@ def check_config(cfg, world_size):
         raise FlagError('--kimg and --tick must be > 0; --snap, --grid, --text_layers and --workers >= 1')
     if min(cfg.resolution, cfg.num_classes, cfg.lr_rampup_kimg) < 0:
         raise FlagError('--resolution, --num_classes and --lr_rampup_kimg must be >= 0')
+    check_writable(cfg.outdir, '--outdir')
+
+
+def check_writable(path, flag):
+    """A folder we will write into: it, or the nearest existing folder above it, must be writable (nothing is
+    created here, so a refused run leaves no trace)."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f'{flag}={path} is not writable ({existing} is {"read-only" if os.path.isdir(existing) else "not a folder"})')
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Data: images, labels, captions.
@@ -308,17 +440,26 @@ class ImageDataset:
 
     def __init__(self, path, resolution, cache_dir, captions_path=''):
         self.path, self.resolution, self._local = path, resolution, threading.local()
-        self.array = labels = captions = None
+        self.array = labels = captions = self.num_classes = None
         # Arrays (CIFAR-10, .npz) are held in memory; folders and zips are read image by image.
         # Labels come with the array, or from dataset.json or the class folders of a folder / zip.
         if path == 'cifar10':
             self.array, labels = download_cifar10(cache_dir)
         elif path.endswith('.npz') and os.path.isfile(path):
-            with np.load(path) as data:
-                self.array, labels = data.get('x'), data.get('y')
-                captions = data['captions'].tolist() if 'captions' in data else None
+            try:
+                with np.load(path) as data:
+                    self.array, labels = data.get('x'), data.get('y')
+                    captions = data['captions'].tolist() if 'captions' in data else None
+                    self.num_classes = len(data['classes']) if 'classes' in data else None
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+                raise UserError(f'--data={path} is not a readable .npz ({type(error).__name__}: {error})')
+            shape = getattr(self.array, 'shape', None)
             if self.array is None or self.array.dtype != np.uint8 or self.array.ndim not in (3, 4):
-                raise UserError(f'{path} must hold x: (N, H, W[, C]) uint8')
+                raise UserError(f'--data={path} must hold x: (N, H, W) or (N, H, W, C) uint8, got '
+                                f'{"no x" if shape is None else f"{self.array.dtype} {shape}"}')
+            if self.array.ndim == 4 and shape[3] not in (1, 3):
+                hint = ' (channels first: transpose to (N, H, W, C))' if shape[1] in (1, 3) else ''
+                raise UserError(f'--data={path}: x has shape {shape}, expected (N, H, W, C) with C = 1 or 3{hint}')
         elif os.path.isdir(path) or zipfile.is_zipfile(path):
             files = zipfile.ZipFile(path).namelist() if not os.path.isdir(path) else [
                 os.path.relpath(os.path.join(root, f), path).replace(os.sep, '/') for root, _, fs in os.walk(path)
@@ -332,6 +473,7 @@ class ImageDataset:
                 labels = [table[name] for name in self.names]
             elif self.names and all('/' in name for name in self.names):
                 folders = sorted({name.split('/')[0] for name in self.names})
+                self.num_classes = len(folders)
                 labels = [folders.index(name.split('/')[0]) for name in self.names]
             captions = self._read_file('captions.txt').decode().splitlines() if 'captions.txt' in files else None
         else:
@@ -482,9 +624,11 @@ def diffusion_loss(net, x0, y, t, eps, alphas_cumprod, delta=None, xi=None, gamm
     A network that also outputs v (2C channels, DiT's learned sigma) adds DiT's VB term (hybrid loss).
     Returns (B,).
     """
-    a = alphas_cumprod[t].float().view(-1, 1, 1, 1)                      # (B, 1, 1, 1)
+    # sqrt(alpha_bar) and sqrt(1 - alpha_bar) from the float64 table, rounded to float32 last, as DiT's q_sample:
+    # from a float32 alpha_bar, sqrt(1 - alpha_bar) at t = 0 is off by 7.5e-4 relative.
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)                              # (B, 1, 1, 1) float64
     noise = eps if xi is None else eps + gamma_ip * xi
-    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    x_t = a.sqrt().float() * x0 + (1 - a).sqrt().float() * noise
     out = net(x_t, t, y, delta).float()                                   # (B, C or 2C, H, W)
     channels = x0.shape[1]
     loss = (eps - out[:, :channels]).square().mean(dim=(1, 2, 3))
@@ -506,7 +650,7 @@ def vb_terms(x0, x_t, t, eps_hat, v, alphas_cumprod):
         return v_[t].float().view(-1, 1, 1, 1)
 
     coef_x0, coef_xt = at(beta * a_prev.sqrt() / (1 - a)), at((1 - a_prev) * (1 - beta).sqrt() / (1 - a))
-    x0_hat = (x_t - at((1 - a).sqrt()) * eps_hat) / at(a.sqrt())
+    x0_hat = at((1 / a).sqrt()) * x_t - at((1 / a - 1).sqrt()) * eps_hat
     mean, mean_hat = coef_x0 * x0 + coef_xt * x_t, coef_x0 * x0_hat + coef_xt * x_t
     frac = (v + 1) / 2
     logvar, logvar_hat = at(logvar_post), frac * at(beta.log()) + (1 - frac) * at(logvar_post)
@@ -536,18 +680,67 @@ def sampling_timesteps(num_timesteps, steps, spacing='linspace', solver='dpm'):
     return timesteps[::-1][:steps].astype(np.int64).tolist()
 
 
-def guided_eps(net, x, t, y, y_null=None, scale=1.0):
-    """Eq. 2: eps_u + s (eps_c - eps_u), one batched forward pass; y_null=None is plain conditional sampling.
-    Guidance acts on every eps channel, as the paper's diffusers pipelines do (DiT's sample.py guides 3 of 4)."""
-    channels, t = x.shape[1], torch.full((len(x),), t, dtype=torch.int64, device=x.device)
+def guided_output(net, x, t, y, y_null=None, scale=1.0, cfg_channels='all'):
+    """Eq. 2, eps_u + s (eps_c - eps_u), from one batched forward pass; y_null=None is plain conditional sampling.
+    Returns the network output (B, C or 2C, H, W) with guided eps and, for a learned sigma, the conditional v.
+    cfg_channels 'all' guides every eps channel, as the paper's diffusers pipelines (DiTPipeline, LDM); 'dit' guides
+    the first three only and passes the others through from the conditional pass, as DiT's forward_with_cfg (its
+    sample.py and the FID 2.27 of DiT-XL/2)."""
+    t = torch.full((len(x),), t, dtype=torch.int64, device=x.device)
     if y_null is None:
-        return net(x, t, y).float()[:, :channels]
-    eps_c, eps_u = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null])).float()[:, :channels].chunk(2)
-    return eps_u + scale * (eps_c - eps_u)
+        return net(x, t, y).float()
+    out_c, out_u = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null])).float().chunk(2)
+    guided = 3 if cfg_channels == 'dit' else x.shape[1]
+    eps = out_u[:, :guided] + scale * (out_c[:, :guided] - out_u[:, :guided])
+    return torch.cat([eps, out_c[:, guided:]], dim=1)
+
+
+def guided_eps(net, x, t, y, y_null=None, scale=1.0, cfg_channels='all'):
+    return guided_output(net, x, t, y, y_null, scale, cfg_channels)[:, :x.shape[1]]
+
+
+def respaced_timesteps(num_timesteps, steps):
+    """The kept timesteps of improved DDPM's (and DiT's) space_timesteps(T, str(steps)), ascending: a running sum
+    of the stride (T - 1) / (steps - 1), rounded (Python's round, as the official code)."""
+    stride, position, kept = (num_timesteps - 1) / (steps - 1) if steps > 1 else 1, 0.0, []
+    for _ in range(steps):
+        kept.append(round(position))
+        position += stride
+    return kept
+
+
+def ddpm_sample(net, noise, y, alphas_cumprod, steps=250, scale=1.0, y_null=None, cfg_channels='all',
+                randn_like=torch.randn_like):
+    """Ancestral sampling (Ho et al. Alg. 2) on the chain respaced to `steps` timesteps, with the learned-range
+    variance of improved DDPM (Nichol & Dhariwal Eq. 15) when the network outputs v (2C channels), else the fixed
+    large variance beta_t: DiT's p_sample_loop with clip_denoised=False, its FID protocol at steps=250. The network
+    sees the original timestep indices. noise: x_T (B, C, H, W); alphas_cumprod: float64 (T,) on the CPU."""
+    # Respaced chain, float64 tables as guided-diffusion builds them: beta_i = 1 - alpha_bar_i / alpha_bar_{i-1}.
+    kept = respaced_timesteps(len(alphas_cumprod), steps)
+    beta = 1 - alphas_cumprod[kept] / F.pad(alphas_cumprod[kept][:-1], (1, 0), value=1.0)
+    a = torch.cumprod(1 - beta, dim=0)
+    a_prev = F.pad(a[:-1], (1, 0), value=1.0)
+    var_post = beta * (1 - a_prev) / (1 - a)                              # beta_tilde of the posterior
+    logvar_min = torch.cat([var_post[1:2], var_post[1:]]).log()           # "clipped": beta_tilde_0 := beta_tilde_1
+    logvar_fixed = torch.cat([var_post[1:2], beta[1:]]).log()             # fixed large, for networks without v
+    coef_x0, coef_xt = beta * a_prev.sqrt() / (1 - a), (1 - a_prev) * (1 - beta).sqrt() / (1 - a)
+    x, channels = noise, noise.shape[1]
+    for i in reversed(range(steps)):
+        # x0 from the guided eps, the posterior mean, the variance interpolated by v between beta_tilde and beta.
+        out = guided_output(net, x, kept[i], y, y_null, scale, cfg_channels)  # (B, C or 2C, H, W)
+        x0 = (1 / a[i]).sqrt().item() * x - (1 / a[i] - 1).sqrt().item() * out[:, :channels]
+        mean = coef_x0[i].item() * x0 + coef_xt[i].item() * x
+        if out.shape[1] == 2 * channels:
+            frac = (out[:, channels:] + 1) / 2
+            logvar = frac * beta[i].log().item() + (1 - frac) * logvar_min[i].item()
+        else:
+            logvar = torch.full_like(mean, logvar_fixed[i].item())
+        x = mean + (0.5 * logvar).exp() * randn_like(x) if i > 0 else mean
+    return x
 
 
 def ddim_sample(net, noise, y, alphas_cumprod, steps=50, scale=1.0, y_null=None, eta=0.0, spacing='leading',
-                randn_like=torch.randn_like):
+                randn_like=torch.randn_like, cfg_channels='all'):
     """DDIM (Song et al., Eq. 12) from x_T = noise (B, C, H, W), as diffusers' DDIMScheduler: the last step lands
     on alpha_bar = 1 (set_alpha_to_one). Each step goes to the next listed timestep (diffusers goes to
     t - T // steps, the same for its default 'leading' spacing). alphas_cumprod: float64 (T,) on the CPU."""
@@ -557,7 +750,7 @@ def ddim_sample(net, noise, y, alphas_cumprod, steps=50, scale=1.0, y_null=None,
         # Predict x0, then move it to the next noise level with the DDIM eps share and sigma of fresh noise.
         a = alphas_cumprod[t].item()
         a_prev = alphas_cumprod[timesteps[i + 1]].item() if i + 1 < len(timesteps) else 1.0
-        eps = guided_eps(net, x, t, y, y_null, scale)
+        eps = guided_eps(net, x, t, y, y_null, scale, cfg_channels)
         x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
         sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
         x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - sigma ** 2) * eps
@@ -566,7 +759,8 @@ def ddim_sample(net, noise, y, alphas_cumprod, steps=50, scale=1.0, y_null=None,
     return x
 
 
-def dpm_solver_sample(net, noise, y, alphas_cumprod, steps=50, scale=1.0, y_null=None, spacing='linspace'):
+def dpm_solver_sample(net, noise, y, alphas_cumprod, steps=50, scale=1.0, y_null=None, spacing='linspace',
+                      cfg_channels='all'):
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2, midpoint form) on the data prediction, as diffusers'
     DPMSolverMultistepScheduler with its defaults (first step first order; the final step to sigma = 0 is first
     order, i.e. returns the x0 prediction). lambda = log(alpha / sigma)."""
@@ -576,7 +770,7 @@ def dpm_solver_sample(net, noise, y, alphas_cumprod, steps=50, scale=1.0, y_null
     x, x0_prev, h_prev = noise, None, None
     for i, t in enumerate(timesteps):
         # Data prediction at t; the last step returns it (a first-order step to sigma = 0).
-        x0 = (x - sigma[t].item() * guided_eps(net, x, t, y, y_null, scale)) / alpha[t].item()
+        x0 = (x - sigma[t].item() * guided_eps(net, x, t, y, y_null, scale, cfg_channels)) / alpha[t].item()
         if i + 1 == len(timesteps):
             return x0
         # Second-order multistep update from the last two data predictions (first order on the first step).
@@ -629,19 +823,42 @@ class TextEncoder(nn.Module):
         return self.norm(h)
 
 
+def perturb_condition(embedding, delta, is_null, perturb_null=True):
+    """CEP (Eq. 8): the condition embedding c(y) + delta, formed where the network forms c(y).
+
+    embedding: (B, D) DiT label embedding or (B, L, D) LDM context; delta: the same shape (cep_noise) or None;
+    is_null: (B,) bool, the samples whose condition was dropped to the null one for classifier-free guidance.
+    perturb_null (default True) decides whether those get delta too. The paper is silent on it: it "adds
+    perturbation to every data instance during training on the fly" (Sec. 5.1) and never mentions the null
+    condition; True perturbs whatever embedding is fed, the reading closest to that sentence.
+    """
+    if delta is None:
+        return embedding
+    if not perturb_null:
+        delta = delta * (~is_null).view(-1, *[1] * (delta.ndim - 1))
+    return embedding + delta
+
+
 class Denoiser(nn.Module):
     """eps_theta(x_t, t, c(y) + delta): y is int64 (B,) class ids or (B, 77) tokens; delta (B, *cond_shape)."""
 
-    def __init__(self, backbone, encoder=None, cond_shape=(), embedding_dropout=0.0):
+    def __init__(self, backbone, encoder=None, cond_shape=(), embedding_dropout=0.0, null=None, perturb_null=True):
         super().__init__()
         self.backbone, self.encoder, self.cond_shape = backbone, encoder, tuple(cond_shape)
         self.embedding_dropout = nn.Dropout(embedding_dropout)
+        self.null, self.perturb_null = null, perturb_null  # the null condition: a class id, or the tokens of ''
+
+    def is_null(self, y):
+        null = torch.as_tensor(self.null, device=y.device)
+        return (y == null).view(len(y), -1).all(dim=1)                    # (B,)
 
     def forward(self, x, t, y, delta=None):
         if self.encoder is None:  # DiT: c = t_emb + (y_emb + delta) inside adaLN
-            return self.backbone(x, t, y, embedding_noise=delta)
+            return self.backbone(x, t, y, embedding_hook=lambda embedding: perturb_condition(
+                embedding, delta, self.is_null(y), perturb_null=self.perturb_null))
         context = self.embedding_dropout(self.encoder(y))                 # (B, L, context_dim)
-        return self.backbone(x, t, context=context if delta is None else context + delta)
+        context = perturb_condition(context, delta, self.is_null(y), perturb_null=self.perturb_null)
+        return self.backbone(x, t, context=context)
 
 
 def build_network(spec):
@@ -654,7 +871,8 @@ def build_network(spec):
             backbone = nets.DiT(**TINY_DITS[spec['arch']], **kwargs)
         else:
             backbone = nets.DiT_models[spec['arch']](**kwargs)
-        return Denoiser(backbone, None, (backbone.hidden_size,))
+        return Denoiser(backbone, None, (backbone.hidden_size,), null=spec['num_classes'],
+                        perturb_null=spec.get('cep_perturb_null', True))
     # LDM places attention by downsampling factor: keep the factors when the latents are not the preset's size.
     preset = nets.UNET_PRESETS[spec['arch']]
     attn = tuple(r * resolution // preset['img_resolution'] for r in preset['attn_resolutions'])
@@ -665,7 +883,9 @@ def build_network(spec):
         encoder, cond_shape = ClassEmbedder(spec['num_classes'], width), (1, width)
     else:
         encoder, cond_shape = TextEncoder(width, spec['text_layers']), (TEXT_LENGTH, width)
-    return Denoiser(nets.UNet(**kwargs), encoder, cond_shape, spec['embedding_dropout'])
+    null = spec['num_classes'] if spec['cond'] == 'class' else tokenize([''])[0]
+    return Denoiser(nets.UNet(**kwargs), encoder, cond_shape, spec['embedding_dropout'], null,
+                    spec.get('cep_perturb_null', True))
 
 
 def null_condition(spec, device):
@@ -766,9 +986,16 @@ def broadcast_object(value):
 
 
 def atomic_save(obj, path):
-    """Write to a temporary name and rename, so an interrupted write never destroys the previous file."""
-    torch.save(obj, path + '.tmp')
-    os.replace(path + '.tmp', path)
+    """Write to a temporary name and rename, so an interrupted write never destroys the previous file; a failed
+    write (a full disk) removes its partial file and stops the run with one line naming the file."""
+    try:
+        torch.save(obj, path + '.tmp')
+        os.replace(path + '.tmp', path)
+    except (OSError, RuntimeError) as error:  # torch reports a full disk as a RuntimeError from its zip writer
+        if os.path.exists(path + '.tmp'):
+            os.remove(path + '.tmp')
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else 'write failed (disk full?)'
+        raise RunError(f'cannot write {path}: {reason}') from None
 
 
 def draw_step_noise(cfg, cur_nimg, shape, cond_shape, latent, device):
@@ -812,38 +1039,112 @@ def format_time(seconds):
     return f'{s // 3600}h{s // 60 % 60:02d}m' if s >= 3600 else f'{s // 60}m{s % 60:02d}s' if s >= 60 else f'{s}s'
 
 
-def load_vae(path_or_url, device, cache_dir=None):
+VQ_F4 = 'hf://DiffusionNoise/ldm_in1k_clean/vqvae'  # the paper's LDM-4 autoencoder (CompVis vq-f4, diffusers layout)
+
+
+class VQLatents(nn.Module):
+    """LDM-4's VQ-f4 seen as a posterior of zero variance, so that it caches and decodes like the KL autoencoder:
+    the diffusion runs on the pre-quantisation latents, unscaled (LDM cin256: scale_factor 1), and decoding
+    quantises them first (CompVis VQModelInterface.decode, diffusers VQModel.decode)."""
+
+    def __init__(self, vq):
+        super().__init__()
+        self.vq, self.scaling_factor = vq, 1.0
+
+    def encode_moments(self, x):
+        h = self.vq.encode(x).float()                                     # (B, 3, H/4, W/4)
+        return h, torch.full_like(h, -math.inf)                           # exp(-inf / 2) = 0: no sampling noise
+
+    def decode(self, z):
+        return self.vq.decode(z)
+
+
+def load_vae(source, device, cache_dir=None):
+    """The autoencoder of --vae: ema / mse (KL-f8, DiT), vq-f4 (LDM-4), or a file, folder, URL or repo id of
+    either kind (a file is tried as a VQ model first, by its codebook)."""
     try:
-        return nets.load_autoencoder(path_or_url, cache_dir=cache_dir).to(device).eval().requires_grad_(False)
-    except nets.WeightsNotFoundError as error:
-        raise UserError(str(error))
+        if source in nets.VAE_URLS:
+            vae = nets.load_autoencoder(source, cache_dir=cache_dir)
+        else:
+            try:
+                vae = VQLatents(nets.load_vqmodel(VQ_F4 if source == 'vq-f4' else source, cache_dir=cache_dir))
+            except ValueError as error:  # a KL autoencoder has no codebook
+                if 'VQ' not in str(error) or os.path.isdir(source):
+                    raise
+                vae = nets.load_autoencoder(source, cache_dir=cache_dir)
+    except (nets.WeightsNotFoundError, ValueError) as error:
+        raise UserError(f'--vae={source}: {error}')
+    return vae.to(device).eval().requires_grad_(False)
 
 
 def load_checkpoint(path, flag, keys):
     """One of our .pt files as a dict holding `keys`; a missing, damaged or foreign file is one clear error line."""
-    if not os.path.isfile(path):
-        raise UserError(f'{flag} file not found: {path}')
-    try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-        missing = [key for key in keys if key not in checkpoint]
-    except Exception as error:  # torch's own message spans several lines
-        raise UserError(f'{flag}={path} is damaged or not a checkpoint ({type(error).__name__})')
+    checkpoint = read_checkpoint(path, flag)
+    missing = [key for key in keys if key not in checkpoint]
     if missing:
         raise UserError(f'{flag}={path} was not written by this script (it has no {", ".join(missing)})')
     return checkpoint
 
 
-def load_snapshot(path, device, scale):
-    """A network snapshot -> (EMA Denoiser in eval mode, spec, VAE or None)."""
-    snapshot = load_checkpoint(path, '--network', ('ema', 'spec'))
-    if scale != 1 and not snapshot['spec']['class_dropout_prob']:
-        raise FlagError(f'{path} was trained without null conditions (--class_dropout_prob=0): use --scale=1')
-    net = build_network(snapshot['spec'])
-    net.load_state_dict(snapshot['ema'])
-    vae = load_vae(snapshot['spec']['vae'], device) if snapshot['spec']['vae'] else None
-    channels_last = torch.device(device).type == 'cuda' and not is_dit(snapshot['spec']['arch'])  # as in training
+def read_checkpoint(path, flag):
+    """Any torch checkpoint as a dict (weights only: no code in it runs), or one error line naming the file."""
+    if not os.path.isfile(path):
+        raise UserError(f'{flag} file not found: {path}')
+    if os.path.getsize(path) == 0:
+        raise UserError(f'{flag}={path} is empty (0 bytes), e.g. cut short by a full disk')
+    try:
+        checkpoint = nets.load_weights_file(path)
+    except Exception as error:  # torch's own message spans several lines
+        raise UserError(f'{flag}={path} is damaged or not a checkpoint ({type(error).__name__})')
+    if not isinstance(checkpoint, dict):
+        raise UserError(f'{flag}={path} holds a {type(checkpoint).__name__}, not a checkpoint dict')
+    return checkpoint
+
+
+def dit_spec(dit, vae):
+    """The spec of a facebookresearch/DiT network: DiT's diffusion (linear betas 1e-4 .. 0.02 over 1000 steps) on
+    the latents of the SD KL-f8 autoencoder (scaled by 0.18215), class-conditional with null label num_classes."""
+    name = next((name for name, make in nets.DiT_models.items() if dict(make.keywords) == dict(
+        depth=len(dit.blocks), hidden_size=dit.hidden_size, num_heads=dit.num_heads, patch_size=dit.patch_size)),
+        'DiT-custom')
+    return dict(arch=name, cond='class', num_classes=dit.num_classes, shape=(dit.in_channels, dit.input_size,
+                dit.input_size), dropout=0.0, text_layers=0, embedding_dropout=0.0, class_dropout_prob=
+                float(dit.y_embedder.embedding_table.num_embeddings > dit.num_classes), vae=vae, scaling_factor=
+                0.18215, beta_schedule='linear', linear_start=1e-4, linear_end=0.02, cep_perturb_null=True)
+
+
+def load_network(path, device, vae='', for_fid=False):
+    """(Denoiser in eval mode on device, spec) from our network snapshot or a facebookresearch/DiT checkpoint (the
+    released DiT-XL-2-256x256.pt, or train.py's {model, ema, opt, args}, whose EMA is taken as DiT's find_model
+    does). A DiT's config comes from its shapes (latent size from pos_embed, classes from the label table) and its
+    autoencoder is `vae`, default 'mse' as DiT's sample.py, or 'ema' for_fid as its sample_ddp.py."""
+    checkpoint = read_checkpoint(path, '--network')
+    if 'spec' in checkpoint and 'ema' in checkpoint:
+        spec = checkpoint['spec']
+        net = build_network(spec)
+        net.load_state_dict(checkpoint['ema'])
+        spec = {**spec, 'vae': vae or spec['vae']}
+    elif 'x_embedder.proj.weight' in checkpoint.get('ema', checkpoint.get('model', checkpoint)):
+        try:
+            dit = nets.dit_from_state_dict(checkpoint)
+        except (ValueError, RuntimeError, KeyError) as error:
+            raise UserError(f'--network={path}: not a DiT checkpoint this script can read ({error})')
+        net = Denoiser(dit, None, (dit.hidden_size,), null=dit.num_classes)
+        spec = dit_spec(dit, vae or ('ema' if for_fid else 'mse'))
+    else:
+        raise UserError(f'--network={path} is neither a snapshot of this script nor a facebookresearch/DiT '
+                        f'checkpoint (first keys: {", ".join(list(checkpoint)[:3])})')
+    channels_last = torch.device(device).type == 'cuda' and not spec['arch'].startswith('DiT')  # as in training
     net.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    return net.eval().requires_grad_(False), snapshot['spec'], vae
+    return net.eval().requires_grad_(False), spec
+
+
+def load_snapshot(path, device, scale, vae='', for_fid=False):
+    """A network for sampling -> (EMA Denoiser in eval mode, spec, autoencoder or None)."""
+    net, spec = load_network(path, device, vae, for_fid)
+    if scale != 1 and not spec['class_dropout_prob']:
+        raise FlagError(f'{path} was trained without null conditions (--class_dropout_prob=0): use --scale=1')
+    return net, spec, load_vae(spec['vae'], device) if spec['vae'] else None
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Sampling entry point shared by the grids, `generate`, `eval` and `walk`.
@@ -858,20 +1159,16 @@ def sample_images(net, spec, vae, noise, y, cfg, randn_like=torch.randn_like):
     with torch.autocast(noise.device.type, torch.bfloat16, enabled=cfg.precision == 'bf16'):
         if cfg.scheduler == 'dpm':
             x = dpm_solver_sample(net, noise, y, alphas_cumprod, cfg.ddim_steps, cfg.scale, y_null,
-                                  cfg.timestep_spacing or 'linspace')
-        else:
+                                  cfg.timestep_spacing or 'linspace', cfg.cfg_channels)
+        elif cfg.scheduler == 'ddim':
             x = ddim_sample(net, noise, y, alphas_cumprod, cfg.ddim_steps, cfg.scale, y_null, cfg.ddim_eta,
-                            cfg.timestep_spacing or 'leading', randn_like)
+                            cfg.timestep_spacing or 'leading', randn_like, cfg.cfg_channels)
+        else:
+            x = ddpm_sample(net, noise, y, alphas_cumprod, cfg.ddim_steps, cfg.scale, y_null, cfg.cfg_channels,
+                            randn_like)
         if vae is not None:
             x = vae.decode(x.float())
     return (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
-
-
-def conditions_for_seeds(spec, seeds, cfg, prompts):
-    """Class seed % num_classes (class-balanced) or --class_idx, (B,); text: tokens of prompt seed % len(prompts)."""
-    if spec['cond'] == 'text':
-        return tokenize([prompts[s % len(prompts)] for s in seeds])
-    return torch.tensor([cfg.class_idx if cfg.class_idx >= 0 else s % spec['num_classes'] for s in seeds])
 
 
 def seeded_noise(seeds, shape, device):
@@ -903,11 +1200,17 @@ def load_conditions(cfg, dataset):
                         f'found {0 if given is None else len(given)}')
     if text:
         return 0, tokenize(dataset.captions)
-    # Labels must fit the embedding table (num_classes rows plus the null class).
-    num_classes = cfg.num_classes or int(dataset.labels.max()) + 1
+    # Labels must fit the embedding table (num_classes rows plus the null class): the count comes from the flag,
+    # the class folders or the .npz's `classes`, else 1 + the largest label, which may not exceed the image count.
+    num_classes = cfg.num_classes or dataset.num_classes or int(dataset.labels.max()) + 1
+    where = '--num_classes' if cfg.num_classes else 'the data' if dataset.num_classes else '1 + the largest label'
     bad = (dataset.labels < 0) | (dataset.labels >= num_classes)
     if bad.any():
-        raise UserError(f'label {dataset.labels[bad][0]} of image #{bad.argmax()} is outside [0, {num_classes})')
+        raise UserError(f'label {dataset.labels[bad][0]} of image #{bad.argmax()} in {cfg.data} is outside '
+                        f'[0, {num_classes}) ({num_classes} classes from {where})')
+    if not cfg.num_classes and num_classes > n:
+        raise UserError(f'the labels of {cfg.data} reach {num_classes - 1}, more classes than its {n} images: '
+                        f'pass --num_classes if that is meant')
     if cfg.corruption_classes and max(map(int, cfg.corruption_classes.split(','))) >= num_classes:
         raise FlagError(f'--corruption_classes must lie in [0, {num_classes})')
     return num_classes, torch.from_numpy(dataset.labels)
@@ -949,20 +1252,29 @@ STATE_NAME = re.compile(r'training-state-\d+\.pt')
 
 
 def open_run_dir(cfg, desc):
-    """(run folder, training state to resume or None): --resume=auto finds the newest matching run, else new."""
+    """(run folder, training state to resume or None). --resume=auto takes the newest matching run: its newest state,
+    or, when it has none (killed during its very first write), the folder itself to start over in. Partial *.tmp
+    files of a killed or failed write are removed from the folder that is resumed or reused."""
     if cfg.resume and cfg.resume != 'auto':
-        return os.path.dirname(os.path.abspath(cfg.resume)), cfg.resume
-    runs = sorted(d for d in os.listdir(cfg.outdir) if re.fullmatch(rf'\d{{5}}-{re.escape(desc)}', d)) \
-        if cfg.resume and os.path.isdir(cfg.outdir) else []
-    for run in reversed(runs):
-        states = sorted(f for f in os.listdir(os.path.join(cfg.outdir, run)) if STATE_NAME.fullmatch(f))
-        if states:
-            return os.path.join(cfg.outdir, run), os.path.join(cfg.outdir, run, states[-1])
-    os.makedirs(cfg.outdir, exist_ok=True)
-    ids = [int(d[:5]) for d in os.listdir(cfg.outdir) if re.match(r'\d{5}-', d)]
-    run_dir = os.path.join(cfg.outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
-    os.makedirs(run_dir)
-    return run_dir, None
+        run_dir, state = os.path.dirname(os.path.abspath(cfg.resume)), cfg.resume
+    else:
+        runs = sorted(d for d in os.listdir(cfg.outdir) if re.fullmatch(rf'\d{{5}}-{re.escape(desc)}', d)) \
+            if cfg.resume and os.path.isdir(cfg.outdir) else []
+        if not runs:
+            os.makedirs(cfg.outdir, exist_ok=True)
+            ids = [int(d[:5]) for d in os.listdir(cfg.outdir) if re.match(r'\d{5}-', d)]
+            run_dir = os.path.join(cfg.outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
+            os.makedirs(run_dir)
+            return run_dir, None
+        run_dir = os.path.join(cfg.outdir, runs[-1])
+        states = sorted(f for f in os.listdir(run_dir) if STATE_NAME.fullmatch(f))
+        state = os.path.join(run_dir, states[-1]) if states else None
+        if state is None and os.path.exists(os.path.join(run_dir, 'stats.jsonl')):
+            os.remove(os.path.join(run_dir, 'stats.jsonl'))  # progress of a start that left no state
+    for name in os.listdir(run_dir):
+        if '.tmp' in name:
+            os.remove(os.path.join(run_dir, name))
+    return run_dir, state
 
 
 def record_run(cfg, run_dir, resumed_nimg, **facts):
@@ -1028,6 +1340,19 @@ def save_training_state(run_dir, tag, state):
         os.remove(os.path.join(run_dir, old))
 
 
+def transfer_weights(net, spec, path):
+    """Load the weights of --transfer into the freshly built network; every tensor must match in name and shape."""
+    source, source_spec = load_network(path, 'cpu')
+    mine, theirs = net.state_dict(), source.state_dict()
+    wrong = [key for key in mine if key not in theirs or theirs[key].shape != mine[key].shape]
+    if wrong or len(theirs) != len(mine):
+        where = wrong[0] if wrong else 'an extra tensor'
+        raise UserError(f'--transfer={path} ({source_spec["arch"]}, {source_spec["num_classes"]} classes, latents '
+                        f'{tuple(source_spec["shape"])}) does not fit --arch={spec["arch"]} with {spec["num_classes"]} '
+                        f'classes on {tuple(spec["shape"])} data: {where} differs')
+    net.load_state_dict(theirs)
+
+
 def training_loop(cfg, rank, world_size, device):
     def print0(*args):
         if rank == 0:
@@ -1058,12 +1383,16 @@ def training_loop(cfg, rank, world_size, device):
     spec = dict(arch=cfg.arch, cond=cfg.cond, num_classes=num_classes, shape=shape, dropout=cfg.dropout,
                 text_layers=cfg.text_layers, embedding_dropout=cfg.embedding_dropout, class_dropout_prob=
                 cfg.class_dropout_prob, vae=cfg.vae if vae else None, scaling_factor=vae.scaling_factor if vae else 1,
-                beta_schedule=cfg.beta_schedule, linear_start=cfg.linear_start, linear_end=cfg.linear_end)
+                beta_schedule=cfg.beta_schedule, linear_start=cfg.linear_start, linear_end=cfg.linear_end,
+                cep_perturb_null=cfg.cep_perturb_null)
     torch.manual_seed(cfg.seed)
     try:
-        net = build_network(spec).to(device, memory_format=torch.channels_last if channels_last else None).train()
+        net = build_network(spec)
     except ValueError as error:  # e.g. a DiT patch size that does not divide the image
         raise FlagError(str(error))
+    if cfg.transfer:  # start from released or earlier weights (a facebookresearch/DiT .pt or our snapshot)
+        transfer_weights(net, spec, cfg.transfer)
+    net = net.to(device, memory_format=torch.channels_last if channels_last else None).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=device.type == 'cuda')             # one kernel for all parameters
@@ -1196,75 +1525,130 @@ def parse_seeds(text):
         match = re.fullmatch(r'(\d+)(?:-(\d+))?', part.strip())
         if not match:
             raise FlagError(f'--seeds must look like 0-49999 or 1,5,9, got {text!r}')
+        if match[2] and int(match[2]) < int(match[1]):
+            raise FlagError(f'--seeds={text}: the range {part.strip()} is reversed (empty)')
         seeds += list(range(int(match[1]), int(match[2] or match[1]) + 1))
-    if not seeds:
-        raise FlagError(f'--seeds={text} is an empty range')
     return seeds
 
 
 def load_prompts(cfg, spec):
+    """The prompts of a text model (None for a class model, after checking --class_idx)."""
     if spec['cond'] != 'text':
         if not -1 <= cfg.class_idx < spec['num_classes']:
             raise FlagError(f'--class_idx must be in [0, {spec["num_classes"]}) or -1')
+        if cfg.prompts:  # the official DiT README command passes --prompt_data mscoco to a class model
+            print(f'note: --prompts={cfg.prompts} is not used by a class-conditional model', file=sys.stderr)
         return None
+    if cfg.prompts in ('mscoco', 'parti'):
+        raise FlagError(f'--prompt_data={cfg.prompts} (official DiffusionNoise flag) is not supported: it reads a '
+                        'Hugging Face `datasets` corpus; use --prompts=FILE with one caption a line')
     if not cfg.prompts or not os.path.isfile(cfg.prompts):
         raise UserError(f'a text model needs --prompts, a file with one prompt a line: {cfg.prompts!r}')
     with open(cfg.prompts, encoding='utf-8') as file:
-        return [line for line in file.read().splitlines() if line.strip()]
+        prompts = [line for line in file.read().splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f'--prompts={cfg.prompts} holds no prompt')
+    return prompts
 
 
-def sample_seeds(net, spec, vae, seeds, cfg, prompts, device):
-    """Yield (seeds, uint8 images) in batches of --batch; image k depends only on seed k."""
-    for start in range(0, len(seeds), cfg.batch):
-        chunk = seeds[start:start + cfg.batch]
-        noise, randn_like = seeded_noise(chunk, tuple(spec['shape']), device)
-        y = conditions_for_seeds(spec, chunk, cfg, prompts).to(device)
-        yield chunk, sample_images(net, spec, vae, noise, y, cfg, randn_like)
+def generation_plan(cfg, spec, prompts):
+    """[(file name, seed, condition)] of every image. --seeds: <thousands>/<seed>.png, class seed % num_classes
+    (or --class_idx), prompt seed % len(prompts). Otherwise the official scripts' folders: <class>/<k:05>.jpeg,
+    n_samples per class in [class_start_idx, class_end_idx) (text: per prompt), the seed of image k of condition c
+    drawn from (--seed, c, k): the same images for any batch size or GPU count."""
+    if cfg.seeds:
+        seeds = parse_seeds(cfg.seeds)
+        return [(f'{s - s % 1000:06d}/{s:06d}.png', s, prompts[s % len(prompts)] if prompts else cfg.class_idx
+                 if cfg.class_idx >= 0 else s % spec['num_classes']) for s in seeds]
+    count = len(prompts) if prompts else spec['num_classes']
+    end = count if cfg.class_end_idx == -1 else cfg.class_end_idx
+    if end > count:
+        raise FlagError(f'--class_end_idx={end} exceeds the {count} {"prompts" if prompts else "classes"}')
+    n_samples = cfg.n_samples or (5 if prompts else 100)                  # the official defaults
+    plan = []
+    for c in range(cfg.class_start_idx, end):
+        for k in range(n_samples):
+            seed = int(np.random.SeedSequence([cfg.seed, c, k]).generate_state(1, np.uint64)[0] >> 1)
+            plan.append((f'{c}/{k:05d}.jpeg' if not prompts else f'{c:05d}/{k:05d}.jpeg', seed,
+                         prompts[c] if prompts else c))
+    return plan
+
+
+def sample_plan(net, spec, vae, plan, cfg, device):
+    """Yield (plan entries, uint8 images) in batches of --batch; image k depends only on its seed."""
+    for start in range(0, len(plan), cfg.batch):
+        chunk = plan[start:start + cfg.batch]
+        noise, randn_like = seeded_noise([seed for _, seed, _ in chunk], tuple(spec['shape']), device)
+        conditions = [condition for _, _, condition in chunk]
+        y = tokenize(conditions) if spec['cond'] == 'text' else torch.tensor(conditions)
+        yield chunk, sample_images(net, spec, vae, noise, y.to(device), cfg, randn_like)
+
+
+def check_image_size(cfg, spec, vae):
+    side = spec['shape'][1] * (vae.vq.downscale_factor if isinstance(vae, VQLatents) else vae.downscale_factor
+                               if vae is not None else 1)
+    if cfg.image_size and cfg.image_size != side:
+        raise FlagError(f'--image_size={cfg.image_size}: this network makes {side}x{side} images')
 
 
 def generate(cfg, rank, world_size, device):
-    """One PNG per seed under outdir/<thousands>/<seed>.png, plus dataset.json with the labels (class models)."""
-    seeds = parse_seeds(cfg.seeds)
-    net, spec, vae = load_snapshot(cfg.network, device, cfg.scale)
+    """One image per plan entry (generation_plan), plus dataset.json with the labels (class models)."""
+    check_writable(cfg.outdir, '--outdir')
+    net, spec, vae = load_snapshot(cfg.network, device, cfg.scale, cfg.vae)
+    check_image_size(cfg, spec, vae)
     prompts = load_prompts(cfg, spec)
-    # Seeds are dealt round-robin to the ranks; a folder per thousand keeps directories small.
-    names = {seed: f'{seed - seed % 1000:06d}/{seed:06d}.png' for seed in seeds}
-    for chunk, images in sample_seeds(net, spec, vae, seeds[rank::world_size], cfg, prompts, device):
-        for seed, image in zip(chunk, images.permute(0, 2, 3, 1).cpu().numpy()):
-            os.makedirs(os.path.join(cfg.outdir, os.path.dirname(names[seed])), exist_ok=True)
-            PIL.Image.fromarray(image).save(os.path.join(cfg.outdir, names[seed]))
+    plan = generation_plan(cfg, spec, prompts)
+    if rank == 0 and prompts and not cfg.seeds:  # the official meta.txt of each prompt folder
+        for c in sorted({name.split('/')[0] for name, _, _ in plan}):
+            os.makedirs(os.path.join(cfg.outdir, c), exist_ok=True)
+            with open(os.path.join(cfg.outdir, c, 'meta.txt'), 'w', encoding='utf-8') as file:
+                file.write(f'Prompt: {prompts[int(c)]}\n')
+    # Images are dealt round-robin to the ranks; JPEGs as the official scripts save them (quality 100, 4:4:4).
+    for chunk, images in sample_plan(net, spec, vae, plan[rank::world_size], cfg, device):
+        for (name, _, _), image in zip(chunk, images.permute(0, 2, 3, 1).cpu().numpy()):
+            path = os.path.join(cfg.outdir, name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            options = dict(quality=100, subsampling=0) if name.endswith('.jpeg') else {}
+            PIL.Image.fromarray(image).save(path + '.tmp', format='JPEG' if options else 'PNG', **options)
+            os.replace(path + '.tmp', path)
     barrier()
     if rank == 0:
         if spec['cond'] == 'class':  # the folder is then a labelled dataset (EDM dataset.json)
-            labels = conditions_for_seeds(spec, seeds, cfg, None).tolist()
             with open(os.path.join(cfg.outdir, 'dataset.json'), 'w') as file:
-                json.dump({'labels': [[names[s], label] for s, label in zip(seeds, labels)]}, file)
-        print(f'wrote {len(seeds)} images to {cfg.outdir}')
+                json.dump({'labels': [[name, label] for name, _, label in plan]}, file)
+        print(f'wrote {len(plan)} images to {cfg.outdir}')
 
 
 def evaluate(cfg, rank, world_size, device):
-    """fid.compute_metrics on --num class-balanced samples held in memory; appends to metrics.jsonl."""
+    """fid.compute_metrics on --num class-balanced samples held in memory; appends to metrics.jsonl beside the
+    network (in the working folder for a repo id)."""
     if not os.path.isfile(cfg.ref):
         raise UserError(f'--ref statistics not found: {cfg.ref!r} (make them with `python fid.py ref`)')
-    net, spec, vae = load_snapshot(cfg.network, device, cfg.scale)
+    metrics_path = os.path.join(os.path.dirname(os.path.abspath(cfg.network)) if os.path.isfile(cfg.network)
+                                else os.getcwd(), 'metrics.jsonl')
+    check_writable(os.path.dirname(metrics_path), 'the metrics file')
+    net, spec, vae = load_snapshot(cfg.network, device, cfg.scale, cfg.vae, for_fid=True)
     prompts = load_prompts(cfg, spec)
     try:
         detector = fid.load_inception(cfg.fid_weights or None, device=device)
+        # Inception Score needs the classifier head, which FID-only weights files lack.
+        names = tuple(m for m in cfg.metrics.split(',') if m != 'is' or detector.has_classifier)
+        if len(names) < len(cfg.metrics.split(',')):
+            print('note: these Inception weights have no classifier, so no Inception Score')
+        protocol = fid.resolve_protocol(cfg.protocol or None, ref=cfg.ref, metrics=names, detector=detector,
+                                        num=cfg.num)                      # every check before the long pass
     except (OSError, ValueError) as error:
         raise UserError(str(error))
-    # Inception Score needs the classifier head, which FID-only weights files lack.
-    names = tuple(m for m in cfg.metrics.split(',') if m != 'is' or detector.has_classifier)
-    if len(names) < len(cfg.metrics.split(',')):
-        print('note: these Inception weights have no classifier, so no Inception Score')
     # Each rank samples its share of the seeds; fid.compute_metrics gathers the features.
-    seeds = list(range(cfg.num))[rank::world_size]
-    batches = (images for _, images in sample_seeds(net, spec, vae, seeds, cfg, prompts, device))
-    results = fid.compute_metrics(batches, cfg.ref, metrics=names, detector=detector, device=device)
+    plan = generation_plan(dataclasses.replace(cfg, seeds=f'0-{cfg.num - 1}'), spec, prompts)[rank::world_size]
+    batches = (images for _, images in sample_plan(net, spec, vae, plan, cfg, device))
+    results = fid.compute_metrics(batches, cfg.ref, metrics=names, detector=detector, device=device,
+                                  protocol=protocol)
     if rank == 0:
         sampler = {field.name: getattr(cfg, field.name) for field in dataclasses.fields(SamplerConfig)}
         record = dict(network=os.path.basename(cfg.network), num=cfg.num, **sampler, **results)
         print(json.dumps(record))
-        with open(os.path.join(os.path.dirname(os.path.abspath(cfg.network)), 'metrics.jsonl'), 'a') as file:
+        with open(metrics_path, 'a') as file:
             file.write(json.dumps(record) + '\n')
     return results
 
@@ -1274,8 +1658,9 @@ def walk(cfg, rank, world_size, device):
     one row per network, one grid per class (or prompt) and walk."""
     if rank != 0:  # a handful of grids: one process does them all
         return
+    check_writable(cfg.outdir, '--outdir')
     # Load the networks and check that they share a latent shape and a kind of condition.
-    snapshots = [load_snapshot(path, device, cfg.scale) for path in cfg.network.split(',')]
+    snapshots = [load_snapshot(path, device, cfg.scale, cfg.vae) for path in cfg.network.split(',')]
     spec0 = snapshots[0][1]
     if any((spec['shape'], spec['cond']) != (spec0['shape'], spec0['cond']) for _, spec, _ in snapshots):
         raise UserError('walk compares networks with the same latent shape and kind of condition')
@@ -1293,14 +1678,14 @@ def walk(cfg, rank, world_size, device):
     for condition in conditions:
         y = (tokenize([condition] * cfg.walk_steps) if spec0['cond'] == 'text' else
              torch.full((cfg.walk_steps,), condition, dtype=torch.int64)).to(device)
-        for i in range(cfg.n_samples):
+        for i in range(cfg.n_samples or 5):  # the official default: 5 walks per class
             noise_x, noise_y = (torch.randn(tuple(spec0['shape']), generator=generator) for _ in range(2))
             noise = (theta.cos().view(-1, 1, 1, 1) * noise_x + theta.sin().view(-1, 1, 1, 1) * noise_y).to(device)
             rows = [torch.cat([sample_images(net, spec, vae, noise[j:j + cfg.batch], y[j:j + cfg.batch], cfg)
                                for j in range(0, cfg.walk_steps, cfg.batch)]) for net, spec, vae in snapshots]
             tag = re.sub(r'\W+', '_', str(condition))[:40]
             save_grid(torch.cat(rows), os.path.join(cfg.outdir, f'walk-{tag}-{i:03d}.png'), cfg.walk_steps)
-    print(f'wrote {len(conditions) * cfg.n_samples} walk grids to {cfg.outdir}')
+    print(f'wrote {len(conditions) * (cfg.n_samples or 5)} walk grids to {cfg.outdir}')
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line.
@@ -1308,26 +1693,41 @@ def walk(cfg, rank, world_size, device):
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ('-h', '--help'):
+        print(TOP_HELP)
+        return
     command = argv.pop(0) if argv and argv[0] in ('train', 'generate', 'eval', 'walk') else 'train'
     rank = int(os.environ.get('RANK', 0))
     try:
         # Flags are parsed and checked before a process group starts, so a bad flag writes and waits for nothing.
-        cfg = parse_config(TrainConfig if command == 'train' else GenerateConfig, argv)
+        cfg = parse_config(TrainConfig if command == 'train' else GenerateConfig, argv, command)
         check_config(cfg, int(os.environ.get('WORLD_SIZE', 1)))
         if command == 'train' and cfg.dry_run:
             print(json.dumps(dataclasses.asdict(cfg), indent=2))
             return
+        if getattr(cfg, 'hub_token', ''):  # the official --hub_token, for gated repositories
+            os.environ['HF_TOKEN'] = cfg.hub_token
         rank, world_size, device = init_distributed(cfg.device)
         cfg = dataclasses.replace(cfg, precision=cfg.precision or ('bf16' if device.type == 'cuda' else 'fp32'))
         run = dict(train=training_loop, generate=generate, eval=evaluate, walk=walk)[command]
         return run(cfg, rank, world_size, device)
-    except UserError as error:
-        if rank == 0:
-            print(f'error: {error}', file=sys.stderr)
-        sys.exit(error.exit_code)
+    except (UserError, RunError) as error:
+        fail(rank, str(error), error.exit_code)
+    except nets.WeightsNotFoundError as error:
+        fail(rank, str(error), 2)
+    except OSError as error:  # while running: a full disk, a folder that became read-only
+        where = f' {error.filename}' if error.filename else ''
+        fail(rank, f'cannot write{where}: {error.strerror or error}', 1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def fail(rank, message, exit_code):
+    """The one error line on stderr, then exit (2: bad flag or input, 1: a failure while running)."""
+    if rank == 0:
+        print(f'ldm_labelnoise.py: error: {" ".join(message.split())}', file=sys.stderr)
+    sys.exit(exit_code)
 
 
 if __name__ == '__main__':

@@ -318,7 +318,8 @@ def ours_dit(opt, folder):
 
     device = opt.device
     sample_cfg = ldm_labelnoise.parse_config(ldm_labelnoise.GenerateConfig, [
-        f'--network={snapshot}', f'--ddim_steps={cfg.ddim_steps}', f'--scale={cfg.scale}'])
+        f'--network={snapshot}', f'--scheduler={cfg.scheduler}', f'--ddim_steps={cfg.ddim_steps}',
+        f'--scale={cfg.scale}'])
     sample_cfg = dataclasses.replace(sample_cfg, precision=train_precision(opt, sample_cfg.precision))
     net, spec, _ = ldm_labelnoise.load_snapshot(snapshot, device, sample_cfg.scale)
     shape, backbone = tuple(spec['shape']), net.backbone
@@ -326,7 +327,7 @@ def ours_dit(opt, folder):
     def sample(seeds):
         default_flags()
         noise, randn_like = ldm_labelnoise.seeded_noise(seeds, shape, device)
-        y = ldm_labelnoise.conditions_for_seeds(spec, seeds, sample_cfg, None).to(device)
+        y = torch.tensor([seed % spec['num_classes'] for seed in seeds], device=device)  # class-balanced
         return ldm_labelnoise.sample_images(net, spec, None, noise, y, sample_cfg, randn_like)
 
     patch = backbone.x_embedder.proj.stride[0]

@@ -348,7 +348,7 @@ def test_end_to_end_ldm_class_generate_eval(tmp_path, monkeypatch):
                    '--ddim_steps=2', '--metrics=is,pr'])
     assert {'is', 'precision', 'recall'} <= set(results) and np.isfinite(results['is'])
     record = json.loads(open(os.path.join(run_dir, 'metrics.jsonl')).read().splitlines()[-1])
-    assert record['num'] == 10 and record['is'] == results['is'] and record['scale'] == 1.5
+    assert record['num'] == 10 and record['is'] == results['is'] and record['scale'] == 7.5 and record['protocol'] == 'pytorch-fid'
 
 
 def test_end_to_end_dit_on_cached_latents_and_walk(tmp_path):
@@ -439,7 +439,7 @@ def expect_error(argv, capsys, code, words, outdir):
     with pytest.raises(SystemExit) as exit_info:
         run(argv)
     err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == code and err.startswith('error:') and '\n' not in err and words in err, err
+    assert exit_info.value.code == code and err.startswith('ldm_labelnoise.py: error: ') and '\n' not in err and words in err, err
     assert not os.path.exists(outdir)
 
 
@@ -461,35 +461,35 @@ def test_bad_data(tmp_path, capsys):
     data = np.load(TINY_DATA)
     np.savez(tmp_path / 'labels.npz', x=data['x'][:20], y=np.arange(20))
     expect_error(['--preset=tiny', f'--data={tmp_path}/labels.npz', '--num_classes=10', f'--outdir={outdir}'],
-                 capsys, 1, 'outside [0, 10)', outdir)
-    expect_error(['--preset=tiny', '--cond=text', f'--data={TINY_DATA}', f'--outdir={outdir}'], capsys, 1,
+                 capsys, 2, 'outside [0, 10)', outdir)
+    expect_error(['--preset=tiny', '--cond=text', f'--data={TINY_DATA}', f'--outdir={outdir}'], capsys, 2,
                  'needs one caption per image', outdir)
     np.savez(tmp_path / 'few_labels.npz', x=data['x'][:20], y=data['y'][:10])
-    expect_error(['--preset=tiny', f'--data={tmp_path}/few_labels.npz', f'--outdir={outdir}'], capsys, 1,
+    expect_error(['--preset=tiny', f'--data={tmp_path}/few_labels.npz', f'--outdir={outdir}'], capsys, 2,
                  'one label per image (20)', outdir)
     expect_error(['--preset=tiny', '--arch=DiT-tiny', '--resolution=17', f'--data={TINY_DATA}', f'--outdir={outdir}'],
                  capsys, 2, 'divisible by patch_size', outdir)
     (tmp_path / 'damaged' / 'training-state-000001.pt').parent.mkdir()
     (tmp_path / 'damaged' / 'training-state-000001.pt').write_bytes(b'cut short')
     expect_error(['--preset=tiny', f'--data={TINY_DATA}', f'--resume={tmp_path}/damaged/training-state-000001.pt',
-                  f'--outdir={outdir}'], capsys, 1, 'damaged', outdir)
+                  f'--outdir={outdir}'], capsys, 2, 'damaged', outdir)
     assert os.listdir(tmp_path / 'damaged') == ['training-state-000001.pt']  # nothing written beside it
     expect_error(['generate', f'--network={tmp_path}/damaged/training-state-000001.pt', f'--outdir={outdir}'], capsys,
-                 1, 'damaged', outdir)
-    expect_error(['--preset=tiny', f'--data={tmp_path}/missing', f'--outdir={outdir}'], capsys, 1, 'not found', outdir)
+                 2, 'damaged', outdir)
+    expect_error(['--preset=tiny', f'--data={tmp_path}/missing', f'--outdir={outdir}'], capsys, 2, 'not found', outdir)
     folder = tmp_path / 'images'
     for k in range(2):
         (folder / f'class{k}').mkdir(parents=True)
         PIL.Image.fromarray(data['x'][k]).save(folder / f'class{k}' / 'a.png')
     (folder / 'class1' / 'b.png').write_bytes(b'not a png')
-    expect_error(['--preset=tiny', f'--data={folder}', f'--outdir={outdir}'], capsys, 1, 'class1/b.png', outdir)
+    expect_error(['--preset=tiny', f'--data={folder}', f'--outdir={outdir}'], capsys, 2, 'class1/b.png', outdir)
     PIL.Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / 'class1' / 'b.png')
-    expect_error(['--preset=tiny', f'--data={folder}', f'--outdir={outdir}'], capsys, 1, 'set --resolution', outdir)
+    expect_error(['--preset=tiny', f'--data={folder}', f'--outdir={outdir}'], capsys, 2, 'set --resolution', outdir)
 
 
 def test_command_line_exit_code(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, 'ldm_labelnoise.py'), '--preset=tiny',
                              f'--data={TINY_DATA}', '--corruption_ratio=1.5', f'--outdir={tmp_path}/out'],
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and result.stderr.strip() == 'error: --corruption_ratio must be in [0, 1)'
+    assert result.returncode == 2 and result.stderr.strip() == 'ldm_labelnoise.py: error: --corruption_ratio must be in [0, 1)'
     assert not os.path.exists(tmp_path / 'out')

@@ -1578,6 +1578,281 @@ def load_vqmodel(path_or_folder, cache_dir=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# DINOv2 (Oquab et al. 2023): the self-supervised ViT whose CLS features find training-set neighbours of samples
+
+# The released backbones (facebookresearch/dinov2 hub/backbones.py, models/vision_transformer.py): all use patch 14,
+# position embeddings for 518 px (37 x 37 patches), 64-wide heads, biases everywhere and LayerScale; g/14 swaps the GELU
+# MLP for a SwiGLU. The `_reg4` models add 4 register tokens (Darcet et al. 2024) and interpolate position embeddings
+# differently (see DINOv2.interpolate_pos_encoding).
+DINOV2_SIZES = {
+    'vits14': dict(embed_dim=384, depth=12, num_heads=6),
+    'vitb14': dict(embed_dim=768, depth=12, num_heads=12),
+    'vitl14': dict(embed_dim=1024, depth=24, num_heads=16),
+    'vitg14': dict(embed_dim=1536, depth=40, num_heads=24, ffn_layer='swiglu'),
+}
+DINOV2_CONFIGS = {  # DINOv2(**DINOV2_CONFIGS['dinov2_vitg14']) is the official hub model of that name
+    **{f'dinov2_{size}': config for size, config in DINOV2_SIZES.items()},
+    **{f'dinov2_{size}_reg4': {**config, 'num_register_tokens': 4, 'interpolate_antialias': True,
+                               'interpolate_offset': 0.0} for size, config in DINOV2_SIZES.items()},
+}
+DINOV2_URL = 'https://dl.fbaipublicfiles.com/dinov2/{base}/{name}_pretrain.pth'
+
+
+class DINOv2PatchEmbed(nn.Module):
+    """Non-overlapping patch x patch convolution: (B, 3, H, W) -> (B, H/p * W/p, D) tokens in row-major order."""
+
+    def __init__(self, patch_size, embed_dim, in_channels=3):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class DINOv2LayerScale(nn.Module):
+    """LayerScale (Touvron et al. 2021, CaiT): a learned per-channel gain on each residual branch."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class DINOv2Mlp(nn.Module):
+    """The ViT feed-forward: Linear -> exact (erf) GELU -> Linear."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class DINOv2SwiGLU(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020) of ViT-g/14: w3(silu(x W1) * x W2), W1 and W2 packed into one `w12`.
+
+    The hidden width is 2/3 of the MLP's, rounded up to a multiple of 8 (the official "swiglufused" layer).
+    """
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
+
+
+class DINOv2Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection, through scaled_dot_product_attention."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                                 # 3 x (B, heads, T, D/heads)
+        x = F.scaled_dot_product_attention(q, k, v)                          # (B, heads, T, D/heads)
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))                 # (B, T, D)
+
+
+class DINOv2Block(nn.Module):
+    """Pre-norm transformer block, x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))); LayerNorm eps 1e-6."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, ffn_layer='mlp'):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = DINOv2Attention(dim, num_heads)
+        self.ls1 = DINOv2LayerScale(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = (DINOv2SwiGLU if ffn_layer == 'swiglu' else DINOv2Mlp)(dim, int(dim * mlp_ratio))
+        self.ls2 = DINOv2LayerScale(dim)
+
+    def forward(self, x):
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class DINOv2(nn.Module):
+    """The DINOv2 ViT backbone (Oquab et al., "DINOv2: Learning Robust Visual Features without Supervision", TMLR
+    2024, arXiv:2304.07193; facebookresearch/dinov2 `DinoVisionTransformer`), inference only.
+
+    Its state_dict keys and shapes equal those of the released `dinov2_vit{s,b,l,g}14[_reg4]_pretrain.pth` files
+    (cls_token, pos_embed, register_tokens, mask_token, patch_embed.proj, blocks.N.{norm1, attn.qkv, attn.proj, ls1,
+    norm2, mlp.fc1/fc2 or mlp.w12/w3, ls2}, norm), so they load with `load_state_dict(strict=True)`; `load_dinov2`
+    builds the right size from a file. `mask_token` (iBOT's masked-patch token) is kept for that, unused here.
+
+    forward(x): x (B, 3, H, W), H and W multiples of patch_size, already normalised as the caller's protocol wants
+    (see dinov2_preprocess); returns the final-LayerNorm CLS token (B, embed_dim), the official `x_norm_clstoken`,
+    which is also what the official `forward` returns (its head is the identity). forward_features(x) returns the
+    official dict of normalised CLS / register / patch tokens.
+    """
+
+    def __init__(self, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0, ffn_layer='mlp', patch_size=14,
+                 img_size=518, num_register_tokens=0, interpolate_antialias=False, interpolate_offset=0.1):
+        super().__init__()
+        if ffn_layer not in ('mlp', 'swiglu'):
+            raise ValueError(f"ffn_layer must be 'mlp' or 'swiglu', not {ffn_layer!r}")
+        self.patch_size = patch_size
+        self.num_register_tokens = num_register_tokens
+        self.interpolate_antialias = interpolate_antialias
+        self.interpolate_offset = interpolate_offset
+        num_patches = (img_size // patch_size) ** 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, embed_dim))
+        registers = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
+        self.register_tokens = registers  # None without registers, as the official model (no key then)
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        self.patch_embed = DINOv2PatchEmbed(patch_size, embed_dim)
+        self.blocks = nn.ModuleList([DINOv2Block(embed_dim, num_heads, mlp_ratio, ffn_layer) for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+
+    def interpolate_pos_encoding(self, x, height, width):
+        """Position embeddings for the tokens x of an image of height x width pixels: the stored grid, resampled.
+
+        As the official code: the stored embedding is used as is only for a square image with the stored number of
+        patches; otherwise the grid is resized in fp32 with `scale_factor=((h + offset) / M, (w + offset) / M)` when
+        interpolate_offset is non-zero (offset 0.1, no antialias: the original models) or to `size=(h, w)` (offset 0,
+        antialias on: the `_reg4` models). The offset changes where the bicubic kernel samples, not only the size.
+        """
+        pos_embed = self.pos_embed
+        num_patches = pos_embed.shape[1] - 1
+        h, w = height // self.patch_size, width // self.patch_size
+        if h * w == num_patches and height == width:
+            return pos_embed
+        M = math.isqrt(num_patches)
+        grid = pos_embed[:, 1:].float().reshape(1, M, M, -1).permute(0, 3, 1, 2)          # (1, D, M, M)
+        if self.interpolate_offset:
+            scale = ((h + self.interpolate_offset) / M, (w + self.interpolate_offset) / M)
+            grid = F.interpolate(grid, scale_factor=scale, mode='bicubic', antialias=self.interpolate_antialias)
+        else:
+            grid = F.interpolate(grid, size=(h, w), mode='bicubic', antialias=self.interpolate_antialias)
+        grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)                               # (1, h * w, D)
+        return torch.cat([pos_embed[:, :1].float(), grid], dim=1).to(x.dtype)    # in the tokens' dtype
+
+    def forward_features(self, x):
+        """Tokens after the last block: a dict with the official keys x_norm_clstoken (B, D), x_norm_regtokens
+        (B, R, D), x_norm_patchtokens (B, H/p * W/p, D) and x_prenorm (B, 1 + R + H/p * W/p, D)."""
+        B, _, H, W = x.shape
+        if H % self.patch_size or W % self.patch_size:
+            raise ValueError(f'DINOv2 needs a height and width that are multiples of {self.patch_size}, got {H}x{W} '
+                             '(dinov2_preprocess pads images to such a size)')
+
+        # Embed patches, prepend the CLS token, add position embeddings, then insert the registers after CLS.
+        x = self.patch_embed(x)                                                # (B, H/p * W/p, D)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)            # (B, 1 + H/p * W/p, D)
+        x = x + self.interpolate_pos_encoding(x, H, W)
+        if self.register_tokens is not None:
+            x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]], dim=1)
+
+        # Transformer blocks and the final LayerNorm.
+        for block in self.blocks:
+            x = block(x)
+        x_norm = self.norm(x)
+        R = self.num_register_tokens
+        return {'x_norm_clstoken': x_norm[:, 0], 'x_norm_regtokens': x_norm[:, 1:1 + R],
+                'x_norm_patchtokens': x_norm[:, 1 + R:], 'x_prenorm': x}
+
+    def forward(self, x):
+        return self.forward_features(x)['x_norm_clstoken']                    # (B, D)
+
+
+def dinov2_config_from_state_dict(state_dict):
+    """DINOv2 kwargs for a state dict in the official layout (sizes read off the tensors; heads are 64 wide in all
+    released models). The `_reg4` models, recognised by their register_tokens, get the official hub's interpolation
+    settings for them (antialias, no offset); the others offset 0.1 without antialias."""
+    try:
+        embed_dim = state_dict['cls_token'].shape[-1]
+        patch_size = state_dict['patch_embed.proj.weight'].shape[-1]
+        grid = math.isqrt(state_dict['pos_embed'].shape[1] - 1)
+        depth = len({key.split('.')[1] for key in state_dict if key.startswith('blocks.')})
+        swiglu = 'blocks.0.mlp.w12.weight' in state_dict
+        hidden = 4 * embed_dim if swiglu else state_dict['blocks.0.mlp.fc1.weight'].shape[0]
+    except (KeyError, IndexError) as error:
+        raise ValueError(f'state dict does not look like a DINOv2 backbone (missing {error})') from None
+    num_register_tokens = state_dict['register_tokens'].shape[1] if 'register_tokens' in state_dict else 0
+    return dict(embed_dim=embed_dim, depth=depth, num_heads=embed_dim // 64, mlp_ratio=hidden / embed_dim,
+                ffn_layer='swiglu' if swiglu else 'mlp', patch_size=patch_size, img_size=grid * patch_size,
+                num_register_tokens=num_register_tokens, interpolate_antialias=num_register_tokens > 0,
+                interpolate_offset=0.0 if num_register_tokens else 0.1)
+
+
+def load_dinov2(path_or_name, cache_dir=None):
+    """A released DINOv2 backbone, frozen, in eval mode on the CPU.
+
+    path_or_name: a name of the official hub ('dinov2_vits14', 'dinov2_vitb14', 'dinov2_vitl14', 'dinov2_vitg14',
+    each optionally with '_reg4'), downloaded once from dl.fbaipublicfiles.com into cache_dir (default
+    default_cache_dir()); an http(s) URL (downloaded likewise); or a local .pth / .safetensors state dict in the
+    official layout (the block-chunked layout of the official training checkpoints, blocks.C.N.*, is accepted too).
+    Offline, raises WeightsNotFoundError with one line naming the URL and where to save it. Strict: every key must
+    match.
+    """
+    source = os.fspath(path_or_name)
+    if source in DINOV2_CONFIGS:
+        source = DINOV2_URL.format(base=source.removesuffix('_reg4'), name=source)
+    if source.startswith(('http://', 'https://')):
+        source = download_cached(source, cache_dir)
+    elif not os.path.isfile(source):
+        raise WeightsNotFoundError(f'DINOv2 weights not found: {source} (give a local file, a URL or one of the '
+                                   f'official names {", ".join(DINOV2_CONFIGS)})')
+    state_dict = load_weights_file(source)
+    state_dict = {re.sub(r'^blocks\.\d+\.(\d+)\.', r'blocks.\1.', key): value for key, value in state_dict.items()}
+    with torch.device('meta'):  # no random init of weights that are overwritten anyway
+        net = DINOv2(**dinov2_config_from_state_dict(state_dict))
+    net.load_state_dict({key: value.float() for key, value in state_dict.items()}, strict=True, assign=True)
+    return net.eval().requires_grad_(False)
+
+
+def dinov2_preprocess(images):
+    """The input that giannisdaras/ambient-diffusion's find_dataset_neighbors.py feeds to DINOv2, from uint8 images.
+
+    images: (B, C, H, W) uint8 (C = 3; C = 1 is repeated to 3 channels, where the official script fails). Returns
+    (B, 3, H', W') float32 in [0, 1], H' and W' the next multiples of 14. The official lines it follows:
+      - training/dataset.py `Dataset.__getitem__` (normalize=True, the default): `image / 127.5 - 1` in float32;
+      - find_dataset_neighbors.py: `(pad_image(images) + 1) / 2.`, with dnnlib/util.py `pad_image`: reflect padding
+        up to a multiple of 14 on each axis, the odd pixel going to the bottom/right.
+    Nothing else: no resize to 224, no centre crop and no ImageNet mean/std normalisation (unlike the hub's usual
+    transform), so a 32 x 32 CIFAR-10 image becomes 42 x 42 = 3 x 3 patches and a 64 x 64 image 70 x 70.
+    """
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f'dinov2_preprocess needs uint8 images (B, 3, H, W), got {images.dtype} {tuple(images.shape)}')
+    x = images.expand(-1, 3, -1, -1).float() / 127.5 - 1                   # (B, 3, H, W) in [-1, 1]
+    pad_h, pad_w = -x.shape[2] % 14, -x.shape[3] % 14
+    x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), mode='reflect')
+    return (x + 1) / 2                                                      # (B, 3, H', W') in [0, 1]
+
+
+@torch.no_grad()
+def dinov2_features(model, images, normalize=True):
+    """The feature find_dataset_neighbors.py compares, for uint8 images (B, C, H, W): (B, D) float32.
+
+    The official script runs torch.hub's 'dinov2_vitg14' (no registers) on dinov2_preprocess(images) and keeps what
+    its forward returns, the final-LayerNorm CLS token `x_norm_clstoken` (1536 wide), divided by its L2 norm
+    (`--normalize`, default True; normalize=False gives the raw token).
+
+    The official similarity rule, for each generated image g against the whole training set X:
+        products = f(g) @ f(X).T                     # cosine similarity of the unit features
+        neighbours = the 3 indices of the largest products (argsort, descending)
+        max_products.pkl gets products.max(); softmax_products.pkl gets softmax(products).max() (temperature 1,
+        over the whole training set)
+    so memorisation is read off the largest cosine similarity.
+    """
+    device = next(model.parameters()).device
+    features = model(dinov2_preprocess(images).to(device)).float()        # (B, D) x_norm_clstoken
+    return features / features.norm(dim=1, keepdim=True) if normalize else features
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Released checkpoints
 
 

@@ -917,11 +917,13 @@ def dit_modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def dit_timestep_embedding(t, dim=256, max_period=10000):
+def dit_timestep_embedding(t, dim=256, max_period=10000, freq_shift=0):
     """Sinusoidal embedding (B,) -> (B, dim) of (possibly fractional) timesteps: [cos | sin] at frequencies
-    max_period**(-i / (dim / 2)), i = 0 .. dim/2 - 1 (DiT models.py, from GLIDE). dim must be even."""
+    max_period**(-i / (dim / 2 - freq_shift)), i = 0 .. dim/2 - 1 (DiT models.py, from GLIDE: freq_shift 0;
+    diffusers' DiT embeds with Timesteps(downscale_freq_shift=1), so its lowest frequency is 1/max_period)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+                      / (half - freq_shift))
     args = t.float()[:, None] * freqs[None]  # (B, dim/2)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
@@ -956,14 +958,15 @@ class DiTPatchEmbed(nn.Module):
 class DiTTimestepEmbedder(nn.Module):
     """Timestep -> 256-d sinusoid -> Linear-SiLU-Linear -> (B, D)."""
 
-    def __init__(self, hidden_size, frequency_embedding_size=256):
+    def __init__(self, hidden_size, frequency_embedding_size=256, freq_shift=0):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
+        self.freq_shift = freq_shift
         self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
                                  nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t):
-        return self.mlp(dit_timestep_embedding(t, self.frequency_embedding_size))
+        return self.mlp(dit_timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift))
 
 
 class DiTLabelEmbedder(nn.Module):
@@ -1000,12 +1003,12 @@ class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero: c regresses shift/scale of both LayerNorms and a gate on both residual
     branches; the gates start at zero, so every block starts as the identity (DiT paper Sec. 3.2)."""
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, mlp_norm_eps=1e-6):
         super().__init__()
         mlp_hidden = int(hidden_size * mlp_ratio)
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = DiTAttention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=mlp_norm_eps)
         self.mlp = nn.Sequential(collections.OrderedDict(  # timm Mlp's keys
             fc1=nn.Linear(hidden_size, mlp_hidden),
             act=nn.GELU(approximate='tanh'),
@@ -1039,11 +1042,14 @@ class DiT(nn.Module):
 
     forward(x, t, y, embedding_noise=None): x (B, in_channels, input_size, input_size), t (B,) timesteps (integer
     indices, also under respacing), y (B,) int64 in [0, num_classes] where num_classes is the null label,
-    embedding_noise (B, hidden_size) added to the label embedding before it joins the timestep embedding (CEP).
+    embedding_noise (B, hidden_size) added to the label embedding before it joins the timestep embedding (CEP);
+    timestep_freq_shift=1 and mlp_norm_eps=1e-5 (diffusers' norm_eps) give diffusers' DiT function
+    (DiTTransformer2DModel, see dit_from_diffusers); the defaults are facebookresearch/DiT's.
     """
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True):
+                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, timestep_freq_shift=0,
+                 mlp_norm_eps=1e-6):
         super().__init__()
         if input_size % patch_size or hidden_size % num_heads or hidden_size % 4:
             raise ValueError(f'DiT needs input_size ({input_size}) divisible by patch_size ({patch_size}) and '
@@ -1059,11 +1065,11 @@ class DiT(nn.Module):
         self.learn_sigma = learn_sigma
 
         self.x_embedder = DiTPatchEmbed(in_channels, hidden_size, patch_size)
-        self.t_embedder = DiTTimestepEmbedder(hidden_size)
+        self.t_embedder = DiTTimestepEmbedder(hidden_size, freq_shift=timestep_freq_shift)
         self.y_embedder = DiTLabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         # A frozen Parameter rather than a buffer, as in DiT: it sits in the state dict (and the EMA) under this name.
         self.pos_embed = nn.Parameter(dit_pos_embed(hidden_size, input_size // patch_size)[None], requires_grad=False)
-        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, mlp_norm_eps) for _ in range(depth))
         self.final_layer = DiTFinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
@@ -1575,6 +1581,266 @@ def load_vqmodel(path_or_folder, cache_dir=None):
     net.load_state_dict({key: value.float() for key, value in state_dict.items()}, assign=True)
     net.config = config
     return net.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# diffusers layouts: DiTTransformer2DModel -> DiT, UNet2DConditionModel / UNet2DModel -> UNet(arch='ldm' / 'adm')
+
+
+def _refuse_unsupported(config, supported, what):
+    """ValueError naming the first config entry whose value nets' counterpart of `what` does not implement."""
+    for key, value in supported.items():
+        if key in config and config[key] != value and not (value is None and config[key] in ((), [], 0)):
+            raise ValueError(f'{what} with {key}={config[key]!r} is not supported (only {key}={value!r})')
+
+
+class DiTPerBlockConditioning(DiT):
+    """DiT with a timestep and a label embedder in every block, as diffusers' DiT has them: each block's
+    AdaLayerNormZero owns a CombinedTimestepLabelEmbeddings, and the final layer uses block 0's. Converting a
+    facebookresearch DiT copies one pair into every block (then plain DiT is the same function and is used); a model
+    trained in diffusers has different pairs, which this class keeps. embedding_noise (CEP) joins every block's label
+    embedding. Extra keys: block_t_embedders.{i-1}.*, block_y_embedders.{i-1}.* for blocks i >= 1."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        shift = self.t_embedder.freq_shift
+        self.block_t_embedders = nn.ModuleList(DiTTimestepEmbedder(self.hidden_size, freq_shift=shift)
+                                               for _ in self.blocks[1:])
+        self.block_y_embedders = nn.ModuleList(
+            DiTLabelEmbedder(self.num_classes, self.hidden_size, self.class_dropout_prob) for _ in self.blocks[1:])
+
+    def forward(self, x, t, y, embedding_noise=None):
+        x = self.x_embedder(x) + self.pos_embed                                  # (B, T, D)
+        conditions = []
+        for t_embedder, y_embedder in zip([self.t_embedder, *self.block_t_embedders],
+                                          [self.y_embedder, *self.block_y_embedders]):
+            label = y_embedder(y) if embedding_noise is None else y_embedder(y) + embedding_noise
+            conditions.append(t_embedder(t) + label)                             # (B, D) per block
+        for block, c in zip(self.blocks, conditions):
+            x = block(x, c)
+        return self.unpatchify(self.final_layer(x, conditions[0]))               # (B, out_channels, H, W)
+
+
+def dit_state_dict_from_diffusers(state_dict):
+    """Keys of diffusers' DiTTransformer2DModel (or Transformer2DModel with norm_type 'ada_norm_zero') -> nets.DiT
+    keys: pos_embed.proj -> x_embedder.proj, transformer_blocks.0.norm1.emb.{timestep_embedder.linear_1/2,
+    class_embedder.embedding_table} -> t_embedder.mlp.0/2, y_embedder.embedding_table, attn1.to_q/k/v stacked into
+    attn.qkv, attn1.to_out.0 -> attn.proj, ff.net.0.proj / ff.net.2 -> mlp.fc1 / fc2, norm1.linear ->
+    adaLN_modulation.1, proj_out_1 / proj_out_2 -> final_layer.adaLN_modulation.1 / final_layer.linear (same chunk
+    orders: shift, scale, gate). The embedders of blocks >= 1 go to block_t_embedders / block_y_embedders
+    (DiTPerBlockConditioning). The fixed sin-cos pos_embed is not stored by diffusers (computed, the same table)."""
+    renames = [(r'^pos_embed\.proj\.', 'x_embedder.proj.'),
+               (r'^transformer_blocks\.0\.norm1\.emb\.timestep_embedder\.linear_(\d)\.',
+                lambda m: f't_embedder.mlp.{2 * int(m[1]) - 2}.'),
+               (r'^transformer_blocks\.0\.norm1\.emb\.class_embedder\.', 'y_embedder.'),
+               (r'^transformer_blocks\.(\d+)\.norm1\.emb\.timestep_embedder\.linear_(\d)\.',
+                lambda m: f'block_t_embedders.{int(m[1]) - 1}.mlp.{2 * int(m[2]) - 2}.'),
+               (r'^transformer_blocks\.(\d+)\.norm1\.emb\.class_embedder\.',
+                lambda m: f'block_y_embedders.{int(m[1]) - 1}.'),
+               (r'^transformer_blocks\.(\d+)\.norm1\.linear\.', r'blocks.\1.adaLN_modulation.1.'),
+               (r'^transformer_blocks\.(\d+)\.attn1\.to_out\.0\.', r'blocks.\1.attn.proj.'),
+               (r'^transformer_blocks\.(\d+)\.ff\.net\.0\.proj\.', r'blocks.\1.mlp.fc1.'),
+               (r'^transformer_blocks\.(\d+)\.ff\.net\.2\.', r'blocks.\1.mlp.fc2.'),
+               (r'^proj_out_1\.', 'final_layer.adaLN_modulation.1.'),
+               (r'^proj_out_2\.', 'final_layer.linear.')]
+    converted, qkv = {}, collections.defaultdict(dict)
+    for key, value in state_dict.items():
+        found = re.fullmatch(r'transformer_blocks\.(\d+)\.attn1\.to_([qkv])\.(weight|bias)', key)
+        if found:
+            qkv[f'blocks.{found[1]}.attn.qkv.{found[3]}'][found[2]] = value
+            continue
+        new_key = key
+        for pattern, replacement in renames:
+            new_key = re.sub(pattern, replacement, new_key)
+        if new_key == key:
+            raise ValueError(f'unexpected key in a diffusers DiT state dict: {key}')
+        converted[new_key] = value
+    for key, parts in qkv.items():
+        converted[key] = torch.cat([parts['q'], parts['k'], parts['v']])
+    return converted
+
+
+def dit_from_diffusers(config, state_dict):
+    """The nets.DiT (DiTPerBlockConditioning when the blocks' embedders differ) of a diffusers DiT transformer folder's
+    config.json and weights, loaded strictly, fp32, eval mode. diffusers' function differs from facebookresearch's in
+    two constants, both reproduced: the timestep sinusoid uses downscale_freq_shift=1 (frequencies 10000^(-i/127)
+    instead of 10000^(-i/128)) and the LayerNorm before the MLP has eps norm_eps (1e-5 by default, DiT: 1e-6)."""
+    _refuse_unsupported(config, {'norm_type': 'ada_norm_zero', 'activation_fn': 'gelu-approximate',
+                                 'attention_bias': True, 'norm_elementwise_affine': False, 'cross_attention_dim': None,
+                                 'num_vector_embeds': None, 'use_linear_projection': False, 'dropout': 0.0,
+                                 'only_cross_attention': False, 'double_self_attention': False,
+                                 'interpolation_scale': None, 'caption_channels': None}, 'diffusers DiT')
+    if not config.get('patch_size') or not config.get('num_embeds_ada_norm'):
+        raise ValueError('diffusers transformer without patch_size / num_embeds_ada_norm is not a DiT')
+    heads, in_channels = config.get('num_attention_heads', 16), config.get('in_channels', 4)
+    hidden_size = heads * config.get('attention_head_dim', 72)
+    out_channels = config.get('out_channels') or in_channels
+    if out_channels not in (in_channels, 2 * in_channels):
+        raise ValueError(f'diffusers DiT with {out_channels} output channels for {in_channels} inputs')
+    state_dict = dit_state_dict_from_diffusers(state_dict)
+    num_classes = config['num_embeds_ada_norm']
+    per_block = any(key.startswith(('block_t_embedders.', 'block_y_embedders.')) and not torch.equal(
+        value, state_dict[re.sub(r'^block_(\w)_embedders\.\d+\.', r'\1_embedder.', key)])
+        for key, value in state_dict.items())
+    if not per_block:
+        state_dict = {key: value for key, value in state_dict.items() if not key.startswith('block_')}
+    kwargs = dict(input_size=config.get('sample_size', 32), patch_size=config['patch_size'], in_channels=in_channels,
+                  hidden_size=hidden_size, depth=config.get('num_layers', 28), num_heads=heads,
+                  mlp_ratio=state_dict['blocks.0.mlp.fc1.weight'].shape[0] / hidden_size,
+                  class_dropout_prob=0.1 if state_dict['y_embedder.embedding_table.weight'].shape[0] > num_classes
+                  else 0.0, num_classes=num_classes, learn_sigma=out_channels == 2 * in_channels,
+                  timestep_freq_shift=1, mlp_norm_eps=config.get('norm_eps', 1e-5))
+    with torch.device('meta'):
+        net = (DiTPerBlockConditioning if per_block else DiT)(**kwargs)
+    state_dict['pos_embed'] = dit_pos_embed(hidden_size, kwargs['input_size'] // kwargs['patch_size'])[None]
+    net.load_state_dict({key: value.float() for key, value in state_dict.items()}, assign=True)
+    net.config = {**kwargs, 'per_block_conditioning': per_block}
+    return net.eval()
+
+
+UNET_RESNET_KEYS = {'norm1': 'in_layers.0', 'conv1': 'in_layers.2', 'time_emb_proj': 'emb_layers.1',
+                    'norm2': 'out_layers.0', 'conv2': 'out_layers.3', 'conv_shortcut': 'skip_connection'}
+UNET_ATTENTION_KEYS = {'group_norm': 'norm', 'to_out.0': 'proj_out', 'proj_attn': 'proj_out',  # old names too
+                       'query': 'to_q', 'key': 'to_k', 'value': 'to_v'}
+
+
+def unet_module_map(levels, num_blocks, attention_levels):
+    """diffusers UNet module path -> (nets.UNet module path, kind) for a UNet of `levels` levels with num_blocks
+    resnets per encoder level (num_blocks + 1 per decoder level) and attention at `attention_levels` (encoder
+    level numbers; diffusers' up_blocks run from the deepest level)."""
+    modules = {'conv_in': ('input_blocks.0.0', 'plain'), 'time_embedding.linear_1': ('time_embed.0', 'plain'),
+               'time_embedding.linear_2': ('time_embed.2', 'plain'), 'class_embedding': ('label_emb', 'plain'),
+               'conv_norm_out': ('out.0', 'plain'), 'conv_out': ('out.2', 'plain'),
+               'mid_block.resnets.0': ('middle_block.0', 'resnet'), 'mid_block.attentions.0': ('middle_block.1', 'attn'),
+               'mid_block.resnets.1': ('middle_block.2', 'resnet')}
+    index = 1
+    for level in range(levels):
+        for j in range(num_blocks):
+            modules[f'down_blocks.{level}.resnets.{j}'] = (f'input_blocks.{index}.0', 'resnet')
+            modules[f'down_blocks.{level}.attentions.{j}'] = (f'input_blocks.{index}.1', 'attn')
+            index += 1
+        if level < levels - 1:
+            modules[f'down_blocks.{level}.downsamplers.0.conv'] = (f'input_blocks.{index}.0.op', 'plain')
+            index += 1
+    index = 0
+    for up in range(levels):
+        for j in range(num_blocks + 1):
+            modules[f'up_blocks.{up}.resnets.{j}'] = (f'output_blocks.{index}.0', 'resnet')
+            modules[f'up_blocks.{up}.attentions.{j}'] = (f'output_blocks.{index}.1', 'attn')
+            if up < levels - 1 and j == num_blocks:
+                upsampler = 2 if levels - 1 - up in attention_levels else 1
+                modules[f'up_blocks.{up}.upsamplers.0.conv'] = (f'output_blocks.{index}.{upsampler}.conv', 'plain')
+            index += 1
+    return modules
+
+
+def unet_state_dict_from_diffusers(state_dict, levels, num_blocks, attention_levels, arch):
+    """Keys of a diffusers UNet2DConditionModel / UNet2DModel -> nets.UNet keys (see unet_module_map). Resnets:
+    norm1/conv1/time_emb_proj/norm2/conv2/conv_shortcut -> in_layers.0/2, emb_layers.1, out_layers.0/3,
+    skip_connection. arch 'ldm': the Transformer2DModel keys equal SpatialTransformer's (Linear proj_in/proj_out of
+    use_linear_projection become 1x1 convs). arch 'adm': attention group_norm -> norm, to_q/to_k/to_v stacked into
+    qkv ([q|k|v] then heads: use_new_attention_order) and to_out.0 -> proj_out, as (C_out, C_in, 1) weights."""
+    modules = unet_module_map(levels, num_blocks, attention_levels)
+    converted, qkv = {}, collections.defaultdict(dict)
+    for key, value in state_dict.items():
+        module = max((m for m in modules if key.startswith(m + '.')), key=len, default=None)
+        if module is None:
+            raise ValueError(f'unexpected key in a diffusers UNet state dict: {key}')
+        target, kind = modules[module]
+        rest = key[len(module) + 1:]
+        if kind == 'resnet':
+            name, _, leaf = rest.partition('.')
+            rest = f'{UNET_RESNET_KEYS.get(name, name)}.{leaf}'
+        elif kind == 'attn' and arch == 'adm':
+            name, leaf = rest.rsplit('.', 1)
+            name = UNET_ATTENTION_KEYS.get(name, name)
+            if name in ('to_q', 'to_k', 'to_v'):
+                qkv[f'{target}.qkv.{leaf}'][name] = value
+                continue
+            value = value[:, :, None] if name == 'proj_out' and leaf == 'weight' else value
+            rest = f'{name}.{leaf}'
+        elif kind == 'attn' and re.fullmatch(r'proj_(in|out)\.weight', rest) and value.ndim == 2:
+            value = value[:, :, None, None]  # use_linear_projection: a Linear, the same map as a 1x1 conv
+        converted[f'{target}.{rest}'] = value
+    for key, parts in qkv.items():
+        stacked = torch.cat([parts['to_q'], parts['to_k'], parts['to_v']])
+        converted[key] = stacked[:, :, None] if key.endswith('weight') else stacked
+    return converted
+
+
+def unet_from_diffusers(config, state_dict):
+    """The nets.UNet of a diffusers UNet2DConditionModel (arch 'ldm': ResnetBlock2D + Transformer2DModel with
+    cross-attention, the CompVis LDM UNets converted to diffusers, e.g. ldm-text2im-large-256) or UNet2DModel (arch
+    'adm': ResnetBlock2D + self-attention blocks), weights loaded strictly, fp32, eval mode. Both time embeddings are
+    [cos | sin] at frequencies 10000^(-i/half) (flip_sin_to_cos=True, freq_shift=0), nets' convention; configs
+    outside what nets.UNet expresses (other block types, embeddings, shifts, paddings) are refused with one line."""
+    class_name = config.get('_class_name', 'UNet2DConditionModel')
+    if class_name not in ('UNet2DConditionModel', 'UNet2DModel'):
+        raise ValueError(f'diffusers {class_name} is not a UNet that nets.UNet expresses')
+    arch = 'ldm' if class_name == 'UNet2DConditionModel' else 'adm'
+    attention_block = 'CrossAttn' if arch == 'ldm' else 'Attn'
+    _refuse_unsupported(config, {
+        'flip_sin_to_cos': True, 'freq_shift': 0, 'time_embedding_type': 'positional', 'act_fn': 'silu',
+        'downsample_padding': 1, 'norm_num_groups': 32, 'norm_eps': 1e-5, 'center_input_sample': False,
+        'class_embed_type': None, 'addition_embed_type': None, 'encoder_hid_dim': None, 'time_embedding_dim': None,
+        'time_cond_proj_dim': None, 'conv_in_kernel': 3, 'conv_out_kernel': 3, 'dual_cross_attention': False,
+        'only_cross_attention': False, 'resnet_skip_time_act': False, 'resnet_out_scale_factor': 1.0,
+        'mid_block_scale_factor': 1, 'class_embeddings_concat': False, 'timestep_post_act': None,
+        'attention_type': 'default', 'cross_attention_norm': None, 'add_attention': True,
+        'attn_norm_num_groups': None, 'downsample_type': 'conv', 'upsample_type': 'conv',
+        'reverse_transformer_layers_per_block': None,
+        'mid_block_type': 'UNetMidBlock2DCrossAttn' if arch == 'ldm' else 'UNetMidBlock2D'}, f'diffusers {class_name}')
+    if config.get('resnet_time_scale_shift', 'default') not in ('default', 'scale_shift'):
+        raise ValueError(f'diffusers {class_name} with resnet_time_scale_shift={config["resnet_time_scale_shift"]!r} '
+                         "is not supported (only 'default' or 'scale_shift')")
+    widths = tuple(config['block_out_channels'])
+    down, up = list(config['down_block_types']), list(config['up_block_types'])
+    levels, num_blocks, C = len(widths), config.get('layers_per_block', 2), widths[0]
+    attention_levels = [level for level, kind in enumerate(down) if kind.startswith(attention_block)]
+    plain = {'DownBlock2D', 'UpBlock2D', f'{attention_block}DownBlock2D', f'{attention_block}UpBlock2D'}
+    if (not isinstance(num_blocks, int) or set(down + up) - plain or len(up) != levels
+            or sorted(levels - 1 - u for u, kind in enumerate(up) if kind.startswith(attention_block))
+            != attention_levels or any(w % C for w in widths)):
+        raise ValueError(f'diffusers {class_name} blocks {down} / {up} (layers_per_block {num_blocks}) have no '
+                         'nets.UNet counterpart')
+    depth = config.get('transformer_layers_per_block', 1)
+    if not isinstance(depth, int):
+        if len(set(depth)) != 1:
+            raise ValueError(f'transformer_layers_per_block={depth} (one depth per level) is not supported')
+        depth = depth[0]
+
+    # Heads per attention level: diffusers' UNet2DConditionModel names the head COUNT attention_head_dim (unless
+    # num_attention_heads is set); UNet2DModel's attention_head_dim is the channels per head (None: one head).
+    if arch == 'ldm':
+        heads = config.get('num_attention_heads') or config.get('attention_head_dim', 8)
+        heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * levels
+    else:
+        per_head = config.get('attention_head_dim', 8)
+        heads = [w // per_head if per_head else 1 for w in widths]
+    used = [(widths[level], heads[level]) for level in attention_levels] + [(widths[-1], heads[-1])]
+    if len({h for _, h in used}) == 1:
+        head_kwargs = dict(num_heads=used[0][1], num_head_channels=-1)
+    elif len({w // h for w, h in used}) == 1:
+        head_kwargs = dict(num_head_channels=used[0][0] // used[0][1])
+    else:
+        raise ValueError(f'attention heads {heads} for widths {widths} are neither a fixed count nor a fixed width')
+    resolution = config.get('sample_size', 64)
+    resolution = resolution[0] if isinstance(resolution, (list, tuple)) else resolution
+    kwargs = dict(arch=arch, img_resolution=resolution, in_channels=config.get('in_channels', 4),
+                  out_channels=config.get('out_channels', 4), model_channels=C,
+                  channel_mult=tuple(w // C for w in widths), num_blocks=num_blocks,
+                  attn_resolutions=tuple(resolution >> level for level in attention_levels), dropout=0.0,
+                  label_dim=config.get('num_class_embeds') or 0, **head_kwargs,
+                  use_scale_shift_norm=config.get('resnet_time_scale_shift') == 'scale_shift')
+    if arch == 'ldm':
+        kwargs.update(context_dim=config.get('cross_attention_dim', 1280), transformer_depth=depth)
+    else:
+        kwargs.update(use_new_attention_order=True)
+    state_dict = unet_state_dict_from_diffusers(state_dict, levels, num_blocks, attention_levels, arch)
+    with torch.device('meta'):
+        net = UNet(**kwargs)
+    net.load_state_dict({key: value.float() for key, value in state_dict.items()}, assign=True)
+    return net.eval()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -145,3 +145,232 @@ def test_load_vqmodel_refuses_unsupported_variants(tmp_path):
         nets.load_vqmodel(tmp_path)
     with pytest.raises(nets.WeightsNotFoundError):
         nets.load_vqmodel(tmp_path / 'missing.ckpt')
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# diffusers DiT -> nets.DiT
+
+
+def dit_to_diffusers(state_dict, depth):
+    """nets.DiT keys -> diffusers DiTTransformer2DModel keys, written out by hand; every block gets the same
+    timestep / label embedders, as diffusers' conversion of a facebookresearch checkpoint does."""
+    out = {'pos_embed.proj.weight': state_dict['x_embedder.proj.weight'],
+           'pos_embed.proj.bias': state_dict['x_embedder.proj.bias'],
+           'proj_out_1.weight': state_dict['final_layer.adaLN_modulation.1.weight'],
+           'proj_out_1.bias': state_dict['final_layer.adaLN_modulation.1.bias'],
+           'proj_out_2.weight': state_dict['final_layer.linear.weight'],
+           'proj_out_2.bias': state_dict['final_layer.linear.bias']}
+    for i in range(depth):
+        b, p = f'transformer_blocks.{i}', f'blocks.{i}'
+        for leaf in ('weight', 'bias'):
+            out[f'{b}.norm1.emb.timestep_embedder.linear_1.{leaf}'] = state_dict[f't_embedder.mlp.0.{leaf}']
+            out[f'{b}.norm1.emb.timestep_embedder.linear_2.{leaf}'] = state_dict[f't_embedder.mlp.2.{leaf}']
+            q, k, v = state_dict[f'{p}.attn.qkv.{leaf}'].chunk(3)
+            out.update({f'{b}.attn1.to_q.{leaf}': q, f'{b}.attn1.to_k.{leaf}': k, f'{b}.attn1.to_v.{leaf}': v})
+            out[f'{b}.attn1.to_out.0.{leaf}'] = state_dict[f'{p}.attn.proj.{leaf}']
+            out[f'{b}.ff.net.0.proj.{leaf}'] = state_dict[f'{p}.mlp.fc1.{leaf}']
+            out[f'{b}.ff.net.2.{leaf}'] = state_dict[f'{p}.mlp.fc2.{leaf}']
+            out[f'{b}.norm1.linear.{leaf}'] = state_dict[f'{p}.adaLN_modulation.1.{leaf}']
+        out[f'{b}.norm1.emb.class_embedder.embedding_table.weight'] = state_dict['y_embedder.embedding_table.weight']
+    return out
+
+
+DIT_CONFIG = {'_class_name': 'DiTTransformer2DModel', '_diffusers_version': '0.30.0', 'activation_fn': 'gelu-approximate',
+              'attention_bias': True, 'attention_head_dim': 16, 'dropout': 0.0, 'in_channels': 4,
+              'norm_elementwise_affine': False, 'norm_eps': 1e-5, 'norm_num_groups': 32, 'norm_type': 'ada_norm_zero',
+              'num_attention_heads': 2, 'num_embeds_ada_norm': 10, 'num_layers': 2, 'out_channels': 8,
+              'patch_size': 2, 'sample_size': 8, 'upcast_attention': False}
+
+
+def diffusers_dit_reference():
+    """Our DiT with diffusers' two constants, random weights: the function a diffusers DiT folder must load as."""
+    net = randomize(nets.DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
+                             num_classes=10, timestep_freq_shift=1, mlp_norm_eps=1e-5)).eval()
+    net.pos_embed.data = nets.dit_pos_embed(32, 4)[None]  # fixed, not a weight: diffusers computes it
+    return net
+
+
+def dit_inputs():
+    gen = torch.Generator().manual_seed(3)
+    return torch.randn(3, 4, 8, 8, generator=gen), torch.tensor([0, 500, 999]), torch.tensor([1, 5, 10])
+
+
+def test_diffusers_timestep_frequencies_are_shifted_by_one():
+    """diffusers' Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=1): [cos | sin] at 10000^(-i/127)."""
+    t = torch.tensor([0.0, 1.0, 37.0, 999.0])
+    i = torch.arange(128, dtype=torch.float64)
+    args = t.double()[:, None] * 10000.0 ** (-i / 127)
+    expected = torch.cat([args.cos(), args.sin()], 1).float()
+    assert torch.allclose(nets.dit_timestep_embedding(t, 256, freq_shift=1), expected, atol=2e-4)
+    assert not torch.allclose(nets.dit_timestep_embedding(t, 256), expected, atol=1e-2)  # DiT's own: i / 128
+
+
+def test_defaults_keep_facebookresearch_dit():
+    net = nets.DiT(input_size=8, hidden_size=32, depth=1, num_heads=2, num_classes=10)
+    assert net.t_embedder.freq_shift == 0 and net.blocks[0].norm2.eps == 1e-6
+
+
+def test_dit_from_a_diffusers_folder(tmp_path):
+    reference = diffusers_dit_reference()
+    write_folder(tmp_path, DIT_CONFIG, dit_to_diffusers(reference.state_dict(), depth=2))
+    net = nets.dit_from_diffusers(DIT_CONFIG, nets.read_diffusers_weights(tmp_path))
+    assert type(net) is nets.DiT and net.learn_sigma and net.num_classes == 10 and net.class_dropout_prob > 0
+    x, t, y = dit_inputs()
+    with torch.no_grad():
+        assert torch.equal(net(x, t, y), reference(x, t, y))
+        noise = torch.randn(3, 32)
+        assert torch.equal(net(x, t, y, embedding_noise=noise), reference(x, t, y, embedding_noise=noise))
+
+
+def test_dit_from_diffusers_keeps_per_block_embedders():
+    """A DiT trained in diffusers has its own timestep / label embedders in every block; the final layer uses
+    block 0's. The loader keeps them (DiTPerBlockConditioning), which changes the output."""
+    reference = diffusers_dit_reference()
+    state_dict = dit_to_diffusers(reference.state_dict(), depth=2)
+    gen = torch.Generator().manual_seed(5)
+    for key in [k for k in state_dict if k.startswith('transformer_blocks.1.norm1.emb.')]:
+        state_dict[key] = state_dict[key] + 0.05 * torch.randn(state_dict[key].shape, generator=gen)
+    net = nets.dit_from_diffusers(DIT_CONFIG, state_dict)
+    assert isinstance(net, nets.DiTPerBlockConditioning) and net.config['per_block_conditioning']
+    x, t, y = dit_inputs()
+    with torch.no_grad():
+        out = net(x, t, y)
+        assert not torch.allclose(out, reference(x, t, y), atol=1e-4)
+        # Block 1 conditioned on its own embedders, everything else as in the reference.
+        c0 = reference.t_embedder(t) + reference.y_embedder(y)
+        c1 = net.block_t_embedders[0](t) + net.block_y_embedders[0](y)
+        h = reference.blocks[1](reference.blocks[0](reference.x_embedder(x) + reference.pos_embed, c0), c1)
+        assert torch.allclose(out, reference.unpatchify(reference.final_layer(h, c0)), atol=1e-6)
+
+
+def test_dit_from_diffusers_refuses_other_transformers():
+    with pytest.raises(ValueError, match='norm_type'):
+        nets.dit_from_diffusers({**DIT_CONFIG, 'norm_type': 'ada_norm_single'}, {})
+    with pytest.raises(ValueError, match='unexpected key'):
+        nets.dit_state_dict_from_diffusers({'transformer_blocks.0.attn2.to_q.weight': torch.zeros(1)})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# diffusers LDM UNet -> nets.UNet
+
+
+def unet_to_diffusers(state_dict, levels, num_blocks, attention_levels, arch):
+    """nets.UNet keys -> diffusers UNet2DConditionModel (arch 'ldm') / UNet2DModel (arch 'adm') keys, by hand."""
+    resnet = {'in_layers.0': 'norm1', 'in_layers.2': 'conv1', 'emb_layers.1': 'time_emb_proj', 'out_layers.0': 'norm2',
+              'out_layers.3': 'conv2', 'skip_connection': 'conv_shortcut'}
+    modules = {'input_blocks.0.0': 'conv_in', 'time_embed.0': 'time_embedding.linear_1',
+               'time_embed.2': 'time_embedding.linear_2', 'label_emb': 'class_embedding', 'out.0': 'conv_norm_out',
+               'out.2': 'conv_out', 'middle_block.0': 'mid_block.resnets.0', 'middle_block.1': 'mid_block.attentions.0',
+               'middle_block.2': 'mid_block.resnets.1'}
+    i = 1
+    for level in range(levels):
+        for j in range(num_blocks):
+            modules[f'input_blocks.{i}.0'] = f'down_blocks.{level}.resnets.{j}'
+            modules[f'input_blocks.{i}.1'] = f'down_blocks.{level}.attentions.{j}'
+            i += 1
+        if level < levels - 1:
+            modules[f'input_blocks.{i}.0.op'] = f'down_blocks.{level}.downsamplers.0.conv'
+            i += 1
+    i = 0
+    for up in range(levels):
+        level = levels - 1 - up
+        for j in range(num_blocks + 1):
+            modules[f'output_blocks.{i}.0'] = f'up_blocks.{up}.resnets.{j}'
+            modules[f'output_blocks.{i}.1'] = f'up_blocks.{up}.attentions.{j}'
+            if level > 0 and j == num_blocks:
+                modules[f'output_blocks.{i}.{2 if level in attention_levels else 1}.conv'] = \
+                    f'up_blocks.{up}.upsamplers.0.conv'
+            i += 1
+    out = {}
+    for key, value in state_dict.items():
+        module = max((m for m in modules if key.startswith(m + '.')), key=len)
+        rest = key[len(module) + 1:]
+        target = modules[module]
+        if '.resnets.' in target:
+            name, leaf = rest.rsplit('.', 1)
+            rest = f'{resnet[name]}.{leaf}'
+        elif '.attentions.' in target and arch == 'adm':
+            name, leaf = rest.rsplit('.', 1)
+            if name == 'qkv':
+                for part, chunk in zip(('to_q', 'to_k', 'to_v'), value.chunk(3)):
+                    out[f'{target}.{part}.{leaf}'] = chunk[:, :, 0] if leaf == 'weight' else chunk
+                continue
+            name = {'norm': 'group_norm', 'proj_out': 'to_out.0'}[name]
+            value = value[:, :, 0] if name == 'to_out.0' and leaf == 'weight' else value
+            rest = f'{name}.{leaf}'
+        out[f'{target}.{rest}'] = value
+    return out
+
+
+def unet_diffusers_config(arch, **overrides):
+    if arch == 'ldm':
+        config = {'_class_name': 'UNet2DConditionModel', 'act_fn': 'silu', 'attention_head_dim': 2,
+                  'block_out_channels': [32, 64, 64], 'center_input_sample': False, 'cross_attention_dim': 24,
+                  'down_block_types': ['CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D'],
+                  'downsample_padding': 1, 'flip_sin_to_cos': True, 'freq_shift': 0, 'in_channels': 3,
+                  'layers_per_block': 2, 'mid_block_scale_factor': 1, 'norm_eps': 1e-05, 'norm_num_groups': 32,
+                  'out_channels': 3, 'sample_size': 16,
+                  'up_block_types': ['UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D']}
+    else:
+        config = {'_class_name': 'UNet2DModel', 'act_fn': 'silu', 'attention_head_dim': 16,
+                  'block_out_channels': [32, 64, 64], 'down_block_types': ['DownBlock2D', 'AttnDownBlock2D',
+                                                                           'AttnDownBlock2D'],
+                  'downsample_padding': 1, 'flip_sin_to_cos': True, 'freq_shift': 0, 'in_channels': 3,
+                  'layers_per_block': 2, 'mid_block_scale_factor': 1, 'norm_eps': 1e-05, 'norm_num_groups': 32,
+                  'out_channels': 3, 'sample_size': 16, 'time_embedding_type': 'positional',
+                  'up_block_types': ['AttnUpBlock2D', 'AttnUpBlock2D', 'UpBlock2D']}
+    return {**config, **overrides}
+
+
+@pytest.mark.parametrize('arch,overrides,attention_levels', [
+    ('ldm', {}, [0, 1]),
+    ('ldm', {'num_class_embeds': 7, 'attention_head_dim': [2, 4, 4]}, [0, 1]),
+    ('adm', {}, [1, 2]),
+])
+def test_unet_from_a_diffusers_folder(tmp_path, arch, overrides, attention_levels):
+    config = unet_diffusers_config(arch, **overrides)
+    heads = dict(num_heads=2) if arch == 'ldm' and 'attention_head_dim' not in overrides else dict(num_head_channels=16)
+    reference = randomize(nets.UNet(
+        arch=arch, img_resolution=16, in_channels=3, out_channels=3, model_channels=32, channel_mult=(1, 2, 2),
+        num_blocks=2, attn_resolutions=tuple(16 >> level for level in attention_levels),
+        label_dim=config.get('num_class_embeds', 0), **heads,
+        **(dict(context_dim=24) if arch == 'ldm' else dict(use_new_attention_order=True)))).eval()
+    state_dict = unet_to_diffusers(reference.state_dict(), 3, 2, attention_levels, arch)
+    if arch == 'ldm':
+        assert state_dict['down_blocks.1.attentions.1.transformer_blocks.0.attn2.to_k.weight'].shape == (64, 24)
+        assert state_dict['up_blocks.1.upsamplers.0.conv.weight'].shape == (64, 64, 3, 3)
+    else:
+        assert state_dict['mid_block.attentions.0.to_q.weight'].shape == (64, 64)
+    write_folder(tmp_path, config, state_dict)
+    net = nets.unet_from_diffusers(config, nets.read_diffusers_weights(tmp_path))
+    gen = torch.Generator().manual_seed(2)
+    x, t = torch.randn(2, 3, 16, 16, generator=gen), torch.tensor([3, 700])
+    kwargs = dict(context=torch.randn(2, 5, 24, generator=gen)) if arch == 'ldm' else {}
+    if 'num_class_embeds' in config:
+        kwargs['class_labels'] = torch.tensor([1, 6])
+    with torch.no_grad():
+        assert torch.equal(net(x, t, **kwargs), reference(x, t, **kwargs))
+
+
+def test_unet_linear_projection_is_a_1x1_conv():
+    config = unet_diffusers_config('ldm', use_linear_projection=True)
+    reference = randomize(nets.UNet(arch='ldm', img_resolution=16, in_channels=3, out_channels=3, model_channels=32,
+                                    channel_mult=(1, 2, 2), num_blocks=2, attn_resolutions=(16, 8), num_heads=2,
+                                    context_dim=24)).eval()
+    state_dict = unet_to_diffusers(reference.state_dict(), 3, 2, [0, 1], 'ldm')
+    state_dict = {k: v[:, :, 0, 0] if k.endswith(('proj_in.weight', 'proj_out.weight')) and 'attentions' in k else v
+                  for k, v in state_dict.items()}
+    net = nets.unet_from_diffusers(config, state_dict)
+    x, ctx = torch.randn(1, 3, 16, 16), torch.randn(1, 4, 24)
+    with torch.no_grad():
+        assert torch.equal(net(x, torch.tensor([9]), context=ctx), reference(x, torch.tensor([9]), context=ctx))
+
+
+@pytest.mark.parametrize('overrides,match', [({'freq_shift': 1}, 'freq_shift'),
+                                             ({'flip_sin_to_cos': False}, 'flip_sin_to_cos'),
+                                             ({'down_block_types': ['CrossAttnDownBlock2D', 'DownBlock2D',
+                                                                    'CrossAttnDownBlock2D']}, 'blocks'),
+                                             ({'addition_embed_type': 'text'}, 'addition_embed_type')])
+def test_unet_from_diffusers_refuses_what_nets_unet_does_not_express(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        nets.unet_from_diffusers(unet_diffusers_config('ldm', **overrides), {})

@@ -174,9 +174,9 @@ def test_input_perturbation_adds_exactly_gamma_squared_times_one_minus_alpha_bar
     x0 = torch.full((n, 1, 1, 1), 0.5)
     eps, xi = torch.randn(n, 1, 1, 1, generator=g), torch.randn(n, 1, 1, 1, generator=g)
     t = torch.full((n,), t_index)
-    ddpm_ip.ip_losses(recording_net, d, x0, t, eps, xi, gamma=0.0)
+    ddpm_ip.ip_loss(recording_net, d, x0, t, eps, xi, gamma=0.0)
     base = seen['x_t']
-    ddpm_ip.ip_losses(recording_net, d, x0, t, eps, xi, gamma=gamma)
+    ddpm_ip.ip_loss(recording_net, d, x0, t, eps, xi, gamma=gamma)
     perturbed = seen['x_t']
     one_minus_ab = 1 - d.alphas_cumprod[t_index].item()
     # The perturbation enters linearly: x_t moves by sqrt(1 - ab) gamma xi, an independent term ...
@@ -202,8 +202,8 @@ def test_analytic_eps_predictor_minimises_the_ip_loss(gamma):
 
         def best_scale(net_gamma):
             scales = (0.9, 1.0, 1.1)
-            losses = [ddpm_ip.ip_losses(gaussian_eps_net(MU, COV, d.alphas_cumprod, net_gamma, scale=s), d, x0, t,
-                                        eps, xi, gamma)[0].double().mean().item() for s in scales]
+            losses = [ddpm_ip.ip_loss(gaussian_eps_net(MU, COV, d.alphas_cumprod, net_gamma, scale=s), d, x0, t,
+                                      eps, xi, gamma)[1].double().mean().item() for s in scales]
             curvature = losses[0] - 2 * losses[1] + losses[2]
             return 1.0 - 0.1 * (losses[2] - losses[0]) / (2 * curvature), losses[1]
 
@@ -223,8 +223,13 @@ def test_vb_term_trains_only_the_variance_channels():
     net = lambda x, t, class_labels=None: out * 1.0
     x0 = torch.rand(4, 3, 8, 8) * 2 - 1
     t = torch.tensor([0, 10, 500, 999])
-    mse, vb = ddpm_ip.ip_losses(net, d, x0, t, torch.randn_like(x0), torch.randn_like(x0), gamma=0.1)
+    loss, mse, vb = ddpm_ip.ip_loss(net, d, x0, t, torch.randn_like(x0), torch.randn_like(x0), gamma=0.1)
     assert mse.shape == vb.shape == (4,) and (vb > 0).all()
+    torch.testing.assert_close(loss, mse + vb)  # T = 1000: the rescaled VLB weight T / 1000 is 1
+    d4000 = ddpm_ip.make_diffusion('cosine', 4000)
+    for rescale, weight in ((True, 4.0), (False, 1.0)):  # official RESCALED_MSE / MSE
+        total, part_mse, part_vb = ddpm_ip.ip_loss(net, d4000, x0, t, x0 * 0, x0 * 0, 0.0, rescale)
+        torch.testing.assert_close(total, part_mse + weight * part_vb)
     grad_vb, = torch.autograd.grad(vb.sum(), out, retain_graph=True)
     assert grad_vb[:, :3].abs().max() == 0 and grad_vb[:, 3:].abs().max() > 0  # stop-gradient on the mean
     grad_mse, = torch.autograd.grad(mse.sum(), out)
@@ -366,7 +371,7 @@ def test_official_cifar10_config_and_guided_diffusion_state_dict_load(tmp_path):
         '--arch=tiny-adm --num_channels 128 --channel_mult 1,2,2,2 --num_res_blocks 3 --attention_resolutions 16,8 '
         '--num_head_channels 32 --dropout 0.3 --learn_sigma True --use_scale_shift_norm True --resblock_updown True '
         '--use_new_attention_order True'.split())
-    assert ddpm_ip.net_config(c, 32, 3, 0) == nets.UNET_PRESETS['adm-cifar10']
+    assert ddpm_ip.net_config(c, 32, 3, 0) == {**nets.UNET_PRESETS['adm-cifar10'], 'num_heads': 4}  # unused here
 
     # A released checkpoint is a plain state dict: it loads through --network with official flags and samples.
     tiny = nets.UNet(**nets.UNET_PRESETS['tiny-adm']).eval()
@@ -423,7 +428,7 @@ def test_cifar10_download_checksum_and_cache(tmp_path, monkeypatch):
 # Command line: tiny runs on 8x8 images (the embedded CIFAR-10 sample, box-downsampled)
 
 TINY_NET = ['--preset=tiny', '--channel_mult=1,2', '--num_res_blocks=1', '--attention_resolutions=4', '--batch=8',
-            '--tick=0.016', '--snap=2', '--grid=4', '--timestep_respacing=5', '--seed=1']
+            '--tick=0.016', '--snap=2', '--grid=4', '--grid_steps=5', '--seed=1']
 
 
 @pytest.fixture(scope='module')
@@ -499,11 +504,11 @@ def test_train_generate_eval_exposure_end_to_end(small_data, tmp_path, monkeypat
 def test_training_step_feeds_gamma_and_independent_noises_to_the_ip_loss(small_data, tmp_path, monkeypatch):
     seen = []
 
-    def spy(net, diffusion, x0, t, eps, xi, gamma, class_labels=None):
+    def spy(net, diffusion, x0, t, eps, xi, gamma, rescale_learned_sigmas=True, class_labels=None):
         seen.append((gamma, eps, xi))
-        return ip_losses(net, diffusion, x0, t, eps, xi, gamma, class_labels)
-    ip_losses = ddpm_ip.ip_losses
-    monkeypatch.setattr(ddpm_ip, 'ip_losses', spy)
+        return ip_loss(net, diffusion, x0, t, eps, xi, gamma, rescale_learned_sigmas, class_labels)
+    ip_loss = ddpm_ip.ip_loss
+    monkeypatch.setattr(ddpm_ip, 'ip_loss', spy)
     assert run_main([f'--data={small_data}', f'--outdir={tmp_path}', *TINY_NET, '--kimg=0.008', '--input_pertub=0.15',
                      '--batch_gpu=4']) == 0
     assert [gamma for gamma, _, _ in seen] == [0.15, 0.15]  # one step, two accumulation rounds, official alias
@@ -527,9 +532,9 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(small_data, tmp_path):
     state_a, state_b = (torch.load(os.path.join(r, 'training-state-000000.pt'), weights_only=True)
                         for r in (run_a, run_b))
     assert state_a['cur_nimg'] == state_b['cur_nimg'] == 48
-    for key in ('model', 'ema'):
-        for name, value in state_a[key].items():
-            assert torch.equal(value, state_b[key][name]), f'{key}.{name}'
+    for key, weights in (('model', lambda s: s['model']), ('ema', lambda s: s['emas'][0])):
+        for name, value in weights(state_a).items():
+            assert torch.equal(value, weights(state_b)[name]), f'{key}.{name}'
     assert torch.equal(state_a['sampler_history'], state_b['sampler_history'])
     stats_a, stats_b = ([json.loads(line) for line in open(os.path.join(r, 'stats.jsonl'))] for r in (run_a, run_b))
     assert [s['loss'] for s in stats_a] == [s['loss'] for s in stats_b] and len(stats_a) == 3
@@ -576,10 +581,10 @@ def test_bad_input_gives_one_error_line_and_writes_nothing(small_data, tmp_path,
     for flags, code, message in cases:
         assert run_main([f'--data={small_data}', f'--outdir={outdir}', *flags]) == code
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith('error:') and message in err[0], (flags, err)
+        assert len(err) == 1 and err[0].startswith('ddpm_ip.py: error:') and message in err[0], (flags, err)
     assert not outdir.exists()
 
-    # Missing data, a corrupt image, mixed sizes, negative labels, a truncated .npz: exit 1, one line, nothing written.
+    # Missing data, a corrupt image, mixed sizes, negative labels, a truncated .npz: exit 2, one line, nothing written.
     folder = tmp_path / 'images'
     folder.mkdir()
     ddpm_ip.PIL.Image.new('RGB', (8, 8)).save(folder / 'a.png')
@@ -594,7 +599,7 @@ def test_bad_input_gives_one_error_line_and_writes_nothing(small_data, tmp_path,
     truncated.write_bytes(open(small_data, 'rb').read()[:500])
     for data, message in ((tmp_path / 'missing', 'does not exist'), (folder, 'cannot read image b.png'),
                           (mixed, 'b.png is 16x16'), (labels, 'non-negative integers'), (truncated, 'cannot read x')):
-        assert run_main([f'--data={data}', f'--outdir={outdir}', '--class_cond', *TINY_NET]) == 1
+        assert run_main([f'--data={data}', f'--outdir={outdir}', '--class_cond', *TINY_NET]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
     assert not outdir.exists()
@@ -602,16 +607,16 @@ def test_bad_input_gives_one_error_line_and_writes_nothing(small_data, tmp_path,
     # A truncated training state to resume from.
     (tmp_path / 'state.pt').write_bytes(b'partial')
     assert run_main([f'--data={small_data}', f'--outdir={tmp_path}/resumed', f'--resume={tmp_path}/state.pt',
-                     *TINY_NET]) == 1
+                     *TINY_NET]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith('error: --resume: cannot load'), err
+    assert len(err) == 1 and err[0].startswith('ddpm_ip.py: error: --resume: cannot load'), err
 
     # Sampling commands: a missing network, a missing reference, an unknown metric.
-    assert run_main(['generate', '--network=missing.pt', f'--outdir={tmp_path}/gen']) == 1
+    assert run_main(['generate', '--network=missing.pt', f'--outdir={tmp_path}/gen']) == 2
     assert 'no file missing.pt' in capsys.readouterr().err
     released = tmp_path / 'released.pt'
     torch.save(nets.UNet(**nets.UNET_PRESETS['tiny-adm']).state_dict(), released)
-    assert run_main(['eval', f'--network={released}', f'--ref={tmp_path}/missing.npz', '--num_head_channels=32']) == 1
+    assert run_main(['eval', f'--network={released}', f'--ref={tmp_path}/missing.npz', '--num_head_channels=32']) == 2
     assert 'reference not found' in capsys.readouterr().err
     assert run_main(['eval', f'--network={released}', '--ref=ref.npz', '--metrics=fid,bogus']) == 2
     assert '--metrics must be among' in capsys.readouterr().err

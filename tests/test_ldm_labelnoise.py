@@ -203,7 +203,8 @@ def gmm_net(alphas_cumprod):
 
 # DDIM is first order (at 50 steps it is ~10% short of the covariance here) and ancestral DDIM (eta = 1) also loses
 # the variance of x0 given x_t at every step: both get 250 steps (the paper's DDIM setting), DPM-Solver++ 50.
-@pytest.mark.parametrize('sampler, steps, n', [('dpm', 50, 6000), ('ddim', 250, 3000), ('ddim-stochastic', 250, 3000)])
+@pytest.mark.parametrize('sampler, steps, n', [('dpm', 50, 6000), ('ddim', 250, 3000), ('ddim-stochastic', 250, 3000),
+                                               ('ddpm', 250, 3000)])
 def test_samplers_reproduce_each_class_distribution(sampler, steps, n):
     alphas_cumprod = L.make_alphas_cumprod('scaled_linear', 0.0015, 0.0195)
     net = gmm_net(alphas_cumprod)
@@ -211,13 +212,16 @@ def test_samplers_reproduce_each_class_distribution(sampler, steps, n):
     noise = torch.randn(2 * n, 2, 1, 1, generator=torch.Generator().manual_seed(0))
     if sampler == 'dpm':
         x = L.dpm_solver_sample(net, noise, y, alphas_cumprod, steps=steps)
+    elif sampler == 'ddpm':  # DiT's ancestral sampler; a network without v gets the fixed large variance
+        g = torch.Generator().manual_seed(1)
+        x = L.ddpm_sample(net, noise, y, alphas_cumprod, steps, randn_like=lambda v: torch.randn(v.shape, generator=g))
     else:
         g = torch.Generator().manual_seed(1)
         x = L.ddim_sample(net, noise, y, alphas_cumprod, steps, eta=1.0 if sampler == 'ddim-stochastic' else 0.0,
                           randn_like=lambda v: torch.randn(v.shape, generator=g))
     # The last step jumps from t_last to the x0 prediction E[x0 | x_t]: covariance ab Sigma C^-1 Sigma, not Sigma.
     solver, spacing = ('dpm', 'linspace') if sampler == 'dpm' else ('ddim', 'leading')
-    ab = alphas_cumprod[L.sampling_timesteps(1000, steps, spacing, solver)[-1]].item()
+    ab = alphas_cumprod[0 if sampler == 'ddpm' else L.sampling_timesteps(1000, steps, spacing, solver)[-1]].item()
     for k in range(2):
         samples = x.view(-1, 2)[y == k]
         cov = ab * COVS[k] + (1 - ab) * torch.eye(2)
@@ -273,6 +277,110 @@ def test_guidance_scale_one_equals_conditional_sampling():
                               atol=1e-5)
         assert not torch.allclose(sample(net, noise, y, alphas_cumprod, steps=20, scale=3.0, y_null=null), plain,
                                   atol=1e-2)
+
+
+
+def dit_forward_with_cfg_reference(dit, x, t, y, null, scale, channels):
+    """DiT's forward_with_cfg as its models.py defines it: the conditional and null passes on the same x, guidance on
+    the first `channels` eps channels, the rest (the 4th eps channel, v) from the conditional pass."""
+    out = dit(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)]))
+    cond, uncond = out.chunk(2)
+    return torch.cat([uncond[:, :channels] + scale * (cond[:, :channels] - uncond[:, :channels]),
+                      cond[:, channels:]], dim=1)
+
+
+def dit_p_sample_loop_reference(model, x, steps, noises):
+    """improved-DDPM / DiT p_sample_loop with learned-range variance and clip_denoised=False, written from the
+    paper's formulas with numpy float64 tables: respaced betas from the kept alpha_bar, posterior mean and variance,
+    log-variance interpolated between log beta and the clipped log beta_tilde."""
+    betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
+    alpha_bar = np.cumprod(1 - betas)
+    kept, position = [], 0.0
+    for _ in range(steps):
+        kept.append(round(position))
+        position += 999 / (steps - 1)
+    new_betas = 1 - alpha_bar[kept] / np.append(1.0, alpha_bar[kept][:-1])
+    ab = np.cumprod(1 - new_betas)
+    ab_prev = np.append(1.0, ab[:-1])
+    var_tilde = new_betas * (1 - ab_prev) / (1 - ab)
+    log_tilde = np.log(np.append(var_tilde[1], var_tilde[1:]))
+    for i in reversed(range(steps)):
+        out = model(x, torch.full((len(x),), kept[i]))
+        eps, v = out[:, :4], out[:, 4:]
+        x0 = float(np.sqrt(1 / ab[i])) * x - float(np.sqrt(1 / ab[i] - 1)) * eps
+        mean = float(new_betas[i] * np.sqrt(ab_prev[i]) / (1 - ab[i])) * x0 + \
+            float((1 - ab_prev[i]) * np.sqrt(1 - new_betas[i]) / (1 - ab[i])) * x
+        frac = (v + 1) / 2
+        log_var = frac * float(np.log(new_betas[i])) + (1 - frac) * float(log_tilde[i])
+        x = mean + (i > 0) * torch.exp(0.5 * log_var) * noises[steps - 1 - i]
+    return x
+
+
+def random_dit(**kwargs):
+    torch.manual_seed(0)
+    dit = nets.DiT(**{**dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=2,
+                             num_classes=10), **kwargs})
+    for p in dit.parameters():  # leave adaLN-Zero's zero init, so every part of the network acts
+        torch.nn.init.normal_(p, std=0.02)
+    return dit.eval()
+
+
+def test_ddpm_sampler_is_dits_p_sample_loop_with_either_guidance():
+    dit = random_dit()
+    net = L.Denoiser(dit, None, (64,), null=10)
+    z, y, steps = torch.randn(3, 4, 8, 8), torch.tensor([1, 5, 7]), 12
+    assert L.respaced_timesteps(1000, 12)[:4] == [0, 91, 182, 272] and L.respaced_timesteps(1000, 250)[-1] == 999
+    noises = [torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(k)) for k in range(steps)]
+    samples = {}
+    with torch.no_grad():
+        for mode, channels in (('dit', 3), ('all', 4)):
+            ref = dit_p_sample_loop_reference(lambda x, t: dit_forward_with_cfg_reference(dit, x, t, y, 10, 1.5,
+                                                                                          channels), z, steps, noises)
+            draws = iter(noises)
+            samples[mode] = L.ddpm_sample(net, z, y, L.make_alphas_cumprod(), steps, 1.5, torch.full_like(y, 10),
+                                          mode, randn_like=lambda x: next(draws))
+            assert (samples[mode] - ref).abs().max() < 1e-6 * ref.abs().max(), mode
+    assert not torch.allclose(samples['dit'], samples['all'], rtol=1e-4)  # the 4th channel's guidance matters
+
+
+def test_loss_draws_x_t_from_float64_tables():
+    """DiT's q_sample: sqrt(alpha_bar) and sqrt(1 - alpha_bar) from float64 tables, rounded to float32 last."""
+    captured = {}
+
+    def net(x_t, t, y, delta=None):
+        captured['x_t'] = x_t
+        return torch.zeros_like(x_t)
+    alphas_cumprod = L.make_alphas_cumprod()
+    x0, eps, t = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4), torch.tensor([0, 1, 2])
+    L.diffusion_loss(net, x0, None, t, eps, alphas_cumprod)
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    exact = a.sqrt().float() * x0 + (1 - a).sqrt().float() * eps
+    assert torch.equal(captured['x_t'], exact)
+    a32 = a.float()
+    assert not torch.allclose(a32.sqrt() * x0 + (1 - a32).sqrt() * eps, exact, rtol=1e-5, atol=0)
+
+
+def test_cep_is_applied_where_the_condition_embedding_forms_and_null_is_a_named_choice():
+    delta = torch.randn(4, 64)
+    y = torch.tensor([1, 10, 3, 10])                                      # 10: the null label of CFG training
+    for perturb_null in (True, False):
+        dit = random_dit()
+        net = L.Denoiser(dit, None, (64,), null=10, perturb_null=perturb_null)
+        embedding = L.perturb_condition(dit.y_embedder(y), delta, y == 10, perturb_null=perturb_null)
+        x, t = torch.randn(4, 4, 8, 8), torch.tensor([3, 300, 600, 900])
+        with torch.no_grad():
+            out = net(x, t, y, delta)
+            manual = dit(x, t, y, embedding_noise=embedding - dit.y_embedder(y))
+        assert torch.allclose(out, manual, atol=1e-6)
+        changed = (out - dit(x, t, y)).flatten(1).abs().amax(1) > 1e-6
+        assert changed.tolist() == [True, perturb_null, True, perturb_null]
+    # The LDM context: (B, 1, width) class embeddings, nulls recognised by class id or by the tokens of ''.
+    context = torch.zeros(2, 1, 8)
+    out = L.perturb_condition(context, torch.ones(2, 1, 8), torch.tensor([False, True]), perturb_null=False)
+    assert out[0].eq(1).all() and out[1].eq(0).all()
+    text = L.build_network(dict(arch='tiny-ldm', cond='text', num_classes=0, shape=(3, 8, 8), dropout=0.0,
+                                text_layers=1, embedding_dropout=0.0, class_dropout_prob=0.1))
+    assert text.is_null(L.tokenize(['', 'a cat'])).tolist() == [True, False]
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Latent cache.

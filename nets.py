@@ -37,6 +37,7 @@ import pickle
 import re
 import struct
 import tempfile
+import unicodedata
 import urllib.parse
 
 import numpy as np
@@ -1609,12 +1610,13 @@ class DiTPerBlockConditioning(DiT):
         self.block_y_embedders = nn.ModuleList(
             DiTLabelEmbedder(self.num_classes, self.hidden_size, self.class_dropout_prob) for _ in self.blocks[1:])
 
-    def forward(self, x, t, y, embedding_noise=None):
+    def forward(self, x, t, y, embedding_noise=None, embedding_hook=None):
         x = self.x_embedder(x) + self.pos_embed                                  # (B, T, D)
         conditions = []
         for t_embedder, y_embedder in zip([self.t_embedder, *self.block_t_embedders],
                                           [self.y_embedder, *self.block_y_embedders]):
             label = y_embedder(y) if embedding_noise is None else y_embedder(y) + embedding_noise
+            label = label if embedding_hook is None else embedding_hook(label)  # as DiT.forward, per block
             conditions.append(t_embedder(t) + label)                             # (B, D) per block
         for block, c in zip(self.blocks, conditions):
             x = block(x, c)
@@ -1841,6 +1843,205 @@ def unet_from_diffusers(config, state_dict):
         net = UNet(**kwargs)
     net.load_state_dict({key: value.float() for key, value in state_dict.items()}, assign=True)
     return net.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# LDM-BERT and WordPiece: the text encoder and tokenizer of LDM text-to-image (diffusers' LDMTextToImagePipeline)
+
+
+class LDMBertAttention(nn.Module):
+    """Multi-head self-attention, q/k/v without bias, heads * head_dim inner width (BART attention as LDM-BERT
+    configures it), computed with scaled_dot_product_attention (softmax scale 1/sqrt(head_dim))."""
+
+    def __init__(self, dim, num_heads, head_dim):
+        super().__init__()
+        self.num_heads = num_heads
+        self.k_proj = nn.Linear(dim, num_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, num_heads * head_dim, bias=False)
+        self.q_proj = nn.Linear(dim, num_heads * head_dim, bias=False)
+        self.out_proj = nn.Linear(num_heads * head_dim, dim)
+
+    def forward(self, x):
+        q, k, v = (proj(x).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)      # (B, heads, L, head_dim)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        a = F.scaled_dot_product_attention(q, k, v)                                 # (B, heads, L, head_dim)
+        return self.out_proj(a.transpose(1, 2).flatten(2))                         # (B, L, dim)
+
+
+class LDMBertLayer(nn.Module):
+    """Pre-LayerNorm encoder layer: x + attn(LN(x)), then x + fc2(GELU(fc1(LN(x)))) (exact GELU)."""
+
+    def __init__(self, dim, num_heads, head_dim, ffn_dim):
+        super().__init__()
+        self.self_attn = LDMBertAttention(dim, num_heads, head_dim)
+        self.self_attn_layer_norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, dim)
+        self.final_layer_norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.self_attn_layer_norm(x))
+        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+
+
+class LDMBertEncoder(nn.Module):
+    """Token + learned position embeddings, the layers, a final LayerNorm (diffusers' LDMBertEncoder)."""
+
+    def __init__(self, vocab_size, max_position_embeddings, d_model, encoder_layers, encoder_attention_heads,
+                 head_dim, encoder_ffn_dim):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab_size, d_model)
+        self.embed_positions = nn.Embedding(max_position_embeddings, d_model)
+        self.layers = nn.ModuleList(LDMBertLayer(d_model, encoder_attention_heads, head_dim, encoder_ffn_dim)
+                                    for _ in range(encoder_layers))
+        self.layer_norm = nn.LayerNorm(d_model)
+
+    def forward(self, input_ids):
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.embed_tokens(input_ids) + self.embed_positions(positions)         # (B, L, d_model)
+        for layer in self.layers:
+            x = layer(x)
+        return self.layer_norm(x)
+
+
+class LDMBert(nn.Module):
+    """LDM-BERT (Rombach et al. 2022, Sec. 4.3.1: the text encoder of LDM text-to-image; diffusers LDMBertModel,
+    keys model.* and to_logits.*): token ids (B, L) -> (B, L, d_model), the last hidden state that LDM's UNet
+    cross-attends to. No attention mask, as the LDM pipeline calls it: padding tokens are ordinary tokens. The
+    defaults are LDMBertConfig's (ldm-text2im-large-256: 32 layers, width 1280, 8 heads of 64, 77 positions).
+    to_logits (a masked-LM head) is kept so that released files load strictly; forward does not use it."""
+
+    def __init__(self, vocab_size=30522, max_position_embeddings=77, d_model=1280, encoder_layers=32,
+                 encoder_attention_heads=8, head_dim=64, encoder_ffn_dim=5120):
+        super().__init__()
+        self.model = LDMBertEncoder(vocab_size, max_position_embeddings, d_model, encoder_layers,
+                                    encoder_attention_heads, head_dim, encoder_ffn_dim)
+        self.to_logits = nn.Linear(d_model, vocab_size)
+
+    def forward(self, input_ids):
+        return self.model(input_ids)
+
+
+LDMBERT_CONFIG_KEYS = ('vocab_size', 'max_position_embeddings', 'd_model', 'encoder_layers',
+                       'encoder_attention_heads', 'head_dim', 'encoder_ffn_dim')
+
+
+def ldmbert_from_config(config, state_dict):
+    """LDMBert from a transformers-style config.json (LDMBertConfig; activation gelu) and its weights, strict, eval."""
+    if config.get('activation_function', 'gelu') != 'gelu':
+        raise ValueError(f'LDM-BERT with activation_function={config["activation_function"]!r} is not supported')
+    kwargs = {key: config[key] for key in LDMBERT_CONFIG_KEYS if key in config}
+    with torch.device('meta'):
+        net = LDMBert(**kwargs)
+    net.load_state_dict({key: value.float() for key, value in state_dict.items()}, assign=True)
+    return net.eval()
+
+
+def _is_punctuation(char):
+    """BERT's punctuation: every non-alphanumeric printable ASCII character, and Unicode category P*."""
+    cp = ord(char)
+    return 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126 or \
+        unicodedata.category(char).startswith('P')
+
+
+def _is_cjk(cp):
+    """CJK Unified Ideographs (and extensions, compatibility ideographs): BERT puts spaces around each of them."""
+    return any(lo <= cp <= hi for lo, hi in ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF),
+                                              (0x2A700, 0x2B73F), (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF),
+                                              (0xF900, 0xFAFF), (0x2F800, 0x2FA1F)))
+
+
+class WordPieceTokenizer:
+    """BERT's tokenizer (Devlin et al. 2019; transformers BertTokenizer) in pure Python, from a vocab.txt (one token
+    per line, id = line number), as LDM text-to-image uses it: tokenizer(texts) -> (B, max_length) int64 ids of
+    [CLS] tokens [SEP] [PAD]..., truncated to max_length (diffusers' LDM pipeline: padding='max_length',
+    max_length=77, truncation=True).
+
+    Basic tokenisation: special tokens ([CLS], [SEP], [PAD], [MASK], [UNK]) written in the text are kept whole;
+    control characters, NUL and U+FFFD are dropped and whitespace becomes a space; spaces go around CJK ideographs;
+    NFC normalisation; split on whitespace; lower-casing and accent stripping (NFD, drop marks) when do_lower_case
+    (strip_accents None follows do_lower_case); each punctuation character becomes its own token. WordPiece: greedy
+    longest-match-first against the vocabulary, continuation pieces prefixed '##'; a word that cannot be covered, or
+    longer than 100 characters, becomes [UNK].
+    """
+
+    def __init__(self, vocab_path, do_lower_case=True, strip_accents=None, tokenize_chinese_chars=True,
+                 max_length=77):
+        with open(vocab_path, encoding='utf-8') as f:
+            tokens = [line.rstrip('\n') for line in f]
+        self.vocab = {token: i for i, token in enumerate(tokens)}  # a repeated line: the last id wins, as in BERT's
+        self.do_lower_case = do_lower_case
+        self.strip_accents = do_lower_case if strip_accents is None else strip_accents
+        self.tokenize_chinese_chars = tokenize_chinese_chars
+        self.max_length = max_length
+        self.special = [t for t in ('[UNK]', '[SEP]', '[PAD]', '[CLS]', '[MASK]') if t in self.vocab]
+        missing = {'[UNK]', '[SEP]', '[PAD]', '[CLS]'} - set(self.special)
+        if missing:
+            raise ValueError(f'{vocab_path}: not a BERT vocabulary (no {", ".join(sorted(missing))})')
+        self.special_pattern = re.compile('(' + '|'.join(re.escape(t) for t in self.special) + ')')
+
+    @classmethod
+    def from_folder(cls, folder, max_length=77):
+        """A transformers tokenizer folder: vocab.txt, and tokenizer_config.json's do_lower_case / strip_accents /
+        tokenize_chinese_chars when present."""
+        config_path = os.path.join(folder, 'tokenizer_config.json')
+        config = read_json(config_path) if os.path.isfile(config_path) else {}
+        options = {key: config[key] for key in ('do_lower_case', 'strip_accents', 'tokenize_chinese_chars')
+                   if key in config}
+        return cls(os.path.join(folder, 'vocab.txt'), **options, max_length=max_length)
+
+    def basic_tokenize(self, text):
+        """Text without special tokens -> whole words and punctuation marks."""
+        text = ''.join(' ' if char in ' \t\n\r' or unicodedata.category(char) == 'Zs' else char
+                       for char in text if not (ord(char) in (0, 0xFFFD) or (
+                           char not in '\t\n\r' and unicodedata.category(char).startswith('C'))))
+        if self.tokenize_chinese_chars:
+            text = ''.join(f' {char} ' if _is_cjk(ord(char)) else char for char in text)
+        words = []
+        for word in unicodedata.normalize('NFC', text).split():
+            word = word.lower() if self.do_lower_case else word
+            if self.strip_accents:
+                word = ''.join(c for c in unicodedata.normalize('NFD', word) if unicodedata.category(c) != 'Mn')
+            words += re.sub(r'(.)', lambda m: f' {m[1]} ' if _is_punctuation(m[1]) else m[1], word).split()
+        return words
+
+    def wordpiece(self, word):
+        """One word -> its greedy longest-match-first pieces, or ['[UNK]']."""
+        if len(word) > 100:
+            return ['[UNK]']
+        pieces, start = [], 0
+        while start < len(word):
+            end = len(word)
+            while end > start and (('##' if start else '') + word[start:end]) not in self.vocab:
+                end -= 1
+            if end == start:
+                return ['[UNK]']
+            pieces.append(('##' if start else '') + word[start:end])
+            start = end
+        return pieces
+
+    def tokenize(self, text):
+        """Text -> WordPiece tokens (no [CLS] / [SEP])."""
+        tokens = []
+        for i, chunk in enumerate(self.special_pattern.split(text)):
+            if i % 2:  # a special token written in the text
+                tokens.append(chunk)
+            else:
+                tokens += [piece for word in self.basic_tokenize(chunk) for piece in self.wordpiece(word)]
+        return tokens
+
+    def encode(self, text, max_length=None):
+        """Text -> ids [CLS] ... [SEP], the tokens truncated to max_length - 2, unpadded."""
+        max_length = max_length or self.max_length
+        ids = [self.vocab[token] for token in self.tokenize(text)][:max_length - 2]
+        return [self.vocab['[CLS]'], *ids, self.vocab['[SEP]']]
+
+    def __call__(self, texts, max_length=None):
+        """A string or list of strings -> (B, max_length) int64 ids, padded with [PAD] on the right."""
+        max_length = max_length or self.max_length
+        rows = [self.encode(text, max_length) for text in ([texts] if isinstance(texts, str) else texts)]
+        return torch.tensor([row + [self.vocab['[PAD]']] * (max_length - len(row)) for row in rows],
+                            dtype=torch.int64)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -374,3 +374,88 @@ def test_unet_linear_projection_is_a_1x1_conv():
 def test_unet_from_diffusers_refuses_what_nets_unet_does_not_express(overrides, match):
     with pytest.raises(ValueError, match=match):
         nets.unet_from_diffusers(unet_diffusers_config('ldm', **overrides), {})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# LDM-BERT and the WordPiece tokenizer
+
+
+def ldmbert_reference(sd, ids, layers, heads, head_dim):
+    """LDM-BERT written out from its state dict keys (diffusers LDMBertModel): explicit softmax attention."""
+    ln = torch.nn.functional.layer_norm
+    x = sd['model.embed_tokens.weight'][ids] + sd['model.embed_positions.weight'][:ids.shape[1]]
+    for i in range(layers):
+        p = f'model.layers.{i}.'
+        h = ln(x, x.shape[-1:], sd[p + 'self_attn_layer_norm.weight'], sd[p + 'self_attn_layer_norm.bias'])
+        q, k, v = (h @ sd[p + f'self_attn.{n}_proj.weight'].T for n in 'qkv')
+        q, k, v = (z.reshape(*z.shape[:2], heads, head_dim).transpose(1, 2) for z in (q, k, v))
+        a = torch.softmax(q @ k.transpose(-1, -2) * head_dim ** -0.5, -1) @ v
+        x = x + a.transpose(1, 2).flatten(2) @ sd[p + 'self_attn.out_proj.weight'].T + sd[p + 'self_attn.out_proj.bias']
+        h = ln(x, x.shape[-1:], sd[p + 'final_layer_norm.weight'], sd[p + 'final_layer_norm.bias'])
+        h = torch.nn.functional.gelu(h @ sd[p + 'fc1.weight'].T + sd[p + 'fc1.bias'])
+        x = x + h @ sd[p + 'fc2.weight'].T + sd[p + 'fc2.bias']
+    return ln(x, x.shape[-1:], sd['model.layer_norm.weight'], sd['model.layer_norm.bias'])
+
+
+def test_ldmbert_matches_its_written_out_function():
+    config = {'architectures': ['LDMBertModel'], 'model_type': 'ldmbert', 'activation_function': 'gelu',
+              'vocab_size': 50, 'max_position_embeddings': 77, 'd_model': 32, 'encoder_layers': 2,
+              'encoder_attention_heads': 3, 'head_dim': 8, 'encoder_ffn_dim': 64}  # 3 x 8 heads != width 32
+    gen = torch.Generator().manual_seed(4)
+    shapes = {'model.embed_tokens.weight': (50, 32), 'model.embed_positions.weight': (77, 32),
+              'model.layer_norm.weight': (32,), 'model.layer_norm.bias': (32,), 'to_logits.weight': (50, 32),
+              'to_logits.bias': (50,)}
+    for i in range(2):
+        p = f'model.layers.{i}.'
+        shapes.update({p + 'self_attn.k_proj.weight': (24, 32), p + 'self_attn.v_proj.weight': (24, 32),
+                       p + 'self_attn.q_proj.weight': (24, 32), p + 'self_attn.out_proj.weight': (32, 24),
+                       p + 'self_attn.out_proj.bias': (32,), p + 'self_attn_layer_norm.weight': (32,),
+                       p + 'self_attn_layer_norm.bias': (32,), p + 'fc1.weight': (64, 32), p + 'fc1.bias': (64,),
+                       p + 'fc2.weight': (32, 64), p + 'fc2.bias': (32,), p + 'final_layer_norm.weight': (32,),
+                       p + 'final_layer_norm.bias': (32,)})
+    sd = {key: torch.randn(shape, generator=gen) * 0.2 for key, shape in shapes.items()}
+    net = nets.ldmbert_from_config(config, sd)
+    ids = torch.randint(0, 50, (2, 77), generator=gen)
+    with torch.no_grad():
+        assert torch.allclose(net(ids), ldmbert_reference(sd, ids, 2, 3, 8), atol=1e-5)
+    with torch.device('meta'):
+        default = nets.LDMBert()
+    assert sum(p.numel() for p in default.parameters()) == 581_994_042  # diffusers' LDMBertModel(LDMBertConfig())
+    assert len(default.model.layers) == 32 and default.model.embed_tokens.weight.shape == (30522, 1280)
+
+
+VOCAB = ['[PAD]', '[unused0]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', '!', ',', '.', '?', '’', '-', 'a', 'the', 'cat',
+         'photo', 'of', 'un', '##aff', '##able', 'play', '##ing', 'cafe', 'naive', '我', '爱', 'x', '##x', 'abc', 'ab',
+         '##c', 'over']  # ids 0 .. 31
+
+
+@pytest.fixture
+def tokenizer(tmp_path):
+    (tmp_path / 'vocab.txt').write_text('\n'.join(VOCAB) + '\n', encoding='utf-8')
+    return nets.WordPieceTokenizer(tmp_path / 'vocab.txt', max_length=8)
+
+
+@pytest.mark.parametrize('text,ids', [  # the ids of transformers' BertTokenizer (fast and slow) on VOCAB
+    ('A photo of the cat.', [3, 12, 15, 16, 13, 14, 8, 4]),            # lower case, punctuation split
+    ('Unaffable PLAYING', [3, 17, 18, 19, 20, 21, 4, 0]),              # greedy longest-match-first, '##' pieces
+    ('Café  naïve!', [3, 22, 23, 6, 4, 0, 0, 0]),                      # accents stripped, whitespace runs
+    ('我爱x', [3, 24, 25, 26, 4, 0, 0, 0]),                               # spaces around CJK ideographs
+    ('abcd xx', [3, 2, 26, 27, 4, 0, 0, 0]),                            # an uncoverable word is one [UNK]
+    ('a\x00b\ufffd\u200dc ab\u00a0c', [3, 28, 29, 2, 4, 0, 0, 0]),     # controls dropped, NBSP is a space
+    ('cat [MASK] over[SEP]', [3, 14, 5, 31, 4, 4, 0, 0]),              # special tokens in the text kept whole
+    ('x' * 101, [3, 2, 4, 0, 0, 0, 0, 0]),                              # > 100 characters: [UNK]
+    ('cat cat cat cat cat cat cat cat', [3, 14, 14, 14, 14, 14, 14, 4]),  # truncated to max_length
+    ('', [3, 4, 0, 0, 0, 0, 0, 0]),
+])
+def test_wordpiece_ids(tokenizer, text, ids):
+    assert tokenizer(text).tolist() == [ids]
+
+
+def test_wordpiece_batch_and_folder_options(tmp_path, tokenizer):
+    assert tokenizer(['cat', 'a cat']).shape == (2, 8)
+    assert tokenizer.tokenize("don’t-play") == ['[UNK]', '’', '[UNK]', '-', 'play']
+    (tmp_path / 'tok').mkdir()
+    (tmp_path / 'tok' / 'vocab.txt').write_text('\n'.join(VOCAB) + '\nCat\n', encoding='utf-8')
+    (tmp_path / 'tok' / 'tokenizer_config.json').write_text(json.dumps({'do_lower_case': False}))
+    cased = nets.WordPieceTokenizer.from_folder(tmp_path / 'tok')
+    assert cased('Cat cat').tolist()[0][:4] == [3, 32, 14, 4] and cased.max_length == 77

@@ -1,6 +1,7 @@
 """Tests of ambient_laws.py: the clean/noisy data split, the ambient loss's minimiser and the sampler on Gaussian
 mixtures with closed-form denoisers, augmentation, and the script end to end (train, resume, DDP, generate, eval,
 bad input). CPU only; the tiny network runs a few steps of 8 images."""
+import concurrent.futures
 import glob
 import json
 import os
@@ -18,7 +19,8 @@ import fid
 from conftest import ROOT, TINY_DATA
 
 # A small, fast network for the end-to-end runs: the tiny preset at half width, 8 images a step, 4-step grids.
-FAST = ['--preset=tiny', f'--data={TINY_DATA}', '--cbase=16', '--batch=8', '--grid=2', '--steps=3', '--workers=1']
+FAST = ['--preset=tiny', f'--data={TINY_DATA}', '--cbase=16', '--batch=8', '--grid=2', '--steps=3', '--workers=1',
+        '--seed=0']
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -73,13 +75,12 @@ def test_keep_fraction_is_exact_nested_and_official():
     assert np.array_equal(al.keep_subset(n, 0.25), np.sort(index[:250]))
 
 
-def test_noisy_fraction_is_exact_nested_and_fixed_per_seed():
-    raw = torch.from_numpy(al.keep_subset(1000, 0.5))
+def test_exact_noisy_count_is_exact_nested_and_fixed_per_seed():
+    """--noisy_count=exact: exactly round(p n) noisy images, nested across p, fixed for a --corruption_seed."""
+    raw = al.keep_subset(1000, 0.5)
     for p in (0.0, 0.1, 0.33, 0.9, 1.0):
-        sigma_n = al.noise_levels(raw, 1000, 0.2, p, seed=0)
-        assert int((sigma_n > 0).sum()) == int(p * 500 + 0.5)
-        assert set(sigma_n.unique().tolist()) <= {0.0, np.float32(0.2)}
-    noisy = lambda p, seed=0: set(torch.nonzero(al.noise_levels(raw, 1000, 0.2, p, seed)).view(-1).tolist())  # noqa
+        assert int(al.exact_noisy(raw, 1000, p, seed=0).sum()) == int(p * 500 + 0.5)
+    noisy = lambda p, seed=0: set(np.flatnonzero(al.exact_noisy(raw, 1000, p, seed)).tolist())  # noqa: E731
     assert noisy(0.3) < noisy(0.9)                 # nested across p
     assert noisy(0.5) == noisy(0.5)                # fixed for a seed
     assert noisy(0.5) != noisy(0.5, seed=1)        # and a different seed picks different images
@@ -105,20 +106,20 @@ def test_noise_is_the_same_in_every_epoch():
     x, _ = al.load_dataset(TINY_DATA)
     images = torch.from_numpy(x).permute(0, 3, 1, 2)
     raw = torch.arange(len(images))
-    sigma_n = al.noise_levels(raw, len(images), 0.2, 0.5, seed=0)
+    sigma_n = torch.from_numpy(np.where(al.exact_noisy(raw.numpy(), len(images), 0.5, seed=0), 0.2, 0.0))
     first = al.batch_indices(0, 32, len(images), seed=0)
     later = al.batch_indices(len(images) + 64, 32, len(images), seed=0)   # epoch 1, another part of the order
     assert sorted(set(first.tolist()) & set(later.tolist()))
     seen = {}
     for index in (first, later):
-        y = al.observe(images[index], sigma_n[index], raw[index], seed=0)
+        y = al.observe(images[index], sigma_n[index], al.image_noise(raw[index], (3, 32, 32), seed=0))
         for k, i in enumerate(index.tolist()):
             if i in seen:
                 assert torch.equal(seen[i], y[k])
             seen[i] = y[k]
     clean = int(torch.nonzero(sigma_n == 0)[0])
     noisy = int(torch.nonzero(sigma_n > 0)[0])
-    y = al.observe(images[[clean, noisy]], sigma_n[[clean, noisy]], raw[[clean, noisy]], seed=0)
+    y = al.observe(images[[clean, noisy]], sigma_n[[clean, noisy]], al.image_noise(raw[[clean, noisy]], (3, 32, 32), 0))
     x0 = images[[clean, noisy]].float() / 127.5 - 1
     assert torch.equal(y[0], x0[0])
     assert abs((y[1] - x0[1]).std() - 0.2) < 0.02
@@ -221,21 +222,29 @@ def test_reverse_sde_moves_between_noise_levels_of_a_gaussian():
     assert abs(net(out, sigma_prime).mean() - net(x[:1], sigma).item()) < 0.01
 
 
-def test_consistency_loss_is_zero_for_zero_length_steps_and_needs_gradients_on_request():
-    """Rows whose sigma' equals sigma (clean samples, as in the official code) make zero-length SDE steps, so a
-    deterministic network gives exactly 0; with_grad=False stops gradients through the SDE."""
+def test_consistency_loss_target_level_rows_weight_and_gradients():
+    """The whole method in one call, as the official EDMLoss: sigma' = min(raw draw, sigma), so rows whose draw was
+    not clamped (clean rows, noisy rows drawn above sigma_n) make zero-length SDE steps and give exactly 0 with a
+    deterministic network; only the first num_rows rows get the term; with_weight multiplies by lambda(sigma);
+    with_grad=False stops gradients through the SDE."""
     weight = torch.ones((), requires_grad=True)
     net = lambda x, t, labels=None: weight * x / (1 + t ** 2)  # noqa: E731
-    x_t = torch.randn(3, 2, 4, 4)
-    sigma = torch.full((3, 1, 1, 1), 0.7)
-    z = torch.randn(5, 3 * 4, 2, 4, 4)
-    assert torch.equal(al.consistency_loss(net, x_t, sigma, sigma, net(x_t, sigma), z), torch.zeros_like(x_t))
-    sigma_prime = torch.full((3, 1, 1, 1), 0.2)
-    with_grad = torch.autograd.grad(al.consistency_loss(net, x_t, sigma, sigma_prime, net(x_t, sigma).detach(),
-                                                        z).sum(), weight)[0]
-    without = torch.autograd.grad(al.consistency_loss(net, x_t, sigma, sigma_prime, net(x_t, sigma).detach(), z,
-                                                      with_grad=False).sum(), weight)[0]
-    assert with_grad != without
+    x_t = torch.randn(4, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    rnd_normal = torch.tensor([0.7, 0.2, 0.7, 0.2]).log()                 # raw draws 0.7, 0.2 (P_mean 0, P_std 1)
+    sigma_n = torch.tensor([0.0, 0.5, 0.0, 0.5])
+    sigma = rnd_normal.exp().maximum(sigma_n).view(-1, 1, 1, 1)           # ambient_loss's clamp: 0.7, 0.5, 0.7, 0.5
+    z = torch.randn(5, 3 * 4, 2, 4, 4, generator=torch.Generator().manual_seed(1))  # 3 rows x K = 4 runs
+    common = dict(P_mean=0.0, P_std=1.0)
+    term = al.consistency_loss(net, x_t, sigma, net(x_t, sigma), rnd_normal, z, 3, **common).detach()
+    assert term.shape == x_t.shape
+    per_row = term.flatten(1).sum(1)
+    assert per_row[0] == 0 and per_row[2] == 0 and per_row[3] == 0 and per_row[1] > 0
+    weighted = al.consistency_loss(net, x_t, sigma, net(x_t, sigma), rnd_normal, z, 3, with_weight=True,
+                                   **common).detach()
+    torch.testing.assert_close(weighted[1], term[1] * al.edm_weight(sigma[1]))
+    loss = lambda grad: al.consistency_loss(net, x_t, sigma, net(x_t, sigma).detach(), rnd_normal, z, 3,  # noqa
+                                            with_grad=grad, **common).sum()
+    assert torch.autograd.grad(loss(True), weight)[0] != torch.autograd.grad(loss(False), weight)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -367,7 +376,7 @@ def test_class_conditional_train_and_generate(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path / 'gen')) == ['000000.png', '000001.png']
     with pytest.raises(SystemExit):
         al.main(['generate', f'--network={network}', '--seeds=0', '--class=10', f'--outdir={tmp_path / "gen"}'])
-    assert capsys.readouterr().err.strip() == 'error: --class must be < 10'
+    assert capsys.readouterr().err.strip() == 'ambient_laws.py: error: --class must be < 10'
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
@@ -394,7 +403,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
 def test_resume_after_kill_9(tmp_path):
     """kill -9 a run once it has written a training state; --resume=auto finishes it exactly like a run that was
     never interrupted (weights bitwise, per-tick losses)."""
-    common = [*FAST, '--sigma=0.2', '--corruption_probability=0.5', '--tick=0.008', '--snap=1', '--kimg=0.048']
+    common = [*FAST, '--sigma=0.2', '--corruption_probability=0.5', '--tick=0.008', '--snap=1', '--dump=1',
+              '--kimg=0.048']
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, 'ambient_laws.py'), *common,
                                 f'--outdir={tmp_path / "killed"}'], cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
@@ -418,7 +428,7 @@ def test_resume_after_kill_9(tmp_path):
 def test_two_process_ddp_matches_one_process(tmp_path):
     common = [*FAST, '--sigma=0.2', '--corruption_probability=0.5', '--kimg=0.016', '--tick=1', '--augment=0.5',
               '--lr_rampup_kimg=0', '--consistency_coeff=0.5', '--consistency_batch_size=4', '--num_primes=2',
-              '--num_consistency_steps=3']
+              '--num_consistency_steps=3', '--consistency_rows=global']  # official per_gpu rows depend on GPUs
     al.main([*common, f'--outdir={tmp_path / "one"}'])
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
@@ -454,7 +464,8 @@ def test_bad_flags_fail_with_one_line_and_write_nothing(tmp_path, capsys, flag, 
     with pytest.raises(SystemExit) as exit_info:
         al.main([*FAST, flag, f'--outdir={tmp_path / "runs"}'])
     err = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith('error: ') and message in err[0]
+    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith('ambient_laws.py: error: ')
+    assert message in err[0]
     assert not (tmp_path / 'runs').exists()
 
 
@@ -479,7 +490,7 @@ def test_bad_data_fails_with_one_line(tmp_path, capsys):
     _expect_data_error(tmp_path, capsys, folder, 'resize them first')
     npz = tmp_path / 'bad_labels.npz'
     np.savez(npz, x=np.zeros((8, 32, 32, 3), np.uint8), y=np.array([0, 1, 2, -1, 0, 1, 2, 3]))
-    _expect_data_error(tmp_path, capsys, npz, 'labels must be 8 integers >= 0', '--cond=true')
+    _expect_data_error(tmp_path, capsys, npz, 'label -1 is outside [0, num_classes)', '--cond=true')
     _expect_data_error(tmp_path, capsys, TINY_DATA, '--sigma_per_image must hold 200', '--sigma_per_image=' +
                        str(_save(tmp_path / 'levels.npy', np.full(10, 0.1))))
 
@@ -505,9 +516,11 @@ def test_per_image_noise_levels(tmp_path):
     cfg = al.resolve_config({'preset': 'tiny', 'data': TINY_DATA, 'sigma_per_image': str(_save(tmp_path / 'l.npy',
                                                                                                  levels)),
                              'dataset_keep_percentage': 0.5})
-    images, labels, sigma_n, raw_index, _ = al.prepare_data(cfg, lambda *a: None)
-    assert len(images) == 100 and torch.equal(sigma_n, torch.from_numpy(levels[raw_index.numpy()]))
-    y = al.observe(images, sigma_n, raw_index, seed=0)
+    images, labels, sigma_n, raw_index, _ = al.prepare_data(cfg, lambda *a: None, None)
+    assert len(images) == 100 and np.array_equal(sigma_n, levels[raw_index].astype(np.float64))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        y = al.observe(images, torch.from_numpy(sigma_n), al.numpy_noise(raw_index, sigma_n, (3, 32, 32), pool))
+    sigma_n = torch.from_numpy(sigma_n).float()
     residual = (y - (images.float() / 127.5 - 1)).flatten(1).std(1)
     for level in (0.0, 0.1, 0.4):
         assert abs(residual[sigma_n == level].mean() - level) < 0.02

@@ -122,13 +122,35 @@ class BasicConv2d(nn.Module):
         nn.init.kaiming_normal_(self.conv.weight, nonlinearity='relu')
 
     def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
+        return F.relu(self.bn(self.conv(x)), inplace=True)  # in place: the batch norm output is a fresh tensor
 
 
 def avg_pool_same(x):
     # TF's SAME average pool divides by the number of real pixels under the window; torchvision's Inception counts
     # the zero padding (count_include_pad=True). This is the patch pytorch-fid applies to blocks A, C and E_1.
+    # On CPU the channels-last kernel is 2x faster than the NCHW one and sums each window in the same order, so the
+    # result is bitwise the same (tests check it).
+    if x.device.type == "cpu" and x.is_contiguous():
+        pooled = F.avg_pool2d(x.contiguous(memory_format=torch.channels_last), kernel_size=3, stride=1, padding=1,
+                              count_include_pad=False)
+        return pooled.contiguous()
     return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+def max_pool_3x3(x, stride=2, padding=0):
+    """F.max_pool2d(x, 3, stride, padding), bitwise. On CPU as a separable maximum of strided slices, 2-4x faster
+    than torch's NCHW kernel (which also computes the argmax indices); a maximum is exact in any order."""
+    if x.device.type != "cpu" or not x.is_contiguous():
+        return F.max_pool2d(x, kernel_size=3, stride=stride, padding=padding)
+    if padding:
+        x = F.pad(x, (padding,) * 4, value=-math.inf)
+    for dim in (2, 3):  # rows first: the second pass then reads contiguous, already halved rows
+        out = (x.shape[dim] - 3) // stride + 1
+        taps = [x.narrow(dim, offset, stride * (out - 1) + 1) for offset in range(3)]
+        if stride > 1:
+            taps = [tap[(slice(None),) * dim + (slice(None, None, stride),)] for tap in taps]
+        x = torch.maximum(torch.maximum(taps[0], taps[1]), taps[2])
+    return x
 
 
 class InceptionA(nn.Module):
@@ -162,7 +184,7 @@ class InceptionB(nn.Module):
 
     def forward(self, x):
         branch3x3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return torch.cat([self.branch3x3(x), branch3x3dbl, F.max_pool2d(x, kernel_size=3, stride=2)], dim=1)
+        return torch.cat([self.branch3x3(x), branch3x3dbl, max_pool_3x3(x)], dim=1)
 
 
 class InceptionC(nn.Module):
@@ -209,7 +231,7 @@ class InceptionD(nn.Module):
     def forward(self, x):
         branch3x3 = self.branch3x3_2(self.branch3x3_1(x))
         branch7x7x3 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
-        return torch.cat([branch3x3, branch7x7x3, F.max_pool2d(x, kernel_size=3, stride=2)], dim=1)
+        return torch.cat([branch3x3, branch7x7x3, max_pool_3x3(x)], dim=1)
 
 
 class InceptionE(nn.Module):
@@ -237,7 +259,7 @@ class InceptionE(nn.Module):
         branch3x3 = torch.cat([self.branch3x3_2a(branch3x3), self.branch3x3_2b(branch3x3)], dim=1)
         branch3x3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         branch3x3dbl = torch.cat([self.branch3x3dbl_3a(branch3x3dbl), self.branch3x3dbl_3b(branch3x3dbl)], dim=1)
-        pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.pool == "max" else avg_pool_same(x)
+        pooled = max_pool_3x3(x, stride=1, padding=1) if self.pool == "max" else avg_pool_same(x)
         return torch.cat([self.branch1x1(x), branch3x3, branch3x3dbl, self.branch_pool(pooled)], dim=1)
 
 
@@ -273,9 +295,9 @@ class InceptionV3(nn.Module):
 
     def forward(self, x):                                                     # (N, 3, 299, 299) in [-1, 1]
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))     # (N, 64, 147, 147)
-        x = F.max_pool2d(x, kernel_size=3, stride=2)                          # (N, 64, 73, 73)
+        x = max_pool_3x3(x)                                                   # (N, 64, 73, 73)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))                         # (N, 192, 71, 71)
-        x = F.max_pool2d(x, kernel_size=3, stride=2)                          # (N, 192, 35, 35)
+        x = max_pool_3x3(x)                                                   # (N, 192, 35, 35)
         x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))                    # (N, 288, 35, 35)
         x = self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(x))))     # (N, 768, 17, 17)
         # sFID tap: channels 0..191 of Mixed_6d are its branch1x1 (TF mixed_6/conv); ADM keeps the first 7 and

@@ -39,8 +39,10 @@ import math
 import os
 import pickle
 import re
+import shutil
 import sys
 import tarfile
+import tempfile
 import time
 import zipfile
 
@@ -61,54 +63,90 @@ import nets
 class Config:
     # Data and corruption.
     data: str = ''                         # image folder, EDM zip, .npz (x, y) or the word cifar10
-    cond: bool = False                     # class-conditional on dataset labels; official train.py --cond
-    max_size: int = 0                      # keep this many images (RandomState(0) subset, official --max_size); 0 = all
-    corruption_probability: float = 0.4   # p: chance that A erases a pixel; official train.py default
-    delta_probability: float = 0.1         # delta: chance that B erases a pixel A kept; official train.py default
-    mask_full_rgb: bool = False            # erase a pixel's channels together; official default False, README True
+    cond: bool = False                     # class-conditional on dataset labels
+    num_classes: int = 0                   # labels lie in [0, num_classes); 0 = the largest label + 1
+    max_size: int = 0                      # keep this many images (RandomState(0) subset as official); 0 = all
+    xflip: bool = False                    # add x-flipped copies of every image (dataset twice as long)
+    corruption_probability: float = 0.4   # p: chance that A erases a pixel (dust), or the box/patch size
+    delta_probability: float = 0.1         # delta: chance that B erases a pixel A kept
+    mask_full_rgb: bool = False            # erase a pixel's channels together (dust)
+    corruption_pattern: str = 'dust'       # dust, box, fixed_box or keep_patch (official dataset.py patterns)
     mask_seed: int = 0                     # 0 = the official masks (seeded by image index); other values redraw them
-    resample_delta: bool = False           # draw B afresh every step (paper); official: one fixed B per image
+    resample_delta: bool = False           # draw B afresh every step (the paper's wording); official: fixed per image
+    augment: float = 0.12                  # EDM augmentation probability
+    augment_mode: str = 'official'         # official: augment the clean image, then mask; joint: image and masks
+    cache: bool = True                     # hold the dataset in memory (always; False is refused)
+    workers: int = 1                       # threads decoding images (official: DataLoader processes)
+    cache_dir: str = ''                    # where downloads (cifar10, checkpoints) are kept
     # Network.
-    arch: str = 'ddpmpp'                   # nets.UNET_PRESETS name; ddpmpp = EDM DDPM++ CIFAR (official --arch=ddpmpp)
-    cbase: int = 0                         # model_channels override, 0 = preset; official --cbase
-    cres: str = ''                         # channel_mult override such as 1,2,2,2; official --cres
-    dropout: float = 0.13                  # official train.py default (EDM CIFAR-10)
-    gated: bool = True                     # gated convolutions, gate = sigmoid(sigmoid(conv)); official --gated default
-    precond: str = 'ambient'               # ambient: masked input + mask channels; edm: plain EDM on the masked images
-    # Loss and optimisation.
-    norm: int = 2                          # 2 = squared error, 1 = absolute error (both times lambda); official
-    P_mean: float = -1.2                   # mean of ln(sigma) during training; EDM default
-    P_std: float = 1.2                     # std of ln(sigma) during training; EDM default
-    sigma_data: float = 0.5                # EDM default
-    batch: int = 512                       # global batch; official train.py default
+    arch: str = 'ddpmpp'                   # ddpmpp (EDM DDPM++) or a DDPM++ preset name of nets.UNET_PRESETS
+    cbase: int = 0                         # model_channels, 0 = the arch's (128)
+    cres: str = ''                         # channel_mult such as 1,2,2,2; empty = the arch's (2,2,2)
+    dropout: float = 0.13                  # dropout probability
+    gated: bool = True                     # gated convolutions, gate = sigmoid(sigmoid(conv))
+    precond: str = 'ambient'               # ambient: masked input + mask channels; edm: EDM on the masked images
+    sigma_data: float = 0.5                # EDM preconditioning (training/networks.py constant)
+    transfer: str = ''                     # start from a network snapshot (.pkl / .pt, path or URL), fresh optimizer
+    # Optimisation.
+    norm: int = 2                          # 2 = squared error, 1 = absolute error (both times lambda)
+    P_mean: float = -1.2                   # mean of ln(sigma) during training (training/loss.py constant)
+    P_std: float = 1.2                     # std of ln(sigma) during training (training/loss.py constant)
+    batch: int = 512                       # global batch
     batch_gpu: int = 0                     # per-GPU microbatch, 0 = batch / GPUs; gradient accumulation does the rest
-    lr: float = 1e-3                       # official train.py default (10e-4)
-    lr_rampup_kimg: float = 10000          # linear warm-up; official training_loop default (not a CLI flag there)
-    weight_decay: float = 0.0              # > 0 switches Adam to AdamW; official --weight_decay
-    max_grad_norm: float = 0.0             # gradient clipping, 0 = off; official default None, README 1.0
-    ema: float = 0.5                       # EMA half-life in Mimg; official --ema
-    ema_rampup_ratio: float = 0.05         # EMA half-life <= ratio * images seen, 0 = off (official None)
-    augment: float = 0.12                  # EDM augmentation probability; official train.py default
-    augment_mode: str = 'joint'            # joint: masks move with the image (hidden pixels never read); official
-    kimg: float = 200000                   # training length in kimg; official --duration=200 Mimg
-    # Sampling (progress grids here; generate/eval/neighbors take the same flags).
-    steps: int = 18                        # Heun steps (35 network evaluations); official eval.py --steps
-    grid: int = 64                         # images in the progress grid
+    lr: float = 1e-3                       # learning rate (official 10e-4)
+    lr_rampup_kimg: float = 10000          # linear warm-up (training_loop.py constant)
+    weight_decay: float = 0.0              # > 0 switches Adam to AdamW
+    max_grad_norm: float = 0.0             # gradient clipping, 0 = off (official None)
+    ema: float = 0.5                       # EMA half-life in Mimg
+    ema_rampup_ratio: float = 0.05         # EMA half-life <= ratio * images seen, 0 = off (training_loop.py constant)
+    kimg: float = 200000                   # training length in kimg
+    ls: float = 1.0                        # loss scaling
     # Run.
     outdir: str = 'runs'                   # run folders go here
     desc: str = ''                         # extra words for the run folder name
-    tick: float = 50                       # kimg between progress lines; official --tick
-    snap: int = 50                         # ticks between snapshots; official --snap
-    dump: int = 500                        # ticks between kept training states (others are replaced); official --dump
+    nosubdir: bool = False                 # write into --outdir itself instead of a numbered run folder
+    tick: float = 50                       # kimg between progress lines
+    snap: int = 50                         # ticks between snapshots
+    dump: int = 500                        # ticks between kept training states (others are replaced)
     seed: int = 0                          # training seed (data order, noise, augmentation, dropout)
     resume: str = ''                       # training-state-*.pt path, or auto
-    precision: str = ''                    # bf16 (autocast + TF32) or fp32 (official); default bf16 on CUDA
+    precision: str = ''                    # bf16 (autocast + TF32) or fp32 (the official numerics)
+    bench: bool = True                     # cuDNN benchmarking
     compile: bool = False                  # torch.compile the network
-    workers: int = 4                       # threads for decoding images
-    cache_dir: str = ''                    # where cifar10 is downloaded, default ~/.cache/ambient-diffusion
-    device: str = ''                       # default cuda when available
+    device: str = ''                       # cuda or cpu
+    experiment_name: str = ''              # a name for the run, kept in config.json (official: the wandb run name)
     dry_run: bool = False                  # print the resolved config and exit
+    # Sampling (the progress grids; generate/eval/neighbors have their own flags).
+    steps: int = 18                        # Heun steps (35 network evaluations)
+    grid: int = 64                         # images in the progress grid
+    S_churn: float = 10.0                  # parsed and unused, as in the official train.py (see generate/eval)
+    S_min: float = 0.01                    # parsed and unused, as in the official train.py
+    S_max: float = 1.0                     # parsed and unused, as in the official train.py
+    S_noise: float = 1.007                 # parsed and unused, as in the official train.py
 
+
+# Help groups of `ambient.py train --help`, in the order of the common CLI.
+GROUPS = {
+    'data and corruption': ['data', 'cond', 'num_classes', 'max_size', 'xflip', 'corruption_probability',
+                            'delta_probability',
+                            'mask_full_rgb', 'corruption_pattern', 'mask_seed', 'resample_delta', 'augment',
+                            'augment_mode', 'cache', 'workers', 'cache_dir'],
+    'network': ['arch', 'cbase', 'cres', 'dropout', 'gated', 'precond', 'sigma_data', 'transfer'],
+    'optimisation': ['norm', 'P_mean', 'P_std', 'batch', 'batch_gpu', 'lr', 'lr_rampup_kimg', 'weight_decay',
+                     'max_grad_norm', 'ema', 'ema_rampup_ratio', 'kimg', 'ls'],
+    'run': ['outdir', 'desc', 'nosubdir', 'tick', 'snap', 'dump', 'seed', 'resume', 'precision', 'bench', 'compile',
+            'device', 'experiment_name', 'dry_run'],
+    'sampling': ['steps', 'grid', 'S_churn', 'S_min', 'S_max', 'S_noise'],
+}
+# Our names that differ from the official train.py's.
+OFFICIAL_NAMES = {'batch_gpu': '--batch-gpu', 'dry_run': '--dry-run', 'kimg': '--duration (in Mimg)',
+                  'precision': '--fp16'}
+# Flags of ours that the official train.py does not have.
+OURS_ONLY = {'num_classes', 'mask_seed', 'resample_delta', 'augment_mode', 'cache_dir', 'sigma_data', 'P_mean', 'P_std',
+             'lr_rampup_kimg', 'ema_rampup_ratio', 'compile', 'device', 'steps', 'grid'}
+# Defaults that are decided at run time, as --help shows them.
+SHOWN_DEFAULTS = {'precision': 'bf16 on CUDA, fp32 on CPU', 'device': 'cuda when available',
+                  'cache_dir': '~/.cache/ambient-diffusion', 'data': 'required'}
 
 # Official recipes. celeba64 is the README command; cifar10 and afhq64 have no command in the official repo, so they
 # take train.py's defaults (= EDM CIFAR-10) and EDM's AFHQv2-64 settings, with the README's masking flags.
@@ -120,71 +158,156 @@ PRESETS = {
     'afhq64': dict(arch='ddpmpp-64', batch=256, lr=2e-4, dropout=0.25, augment=0.15, mask_full_rgb=True,
                    max_grad_norm=1.0),
     'tiny': dict(arch='tiny', cbase=16, cres='1,2,2', batch=16, lr=2e-3, lr_rampup_kimg=0.1, dropout=0.0,
-                 augment=0.12, ema=0.0005, kimg=2, tick=0.5, snap=2, dump=4, grid=16, steps=10, mask_full_rgb=True),
+                 augment=0.12, ema=0.0005, kimg=2, tick=0.5, snap=2, dump=4, grid=16, steps=10, mask_full_rgb=True,
+                 workers=4),
 }
+PATTERNS = ('dust', 'box', 'fixed_box', 'keep_patch')
+COMMANDS = {'train': 'train on corrupted images (the default command; official train.py)',
+            'generate': 'one PNG per seed from a snapshot (.pt or official .pkl)',
+            'eval': 'FID and other fid.py metrics of a snapshot or a folder of them (official eval.py)',
+            'neighbors': 'nearest training images of generated ones (official find_dataset_neighbors.py)'}
 
 
 class UsageError(Exception):
     """A bad flag or input: reported as one line, exit code 2, before anything is written."""
 
 
+def refuse(flag, why, ours, script='train.py'):
+    """The one-line refusal of an official flag (or of one of its values) that we do not offer."""
+    return UsageError(f'{flag} (official ambient-diffusion {script} flag) is not supported: {why}; use {ours}')
+
+
 def parse_bool(text):
-    """True/False, 1/0, yes/no: the spellings of the official click flags."""
-    value = {'1': True, 'true': True, 'yes': True, '0': False, 'false': False, 'no': False}.get(text.lower())
+    """True/False, 1/0, yes/no, y/n, t/f, on/off: the spellings click accepts for its BOOL flags."""
+    value = {'1': True, 'true': True, 'yes': True, 'y': True, 't': True, 'on': True,
+             '0': False, 'false': False, 'no': False, 'n': False, 'f': False, 'off': False}.get(text.lower())
     if value is None:
         raise argparse.ArgumentTypeError(f'expected a boolean, got {text!r}')
     return value
 
 
 class QuietParser(argparse.ArgumentParser):
-    """argparse that raises UsageError (one line, exit 2) instead of printing the usage block."""
+    """argparse without prefix matching that raises UsageError (one line, exit 2) instead of printing usage."""
+
+    def __init__(self, prog, **kwargs):
+        super().__init__(prog=prog, usage=f'{prog} [--flag=value ...]', allow_abbrev=False, add_help=False,
+                         **kwargs)
 
     def error(self, message):
         raise UsageError(message)
 
 
+def flag(group, *names, help, default=None, shown=None, **kwargs):
+    """One flag whose help ends in its default (`shown` where the default is decided later); booleans take --flag,
+    --flag=True, --flag=0 (click's BOOL)."""
+    shown = default if shown is None else shown
+    shown = 'none' if shown in (None, '') else shown
+    text = f'{help} (required)' if shown == 'required' else f'{help} (default: {shown})'
+    if kwargs.get('type') is parse_bool:
+        kwargs.update(nargs='?', const=True)
+    if 'choices' not in kwargs and kwargs.get('action') is not DurationAction or 'metavar' not in kwargs:
+        kwargs.setdefault('metavar', {int: 'INT', float: 'FLOAT', parse_bool: 'BOOL'}.get(kwargs.get('type'), 'STR'))
+    if 'choices' in kwargs:
+        kwargs.pop('metavar', None)
+    group.add_argument(*names, help=text.replace('%', '%%'), default=default, **kwargs)
+
+
+class DurationAction(argparse.Action):
+    """--duration=MIMG sets --kimg as the official train.py does: max(int(MIMG * 1000), 1)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        setattr(namespace, 'kimg', float(max(int(value * 1000), 1)))
+
+
+def add_help(parser, group):
+    group.add_argument('-h', '--help', action='help', help='show this help and exit')
+
+
 def parse_train_args(argv):
-    """Flags from the Config fields; --preset fills in defaults that explicit flags override."""
-    parser = QuietParser(prog='ambient.py train')
-    parser.add_argument('--preset', choices=sorted(PRESETS), default=None)
-    parser.add_argument('--duration', type=float, default=None, help='training length in Mimg (official name)')
-    meanings = dict(re.findall(r'^ +(\w+): .*?# (.*)$', inspect.getsource(Config), re.M))  # --help shows the comments
-    for field in dataclasses.fields(Config):
-        if field.type is bool:  # --flag, --flag=True, --flag=0 ...
-            parser.add_argument(f'--{field.name}', type=parse_bool, nargs='?', const=True, help=meanings[field.name])
-        else:
-            parser.add_argument(f'--{field.name}', type=field.type, help=meanings[field.name])
+    """Flags from the Config fields (every official train.py flag among them); --preset fills in defaults that
+    explicit flags override. Returns (Config, preset name)."""
+    parser = QuietParser('ambient.py train', description='Train Ambient Diffusion on corrupted images. Official '
+                         'train.py flags keep their names (also --batch-gpu, --duration, -n/--dry-run).')
+    meanings = dict(re.findall(r'^ +(\w+): .*?# (.*)$', inspect.getsource(Config), re.M))
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for title, names in GROUPS.items():
+        group = parser.add_argument_group(title)
+        for name in names:
+            text = meanings[name] + (f'; official: {OFFICIAL_NAMES[name]}' if name in OFFICIAL_NAMES else '')
+            text += '; ours only' if name in OURS_ONLY else ''
+            kind = parse_bool if fields[name].type is bool else fields[name].type
+            names_ = [f'--{name}'] + {'batch_gpu': ['--batch-gpu'], 'dry_run': ['--dry-run', '-n']}.get(name, [])
+            flag(group, *names_, help=text, shown=SHOWN_DEFAULTS.get(name, fields[name].default), type=kind,
+                 dest=name)
+            if name == 'kimg':  # sets kimg: the later of --duration and --kimg wins
+                flag(group, '--duration', help='training length in Mimg, official name; max(int(1000 x value), 1) '
+                     'kimg as official', shown=200, type=float, dest='kimg', action=DurationAction)
+            if name == 'precision':
+                flag(group, '--fp16', help='official fp16 switch: False = --precision=fp32; True is refused',
+                     shown=False, type=parse_bool, dest='fp16')
+            if name == 'experiment_name':
+                flag(group, '--wandb_id', help='official wandb run id; refused unless empty', dest='wandb_id')
+        if title == 'run':
+            flag(group, '--preset', help='a recipe that sets defaults: ' + ', '.join(sorted(PRESETS)),
+                 choices=sorted(PRESETS), dest='preset')
+            add_help(parser, group)
     args = parser.parse_args(argv)
     values = dict(PRESETS[args.preset]) if args.preset else {}
-    if args.duration is not None:
-        values['kimg'] = args.duration * 1000
-    values.update({k: v for k, v in vars(args).items() if v is not None and k not in ('preset', 'duration')})
+    # Official spellings: --duration in Mimg (truncated to whole kimg, at least 1, as train.py does), --fp16.
+    official_only = {'preset', 'fp16', 'wandb_id'}
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in official_only}
+    if args.wandb_id:
+        raise refuse('--wandb_id', 'there is no wandb logging (stats.jsonl and log.txt hold the metrics)',
+                     '--resume=auto to continue a run')
+    if args.fp16:
+        raise refuse('--fp16=True', 'fp16 training is not offered', '--precision=bf16')
+    if args.fp16 is False:
+        if given.get('precision', 'fp32') != 'fp32':
+            raise UsageError('--fp16=False and --precision=bf16 contradict each other')
+        given['precision'] = 'fp32'
+    values.update(given)
     cfg = Config(**values)
     validate(cfg)
     return cfg, args.preset
 
 
 def validate(cfg):
-    """Range checks of the training flags: the first failure becomes the one error line."""
+    """Range checks of the training flags and refusals of official values we do not offer: the first failure becomes
+    the one error line."""
+    if cfg.arch in ('ncsnpp', 'adm'):
+        raise refuse(f'--arch={cfg.arch}', 'only the DDPM++ network (EDM SongUNet, gated) is built', '--arch=ddpmpp')
+    if cfg.precond in ('vp', 've'):
+        raise refuse(f'--precond={cfg.precond}', 'the VP/VE losses are not part of Ambient Diffusion',
+                     '--precond=ambient (or edm, the naive baseline)')
+    if cfg.corruption_pattern == 'downscale':
+        raise refuse('--corruption_pattern=downscale', 'the official dataset.py rejects it too',
+                     '--corruption_pattern=dust, box, fixed_box or keep_patch')
+    if not cfg.cache:
+        raise refuse('--cache=False', 'the dataset is always held in memory', '--cache=True (or leave it out)')
     checks = [
         (0 <= cfg.corruption_probability < 1, '--corruption_probability must be in [0, 1)'),
         (0 <= cfg.delta_probability < 1, '--delta_probability must be in [0, 1)'),
+        (cfg.corruption_pattern in PATTERNS, f'--corruption_pattern must be one of {", ".join(PATTERNS)}'),
         (cfg.norm in (1, 2), '--norm must be 1 or 2'),
         (cfg.precond in ('ambient', 'edm'), '--precond must be ambient or edm'),
         (cfg.augment_mode in ('joint', 'official'), '--augment_mode must be joint or official'),
         (0 <= cfg.augment <= 1, '--augment must be in [0, 1]'),
-        (0 <= cfg.dropout < 1, '--dropout must be in [0, 1)'),
+        (0 <= cfg.dropout <= 1, '--dropout must be in [0, 1]'),
         (cfg.batch >= 1 and cfg.batch_gpu >= 0, '--batch must be >= 1 and --batch_gpu >= 0'),
-        (cfg.lr > 0 and cfg.lr_rampup_kimg >= 0, '--lr must be > 0 and --lr_rampup_kimg >= 0'),
+        (cfg.lr >= 0 and cfg.lr_rampup_kimg >= 0, '--lr and --lr_rampup_kimg must be >= 0'),
         (cfg.weight_decay >= 0 and cfg.max_grad_norm >= 0, '--weight_decay and --max_grad_norm must be >= 0'),
         (cfg.ema >= 0 and cfg.ema_rampup_ratio >= 0, '--ema and --ema_rampup_ratio must be >= 0'),
-        (cfg.P_std > 0 and cfg.sigma_data > 0, '--P_std and --sigma_data must be > 0'),
+        (cfg.P_std > 0 and cfg.sigma_data > 0 and cfg.ls > 0, '--P_std, --sigma_data and --ls must be > 0'),
         (min(cfg.kimg, cfg.tick, cfg.snap, cfg.dump) > 0, '--kimg, --tick, --snap and --dump must be > 0'),
         (cfg.steps >= 2 and cfg.grid >= 0 and cfg.max_size >= 0, '--steps must be >= 2, --grid and --max_size >= 0'),
+        (cfg.workers >= 1 and cfg.num_classes >= 0, '--workers must be >= 1, --num_classes >= 0'),
+        (min(cfg.S_churn, cfg.S_min, cfg.S_max, cfg.S_noise) >= 0 and cfg.S_min <= 1 and cfg.S_max <= 1,
+         '--S_churn and --S_noise must be >= 0, --S_min and --S_max in [0, 1]'),
         (cfg.precision in ('', 'fp32', 'bf16'), '--precision must be fp32 or bf16'),
         (re.fullmatch(r'(\d+,)*\d+', cfg.cres) is not None or cfg.cres == '', '--cres must look like 1,2,2,2'),
         (cfg.arch == 'ddpmpp' or nets.UNET_PRESETS.get(cfg.arch, {}).get('arch') == 'ddpmpp',
          f'--arch must be ddpmpp or a DDPM++ preset of nets.UNET_PRESETS, got {cfg.arch!r}'),
+        (not (cfg.transfer and cfg.resume), '--transfer and --resume cannot be specified at the same time'),
         (bool(cfg.data), '--data is required'),
     ]
     for ok, message in checks:
@@ -193,13 +316,16 @@ def validate(cfg):
 
 
 def parse_seeds(text):
-    """'0-49999' or '1,2,5-10' -> list of ints (EDM's parse_int_list)."""
+    """'0-49999' or '1,2,5-10' -> list of ints (EDM's parse_int_list); an empty or reversed range is an error."""
     seeds = []
     for part in text.split(','):
         match = re.fullmatch(r'(\d+)(?:-(\d+))?', part)
         if not match:
-            raise UsageError(f'--seeds: cannot parse {part!r}')
-        seeds.extend(range(int(match.group(1)), int(match.group(2) or match.group(1)) + 1))
+            raise UsageError(f'--seeds: cannot parse {part!r} (expected a list such as 0-49999 or 1,2,5-10)')
+        first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+        if last < first:
+            raise UsageError(f'--seeds: the range {part} is empty (reversed)')
+        seeds.extend(range(first, last + 1))
     return seeds
 
 
@@ -208,7 +334,7 @@ def parse_seeds(text):
 
 
 class DataError(Exception):
-    """Missing, corrupt or inconsistent data: reported as one line, exit code 1."""
+    """Missing, corrupt or inconsistent input data, checkpoint or reference: one line, exit code 2 (bad input)."""
 
 
 CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
@@ -254,8 +380,14 @@ def load_images(path, cache_dir='', workers=4):
                 images, labels = npz.get('x'), np.asarray(npz['y']).astype(np.int64) if 'y' in npz else None
         except (OSError, ValueError, EOFError) as error:
             raise DataError(f'--data: cannot read {path} ({error})')
-        if images is None or images.ndim != 4 or images.dtype != np.uint8 or images.shape[-1] != 3:
-            raise DataError(f'{path}: expected an array x of shape (N, H, W, 3) uint8')
+        if images is None or images.dtype != np.uint8 or images.ndim not in (3, 4):
+            raise DataError(f'--data: {path} needs an array x of shape (N, H, W, 3) or (N, H, W) uint8, got '
+                            + ('none' if images is None else f'{images.dtype} {images.shape}'))
+        if images.ndim == 4 and images.shape[-1] not in (1, 3):
+            layout = ' (channels first? transpose it to (N, H, W, C))' if images.shape[1] in (1, 3) else ''
+            raise DataError(f'--data: {path} has x of shape {images.shape}; expected (N, H, W, 3){layout}')
+        if images.ndim == 3 or images.shape[-1] == 1:  # grayscale -> RGB, as for image files
+            images = np.repeat(images.reshape(images.shape[:3] + (1,)), 3, axis=3)
     else:
         if os.path.isdir(path):
             names = sorted(os.path.relpath(os.path.join(root, name), path).replace(os.sep, '/')
@@ -307,25 +439,75 @@ def load_images(path, cache_dir='', workers=4):
 # Corruption: fixed masks A and A_tilde = B * A per image (official training/dataset.py)
 
 
-def corruption_masks(raw_indices, image_shape, corruption_probability, delta_probability, mask_full_rgb, mask_seed=0):
-    """The "dust" inpainting masks of the official dataset: A keeps a pixel with probability 1 - p, B keeps one with
-    probability 1 - delta, A_tilde = A * B. Each image draws from its own RandomState seeded by its raw index, exactly
-    as the official __getitem__ does, so the corrupted dataset is fixed for ever (and equal to the official one when
-    mask_seed == 0). Note the official code fixes A_tilde per image too; it is not redrawn per step.
+def corruption_masks(raw_indices, image_shape, corruption_probability, delta_probability, mask_full_rgb, mask_seed=0,
+                     pattern='dust'):
+    """The training masks A (the paper's corruption matrix: what the dataset keeps) and A_tilde = B A (its further
+    corruption: what the network is shown), fixed per image as in the official dataset.py: image i draws from
+    NumPy's and torch's generators seeded by its raw index i, in the official order, so the corrupted dataset is the
+    official one when mask_seed == 0 (other values redraw it). Patterns (official names):
+    - dust: A keeps each pixel with probability 1 - p, B each with 1 - delta (per pixel, or per RGB pixel);
+    - box: A erases a ceil(p H) x ceil(p W) box at a uniform corner (clipped at the border); B erases another box of
+      the same size (the official code sizes B with p, not delta);
+    - fixed_box: A erases an int(p H) square inside the image; B another one when delta > 0, else B = 1;
+    - keep_patch: A keeps only an int((1 - p) H) square; A_tilde keeps an int((1 - delta) size) square inside it.
 
     raw_indices: (N,) ints; image_shape: (C, H, W). Returns A, A_tilde: (N, 1 or C, H, W) bool.
     """
     channels, height, width = image_shape
-    size = (height, width) if mask_full_rgb else (channels, height, width)
+    p, delta = corruption_probability, delta_probability
+    size = (height, width) if mask_full_rgb or pattern != 'dust' else (channels, height, width)
     A = np.empty((len(raw_indices),) + size, dtype=bool)
     A_tilde = np.empty_like(A)
     for row, index in enumerate(raw_indices):
-        rng = np.random.RandomState(int(index) if mask_seed == 0 else [mask_seed, int(index)])
-        A[row] = rng.binomial(1, 1 - corruption_probability, size=size)
-        A_tilde[row] = A[row] & rng.binomial(1, 1 - delta_probability, size=size).astype(bool)
-    if mask_full_rgb:
+        if pattern == 'dust':
+            rng = np.random.RandomState(int(index) if mask_seed == 0 else [mask_seed, int(index)])
+            A[row] = rng.binomial(1, 1 - p, size=size)
+            A_tilde[row] = A[row] & rng.binomial(1, 1 - delta, size=size).astype(bool)
+        else:
+            generator = torch.Generator().manual_seed(int(index) if mask_seed == 0 else derive_seed(mask_seed, index))
+            A[row], A_tilde[row] = box_masks(pattern, height, width, p, delta, generator)
+    if size == (height, width):
         A, A_tilde = A[:, None], A_tilde[:, None]
     return torch.from_numpy(A), torch.from_numpy(A_tilde)
+
+
+def box_masks(pattern, height, width, p, delta, generator):
+    """One image's (A, A_tilde) of the box patterns, (H, W) bool each, with the official sizes and the official
+    order of draws (corner row, then column; A first) from a torch generator."""
+    rows, cols = np.arange(height)[:, None], np.arange(width)[None, :]
+    draw = lambda high: int(torch.randint(0, high, (1,), generator=generator))  # noqa: E731
+
+    def square(size_h, size_w, high_row, high_col):  # True inside a box with a random corner
+        top, left = draw(high_row), draw(high_col)
+        return (rows >= top) & (rows < top + size_h) & (cols >= left) & (cols < left + size_w)
+    if pattern == 'box':
+        # The official sizes go through a float32 tensor: ceil(float32((1 - (1 - p)) H)).
+        box_h, box_w = (int(torch.tensor((1 - (1 - p)) * n).ceil()) for n in (height, width))
+        A = ~square(box_h, box_w, height, width)
+        return A, A & ~square(box_h, box_w, height, width)
+    if pattern == 'fixed_box':
+        patch = int(p * height)
+        A = ~square(patch, patch, width - patch, height - patch)  # official: rows up to W - size, columns H - size
+        return A, A & ~square(patch, patch, width - patch, height - patch) if delta > 0 else A
+    # keep_patch: the kept square, and a square inside it.
+    patch = int((1 - p) * height)
+    hat = int((1 - delta) * patch)
+    A = square(patch, patch, width - patch, height - patch)
+    top, left = draw(patch - hat), draw(patch - hat)
+    inside = (rows >= top) & (rows < top + hat) & (cols >= left) & (cols < left + hat)
+    A_tilde = np.zeros_like(A)
+    A_tilde[A] = inside[:patch, :patch].reshape(-1)
+    return A, A_tilde
+
+
+def check_pattern(pattern, resolution, p, delta):
+    """The box sizes that the official draws cannot handle (torch.randint over an empty range): one line."""
+    if pattern == 'keep_patch':
+        patch = int((1 - p) * resolution)
+        if not 0 < patch < resolution or int((1 - delta) * patch) >= patch:
+            raise UsageError(f'--corruption_pattern=keep_patch at {resolution}x{resolution} needs a kept square of '
+                             f'0 < int((1 - p) x {resolution}) < {resolution} pixels and a smaller one inside it '
+                             f'(int((1 - delta) x size)), got {patch} and {int((1 - delta) * patch)}')
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -463,40 +645,107 @@ def network_config(cfg, resolution, channels, label_dim):
         unet['channel_mult'] = [int(c) for c in cfg.cres.split(',')]
     return dict(unet=unet, precond=cfg.precond, sigma_data=cfg.sigma_data, channels=channels,
                 corruption_probability=cfg.corruption_probability, delta_probability=cfg.delta_probability,
-                mask_full_rgb=cfg.mask_full_rgb)
+                mask_full_rgb=cfg.mask_full_rgb, corruption_pattern=cfg.corruption_pattern)
+
+
+def official_training_options(cfg, net_config=None, num_images=None, run_dir=None):
+    """The run's training_options.json in the official train.py layout (what its --dry-run prints and its eval.py
+    reads with --training_options_loc). Fields that need the data (resolution, max_size) are None without it."""
+    unet = net_config['unet'] if net_config else dict(nets.UNET_PRESETS[
+        'ddpmpp-cifar10' if cfg.arch == 'ddpmpp' else cfg.arch])
+    channel_mult = [int(c) for c in cfg.cres.split(',')] if cfg.cres else list(unet['channel_mult'])
+    options = dict(
+        max_grad_norm=cfg.max_grad_norm or None,
+        dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=cfg.data, use_labels=cfg.cond,
+                            xflip=cfg.xflip, cache=cfg.cache, corruption_probability=cfg.corruption_probability,
+                            delta_probability=cfg.delta_probability, mask_full_rgb=cfg.mask_full_rgb,
+                            corruption_pattern=cfg.corruption_pattern,
+                            resolution=unet['img_resolution'] if net_config else None,
+                            max_size=None if num_images is None else min(num_images, cfg.max_size or num_images)),
+        data_loader_kwargs=dict(pin_memory=True, num_workers=cfg.workers, prefetch_factor=2),
+        network_kwargs=dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard',
+                            decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1],
+                            model_channels=cfg.cbase or unet['model_channels'], channel_mult=channel_mult,
+                            gated=cfg.gated, class_name='training.networks.EDMPrecond', dropout=cfg.dropout,
+                            use_fp16=False, **(dict(augment_dim=9) if cfg.augment > 0 else {})),
+        loss_kwargs=dict(class_name='training.loss.AmbientLoss', norm=cfg.norm) if cfg.precond == 'ambient' else
+        dict(class_name='training.loss.EDMLoss'),
+        optimizer_kwargs=dict(class_name='torch.optim.AdamW' if cfg.weight_decay > 0 else 'torch.optim.Adam',
+                              lr=cfg.lr, betas=[0.9, 0.999], eps=1e-8,
+                              **(dict(weight_decay=cfg.weight_decay) if cfg.weight_decay > 0 else {})),
+        total_kimg=max(int(cfg.kimg), 1), ema_halflife_kimg=int(cfg.ema * 1000), batch_size=cfg.batch,
+        batch_gpu=cfg.batch_gpu or None, loss_scaling=cfg.ls, cudnn_benchmark=cfg.bench, kimg_per_tick=cfg.tick,
+        snapshot_ticks=cfg.snap, state_dump_ticks=cfg.dump, seed=cfg.seed, run_dir=run_dir)
+    if cfg.augment > 0:
+        options['augment_kwargs'] = dict(class_name='training.augment.AugmentPipe', p=cfg.augment, xflip=1e8,
+                                         yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+    if cfg.transfer:
+        options.update(resume_pkl=cfg.transfer, ema_rampup_ratio=None)
+    return options
+
+
+def transfer_weights(net, source, cache_dir=''):
+    """--transfer: copies the tensors of a snapshot (ours or an official pickle, path or URL) whose names and shapes
+    match into net, as the official copy_params_and_buffers(require_all=False); the optimizer starts afresh."""
+    loaded, _ = load_network(source, 'cpu', cache_dir=cache_dir, flag='--transfer')
+    own, theirs = net.state_dict(), loaded.state_dict()
+    matching = {k: v for k, v in theirs.items() if k in own}
+    wrong = [k for k, v in matching.items() if own[k].shape != v.shape]
+    if wrong:
+        raise UsageError(f'--transfer: {wrong[0]} of {source} has shape {tuple(theirs[wrong[0]].shape)}, this network '
+                         f'{tuple(own[wrong[0]].shape)} (another --arch, --cbase, --cres or resolution?)')
+    if not matching:
+        raise UsageError(f'--transfer: no tensor of {source} fits this network (another --arch, --cres or size?)')
+    net.load_state_dict(matching, strict=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Loss: penalise the prediction on every pixel A keeps, from an input further corrupted by B (training/loss.py)
 
 
-def ambient_loss(net, y, A, A_tilde, sigma, eps, labels=None, augment_labels=None, norm=2, sigma_data=0.5):
-    """The official AmbientLoss: the paper's training objective with EDM's weighting,
-        lambda(sigma) * A * |D(A_tilde (y + sigma eps), A_tilde, sigma) - y|^norm,  lambda = 1 / c_out^2.
+def ambient_loss(net, y, A, A_tilde, labels=None, augment_labels=None, norm=2, P_mean=-1.2, P_std=1.2,
+                 sigma_data=0.5, rnd_normal=None, eps=None):
+    """The Ambient Diffusion training objective (arXiv:2305.19256: predict the image on every pixel A keeps from its
+    further corrupted version A_tilde x_t) with EDM's noise levels and weighting, as the official AmbientLoss. Per
+    image, with sigma = exp(P_mean + P_std n), n ~ N(0, 1):
+        J = lambda(sigma) sum_pixels A |D(A_tilde (y + sigma eps), A_tilde, sigma) - y|^norm,  lambda = 1 / c_out^2.
     Noise is added to the image and then masked (official order); D sees [A_tilde x_t, A_tilde] and only its first
-    C output channels are used. Pixels that A erased never enter: y is multiplied by A_tilde <= A in the input and by
-    A in the loss. Minimiser on every pixel: E[x0 | A_tilde x_t, A_tilde] (the paper's theorem), as the network cannot
-    tell which of the pixels it does not see A kept.
+    C output channels count. Pixels that A erased never enter: y is multiplied by A_tilde <= A in the input and by A
+    in the loss. Minimiser on every pixel: E[x0 | A_tilde x_t, A_tilde] (the paper's main theorem), since the
+    network cannot tell which of the pixels it does not see A kept. The network is called with keyword arguments
+    (class_labels=, augment_labels=), as EDM's preconditioners take them (a 4th positional argument is force_fp32).
 
     y: (B, C, H, W) image in [-1, 1] (erased pixels may hold anything); A, A_tilde: (B, C or 1, H, W) in {0, 1};
-    sigma: (B,) noise levels; eps: (B, C, H, W) standard normal. Returns the per-element loss (B, C, H, W).
+    rnd_normal: (B,) standard normal draws of ln(sigma), eps: (B, C, H, W) standard normal noise (both drawn here
+    when None). Returns the per-image loss (B,), summed over pixels: the official objective is its batch mean.
     """
-    sigma = sigma.reshape(-1, 1, 1, 1)
+    if rnd_normal is None:
+        rnd_normal = torch.randn(y.shape[0], device=y.device)
+    if eps is None:
+        eps = torch.randn_like(y)
+    sigma = (rnd_normal * P_std + P_mean).exp().reshape(-1, 1, 1, 1)                    # (B, 1, 1, 1), EDM
     weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
     A_tilde = A_tilde.expand_as(y)
     x_t = A_tilde * (y + sigma * eps)                                                   # (B, C, H, W)
-    D = net(torch.cat([x_t, A_tilde], dim=1), sigma.flatten(), labels, augment_labels)  # (B, 2C, H, W)
+    D = net(torch.cat([x_t, A_tilde], dim=1), sigma.flatten(), class_labels=labels,
+            augment_labels=augment_labels)                                              # (B, 2C, H, W)
     error = D[:, :y.shape[1]] - y                                                       # (B, C, H, W)
-    return weight * A * (error.square() if norm == 2 else error.abs())
+    return (weight * A * (error.square() if norm == 2 else error.abs())).flatten(1).sum(1)  # (B,)
 
 
-def edm_loss(net, y, sigma, eps, labels=None, augment_labels=None, sigma_data=0.5):
-    """EDM's loss (Karras et al. 2022, Eq. 2 with Table 1's weighting), here the naive baseline: trained on the
-    masked images A * x0 it learns E[A x0 | x_t], which fills erased pixels with zeros."""
-    sigma = sigma.reshape(-1, 1, 1, 1)
+def edm_loss(net, y, labels=None, augment_labels=None, P_mean=-1.2, P_std=1.2, sigma_data=0.5, rnd_normal=None,
+             eps=None):
+    """EDM's loss (Karras et al. 2022, Eq. 2 with Table 1's weighting), here the naive baseline of the paper: trained
+    on the masked images A x0 it learns E[A x0 | x_t], which fills erased pixels with zeros. Same arguments and
+    per-image output (B,) as ambient_loss."""
+    if rnd_normal is None:
+        rnd_normal = torch.randn(y.shape[0], device=y.device)
+    if eps is None:
+        eps = torch.randn_like(y)
+    sigma = (rnd_normal * P_std + P_mean).exp().reshape(-1, 1, 1, 1)
     weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
-    D = net(y + sigma * eps, sigma.flatten(), labels, augment_labels)
-    return weight * (D - y).square()
+    D = net(y + sigma * eps, sigma.flatten(), class_labels=labels, augment_labels=augment_labels)
+    return (weight * (D - y).square()).flatten(1).sum(1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -504,11 +753,16 @@ def edm_loss(net, y, sigma, eps, labels=None, augment_labels=None, sigma_data=0.
 
 
 def ambient_sampler(net, latents, masks=None, class_labels=None, num_steps=18, sigma_min=0.002, sigma_max=80, rho=7,
-                    guidance_scale=0.0, clip=True):
-    """The official eval.py ambient_sampler (S_churn = 0): EDM's deterministic Heun sampler with the denoiser
-    D_hat(x, t) = clip(D([M x, M], t)[:C]) under a sampling mask M held fixed for all steps. With K > 1 masks and
-    guidance_scale w > 0, every evaluation also moves by -w grad_x R(x), R = K/2 sum_k ||D_hat_1(x) - D_hat_k(x)||^2
-    summed over the batch (reconstruction guidance, as the official code computes it); mask 1 drives the update.
+                    guidance_scale=0.0, clip=True, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1,
+                    randn_like=torch.randn_like):
+    """The fixed-mask sampler of the paper (arXiv:2305.19256, "fixed mask sampling", with its optional
+    reconstruction guidance) as the official eval.py runs it: EDM's Heun sampler (Karras et al. 2022, Algorithm 2)
+    with the denoiser D_hat(x, t) = clip(D([M x, M], t)[:C]) under a sampling mask M held fixed for all steps. With
+    K > 1 masks and guidance_scale w > 0, every evaluation also moves by -w grad_x R(x),
+    R = K/2 sum_k ||D_hat_1(x) - D_hat_k(x)||^2 summed over the batch (reconstruction guidance, as the official code
+    computes it); mask 1 drives the update.
+    S_churn > 0 adds EDM's noise (gamma = min(S_churn / N, sqrt(2) - 1) for S_min <= t <= S_max); as in the official
+    eval.py the Euler point then starts from x_i, not from the noised x_hat (no difference at S_churn = 0).
     masks=None gives plain EDM Heun for a network trained with precond=edm; clip=False drops the official clip.
     The last step is Euler to t = 0, so the output is D_hat(x, sigma_min). 35 network evaluations at 18 steps.
 
@@ -520,7 +774,7 @@ def ambient_sampler(net, latents, masks=None, class_labels=None, num_steps=18, s
     def denoise(x, t, mask):
         inputs = x if mask is None else torch.cat([mask * x, mask], dim=1)
         sigma = t.to(torch.float32).expand(x.shape[0])                                 # (B,), no host sync
-        D = net(inputs.to(torch.float32), sigma, class_labels).to(torch.float64)[:, :channels]
+        D = net(inputs.to(torch.float32), sigma, class_labels=class_labels).to(torch.float64)[:, :channels]
         if not clip:
             return D
         # Official tensor_clipping(static=False): s = max(np.percentile(|D|, 0.99), 1) per image, D = clip(D, s) / s.
@@ -542,20 +796,29 @@ def ambient_sampler(net, latents, masks=None, class_labels=None, num_steps=18, s
             grad = torch.autograd.grad(R, x)[0]
         return h * (x.detach() - D[0].detach()) / t - guidance_scale * grad
 
-    # EDM time steps (Karras et al. 2022, Eq. 5), t_N = 0.
-    step_index = torch.arange(num_steps, dtype=torch.float64, device=latents.device)
+    # EDM time steps (Karras et al. 2022, Eq. 5), t_N = 0; the churn per step is decided on the CPU.
+    step_index = torch.arange(num_steps, dtype=torch.float64)
     t_max, t_min = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    t_steps = (t_max + step_index / (num_steps - 1) * (t_min - t_max)) ** rho
-    t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
+    t_steps = torch.cat([(t_max + step_index / (num_steps - 1) * (t_min - t_max)) ** rho, torch.zeros(1).double()])
+    gammas = [min(S_churn / num_steps, math.sqrt(2) - 1) if S_churn > 0 and S_min <= t <= S_max else 0.0
+              for t in t_steps[:-1].tolist()]
+    t_steps = t_steps.to(latents.device)
 
     x = latents.to(torch.float64) * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
-        # Euler step.
-        euler = step(x, t_cur, t_next - t_cur)
+        # Increase the noise temporarily (S_churn > 0 only).
+        t_hat, x_hat = t_cur, x
+        if gammas[i] > 0:
+            t_hat = t_cur * (1 + gammas[i])
+            x_hat = x + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x)
+        # Euler step (official: from x, the un-noised point).
+        euler = step(x_hat, t_hat, t_next - t_hat)
         x_next = x + euler
         # Heun correction, except on the last step to t = 0.
         if i < num_steps - 1:
-            x_next = x + 0.5 * (euler + step(x_next, t_next, t_next - t_cur))
+            x_next = x_hat + 0.5 * (euler + step(x_next, t_next, t_next - t_hat))
+        else:
+            x_next = x_hat + euler
         x = x_next
     return x
 
@@ -606,33 +869,117 @@ def save_png(array, path):
     write_atomic(path, buffer.getvalue())
 
 
+class RunError(Exception):
+    """A failure while running (a full disk, a vanished folder): one line, exit code 1."""
+
+
 def write_atomic(path, data):
-    """Temp file + os.replace: an interrupted write never destroys the previous file. The temp name is per process,
-    as every rank may download CIFAR-10 into the same cache at once."""
-    with open(f'{path}.tmp{os.getpid()}', 'wb') as file:
-        file.write(data)
-    os.replace(f'{path}.tmp{os.getpid()}', path)
+    """Temp file + os.replace: an interrupted write never destroys the previous file, and a failed one (a full
+    disk) removes its temp file and becomes one line. The temp name is per process, as every rank may download
+    CIFAR-10 into the same cache at once."""
+    temp = f'{path}.tmp{os.getpid()}'
+    try:
+        with open(temp, 'wb') as file:
+            file.write(data)
+        os.replace(temp, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.remove(temp)
+        raise RunError(f'cannot write {path} ({error.strerror or error})')
 
 
 def save_atomic(obj, path):
-    """torch.save through a temp file, so a kill mid-write leaves the previous checkpoint intact."""
-    torch.save(obj, path + '.tmp')
-    os.replace(path + '.tmp', path)
-
-
-def load_network(path, device):
-    """Snapshot -> (Precond net in eval mode, its network config)."""
+    """torch.save through a temp file, so a kill mid-write leaves the previous checkpoint intact; a failed write
+    (torch reports a full disk as 'unexpected pos') removes the temp file and becomes one line."""
     try:
-        snapshot = torch.load(path, map_location='cpu', weights_only=True)
-        net = build_network(snapshot['config'])
-        net.load_state_dict(snapshot['ema'])
-    except FileNotFoundError:
-        raise UsageError(f'--network: {path} does not exist')
-    except Exception as error:
-        raise UsageError(f'--network: cannot load {path} ({type(error).__name__}: {error})')
+        torch.save(obj, path + '.tmp')
+        os.replace(path + '.tmp', path)
+    except (OSError, RuntimeError) as error:
+        with contextlib.suppress(OSError):
+            os.remove(path + '.tmp')
+        folder = os.path.dirname(os.path.abspath(path))
+        full = os.path.isdir(folder) and shutil.disk_usage(folder).free < 2 ** 20
+        cause = 'no space left on device' if full else getattr(error, 'strerror', None) or str(error).splitlines()[0]
+        raise RunError(f'cannot write {path} ({cause})')
+
+
+def read_json(source, flag, cache_dir=''):
+    """A JSON file from a path or URL (training_options.json): one line when missing or broken."""
+    try:
+        with open(fetch(source, flag, cache_dir)) as file:
+            return json.load(file)
+    except (OSError, ValueError) as error:
+        raise DataError(f'{flag}: cannot read {source} ({error})')
+
+
+def fetch(source, flag, cache_dir=''):
+    """A local path for a path or an http(s) URL (downloaded once into the cache with nets.resolve_source:
+    requests, atomic, size-checked); one line when it is missing or cannot be downloaded."""
+    if source.startswith(('http://', 'https://')):
+        try:
+            return nets.resolve_source(source, cache_dir=cache_dir or None)
+        except Exception as error:  # offline, 404, size mismatch: one line that names the URL
+            raise DataError(f'{flag}: cannot download {source} ({" ".join(str(error).split())})')
+    if not os.path.exists(source):
+        raise UsageError(f'{flag}: {source} does not exist')
+    return source
+
+
+def load_network(source, device, cache_dir='', flag='--network', training_options=None):
+    """A snapshot -> (Precond net in eval mode, its network config). Reads our network-snapshot-*.pt and the
+    official network-snapshot-*.pkl (path or URL) without executing code in it (nets.load_edm_network: a restricted
+    unpickler mapping SongUNet / EDMPrecond keys, gated or not, onto nets.UNet). An official pickle's corruption
+    settings come from training_options (a dict), else from the training_options.json beside it, else the official
+    eval.py defaults (p = 0.4, delta = 0.1)."""
+    path = fetch(source, flag, cache_dir)
+    if os.path.isdir(path):
+        raise UsageError(f'{flag}: {source} is a folder; give a network-snapshot-*.pt or *.pkl file')
+    if os.path.getsize(path) == 0:
+        raise UsageError(f'{flag}: {source} is empty (0 bytes)')
+    if zipfile.is_zipfile(path):  # torch.save: our snapshot
+        try:
+            snapshot = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception as error:
+            raise UsageError(f'{flag}: cannot read {source} ({type(error).__name__}: {str(error).splitlines()[0]})')
+        if not isinstance(snapshot, dict) or not {'config', 'ema'} <= set(snapshot):
+            kind = 'a training state' if isinstance(snapshot, dict) and 'optimizer' in snapshot else 'not a snapshot'
+            raise UsageError(f'{flag}: {source} is {kind}; give a network-snapshot-*.pt of ambient.py')
+        net_config = snapshot['config']
+        try:
+            net = build_network(net_config)
+            net.load_state_dict(snapshot['ema'])
+        except Exception as error:
+            raise UsageError(f'{flag}: {source} does not rebuild ({type(error).__name__}: '
+                             f'{str(error).splitlines()[0]})')
+    else:
+        net, net_config = load_official_pickle(path, source, flag, training_options)
     cuda = torch.device(device).type == 'cuda'  # NHWC convolutions on tensor cores, as in training
     net.to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
-    return net.eval().requires_grad_(False), snapshot['config']
+    return net.eval().requires_grad_(False), net_config
+
+
+def load_official_pickle(path, source, flag, training_options=None):
+    """An official network-snapshot-*.pkl -> (Precond, network config), through nets.load_edm_network."""
+    if not hasattr(nets, 'load_edm_network'):
+        raise UsageError(f'{flag}: {source} is not a snapshot of ambient.py, and this nets.py cannot read EDM '
+                         f'pickles')
+    try:
+        unet, info = nets.load_edm_network(path)
+    except Exception as error:  # not a pickle, or objects other than the network's: one line
+        raise UsageError(f'{flag}: cannot load {source} ({" ".join(str(error).split())})')
+    options = training_options or info.get('training_options') or {}
+    dataset = options.get('dataset_kwargs', {})
+    precond = info.get('precond_kwargs', {})
+    ambient = 'Ambient' in options.get('loss_kwargs', {}).get('class_name', 'Ambient')
+    channels = unet.in_channels // 2 if ambient else unet.in_channels
+    net_config = dict(unet=dict(unet.config), precond='ambient' if ambient else 'edm',
+                      sigma_data=precond.get('sigma_data', 0.5), channels=channels,
+                      corruption_probability=dataset.get('corruption_probability', 0.4),
+                      delta_probability=dataset.get('delta_probability', 0.1),
+                      mask_full_rgb=bool(dataset.get('mask_full_rgb', False)),
+                      corruption_pattern=dataset.get('corruption_pattern', 'dust'), source=str(source))
+    net = Precond(unet, sigma_data=net_config['sigma_data'])
+    return net, net_config
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -640,7 +987,8 @@ def load_network(path, device):
 
 
 class Data:
-    """The corrupted training set, on the GPU when it fits: uint8 images, bool masks A and A_tilde, labels."""
+    """The corrupted training set, on the GPU when it fits: uint8 images, bool masks A and A_tilde, labels. With
+    --xflip it is twice as long: items N..2N-1 are the x-flipped images (official dataset.py)."""
 
     def __init__(self, cfg, device):
         # Read, keep the official --max_size subset, draw each image's masks from its raw index.
@@ -652,21 +1000,25 @@ class Data:
             np.random.RandomState(0).shuffle(raw_indices)
             raw_indices = np.sort(raw_indices[:cfg.max_size])
         images = torch.from_numpy(images[raw_indices]).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W) uint8
+        check_pattern(cfg.corruption_pattern, images.shape[2], cfg.corruption_probability, cfg.delta_probability)
         A, A_tilde = corruption_masks(raw_indices, images.shape[1:], cfg.corruption_probability,
-                                      cfg.delta_probability, cfg.mask_full_rgb, cfg.mask_seed)
-        # The fixed corrupted dataset: what A erased is gone for good. Only the official augmentation order (augment
-        # the clean image, then mask: spec A10.1) needs the clean pixels, so only it keeps them.
-        if not (cfg.augment_mode == 'official' and cfg.augment > 0):
+                                      cfg.delta_probability, cfg.mask_full_rgb, cfg.mask_seed, cfg.corruption_pattern)
+        # The fixed corrupted dataset: what A erased is gone for good. Only the official order (augment or x-flip the
+        # clean image, then apply the un-moved masks) reads clean pixels, so only it keeps them.
+        if not (cfg.augment_mode == 'official' and (cfg.augment > 0 or cfg.xflip)):
             images = images * A
-        self.num_images, self.channels, self.resolution = images.shape[0], images.shape[1], images.shape[2]
-        self.label_dim = int(labels.max()) + 1 if cfg.cond else 0
+        self.num_raw, self.channels, self.resolution = images.shape[0], images.shape[1], images.shape[2]
+        self.num_images = self.num_raw * (2 if cfg.xflip else 1)
+        self.label_dim = 0
+        if cfg.cond:  # labels index an embedding table: they must lie in [0, num_classes)
+            self.label_dim = check_labels(labels, cfg.num_classes)
         labels = torch.from_numpy(labels[raw_indices]) if cfg.cond else None
         # On the GPU when images and masks take less than a quarter of its free memory, else in pinned host memory.
         fits = device.type != 'cuda' or 3 * images.numel() < torch.cuda.mem_get_info(device)[0] // 4
         self.device = device if fits else torch.device('cpu')
         place = lambda t: None if t is None else t.to(self.device) if fits else t.pin_memory()  # noqa: E731
         self.images, self.A, self.A_tilde, self.labels = map(place, (images, A, A_tilde, labels))
-        self.seed, self._orders = cfg.seed, {}
+        self.seed, self.flip_masks, self._orders = cfg.seed, cfg.augment_mode == 'joint', {}
 
     def indices(self, positions):
         """Dataset indices at positions (int64, CPU) of the endless stream of per-epoch permutations, each seeded by
@@ -682,11 +1034,31 @@ class Data:
         return out
 
     def batch(self, index, device):
-        """Images in [-1, 1] (B, C, H, W), A and A_tilde (B, 1 or C, H, W) as float, labels (B,) or None."""
+        """Images in [-1, 1] (B, C, H, W), A and A_tilde (B, 1 or C, H, W) as float, labels (B,) or None. An
+        x-flipped item flips the image; its masks are the raw image's, flipped too only with --augment_mode=joint
+        (official: the flipped image is masked by the un-flipped masks, which shows other pixels of it)."""
         index = index.to(self.device)
-        get = lambda t: None if t is None else t[index].to(device, non_blocking=True)  # noqa: E731
-        y = get(self.images).to(torch.float32) / 127.5 - 1
-        return y, get(self.A).to(torch.float32), get(self.A_tilde).to(torch.float32), get(self.labels)
+        rows, flipped = index % self.num_raw, (index >= self.num_raw)[:, None, None, None].to(device)
+        get = lambda t: None if t is None else t[rows].to(device, non_blocking=True)  # noqa: E731
+        y, A, A_tilde = get(self.images).to(torch.float32) / 127.5 - 1, get(self.A), get(self.A_tilde)
+        y = torch.where(flipped, y.flip(3), y)
+        if self.flip_masks:
+            A, A_tilde = torch.where(flipped, A.flip(3), A), torch.where(flipped, A_tilde.flip(3), A_tilde)
+        return y, A.to(torch.float32), A_tilde.to(torch.float32), get(self.labels)
+
+
+def check_labels(labels, num_classes):
+    """Returns the number of classes (--num_classes, else the largest label + 1); a label outside [0, num_classes),
+    or more classes than images without --num_classes, is one error line (not a huge embedding table)."""
+    classes = num_classes or int(labels.max()) + 1
+    bad = (labels < 0) | (labels >= classes)
+    if bad.any():
+        raise DataError(f'--data: label {labels[bad][0]} of image #{bad.argmax()} is outside [0, {classes}) '
+                        f'(--num_classes={num_classes})')
+    if not num_classes and classes > len(labels):
+        raise DataError(f'--data: the largest label, {classes - 1}, implies {classes} classes for {len(labels)} '
+                        f'images; pass --num_classes if that is right')
+    return classes
 
 
 def draw_step(cfg, data, cur_nimg, device):
@@ -724,32 +1096,30 @@ def microbatch(cfg, data, step, rows, device):
 
 
 class TickStats:
-    """Loss, loss on the pixels the network saw, loss per noise-level bin and realised erasure rates, summed on the
+    """Loss per pixel (official Loss/loss), loss per noise-level bin and realised erasure rates, summed on the
     device and read once per tick. The bins split ln(sigma) at -1.5, -0.5, 0.5, 1.5 standard deviations."""
 
     def __init__(self, cfg, device):
         self.edges = torch.tensor([-1.5, -0.5, 0.5, 1.5], device=device)
         sigmas = [f'{math.exp(cfg.P_mean + cfg.P_std * z):.3g}' for z in self.edges.tolist()]
         self.bin_names = [f'<{sigmas[0]}'] + [f'{a}-{b}' for a, b in zip(sigmas, sigmas[1:])] + [f'>{sigmas[-1]}']
-        self.sums = torch.zeros(5 + 2 * len(self.bin_names), device=device)
+        self.sums = torch.zeros(4 + 2 * len(self.bin_names), device=device)
 
-    def add(self, loss, A, A_tilde, normal):
-        per_image = loss.flatten(1).mean(1)                                             # (B,)
-        seen = (loss * A_tilde).flatten(1).mean(1)                                      # (B,)
-        self.sums[:5] += torch.stack([per_image.sum(), seen.sum(), torch.ones_like(per_image).sum(),
-                                      (1 - A).mean() * len(A), (1 - A_tilde).mean() * len(A)])
+    def add(self, per_image, A, A_tilde, normal):
+        self.sums[:4] += torch.stack([per_image.sum(), torch.ones_like(per_image).sum(), (1 - A).mean() * len(A),
+                                      (1 - A_tilde).mean() * len(A)])
         bins = torch.bucketize(normal, self.edges)
-        self.sums[5:].view(2, -1)[0].index_add_(0, bins, per_image)
-        self.sums[5:].view(2, -1)[1].index_add_(0, bins, torch.ones_like(per_image))
+        self.sums[4:].view(2, -1)[0].index_add_(0, bins, per_image)
+        self.sums[4:].view(2, -1)[1].index_add_(0, bins, torch.ones_like(per_image))
 
     def read(self):
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(self.sums)
         values = self.sums.tolist()  # the one host sync of the tick
         self.sums.zero_()
-        (loss, seen, n, erased_A, erased_A_tilde), bins = values[:5], values[5:]
+        (loss, n, erased_A, erased_A_tilde), bins = values[:4], values[4:]
         totals, counts = bins[:len(bins) // 2], bins[len(bins) // 2:]
-        return dict(loss=loss / n, loss_seen=seen / n, erased_A=erased_A / n, erased_A_tilde=erased_A_tilde / n,
+        return dict(loss=loss / n, erased_A=erased_A / n, erased_A_tilde=erased_A_tilde / n,
                     loss_by_sigma={k: t / c if c else None for k, t, c in zip(self.bin_names, totals, counts)})
 
 
@@ -759,8 +1129,12 @@ RESUMABLE_CHANGES = {'kimg', 'resume', 'outdir', 'tick', 'snap', 'dump', 'grid',
 
 
 def find_resume(cfg, description):
-    """--resume=auto: the latest training state of the newest run folder with this description and config."""
-    folders = sorted(glob.glob(os.path.join(cfg.outdir, f'[0-9][0-9][0-9][0-9][0-9]-{glob.escape(description)}')))
+    """--resume=auto: (run folder, its latest training state) of the newest run folder with this description and
+    training config. A folder without a state (a run killed during its first write) is reused with state None."""
+    if cfg.nosubdir:
+        folders = [cfg.outdir]
+    else:
+        folders = sorted(glob.glob(os.path.join(cfg.outdir, f'[0-9][0-9][0-9][0-9][0-9]-{glob.escape(description)}')))
     wanted = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_CHANGES}
     for folder in reversed(folders):
         states = glob.glob(os.path.join(folder, 'training-state-*.pt'))
@@ -768,31 +1142,67 @@ def find_resume(cfg, description):
             with open(os.path.join(folder, 'config.json')) as file:
                 saved = json.load(file)['config']
         except (OSError, ValueError, KeyError):
-            continue
-        if states and all(saved.get(k) == v for k, v in wanted.items()):
-            return max(states, key=lambda path: float(re.search(r'-([\d.]+)\.pt$', path).group(1)))
-    return None
+            saved = None  # killed before config.json was complete: reusable only without a state
+        if saved is None and not states:
+            return folder, None
+        if saved is not None and all(saved.get(k) == v for k, v in wanted.items()):
+            latest = max(states, key=lambda path: float(re.search(r'-([\d.]+)\.pt$', path).group(1)), default=None)
+            return folder, latest
+    return None, None
 
 
-def open_run_dir(cfg, description, resume_path):
-    """A new numbered folder, or the folder of the state that --resume=auto continues."""
-    if resume_path and cfg.resume == 'auto':
-        return os.path.dirname(resume_path)
+def open_run_dir(cfg, description, resume_folder):
+    """--outdir itself (--nosubdir), the folder that --resume=auto continues, or a new numbered folder."""
+    if cfg.nosubdir or resume_folder:
+        return cfg.outdir if cfg.nosubdir else resume_folder
     names = os.listdir(cfg.outdir) if os.path.isdir(cfg.outdir) else []
     run_ids = [int(name[:5]) for name in names if re.match(r'\d{5}-', name)]
     return os.path.join(cfg.outdir, f'{max(run_ids, default=-1) + 1:05d}-{description}')
 
 
+def check_writable(folder, flag='--outdir'):
+    """Fails with one line (exit 2) before any work when folder cannot be created or written; writes nothing."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f'{flag}: {existing} is not a folder')
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise UsageError(f'{flag}: cannot write to {existing} ({error.strerror or error})')
+
+
+def remove_partial_files(folder):
+    """Deletes the temporary files (*.tmp, *.tmp<pid>) that a killed or failed write left behind."""
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if re.search(r'\.tmp\d*$', name):
+            os.remove(os.path.join(folder, name))
+
+
 def load_state(path, net, ema, optimizer, rank, world, device):
     """Restores a training state; returns (cur_nimg, cur_tick). Dropout generators are restored when the number
     of processes is unchanged (everything else does not depend on it)."""
+    if os.path.getsize(path) == 0:
+        raise UsageError(f'--resume: {path} is empty (0 bytes)')
     try:
-        state = torch.load(path, map_location='cpu', weights_only=False)
+        state = torch.load(path, map_location='cpu', weights_only=True)  # tensors and plain containers only
+    except Exception as error:  # a truncated file or not a torch file: one line, not a trace
+        raise UsageError(f'--resume: cannot read {path} ({type(error).__name__}: {str(error).splitlines()[0]})')
+    if not isinstance(state, dict) or not {'net', 'ema', 'optimizer', 'cur_nimg'} <= set(state):
+        kind = ('an official ambient-diffusion training state (use --transfer=<its network-snapshot-*.pkl>)'
+                if isinstance(state, dict) and 'optimizer_state' in state else
+                'a network snapshot, not a training state (use --transfer)' if isinstance(state, dict) and 'ema' in
+                state else 'not a training state of ambient.py')
+        raise UsageError(f'--resume: {path} is {kind}')
+    try:
         net.load_state_dict(state['net'])
         ema.load_state_dict(state['ema'])
         optimizer.load_state_dict(state['optimizer'])
-    except Exception as error:  # a truncated file, another script's state, another network: one line, not a trace
-        raise UsageError(f'--resume: cannot load {path} ({type(error).__name__}: {error})')
+    except Exception as error:  # another network
+        raise UsageError(f'--resume: {path} holds another network ({type(error).__name__}: '
+                         f'{str(error).splitlines()[0]})')
     if len(state['rng_cpu']) == world:
         torch.set_rng_state(state['rng_cpu'][rank])
         if device.type == 'cuda' and state['rng_cuda'][rank] is not None:
@@ -804,7 +1214,7 @@ def train(cfg):
     """The EDM training loop with the ambient loss (official training/training_loop.py); returns the run folder.
     One global batch per step, split into rounds of --batch_gpu per process; all randomness of a step is drawn by
     draw_step from (seed, cur_nimg), so resuming and changing the number of GPUs keep the trajectory."""
-    # Processes, batch split and the flags that need them.
+    # Processes, batch split and the flags that need them; the output folder must be writable.
     rank, world, device = init_distributed(cfg.device)
     is_main = rank == 0
     batch_gpu = cfg.batch_gpu or cfg.batch // world
@@ -813,24 +1223,27 @@ def train(cfg):
     rounds = cfg.batch // (batch_gpu * world)
     if cfg.resume not in ('', 'auto') and not os.path.isfile(cfg.resume):
         raise UsageError(f'--resume: {cfg.resume} does not exist')
+    check_writable(cfg.outdir)
 
     # Performance settings.
     precision = cfg.precision or ('bf16' if device.type == 'cuda' else 'fp32')
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
-    # TF32 for what stays fp32; fp32 = official numerics.
+    # TF32 for what stays fp32; fp32 = official numerics (TF32 off, as the official training loop sets it).
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == 'bf16'
-    torch.backends.cudnn.benchmark = True              # fixed shapes, so cuDNN's autotuning pays off
+    torch.backends.cudnn.benchmark = cfg.bench         # fixed shapes, so cuDNN's autotuning pays off
     memory_format = torch.channels_last if device.type == 'cuda' else torch.contiguous_format  # tensor-core convs
 
-    # Data, corrupted once, and the network.
+    # Data, corrupted once, and the network (all input checks happen here, before anything is written).
     data = Data(cfg, device)
     data_name = 'cifar10' if cfg.data == 'cifar10' else os.path.splitext(os.path.basename(cfg.data.rstrip('/')))[0]
     description = f'{data_name}-{cfg.precond}-p{cfg.corruption_probability:g}-d{cfg.delta_probability:g}-' \
                   f'{cfg.arch}-batch{cfg.batch}' + (f'-{cfg.desc}' if cfg.desc else '')  # run folder name, EDM-like
-    resume_path = find_resume(cfg, description) if cfg.resume == 'auto' else cfg.resume or None
+    resume_folder, resume_path = find_resume(cfg, description) if cfg.resume == 'auto' else (None, cfg.resume or None)
     net_config = network_config(cfg, data.resolution, data.channels, data.label_dim)
     torch.manual_seed(cfg.seed)                        # the same initial weights on every rank
     net = build_network(net_config).to(device, memory_format=memory_format).train()
+    if cfg.transfer and not resume_path:               # official --transfer: weights of a snapshot, fresh optimizer
+        transfer_weights(net, cfg.transfer, cfg.cache_dir)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     optimizer = (torch.optim.AdamW if cfg.weight_decay > 0 else torch.optim.Adam)(
         net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
@@ -841,8 +1254,9 @@ def train(cfg):
         net, device_ids=[device] if device.type == 'cuda' else None)
     forward = torch.compile(ddp) if cfg.compile else ddp
 
-    # Run folder: config, a copy of this file, the corrupted data as the network sees it.
-    run_dir = open_run_dir(cfg, description, resume_path)
+    # Run folder: config (ours and the official training_options.json), a copy of this file, the corrupted data as
+    # the network sees it. Temporary files of an interrupted earlier write are removed first.
+    run_dir = open_run_dir(cfg, description, resume_folder)
 
     def log(message):  # print() that also appends to the run's log.txt, on rank 0 only
         if is_main:
@@ -851,10 +1265,13 @@ def train(cfg):
                 file.write(message + '\n')
     if is_main:
         os.makedirs(run_dir, exist_ok=True)
+        remove_partial_files(run_dir)
         write_atomic(os.path.join(run_dir, 'config.json'), json.dumps(dict(
             config=dataclasses.asdict(cfg), network=net_config, command=sys.argv, world_size=world,
             torch=torch.__version__, device=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'),
             indent=2).encode())
+        write_atomic(os.path.join(run_dir, 'training_options.json'), json.dumps(
+            official_training_options(cfg, net_config, data.num_raw, run_dir), indent=2).encode())
         with open(__file__, 'rb') as source:
             write_atomic(os.path.join(run_dir, 'ambient.py.txt'), source.read())
         y, A = data.batch(torch.arange(min(64, data.num_images)), 'cpu')[:2]
@@ -867,7 +1284,8 @@ def train(cfg):
             write_atomic(stats_path, ''.join(kept).encode())
     log(f'{run_dir}: {data.num_images} images {data.channels}x{data.resolution}x{data.resolution}, '
         f'{sum(p.numel() for p in net.parameters()):,} parameters, batch {cfg.batch} = {world} GPU(s) x {batch_gpu} '
-        f'x {rounds} round(s), {precision}' + (f', resuming from {resume_path}' if resume_path else ''))
+        f'x {rounds} round(s), {precision}' + (f', resuming from {resume_path}' if resume_path else '')
+        + (f', weights from {cfg.transfer}' if cfg.transfer and not resume_path else ''))
 
     # Tick bookkeeping: statistics stay on the device, clocks count images.
     stats = TickStats(cfg, device)
@@ -884,17 +1302,18 @@ def train(cfg):
             rows = torch.arange(batch_gpu) + (round_idx * world + rank) * batch_gpu
             y, A, A_tilde, labels, augment_labels = microbatch(cfg, data, step, rows, device)
             rows = rows.to(device)
-            sigma = (step['normal'][rows] * cfg.P_std + cfg.P_mean).exp()               # (batch_gpu,) EDM
+            noise = dict(rnd_normal=step['normal'][rows], eps=step['eps'][rows], P_mean=cfg.P_mean, P_std=cfg.P_std,
+                         sigma_data=cfg.sigma_data)                                     # this step's draws
             sync = ddp.no_sync() if world > 1 and round_idx < rounds - 1 else contextlib.nullcontext()
             with sync, autocast:
                 if cfg.precond == 'ambient':
-                    loss = ambient_loss(forward, y, A, A_tilde, sigma, step['eps'][rows], labels, augment_labels,
-                                        cfg.norm, cfg.sigma_data)
+                    loss = ambient_loss(forward, y, A, A_tilde, labels, augment_labels, cfg.norm, **noise)
                 else:  # the naive baseline: EDM on the masked images
-                    loss = edm_loss(forward, A * y, sigma, step['eps'][rows], labels, augment_labels, cfg.sigma_data)
-                # Official normalisation: sum over pixels, mean over the global batch (DDP averages over GPUs).
-                loss.sum().mul(world / cfg.batch).backward()
-            stats.add(loss.detach(), A, A_tilde, step['normal'][rows])
+                    loss = edm_loss(forward, A * y, labels, augment_labels, **noise)
+                # Official normalisation: per-image sums, mean over the global batch (DDP averages over GPUs),
+                # times the loss scaling --ls.
+                loss.sum().mul(cfg.ls * world / cfg.batch).backward()
+            stats.add(loss.detach() / y[0].numel(), A, A_tilde, step['normal'][rows])
 
         # Update weights: linear warm-up from lr 0 at the first step, nan/inf cleanup, clipping (all official).
         lr = cfg.lr * min(cur_nimg / max(cfg.lr_rampup_kimg * 1000, 1e-8), 1)
@@ -909,7 +1328,7 @@ def train(cfg):
 
         # Update EMA: half-life --ema Mimg, at most --ema_rampup_ratio times the images seen (official).
         ema_halflife_nimg = cfg.ema * 1e6
-        if cfg.ema_rampup_ratio > 0:
+        if cfg.ema_rampup_ratio > 0 and not cfg.transfer:  # official: no ramp-up when fine-tuning (--transfer)
             ema_halflife_nimg = min(ema_halflife_nimg, cur_nimg * cfg.ema_rampup_ratio)
         ema_beta = 0.5 ** (cfg.batch / max(ema_halflife_nimg, 1e-8))
         with torch.no_grad():
@@ -981,10 +1400,40 @@ def format_time(seconds):
 # Evaluation: generate, eval (FID through fid.py), neighbors (memorisation check)
 
 
+def sampling_masks(net_config, seeds, generators, num_masks, device, sampler='ambient', corruption_probability=None,
+                   delta_probability=None, mask_full_rgb=None, corruption_pattern=None):
+    """The fixed sampling masks (K, B, C, H, W) float64, or None for a plain EDM network. dust: each pixel kept with
+    the training marginal of A_tilde, (1 - p)(1 - delta) (official eval.py); box patterns: A_tilde drawn as in
+    training. Unset arguments take the training values. From the per-seed generators (the official masks come from
+    NumPy's global RNG, which makes samples irreproducible)."""
+    if net_config['precond'] != 'ambient':
+        return None
+    channels, resolution = net_config['channels'], net_config['unet']['img_resolution']
+    training = lambda value, key, default: net_config.get(key, default) if value is None else value  # noqa: E731
+    p = training(corruption_probability, 'corruption_probability', 0.4)
+    delta = training(delta_probability, 'delta_probability', 0.1)
+    full_rgb = training(mask_full_rgb, 'mask_full_rgb', False)
+    pattern = training(corruption_pattern, 'corruption_pattern', 'dust')
+    if sampler == 'edm':  # all-ones masks: every pixel observed
+        return torch.ones(num_masks, len(seeds), channels, resolution, resolution, dtype=torch.float64, device=device)
+    if pattern == 'dust':
+        mask_channels = 1 if full_rgb else channels
+        masks = torch.stack([torch.rand(num_masks, mask_channels, resolution, resolution, generator=g, device=device)
+                             for g in generators], dim=1) < (1 - p) * (1 - delta)           # (K, B, Cm, H, W)
+    else:
+        check_pattern(pattern, resolution, p, delta)
+        masks = torch.stack([torch.stack([torch.from_numpy(box_masks(
+            pattern, resolution, resolution, p, delta, torch.Generator().manual_seed(derive_seed(seed, 2, k)))[1])
+            for seed in seeds]) for k in range(num_masks)])[:, :, None].to(device)      # (K, B, 1, H, W)
+    return masks.to(torch.float64).expand(-1, -1, channels, -1, -1)
+
+
 def generate_images(net, net_config, seeds, device, sampler='ambient', num_masks=1, guidance_scale=0.0, steps=18,
-                    corruption_probability=None, delta_probability=None, class_idx=None, precision='fp32'):
-    """uint8 images (B, C, H, W), image k a function of seeds[k] alone: latents, label and sampling masks come from
-    a generator seeded by it (the official masks come from NumPy's global RNG, which makes samples irreproducible)."""
+                    corruption_probability=None, delta_probability=None, class_idx=None, precision='fp32',
+                    mask_full_rgb=None, corruption_pattern=None, sigma_min=0.002, sigma_max=80, rho=7, S_churn=0,
+                    S_min=0, S_max=float('inf'), S_noise=1):
+    """uint8 images (B, C, H, W), image k a function of seeds[k] alone: latents, label, sampling masks and churn
+    noise come from a generator seeded by it (EDM's StackedRandomGenerator idea)."""
     # Latents, labels and masks, in this order, from one generator per seed.
     unet = net_config['unet']
     channels, resolution = net_config['channels'], unet['img_resolution']
@@ -996,50 +1445,95 @@ def generate_images(net, net_config, seeds, device, sampler='ambient', num_masks
         labels = torch.stack([torch.randint(unet['label_dim'], (), generator=g, device=device) for g in generators])
         if class_idx is not None:
             labels = torch.full_like(labels, class_idx)
-    masks = None
-    if net_config['precond'] == 'ambient':
-        # Sampling masks keep a pixel with the training marginal of A_tilde: (1 - p)(1 - delta) (official eval.py).
-        p = net_config['corruption_probability'] if corruption_probability is None else corruption_probability
-        delta = net_config['delta_probability'] if delta_probability is None else delta_probability
-        survival = (1 - p) * (1 - delta) if sampler == 'ambient' else 1.0
-        mask_channels = 1 if net_config['mask_full_rgb'] else channels
-        masks = torch.stack([torch.rand(num_masks, mask_channels, resolution, resolution, generator=g, device=device)
-                             for g in generators], dim=1) < survival                    # (K, B, Cm, H, W)
-        masks = masks.to(torch.float64).expand(-1, -1, channels, -1, -1)
-    # The official clip belongs to the ambient sampler; plain EDM does not clip.
+    masks = sampling_masks(net_config, seeds, generators, num_masks, device, sampler, corruption_probability,
+                           delta_probability, mask_full_rgb, corruption_pattern)
+    randn_like = lambda x: torch.stack([torch.randn(x.shape[1:], generator=g, device=device, dtype=x.dtype)  # noqa
+                                        for g in generators])
+    # The official noise range is clipped to the network's (EDMPrecond: 0 to inf); the clip belongs to the ambient
+    # sampler (plain EDM does not clip).
+    sigma_min = max(sigma_min, net_config.get('sigma_min', 0))
+    sigma_max = min(sigma_max, net_config.get('sigma_max', float('inf')))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16'):
-        images = ambient_sampler(net, latents, masks, labels, num_steps=steps, guidance_scale=guidance_scale,
-                                 clip=masks is not None)
+        images = ambient_sampler(net, latents, masks, labels, num_steps=steps, sigma_min=sigma_min,
+                                 sigma_max=sigma_max, rho=rho, guidance_scale=guidance_scale,
+                                 clip=masks is not None, S_churn=S_churn, S_min=S_min,
+                                 S_max=S_max, S_noise=S_noise, randn_like=randn_like)
     return to_uint8(images)
 
 
-def sampling_parser(prog, network_required=True):
-    """Flags shared by generate, eval and neighbors (official eval.py names)."""
-    parser = QuietParser(prog=prog)
-    parser.add_argument('--network', required=network_required)       # network-snapshot-*.pt
-    parser.add_argument('--batch', type=int, default=64)               # per GPU
-    parser.add_argument('--steps', type=int, default=18)               # official eval.py --steps
-    parser.add_argument('--sampler', choices=['ambient', 'edm'], default='ambient')  # edm: all-ones mask
-    parser.add_argument('--num_masks', type=int, default=1)            # official README
-    parser.add_argument('--guidance_scale', type=float, default=0.0)   # official README
-    parser.add_argument('--corruption_probability', type=float, default=None)  # default: the training value
-    parser.add_argument('--delta_probability', type=float, default=None)       # default: the training value
-    parser.add_argument('--class', dest='class_idx', type=int, default=None)   # default: random per seed
-    parser.add_argument('--precision', choices=['fp32', 'bf16'], default=None)
-    parser.add_argument('--device', default='')
+# Official eval.py flags that its ambient_sampler does not take (passing them fails there with a TypeError).
+UNSAMPLED = {'solver': 'euler|heun', 'disc': 'vp|ve|iddpm|edm', 'schedule': 'vp|ve|linear', 'scaling': 'vp|none'}
+
+
+def sampling_parser(prog, description, network_required=True):
+    """Flags shared by generate, eval and neighbors (official eval.py names), in the common help layout."""
+    parser = QuietParser(prog, description=description)
+    group = parser.add_argument_group('sampling')
+    flag(group, '--network', help='network-snapshot-*.pt of ambient.py or official network-snapshot-*.pkl (path or '
+         'URL); eval also takes a folder of them (official: a folder)', shown='required' if network_required
+         else None, required=network_required)
+    flag(group, '--training_options_loc', help='official training_options.json (path or URL) for the corruption '
+         'settings and the network of a bare-state-dict pickle', shown="the file beside the pickle")
+    flag(group, '--batch', help='images per batch and GPU', default=64, type=int)
+    flag(group, '--steps', help='Heun steps (2 x steps - 1 network evaluations)', default=18, type=int)
+    flag(group, '--sigma_min', help='lowest noise level', default=0.002, type=float)
+    flag(group, '--sigma_max', help='highest noise level', default=80.0, type=float)
+    flag(group, '--rho', help='time step exponent', default=7.0, type=float)
+    flag(group, '--S_churn', help='stochasticity strength', default=0.0, type=float)
+    flag(group, '--S_min', help='lowest noise level with churn', default=0.0, type=float)
+    flag(group, '--S_max', help='highest noise level with churn', default=float('inf'), type=float)
+    flag(group, '--S_noise', help='noise inflation of the churn', default=1.0, type=float)
+    flag(group, '--sampler', help='ambient (fixed-mask sampler) or edm (all-ones sampling mask); ours only',
+         default='ambient', choices=['ambient', 'edm'])
+    flag(group, '--num_masks', help='sampling masks (reconstruction guidance when > 1)', default=1, type=int)
+    flag(group, '--guidance_scale', help='reconstruction guidance weight', default=0.0, type=float)
+    flag(group, '--corruption_probability', help='p of the sampling masks; official eval.py default 0.4',
+         shown='the training value', type=float)
+    flag(group, '--delta_probability', help='delta of the sampling masks; official eval.py default 0.1',
+         shown='the training value', type=float)
+    flag(group, '--mask_full_rgb', help='sampling masks per RGB pixel; official eval.py default False',
+         shown='the training value', type=parse_bool)
+    flag(group, '--corruption_pattern', help='pattern of the sampling masks (official eval.py: always dust); ours '
+         'only', shown='the training value', choices=list(PATTERNS))
+    flag(group, '--class', help='class of every image', shown='random per seed', type=int, dest='class_idx')
+    flag(group, '--num_classes', help='number of classes of a conditional network, checked against it',
+         default=0, type=int)
+    flag(group, '--precision', help='bf16 or fp32 sampling; ours only', shown='bf16 on CUDA, fp32 on CPU',
+         choices=['fp32', 'bf16'])
+    flag(group, '--device', help='cuda or cpu; ours only', default='', shown='cuda when available')
+    flag(group, '--cache_dir', help='where downloaded snapshots are kept; ours only', default='',
+         shown='~/.cache/ambient-diffusion')
+    for name, values in UNSAMPLED.items():
+        flag(group, f'--{name}', help=f'official eval.py flag ({values}) that its sampler never accepts: refused',
+             default=None)
     return parser
 
 
 def prepare_sampling(args, device):
     """Checks the sampling flags and loads the network, before anything is written."""
+    for name in UNSAMPLED:
+        if getattr(args, name) is not None:
+            raise refuse(f'--{name}', 'the official ambient_sampler does not take it (eval.py fails with a '
+                         'TypeError there)', 'the default Heun sampler with EDM time steps', 'eval.py')
     for name in ('corruption_probability', 'delta_probability'):
         value = getattr(args, name)
         if value is not None and not 0 <= value < 1:
             raise UsageError(f'--{name} must be in [0, 1)')
     if args.batch < 1 or args.steps < 2 or args.num_masks < 1:
         raise UsageError('--batch and --num_masks must be >= 1, --steps >= 2')
-    net, net_config = load_network(args.network, device)
+    if min(args.sigma_min, args.sigma_max, args.rho, args.S_churn, args.S_min, args.S_max, args.S_noise) < 0 or \
+            args.sigma_min >= args.sigma_max:
+        raise UsageError('--sigma_min < --sigma_max, --rho and the --S_* flags must be >= 0')
+    options = read_json(args.training_options_loc, '--training_options_loc', args.cache_dir) \
+        if args.training_options_loc else None
+    net, net_config = load_network(args.network, device, args.cache_dir, training_options=options)
+    if options and net_config.get('source') is None:  # our snapshot: the options file sets the corruption defaults
+        dataset = options.get('dataset_kwargs', {})
+        net_config = {**net_config, **{k: dataset[k] for k in ('corruption_probability', 'delta_probability',
+                                                               'mask_full_rgb', 'corruption_pattern') if k in dataset}}
     label_dim = net_config['unet']['label_dim']
+    if args.num_classes and args.num_classes != label_dim:
+        raise UsageError(f'--num_classes={args.num_classes}, but the network has {label_dim} classes')
     if args.class_idx is not None and not 0 <= args.class_idx < label_dim:
         raise UsageError(f'--class must be in [0, {label_dim})' if label_dim else '--class needs a conditional network')
     return net, net_config
@@ -1049,119 +1543,279 @@ def sample_batches(net, net_config, args, seeds, device):
     """Yields (seeds, uint8 images) for this rank's share of the seeds (EDM's round-robin batches)."""
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
         if torch.distributed.is_initialized() else (0, 1)
-    precision = args.precision or ('bf16' if device.type == 'cuda' else 'fp32')
+    options = dict(sampler=args.sampler, num_masks=args.num_masks, guidance_scale=args.guidance_scale,
+                   steps=args.steps, corruption_probability=args.corruption_probability,
+                   delta_probability=args.delta_probability, class_idx=args.class_idx,
+                   precision=args.precision or ('bf16' if device.type == 'cuda' else 'fp32'),
+                   mask_full_rgb=args.mask_full_rgb, corruption_pattern=args.corruption_pattern,
+                   sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho, S_churn=args.S_churn,
+                   S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise)
     num_batches = max((len(seeds) - 1) // (args.batch * world) + 1, 1) * world
     for batch_seeds in torch.as_tensor(seeds).tensor_split(num_batches)[rank::world]:
         if len(batch_seeds):
-            yield batch_seeds.tolist(), generate_images(
-                net, net_config, batch_seeds.tolist(), device, args.sampler, args.num_masks, args.guidance_scale,
-                args.steps, args.corruption_probability, args.delta_probability, args.class_idx, precision)
+            yield batch_seeds.tolist(), generate_images(net, net_config, batch_seeds.tolist(), device, **options)
+
+
+def save_pngs(outdir, seeds, images, subdirs=False):
+    """One PNG per seed, outdir/<seed>.png (or outdir/<thousands>/<seed>.png with --subdirs, as official)."""
+    for seed, image in zip(seeds, images.permute(0, 2, 3, 1).cpu().numpy()):
+        folder = os.path.join(outdir, f'{seed - seed % 1000:06d}') if subdirs else outdir
+        os.makedirs(folder, exist_ok=True)
+        save_png(image, os.path.join(folder, f'{seed:06d}.png'))
 
 
 def fid_call(function, *args, **kwargs):
     """Calls a fid.py function, turning its errors (missing weights offline, a bad reference) into one line."""
     try:
         return function(*args, **kwargs)
-    except (FileNotFoundError, ValueError) as error:
-        raise DataError(str(error))
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        raise DataError(' '.join(str(error).split()))
 
 
 def generate(argv):
     """Writes one PNG per seed, outdir/<seed>.png."""
-    parser = sampling_parser('ambient.py generate')
-    parser.add_argument('--seeds', default='0-63')
-    parser.add_argument('--outdir', required=True)
+    parser = sampling_parser('ambient.py generate', 'One PNG per seed from a snapshot; image k depends on seed k '
+                             'only.')
+    group = parser.add_argument_group('run')
+    flag(group, '--seeds', help='seeds such as 0-49999 or 1,2,5-10', default='0-63')
+    flag(group, '--outdir', help='where the PNGs go', shown='required', required=True)
+    flag(group, '--subdirs', help='a sub-folder per 1000 seeds', default=False, type=parse_bool)
+    add_help(parser, group)
     args = parser.parse_args(argv)
     seeds = parse_seeds(args.seeds)
+    check_writable(args.outdir)
     rank, _, device = init_distributed(args.device)
     net, net_config = prepare_sampling(args, device)
-    os.makedirs(args.outdir, exist_ok=True)
     for batch_seeds, images in sample_batches(net, net_config, args, seeds, device):
-        for seed, image in zip(batch_seeds, images.permute(0, 2, 3, 1).cpu().numpy()):
-            save_png(image, os.path.join(args.outdir, f'{seed:06d}.png'))
+        save_pngs(args.outdir, batch_seeds, images, args.subdirs)
     if rank == 0:
         print(f'Wrote {len(seeds)} images to {args.outdir}')
 
 
+def snapshots_to_evaluate(network, eval_step):
+    """--network as the official eval.py reads it: a snapshot, or a folder whose snapshots (*.pkl, or ours) are
+    evaluated in name order, every eval_step-th, each once (the official script polls the folder for ever)."""
+    if os.path.isdir(network):
+        found = sorted(glob.glob(os.path.join(network, '*.pkl'))) or \
+            sorted(glob.glob(os.path.join(network, 'network-snapshot-*.pt')))
+        if not found:
+            raise UsageError(f'--network: no network-snapshot-*.pkl or *.pt in {network}')
+        return found[::eval_step]
+    return [network]
+
+
 def evaluate(argv):
-    """fid.py metrics of --num samples (seeds 0..num-1) held in memory; appends a JSON line to metrics.jsonl next
-    to the network."""
-    parser = sampling_parser('ambient.py eval')
-    parser.add_argument('--ref', required=True)                        # reference statistics (fid.py ref)
-    parser.add_argument('--num', type=int, default=50000)              # official eval.py --num
-    parser.add_argument('--metrics', default='fid')                    # any of fid,is,sfid,pr,kid
-    parser.add_argument('--fid_weights', default=None)                 # default: $FID_WEIGHTS or download
+    """fid.py metrics of --num samples (the first --num of --seeds) held in memory; with --outdir also the PNGs, in
+    outdir/<snapshot kimg>/ as official. Prints the numbers and appends a JSON line to metrics.jsonl beside the
+    network (or in --outdir)."""
+    parser = sampling_parser('ambient.py eval', 'FID and other fid.py metrics of a snapshot, or of every snapshot '
+                             'in a folder (official eval.py flags keep their names).')
+    group = parser.add_argument_group('evaluation')
+    flag(group, '--ref', help='reference statistics (fid.py ref, EDM fid-refs .npz; path or URL)',
+         shown='required', required=True)
+    flag(group, '--num', help='images to evaluate', default=50000, type=int)
+    flag(group, '--seeds', help='seeds of the images; their first --num are evaluated', shown='0 to num - 1')
+    flag(group, '--seed', help='random choice of --num images among more (official); a no-op for FID when exactly '
+         '--num are sampled', default=0, type=int)
+    flag(group, '--metrics', help='any of ' + ','.join(fid.METRICS) + '; ours only', default='fid')
+    flag(group, '--protocol', help='edm (official eval.py: EDM fid.py), adm or pytorch-fid', default='edm',
+         choices=list(fid.PROTOCOLS))
+    flag(group, '--fid_weights', help='Inception weights file', shown='$FID_WEIGHTS or a download')
+    flag(group, '--outdir', help='also write the PNGs to outdir/<snapshot>/ (official)', default=None)
+    flag(group, '--subdirs', help='a PNG sub-folder per 1000 seeds', default=False, type=parse_bool)
+    flag(group, '--eval_step', help='evaluate every eval_step-th snapshot of a folder', default=1, type=int)
+    flag(group, '--skip_generation', help='evaluate the PNGs in the --network folder instead of sampling',
+         default=False, type=parse_bool)
+    flag(group, '--skip_calculation', help='only write the PNGs (needs --outdir)', default=False, type=parse_bool)
+    flag(group, '--experiment_name', help='a name kept in the metrics JSON (official: the wandb run name)',
+         default=None)
+    flag(group, '--with_wandb', help='official wandb switch: False is honoured, True refused (metrics.jsonl holds '
+         'the numbers)', default=False, type=parse_bool)
+    flag(group, '--wandb_id', help='official wandb run id: refused unless empty', default='')
+    add_help(parser, group)
     args = parser.parse_args(argv)
+    if args.with_wandb:
+        raise refuse('--with_wandb=True', 'there is no wandb logging', '--with_wandb=False (metrics go to '
+                     'metrics.jsonl)', 'eval.py')
+    if args.wandb_id:
+        raise refuse('--wandb_id', 'there is no wandb logging', 'metrics.jsonl', 'eval.py')
     metrics = args.metrics.split(',')
-    if args.num < 2 or not set(metrics) <= set(fid.METRICS):
-        raise UsageError(f'--num must be >= 2 and --metrics a list of {",".join(fid.METRICS)}')
+    if args.num < 2 or not set(metrics) <= set(fid.METRICS) or args.eval_step < 1:
+        raise UsageError(f'--num must be >= 2, --eval_step >= 1 and --metrics a list of {",".join(fid.METRICS)}')
+    seeds = parse_seeds(args.seeds)[:args.num] if args.seeds else list(range(args.num))
+    if len(seeds) < args.num:
+        raise UsageError(f'--seeds gives {len(seeds)} images, but --num={args.num}')
+    if args.skip_calculation and not args.outdir:
+        raise UsageError('--skip_calculation writes PNGs only: give --outdir')
+    if args.outdir:
+        check_writable(args.outdir)
     if not args.ref.startswith(('http://', 'https://')) and not os.path.exists(args.ref):
         raise UsageError(f'--ref: {args.ref} does not exist')
     rank, _, device = init_distributed(args.device)
-    net, net_config = prepare_sampling(args, device)
-    # Reference, detector and metric checks all fail here, before minutes of sampling.
+    # Reference, detector, protocol and metric checks all fail here, before minutes of sampling.
     ref = fid_call(fid.load_ref, args.ref)
     detector = fid_call(fid.load_inception, args.fid_weights, device=device)
-    batches = (images for _, images in sample_batches(net, net_config, args, list(range(args.num)), device))
-    results = fid_call(fid.compute_metrics, batches, ref, metrics=metrics, detector=detector, device=device,
-                       num_images=args.num)
-    if rank == 0:
-        entry = dict(network=os.path.basename(args.network), num=args.num, sampler=args.sampler, steps=args.steps,
-                     num_masks=args.num_masks, guidance_scale=args.guidance_scale, ref=args.ref,
-                     **{k: float(v) for k, v in results.items()}, timestamp=time.time())
-        print(json.dumps(entry))
-        with open(os.path.join(os.path.dirname(os.path.abspath(args.network)), 'metrics.jsonl'), 'a') as file:
-            file.write(json.dumps(entry) + '\n')
+    protocol = fid_call(fid.resolve_protocol, args.protocol, ref=ref, metrics=metrics, detector=detector,
+                        num=args.num)
+    if args.skip_generation:  # the official calc() on a folder of images
+        images, _ = load_images(args.network, workers=4)
+        index = fid_call(fid.select_images, len(images), protocol, seed=args.seed)
+        batches = (torch.from_numpy(images[index[i:i + args.batch]]).permute(0, 3, 1, 2)
+                   for i in range(0, len(index), args.batch))
+        results = fid_call(fid.compute_metrics, batches, ref, metrics=metrics, detector=detector, device=device,
+                           num_images=args.num, protocol=protocol, seed=args.seed)
+        report_metrics(args, args.network, results, args.outdir or args.network, rank)
+        return
+    for network in snapshots_to_evaluate(args.network, args.eval_step):
+        args.network = network
+        net, net_config = prepare_sampling(args, device)
+        name = re.sub(r'^network-snapshot-|\.(pt|pkl)$', '', os.path.basename(network))
+        outdir = os.path.join(args.outdir, name.lstrip('0').split('.')[0] or '0') if args.outdir else None
+
+        def batches():
+            for batch_seeds, images in sample_batches(net, net_config, args, seeds, device):
+                if outdir:
+                    save_pngs(outdir, batch_seeds, images, args.subdirs)
+                yield images
+        if args.skip_calculation:
+            for _ in batches():
+                pass
+            continue
+        results = fid_call(fid.compute_metrics, batches(), ref, metrics=metrics, detector=detector, device=device,
+                           num_images=args.num, protocol=protocol, seed=args.seed)
+        folder = os.path.dirname(os.path.abspath(network)) if os.path.isfile(network) else args.outdir or '.'
+        report_metrics(args, network, results, folder, rank)
+
+
+def report_metrics(args, network, results, folder, rank):
+    """Prints the metrics as JSON and appends them to folder/metrics.jsonl (rank 0)."""
+    if rank != 0:
+        return
+    entry = dict(network=os.path.basename(network.rstrip('/')), num=args.num, sampler=args.sampler, steps=args.steps,
+                 num_masks=args.num_masks, guidance_scale=args.guidance_scale, ref=args.ref,
+                 experiment_name=args.experiment_name,
+                 **{k: v if isinstance(v, str) else float(v) for k, v in results.items()}, timestamp=time.time())
+    print(json.dumps(entry))
+    with open(os.path.join(folder, 'metrics.jsonl'), 'a') as file:
+        file.write(json.dumps(entry) + '\n')
 
 
 def neighbors(argv):
-    """Memorisation check (official find_dataset_neighbors.py, with fid.py's Inception pool features in place of
-    DINOv2): cosine similarity of each generated image to every clean training image. Writes each image's top-3
-    similarities and neighbours (neighbors.npz), the fraction whose top-1 similarity exceeds --threshold
-    (neighbors.json) and the --top most similar pairs, generated | 3 nearest (neighbors.png)."""
-    parser = sampling_parser('ambient.py neighbors', network_required=False)
-    parser.add_argument('--images', default=None)                      # generated images instead of --network
-    parser.add_argument('--data', required=True)                       # the training set (read clean: an audit)
-    parser.add_argument('--num', type=int, default=10000)              # official README --max_size=10000
-    parser.add_argument('--outdir', required=True)
-    parser.add_argument('--threshold', type=float, default=0.95)       # our choice: the official code has none
-    parser.add_argument('--top', type=int, default=16)
-    parser.add_argument('--fid_weights', default=None)
+    """Memorisation check (official find_dataset_neighbors.py): for every generated image, the similarity of its
+    features to those of every clean training image. --features=dinov2 is the official ViT-g/14 CLS token with its
+    preprocessing; inception (default, works offline with fid.py's weights) takes the FID pool features. Writes the
+    official files (max_products.pkl, softmax_products.pkl, <i>_dataset_image_<i>.png and
+    <i>_nearest_neighbors_<k>_dataset_index_<j>.png) plus neighbors.npz (top-3 similarities and indices),
+    neighbors.json (a summary) and neighbors.png (the --top most similar pairs)."""
+    parser = sampling_parser('ambient.py neighbors', 'Nearest clean training images of generated ones (official '
+                             'find_dataset_neighbors.py flags keep their names).', network_required=False)
+    group = parser.add_argument_group('evaluation')
+    flag(group, '--input_dir', '--images', help='generated images instead of --network (official name: '
+         '--input_dir)', default=None, dest='images')
+    flag(group, '--data', help='the training set (read clean: an audit)', shown='required', required=True)
+    flag(group, '--output_dir', '--outdir', help='where the outputs go (official name: --output_dir)',
+         shown='required', required=True, dest='outdir')
+    flag(group, '--features_path', help='.npy of the training features: loaded when it exists, else computed and '
+         'saved (official)', default=None)
+    flag(group, '--max_size', help='generated images used (RandomState(0) subset as official); 0 = all',
+         default=0, type=int)
+    flag(group, '--num', help='images sampled from --network; ours only', default=10000, type=int)
+    flag(group, '--features', help='dinov2 (official) or inception; ours only', default='inception',
+         choices=['inception', 'dinov2'])
+    flag(group, '--dinov2', help='DINOv2 weights: a hub name, URL or .pth; ours only', default='dinov2_vitg14')
+    flag(group, '--normalize', help='unit-length features (cosine similarity)', default=True, type=parse_bool)
+    flag(group, '--batch-gpu', help='feature batch limit (official)', default=None, type=int, dest='batch_gpu')
+    flag(group, '--workers', help='threads decoding images', default=1, type=int)
+    flag(group, '--cache', help='hold the dataset in memory (always; False is refused)', default=True,
+         type=parse_bool)
+    flag(group, '--seed', help='official flag with no effect (its sampler does not shuffle)', default=42, type=int)
+    flag(group, '--threshold', help='top-1 similarity counted as a copy in neighbors.json; ours only',
+         default=0.95, type=float)
+    flag(group, '--top', help='pairs in neighbors.png; ours only', default=16, type=int)
+    flag(group, '--fid_weights', help='Inception weights file (--features=inception)',
+         shown='$FID_WEIGHTS or a download')
+    add_help(parser, group)
     args = parser.parse_args(argv)
+    if args.cache is False:
+        raise refuse('--cache=False', 'the dataset is always held in memory', '--cache=True',
+                     'find_dataset_neighbors.py')
     if (args.network is None) == (args.images is None):
-        raise UsageError('give one of --network and --images')
-    if args.num < 1 or args.top < 1 or not -1 <= args.threshold <= 1:
-        raise UsageError('--num and --top must be >= 1, --threshold in [-1, 1]')
+        raise UsageError('give one of --network and --input_dir')
+    if args.num < 1 or args.top < 1 or args.max_size < 0 or args.workers < 1 or not -1 <= args.threshold <= 1:
+        raise UsageError('--num, --top and --workers must be >= 1, --max_size >= 0, --threshold in [-1, 1]')
     if int(os.environ.get('WORLD_SIZE', 1)) > 1:
         raise UsageError('neighbors runs as one process')
-    # Generated images (sampled here, or read from --images) and the clean training set.
+    check_writable(args.outdir, '--output_dir')
+    # Generated images (sampled here, or read from --input_dir) and the clean training set.
     _, _, device = init_distributed(args.device)
     if args.network:
         net, net_config = prepare_sampling(args, device)
-    train_images = torch.from_numpy(load_images(args.data)[0]).permute(0, 3, 1, 2)    # (N, 3, H, W) uint8
-    detector = fid_call(fid.load_inception, args.fid_weights, device=device)
+    train_images = torch.from_numpy(load_images(args.data, args.cache_dir, args.workers)[0]).permute(0, 3, 1, 2)
+    if args.features == 'dinov2':
+        try:
+            detector = nets.load_dinov2(args.dinov2, cache_dir=args.cache_dir or None).to(device)
+        except Exception as error:  # offline: one line naming the URL and where to put the file
+            raise DataError(f'--dinov2: {" ".join(str(error).split())}')
+    else:
+        detector = fid_call(fid.load_inception, args.fid_weights, device=device)
     if args.images:
-        generated = torch.from_numpy(load_images(args.images)[0][:args.num]).permute(0, 3, 1, 2)
+        generated = torch.from_numpy(load_images(args.images, workers=args.workers)[0]).permute(0, 3, 1, 2)
+        if 0 < args.max_size < len(generated):  # official: a RandomState(0) subset of the outputs, sorted
+            keep = np.arange(len(generated))
+            np.random.RandomState(0).shuffle(keep)
+            generated = generated[np.sort(keep[:args.max_size])]
     else:
         seeds = list(range(args.num))
         generated = torch.cat([x.cpu() for _, x in sample_batches(net, net_config, args, seeds, device)])
 
-    # Cosine similarity of L2-normalised pool features, top 3 per generated image.
-    def features(images):
-        batches = (images[i:i + args.batch] for i in range(0, len(images), args.batch))
-        return F.normalize(fid.compute_features(batches, detector, device)['pool'].double(), dim=1)
-    train_features, generated_features = features(train_images), features(generated)
-    k = min(3, len(train_images))
-    top = [(chunk @ train_features.T).topk(k, dim=1) for chunk in generated_features.split(1024)]
-    similarity = torch.cat([t.values for t in top]).cpu()                            # (num, 3)
-    neighbor = torch.cat([t.indices for t in top]).cpu()                             # (num, 3)
+    # Features of both sets (the training set's cached in --features_path), top 3 training images per image.
+    batch = min(args.batch, args.batch_gpu or args.batch)
 
-    # Outputs: the numbers, a summary, and a picture of the most similar pairs.
+    def features(images):
+        chunks = [images[i:i + batch] for i in range(0, len(images), batch)]
+        if args.features == 'dinov2':
+            with torch.no_grad():
+                return torch.cat([nets.dinov2_features(detector, x.to(device), normalize=False).cpu()
+                                  for x in chunks]).double()
+        return fid.compute_features(iter(chunks), detector, device)['pool'].double().cpu()
+    if args.features_path and os.path.exists(args.features_path):
+        train_features = torch.from_numpy(np.load(args.features_path)).double()
+        if train_features.shape[0] != len(train_images):
+            raise DataError(f'--features_path: {args.features_path} holds {train_features.shape[0]} features, the '
+                            f'data {len(train_images)} images')
+    else:
+        train_features = features(train_images)
+        if args.features_path:
+            buffer = io.BytesIO()
+            np.save(buffer, train_features.float().numpy())
+            write_atomic(args.features_path, buffer.getvalue())
+    generated_features = features(generated)
+    if args.normalize:
+        train_features, generated_features = F.normalize(train_features, dim=1), F.normalize(generated_features, dim=1)
+    k = min(3, len(train_images))
+    products = [chunk @ train_features.T for chunk in generated_features.split(1024)]
+    top = [p.topk(k, dim=1) for p in products]
+    similarity = torch.cat([t.values for t in top])                                   # (num, 3)
+    neighbor = torch.cat([t.indices for t in top])                                    # (num, 3)
+    softmax_max = torch.cat([p.softmax(dim=1).max(dim=1).values for p in products])   # official softmax_products
+    write_neighbors(args, generated, train_images, similarity, neighbor, softmax_max)
+
+
+def write_neighbors(args, generated, train_images, similarity, neighbor, softmax_max):
+    """The official per-image files and pickles, and our summary, arrays and picture."""
     os.makedirs(args.outdir, exist_ok=True)
+    for i, image in enumerate(generated):
+        save_png(image.permute(1, 2, 0).numpy(), os.path.join(args.outdir, f'{i}_dataset_image_{i}.png'))
+        for rank_k, j in enumerate(neighbor[i].tolist()):
+            save_png(train_images[j].permute(1, 2, 0).numpy(),
+                     os.path.join(args.outdir, f'{i}_nearest_neighbors_{rank_k}_dataset_index_{j}.png'))
+    write_atomic(os.path.join(args.outdir, 'max_products.pkl'), pickle.dumps(similarity[:, 0].tolist()))
+    write_atomic(os.path.join(args.outdir, 'softmax_products.pkl'), pickle.dumps(softmax_max.tolist()))
     top1 = similarity[:, 0]
-    summary = dict(source=args.network or args.images, num_generated=len(generated), num_train=len(train_images),
-                   threshold=args.threshold, fraction_above=float((top1 > args.threshold).double().mean()),
-                   mean_top1=float(top1.mean()), max_top1=float(top1.max()),
+    summary = dict(source=args.network or args.images, features=args.features, num_generated=len(generated),
+                   num_train=len(train_images), threshold=args.threshold,
+                   fraction_above=float((top1 > args.threshold).double().mean()), mean_top1=float(top1.mean()),
+                   max_top1=float(top1.max()),
                    quantiles_top1={str(q): float(top1.quantile(q)) for q in (0.5, 0.9, 0.99)})
     buffer = io.BytesIO()
     np.savez(buffer, similarity=similarity.numpy(), neighbor=neighbor.numpy())
@@ -1177,14 +1831,30 @@ def neighbors(argv):
 # Main
 
 
+def print_overview():
+    """`python ambient.py --help`: the commands of this script."""
+    print('usage: ambient.py [COMMAND] [--flag=value ...]')
+    print('Ambient Diffusion: Learning Clean Distributions from Corrupted Data (Daras et al., NeurIPS 2023, '
+          'arXiv:2305.19256).')
+    print('commands:')
+    for name, text in COMMANDS.items():
+        print(f'  {name:<10} {text}')
+    print("Run 'python ambient.py COMMAND --help' for the flags of a command.")
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in ('train', 'generate', 'eval', 'neighbors') else 'train'
+    if argv in (['-h'], ['--help']):
+        print_overview()
+        return
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else 'train'
     try:
         if command == 'train':
             cfg, preset = parse_train_args(argv)
-            if cfg.dry_run:
+            if cfg.dry_run:  # ours, then what the official train.py would print for the same flags
                 print(json.dumps(dict(preset=preset, **dataclasses.asdict(cfg)), indent=2))
+                print('Official training options (train.py --dry-run; resolution and max_size come with the data):')
+                print(json.dumps(official_training_options(cfg), indent=2))
                 return
             train(cfg)
         elif command == 'generate':
@@ -1193,9 +1863,11 @@ def main(argv=None):
             evaluate(argv)
         else:
             neighbors(argv)
-    except (UsageError, DataError) as error:
-        print('error:', ' '.join(str(error).split()), file=sys.stderr)  # one line, even for multi-line messages
-        sys.exit(2 if isinstance(error, UsageError) else 1)
+    except (UsageError, DataError, RunError, OSError) as error:
+        # One line, even for multi-line messages; exit 2 for bad flags and input, 1 for a failure while running.
+        message = f'{error.filename}: {error.strerror}' if isinstance(error, OSError) and error.filename else str(error)
+        print(f'ambient.py: error: {" ".join(message.split())}', file=sys.stderr)
+        sys.exit(2 if isinstance(error, (UsageError, DataError)) else 1)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

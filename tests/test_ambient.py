@@ -89,19 +89,19 @@ def test_masks_seen_by_training_steps():
 def test_loss_ignores_erased_pixels():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(6, 6, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv2d(6, 6, 3, padding=1))
-    wrapped = lambda x, sigma, labels, aug: net(x) * sigma.reshape(-1, 1, 1, 1)  # noqa: E731
+    wrapped = lambda x, sigma, class_labels, augment_labels: net(x) * sigma.reshape(-1, 1, 1, 1)  # noqa: E731
     y = torch.rand(4, 3, 8, 8) * 2 - 1
     A, A_tilde = (t.float() for t in ambient.corruption_masks(np.arange(4), (3, 8, 8), 0.5, 0.2, False))
-    sigma, eps = torch.rand(4) + 0.1, torch.randn(4, 3, 8, 8)
+    normal, eps = torch.randn(4), torch.randn(4, 3, 8, 8)
     results = []
     for hidden in (y, torch.randn_like(y) * 5):
         net.zero_grad()
-        loss = ambient.ambient_loss(wrapped, A * y + (1 - A) * hidden, A, A_tilde, sigma, eps)
+        loss = ambient.ambient_loss(wrapped, A * y + (1 - A) * hidden, A, A_tilde, rnd_normal=normal, eps=eps)
         loss.sum().backward()
         results.append((loss.detach(), [p.grad.clone() for p in net.parameters()]))
-    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][0], results[1][0]) and results[0][0].shape == (4,)
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
-    assert results[0][0][A.expand_as(y) == 0].abs().max() == 0 and results[0][0].abs().sum() > 0
+    assert results[0][0].min() > 0
 
 
 def test_loss_is_the_official_formula():
@@ -109,16 +109,29 @@ def test_loss_is_the_official_formula():
     loss is lambda(sigma) A |D[:C] - y|^norm with lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2."""
     y = torch.rand(4, 3, 8, 8) * 2 - 1
     A, A_tilde = (t.float() for t in ambient.corruption_masks(np.arange(4), (3, 8, 8), 0.5, 0.2, True))
-    sigma, eps, out = torch.rand(4) + 0.1, torch.randn(4, 3, 8, 8), torch.randn(4, 6, 8, 8)
+    normal, eps, out = torch.randn(4), torch.randn(4, 3, 8, 8), torch.randn(4, 6, 8, 8)
+    labels, augment_labels = torch.tensor([1, 0, 2, 1]), torch.randn(4, 9)
     seen = {}
-    net = lambda x, s, *_: seen.update(x=x, sigma=s) or out  # noqa: E731
+
+    def net(x, sigma, class_labels=None, augment_labels=None, force_fp32=False):  # EDMPrecond's signature
+        seen.update(x=x, sigma=sigma, class_labels=class_labels, augment_labels=augment_labels, force_fp32=force_fp32)
+        return out
+    sigma = (normal * 1.2 - 1.2).exp()                                                # EDM's log-normal draw
     s = sigma.reshape(-1, 1, 1, 1)
     weight = (s ** 2 + 0.25) / (s * 0.5) ** 2
     for norm, error in ((2, (out[:, :3] - y).square()), (1, (out[:, :3] - y).abs())):
-        loss = ambient.ambient_loss(net, y, A, A_tilde, sigma, eps, norm=norm)
-        assert torch.allclose(loss, weight * A * error)
+        loss = ambient.ambient_loss(net, y, A, A_tilde, labels, augment_labels, norm=norm, rnd_normal=normal, eps=eps)
+        assert torch.allclose(loss, (weight * A * error).sum((1, 2, 3)))               # per image, summed
     mask = A_tilde.expand(-1, 3, -1, -1)
-    assert torch.equal(seen['x'], torch.cat([mask * (y + s * eps), mask], 1)) and torch.equal(seen['sigma'], sigma)
+    assert torch.allclose(seen['x'], torch.cat([mask * (y + s * eps), mask], 1))
+    assert torch.allclose(seen['sigma'], sigma) and seen['force_fp32'] is False      # keywords, not positional
+    assert seen['class_labels'] is labels and seen['augment_labels'] is augment_labels
+    # Without draws the loss draws sigma and the noise itself.
+    torch.manual_seed(0)
+    drawn = ambient.ambient_loss(net, y, A, A_tilde)
+    torch.manual_seed(0)
+    assert torch.equal(drawn, ambient.ambient_loss(net, y, A, A_tilde, rnd_normal=torch.randn(4),
+                                                   eps=torch.randn(4, 3, 8, 8)))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -143,7 +156,7 @@ def analytic_denoiser(mu, Sigma):
     """E[x0 | M x_t, M] for x_t = x0 + sigma eps (Gaussian conditioning on the observed pixels), as a `net` with the
     ambient interface: input [M x_t, M] (2C channels), or x_t alone (C channels, M = 1)."""
 
-    def net(inputs, sigma, labels=None, augment_labels=None):
+    def net(inputs, sigma, class_labels=None, augment_labels=None):
         inputs = inputs.double()
         x, mask = (inputs[:, :C], inputs[:, C:]) if inputs.shape[1] == 2 * C else (inputs, torch.ones_like(inputs))
         x, mask = x.flatten(1), mask.flatten(1)
@@ -161,11 +174,11 @@ def monte_carlo_loss(loss_fn, n=20000, seed=2):
     mu, Sigma = gaussian()
     x0 = (mu + torch.randn(n, DIM, generator=generator, dtype=torch.float64) @ torch.linalg.cholesky(Sigma).T)
     x0 = x0.reshape(n, C, H, W)
-    sigma = (torch.randn(n, generator=generator, dtype=torch.float64) * 1.2 - 1.2).exp()
+    normal = torch.randn(n, generator=generator, dtype=torch.float64)                # ln(sigma) = 1.2 normal - 1.2
     eps = torch.randn(n, C, H, W, generator=generator, dtype=torch.float64)
     A = (torch.rand(n, C, H, W, generator=generator) >= 0.5).double()
     A_tilde = A * (torch.rand(n, C, H, W, generator=generator) >= 0.3).double()
-    return lambda net: loss_fn(net, x0, A, A_tilde, sigma, eps).flatten(1).sum(1)
+    return lambda net: loss_fn(net, x0, A, A_tilde, normal, eps)
 
 
 DIRECTIONS = {
@@ -181,7 +194,7 @@ def slope_z_scores(loss, denoiser, step=0.05):
     both t = +-step raise the Monte-Carlo loss, and the slope b in units of its Monte-Carlo standard error."""
     base, results = loss(denoiser), {}
     for name, g in DIRECTIONS.items():
-        plus, minus = (loss(lambda inputs, sigma, *_, t=t: denoiser(inputs, sigma) + t * g(inputs.double()))
+        plus, minus = (loss(lambda inputs, sigma, t=t, **_: denoiser(inputs, sigma) + t * g(inputs.double()))
                        for t in (step, -step))
         slope = (plus - minus) / (4 * step)                                            # per-sample b
         rises = bool(plus.mean() > base.mean() and minus.mean() > base.mean())
@@ -190,16 +203,16 @@ def slope_z_scores(loss, denoiser, step=0.05):
 
 
 def test_analytic_denoiser_minimises_the_ambient_loss():
-    """Theorem 4.1: E[x0 | A_tilde x_t, A_tilde] minimises the ambient loss on every pixel, those that A_tilde hides
+    """The paper's main theorem: E[x0 | A_tilde x_t, A_tilde] minimises the ambient loss on every pixel, those that A_tilde hides
     included: moving it along any direction raises the Monte-Carlo loss and the slope vanishes within 4 standard
     errors. The clean denoiser applied to the masked input (ignoring the mask) does much worse."""
     mu, Sigma = gaussian()
     best = analytic_denoiser(mu, Sigma)
-    loss = monte_carlo_loss(lambda net, x0, A, A_tilde, sigma, eps: ambient.ambient_loss(
-        net, x0, A, A_tilde, sigma, eps))
+    loss = monte_carlo_loss(lambda net, x0, A, A_tilde, normal, eps: ambient.ambient_loss(
+        net, x0, A, A_tilde, rnd_normal=normal, eps=eps))
     for name, (rises, z) in slope_z_scores(loss, best).items():
         assert rises and abs(z) < 4, (name, z)
-    assert loss(lambda inputs, sigma, *_: best(inputs[:, :C], sigma)).mean() > 1.05 * loss(best).mean()
+    assert loss(lambda inputs, sigma, **_: best(inputs[:, :C], sigma)).mean() > 1.05 * loss(best).mean()
 
 
 def test_naive_loss_on_masked_images_is_not_minimised_by_the_clean_denoiser():
@@ -207,7 +220,8 @@ def test_naive_loss_on_masked_images_is_not_minimised_by_the_clean_denoiser():
     the masked-image distribution, E[A x0 | x_t]; the clean denoiser E[x0 | x_t] is far from stationary for it."""
     mu, Sigma = gaussian()
     clean = analytic_denoiser(mu, Sigma)
-    loss = monte_carlo_loss(lambda net, x0, A, A_tilde, sigma, eps: ambient.edm_loss(net, A * x0, sigma, eps))
+    loss = monte_carlo_loss(lambda net, x0, A, A_tilde, normal, eps: ambient.edm_loss(net, A * x0, rnd_normal=normal,
+                                                                                      eps=eps))
     z_scores = [abs(z) for _, z in slope_z_scores(loss, clean).values()]
     assert max(z_scores) > 20, z_scores
 
@@ -217,9 +231,9 @@ def test_without_delta_the_hidden_pixels_are_unconstrained():
     reason for the further corruption."""
     mu, Sigma = gaussian()
     best = analytic_denoiser(mu, Sigma)
-    loss = monte_carlo_loss(lambda net, x0, A, A_tilde, sigma, eps: ambient.ambient_loss(net, x0, A, A, sigma, eps),
-                            n=4000)
-    garbage = lambda inputs, sigma, *_: best(inputs, sigma) + 7 * (1 - inputs[:, C:].double())  # noqa: E731
+    loss = monte_carlo_loss(lambda net, x0, A, A_tilde, normal, eps: ambient.ambient_loss(
+        net, x0, A, A, rnd_normal=normal, eps=eps), n=4000)
+    garbage = lambda inputs, sigma, **_: best(inputs, sigma) + 7 * (1 - inputs[:, C:].double())  # noqa: E731
     assert torch.allclose(loss(best), loss(garbage), rtol=1e-12, atol=0)
 
 
@@ -276,7 +290,7 @@ def test_reconstruction_guidance():
     generator = torch.Generator().manual_seed(4)
     masks = (torch.rand(3, 2, C, H, W, generator=generator) < 0.5).double()
     latents = torch.randn(2, C, H, W, generator=generator, dtype=torch.float64)
-    toy = lambda inputs, sigma, *_: inputs[:, :C] * 1.0  # noqa: E731
+    toy = lambda inputs, sigma, **_: inputs[:, :C] * 1.0  # noqa: E731
     one = ambient.ambient_sampler(toy, latents, masks[:1], clip=False, num_steps=4)
     assert torch.equal(one, ambient.ambient_sampler(toy, latents, masks, clip=False, num_steps=4))
     w = 0.02
@@ -384,14 +398,14 @@ def test_train_generate_eval_neighbors(tmp_path, monkeypatch):
     real = torch.from_numpy(np.load(TINY_DATA)['x'][:4]).permute(0, 3, 1, 2)
     fid.save_ref(str(tmp_path / 'ref.npz'), fid.compute_stats([real], spatial=False, progress=False))
     ambient.main(['eval', f'--network={network}', f'--ref={tmp_path / "ref.npz"}', '--num=4', '--batch=4',
-                  '--steps=3'])
+                  '--steps=3', '--protocol=pytorch-fid'])
     metrics = [json.loads(line) for line in open(os.path.join(run_dir, 'metrics.jsonl'))]
     assert len(metrics) == 1 and np.isfinite(metrics[0]['fid']) and metrics[0]['num'] == 4
     # Nearest training neighbours.
     small = tmp_path / 'small.npz'
     np.savez(small, x=np.load(TINY_DATA)['x'][:6])
-    ambient.main(['neighbors', f'--images={tmp_path / "a"}', f'--data={small}', '--num=3', '--batch=3',
-                  f'--outdir={tmp_path / "nn"}', '--top=2'])
+    ambient.main(['neighbors', f'--input_dir={tmp_path / "a"}', f'--data={small}', '--max_size=3', '--batch=3',
+                  f'--output_dir={tmp_path / "nn"}', '--top=2'])
     summary = json.load(open(tmp_path / 'nn' / 'neighbors.json'))
     assert summary['num_generated'] == 3 and summary['num_train'] == 6 and 0 <= summary['fraction_above'] <= 1
     assert np.load(tmp_path / 'nn' / 'neighbors.npz')['neighbor'].shape == (3, 3)
@@ -490,14 +504,14 @@ def test_ddp_matches_one_process(tmp_path):
     (['--norm=3'], 2, '--norm must be 1 or 2'),
     (['--batch=10', '--batch_gpu=4'], 2, 'must be divisible'),
     (['--bogus=1'], 2, 'unrecognized arguments'),
-    (['--data=does/not/exist'], 1, 'does not exist'),
+    (['--data=does/not/exist'], 2, 'does not exist'),
 ])
 def test_bad_flags(tmp_path, capsys, flags, code, message):
     with pytest.raises(SystemExit) as exit_info:
         ambient.main(['train', f'--data={TINY_DATA}', f'--outdir={tmp_path / "runs"}', '--preset=tiny', *flags])
     assert exit_info.value.code == code
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith('error:') and message in err[0]
+    assert len(err) == 1 and err[0].startswith('ambient.py: error:') and message in err[0]
     assert not os.path.exists(tmp_path / 'runs')
 
 
@@ -513,9 +527,9 @@ def test_bad_data(tmp_path, capsys):
     ambient.PIL.Image.fromarray(x[0][:16]).save(tmp_path / 'mixed.png')
     (tmp_path / 'garbage.npz').write_bytes(b'not an npz')
     (tmp_path / 'garbage.pt').write_bytes(b'not a state')
-    cases = [([f'--data={folder}'], 1, 'broken.png'), ([f'--data={npz}', '--cond'], 1, 'labels'),
-             ([f'--data={tmp_path / "garbage.npz"}'], 1, 'cannot read'),
-             ([f'--data={TINY_DATA}', f'--resume={tmp_path / "garbage.pt"}'], 2, '--resume: cannot load')]
+    cases = [([f'--data={folder}'], 2, 'broken.png'), ([f'--data={npz}', '--cond'], 2, 'labels'),
+             ([f'--data={tmp_path / "garbage.npz"}'], 2, 'cannot read'),
+             ([f'--data={TINY_DATA}', f'--resume={tmp_path / "garbage.pt"}'], 2, '--resume: cannot read')]
     for flags, code, message in cases:
         with pytest.raises(SystemExit) as exit_info:
             ambient.main(['train', f'--outdir={tmp_path / "runs"}', '--preset=tiny', *flags])
@@ -540,7 +554,7 @@ def test_bad_sampling_input(tmp_path, capsys):
     cases = [(['generate', f'--network={tmp_path / "garbage.pt"}', f'--outdir={tmp_path / "out"}'], 2, '--network'),
              (['eval', f'--network={network}', f'--ref={tmp_path / "garbage.npz"}', '--metrics=fid,bogus'], 2,
               '--metrics'),
-             (['eval', f'--network={network}', f'--ref={tmp_path / "garbage.npz"}', '--num=4'], 1, 'garbage.npz')]
+             (['eval', f'--network={network}', f'--ref={tmp_path / "garbage.npz"}', '--num=4'], 2, 'garbage.npz')]
     for argv, code, message in cases:
         with pytest.raises(SystemExit) as exit_info:
             ambient.main(argv)

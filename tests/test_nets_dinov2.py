@@ -85,6 +85,8 @@ def test_vits14_has_the_official_keys_shapes_and_parameter_count():
     got = [(key, tuple(value.shape)) for key, value in net.state_dict().items()]
     assert got == official_layout(dim=384, depth=12, grid=37)  # 518 px / 14 = 37
     assert len(got) == 175 and sum(p.numel() for p in net.parameters()) == 22_056_576
+    norms = [module for module in net.modules() if isinstance(module, torch.nn.LayerNorm)]
+    assert len(norms) == 2 * 12 + 1 and all(norm.eps == 1e-6 for norm in norms)  # official: LayerNorm(eps=1e-6)
 
 
 def test_parameter_counts_of_the_eight_released_models():
@@ -155,6 +157,12 @@ def test_forward_features_token_layout_with_registers():
     assert features['x_prenorm'].shape == (2, 1 + 4 + 3 * 5, 128)  # CLS, then the 4 registers, then 3 x 5 patches
     assert features['x_norm_regtokens'].shape == (2, 4, 128)
     assert features['x_norm_patchtokens'].shape == (2, 15, 128)
+    # Channel 0 of the registers and of the first patches, from the official code (attention ignores token order, so
+    # only these tell where the registers sit).
+    official_registers = torch.tensor([0.582085, -0.27329, 0.50721, 1.088812])
+    official_patches = torch.tensor([0.768041, 0.242553, 0.044239, 0.334791])
+    torch.testing.assert_close(features['x_norm_regtokens'][0, :, 0], official_registers, atol=2e-5, rtol=0)
+    torch.testing.assert_close(features['x_norm_patchtokens'][0, :4, 0], official_patches, atol=2e-5, rtol=0)
     torch.testing.assert_close(features['x_norm_clstoken'], net.norm(features['x_prenorm'])[:, 0])
     torch.testing.assert_close(features['x_norm_regtokens'], net.norm(features['x_prenorm'])[:, 1:5])
 

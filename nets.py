@@ -30,6 +30,7 @@ noise-level embedding always runs in fp32, as in both official codes.
 import argparse
 import collections
 import functools
+import io
 import json
 import math
 import os
@@ -357,12 +358,13 @@ class UNet(nn.Module):
         label_dim=0,                    # number of classes, 0 = unconditional
         num_heads=1,                    # attention heads, used when num_head_channels is -1
         num_head_channels=-1,           # channels per attention head (guided-diffusion), -1 = use num_heads
-        augment_dim=0,                  # ddpmpp: dimension of EDM's augmentation labels (9), 0 = none
+        augment_dim=0,                  # ddpmpp/adm: dimension of EDM's augmentation labels (9), 0 = none
         label_dropout=0.0,              # ddpmpp: EDM's label dropout in training (zeroed one-hot rows)
-        gated=False,                    # ddpmpp: Ambient Diffusion's gated convolutions
+        gated=False,                    # ddpmpp/adm: Ambient Diffusion's gated convolutions
         use_scale_shift_norm=False,     # adm/ldm: FiLM conditioning in residual blocks
         resblock_updown=False,          # adm/ldm: ResBlocks resample (else strided conv / nearest + conv)
         use_new_attention_order=False,  # adm: qkv channel order [q|k|v]-then-heads (else heads-then-[q|k|v])
+        norm_min_group_size=1,          # adm/ldm: fewest channels per GroupNorm group (EDM's DhariwalUNet: 4)
         context_dim=None,               # ldm: width of the cross-attention context (None: self-attention only)
         transformer_depth=1,            # ldm: transformer blocks per spatial transformer
     ):
@@ -371,8 +373,10 @@ class UNet(nn.Module):
         super().__init__()
         if arch not in ('ddpmpp', 'adm', 'ldm'):
             raise ValueError(f'arch must be ddpmpp, adm or ldm, not {arch!r}')
-        if arch != 'ddpmpp' and (augment_dim or label_dropout or gated):
-            raise ValueError('augment_dim, label_dropout and gated are options of arch="ddpmpp" (EDM)')
+        if arch != 'ddpmpp' and label_dropout:
+            raise ValueError('label_dropout is an option of arch="ddpmpp" (EDM)')
+        if arch == 'ldm' and (augment_dim or gated):
+            raise ValueError('augment_dim and gated are options of arch="ddpmpp" or "adm" (EDM, ambient-diffusion)')
         if arch != 'ldm' and context_dim is not None:
             raise ValueError('context_dim is an option of arch="ldm"')
         self.config = {**config, 'channel_mult': tuple(channel_mult), 'attn_resolutions': tuple(attn_resolutions)}
@@ -386,8 +390,8 @@ class UNet(nn.Module):
         emb_channels = 4 * model_channels
         # EDM's DDPM++ settings (SongUNet); guided-diffusion / LDM use the defaults of group_norm and the blocks.
         ddpmpp = arch == 'ddpmpp'
-        norm_kwargs = dict(eps=1e-6, min_group_size=4) if ddpmpp else {}
-        block_kwargs = dict(**norm_kwargs, skip_scale=math.sqrt(0.5), gated=gated) if ddpmpp else {}
+        norm_kwargs = dict(eps=1e-6, min_group_size=4) if ddpmpp else dict(min_group_size=norm_min_group_size)
+        block_kwargs = dict(**norm_kwargs, skip_scale=math.sqrt(0.5) if ddpmpp else 1.0, gated=gated)
 
         def res_block(cin, cout, **updown):
             return ResBlock(cin, cout, emb_channels, dropout, use_scale_shift_norm=use_scale_shift_norm,
@@ -497,7 +501,11 @@ class UNet(nn.Module):
                 e = e + self.map_augment(augment_labels)
             return self.time_embed(e)
         # guided-diffusion / LDM: [cos, sin] features of the timestep, the MLP, then the class embedding.
-        emb = self.time_embed(timestep_embedding(t, self.model_channels))   # (B, 4C)
+        e = timestep_embedding(t, self.model_channels)                       # (B, C)
+        if self.map_augment is not None:  # EDM's DhariwalUNet adds its augmentation labels before the MLP
+            e = e + self.map_augment(e.new_zeros(B, self.map_augment.in_features) if augment_labels is None
+                                     else augment_labels.float())
+        emb = self.time_embed(e)                                             # (B, 4C)
         if self.label_emb is not None:
             if class_labels is None:
                 raise ValueError('this network is class-conditional: pass class_labels')
@@ -2317,6 +2325,490 @@ def dinov2_features(model, images, normalize=True):
     device = next(model.parameters()).device
     features = model(dinov2_preprocess(images).to(device)).float()        # (B, D) x_norm_clstoken
     return features / features.norm(dim=1, keepdim=True) if normalize else features
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Released EDM / ambient-diffusion checkpoints: EDM's network pickles and Hugging Face folders, read without running any
+# code they carry, and the key maps from EDM's SongUNet / DhariwalUNet (NVlabs/edm training/networks.py) onto UNet
+
+
+PersistentObject = collections.namedtuple(
+    'PersistentObject', 'module_name class_name init_args init_kwargs state_dict attributes modules')
+PersistentObject.__doc__ = """An object of a torch_utils.persistence class (EDM's persistent_class), rebuilt as data.
+
+module_name: the official module that defines class_name ('training.networks', 'training.loss', 'training.augment';
+'' for a class EDM does not have); init_args / init_kwargs: the constructor arguments it recorded; state_dict: its
+parameters and persistent buffers with Module.state_dict() names, submodules included (empty for a non-module such as
+a loss); attributes: its other plain attributes (e.g. sigma_data); modules: its persistent direct submodules, by name.
+"""
+
+EDM_CLASS_MODULES = {
+    **{name: 'training.networks' for name in (
+        'Linear', 'Conv2d', 'GroupNorm', 'UNetBlock', 'PositionalEmbedding', 'FourierEmbedding', 'SongUNet',
+        'DhariwalUNet', 'VPPrecond', 'VEPrecond', 'iDDPMPrecond', 'EDMPrecond')},
+    **{name: 'training.loss' for name in ('VPLoss', 'VELoss', 'EDMLoss', 'AmbientLoss', 'AmbientVPLoss')},
+    'AugmentPipe': 'training.augment',
+}
+
+
+class _PickledModule:
+    """A torch.nn container (ModuleDict, ModuleList, Sequential) met in a pickle: its __dict__ is kept as data."""
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def _plain(value):
+    """numpy scalars -> Python numbers, inside lists, tuples and dicts too (EDM records np.sqrt(0.5) and the like)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
+
+
+def _module_state_dict(state):
+    """Module.state_dict() of a pickled module's __dict__: its parameters, persistent buffers, then its submodules'."""
+    tensors = {}
+    skipped = state.get('_non_persistent_buffers_set') or set()
+    buffers = [(name, buffer) for name, buffer in (state.get('_buffers') or {}).items() if name not in skipped]
+    for name, tensor in [*(state.get('_parameters') or {}).items(), *buffers]:
+        if tensor is not None:
+            if not isinstance(tensor, torch.Tensor):
+                raise pickle.UnpicklingError(f'parameter or buffer {name!r} is a {type(tensor).__name__}')
+            tensors[name] = tensor
+    for name, child in (state.get('_modules') or {}).items():
+        if isinstance(child, PersistentObject):
+            child_tensors = child.state_dict
+        elif isinstance(child, _PickledModule):
+            child_tensors = _module_state_dict(child.state)
+        elif child is None:
+            continue
+        else:
+            raise pickle.UnpicklingError(f'submodule {name!r} is a {type(child).__name__}')
+        tensors.update({f'{name}.{key}': tensor for key, tensor in child_tensors.items()})
+    return tensors
+
+
+def _persistent_object_from_meta(meta):
+    """Stands in for torch_utils.persistence._reconstruct_persistent_obj(meta). EDM execs meta['module_src'] (the
+    source of the defining module) and builds the class from it; here the source is never run, only the recorded
+    state is read: meta = {type: 'class', version, module_src, class_name, state: the object's __dict__}."""
+    if not (isinstance(meta, dict) and meta.get('type') == 'class' and isinstance(meta.get('class_name'), str)
+            and isinstance(meta.get('state'), dict)):
+        raise pickle.UnpicklingError('a persistent object without the class record of torch_utils.persistence')
+    state = meta['state']
+    modules = {name: child for name, child in (state.get('_modules') or {}).items()
+               if isinstance(child, PersistentObject)}
+    attributes = {name: _plain(value) for name, value in state.items()
+                  if not name.startswith('_') and name != 'training'
+                  and not isinstance(value, (PersistentObject, _PickledModule, torch.Tensor))}
+    return PersistentObject(
+        module_name=EDM_CLASS_MODULES.get(meta['class_name'], ''), class_name=meta['class_name'],
+        init_args=tuple(_plain(state.get('_init_args') or ())),
+        init_kwargs=_plain(dict(state.get('_init_kwargs') or {})),
+        state_dict=_module_state_dict(state), attributes=attributes, modules=modules)
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    """torch._utils._rebuild_tensor_v2 for CPU storages only, without requires_grad, hooks or metadata."""
+    if not isinstance(storage, torch.storage.TypedStorage):
+        raise pickle.UnpicklingError(f'tensor data is a {type(storage).__name__}, not a torch storage')
+    return torch._utils._rebuild_tensor(storage, storage_offset, tuple(size), tuple(stride))
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
+    """torch._utils._rebuild_parameter, returning the plain tensor."""
+    if not isinstance(data, torch.Tensor):
+        raise pickle.UnpicklingError(f'parameter data is a {type(data).__name__}')
+    return data
+
+
+def _load_storage_from_bytes(data):
+    """torch.storage._load_from_bytes (how pickle.dump stores a tensor's storage: a small torch.save file), read
+    with torch.load(weights_only=True) instead of a full unpickler."""
+    if not isinstance(data, bytes):
+        raise pickle.UnpicklingError('storage bytes expected')
+    storage = torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
+    if not isinstance(storage, torch.storage.TypedStorage):
+        raise pickle.UnpicklingError(f'storage bytes hold a {type(storage).__name__}')
+    return storage
+
+
+def _numpy_scalar(dtype, data):
+    """numpy.core.multiarray.scalar for numeric dtypes only (an object dtype would unpickle arbitrary objects)."""
+    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes):
+        raise pickle.UnpicklingError('a numpy scalar that is not a plain number')
+    return np.frombuffer(data, dtype=dtype)[0]
+
+
+# Every global an EDM / ambient-diffusion network-snapshot-*.pkl refers to, and what stands in for it. Each stand-in
+# is safe to call with any arguments; everything else is refused.
+EDM_PICKLE_GLOBALS = {
+    ('torch_utils.persistence', '_reconstruct_persistent_obj'): _persistent_object_from_meta,
+    ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor,
+    ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
+    ('torch.storage', '_load_from_bytes'): _load_storage_from_bytes,
+    ('torch.nn.modules.container', 'ModuleDict'): _PickledModule,
+    ('torch.nn.modules.container', 'ModuleList'): _PickledModule,
+    ('torch.nn.modules.container', 'Sequential'): _PickledModule,
+    ('collections', 'OrderedDict'): collections.OrderedDict,
+    ('builtins', 'set'): set,
+    ('builtins', 'frozenset'): frozenset,
+    ('dnnlib.util', 'EasyDict'): dict,
+    ('numpy', 'dtype'): np.dtype,
+    ('numpy.core.multiarray', 'scalar'): _numpy_scalar,
+    ('numpy._core.multiarray', 'scalar'): _numpy_scalar,
+}
+
+
+class _EDMUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in EDM_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f'it refers to {module}.{name}, which no EDM network snapshot holds '
+                                         '(unpickling it could run code), so it is not loaded')
+        return EDM_PICKLE_GLOBALS[module, name]
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError('it holds persistent ids, which EDM network snapshots do not use')
+
+
+def load_edm_pickle(path):
+    """Read an EDM-style `network-snapshot-*.pkl` (NVlabs/edm training_loop.py: {'ema', 'loss_fn', 'augment_pipe',
+    'dataset_kwargs'}; ambient-diffusion's training_loop.py stores 'ema' as a state dict) without running code.
+
+    A restricted unpickler: the objects of persistent classes (torch_utils/persistence.py) become PersistentObject
+    records and the source code pickled with them is never executed; tensors are rebuilt through
+    torch.load(weights_only=True); any other global (os.system, a class to instantiate, ...) stops the load with a
+    one-line ValueError. Returns the pickled dict.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise WeightsNotFoundError(f'network pickle not found: {path}')
+    try:
+        with open(path, 'rb') as f:
+            data = _EDMUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, IndexError, KeyError, TypeError, ValueError,
+            RuntimeError, struct.error) as error:
+        reason = ' '.join(str(error).split()) or type(error).__name__
+        raise ValueError(f'{path}: not loaded as an EDM network pickle: {reason}') from None
+    if not isinstance(data, dict):
+        raise ValueError(f'{path}: an EDM network pickle holds a dict, this one a {type(data).__name__}')
+    return data
+
+
+# UNet submodules -> EDM UNetBlock submodules (a UNetBlock holds the residual block and its attention).
+_EDM_BLOCK_NAMES = {'in_layers.0': 'norm0', 'in_layers.2': 'conv0', 'emb_layers.1': 'affine',
+                    'out_layers.0': 'norm1', 'out_layers.3': 'conv1', 'skip_connection': 'skip',
+                    'norm': 'norm2', 'qkv': 'qkv', 'proj_out': 'proj'}
+
+
+def _edm_module_names(config):
+    """{UNet module: EDM module} for a UNet config of arch 'ddpmpp' (EDM's SongUNet) or 'adm' (EDM's DhariwalUNet).
+
+    EDM names blocks by resolution (enc.32x32_block0, dec.16x16_in0, dec.32x32_up) in the order UNet numbers its own:
+    its `_down` / `_up` blocks are our resampling blocks at the end of a level, its `in0` / `in1` our middle block.
+    A residual block and the attention after it (our `.0` and `.1`) are one EDM UNetBlock.
+    """
+    R, channel_mult, num_blocks = config['img_resolution'], config['channel_mult'], config['num_blocks']
+    song = config['arch'] == 'ddpmpp'
+    names = {'time_embed.0': 'map_layer0', 'time_embed.2': 'map_layer1', 'map_augment': 'map_augment',
+             'map_label' if song else 'label_emb': 'map_label', 'input_blocks.0.0': f'enc.{R}x{R}_conv',
+             'out.0': f'dec.{R}x{R}_aux_norm' if song else 'out_norm',
+             'out.2': f'dec.{R}x{R}_aux_conv' if song else 'out_conv'}
+    i = 1
+    for level in range(len(channel_mult)):
+        res = R >> level
+        if level > 0:
+            names[f'input_blocks.{i}.0'] = f'enc.{res}x{res}_down'
+            i += 1
+        for idx in range(num_blocks):
+            names[f'input_blocks.{i}.0'] = names[f'input_blocks.{i}.1'] = f'enc.{res}x{res}_block{idx}'
+            i += 1
+    low = R >> (len(channel_mult) - 1)
+    names['middle_block.0'] = names['middle_block.1'] = f'dec.{low}x{low}_in0'
+    names['middle_block.2'] = f'dec.{low}x{low}_in1'
+    j = 0
+    for level in reversed(range(len(channel_mult))):
+        res = R >> level
+        for idx in range(num_blocks + 1):
+            attention = res in config['attn_resolutions'] and (idx == num_blocks or not song)
+            names[f'output_blocks.{j}.0'] = names[f'output_blocks.{j}.1'] = f'dec.{res}x{res}_block{idx}'
+            if level > 0 and idx == num_blocks:  # EDM names the upsampling block after the resolution it makes
+                names[f'output_blocks.{j}.{1 + attention}'] = f'dec.{2 * res}x{2 * res}_up'
+            j += 1
+    return names
+
+
+def _unet_to_edm_keys(config):
+    """{UNet state_dict key: EDM key} for every parameter of UNet(**config) (EDM SongUNet / DhariwalUNet naming)."""
+    names = _edm_module_names(config)
+    with torch.device('meta'):
+        keys = list(UNet(**config).state_dict())
+    mapping = {}
+    for key in keys:
+        parts = key.split('.')
+        prefix = next('.'.join(parts[:n]) for n in (3, 2, 1) if '.'.join(parts[:n]) in names)
+        inner = key[len(prefix) + 1:].rsplit('.', 1)   # ['in_layers.2', 'weight'] or ['weight']
+        edm_inner = [_EDM_BLOCK_NAMES[inner[0]], inner[1]] if len(inner) == 2 else inner
+        mapping[key] = '.'.join([names[prefix], *edm_inner])
+    return mapping
+
+
+def _edm_resample_filters(config):
+    """The EDM keys of the [1, 1] resampling filters (buffers) of the up/down blocks; UNet's resampling is fixed."""
+    blocks = {name for name in _edm_module_names(config).values() if name.endswith(('_down', '_up'))}
+    return {f'{block}.{conv}.resample_filter' for block in blocks for conv in ('conv0', 'skip')}
+
+
+def _attention_heads(config, channels):
+    head_channels = config.get('num_head_channels', -1)
+    return channels // head_channels if head_channels > 0 else config.get('num_heads', 1)
+
+
+def _qkv_rows(tensor, heads, new_order, to_edm):
+    """Reorder the 3C output rows of a qkv projection (weight, gate weight or bias) between EDM's layout, rows
+    ordered (head, channel, q/k/v), and UNet's, (head, q/k/v, channel) or with new_order (q/k/v, head, channel)."""
+    sizes = dict(head=heads, channel=tensor.shape[0] // (3 * heads), qkv=3)
+    ours = ('qkv', 'head', 'channel') if new_order else ('head', 'qkv', 'channel')
+    source, target = (ours, ('head', 'channel', 'qkv')) if to_edm else (('head', 'channel', 'qkv'), ours)
+    grouped = tensor.reshape(*(sizes[axis] for axis in source), *tensor.shape[1:])
+    order = [source.index(axis) for axis in target]
+    return grouped.permute(*order, *range(3, grouped.ndim)).reshape(tensor.shape)
+
+
+def _convert_edm_tensor(key, tensor, config, to_edm):
+    """One tensor between the two layouts: attention projections are 1x1 Conv2d in EDM and Conv1d here (and qkv rows
+    are reordered), DhariwalUNet's class map is a Linear (emb, classes), ours an Embedding (classes, emb)."""
+    if '.qkv.' in key or '.proj_out.' in key:
+        if '.qkv.' in key:
+            heads = _attention_heads(config, tensor.shape[0] // 3)
+            tensor = _qkv_rows(tensor, heads, config.get('use_new_attention_order', False), to_edm)
+        if tensor.ndim > 1:
+            tensor = tensor[..., None] if to_edm else tensor[..., 0]
+    elif key == 'label_emb.weight':
+        tensor = tensor.t()
+    return tensor.contiguous()
+
+
+def _strip_edm_prefixes(state_dict):
+    """Model keys of an EDM state dict: without torch.compile's '_orig_mod.' (ambient-diffusion's eval.py strips it
+    too) and without the precond's 'model.' when every key has it."""
+    state_dict = {key.replace('_orig_mod.', ''): value for key, value in state_dict.items()}
+    if state_dict and all(key.startswith('model.') for key in state_dict):
+        state_dict = {key[len('model.'):]: value for key, value in state_dict.items()}
+    return state_dict
+
+
+def _edm_to_unet_state_dict(state_dict, config, model_type):
+    state_dict = _strip_edm_prefixes(state_dict)
+    config = config or edm_unet_config(state_dict)
+    arch = 'ddpmpp' if model_type == 'SongUNet' else 'adm'
+    if config['arch'] != arch:
+        raise ValueError(f'a {model_type} state dict maps onto UNet(arch={arch!r}), not arch={config["arch"]!r}')
+    from_edm = {edm_key: key for key, edm_key in _unet_to_edm_keys(config).items()}
+    filters = _edm_resample_filters(config)
+    missing = [key for key in from_edm if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in from_edm and key not in filters]
+    if missing or unexpected:
+        raise ValueError(f'{model_type} state dict does not match {config["arch"]} UNet: missing {missing[:3]} '
+                         f'({len(missing)}), unexpected {unexpected[:3]} ({len(unexpected)})')
+    for key in filters & set(state_dict):
+        if not torch.equal(state_dict[key].float().cpu(), torch.full((1, 1, 2, 2), 0.25)):
+            raise ValueError(f'{key}: a resampling filter other than [1, 1] (ncsnpp: [1, 3, 3, 1]) is not supported')
+    return {key: _convert_edm_tensor(key, state_dict[edm_key], config, to_edm=False)
+            for edm_key, key in from_edm.items()}
+
+
+def _unet_to_edm_state_dict(net_or_state_dict, config, arch):
+    if isinstance(net_or_state_dict, nn.Module):
+        config, state_dict = net_or_state_dict.config, net_or_state_dict.state_dict()
+    else:
+        state_dict = net_or_state_dict
+    if config is None or config['arch'] != arch:
+        raise ValueError(f'pass a UNet(arch="{arch}") or its state dict with its config')
+    converted = {edm_key: _convert_edm_tensor(key, state_dict[key], config, to_edm=True)
+                 for key, edm_key in _unet_to_edm_keys(config).items()}
+    converted.update({key: torch.full((1, 1, 2, 2), 0.25) for key in sorted(_edm_resample_filters(config))})
+    return converted
+
+
+def songunet_to_unet_state_dict(state_dict, config=None):
+    """State dict of EDM's SongUNet (NVlabs/edm training/networks.py; ambient-diffusion's gated variant, its
+    training/networks.py, maps to gated=True) -> UNet(arch='ddpmpp') state dict. Keys may carry the precond's
+    'model.' prefix. config (UNet kwargs) defaults to edm_unet_config(state_dict). Strict: a missing or unexpected
+    key raises ValueError."""
+    return _edm_to_unet_state_dict(state_dict, config, 'SongUNet')
+
+
+def unet_to_songunet_state_dict(net_or_state_dict, config=None):
+    """UNet(arch='ddpmpp') (or its state dict plus config) -> EDM SongUNet state dict (keys without 'model.'),
+    with the [1, 1] resample_filter buffers EDM's up/down convolutions carry."""
+    return _unet_to_edm_state_dict(net_or_state_dict, config, 'ddpmpp')
+
+
+def dhariwal_to_unet_state_dict(state_dict, config=None):
+    """State dict of EDM's DhariwalUNet (NVlabs/edm training/networks.py, ADM re-implemented; ambient-diffusion's
+    gated variant maps to gated=True) -> UNet(arch='adm') state dict, with edm_unet_config's adm flags (scale-shift
+    norm, resblock up/down, 64 channels per head, GroupNorm groups of >= 4 channels)."""
+    return _edm_to_unet_state_dict(state_dict, config, 'DhariwalUNet')
+
+
+def unet_to_dhariwal_state_dict(net_or_state_dict, config=None):
+    """UNet(arch='adm') (or its state dict plus config) -> EDM DhariwalUNet state dict (keys without 'model.')."""
+    return _unet_to_edm_state_dict(net_or_state_dict, config, 'adm')
+
+
+# SongUNet settings that UNet(arch='ddpmpp') expresses; EDM's ncsnpp (Fourier embedding, residual encoder, FIR
+# filter [1, 3, 3, 1], doubled noise channels) and the skip encoder/decoder are refused.
+_SONGUNET_SUPPORTED = dict(embedding_type='positional', encoder_type='standard', decoder_type='standard',
+                           channel_mult_noise=1, resample_filter=[1, 1], channel_mult_emb=4)
+
+
+def edm_unet_config(state_dict, model_kwargs=None):
+    """UNet kwargs for an EDM SongUNet (-> arch 'ddpmpp') or DhariwalUNet (-> 'adm') state dict, read from its keys and
+    shapes; model_kwargs (the recorded init kwargs, when known) add dropout and label_dropout and are checked for
+    settings UNet cannot express (ncsnpp), which raise ValueError with one line."""
+    state_dict = _strip_edm_prefixes(state_dict)
+    model_kwargs = model_kwargs or {}
+    for key, supported in _SONGUNET_SUPPORTED.items():
+        if key in model_kwargs and list(np.atleast_1d(model_kwargs[key])) != list(np.atleast_1d(supported)):
+            raise ValueError(f'EDM network with {key}={model_kwargs[key]!r} (ncsnpp-style) is not supported by '
+                             'nets.UNet (only EDM ddpmpp SongUNet and DhariwalUNet, gated or not)')
+    if 'map_noise.freqs' in state_dict or any('_aux_' in key and '_aux_norm' not in key and '_aux_conv' not in key
+                                              for key in state_dict):
+        raise ValueError('EDM ncsnpp network (Fourier embedding / residual or skip encoder) is not supported by '
+                         'nets.UNet (only EDM ddpmpp SongUNet and DhariwalUNet, gated or not)')
+    try:
+        song = 'out_conv.weight' not in state_dict
+        R = next(int(m[1]) for m in (re.fullmatch(r'enc\.(\d+)x\1_conv\.weight', key) for key in state_dict) if m)
+        resolutions = sorted({int(m[1]) for m in (re.match(r'enc\.(\d+)x\1_', key) for key in state_dict) if m},
+                             reverse=True)
+        model_channels = state_dict['map_layer0.weight'].shape[1]
+        widths = [state_dict[f'enc.{res}x{res}_block0.conv0.weight'].shape[0] for res in resolutions]
+        num_blocks = len({m[1] for m in (re.match(rf'enc\.{R}x{R}_block(\d+)\.', key) for key in state_dict) if m})
+        out_weight = state_dict[f'dec.{R}x{R}_aux_conv.weight' if song else 'out_conv.weight']
+        first_conv = state_dict[f'enc.{R}x{R}_conv.weight']
+    except (StopIteration, KeyError) as error:
+        raise ValueError(f'not an EDM SongUNet / DhariwalUNet state dict (no {error})') from None
+    emb_channels = state_dict['map_layer0.weight'].shape[0]
+    if emb_channels != 4 * model_channels or (song and first_conv.shape[0] != model_channels):
+        raise ValueError('EDM network with channel_mult_emb != 4 or channel_mult_noise != 1: not supported by UNet')
+    config = dict(
+        arch='ddpmpp' if song else 'adm', img_resolution=R, in_channels=first_conv.shape[1],
+        out_channels=out_weight.shape[0], model_channels=model_channels,
+        channel_mult=tuple(w // model_channels if w % model_channels == 0 else w / model_channels for w in widths),
+        num_blocks=num_blocks,
+        attn_resolutions=tuple(res for res in resolutions if f'enc.{res}x{res}_block0.qkv.weight' in state_dict),
+        dropout=float(model_kwargs.get('dropout', 0.0)),
+        label_dim=state_dict['map_label.weight'].shape[1] if 'map_label.weight' in state_dict else 0,
+        augment_dim=state_dict['map_augment.weight'].shape[1] if 'map_augment.weight' in state_dict else 0)
+    config['gated'] = any(key.endswith('.gate_weight') for key in state_dict)  # ambient-diffusion's networks.py
+    if song:
+        config.update(num_heads=1, label_dropout=float(model_kwargs.get('label_dropout', 0.0)))
+    else:  # EDM's DhariwalUNet: FiLM, resampling ResBlocks, 64 channels per head, GroupNorm groups of >= 4 channels
+        config.update(num_head_channels=64, use_scale_shift_norm=True, resblock_updown=True,
+                      use_new_attention_order=False, norm_min_group_size=4)
+    return config
+
+
+# EDM's preconditioners and their constructor defaults (training/networks.py), which a recorded init_kwargs omits.
+EDM_PRECOND_DEFAULTS = {
+    'EDMPrecond': dict(label_dim=0, use_fp16=False, sigma_min=0.0, sigma_max=float('inf'), sigma_data=0.5,
+                       model_type='DhariwalUNet'),
+    'VPPrecond': dict(label_dim=0, use_fp16=False, beta_d=19.9, beta_min=0.1, M=1000, epsilon_t=1e-5,
+                      model_type='SongUNet'),
+    'VEPrecond': dict(label_dim=0, use_fp16=False, sigma_min=0.02, sigma_max=100.0, model_type='SongUNet'),
+    'iDDPMPrecond': dict(label_dim=0, use_fp16=False, C_1=0.001, C_2=0.008, M=1000, model_type='DhariwalUNet'),
+}
+
+
+def _read_edm_pickle_network(path):
+    """(model state dict, precond class, precond kwargs, extra info) of an EDM / ambient-diffusion pickle."""
+    data = load_edm_pickle(path)
+    ema = data.get('ema')
+    options_path = os.path.join(os.path.dirname(os.path.abspath(path)), 'training_options.json')
+    training_options = None
+    if os.path.isfile(options_path):
+        with open(options_path) as f:
+            training_options = json.load(f)
+    extra = dict(training_options=training_options, dataset_kwargs=data.get('dataset_kwargs'))
+    for name in ('loss_fn', 'augment_pipe'):
+        record = data.get(name)
+        extra[name] = dict(class_name=record.class_name, **record.attributes) if isinstance(record, PersistentObject) \
+            else None
+    if isinstance(ema, PersistentObject):  # EDM: the EMA network itself, a persistent precond object
+        precond, kwargs, state_dict = ema.class_name, {**ema.init_kwargs, **ema.attributes}, ema.state_dict
+    elif isinstance(ema, dict) and ema and all(isinstance(value, torch.Tensor) for value in ema.values()):
+        # ambient-diffusion: ema.state_dict(); its eval.py rebuilds the precond from training_options.json.
+        network_kwargs = dict((training_options or {}).get('network_kwargs') or {})
+        precond = network_kwargs.pop('class_name', 'training.networks.EDMPrecond').rsplit('.', 1)[-1]
+        kwargs, state_dict = network_kwargs, ema
+        dataset_kwargs = (training_options or {}).get('dataset_kwargs') or data.get('dataset_kwargs') or {}
+        if dataset_kwargs.get('resolution') is not None:
+            kwargs['img_resolution'] = dataset_kwargs['resolution']
+    else:
+        raise ValueError(f'{path}: no network under "ema" (found {type(ema).__name__})')
+    return state_dict, precond, kwargs, extra
+
+
+def _read_hf_network(folder):
+    """(model state dict, 'EDMPrecond', precond kwargs, extra info) of a folder written by huggingface_hub's
+    PyTorchModelHubMixin for ambient-laws' EDMPrecond: config.json holds its init kwargs (the UNet's among them),
+    model.safetensors (older hub versions: pytorch_model.bin) its state dict, UNet keys under 'model.'."""
+    config_path = os.path.join(folder, 'config.json')
+    weights = [os.path.join(folder, name) for name in ('model.safetensors', 'pytorch_model.bin')]
+    weights = [path for path in weights if os.path.isfile(path)]
+    if not os.path.isfile(config_path) or not weights:
+        raise WeightsNotFoundError(f'{folder}: a Hugging Face checkpoint needs config.json and model.safetensors')
+    with open(config_path) as f:
+        kwargs = json.load(f)
+    kwargs.pop('class_name', None)  # ambient-laws' generate.py sets it to training.networks.EDMPrecond
+    return load_weights_file(weights[0]), 'EDMPrecond', kwargs, dict(training_options=None)
+
+
+def load_edm_network(source, cache_dir=None):
+    """Build a UNet from a released EDM-family checkpoint and return (unet in eval mode, info).
+
+    source: an EDM / ambient-diffusion `network-snapshot-*.pkl` (local path or http(s) URL; a training_options.json
+    beside a local pickle is read), or a Hugging Face checkpoint of ambient-laws (repo id `owner/name`,
+    `hf://owner/name[@revision]`, or a local folder with config.json + model.safetensors). The network inside
+    (SongUNet ddpmpp or DhariwalUNet, plain or with ambient-diffusion's gated convolutions) is mapped onto UNet and
+    loaded strictly; ncsnpp and other settings UNet cannot express raise ValueError. The preconditioning is left to
+    the caller:
+
+    info: format ('edm-pickle' | 'huggingface'), path, precond (class name: EDMPrecond, VPPrecond, VEPrecond,
+    iDDPMPrecond), precond_kwargs (its constructor arguments with EDM's defaults filled in: img_resolution,
+    img_channels (ambient-diffusion: image + mask channels), label_dim, use_fp16, sigma_min, sigma_max, sigma_data,
+    model_type, the model's kwargs, gated), model_type, gated, unet_config, training_options (dict or None), and
+    for pickles dataset_kwargs, loss_fn and augment_pipe (class name and attributes, or None).
+    """
+    path = resolve_source(source, ['config.json', ('model.safetensors', 'pytorch_model.bin')], cache_dir)
+    if os.path.isdir(path):
+        state_dict, precond, kwargs, extra = _read_hf_network(path)
+        fmt = 'huggingface'
+    else:
+        state_dict, precond, kwargs, extra = _read_edm_pickle_network(path)
+        fmt = 'edm-pickle'
+    if precond not in EDM_PRECOND_DEFAULTS:
+        known = ', '.join(EDM_PRECOND_DEFAULTS)
+        raise ValueError(f'{path}: unknown EDM preconditioning {precond!r} (known: {known})')
+    state_dict = {key.replace('_orig_mod.', ''): value for key, value in state_dict.items()}
+    model_state = {key[len('model.'):]: value for key, value in state_dict.items() if key.startswith('model.')}
+    config = edm_unet_config(model_state, kwargs)
+    model_type = 'SongUNet' if config['arch'] == 'ddpmpp' else 'DhariwalUNet'
+    precond_kwargs = {**EDM_PRECOND_DEFAULTS[precond], **_plain(kwargs), 'model_type': model_type,
+                      'img_resolution': config['img_resolution'], 'img_channels': config['in_channels'],
+                      'label_dim': config['label_dim'], 'gated': config['gated']}
+    unet_state = _edm_to_unet_state_dict(model_state, config, model_type)
+    with torch.device('meta'):  # no random init of weights that are overwritten anyway
+        net = UNet(**config)
+    net.load_state_dict({key: value.float() for key, value in unet_state.items()}, strict=True, assign=True)
+    info = dict(format=fmt, path=path, precond=precond, precond_kwargs=precond_kwargs, model_type=model_type,
+                gated=config['gated'], unet_config=config, **extra)
+    return net.eval(), info
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -10,11 +10,22 @@ the official code, and a local HTTP server to download them from.
   PyTorchModelHubMixin writes them for ambient-laws' EDMPrecond.
 """
 
+import collections
 import contextlib
 import http.server
+import json
 import os
+import pickle
+import re
+import sys
 import threading
+import types
 import urllib.parse
+
+import numpy as np
+import torch
+
+import nets
 
 
 class _FolderHandler(http.server.BaseHTTPRequestHandler):
@@ -92,3 +103,178 @@ class BaseURL(str):
 def hf_repo_folder(root, repo_id, revision='main'):
     """The folder under a served root that answers the Hub's resolve URLs of repo_id at revision."""
     return os.path.join(root, *repo_id.split('/'), 'resolve', revision)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# EDM network pickles (NVlabs/edm torch_utils/persistence.py), written without the official code
+
+# Stands in for the source code that torch_utils.persistence pickles with each object (EDM execs it on load). If it
+# were ever executed it would create the file named by $EDM_LAYOUTS_EXEC_MARKER and raise, so a test can prove that
+# nothing runs it.
+PLACEHOLDER_MODULE_SRC = ("import os, pathlib\n"
+                          "pathlib.Path(os.environ.get('EDM_LAYOUTS_EXEC_MARKER', 'module_src_was_executed')).touch()\n"
+                          "raise RuntimeError('module_src was executed')\n")
+
+
+def _persistence_module():
+    """A stand-in `torch_utils.persistence` module with `_reconstruct_persistent_obj`, so that pickle writes the
+    same global the official code writes (pickle checks that a global can be imported by its name)."""
+    package = types.ModuleType('torch_utils')
+    module = types.ModuleType('torch_utils.persistence')
+
+    def _reconstruct_persistent_obj(meta):
+        raise RuntimeError('test stand-in: never called')
+    _reconstruct_persistent_obj.__module__ = module.__name__
+    _reconstruct_persistent_obj.__qualname__ = '_reconstruct_persistent_obj'
+    module._reconstruct_persistent_obj = _reconstruct_persistent_obj
+    package.persistence = module
+    return {'torch_utils': package, 'torch_utils.persistence': module}
+
+
+class FakePersistent(torch.nn.Module):
+    """An nn.Module that pickles like an object of an EDM persistent class: `__reduce__` gives
+    (_reconstruct_persistent_obj, (meta,), None) with meta = {type, version, module_src, class_name, state}, state
+    being the module's __dict__ with _init_args / _init_kwargs, as in persistence.py's Decorator.__reduce__."""
+
+    def __init__(self, class_name, init_kwargs=None, module_src=PLACEHOLDER_MODULE_SRC, **attributes):
+        super().__init__()
+        self._class_name = class_name
+        self._module_src = module_src
+        self._init_args = ()
+        self._init_kwargs = dict(init_kwargs or {})
+        for name, value in attributes.items():
+            setattr(self, name, value)
+
+    def __reduce__(self):
+        state = {key: value for key, value in self.__dict__.items() if key not in ('_class_name', '_module_src')}
+        meta = dict(type='class', version=6, module_src=self._module_src, class_name=self._class_name, state=state)
+        return sys.modules['torch_utils.persistence']._reconstruct_persistent_obj, (meta,), None
+
+
+def _edm_class_of(name, model_type):
+    """The EDM class of a module, from its name in an EDM state dict path."""
+    if name == 'model':
+        return model_type
+    if name in ('enc', 'dec'):
+        return 'ModuleDict'
+    if re.fullmatch(r'\d+x\d+_(block\d+|down|up|in0|in1)', name):
+        return 'UNetBlock'
+    if name.startswith('norm') or name.endswith(('aux_norm', 'out_norm')):
+        return 'GroupNorm'
+    if name.startswith('map_layer') or name in ('map_label', 'map_augment', 'affine'):
+        return 'Linear'
+    return 'Conv2d'
+
+
+def edm_module_tree(state_dict, model_type, model_kwargs, precond, precond_kwargs, module_src=PLACEHOLDER_MODULE_SRC):
+    """The EDM precond -> model -> enc/dec ModuleDicts -> UNetBlock -> Conv2d/Linear/GroupNorm tree holding an EDM
+    state dict (keys without 'model.'), as FakePersistent modules that pickle like the official ones."""
+    root = FakePersistent(precond, precond_kwargs, module_src, **{
+        key: value for key, value in precond_kwargs.items() if key in (
+            'img_resolution', 'img_channels', 'label_dim', 'use_fp16', 'sigma_min', 'sigma_max', 'sigma_data')})
+    model = FakePersistent(model_type, model_kwargs, module_src, label_dropout=model_kwargs.get('label_dropout', 0))
+    root.model = model
+    model.map_noise = FakePersistent('PositionalEmbedding', dict(num_channels=model_kwargs.get('model_channels')),
+                                     module_src, endpoint=model_type == 'SongUNet')
+    for key, tensor in state_dict.items():
+        *path, leaf = key.split('.')
+        module = model
+        for name in path:
+            if name not in module._modules:
+                class_name = _edm_class_of(name, model_type)
+                if class_name == 'ModuleDict':
+                    child = torch.nn.ModuleDict()
+                elif class_name == 'UNetBlock':  # EDM keeps skip_scale as a numpy float (np.sqrt(0.5))
+                    child = FakePersistent(class_name, dict(dropout=model_kwargs.get('dropout', 0)), module_src,
+                                           skip_scale=np.sqrt(0.5) if model_type == 'SongUNet' else 1)
+                else:
+                    child = FakePersistent(class_name, {}, module_src)
+                module.add_module(name, child)
+            module = module._modules[name]
+        if leaf == 'resample_filter':
+            module.register_buffer(leaf, tensor.clone())
+        else:
+            module.register_parameter(leaf, torch.nn.Parameter(tensor.clone(), requires_grad=False))
+    return root
+
+
+def edm_precond_kwargs(unet, precond='EDMPrecond', **overrides):
+    """EDM precond init kwargs (model kwargs included) for a nets.UNet config, as EDM's train.py passes them."""
+    config = unet.config
+    model_kwargs = dict(model_channels=config['model_channels'], channel_mult=list(config['channel_mult']),
+                        num_blocks=config['num_blocks'], attn_resolutions=list(config['attn_resolutions']),
+                        dropout=config['dropout'], augment_dim=config['augment_dim'])
+    if config['arch'] == 'ddpmpp':
+        model_kwargs.update(embedding_type='positional', encoder_type='standard', decoder_type='standard',
+                            channel_mult_noise=1, resample_filter=[1, 1])
+    kwargs = dict(img_resolution=config['img_resolution'], img_channels=config['in_channels'],
+                  label_dim=config['label_dim'], use_fp16=False,
+                  model_type='SongUNet' if config['arch'] == 'ddpmpp' else 'DhariwalUNet', **model_kwargs)
+    if precond == 'EDMPrecond':
+        kwargs.update(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5)
+    return {**kwargs, **overrides}
+
+
+def edm_state_dict(unet):
+    """The EDM (SongUNet / DhariwalUNet) state dict of a nets.UNet, keys without 'model.'."""
+    if unet.config['arch'] == 'ddpmpp':
+        return nets.unet_to_songunet_state_dict(unet)
+    return nets.unet_to_dhariwal_state_dict(unet)
+
+
+def write_edm_pickle(path, unet_or_state_dict, precond_kwargs, precond='EDMPrecond', ema_as_state_dict=False,
+                     loss=('EDMLoss', dict(P_mean=-1.2, P_std=1.2, sigma_data=0.5)), dataset_kwargs=None,
+                     with_training_options=None, module_src=PLACEHOLDER_MODULE_SRC, extra=None):
+    """Write a network-snapshot-*.pkl as NVlabs/edm training_loop.py does: {'ema': the precond object, 'loss_fn',
+    'augment_pipe', 'dataset_kwargs'}, each persistent object pickled through torch_utils.persistence's structure.
+
+    unet_or_state_dict: a nets.UNet (mapped to EDM keys) or an EDM model state dict (keys without 'model.').
+    ema_as_state_dict: write 'ema' as ambient-diffusion's training_loop.py does, ema.state_dict() (keys 'model.*').
+    with_training_options: a dict written as training_options.json beside the pickle (EDM's train.py writes one; for
+    ambient-diffusion it is how eval.py learns the network kwargs). extra: more top-level entries (e.g. a refused
+    object, to test refusals).
+    """
+    state_dict = edm_state_dict(unet_or_state_dict) if isinstance(unet_or_state_dict, torch.nn.Module) \
+        else unet_or_state_dict
+    precond_only = ('img_resolution', 'img_channels', 'label_dim', 'use_fp16', 'sigma_min', 'sigma_max', 'sigma_data',
+                    'beta_d', 'beta_min', 'M', 'epsilon_t', 'C_1', 'C_2', 'model_type')
+    model_kwargs = {key: value for key, value in precond_kwargs.items() if key not in precond_only}
+    model_kwargs.update(img_resolution=precond_kwargs['img_resolution'], in_channels=precond_kwargs['img_channels'],
+                        out_channels=precond_kwargs['img_channels'], label_dim=precond_kwargs.get('label_dim', 0))
+    root = edm_module_tree(state_dict, precond_kwargs['model_type'], model_kwargs, precond, precond_kwargs,
+                           module_src)
+    ema = collections.OrderedDict(root.state_dict()) if ema_as_state_dict else root.eval().requires_grad_(False)
+    data = dict(ema=ema, loss_fn=FakePersistent(loss[0], loss[1], module_src, **loss[1]) if loss else None,
+                augment_pipe=None, dataset_kwargs=dict(dataset_kwargs or {}), **(extra or {}))
+    stand_ins = _persistence_module()
+    saved = {name: sys.modules.get(name) for name in stand_ins}
+    sys.modules.update(stand_ins)
+    try:
+        with open(path, 'wb') as f:
+            pickle.dump(data, f)
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+    if with_training_options is not None:
+        with open(os.path.join(os.path.dirname(os.path.abspath(path)), 'training_options.json'), 'w') as f:
+            json.dump(with_training_options, f, indent=2)
+    return path
+
+
+def write_hf_folder(folder, unet, precond_kwargs, safetensors=True):
+    """A Hugging Face checkpoint folder as huggingface_hub's PyTorchModelHubMixin saves ambient-laws' EDMPrecond:
+    config.json = its init kwargs (model kwargs flattened in), model.safetensors = its state dict (UNet under
+    'model.', EDM key names, resample_filter buffers included); with safetensors=False, pytorch_model.bin as older
+    hub versions wrote."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, 'config.json'), 'w') as f:
+        json.dump(precond_kwargs, f, indent=2)  # float('inf') is written as Infinity, as json.dump does in the mixin
+    tensors = {f'model.{key}': value.contiguous() for key, value in edm_state_dict(unet).items()}
+    if safetensors:
+        nets.save_safetensors(os.path.join(folder, 'model.safetensors'), tensors)
+    else:
+        torch.save(tensors, os.path.join(folder, 'pytorch_model.bin'))
+    return folder

@@ -38,6 +38,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import inspect
 import io
@@ -241,6 +242,7 @@ class RunError(Exception):
     exit_code = 1
 
 
+@functools.lru_cache
 def field_help(cls):
     """Each field's trailing comment in the dataclass source: the one place a flag is described."""
     helps = {}
@@ -265,7 +267,7 @@ def parse_config(cls, argv, command=None):
         [name for name in fields if name in COMMANDS[command] or name in SamplerConfig.__dataclass_fields__]
     defaults = {name: field.default for name, field in fields.items()}
     defaults.update(COMMAND_DEFAULTS.get(command, {}))
-    helps = field_help(cls)
+    helps = dict(field_help(cls))
     helps['preset'] = 'a paper recipe: ' + ', '.join(PRESETS)
     for title, members in GROUPS.items():
         group = parser.add_argument_group(title)
@@ -784,7 +786,8 @@ def dpm_solver_sample(net, noise, y, alphas_cumprod, steps=50, scale=1.0, y_null
 # ----------------------------------------------------------------------------------------------------------------------
 # Networks: the conditioning front ends around nets.DiT and the LDM nets.UNet.
 
-TINY_DITS = {'DiT-tiny': dict(depth=2, hidden_size=64, patch_size=2, num_heads=2)}  # CPU tests only
+TINY_DITS = {'DiT-tiny': dict(depth=2, hidden_size=64, patch_size=2, num_heads=2),  # CPU tests only
+             'DiT-S-tiny': dict(depth=1, hidden_size=384, patch_size=4, num_heads=6)}  # DiT-S's width and heads
 
 
 def is_dit(arch):
@@ -1681,8 +1684,12 @@ def walk(cfg, rank, world_size, device):
         for i in range(cfg.n_samples or 5):  # the official default: 5 walks per class
             noise_x, noise_y = (torch.randn(tuple(spec0['shape']), generator=generator) for _ in range(2))
             noise = (theta.cos().view(-1, 1, 1, 1) * noise_x + theta.sin().view(-1, 1, 1, 1) * noise_y).to(device)
-            rows = [torch.cat([sample_images(net, spec, vae, noise[j:j + cfg.batch], y[j:j + cfg.batch], cfg)
-                               for j in range(0, cfg.walk_steps, cfg.batch)]) for net, spec, vae in snapshots]
+            rows = []
+            for net, spec, vae in snapshots:  # stochastic samplers: the same step noise for every network too
+                step_noise = torch.Generator(device).manual_seed(cfg.seed + i)
+                randn_like = lambda x: torch.randn(x.shape, generator=step_noise, device=x.device)
+                rows.append(torch.cat([sample_images(net, spec, vae, noise[j:j + cfg.batch], y[j:j + cfg.batch], cfg,
+                                                     randn_like) for j in range(0, cfg.walk_steps, cfg.batch)]))
             tag = re.sub(r'\W+', '_', str(condition))[:40]
             save_grid(torch.cat(rows), os.path.join(cfg.outdir, f'walk-{tag}-{i:03d}.png'), cfg.walk_steps)
     print(f'wrote {len(conditions) * (cfg.n_samples or 5)} walk grids to {cfg.outdir}')

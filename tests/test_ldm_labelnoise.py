@@ -1,9 +1,11 @@
 """Tests of ldm_labelnoise.py: condition corruption statistics, CEP noise, the loss minimiser, DDIM / DPM-Solver++ on
 a class-conditional Gaussian mixture with the analytic eps-predictor, the latent cache, tiny end-to-end runs of both
 backbones, resume equality, DDP parity and bad input. CPU only, a few seconds each."""
+import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -601,3 +603,166 @@ def test_command_line_exit_code(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip() == 'ldm_labelnoise.py: error: --corruption_ratio must be in [0, 1)'
     assert not os.path.exists(tmp_path / 'out')
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Released formats and the official command lines.
+
+
+def write_tiny_vae(path):
+    torch.manual_seed(0)
+    torch.save(nets.AutoencoderKL(**nets.AUTOENCODER_TINY).state_dict(), path)  # f = 2: 8x8 latents, 16x16 images
+    return str(path)
+
+
+def test_facebookresearch_dit_checkpoints_in_generate_walk_eval_and_transfer(tmp_path):
+    dit = random_dit(hidden_size=384, num_heads=6, depth=1, patch_size=4)
+    torch.save(dit.state_dict(), tmp_path / 'DiT-tiny.pt')                # the layout of DiT-XL-2-256x256.pt
+    noisy = {key: value + 1 for key, value in dit.state_dict().items()}
+    torch.save(dict(model=noisy, ema=dit.state_dict(), opt={}, args=argparse.Namespace(model='DiT-S/4')),
+               tmp_path / '0400000.pt')                                   # DiT train.py: the EMA is used
+    vae = write_tiny_vae(tmp_path / 'vae.bin')
+    net, spec = L.load_network(str(tmp_path / 'DiT-tiny.pt'), 'cpu')
+    assert (spec['shape'], spec['num_classes'], spec['vae'], spec['beta_schedule']) == ((4, 8, 8), 10, 'mse', 'linear')
+    assert L.load_network(str(tmp_path / 'DiT-tiny.pt'), 'cpu', for_fid=True)[1]['vae'] == 'ema'  # sample_ddp.py
+    flags = [f'--vae={vae}', '--scheduler=ddpm', '--ddim_steps=4', '--cfg_channels=dit', '--scale=1.5']
+    for name in ('DiT-tiny.pt', '0400000.pt'):
+        run(['generate', f'--network={tmp_path / name}', '--seeds=0-2', f'--outdir={tmp_path / name}.out', *flags])
+    for seed in range(3):
+        a = np.asarray(PIL.Image.open(tmp_path / 'DiT-tiny.pt.out' / '000000' / f'{seed:06d}.png'))
+        assert a.shape == (16, 16, 3)
+        assert np.array_equal(a, np.asarray(PIL.Image.open(tmp_path / '0400000.pt.out' / '000000' / f'{seed:06d}.png')))
+    run(['walk', f'--network={tmp_path}/DiT-tiny.pt,{tmp_path}/0400000.pt', '--classes=3', '--walk_steps=3',
+         '--n_samples=1', f'--outdir={tmp_path}/walk', *flags])
+    grid = np.asarray(PIL.Image.open(tmp_path / 'walk' / 'walk-3-000.png'))
+    assert grid.shape == (32, 48, 3) and np.array_equal(grid[:16], grid[16:])
+
+    # --transfer: training starts from the DiT weights (a tiny learning rate leaves them in the EMA).
+    train = ['--preset=tiny', '--arch=DiT-S-tiny', f'--vae={vae}', f'--data={TINY_DATA}', '--kimg=0.008', '--lr=1e-12',
+             f'--cache_dir={tmp_path}/cache', f'--outdir={tmp_path}/runs', *FAST]
+    run_dir = run([*train, f'--transfer={tmp_path}/DiT-tiny.pt'])
+    ema = final_state(run_dir)['ema']
+    assert all(torch.allclose(ema['backbone.' + key], value, atol=1e-6) for key, value in dit.state_dict().items())
+    with pytest.raises(SystemExit) as exit_info:
+        run([*train, '--arch=DiT-tiny', f'--transfer={tmp_path}/DiT-tiny.pt'])
+    assert exit_info.value.code == 2
+
+
+def class_snapshot(path, num_classes=2):
+    """A network snapshot of this script, written directly: a random DiT-tiny in pixel space."""
+    spec = dict(arch='DiT-tiny', cond='class', num_classes=num_classes, shape=(3, 8, 8), dropout=0.0, text_layers=0,
+                embedding_dropout=0.0, class_dropout_prob=0.1, vae=None, scaling_factor=1, beta_schedule='linear',
+                linear_start=1e-4, linear_end=0.02)
+    torch.manual_seed(0)
+    net = L.build_network(spec)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    torch.save(dict(ema=net.state_dict(), spec=spec), path)
+    return str(path)
+
+
+def test_official_readme_sampling_commands_run_as_written(tmp_path, capsys, monkeypatch):
+    """The README commands of Hhhhhhao/DiffusionNoise with a local network in place of the repo id: the official
+    per-class folders of JPEGs, the same images for any --batch_size."""
+    network = class_snapshot(tmp_path / 'network.pt')
+    ldm = f'--pretrained_model_name_or_path {network} --outdir {tmp_path}/in1k --ddim_steps 50 --scheduler dpm ' \
+          '--batch_size 10 --n_samples 10 --scale 2.25 --fixed_code'
+    dit = f'--pretrained_model_name_or_path {network} --prompt_data mscoco --outdir {tmp_path}/dit --ddim_steps 50 ' \
+          '--scheduler dpm --batch_size 10 --n_samples 10 --scale 2.25 --fixed_code'
+    run(['generate', *ldm.split()])
+    run(['generate', *dit.split()])
+    assert 'not used by a class-conditional model' in capsys.readouterr().err
+    run(['generate', *ldm.replace('--batch_size 10', '--batch_size 3').replace('in1k', 'in1k-3').split()])
+    for c in range(2):
+        names = sorted(os.listdir(tmp_path / 'in1k' / str(c)))
+        assert names == [f'{k:05d}.jpeg' for k in range(10)]
+        for name in names:
+            image = np.asarray(PIL.Image.open(tmp_path / 'in1k' / str(c) / name))
+            assert image.shape == (8, 8, 3)
+            assert np.array_equal(image, np.asarray(PIL.Image.open(tmp_path / 'in1k-3' / str(c) / name)))
+            assert np.array_equal(image, np.asarray(PIL.Image.open(tmp_path / 'dit' / str(c) / name)))
+    assert not np.array_equal(np.asarray(PIL.Image.open(tmp_path / 'in1k' / '0' / '00000.jpeg')),
+                              np.asarray(PIL.Image.open(tmp_path / 'in1k' / '0' / '00001.jpeg')))
+
+    # Refused official flags: one line naming our equivalent; --hub_token is passed on as HF_TOKEN.
+    monkeypatch.delenv('HF_TOKEN', raising=False)
+    for flag, words in (('--push_to_hub', 'is not supported: uploading'), ('--class_synset n01440764', '--classes')):
+        with pytest.raises(SystemExit) as exit_info:
+            run(['generate', f'--network={network}', *flag.split()])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count('\n') == 1 and 'official Hhhhhhao/DiffusionNoise flag' in err
+        assert words in err
+    run(['generate', f'--network={network}', '--hub_token', 'hf_abc', '--seeds=0', f'--outdir={tmp_path}/token',
+         '--ddim_steps=1'])
+    assert os.environ['HF_TOKEN'] == 'hf_abc'
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Failure paths and the command-line layout.
+
+
+def test_failure_paths_are_one_line_with_the_common_exit_codes(tmp_path, capsys, monkeypatch):
+    outdir = tmp_path / 'out'
+    data = np.load(TINY_DATA)
+    np.savez(tmp_path / 'chw.npz', x=data['x'][:8].transpose(0, 3, 1, 2), y=data['y'][:8])
+    expect_error(['--preset=tiny', f'--data={tmp_path}/chw.npz', f'--outdir={outdir}'], capsys, 2,
+                 'channels first', outdir)
+    np.savez(tmp_path / 'huge_label.npz', x=data['x'][:8], y=np.array([0, 1, 2, 3, 4, 5, 6, 10 ** 6]))
+    expect_error(['--preset=tiny', f'--data={tmp_path}/huge_label.npz', f'--outdir={outdir}'], capsys, 2,
+                 'reach 1000000, more classes than its 8 images', outdir)
+    network = class_snapshot(tmp_path / 'network.pt')
+    expect_error(['generate', f'--network={network}', '--seeds=5-1', f'--outdir={outdir}'], capsys, 2, 'reversed',
+                 outdir)
+    (tmp_path / 'a_file').write_text('')
+    expect_error(['--preset=tiny', f'--data={TINY_DATA}', f'--outdir={tmp_path}/a_file/runs'], capsys, 2,
+                 'is not writable', outdir)
+    (tmp_path / 'empty.pt').write_bytes(b'')
+    expect_error(['generate', f'--network={tmp_path}/empty.pt', f'--outdir={outdir}'], capsys, 2, 'empty (0 bytes)',
+                 outdir)
+    expect_error(['generate', f'--network={TINY_DATA}', f'--outdir={outdir}'], capsys, 2, 'not a checkpoint', outdir)
+    with monkeypatch.context() as patch:  # a read-only folder (root ignores permissions, so os.access is patched)
+        patch.setattr(L.os, 'access', lambda path, mode: False)
+        expect_error(['generate', f'--network={network}', f'--outdir={outdir}'], capsys, 2, 'read-only', outdir)
+
+    # A full disk during the first snapshot: one line, exit 1, no partial file. --resume=auto then reuses the run
+    # folder that has no state (and removes what a kill -9 left half-written).
+    flags = ['--preset=tiny', '--arch=DiT-tiny', f'--data={TINY_DATA}', '--kimg=0.008', f'--outdir={outdir}', *FAST]
+    real_save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        if 'network-snapshot' in str(path):
+            with open(path, 'wb') as file:
+                file.write(b'partial')
+            raise OSError(28, 'No space left on device', str(path))
+        return real_save(obj, path, *args, **kwargs)
+    with monkeypatch.context() as patch:
+        patch.setattr(L.torch, 'save', full_disk)
+        with pytest.raises(SystemExit) as exit_info:
+            run(flags)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 1 and '\n' not in err and 'No space left on device' in err, err
+    run_dir = os.path.join(outdir, os.listdir(outdir)[0])
+    assert not [f for f in os.listdir(run_dir) if '.tmp' in f or f.startswith('training-state')]
+    (tmp_path / 'out' / os.listdir(outdir)[0] / 'training-state-000008.pt.tmp').write_bytes(b'kill -9')
+    assert run([*flags, '--resume=auto']) == run_dir and len(os.listdir(outdir)) == 1
+    assert not [f for f in os.listdir(run_dir) if '.tmp' in f] and len(losses(run_dir)) == 1
+
+
+def test_help_layout(capsys):
+    L.main(['--help'])
+    top = capsys.readouterr().out.splitlines()
+    assert top[0] == 'usage: ldm_labelnoise.py [COMMAND] [--flag=value ...]' and 'Chen et al.' in top[1]
+    assert top[2] == 'commands:' and [line.split()[0] for line in top[3:7]] == ['train', 'generate', 'eval', 'walk']
+    assert top[-1] == "Run 'python ldm_labelnoise.py COMMAND --help' for the flags of a command."
+    order = ['data and corruption', 'network', 'optimisation', 'run', 'sampling', 'evaluation']
+    for command in ('train', 'generate', 'eval', 'walk'):
+        with pytest.raises(SystemExit) as exit_info:
+            L.main([command, '--help'])
+        text = capsys.readouterr().out
+        assert exit_info.value.code == 0 and 'dataclass' not in text and 'options:' not in text
+        titles = [line[:-1] for line in text.splitlines() if line.endswith(':') and not line.startswith(' ')]
+        assert titles == [title for title in order if title in titles], titles
+        entries = re.split(r'\n  -', text.split('\n\n', 1)[1])[1:]      # one entry per flag, wrapped lines joined
+        for entry in entries:
+            if not entry.startswith('h, --help'):
+                assert re.search(r'\((default: .*|required)\)$', ' '.join(entry.split('\n\n')[0].split())), entry
+    flat = ' '.join(text.split())
+    assert 'official: --batch_size' in flat and 'official: --pretrained_model_name_or_path' in flat

@@ -1063,9 +1063,10 @@ def official_optimizer_state(opt, names, net_kwargs, path):
             for flat, members in zip((state[0], state[1]), ([n for n in names if params[n].ndim <= 1],
                                                             [n for n in names if params[n].ndim > 1])):
                 sizes = [params[n].numel() for n in members]
-                pieces = {k: flat[k].split(sizes) for k in ('exp_avg', 'exp_avg_sq')}
+                pieces = {k: flat[k].reshape(-1).split(sizes) for k in ('exp_avg', 'exp_avg_sq')}  # (1, n) for matrices
                 for i, n in enumerate(members):
-                    per_name[n] = {'step': flat['step'], **{k: v[i].view(params[n].shape) for k, v in pieces.items()}}
+                    per_name[n] = {'step': torch.tensor(float(flat['step'])),  # one counter each: AdamW adds in place
+                                   **{k: v[i].view(params[n].shape) for k, v in pieces.items()}}
         else:
             raise ValueError(f'{len(state)} parameter states for {len(names)} parameters')
         ours = list(params)

@@ -1,9 +1,11 @@
 """Tests for ddpm_ip.py: the diffusion math against closed forms, input perturbation on Gaussian data with an analytic
 denoiser, the samplers' output moments, the exposure-bias measurement, checkpoint loading, and the command line
 (train -> generate -> eval -> exposure, resume, DDP parity, bad input). CPU only; run with OMP_NUM_THREADS=1."""
+import errno
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -621,3 +623,265 @@ def test_bad_input_gives_one_error_line_and_writes_nothing(small_data, tmp_path,
     assert run_main(['eval', f'--network={released}', '--ref=ref.npz', '--metrics=fid,bogus']) == 2
     assert '--metrics must be among' in capsys.readouterr().err
     assert not (tmp_path / 'gen').exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Drop-in for forever208/DDPM-IP: respacing, the README commands, official checkpoints, failure paths, --help
+
+
+def official_rule(steps, section_counts):
+    """guided-diffusion respace.py space_timesteps, written out: equal sections (the first ones one longer), each
+    walked with a fractional stride added up step by step and rounded (half to even) at every step."""
+    counts = [int(n) for n in section_counts.split(',')]
+    kept, start = set(), 0
+    for i, count in enumerate(counts):
+        size = steps // len(counts) + (i < steps % len(counts))
+        stride, position = ((size - 1) / (count - 1) if count > 1 else 1), 0.0
+        for _ in range(count):
+            kept.add(start + round(position))
+            position = position + stride
+        start += size
+    return sorted(kept)
+
+
+def test_space_timesteps_equals_the_official_rule_for_every_count():
+    for count in range(1, 1001):
+        assert ddpm_ip.space_timesteps(1000, str(count)) == official_rule(1000, str(count)), count
+    assert ddpm_ip.space_timesteps(1000, '21') == [0, 50, 100, 150, 200, 250, 300, 350, 400, 450, 499, 549, 599, 649,
+                                                   699, 749, 799, 849, 899, 949, 999]  # the official function's
+    for text in ('10,15,20', '7,0,3', '1,1,1,1', '334,333,333', '250,0,250,0'):
+        assert ddpm_ip.space_timesteps(1000, text) == official_rule(1000, text), text
+    assert ddpm_ip.space_timesteps(4000, '1999,1') == official_rule(4000, '1999,1')
+    assert ddpm_ip.space_timesteps(1000, '0,10')[0] == 500  # an empty first section is accepted, as official
+    for bad in ('0', '0,0', '-1', '1001', 'ddim0'):
+        with pytest.raises(ValueError):
+            ddpm_ip.space_timesteps(1000, bad)
+
+
+# The seed repository's README commands, verbatim (forever208/DDPM-IP README.md).
+README_TRAIN = {
+    'cifar10': """--input_pertub 0.15 --data_dir PATH_TO_DATASET --image_size 32 --use_fp16 True --num_channels 128
+        --num_head_channels 32 --num_res_blocks 3 --attention_resolutions 16,8 --resblock_updown True
+        --use_new_attention_order True --learn_sigma True --dropout 0.3 --diffusion_steps 1000 --noise_schedule cosine
+        --use_scale_shift_norm True --rescale_learned_sigmas True --schedule_sampler loss-second-moment --lr 1e-4
+        --batch_size 64""",
+    'imagenet32': """--input_pertub 0.1 --data_dir PATH_TO_DATASET --image_size 32 --use_fp16 True --num_channels 128
+        --num_head_channels 32 --num_res_blocks 3 --attention_resolutions 16,8 --resblock_updown True
+        --use_new_attention_order True --learn_sigma True --dropout 0.3 --diffusion_steps 1000 --noise_schedule cosine
+        --rescale_learned_sigmas True --schedule_sampler loss-second-moment --lr 1e-4 --batch_size 128""",
+    'lsun64': """--input_pertub 0.1 --data_dir PATH_TO_DATASET --image_size 64 --use_fp16 True --num_channels 192
+        --num_head_channels 64 --num_res_blocks 3 --attention_resolutions 32,16,8 --resblock_updown True
+        --use_new_attention_order True --learn_sigma True --dropout 0.1 --diffusion_steps 1000 --noise_schedule cosine
+        --use_scale_shift_norm True --rescale_learned_sigmas True --schedule_sampler loss-second-moment --lr 1e-4
+        --batch_size 16""",
+    'celeba64': """--input_pertub 0.1 --data_dir PATH_TO_DATASET --image_size 64 --use_fp16 True --num_channels 192
+        --num_head_channels 64 --num_res_blocks 3 --attention_resolutions 32,16,8 --resblock_updown True
+        --use_new_attention_order True --learn_sigma True --dropout 0.1 --diffusion_steps 1000 --noise_schedule cosine
+        --use_scale_shift_norm True --rescale_learned_sigmas True --schedule_sampler loss-second-moment --lr 1e-4
+        --batch_size 16""",
+    'ffhq128': """--input_pertub 0.1 --data_dir PATH_TO_DATASET --image_size 128 --use_fp16 True --num_channels 256
+        --num_head_channels 64 --num_res_blocks 3 --attention_resolutions 32,16,8 --resblock_updown True
+        --use_new_attention_order True --learn_sigma True --dropout 0.1 --diffusion_steps 1000 --noise_schedule cosine
+        --use_scale_shift_norm True --rescale_learned_sigmas True --schedule_sampler loss-second-moment --lr 1e-4
+        --batch_size 8""",
+}
+README_SAMPLE = """--image_size 32 --timestep_respacing 100 --model_path PATH_TO_CHECKPOINT --num_channels 128
+    --num_head_channels 32 --num_res_blocks 3 --attention_resolutions 16,8 --resblock_updown True
+    --use_new_attention_order True --learn_sigma True --dropout 0.3 --diffusion_steps 1000 --noise_schedule cosine
+    --use_scale_shift_norm True --batch_size 256 --num_samples 50000"""
+OFFICIAL_PARAMETERS = dict(cifar10=57_094_662, imagenet32=57_094_662, lsun64=295_136_454, celeba64=295_136_454,
+                           ffhq128=542_811_398)
+SMALL = ['--image_size=4', '--channel_mult=1,2', '--num_channels=32', '--num_res_blocks=1', '--attention_resolutions=2',
+         '--num_head_channels=32']  # sizes for CPU runs, appended to the official command lines
+
+
+@pytest.fixture(scope='module')
+def data4(small_data, tmp_path_factory):
+    """The 8x8 images box-downsampled to 4x4, for runs of a few thousand images."""
+    with np.load(small_data) as npz:
+        x, y = npz['x'], npz['y']
+    path = tmp_path_factory.mktemp('data4') / 'data4.npz'
+    np.savez(path, x=x.reshape(-1, 4, 2, 4, 2, 3).mean((2, 4)).round().astype(np.uint8), y=y)
+    return str(path)
+
+
+def test_readme_commands_build_the_official_networks_and_run_as_written(data4, tmp_path):
+    # The networks the commands resolve to, counted on the meta device.
+    for name, text in README_TRAIN.items():
+        command, c = ddpm_ip.parse_args(text.split())
+        c = ddpm_ip.check_config(c, command, 1)
+        with torch.device('meta'):
+            net = nets.UNet(**ddpm_ip.net_config(c, c.image_size, 3, 0))
+        assert command == 'train' and sum(p.numel() for p in net.parameters()) == OFFICIAL_PARAMETERS[name], name
+        assert c.rescale_learned_sigmas and c.use_scale_shift_norm is not False and c.precision == 'bf16'
+    command, c = ddpm_ip.parse_args(README_SAMPLE.split())  # no command word: image_sample.py's flags mean sample
+    assert command == 'sample' and (c.batch, c.num_samples, c.timestep_respacing) == (256, 50000, '100')
+
+    # Each training command as written, on 8x8 data, one step (official --lr_anneal_steps).
+    for name, text in README_TRAIN.items():
+        argv = text.replace('PATH_TO_DATASET', data4).split() + SMALL + [
+            '--batch_size=4', '--lr_anneal_steps=1', f'--outdir={tmp_path}/{name}', '--grid=2', '--grid_steps=2']
+        assert run_main(argv) == 0, name
+        state = torch.load(os.path.join(only_run_dir(tmp_path / name), 'training-state-000000.pt'), weights_only=True)
+        assert state['cur_nimg'] == 4 and state['config']['input_perturbation'] == (0.15 if name == 'cifar10' else 0.1)
+
+    # The sampling command as written, with a released-layout checkpoint (a plain state dict), class-conditional too.
+    for label_dim in (0, 10):
+        torch.manual_seed(0)
+        net = nets.UNet(**ddpm_ip.net_config(ddpm_ip.parse_args(SMALL)[1], 4, 3, label_dim))
+        torch.save(net.state_dict(), tmp_path / f'model{label_dim}.pt')
+        outdir = tmp_path / f'samples{label_dim}'
+        argv = README_SAMPLE.replace('PATH_TO_CHECKPOINT', str(tmp_path / f'model{label_dim}.pt')).split() + SMALL + [
+            '--num_samples=3', '--batch_size=2', '--timestep_respacing=4', f'--outdir={outdir}']
+        assert run_main(argv) == 0
+        with np.load(outdir / 'samples_3x4x4x3.npz') as npz:
+            assert sorted(npz.files) == (['arr_0', 'arr_1'] if label_dim else ['arr_0'])
+            assert npz['arr_0'].dtype == np.uint8 and npz['arr_0'].shape == (3, 4, 4, 3)
+            for k in range(3):  # the per-seed PNGs hold the same images
+                png = np.asarray(ddpm_ip.PIL.Image.open(outdir / f'{k:06d}.png'))
+                assert np.array_equal(png, npz['arr_0'][k])
+            if label_dim:
+                assert npz['arr_1'].shape == (3,) and ((0 <= npz['arr_1']) & (npz['arr_1'] < 10)).all()
+
+
+def official_checkpoint_files(folder, net, step, fp16):
+    """modelNNNNNN.pt, ema_0.9999_NNNNNN.pt and optNNNNNN.pt as guided-diffusion train_util.py writes them; with
+    fp16 the AdamW state is over two flat master tensors (vectors, then matrices as (1, n)), as fp16_util.py."""
+    model = {k: v.clone() for k, v in net.state_dict().items()}
+    torch.save(model, folder / f'model{step:06d}.pt')
+    torch.save({k: v + 1 for k, v in model.items()}, folder / f'ema_0.9999_{step:06d}.pt')
+    names = list(model)
+    moments = {n: torch.full_like(model[n], 1000.0 + i) for i, n in enumerate(names)}  # distinct per parameter
+    if fp16:
+        groups = [[n for n in names if model[n].ndim <= 1], [n for n in names if model[n].ndim > 1]]
+        flat = [torch.cat([moments[n].flatten() for n in g]).view(shape) for g, shape in zip(groups, ((-1,), (1, -1)))]
+        state = {i: dict(step=torch.tensor(float(step)), exp_avg=f, exp_avg_sq=f.square()) for i, f in enumerate(flat)}
+    else:
+        state = {i: dict(step=torch.tensor(float(step)), exp_avg=moments[n], exp_avg_sq=moments[n].square())
+                 for i, n in enumerate(names)}
+    group = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, params=list(range(len(state))))
+    torch.save(dict(state=state, param_groups=[group]), folder / f'opt{step:06d}.pt')
+    return model, moments
+
+
+def test_official_resume_checkpoint_continues_at_its_step(data4, tmp_path, capsys):
+    args = [f'--data_dir={data4}', *SMALL, '--batch_size=4', '--grid=2', '--grid_steps=2', '--dropout=0']
+    net = nets.UNet(**ddpm_ip.net_config(ddpm_ip.parse_args(SMALL)[1], 4, 3, 0))
+    for fp16 in (False, True):
+        folder = tmp_path / f'official{fp16}'
+        folder.mkdir()
+        model, moments = official_checkpoint_files(folder, net, 5, fp16)
+        outdir = tmp_path / f'runs{fp16}'
+        assert run_main([*args, f'--resume_checkpoint={folder}/model000005.pt', '--lr_anneal_steps=6',
+                         f'--outdir={outdir}']) == 0  # one step: 5 -> 6
+        assert 'resumed from the official' in capsys.readouterr().out
+        run_dir = only_run_dir(outdir)
+        state = torch.load(os.path.join(run_dir, 'training-state-000000.pt'), weights_only=True)
+        assert state['cur_nimg'] == 24  # step 6 x 4 images
+        ours = nets.UNet(**state['net_kwargs'])
+        names = [n for n, _ in ours.named_parameters()]
+        for i, name in enumerate(names):  # Adam's first moment: 0.9 x the official one + 0.1 x a small gradient
+            assert state['optimizer']['state'][i]['step'].item() == 6
+            torch.testing.assert_close(state['optimizer']['state'][i]['exp_avg'], 0.9 * moments[name], rtol=1e-3,
+                                       atol=0.5)
+        ema = torch.load(os.path.join(run_dir, 'network-snapshot-000000.pt'), weights_only=True)['ema']
+        torch.testing.assert_close(ema[names[0]], model[names[0]] + 1, rtol=0, atol=1e-3)  # the official EMA file
+
+    # Unusable files: one line, exit 2, before a run folder exists.
+    bad = tmp_path / 'bad'
+    bad.mkdir()
+    torch.save({k: v[:1] for k, v in model.items()}, bad / 'model000003.pt')
+    (tmp_path / 'official0').mkdir()
+    official_checkpoint_files(tmp_path / 'official0', net, 3, False)
+    (tmp_path / 'official0' / 'opt000003.pt').write_bytes(b'')
+    for path, message in ((bad / 'model000003.pt', 'does not hold the weights of this network'),
+                          (tmp_path / 'official0' / 'model000003.pt', 'opt000003.pt is empty (0 bytes)')):
+        assert run_main([*args, f'--resume_checkpoint={path}', f'--outdir={tmp_path}/never']) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / 'never').exists()
+
+
+def test_failure_paths_one_line_and_nothing_lost(small_data, data4, tmp_path, monkeypatch, capsys):
+    def fails(argv, code, message):
+        assert run_main(argv) == code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith('ddpm_ip.py: error: ') and message in err[0], err
+
+    # Bad input, before anything is written: exit 2.
+    huge = tmp_path / 'huge.npz'
+    np.savez(huge, x=np.zeros((4, 8, 8, 3), np.uint8), y=np.array([0, 1, 10 ** 6, 2]))
+    fails([f'--data={huge}', '--class_cond', *TINY_NET, f'--outdir={tmp_path}/out'], 2, 'label 1000000')
+    chw = tmp_path / 'chw.npz'
+    np.savez(chw, x=np.zeros((4, 3, 8, 8), np.uint8))
+    fails([f'--data={chw}', *TINY_NET, f'--outdir={tmp_path}/out'], 2, 'channels first')
+    (tmp_path / 'empty.pt').write_bytes(b'')
+    fails([f'--data={small_data}', *TINY_NET, f'--resume={tmp_path}/empty.pt', f'--outdir={tmp_path}/out'], 2,
+          'is empty (0 bytes)')
+    fails(['generate', f'--network={tmp_path}/empty.pt', '--seeds=5-1'], 2, 'the range 5-1 is empty')
+    (tmp_path / 'file').write_bytes(b'')
+    fails([f'--data={small_data}', *TINY_NET, f'--outdir={tmp_path}/file/runs'], 2, 'cannot write to')
+    fails([f'--data={small_data}', '--use_checkpoint', 'True'], 2, '--use_checkpoint (official DDPM-IP flag) is not '
+          'supported: gradient checkpointing is not implemented; use --batch_gpu')
+    fails([f'--data={small_data}', '--num_head_channels=-1', '--num_heads_upsample=2'], 2, '--num_heads_upsample')
+    fails([f'--data={small_data}', '--sigma_small', 'True'], 2, 'unrecognized arguments')
+    fails([f'--data={small_data}', '--lr_anneal', '5'], 2, 'unrecognized arguments')  # no prefix matching
+    assert not (tmp_path / 'out').exists()
+
+    # A full disk at the second training state: exit 1, one line, no partial file, no snapshot newer than the state.
+    args = [f'--data={data4}', *SMALL, '--batch=250', '--tick=1', '--snap=1', '--dump=2', '--kimg=3', '--grid=1',
+            '--grid_steps=2', '--ema_rate=0.99,0.9', f'--outdir={tmp_path}/runs']
+    real_open, writes = open, []
+
+    def full_disk_open(path, mode='r', *rest, **kw):
+        if 'training-state-000002' in str(path) and 'w' in mode:
+            writes.append(path)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return real_open(path, mode, *rest, **kw)
+    monkeypatch.setattr(ddpm_ip, 'open', full_disk_open, raising=False)
+    fails(args, 1, 'training-state-000002.pt: No space left on device')
+    monkeypatch.undo()
+    run_dir = only_run_dir(tmp_path / 'runs')
+    assert '-gpus' not in run_dir and writes
+    assert sorted(f for f in os.listdir(run_dir) if f.endswith('.pt')) == [
+        'network-snapshot-000001-ema0.9.pt', 'network-snapshot-000001.pt', 'training-state-000001.pt']
+    open(os.path.join(run_dir, 'training-state-000002.pt.tmp'), 'wb').write(b'partial')  # as after a kill -9
+
+    # --resume=auto continues there (even from a state saved by another process count), keeps every --dump-th state.
+    state = torch.load(os.path.join(run_dir, 'training-state-000001.pt'), weights_only=True)
+    state['cpu_rng'].append(state['cpu_rng'][0])
+    torch.save(state, os.path.join(run_dir, 'training-state-000001.pt'))
+    assert run_main([*args, '--resume=auto']) == 0
+    assert 'with 1 processes instead of 2' in capsys.readouterr().out
+    assert only_run_dir(tmp_path / 'runs') == run_dir
+    states = sorted(f for f in os.listdir(run_dir) if f.startswith('training-state'))
+    assert states == ['training-state-000002.pt', 'training-state-000003.pt']  # 1 replaced, no .tmp left
+    assert len([f for f in os.listdir(run_dir) if f.startswith('network-snapshot')]) == 6  # kimg 1 to 3, two EMAs
+    assert not [f for f in os.listdir(run_dir) if '.tmp' in f]
+
+
+def test_help_layout_and_official_flag_spellings(capsys):
+    assert run_main(['--help']) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == 'usage: ddpm_ip.py [COMMAND] [--flag=value ...]' and 'Input Perturbation' in out[1]
+    assert out[2] == 'commands:' and [line.split()[0] for line in out[3:8]] == ['train', 'sample', 'generate', 'eval',
+                                                                                  'exposure']
+    assert out[-1] == "Run 'python ddpm_ip.py COMMAND --help' for the flags of a command."
+    titles = ['data and corruption', 'network', 'optimisation', 'run', 'sampling', 'evaluation']
+    for command in ('train', 'sample', 'generate', 'eval', 'exposure'):
+        assert run_main([command, '--help']) == 0
+        text = capsys.readouterr().out
+        found = [t for t in titles if f'\n{t}:\n' in text]
+        assert found == sorted(found, key=titles.index) and len(found) >= 3, (command, found)
+        flags = '\n'.join(line for line in text.split('\noptions:\n')[1].splitlines() if line.startswith('  '))
+        entries = re.split(r'\n  (?=--)', flags)[1:]  # one entry per flag, after -h
+        assert len(entries) >= 20, command
+        for entry in entries:
+            assert re.search(r'\((default: [^)]*|required)\)\s*$', ' '.join(entry.split())), (command, entry)
+    assert '--input_pertub' in text and 'official: --input_pertub' in text
+
+    # Official step-counted intervals, comma lists of EMA rates, accepted no-op values of refused flags.
+    _, c = ddpm_ip.parse_args(['--data=x', '--batch_size=8', '--log_interval=10', '--save_interval=30',
+                               '--ema_rate=0.9999,0.999', '--use_checkpoint', 'False', '--microbatch=-1'])
+    c = ddpm_ip.check_config(c, 'train', 2)
+    assert (c.batch, c.tick, c.snap, c.batch_gpu, c.ema_rate) == (16, 0.16, 3, 8, '0.9999,0.999')

@@ -242,6 +242,12 @@ def print_overview():
     print("\nRun 'python ambient_laws.py COMMAND --help' for the flags of a command.")
 
 
+@functools.lru_cache(maxsize=None)
+def flag_texts():
+    """{field: its help text}, from the comments of Config."""
+    return dict(re.findall(r'^    (\w+): \w+ = .*?# (.*)$', inspect.getsource(Config), re.M))
+
+
 def build_parser(command):
     """The argparse parser of one command: flags in GROUPS order, each help ending in its default and naming the
     official flag where ours differs. No prefix matching."""
@@ -250,7 +256,7 @@ def build_parser(command):
                                      description=COMMANDS[command])
     parser.error = fail  # bad flags: one error line and exit code 2
     fields = {field.name: field for field in dataclasses.fields(Config)}
-    texts = dict(re.findall(r'^    (\w+): \w+ = .*?# (.*)$', inspect.getsource(Config), re.M))
+    texts = flag_texts()
     defaults = {**{name: field.default for name, field in fields.items()}, **COMMAND_DEFAULTS.get(command, {})}
     official = {name: alias for alias, (name, _) in ALIASES[command].items() if alias != 'class'}
     for title, names in GROUPS[command].items():

@@ -2,9 +2,11 @@
 mixtures with closed-form denoisers, augmentation, and the script end to end (train, resume, DDP, generate, eval,
 bad input). CPU only; the tiny network runs a few steps of 8 images."""
 import concurrent.futures
+import errno
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -574,3 +576,212 @@ def test_dry_run_writes_nothing(tmp_path, capsys):
     al.main([*FAST, '--dry_run', f'--outdir={tmp_path / "runs"}', '--sigma=0.2', '--corruption_probability=0.9'])
     assert '"corruption_probability": 0.9' in capsys.readouterr().out
     assert not (tmp_path / 'runs').exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Drop-in for giannisdaras/ambient-laws: the official data set, flags, README commands, failure paths
+
+
+def test_official_dataset_bit_for_bit():
+    """The default data set equals ambient_utils' ImageFolderDataset (as train.py configures it) bit for bit: the
+    kept subset (max_size), which images are noisy (NumPy seeded with the raw index: a per-pixel Bernoulli(1) mask,
+    then u, noisy iff u <= p) and their observed pixels (float32 image += sigma * float64 noise). --xflip copies keep
+    their image's noise, unflipped, as the official __getitem__ flips before adding it."""
+    p, sigma = 0.3, 0.2
+    cfg = al.resolve_config({'preset': 'tiny', 'data': TINY_DATA, 'sigma': sigma, 'corruption_probability': p,
+                             'dataset_keep_percentage': 0.6, 'xflip': True})
+    x, _ = al.load_dataset(TINY_DATA)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        images, _, sigma_n, raw_index, _ = al.prepare_data(cfg, lambda *a: None, pool)
+        eps = al.numpy_noise(raw_index, sigma_n, (3, 32, 32), pool)
+    ours = al.observe(images, torch.from_numpy(sigma_n), eps).numpy()
+    n = len(raw_index) // 2
+    assert n == 120 and np.array_equal(raw_index[:n], raw_index[n:])
+    noisy = []
+    for k, raw in enumerate(raw_index[:n]):
+        np.random.seed(raw)                                           # the official __getitem__, written out
+        image = x[raw].transpose(2, 0, 1).astype(np.float32) / 127.5 - 1
+        flipped = image[:, :, ::-1].copy()
+        np.random.binomial(1, 1.0, size=image.shape)
+        if np.random.rand() <= p:
+            noise = np.random.normal(size=image.shape)
+            image += sigma * noise
+            flipped += sigma * noise
+            noisy.append(k)
+        assert np.array_equal(ours[k], image) and np.array_equal(ours[n + k], flipped), k
+    assert np.flatnonzero(sigma_n[:n]).tolist() == noisy and 20 < len(noisy) < 55   # Binomial(120, 0.3): 36 +- 5
+    # The law of the noisy count on a larger set: each image noisy with probability p, independently.
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        count = al.official_noisy(np.arange(3000), (1, 2, 2), p, pool).sum()
+    assert abs(count - 900) < 4 * (3000 * p * (1 - p)) ** 0.5
+
+
+OFFICIAL_FLAGS = [  # (command, official flag, field, value): every flag of train.py, generate.py and eval_fid.py
+    ('train', '--outdir=out', 'outdir', 'out'), ('train', '--data=d.zip', 'data', 'd.zip'),
+    ('train', '--cond=1', 'cond', True), ('train', '--arch=ddpmpp', 'arch', 'ddpmpp'),
+    ('train', '--arch=adm', 'arch', 'adm'), ('train', '--precond=edm', 'precond', 'edm'),
+    ('train', '--duration=0.05', 'kimg', 50), ('train', '--batch=8', 'batch', 8),
+    ('train', '--batch-gpu=4', 'batch_gpu', 4), ('train', '--cbase=16', 'cbase', 16),
+    ('train', '--cres=1,2', 'cres', '1,2'), ('train', '--lr=2e-4', 'lr', 2e-4),
+    ('train', '--weight_decay=0.1', 'weight_decay', 0.1), ('train', '--ema=0.01', 'ema_halflife_kimg', 10),
+    ('train', '--dropout=0.2', 'dropout', 0.2), ('train', '--augment=0.3', 'augment', 0.3),
+    ('train', '--xflip=1', 'xflip', True), ('train', '--fp16=0', 'fp16', False), ('train', '--ls=2', 'ls', 2.0),
+    ('train', '--bench=0', 'bench', False), ('train', '--cache=1', 'cache', True),
+    ('train', '--workers=2', 'workers', 2), ('train', '--expr_id=abc', 'expr_id', 'abc'),
+    ('train', '--desc=x', 'desc', 'x'), ('train', '--nosubdir', 'nosubdir', True), ('train', '--tick=3', 'tick', 3),
+    ('train', '--snap=2', 'snap', 2), ('train', '--dump=7', 'dump', 7), ('train', '--seed=5', 'seed', 5),
+    ('train', '--transfer=a.pkl', 'transfer', 'a.pkl'), ('train', '--resume=s.pt', 'resume', 's.pt'),
+    ('train', '-n', 'dry_run', True), ('train', '--dry-run', 'dry_run', True),
+    ('train', '--corruption_probability=0.9', 'corruption_probability', 0.9), ('train', '--sigma=0.2', 'sigma', 0.2),
+    ('train', '--dataset_keep_percentage=0.5', 'dataset_keep_percentage', 0.5),
+    ('train', '--consistency_batch_size=8', 'consistency_batch_size', 8),
+    ('train', '--with_weight=1', 'with_weight', True), ('train', '--with_grad=0', 'with_grad', False),
+    ('train', '--num_consistency_steps=4', 'num_consistency_steps', 4), ('train', '--num_primes=3', 'num_primes', 3),
+    ('train', '--consistency_coeff=0.5', 'consistency_coeff', 0.5),
+    ('generate', '--network=n.pkl', 'network', 'n.pkl'), ('generate', '--outdir=o', 'outdir', 'o'),
+    ('generate', '--seeds=0-9', 'seeds', '0-9'), ('generate', '--subdirs', 'subdirs', True),
+    ('generate', '--class=3', 'class_idx', 3), ('generate', '--batch=8', 'batch', 8), ('generate', '--steps=9', 'steps', 9),
+    ('generate', '--sigma_min=0.01', 'sigma_min', 0.01), ('generate', '--sigma_max=50', 'sigma_max', 50.0),
+    ('generate', '--rho=5', 'rho', 5.0), ('generate', '--S_churn=40', 'S_churn', 40.0),
+    ('generate', '--S_min=0.05', 'S_min', 0.05), ('generate', '--S_max=50', 'S_max', 50.0),
+    ('generate', '--S_noise=1.003', 'S_noise', 1.003), ('generate', '--stop_variance=0.1', 'stop_variance', 0.1),
+    ('eval', '--gen_path=g', 'gen_path', 'g'), ('eval', '--ref_path=r', 'ref_path', 'r'),
+    ('eval', '--ref_stats=r.npz', 'ref', 'r.npz'), ('eval', '--batch_size=32', 'batch', 32),
+    ('eval', '--out_path=f.json', 'out_path', 'f.json'),
+]
+REFUSED_FLAGS = [('train', '--arch=ncsnpp'), ('train', '--precond=vp'), ('train', '--fp16=1'), ('train', '--cache=0'),
+                 ('generate', '--solver=euler'), ('generate', '--disc=vp'), ('generate', '--schedule=vp'),
+                 ('generate', '--scaling=vp')]
+
+
+def test_every_official_flag_is_honoured_or_refused_in_one_line(capsys):
+    for command, flag, field, value in OFFICIAL_FLAGS:
+        cfg = al.resolve_config(al.parse_args([command, flag])[1])
+        assert getattr(cfg, field) == value, flag
+    for command, flag in REFUSED_FLAGS + [('train', '--corruption_prob=0.5'), ('generate', '--seed=1-3')]:
+        with pytest.raises(SystemExit) as exit_info:
+            al.resolve_config(al.parse_args([command, flag])[1])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith('ambient_laws.py: error: '), flag
+
+
+def test_help_layout(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        al.main(['--help'])
+    out = capsys.readouterr().out.splitlines()
+    assert exit_info.value.code == 0 and out[0] == 'usage: ambient_laws.py [COMMAND] [--flag=value ...]'
+    assert 'arXiv:2411.02780' in out[1] and 'commands:' in out
+    assert [line.split()[0] for line in out[out.index('commands:') + 1:] if line.startswith('  ')] == \
+        ['train', 'generate', 'eval']
+    assert out[-1] == "Run 'python ambient_laws.py COMMAND --help' for the flags of a command."
+    order = ['data and corruption', 'network', 'optimisation', 'run', 'sampling', 'evaluation']
+    for command in ('train', 'generate', 'eval'):
+        with pytest.raises(SystemExit):
+            al.main([command, '--help'])
+        text = capsys.readouterr().out
+        titles = [line[:-1] for line in text.splitlines() if line.endswith(':') and not line.startswith(' ')]
+        assert titles == [t for t in order if t in titles] and len(titles) >= 3, titles
+        entries, current = [], None                                          # one entry per flag
+        for line in text.splitlines():
+            if line.startswith('  -'):
+                current = [line]
+                entries.append(current)
+            elif line.startswith('    ') and current is not None:
+                current.append(line)
+            else:
+                current = None
+        assert len(entries) > 10
+        for entry in (' '.join(' '.join(e).split()) for e in entries):
+            assert entry.startswith('-h') or re.search(r'\((default: [^)]*|required)\)$', entry), entry
+        assert 'official: --duration' in ' '.join(text.split()) if command == 'train' else True
+
+
+def _readme_outdir(tmp_path):
+    return tmp_path / 'outputs'
+
+
+def test_official_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
+    """The seed README's train (through python -m torch.distributed.run, as written), generate and eval_fid commands
+    with their placeholders filled and only sizes overridden by extra flags at the end."""
+    cp, sigma, dp, cc = 0.5, 0.2, 1.0, 0.0
+    train = ['--outdir=' + str(tmp_path / 'runs'), f'--data={TINY_DATA}', f'--sigma={sigma}',
+             f'--corruption_probability={cp}', f'--dataset_keep_percentage={dp}', f'--consistency_coeff={cc}',
+             f'--expr_id=cifar_cp{cp}_sigma{sigma}_dp{dp}_cc{cc}']
+    sizes = ['--arch=tiny', '--cbase=16', '--batch=8', '--kimg=0.008', '--tick=1', '--grid=2', '--steps=3',
+             '--workers=1', '--lr_rampup_kimg=0.1', '--ema=0.0001']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', os.path.join(ROOT, 'ambient_laws.py'),
+                    *train, *sizes], check=True, cwd=ROOT, env=env, capture_output=True, timeout=120)
+    run_dir = _run_dir(tmp_path / 'runs')
+    config = json.load(open(os.path.join(run_dir, 'config.json')))
+    assert config['expr_id'] == 'cifar_cp0.5_sigma0.2_dp1.0_cc0.0' and config['kimg'] == 0.008
+    assert config['seed'] >= 0 and config['arch'] == 'tiny'                         # the official random seed
+    network = os.path.join(run_dir, 'network-snapshot-000000.pt')
+    # generate.py: --seeds=0-49999 --network={checkpoint} --outdir="outputs" --batch=8, fewer seeds.
+    al.main(['generate', '--seeds=0-49999', f'--network={network}', f'--outdir={_readme_outdir(tmp_path)}',
+             '--batch=8', '--seeds=0-9', '--steps=4'])
+    assert len(os.listdir(_readme_outdir(tmp_path))) == 10
+    # eval_fid.py: --gen_path={outdir} --ref_stats={dataset_stats} (EDM's fid-refs hold mu and sigma only).
+    weights = tmp_path / 'inception.pth'
+    torch.save(fid.InceptionV3().state_dict(), weights)
+    monkeypatch.setenv('FID_WEIGHTS', str(weights))
+    np.savez(tmp_path / 'cifar10-32x32.npz', mu=np.zeros(2048), sigma=np.eye(2048))
+    monkeypatch.chdir(tmp_path)
+    al.main(['eval', f'--gen_path={_readme_outdir(tmp_path)}', f'--ref_stats={tmp_path / "cifar10-32x32.npz"}'])
+    result = json.load(open(tmp_path / 'fid_out.json'))                         # the official output file and keys
+    assert np.isfinite(result['fid_score']) and result['inception_score'] > 0 and result['preprocess'] == 'tf'
+
+
+def _fails(capsys, argv, message, code=2):
+    with pytest.raises(SystemExit) as exit_info:
+        al.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == code and len(err) == 1 and message in err[0], err
+    assert err[0].startswith('ambient_laws.py: error: ')
+
+
+def test_bad_inputs_fail_before_any_write(tmp_path, capsys, monkeypatch):
+    runs = tmp_path / 'runs'
+    _fails(capsys, ['generate', '--network=missing.pt', f'--outdir={tmp_path / "g"}', '--seeds=5-1'], 'reversed')
+    chw = tmp_path / 'chw.npz'
+    np.savez(chw, x=np.zeros((4, 3, 32, 32), np.uint8))
+    _fails(capsys, [*FAST, f'--data={chw}', f'--outdir={runs}'], 'channels first')
+    labels = tmp_path / 'labels.npz'
+    np.savez(labels, x=np.zeros((4, 32, 32, 3), np.uint8), y=np.array([0, 1, 10 ** 6, 2]))
+    _fails(capsys, [*FAST, f'--data={labels}', '--cond=true', f'--outdir={runs}'], 'labels are not 0..K-1')
+    _fails(capsys, [*FAST, f'--data={labels}', '--cond=true', '--num_classes=10', f'--outdir={runs}'],
+           'label 1000000 is outside [0, 10)')
+    empty = tmp_path / 'old' / 'training-state-000004.pt'
+    empty.parent.mkdir()
+    empty.write_bytes(b'')
+    _fails(capsys, [*FAST, f'--resume={empty}', f'--outdir={runs}'], 'is empty (0 bytes')
+    snapshot = tmp_path / 'old' / 'training-state-000008.pt'
+    torch.save(dict(ema={}, net_kwargs={}), snapshot)
+    _fails(capsys, [*FAST, f'--resume={snapshot}', f'--outdir={runs}'], 'a network snapshot, not a training state')
+    _fails(capsys, ['generate', f'--network={empty}', f'--outdir={tmp_path / "g"}'], 'is empty (0 bytes')
+    real_access = os.access
+    monkeypatch.setattr(al.os, 'access', lambda path, mode: False if str(tmp_path) in str(path) else
+                        real_access(path, mode))
+    _fails(capsys, [*FAST, f'--outdir={runs}'], 'read-only')
+    assert not runs.exists() and not (tmp_path / 'g').exists()
+
+
+def test_full_disk_then_kill_leftovers_then_resume_auto(tmp_path, capsys, monkeypatch):
+    """A full disk at the first snapshot: one line, exit 1, no .tmp left. A .tmp left by a kill and the run folder
+    without a training state: --resume=auto reuses that folder (no new numbered one) and removes the .tmp."""
+    common = [*FAST, '--kimg=0.016', '--tick=0.008', '--snap=1', '--dump=1', f'--outdir={tmp_path / "runs"}']
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(al.torch, 'save', full_disk)
+    _fails(capsys, common, 'No space left on device', code=1)
+    monkeypatch.setattr(al.torch, 'save', real_save)
+    [run] = os.listdir(tmp_path / 'runs')
+    folder = tmp_path / 'runs' / run
+    assert not [f for f in os.listdir(folder) if f.endswith('.tmp') or f.startswith('training-state')]
+    (folder / 'network-snapshot-000000.pt.tmp').write_bytes(b'partial')          # as a kill -9 leaves it
+    al.main([*common, '--resume=auto'])
+    assert os.listdir(tmp_path / 'runs') == [run]
+    assert not [f for f in os.listdir(folder) if f.endswith('.tmp')]
+    assert _state(folder / 'training-state-000000.pt')['cur_nimg'] == 16

@@ -2266,13 +2266,15 @@ def load_dinov2(path_or_name, cache_dir=None):
     """A released DINOv2 backbone, frozen, in eval mode on the CPU.
 
     path_or_name: a name of the official hub ('dinov2_vits14', 'dinov2_vitb14', 'dinov2_vitl14', 'dinov2_vitg14',
-    each optionally with '_reg4'), downloaded once from dl.fbaipublicfiles.com into cache_dir (default
-    default_cache_dir()); an http(s) URL (downloaded likewise); or a local .pth / .safetensors state dict in the
-    official layout (the block-chunked layout of the official training checkpoints, blocks.C.N.*, is accepted too).
-    Offline, raises WeightsNotFoundError with one line naming the URL and where to save it. Strict: every key must
-    match.
+    each optionally with '_reg4', or '_reg' as torch.hub names them), downloaded once from dl.fbaipublicfiles.com into
+    cache_dir (default default_cache_dir()); an http(s) URL (downloaded likewise); or a local .pth / .safetensors
+    state dict in the official layout (the block-chunked layout of the official training checkpoints, blocks.C.N.*,
+    is accepted too). Offline, raises WeightsNotFoundError with one line naming the URL and where to save it.
+    Strict: every key must match.
     """
     source = os.fspath(path_or_name)
+    if source.endswith('_reg') and source + '4' in DINOV2_CONFIGS:  # torch.hub's entry-point name of a _reg4 model
+        source += '4'
     if source in DINOV2_CONFIGS:
         source = DINOV2_URL.format(base=source.removesuffix('_reg4'), name=source)
     if source.startswith(('http://', 'https://')):

@@ -273,8 +273,9 @@ def test_load_dinov2_by_url_and_by_official_name_through_a_local_server(tmp_path
         check_loaded(nets.load_dinov2('dinov2_vits14_reg4', cache_dir=cache), registers)
         assert [path for path, _ in base_url.server.requests] == [
             '/dinov2_vits14/dinov2_vits14_pretrain.pth', '/dinov2_vits14/dinov2_vits14_reg4_pretrain.pth']
-    # Cached: loads with the server gone; a name not yet downloaded fails with one line naming the URL.
-    check_loaded(nets.load_dinov2('dinov2_vits14_reg4', cache_dir=cache), registers)
+    # Cached: loads with the server gone (also under torch.hub's entry-point name, '_reg'); a name not yet downloaded
+    # fails with one line naming the URL.
+    check_loaded(nets.load_dinov2('dinov2_vits14_reg', cache_dir=cache), registers)
     with pytest.raises(nets.WeightsNotFoundError) as info:
         nets.load_dinov2('dinov2_vitg14', cache_dir=cache)
     assert '\n' not in str(info.value) and f'{base_url}/dinov2_vitg14/dinov2_vitg14_pretrain.pth' in str(info.value)

@@ -671,14 +671,14 @@ def vb_terms(x0, x_t, t, eps_hat, v, alphas_cumprod):
 # Samplers with classifier-free guidance: DDIM and DPM-Solver++(2M).
 
 
-def sampling_timesteps(num_timesteps, steps, spacing='linspace', solver='dpm'):
+def sampling_timesteps(num_timesteps, steps, spacing='linspace', solver='dpm', offset=1):
     """Descending timesteps, spaced as diffusers' schedulers do: DPM-Solver places steps + 1 points and drops the
-    last (it then steps to sigma = 0), DDIM places steps points. 'leading' uses steps_offset 1 (LDM's DDIM)."""
+    last (it then steps to sigma = 0), DDIM places steps points. 'leading' adds steps_offset (LDM's DDIM: 1)."""
     points = steps + 1 if solver == 'dpm' else steps
     if spacing == 'linspace':
         timesteps = np.linspace(0, num_timesteps - 1, points).round()
     else:
-        timesteps = np.arange(points) * (num_timesteps // points) + 1
+        timesteps = np.arange(points) * (num_timesteps // points) + offset
     return timesteps[::-1][:steps].astype(np.int64).tolist()
 
 
@@ -742,11 +742,11 @@ def ddpm_sample(net, noise, y, alphas_cumprod, steps=250, scale=1.0, y_null=None
 
 
 def ddim_sample(net, noise, y, alphas_cumprod, steps=50, scale=1.0, y_null=None, eta=0.0, spacing='leading',
-                randn_like=torch.randn_like, cfg_channels='all'):
+                randn_like=torch.randn_like, cfg_channels='all', offset=1):
     """DDIM (Song et al., Eq. 12) from x_T = noise (B, C, H, W), as diffusers' DDIMScheduler: the last step lands
     on alpha_bar = 1 (set_alpha_to_one). Each step goes to the next listed timestep (diffusers goes to
     t - T // steps, the same for its default 'leading' spacing). alphas_cumprod: float64 (T,) on the CPU."""
-    timesteps = sampling_timesteps(len(alphas_cumprod), steps, spacing, 'ddim')
+    timesteps = sampling_timesteps(len(alphas_cumprod), steps, spacing, 'ddim', offset)
     x = noise
     for i, t in enumerate(timesteps):
         # Predict x0, then move it to the next noise level with the DDIM eps share and sigma of fresh noise.
@@ -762,11 +762,11 @@ def ddim_sample(net, noise, y, alphas_cumprod, steps=50, scale=1.0, y_null=None,
 
 
 def dpm_solver_sample(net, noise, y, alphas_cumprod, steps=50, scale=1.0, y_null=None, spacing='linspace',
-                      cfg_channels='all'):
+                      cfg_channels='all', offset=1):
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2, midpoint form) on the data prediction, as diffusers'
     DPMSolverMultistepScheduler with its defaults (first step first order; the final step to sigma = 0 is first
     order, i.e. returns the x0 prediction). lambda = log(alpha / sigma)."""
-    timesteps = sampling_timesteps(len(alphas_cumprod), steps, spacing, 'dpm')
+    timesteps = sampling_timesteps(len(alphas_cumprod), steps, spacing, 'dpm', offset)
     alpha, sigma = alphas_cumprod.sqrt(), (1 - alphas_cumprod).sqrt()
     lam = (alpha / sigma).log()
     x, x0_prev, h_prev = noise, None, None
@@ -845,11 +845,13 @@ def perturb_condition(embedding, delta, is_null, perturb_null=True):
 class Denoiser(nn.Module):
     """eps_theta(x_t, t, c(y) + delta): y is int64 (B,) class ids or (B, 77) tokens; delta (B, *cond_shape)."""
 
-    def __init__(self, backbone, encoder=None, cond_shape=(), embedding_dropout=0.0, null=None, perturb_null=True):
+    def __init__(self, backbone, encoder=None, cond_shape=(), embedding_dropout=0.0, null=None, perturb_null=True,
+                 tokenize=tokenize):
         super().__init__()
         self.backbone, self.encoder, self.cond_shape = backbone, encoder, tuple(cond_shape)
         self.embedding_dropout = nn.Dropout(embedding_dropout)
         self.null, self.perturb_null = null, perturb_null  # the null condition: a class id, or the tokens of ''
+        self.tokenize = tokenize                           # captions -> the token ids the encoder reads
 
     def is_null(self, y):
         null = torch.as_tensor(self.null, device=y.device)
@@ -891,11 +893,6 @@ def build_network(spec):
                     spec.get('cep_perturb_null', True))
 
 
-def null_condition(spec, device):
-    """The condition fed for the unconditional branch: class id num_classes, or the tokens of ''."""
-    if spec['cond'] == 'class':
-        return torch.tensor(spec['num_classes'], device=device)
-    return tokenize(['']).to(device)[0]
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Latent cache: encode every image once with the VAE (fast-DiT style), then train from the cached moments.
@@ -1050,16 +1047,16 @@ class VQLatents(nn.Module):
     the diffusion runs on the pre-quantisation latents, unscaled (LDM cin256: scale_factor 1), and decoding
     quantises them first (CompVis VQModelInterface.decode, diffusers VQModel.decode)."""
 
-    def __init__(self, vq):
+    def __init__(self, vq, scaling_factor=1.0):
         super().__init__()
-        self.vq, self.scaling_factor = vq, 1.0
+        self.vq, self.scaling_factor = vq, scaling_factor
 
     def encode_moments(self, x):
         h = self.vq.encode(x).float()                                     # (B, 3, H/4, W/4)
         return h, torch.full_like(h, -math.inf)                           # exp(-inf / 2) = 0: no sampling noise
 
     def decode(self, z):
-        return self.vq.decode(z)
+        return self.vq.decode(z / self.scaling_factor)
 
 
 def load_vae(source, device, cache_dir=None):
@@ -1121,6 +1118,8 @@ def load_network(path, device, vae='', for_fid=False):
     released DiT-XL-2-256x256.pt, or train.py's {model, ema, opt, args}, whose EMA is taken as DiT's find_model
     does). A DiT's config comes from its shapes (latent size from pos_embed, classes from the label table) and its
     autoencoder is `vae`, default 'mse' as DiT's sample.py, or 'ema' for_fid as its sample_ddp.py."""
+    if os.path.isdir(path) or not (os.path.exists(path) or path.endswith(('.pt', '.pth', '.pkl', '.ckpt'))):
+        return load_pipeline(path, device, vae)[:2]  # a diffusers folder or a Hugging Face repo id
     checkpoint = read_checkpoint(path, '--network')
     if 'spec' in checkpoint and 'ema' in checkpoint:
         spec = checkpoint['spec']
@@ -1144,10 +1143,61 @@ def load_network(path, device, vae='', for_fid=False):
 
 def load_snapshot(path, device, scale, vae='', for_fid=False):
     """A network for sampling -> (EMA Denoiser in eval mode, spec, autoencoder or None)."""
-    net, spec = load_network(path, device, vae, for_fid)
+    if os.path.isdir(path) or not (os.path.exists(path) or path.endswith(('.pt', '.pth', '.pkl', '.ckpt'))):
+        net, spec, autoencoder = load_pipeline(path, device, vae)
+    else:
+        net, spec = load_network(path, device, vae, for_fid)
+        autoencoder = load_vae(spec['vae'], device) if spec['vae'] else None
     if scale != 1 and not spec['class_dropout_prob']:
         raise FlagError(f'{path} was trained without null conditions (--class_dropout_prob=0): use --scale=1')
-    return net, spec, load_vae(spec['vae'], device) if spec['vae'] else None
+    return net, spec, autoencoder
+
+
+def load_pipeline(source, device, vae=''):
+    """(Denoiser, spec, autoencoder) of a released diffusers pipeline, from a folder or a Hugging Face repo id: the
+    DiffusionNoise DiTs (DiTPipeline: transformer, KL-f8 vae, scheduler, id2label), the LDM class models
+    (LDMClassToImagePipeline: unet, VQ-f4 vqvae, class embedder; null class n_classes - 1, latents decoded unscaled)
+    and LDM text models whose encoder is LDM-BERT (LDMTextToImagePipeline: bert + WordPiece tokenizer; latents
+    decoded after division by the vqvae's scaling_factor). The betas, spacing and offset come from the scheduler
+    config, as the official scripts' Scheduler.from_config(pipeline.scheduler.config)."""
+    try:
+        parts = nets.load_diffusers_pipeline(source)
+    except (ValueError, OSError) as error:
+        raise UserError(f'--network={source}: {error}')
+    scheduler = parts['scheduler'] or nets.SCHEDULER_DEFAULTS
+    if scheduler.get('prediction_type', 'epsilon') != 'epsilon' or scheduler['num_train_timesteps'] != NUM_TIMESTEPS:
+        raise UserError(f'--network={source}: only eps-prediction over {NUM_TIMESTEPS} steps is supported, not '
+                        f'{scheduler.get("prediction_type")} over {scheduler["num_train_timesteps"]}')
+    network, tokenizer = parts['network'], parts['tokenizer']
+    if parts['network_kind'] == 'dit':
+        rows = network.y_embedder.embedding_table.num_embeddings
+        net, cond = Denoiser(network, None, (network.hidden_size,), null=network.num_classes), 'class'
+        num_classes, side, has_null = network.num_classes, network.input_size, rows > network.num_classes
+    elif parts['class_embedder'] is not None:  # LDM's ClassEmbedder: its last row is the null class
+        table = parts['class_embedder']
+        encoder = ClassEmbedder(table.num_embeddings - 1, table.embedding_dim)
+        encoder.embedding = table
+        net = Denoiser(network, encoder, (1, table.embedding_dim), null=table.num_embeddings - 1)
+        cond, num_classes, side, has_null = 'class', table.num_embeddings - 1, network.img_resolution, True
+    elif parts['text_encoder'] is not None and tokenizer is not None:
+        null = tokenizer([''])[0]
+        net = Denoiser(network, parts['text_encoder'], (tokenizer.max_length, network.config['context_dim']),
+                       null=null, tokenize=tokenizer)
+        cond, num_classes, side, has_null = 'text', 0, network.img_resolution, True
+    else:
+        raise UserError(f'--network={source}: a {parts["pipeline"]} without a class embedder or an LDM-BERT text '
+                        f'encoder and tokenizer ({", ".join(parts["components"])})')
+    autoencoder = parts['autoencoder']
+    if vae:
+        autoencoder = load_vae(vae, 'cpu')
+    elif parts['autoencoder_kind'] == 'vq':
+        autoencoder = VQLatents(autoencoder, autoencoder.scaling_factor if cond == 'text' else 1.0)
+    spec = dict(arch=parts['pipeline'], cond=cond, num_classes=num_classes, shape=(network.in_channels, side, side),
+                class_dropout_prob=float(has_null), vae=vae or source, scaling_factor=autoencoder.scaling_factor,
+                betas=nets.diffusers_betas(scheduler).tolist(), timestep_spacing=scheduler.get('timestep_spacing'),
+                steps_offset=scheduler.get('steps_offset', 0), id2label=parts['id2label'])
+    net.to(device)
+    return net.eval().requires_grad_(False), spec, autoencoder.to(device).eval()
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Sampling entry point shared by the grids, `generate`, `eval` and `walk`.
@@ -1156,16 +1206,26 @@ def load_snapshot(path, device, scale, vae='', for_fid=False):
 @torch.no_grad()
 def sample_images(net, spec, vae, noise, y, cfg, randn_like=torch.randn_like):
     """Noise (B, C, h, w) and conditions -> uint8 images (B, 3, H, W), with the sampler chosen by cfg."""
-    alphas_cumprod = make_alphas_cumprod(spec['beta_schedule'], spec['linear_start'], spec['linear_end'])
+    if 'betas' in spec:  # a released pipeline's scheduler config
+        alphas_cumprod = torch.cumprod(1 - torch.tensor(spec['betas'], dtype=torch.float64), dim=0)
+    else:
+        alphas_cumprod = make_alphas_cumprod(spec['beta_schedule'], spec['linear_start'], spec['linear_end'])
+    # Timestep spacing: the flag, else the pipeline's scheduler config, else diffusers' default for the scheduler.
+    spacing = cfg.timestep_spacing or spec.get('timestep_spacing') or {'dpm': 'linspace', 'ddim': 'leading'}.get(
+        cfg.scheduler)
+    if cfg.scheduler != 'ddpm' and spacing not in ('linspace', 'leading'):
+        raise UserError(f'timestep_spacing {spacing!r} of the scheduler config is not supported; pass '
+                        '--timestep_spacing=linspace|leading')
+    offset = spec.get('steps_offset', 1)
     # Guidance needs the null condition (Eq. 2); scale 1 is plain conditional sampling, one forward pass a step.
-    y_null = null_condition(spec, noise.device).expand_as(y) if cfg.scale != 1 else None
+    y_null = torch.as_tensor(net.null, device=noise.device).expand_as(y) if cfg.scale != 1 else None
     with torch.autocast(noise.device.type, torch.bfloat16, enabled=cfg.precision == 'bf16'):
         if cfg.scheduler == 'dpm':
-            x = dpm_solver_sample(net, noise, y, alphas_cumprod, cfg.ddim_steps, cfg.scale, y_null,
-                                  cfg.timestep_spacing or 'linspace', cfg.cfg_channels)
+            x = dpm_solver_sample(net, noise, y, alphas_cumprod, cfg.ddim_steps, cfg.scale, y_null, spacing,
+                                  cfg.cfg_channels, offset)
         elif cfg.scheduler == 'ddim':
-            x = ddim_sample(net, noise, y, alphas_cumprod, cfg.ddim_steps, cfg.scale, y_null, cfg.ddim_eta,
-                            cfg.timestep_spacing or 'leading', randn_like, cfg.cfg_channels)
+            x = ddim_sample(net, noise, y, alphas_cumprod, cfg.ddim_steps, cfg.scale, y_null, cfg.ddim_eta, spacing,
+                            randn_like, cfg.cfg_channels, offset)
         else:
             x = ddpm_sample(net, noise, y, alphas_cumprod, cfg.ddim_steps, cfg.scale, y_null, cfg.cfg_channels,
                             randn_like)
@@ -1420,7 +1480,7 @@ def training_loop(cfg, rank, world_size, device):
         if world_size > 1 else net
     model = torch.compile(ddp) if cfg.compile else ddp                    # fused kernels behind --compile
     alphas_cumprod = make_alphas_cumprod(cfg.beta_schedule, cfg.linear_start, cfg.linear_end).to(device)
-    y_null = null_condition(spec, device)
+    y_null = torch.as_tensor(net.null, device=device)                  # the class id num_classes, or tokens of ''
     if rank == 0:
         record_run(cfg, run_dir, cur_nimg if resume_path else None, spec=spec, world_size=world_size, images=n,
                    corrupted=len(corrupted), device=torch.cuda.get_device_name(device) if device.type == 'cuda'
@@ -1583,7 +1643,7 @@ def sample_plan(net, spec, vae, plan, cfg, device):
         chunk = plan[start:start + cfg.batch]
         noise, randn_like = seeded_noise([seed for _, seed, _ in chunk], tuple(spec['shape']), device)
         conditions = [condition for _, _, condition in chunk]
-        y = tokenize(conditions) if spec['cond'] == 'text' else torch.tensor(conditions)
+        y = net.tokenize(conditions) if spec['cond'] == 'text' else torch.tensor(conditions)
         yield chunk, sample_images(net, spec, vae, noise, y.to(device), cfg, randn_like)
 
 
@@ -1679,13 +1739,13 @@ def walk(cfg, rank, world_size, device):
     theta = torch.linspace(0, 2, cfg.walk_steps) * math.pi                # the end points repeat, as official
     os.makedirs(cfg.outdir, exist_ok=True)
     for condition in conditions:
-        y = (tokenize([condition] * cfg.walk_steps) if spec0['cond'] == 'text' else
-             torch.full((cfg.walk_steps,), condition, dtype=torch.int64)).to(device)
         for i in range(cfg.n_samples or 5):  # the official default: 5 walks per class
             noise_x, noise_y = (torch.randn(tuple(spec0['shape']), generator=generator) for _ in range(2))
             noise = (theta.cos().view(-1, 1, 1, 1) * noise_x + theta.sin().view(-1, 1, 1, 1) * noise_y).to(device)
             rows = []
             for net, spec, vae in snapshots:  # stochastic samplers: the same step noise for every network too
+                y = (net.tokenize([condition] * cfg.walk_steps) if spec0['cond'] == 'text' else
+                     torch.full((cfg.walk_steps,), condition, dtype=torch.int64)).to(device)
                 step_noise = torch.Generator(device).manual_seed(cfg.seed + i)
                 randn_like = lambda x: torch.randn(x.shape, generator=step_noise, device=x.device)
                 rows.append(torch.cat([sample_images(net, spec, vae, noise[j:j + cfg.batch], y[j:j + cfg.batch], cfg,

@@ -766,3 +766,56 @@ def test_help_layout(capsys):
                 assert re.search(r'\((default: .*|required)\)$', ' '.join(entry.split('\n\n')[0].split())), entry
     flat = ' '.join(text.split())
     assert 'official: --batch_size' in flat and 'official: --pretrained_model_name_or_path' in flat
+
+
+def test_released_diffusers_pipelines_by_folder_and_hub_repo_id(tmp_path, monkeypatch):
+    """A DiffusionNoise-style DiTPipeline folder (diffusers DiT, KL autoencoder with scaling 0.3, DDIM scheduler
+    config) samples as diffusers' DiTPipeline does: all four eps channels guided, null class 10, latents divided by
+    the scaling factor before decoding; the same folder served as a Hub repo over 127.0.0.1 gives the same images.
+    An LDMClassToImagePipeline folder (VQ autoencoder, LDM UNet, class embedder) writes the official folders."""
+    from edm_layouts import hf_repo_folder, serve_folder
+    from test_nets_diffusers import (randomize, tiny_vq, unet_diffusers_config, unet_to_diffusers, vq_diffusers_config,
+                                     write_dit_pipeline, write_folder, write_json)
+    dit, kl = write_dit_pipeline(tmp_path / 'dit')
+    flags = ['--seeds=0-1', '--scheduler=dpm', '--ddim_steps=3', '--scale=2']
+    run(['generate', f'--network={tmp_path}/dit', f'--outdir={tmp_path}/out', *flags])
+    noise, _ = L.seeded_noise([0, 1], (4, 8, 8), 'cpu')
+    with torch.no_grad():
+        x = L.dpm_solver_sample(lambda x, t, y, delta=None: dit(x, t, y), noise, torch.tensor([0, 1]),
+                                L.make_alphas_cumprod(), 3, 2.0, torch.tensor([10, 10]), 'linspace')
+        expected = (kl.decoder(kl.post_quant_conv(x / 0.3)) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+    for seed in range(2):
+        image = np.asarray(PIL.Image.open(tmp_path / 'out' / '000000' / f'{seed:06d}.png'))
+        assert np.abs(image.astype(int) - expected[seed].permute(1, 2, 0).numpy()).max() <= 1
+    write_dit_pipeline(hf_repo_folder(tmp_path / 'hub', 'DiffusionNoise/dit-tiny'))
+    monkeypatch.setenv('CORRUPTED_DIFFUSION_CACHE', str(tmp_path / 'cache'))
+    with serve_folder(tmp_path / 'hub') as base_url:
+        monkeypatch.setenv('HF_ENDPOINT', base_url)
+        run(['generate', '--pretrained_model_name_or_path=DiffusionNoise/dit-tiny', f'--outdir={tmp_path}/hub-out',
+             *flags])
+    for seed in range(2):
+        name = f'000000/{seed:06d}.png'
+        assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / 'out' / name)),
+                              np.asarray(PIL.Image.open(tmp_path / 'hub-out' / name)))
+
+    # LDM-4 class pipeline: VQ latents decoded unscaled, the class embedder's last row the null class.
+    folder = tmp_path / 'ldm'
+    unet = randomize(nets.UNet(arch='ldm', img_resolution=16, in_channels=3, out_channels=3, model_channels=32,
+                               channel_mult=(1, 2, 2), num_blocks=2, attn_resolutions=(16, 8), num_heads=2,
+                               context_dim=24)).eval()
+    write_json(os.path.join(folder, 'model_index.json'), {
+        '_class_name': 'LDMClassToImagePipeline', 'class_embedder': ['latent_diffusion', 'ClassEmbedder'],
+        'scheduler': ['diffusers', 'DDIMScheduler'], 'unet': ['diffusers', 'UNet2DConditionModel'],
+        'vqvae': ['diffusers', 'VQModel']})
+    write_folder(os.path.join(folder, 'vqvae'), vq_diffusers_config(), tiny_vq().state_dict())
+    write_folder(os.path.join(folder, 'unet'), unet_diffusers_config('ldm'),
+                 unet_to_diffusers(unet.state_dict(), 3, 2, [0, 1], 'ldm'))
+    write_folder(os.path.join(folder, 'class_embedder'), {}, {'embedding.weight': torch.randn(4, 24)})
+    write_json(os.path.join(folder, 'scheduler', 'scheduler_config.json'), {
+        '_class_name': 'DDIMScheduler', 'beta_schedule': 'scaled_linear', 'beta_start': 0.0015, 'beta_end': 0.0195,
+        'num_train_timesteps': 1000, 'steps_offset': 1})
+    net, spec, vae = L.load_snapshot(str(folder), 'cpu', 2.0)
+    assert (spec['cond'], spec['num_classes'], net.null, vae.scaling_factor) == ('class', 3, 3, 1.0)
+    run(['generate', f'--network={folder}', '--n_samples=1', '--ddim_steps=2', f'--outdir={tmp_path}/ldm-out'])
+    assert sorted(os.listdir(tmp_path / 'ldm-out')) == ['0', '1', '2', 'dataset.json']
+    assert np.asarray(PIL.Image.open(tmp_path / 'ldm-out' / '2' / '00000.jpeg')).shape == (32, 32, 3)

@@ -49,6 +49,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 import warnings
 import zipfile
@@ -67,7 +68,7 @@ WEIGHTS_SHA256_PREFIX = "6726825d"  # torch.hub names files by the first 8 hex d
 METRICS = ("fid", "is", "sfid", "pr", "kid")
 PREPROCESS = ("pytorch-fid", "tf")
 PRECISIONS = ("fp32", "tf32", "bf16")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")  # pytorch-fid's
 
 # Evaluation protocols: the rules of the reference tool whose numbers a result is compared with.
 #   preprocess     how uint8 images become the 299x299 input (see preprocess_images)
@@ -844,8 +845,9 @@ def load_ref(path):
     if keys & {"arr_0", "x"}:
         ref["images"] = path  # read only when a metric needs it (ADM reference batches hold 10,000 images)
     if "mu" in ref:
-        if "sigma" not in ref or ref["mu"].shape != (2048,) or ref["sigma"].shape != (2048, 2048):
-            raise ValueError(f"{path}: expected mu (2048,) and sigma (2048, 2048) Inception pool statistics, got "
+        d = ref["mu"].shape[0] if ref["mu"].ndim == 1 else -1
+        if "sigma" not in ref or d < 1 or ref["sigma"].shape != (d, d):  # the width is checked against the detector
+            raise ValueError(f"{path}: expected mu (D,) and sigma (D, D) Inception pool statistics (D = 2048), got "
                              f"mu {ref['mu'].shape}, sigma {ref['sigma'].shape if 'sigma' in ref else None}")
     elif "images" not in ref:
         raise ValueError(f"{path} is not a reference: expected `mu` and `sigma` (EDM / pytorch-fid statistics) or "
@@ -1044,7 +1046,7 @@ class ImageSource:
     """
 
     def __init__(self, source):
-        self.array = self.zip = None
+        self.array = self.zip = self.key = None
         if isinstance(source, np.ndarray):
             self.path, self.array = "array", self._check_array(source, "array")
             self.names = range(len(self.array))
@@ -1055,16 +1057,23 @@ class ImageSource:
                                 for root, _, names in os.walk(self.path) for name in names
                                 if name.lower().endswith(IMAGE_EXTENSIONS))
         elif self.path.lower().endswith(".npz") and os.path.isfile(self.path):
+            # Only the array's header is read here, so that checks on the count fail before any image is loaded.
             try:
-                with np.load(self.path, allow_pickle=False) as data:
-                    key = "x" if "x" in data.files else "arr_0" if "arr_0" in data.files else None
-                    if key is None:
-                        raise ValueError(f"expected images in `x` or `arr_0`, found keys {sorted(data.files)}")
-                    array = data[key]
+                with zipfile.ZipFile(self.path) as archive:
+                    members = {name[:-4]: name for name in archive.namelist() if name.endswith(".npy")}
+                    self.key = "x" if "x" in members else "arr_0" if "arr_0" in members else None
+                    if self.key is None:
+                        raise ValueError(f"expected images in `x` or `arr_0`, found keys {sorted(members)}")
+                    with archive.open(members[self.key]) as f:
+                        version = np.lib.format.read_magic(f)
+                        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                            np.lib.format.read_array_header_2_0
+                        shape, _, dtype = read_header(f)
             except Exception as error:
                 raise ValueError(f"cannot read images from {self.path}: {error}") from None
-            self.array = self._check_array(array, self.path)
-            self.names = range(len(self.array))
+            self._check_array(np.empty((0,) + tuple(shape[1:]), dtype), self.path, shape)
+            self.names = range(shape[0] if shape else 0)
+            self._lock = threading.Lock()
         elif zipfile.is_zipfile(self.path):
             self.zip = zipfile.ZipFile(self.path)
             self.names = sorted(n for n in self.zip.namelist() if n.lower().endswith(IMAGE_EXTENSIONS))
@@ -1074,20 +1083,33 @@ class ImageSource:
             raise ValueError(f"no images in {self.path} (looked for {', '.join(IMAGE_EXTENSIONS)})")
 
     @staticmethod
-    def _check_array(array, where):
+    def _check_array(array, where, shape=None):
         if array.ndim == 3:
             array = array[..., None]  # (N, H, W) grayscale
         if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] not in (1, 3, 4):
             raise ValueError(f"{where}: expected uint8 images (N, H, W, C) with C in 1, 3, 4; got {array.dtype} "
-                             f"{array.shape}")
+                             f"{tuple(shape or array.shape)}")
         return array
+
+    def _load_array(self):
+        """The .npz images, read once on first use (by whichever decoding thread comes first)."""
+        with self._lock:
+            if self.array is None:
+                try:
+                    with np.load(self.path, allow_pickle=False) as data:
+                        self.array = self._check_array(data[self.key], self.path)
+                except ValueError:
+                    raise
+                except Exception as error:
+                    raise ValueError(f"cannot read images from {self.path}: {error}") from None
+        return self.array
 
     def __len__(self):
         return len(self.names)
 
     def __getitem__(self, index):
-        if self.array is not None:
-            image = self.array[index]
+        if self.array is not None or self.key is not None:
+            image = (self.array if self.array is not None else self._load_array())[index]
             image = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image[:, :, :3]
             return np.ascontiguousarray(image.transpose(2, 0, 1))
         name = self.names[index]

@@ -102,6 +102,20 @@ def test_fid_pooling_patches():
     assert net.Mixed_7c.pool == "max" and net.Mixed_7b.pool == "avg"
 
 
+def test_cpu_pools_are_bitwise_torch_pools():
+    # The CPU fast paths (separable max of slices, channels-last average) must equal torch's NCHW kernels exactly,
+    # which is what pytorch-fid runs; odd sizes, both strides, and a NaN that must propagate.
+    generator = torch.Generator().manual_seed(0)
+    for shape in [(2, 5, 17, 17), (1, 3, 35, 35), (2, 4, 8, 8), (1, 2, 9, 12)]:
+        x = torch.relu(torch.randn(shape, generator=generator))
+        x[0, 0, 3, 4] = math.nan
+        for stride, padding in [(2, 0), (1, 1)]:
+            torch.testing.assert_close(fid.max_pool_3x3(x, stride, padding), F.max_pool2d(x, 3, stride, padding),
+                                       rtol=0, atol=0, equal_nan=True)
+        x = torch.relu(torch.randn(shape, generator=generator))
+        assert torch.equal(fid.avg_pool_same(x), F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)), shape
+
+
 def test_forward_taps_shapes_and_sfid_flatten_order():
     net = fid.InceptionV3().eval()
 
@@ -150,8 +164,9 @@ def test_load_inception_variants(weights, tmp_path, monkeypatch):
         raise fid.requests.ConnectionError("offline")
 
     monkeypatch.setattr(fid.requests, "get", offline)
-    with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05-6726825d.pth"):
+    with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05-6726825d.pth") as error:
         fid.load_inception()
+    assert "--fid_weights=PATH" in str(error.value) and "--weights" not in str(error.value)  # the flag's one name
 
     class WrongBytes:  # a download whose SHA-256 does not start with 6726825d
         def __enter__(self):
@@ -374,8 +389,11 @@ def test_ref_file_round_trip_and_formats(tmp_path):
     with pytest.raises(ValueError, match="not a reference"):
         fid.load_ref(tmp_path / "wrong.npz")
     np.savez(tmp_path / "small.npz", mu=np.zeros(64), sigma=np.eye(64))
+    with pytest.raises(ValueError, match="2048"):  # the width is checked against the detector's, before a pass
+        fid.resolve_protocol("edm", ref=tmp_path / "small.npz")
+    np.savez(tmp_path / "skew.npz", mu=np.zeros(64), sigma=np.eye(63))
     with pytest.raises(ValueError, match="2048"):
-        fid.load_ref(tmp_path / "small.npz")
+        fid.load_ref(tmp_path / "skew.npz")
     (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04 broken")
     with pytest.raises(ValueError, match="cannot read"):
         fid.load_ref(tmp_path / "corrupt.npz")
@@ -439,6 +457,247 @@ def test_zip_and_npz_sources(tmp_path):
     np.savez(tmp_path / "gray.npz", x=images[..., 0])
     assert np.array_equal(fid.ImageSource(tmp_path / "adm.npz")[2], images[2].transpose(2, 0, 1))
     assert fid.ImageSource(tmp_path / "gray.npz")[0].shape == (3, 5, 7)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation protocols: each against its reference tool's rules, written out here
+
+
+def test_resolve_protocol_rules():
+    edm, adm, pfid = (fid.resolve_protocol(name) for name in ("edm", "adm", "pytorch-fid"))
+    assert (edm["preprocess"], edm["num"], edm["select"], edm["is_split_size"]) == ("tf", 50000, "random", None)
+    assert (adm["preprocess"], adm["num"], adm["select"], adm["is_split_size"]) == ("tf", 50000, "first", 5000)
+    assert (pfid["preprocess"], pfid["num"], pfid["is_split_size"]) == ("pytorch-fid", None, None)
+    assert json.loads(json.dumps(edm)) == edm  # goes into the metrics JSON as it is
+    assert fid.resolve_protocol("edm", num=1000, available=1000)["num"] == 1000
+    assert fid.resolve_protocol(adm, available=50000) == adm  # a resolved dict resolves to itself
+    assert fid.resolve_protocol(preprocess="tf")["protocol"] is None  # a preprocessing alone names no protocol
+    untagged = {"mu": np.zeros(16), "sigma": np.eye(16)}
+    tagged = dict(untagged, preprocess="tf", protocol="edm")
+    assert fid.resolve_protocol(ref=tagged, detector=TinyDetector())["protocol"] == "edm"  # the reference's tag
+    errors = [  # (arguments, what the one-line message names)
+        (dict(protocol="clean-fid"), "unknown protocol"),
+        (dict(protocol="edm", preprocess="pytorch-fid"), "protocol edm preprocesses with 'tf'"),
+        (dict(ref=untagged, detector=TinyDetector()), "--protocol=edm|adm|pytorch-fid"),
+        (dict(protocol="pytorch-fid", ref=tagged, detector=TinyDetector()), "was made with preprocess='tf'"),
+        (dict(protocol="edm", available=49999), "found 49999 images, but --num=50000"),
+        (dict(protocol="edm", num=1), "--num must be an integer >= 2"),
+        (dict(metrics=("is",), detector=type("NoFc", (), {"has_classifier": False})()), "1008-way classifier"),
+        (dict(protocol="edm", metrics=("sfid",), ref=untagged, detector=TinyDetector()), "mu_s/sigma_s"),
+        (dict(protocol="edm", ref={"mu": np.zeros(5), "sigma": np.eye(5), "preprocess": "tf"}), "mu has shape (5,)"),
+        (dict(protocol="pytorch-fid", metrics=("is",), available=9), "is needs at least 10 images"),
+    ]
+    for kwargs, message in errors:
+        with pytest.raises(ValueError, match=None) as error:
+            fid.resolve_protocol(**kwargs)
+        assert message in str(error.value) and "\n" not in str(error.value), (kwargs, str(error.value))
+    # ADM's splits of 5,000 allow IS from fewer than 10 images; 10 equal splits do not.
+    fid.resolve_protocol("adm", metrics=("is",), num=9, available=9)
+
+
+def adm_inception_score(logits, split_size=5000):
+    """guided-diffusion evaluations/evaluator.py, restated: softmax of the unbiased logits, consecutive splits of
+    split_size rows (the last one shorter), exp of the mean over rows of sum_c p (log p - log mean_split p), mean
+    over splits."""
+    logits = np.asarray(logits, np.float64)
+    preds = np.exp(logits - logits.max(1, keepdims=True))
+    preds /= preds.sum(1, keepdims=True)
+    scores = []
+    for i in range(0, len(preds), split_size):
+        part = preds[i:i + split_size]
+        kl = part * (np.log(part) - np.log(np.mean(part, 0, keepdims=True)))
+        scores.append(np.exp(np.mean(np.sum(kl, 1))))
+    return float(np.mean(scores))
+
+
+def scipy_fid(mu1, sigma1, mu2, sigma2):
+    """The Frechet distance as EDM's fid.py, ADM's evaluator and pytorch-fid compute it (scipy's sqrtm)."""
+    covmean = scipy.linalg.sqrtm(np.dot(sigma1, sigma2))
+    return float(np.real(np.square(mu1 - mu2).sum() + np.trace(sigma1 + sigma2 - 2 * covmean)))
+
+
+def test_adm_inception_score_splits_of_5000_at_n_not_50000():
+    logits = torch.randn(5003, 20, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 3
+    adm, _ = fid.inception_score(logits, split_size=5000)
+    assert adm == pytest.approx(adm_inception_score(logits.numpy()), rel=1e-10)   # splits of 5000 and 3 images
+    assert abs(fid.inception_score(logits)[0] - adm) > 0.1  # 10 equal splits: another number at N = 5,003
+    at_50k = torch.cat([logits[:5000]] * 10)  # at N = 50,000 the two conventions select the same rows
+    assert fid.inception_score(at_50k, split_size=5000)[0] == pytest.approx(fid.inception_score(at_50k)[0], rel=1e-12)
+
+
+@pytest.fixture
+def tiny_cli(monkeypatch):
+    """fid.main with the tiny detector in place of the weights file, and a count of images read."""
+    reads = []
+    monkeypatch.setattr(fid, "load_inception", lambda weights=None, device="cpu": TinyDetector())
+    getitem, load_array = fid.ImageSource.__getitem__, fid.ImageSource._load_array
+    monkeypatch.setattr(fid.ImageSource, "__getitem__", lambda self, i: reads.append(i) or getitem(self, i))
+    monkeypatch.setattr(fid.ImageSource, "_load_array", lambda self: reads.append("npz") or load_array(self))
+
+    def run(*argv):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fid.main([*argv, "--device=cpu", "--workers=1", "--batch=4"])
+    run.reads = reads
+    return run
+
+
+def edm_features(images, preprocess="tf"):
+    return fid.compute_features(batches_of(torch.from_numpy(images).permute(0, 3, 1, 2)), TinyDetector(), "cpu",
+                                preprocess=preprocess, taps=("pool", "spatial", "logits"), progress=False)
+
+
+def test_edm_protocol_reproduces_edm_fid_py(tiny_cli, tmp_path):
+    images = np.random.RandomState(20).randint(0, 256, (13, 9, 9, 3), dtype=np.uint8)
+    real = np.random.RandomState(21).randint(0, 200, (10, 9, 9, 3), dtype=np.uint8)
+    np.savez(tmp_path / "images.npz", x=images)
+    real_pool = edm_features(real)["pool"].double().numpy()
+    np.savez(tmp_path / "edm-ref.npz", mu=real_pool.mean(0), sigma=np.cov(real_pool, rowvar=False))  # no tag
+    calc = ["calc", f"--images={tmp_path / 'images.npz'}", f"--ref={tmp_path / 'edm-ref.npz'}", "--seed=5"]
+    tiny_cli(*calc, "--protocol=edm", "--num=8", f"--json={tmp_path / 'edm.json'}")
+    result = json.loads((tmp_path / "edm.json").read_text())
+
+    # EDM's rule: dataset indices shuffled by RandomState(seed % 2**31), the first --num kept in sorted order; mu
+    # and sigma from float64 sums of f and f f^T (N - 1 normalisation); FID through scipy's sqrtm.
+    order = np.arange(13)
+    np.random.RandomState(5 % (1 << 31)).shuffle(order)
+    chosen = np.sort(order[:8])
+    f = edm_features(images[chosen])["pool"].double()
+    mu = f.sum(0) / 8
+    sigma = (f.T @ f - 8 * torch.outer(mu, mu)) / 7
+    expected = scipy_fid(mu.numpy(), sigma.numpy(), real_pool.mean(0), np.cov(real_pool, rowvar=False))
+    assert result["fid"] == pytest.approx(expected, rel=1e-6)
+    assert (result["protocol"], result["preprocess"], result["num"]) == ("edm", "tf", 8)
+    # Without --num the protocol evaluates 50,000 images: an error before any image is read, as EDM's.
+    tiny_cli.reads.clear()
+    with pytest.raises(SystemExit) as error:
+        tiny_cli(*calc, "--protocol=edm")
+    assert error.value.code == 2 and not tiny_cli.reads
+
+
+def test_adm_protocol_reproduces_guided_diffusion_evaluator(tiny_cli, tmp_path):
+    samples = np.random.RandomState(22).randint(0, 256, (12, 10, 10, 3), dtype=np.uint8)
+    ref_images = np.random.RandomState(23).randint(30, 256, (11, 10, 10, 3), dtype=np.uint8)
+    ref = edm_features(ref_images)
+    stats = {key + suffix: value for tap, suffix in (("pool", ""), ("spatial", "_s"))
+             for key, value in zip(("mu", "sigma"), (ref[tap].double().numpy().mean(0),
+                                                     np.cov(ref[tap].double().numpy(), rowvar=False)))}
+    np.savez(tmp_path / "VIRTUAL_ref.npz", arr_0=ref_images, **stats)  # an ADM reference batch: no tag
+    np.savez(tmp_path / "samples.npz", arr_0=samples)                  # an ADM sample batch
+    calc = ["calc", f"--images={tmp_path / 'samples.npz'}", f"--ref={tmp_path / 'VIRTUAL_ref.npz'}",
+            "--metrics=fid,sfid,is,pr"]
+    tiny_cli(*calc, "--protocol=adm", "--num=12", f"--json={tmp_path / 'adm.json'}")
+    result = json.loads((tmp_path / "adm.json").read_text())
+
+    # The evaluator's rules: sample statistics np.mean / np.cov, the reference's stored mu/sigma and mu_s/sigma_s,
+    # FID and sFID through scipy's sqrtm, IS in consecutive 5,000-image splits (here one split of 12), precision
+    # and recall against the reference batch's images.
+    f = edm_features(samples)
+    for metric, tap, suffix in (("fid", "pool", ""), ("sfid", "spatial", "_s")):
+        x = f[tap].double().numpy()
+        assert result[metric] == pytest.approx(
+            scipy_fid(x.mean(0), np.cov(x, rowvar=False), stats["mu" + suffix], stats["sigma" + suffix]), rel=1e-6)
+    assert result["is"] == pytest.approx(adm_inception_score(f["logits"].numpy()), rel=1e-6)
+    assert result["is"] != pytest.approx(fid.inception_score(f["logits"])[0], rel=1e-3)  # not 10 splits
+    assert (result["precision"], result["recall"]) == fid.precision_recall(ref["pool"], f["pool"])
+    assert (result["protocol"], result["preprocess"], result["is_split_size"]) == ("adm", "tf", 5000)
+    # With more images than --num ADM's order is kept: the first ones.
+    np.savez(tmp_path / "more.npz", arr_0=np.concatenate([samples, samples[::-1]]))
+    tiny_cli(*calc[:1], f"--images={tmp_path / 'more.npz'}", *calc[2:], "--protocol=adm", "--num=12",
+             f"--json={tmp_path / 'more.json'}")
+    assert json.loads((tmp_path / "more.json").read_text())["fid"] == pytest.approx(result["fid"], rel=1e-9)
+
+
+def test_pytorch_fid_protocol_reproduces_pytorch_fid(tiny_cli, tmp_path):
+    (tmp_path / "images").mkdir()
+    images = np.random.RandomState(24).randint(0, 256, (7, 11, 11, 3), dtype=np.uint8)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / "images" / f"{i:02d}.png")
+    real = np.random.RandomState(25).randint(0, 256, (9, 11, 11, 3), dtype=np.uint8)
+    real_pool = edm_features(real, "pytorch-fid")["pool"].double().numpy()
+    np.savez_compressed(tmp_path / "stats.npz", mu=real_pool.mean(0), sigma=np.cov(real_pool, rowvar=False))
+    tiny_cli("calc", f"--images={tmp_path / 'images'}", f"--ref={tmp_path / 'stats.npz'}", "--protocol=pytorch-fid",
+             f"--json={tmp_path / 'pfid.json'}")
+    result = json.loads((tmp_path / "pfid.json").read_text())
+    # pytorch-fid: every image of the folder, ToTensor then bilinear resize and 2x - 1, np.mean / np.cov, sqrtm.
+    x = edm_features(images, "pytorch-fid")["pool"].double().numpy()
+    expected = scipy_fid(x.mean(0), np.cov(x, rowvar=False), real_pool.mean(0), np.cov(real_pool, rowvar=False))
+    assert result["fid"] == pytest.approx(expected, rel=1e-6) and result["num"] == 7
+    assert (result["protocol"], result["preprocess"]) == ("pytorch-fid", "pytorch-fid")
+    tf = edm_features(images, "tf")["pool"].double().numpy()
+    assert scipy_fid(tf.mean(0), np.cov(tf, rowvar=False), real_pool.mean(0), np.cov(real_pool, rowvar=False)) \
+        != pytest.approx(expected, rel=1e-3)  # the test can tell the preprocessings apart
+
+
+def test_untagged_reference_cannot_meet_the_wrong_preprocessing(tiny_cli, tmp_path, capsys):
+    images = np.random.RandomState(26).randint(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "images.npz", x=images)
+    np.savez(tmp_path / "untagged.npz", mu=np.zeros(16), sigma=np.eye(16))  # EDM / pytorch-fid layout
+    calc = ["calc", f"--images={tmp_path / 'images.npz'}"]
+    with pytest.raises(SystemExit) as error:
+        tiny_cli(*calc, f"--ref={tmp_path / 'untagged.npz'}")
+    err = capsys.readouterr().err.strip()
+    assert error.value.code == 2 and len(err.splitlines()) == 1 and "--protocol=" in err and not tiny_cli.reads
+    with pytest.raises(ValueError, match="does not say how"):  # the library refuses it too
+        fid.compute_metrics([torch.from_numpy(images).permute(0, 3, 1, 2)], str(tmp_path / "untagged.npz"),
+                            detector=TinyDetector(), device="cpu")
+    # References we write carry their preprocessing and protocol, and a later calc follows them.
+    tiny_cli("ref", f"--data={tmp_path / 'images.npz'}", f"--dest={tmp_path / 'ours.npz'}", "--protocol=edm")
+    with np.load(tmp_path / "ours.npz") as data:
+        assert (str(data["preprocess"]), str(data["protocol"])) == ("tf", "edm")
+    tiny_cli(*calc, f"--ref={tmp_path / 'ours.npz'}", "--num=6", f"--json={tmp_path / 'tagged.json'}")
+    tagged = json.loads((tmp_path / "tagged.json").read_text())
+    assert (tagged["protocol"], tagged["preprocess"]) == ("edm", "tf") and abs(tagged["fid"]) < 1e-6
+    with pytest.raises(SystemExit):  # the tag contradicts the flag: refused
+        tiny_cli(*calc, f"--ref={tmp_path / 'ours.npz'}", "--preprocess=pytorch-fid")
+    assert "was made with preprocess='tf'" in capsys.readouterr().err
+
+
+def test_checks_fail_before_any_image_is_read(tiny_cli, tmp_path, monkeypatch, capsys):
+    np.savez(tmp_path / "images.npz", x=np.zeros((5, 8, 8, 3), np.uint8))
+    (tmp_path / "folder").mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((8, 8, 3), 9 * i, np.uint8)).save(tmp_path / "folder" / f"{i}.png")
+    fid.save_ref(tmp_path / "ref.npz", {"mu": np.zeros(16), "sigma": np.eye(16), "preprocess": "tf"})
+    readonly = tmp_path / "blocker"  # a file where a folder should be: unwritable even for root
+    readonly.write_text("")
+    nofc = TinyDetector()
+    nofc.has_classifier = False
+    cases = [  # (argv, what the message names)
+        (["--metrics=sfid"], "mu_s/sigma_s"),                              # the reference lacks what sfid needs
+        (["--protocol=adm"], "found 5 images, but --num=50000"),            # fewer images than the protocol's
+        (["--num=6"], "found 5 images, but --num=6"),
+        (["--protocol=pytorch-fid"], "was made with preprocess='tf'"),
+        (["--metrics=kid", "--num=4"], "pool features"),
+        ([f"--json={readonly / 'm.json'}"], "not writable"),
+    ]
+    for images in ("images.npz", "folder"):
+        for argv, message in cases:
+            with pytest.raises(SystemExit) as error:
+                tiny_cli("calc", f"--images={tmp_path / images}", f"--ref={tmp_path / 'ref.npz'}", *argv)
+            err = capsys.readouterr().err.strip()
+            assert error.value.code == 2 and message in err and len(err.splitlines()) == 1, (argv, err)
+    monkeypatch.setattr(fid, "load_inception", lambda weights=None, device="cpu": nofc)
+    with pytest.raises(SystemExit) as error:  # IS with weights that have no classifier
+        tiny_cli("calc", f"--images={tmp_path / 'folder'}", f"--ref={tmp_path / 'folder'}", "--metrics=fid,is")
+    assert error.value.code == 2 and "classifier" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as error:  # ref: an unwritable --dest, found before the pass
+        tiny_cli("ref", f"--data={tmp_path / 'folder'}", f"--dest={readonly / 'ref.npz'}")
+    assert error.value.code == 2 and "--dest" in capsys.readouterr().err and readonly.read_text() == ""
+    assert tiny_cli.reads == []
+
+
+def test_fid_weights_is_the_flag_name(tmp_path, capsys):
+    with pytest.raises(SystemExit) as error:
+        fid.main(["calc", f"--images={tmp_path}", "--ref=x.npz", "--weights=w.pth"])
+    err = capsys.readouterr().err.strip()
+    assert error.value.code == 2 and len(err.splitlines()) == 1 and "--fid_weights" in err
+    with pytest.raises(SystemExit):
+        fid.main(["calc", f"--images={tmp_path}", "--ref=x.npz", "--fid=w.pth"])  # no prefix matching
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        fid.main(["ref", "--help"])
+    assert "--fid_weights" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -311,6 +311,9 @@ def test_loss_second_moment_sampler_matches_the_official_fifo():
         ours.update(torch.from_numpy(ts), torch.from_numpy(losses).float())
         official.update(ts, losses.astype(np.float32))
         np.testing.assert_allclose(ours.probabilities().numpy(), official.weights(), rtol=1e-6)
+        # The same queues, entry for entry: oldest first, as the official fixed-length FIFO per timestep.
+        np.testing.assert_array_equal(ours.history.numpy(), official.loss_history)
+        np.testing.assert_array_equal(ours.counts.numpy(), official.counts)
     assert not np.allclose(official.weights(), 1 / T)  # warmed up, so the comparison covered the non-uniform case
     t, w = ours.sample(100_000, torch.Generator().manual_seed(0))
     p = ours.probabilities()
@@ -845,7 +848,7 @@ def test_failure_paths_one_line_and_nothing_lost(small_data, data4, tmp_path, mo
     assert '-gpus' not in run_dir and writes
     assert sorted(f for f in os.listdir(run_dir) if f.endswith('.pt')) == [
         'network-snapshot-000001-ema0.9.pt', 'network-snapshot-000001.pt', 'training-state-000001.pt']
-    open(os.path.join(run_dir, 'training-state-000002.pt.tmp'), 'wb').write(b'partial')  # as after a kill -9
+    open(os.path.join(run_dir, 'network-snapshot-000009.pt.tmp'), 'wb').write(b'partial')  # as after a kill -9
 
     # --resume=auto continues there (even from a state saved by another process count), keeps every --dump-th state.
     state = torch.load(os.path.join(run_dir, 'training-state-000001.pt'), weights_only=True)

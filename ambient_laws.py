@@ -172,7 +172,12 @@ PRESETS = {
     'tiny': dict(arch='tiny', cond=False, batch=16, lr=1e-3, dropout=0.0, augment=0.12, kimg=0.5, lr_rampup_kimg=0.25,
                  ema_halflife_kimg=0.1, tick=0.1, snap=5, dump=5, grid=16, steps=8, workers=1),
 }
-ARCHES = {'ddpmpp': 'ddpmpp-cifar10', 'adm': 'adm-celeba64'}  # official --arch values -> nets.UNET_PRESETS
+# Official --arch values as nets.UNet kwargs: EDM train.py's SongUNet DDPM++ and DhariwalUNet (ADM as EDM re-implements
+# it: FiLM, resampling ResBlocks, 64 channels per head, legacy attention order, GroupNorm groups of >= 4 channels).
+ARCHES = {'ddpmpp': nets.UNET_PRESETS['ddpmpp-cifar10'],
+          'adm': dict(arch='adm', model_channels=192, channel_mult=(1, 2, 3, 4), num_blocks=3,
+                      attn_resolutions=(32, 16, 8), num_head_channels=64, use_scale_shift_norm=True,
+                      resblock_updown=True, use_new_attention_order=False, norm_min_group_size=4)}
 COMMANDS = {'train': 'train a model on a mix of clean and noisy images (the default command)',
             'generate': 'one PNG per seed from a network (ours, an EDM .pkl or a Hugging Face checkpoint)',
             'eval': "FID (and IS, ...) of a network's samples, drawn in memory, or of a folder of images (--gen_path)"}
@@ -217,6 +222,9 @@ REFUSED = {
     'scaling': 'the EDM ablation sampler is not implemented; the sampler is EDM\'s (s(t) = 1)',
 }
 COMMAND_DEFAULTS = {'generate': dict(batch=64, outdir=''), 'eval': dict(batch=64)}  # official generate / eval_fid
+HELP = {('generate', 'batch'): 'images per sampling batch, all GPUs together',
+        ('generate', 'outdir'): 'the folder that receives the PNGs',
+        ('eval', 'batch'): 'images per sampling and Inception batch'}
 
 def fail(message, code=2):
     """One clear line on stderr (from one rank), `ambient_laws.py: error: ...`, and a non-zero exit: 2 for a bad
@@ -268,7 +276,8 @@ def build_parser(command):
                 continue
             kind, default = fields[name].type, defaults[name]
             shown = 'random' if name == 'seed' else 'none' if default == '' else default
-            text = texts[name].replace('%', '%%') + (f'; official: --{official[name]}' if name in official else '')
+            text = HELP.get((command, name), texts[name]).replace('%', '%%')
+            text += f'; official: --{official[name]}' if name in official else ''
             text += ' (required)' if (name, command) in (('data', 'train'), ('network', 'generate'),
                                                           ('outdir', 'generate')) else f' (default: {shown})'
             flag = '--class' if name == 'class_idx' else f'--{name}'  # the official spelling
@@ -852,13 +861,9 @@ def format_time(seconds):
 
 def build_network(cfg, resolution, channels, label_dim):
     """EDMPrecond around a nets.UNet, and the UNet kwargs that rebuild it (stored in every snapshot)."""
-    kwargs = {**nets.UNET_PRESETS[ARCHES.get(cfg.arch, cfg.arch)], 'img_resolution': resolution,
-              'in_channels': channels, 'out_channels': channels, 'label_dim': label_dim, 'dropout': cfg.dropout}
-    if kwargs['arch'] == 'ddpmpp':
-        kwargs['augment_dim'] = 9 if cfg.augment > 0 else 0  # EDM conditions DDPM++ on the augmentation labels
-    elif cfg.augment > 0:
-        fail('--augment > 0 with an adm arch (DhariwalUNet augmentation labels) is not supported; pass --augment=0 '
-             '(EDM trained its ImageNet ADM without augmentation)')
+    kwargs = {**(ARCHES.get(cfg.arch) or nets.UNET_PRESETS[cfg.arch]), 'img_resolution': resolution,
+              'in_channels': channels, 'out_channels': channels, 'label_dim': label_dim, 'dropout': cfg.dropout,
+              'augment_dim': 9 if cfg.augment > 0 else 0}  # EDM conditions both on the 9 augmentation labels
     if cfg.cbase:
         kwargs['model_channels'] = cfg.cbase
     if cfg.cres:

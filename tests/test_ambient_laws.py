@@ -343,7 +343,7 @@ def test_train_generate_eval_end_to_end(tmp_path, monkeypatch, capsys):
 
     # Generate: one PNG per seed; image k is the same whatever the batch size.
     for batch, folder in ((2, 'a'), (3, 'b')):
-        al.main(['generate', f'--network={network}', '--seeds=0-3', f'--batch={batch}',
+        al.main(['generate', f'--network={network}', '--seeds=0-3', f'--batch={batch}', '--steps=3',
                  f'--outdir={tmp_path / folder}'])
     names = sorted(os.listdir(tmp_path / 'a'))
     assert names == ['000000.png', '000001.png', '000002.png', '000003.png']
@@ -360,10 +360,17 @@ def test_train_generate_eval_end_to_end(tmp_path, monkeypatch, capsys):
     torch.save(fid.InceptionV3().state_dict(), weights)
     monkeypatch.setenv('FID_WEIGHTS', str(weights))
     fid.save_ref(tmp_path / 'ref.npz', dict(mu=np.zeros(2048), sigma=np.eye(2048), preprocess='pytorch-fid'))
-    al.main(['eval', f'--network={network}', f'--ref={tmp_path / "ref.npz"}', '--num=4', '--batch=2'])
+    al.main(['eval', f'--network={network}', f'--ref={tmp_path / "ref.npz"}', '--num=4', '--batch=2', '--steps=3'])
     result = json.loads(open(os.path.join(run_dir, 'metrics.jsonl')).read().splitlines()[-1])
     assert result['num'] == 4 and np.isfinite(result['fid']) and result['fid'] > 0
     assert result == json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # An untagged reference (EDM's fid-refs) needs --protocol; the check fails before any sampling.
+    np.savez(tmp_path / 'edm_ref.npz', mu=np.zeros(2048), sigma=np.eye(2048))
+    _fails(capsys, ['eval', f'--network={network}', f'--ref={tmp_path / "edm_ref.npz"}', '--num=4'], '--protocol=')
+    al.main(['eval', f'--network={network}', f'--ref={tmp_path / "edm_ref.npz"}', '--num=4', '--protocol=edm',
+             '--steps=2'])
+    result = json.loads(open(os.path.join(run_dir, 'metrics.jsonl')).read().splitlines()[-1])
+    assert result['protocol'] == 'edm' and result['preprocess'] == 'tf' and result['num'] == 4
 
 
 def test_class_conditional_train_and_generate(tmp_path, capsys):
@@ -374,7 +381,8 @@ def test_class_conditional_train_and_generate(tmp_path, capsys):
              f'--outdir={tmp_path / "runs"}'])
     network = os.path.join(_run_dir(tmp_path / 'runs'), 'network-snapshot-000000.pt')
     assert _state(network)['net_kwargs']['label_dim'] == 10
-    al.main(['generate', f'--network={network}', '--seeds=0-1', '--class=3', f'--outdir={tmp_path / "gen"}'])
+    al.main(['generate', f'--network={network}', '--seeds=0-1', '--class=3', '--steps=3',
+             f'--outdir={tmp_path / "gen"}'])
     assert sorted(os.listdir(tmp_path / 'gen')) == ['000000.png', '000001.png']
     with pytest.raises(SystemExit):
         al.main(['generate', f'--network={network}', '--seeds=0', '--class=10', f'--outdir={tmp_path / "gen"}'])
@@ -785,3 +793,51 @@ def test_full_disk_then_kill_leftovers_then_resume_auto(tmp_path, capsys, monkey
     assert os.listdir(tmp_path / 'runs') == [run]
     assert not [f for f in os.listdir(folder) if f.endswith('.tmp')]
     assert _state(folder / 'training-state-000000.pt')['cur_nimg'] == 16
+
+
+def _perturbed(net, seed):
+    """Random weights everywhere (a fresh EDM network has zero output layers, which would hide a wrong key map)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in net.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=g))
+    return net
+
+
+def test_released_checkpoints_load_sample_and_transfer(tmp_path, monkeypatch, capsys):
+    """An EDM network-snapshot-*.pkl (its embedded code never runs), an ambient-laws Hugging Face repo (config.json +
+    model.safetensors, downloaded from a local server standing in for the Hub) and an EDM DhariwalUNet pickle sample
+    in `generate` exactly what the same weights sample as our snapshot; --transfer takes the repo id."""
+    import edm_layouts
+    monkeypatch.setenv('CORRUPTED_DIFFUSION_CACHE', str(tmp_path / 'cache'))
+    monkeypatch.setenv('EDM_LAYOUTS_EXEC_MARKER', str(tmp_path / 'executed'))
+    repo = 'giannisdaras/ambient_laws_celeba_sigma_0.05_corruption_0.1_keep_1.0'
+    song, song_kwargs = al.build_network(al.resolve_config({'preset': 'tiny', 'cbase': 16}), 32, 3, 0)
+    adm, adm_kwargs = al.build_network(al.resolve_config({'arch': 'adm', 'cbase': 64, 'cres': '1,1'}), 16, 3, 10)
+    for net, kwargs, name in ((_perturbed(song, 1), song_kwargs, 'song'), (_perturbed(adm, 2), adm_kwargs, 'adm')):
+        torch.save(dict(ema=net.state_dict(), net_kwargs=kwargs, config=dict(sigma_data=0.5)), tmp_path / f'{name}.pt')
+        edm_layouts.write_edm_pickle(tmp_path / f'{name}-network-snapshot-000000.pkl', net.unet,
+                                     edm_layouts.edm_precond_kwargs(net.unet))
+    edm_layouts.write_hf_folder(edm_layouts.hf_repo_folder(tmp_path / 'hub', repo), song.unet,
+                                edm_layouts.edm_precond_kwargs(song.unet))
+
+    def images(network, *flags):
+        folder = tmp_path / 'gen' / str(len(os.listdir(tmp_path / 'gen')) if (tmp_path / 'gen').exists() else 0)
+        al.main(['generate', f'--network={network}', '--seeds=0-1', '--steps=3', f'--outdir={folder}', *flags])
+        return [np.asarray(PIL.Image.open(folder / name)) for name in sorted(os.listdir(folder))]
+
+    with edm_layouts.serve_folder(tmp_path / 'hub') as base:
+        monkeypatch.setenv('HF_ENDPOINT', base)
+        ours = images(tmp_path / 'song.pt')
+        for network in (tmp_path / 'song-network-snapshot-000000.pkl', repo, f'hf://{repo}'):
+            assert all(np.array_equal(a, b) for a, b in zip(images(network), ours)), network
+        ours = images(tmp_path / 'adm.pt', '--class=3')
+        assert all(np.array_equal(a, b) for a, b in
+                   zip(images(tmp_path / 'adm-network-snapshot-000000.pkl', '--class=3'), ours))
+        # --transfer from the Hub: after one step at lr 0 (the warm-up starts at 0) the weights are the repo's.
+        al.main([*FAST, f'--transfer={repo}', '--kimg=0.008', f'--outdir={tmp_path / "runs"}'])
+    state = _state(os.path.join(_run_dir(tmp_path / 'runs'), 'training-state-000000.pt'))
+    assert all(torch.equal(value, song.state_dict()[key]) for key, value in state['net'].items())
+    assert not (tmp_path / 'executed').exists()
+    monkeypatch.setenv('HF_ENDPOINT', 'http://127.0.0.1:9')                      # offline: one line, what to fetch
+    _fails(capsys, ['generate', '--network=someone/missing_repo', f'--outdir={tmp_path / "x"}'], 'download')

@@ -1975,9 +1975,12 @@ class WordPieceTokenizer:
 
     def __init__(self, vocab_path, do_lower_case=True, strip_accents=None, tokenize_chinese_chars=True,
                  max_length=77):
-        with open(vocab_path, encoding='utf-8') as f:
-            tokens = [line.rstrip('\n') for line in f]
-        self.vocab = {token: i for i, token in enumerate(tokens)}  # a repeated line: the last id wins, as in BERT's
+        if isinstance(vocab_path, dict):  # {token: id}, e.g. from a tokenizer.json
+            self.vocab = dict(vocab_path)
+        else:
+            with open(vocab_path, encoding='utf-8') as f:
+                tokens = [line.rstrip('\n') for line in f]
+            self.vocab = {token: i for i, token in enumerate(tokens)}  # a repeated line: the last id wins, as BERT's
         self.do_lower_case = do_lower_case
         self.strip_accents = do_lower_case if strip_accents is None else strip_accents
         self.tokenize_chinese_chars = tokenize_chinese_chars
@@ -1990,13 +1993,23 @@ class WordPieceTokenizer:
 
     @classmethod
     def from_folder(cls, folder, max_length=77):
-        """A transformers tokenizer folder: vocab.txt, and tokenizer_config.json's do_lower_case / strip_accents /
+        """A transformers tokenizer folder: vocab.txt (or, as transformers 5 writes it, only a tokenizer.json with a
+        WordPiece model and a BertNormalizer), and tokenizer_config.json's do_lower_case / strip_accents /
         tokenize_chinese_chars when present."""
         config_path = os.path.join(folder, 'tokenizer_config.json')
         config = read_json(config_path) if os.path.isfile(config_path) else {}
         options = {key: config[key] for key in ('do_lower_case', 'strip_accents', 'tokenize_chinese_chars')
                    if key in config}
-        return cls(os.path.join(folder, 'vocab.txt'), **options, max_length=max_length)
+        if os.path.isfile(os.path.join(folder, 'vocab.txt')) or not os.path.isfile(os.path.join(folder,
+                                                                                                 'tokenizer.json')):
+            return cls(os.path.join(folder, 'vocab.txt'), **options, max_length=max_length)
+        spec = read_json(os.path.join(folder, 'tokenizer.json'))
+        model, normalizer = spec.get('model') or {}, spec.get('normalizer') or {}
+        if model.get('type') != 'WordPiece' or normalizer.get('type', 'BertNormalizer') != 'BertNormalizer':
+            raise ValueError(f'{folder}/tokenizer.json: not a BERT WordPiece tokenizer')
+        options = {'do_lower_case': normalizer.get('lowercase', True), 'strip_accents': normalizer.get('strip_accents'),
+                   'tokenize_chinese_chars': normalizer.get('handle_chinese_chars', True), **options}
+        return cls(model['vocab'], **options, max_length=max_length)
 
     def basic_tokenize(self, text):
         """Text without special tokens -> whole words and punctuation marks."""
@@ -2050,6 +2063,153 @@ class WordPieceTokenizer:
         rows = [self.encode(text, max_length) for text in ([texts] if isinstance(texts, str) else texts)]
         return torch.tensor([row + [self.vocab['[PAD]']] * (max_length - len(row)) for row in rows],
                             dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# diffusers pipeline folders (model_index.json + one sub-folder per component), local or on the Hugging Face Hub
+
+DIFFUSERS_WEIGHTS = ('diffusion_pytorch_model.safetensors', 'diffusion_pytorch_model.bin')
+TRANSFORMERS_WEIGHTS = ('model.safetensors', 'pytorch_model.bin')
+SCHEDULER_DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule='linear',
+                          trained_betas=None, prediction_type='epsilon')  # diffusers' defaults for DDPM/DDIM/DPM++
+
+
+def autoencoder_kl_from_diffusers(config, state_dict):
+    """nets.AutoencoderKL of a diffusers AutoencoderKL folder (any of its attention key generations), strict, frozen."""
+    _refuse_unsupported(config, {'act_fn': 'silu', 'use_quant_conv': True, 'use_post_quant_conv': True,
+                                 'mid_block_add_attention': True, 'latents_mean': None, 'shift_factor': None},
+                        'diffusers AutoencoderKL')
+    keys = ('in_channels', 'out_channels', 'block_out_channels', 'layers_per_block', 'latent_channels',
+            'norm_num_groups', 'scaling_factor')
+    kwargs = {key: tuple(config[key]) if isinstance(config[key], list) else config[key] for key in keys if key in config}
+    with torch.device('meta'):
+        net = AutoencoderKL(**kwargs)
+    state_dict = vae_state_dict_to_diffusers(state_dict)
+    net.load_state_dict({key: value.float() for key, value in state_dict.items()}, assign=True)
+    return net.eval().requires_grad_(False)
+
+
+def vqmodel_from_diffusers(config, state_dict):
+    """nets.VQModel of a diffusers VQModel folder, strict, frozen."""
+    kwargs = vq_config_from_diffusers(config)
+    with torch.device('meta'):
+        net = VQModel(**kwargs)
+    net.load_state_dict({key: value.float() for key, value in vq_state_dict_to_diffusers(state_dict).items()},
+                        assign=True)
+    net.config = kwargs
+    return net.eval().requires_grad_(False)
+
+
+def diffusers_betas(scheduler, dtype=torch.float64):
+    """The beta schedule of a scheduler config: 'linear' (DDPM, DiT), 'scaled_linear' (LDM: linear in sqrt(beta)),
+    'squaredcos_cap_v2' (improved DDPM's cosine, beta <= 0.999) or trained_betas. diffusers builds them in float32;
+    pass dtype=torch.float32 for its exact values."""
+    T, start, end = scheduler['num_train_timesteps'], scheduler['beta_start'], scheduler['beta_end']
+    if scheduler.get('trained_betas') is not None:
+        return torch.tensor(scheduler['trained_betas'], dtype=dtype)
+    if scheduler['beta_schedule'] == 'linear':
+        return torch.linspace(start, end, T, dtype=dtype)
+    if scheduler['beta_schedule'] == 'scaled_linear':
+        return torch.linspace(start ** 0.5, end ** 0.5, T, dtype=dtype) ** 2
+    if scheduler['beta_schedule'] == 'squaredcos_cap_v2':
+        alpha_bar = [math.cos((i / T + 0.008) / 1.008 * math.pi / 2) ** 2 for i in range(T + 1)]
+        return torch.tensor([min(1 - alpha_bar[i + 1] / alpha_bar[i], 0.999) for i in range(T)], dtype=dtype)
+    raise ValueError(f'beta_schedule {scheduler["beta_schedule"]!r} is not supported')
+
+
+def _class_embedder_from(state_dict):
+    """An nn.Embedding when a component's weights are one embedding table (LDM's ClassEmbedder), else None."""
+    if len(state_dict) == 1:
+        (key, weight), = state_dict.items()
+        if re.fullmatch(r'(\w+\.)*(embedding|embedding_table)\.weight', key) and weight.ndim == 2:
+            embedder = nn.Embedding(*weight.shape)
+            embedder.weight.data.copy_(weight.float())
+            return embedder.eval()
+    return None
+
+
+def load_diffusers_pipeline(source, cache_dir=None, skip_unknown=False):
+    """The parts of a diffusers pipeline, from a local folder, `hf://owner/name[@revision]` or a bare Hub repo id
+    (files fetched with hf_hub_download into the cache; offline, one line naming what to download and where).
+
+    model_index.json names each component's class; the known ones become nets modules: DiTTransformer2DModel /
+    Transformer2DModel (ada_norm_zero) -> DiT (dit_from_diffusers), UNet2DConditionModel / UNet2DModel -> UNet
+    (unet_from_diffusers), AutoencoderKL -> AutoencoderKL, VQModel -> VQModel, LDMBertModel -> LDMBert, BertTokenizer
+    -> WordPieceTokenizer, *Scheduler -> its scheduler_config.json; a component whose weights are a single embedding
+    table is taken as the class embedder. Returns a dict: 'pipeline' (class name), 'network' and 'network_kind'
+    ('dit' or 'unet'), 'autoencoder' (with 'autoencoder_kind' 'kl' or 'vq'), 'text_encoder', 'tokenizer',
+    'class_embedder' (None where absent), 'scheduler' (the config over diffusers' defaults: num_train_timesteps,
+    beta_start, beta_end, beta_schedule, prediction_type, ...; diffusers_betas gives the betas), 'id2label'
+    ({int: str} from model_index.json or a component config, else None), 'components' (name -> [library, class]),
+    'unsupported' (name -> why). A component of another class (a custom pipeline's own module, whose layout cannot
+    be known from the files) raises ValueError naming it, unless skip_unknown, which records it in 'unsupported'.
+    """
+    root = resolve_source(source, ('model_index.json',), cache_dir)
+    if not os.path.isdir(root):
+        raise ValueError(f'{source}: a diffusers pipeline is a folder with model_index.json, not a file')
+    index = read_json(os.path.join(root, 'model_index.json'))
+    components = {name: value for name, value in index.items()
+                  if not name.startswith('_') and isinstance(value, list) and len(value) == 2 and value[1]}
+
+    def fetch(name, files, optional=()):  # the component's folder, its files downloaded when source is a Hub repo
+        if os.path.exists(source):
+            return os.path.join(root, name)
+        folder = resolve_source(source, [tuple(f'{name}/{f}' for f in alts) for alts in files], cache_dir)
+        for file in optional:
+            try:
+                resolve_source(source, [f'{name}/{file}'], cache_dir)
+            except WeightsNotFoundError as error:
+                if '(HTTP 404' not in str(error):
+                    raise
+        return os.path.join(folder, name)
+
+    parts = dict(pipeline=index.get('_class_name'), network=None, network_kind=None, autoencoder=None,
+                 autoencoder_kind=None, text_encoder=None, tokenizer=None, class_embedder=None, scheduler=None,
+                 id2label=None, components=components, unsupported={})
+    id2label = index.get('id2label')
+    for name, (library, class_name) in components.items():
+        if class_name.endswith('Scheduler'):
+            folder = fetch(name, [('scheduler_config.json',)])
+            parts['scheduler'] = {**SCHEDULER_DEFAULTS, '_class_name': class_name,
+                                  **read_json(os.path.join(folder, 'scheduler_config.json'))}
+        elif class_name in ('BertTokenizer', 'BertTokenizerFast'):
+            folder = fetch(name, [('vocab.txt', 'tokenizer.json')], ['tokenizer_config.json'])
+            parts['tokenizer'] = WordPieceTokenizer.from_folder(folder)
+        elif class_name == 'LDMBertModel':
+            folder = fetch(name, [('config.json',), TRANSFORMERS_WEIGHTS])
+            parts['text_encoder'] = ldmbert_from_config(read_json(os.path.join(folder, 'config.json')),
+                                                        read_diffusers_weights(folder, TRANSFORMERS_WEIGHTS))
+        else:
+            builders = {'DiTTransformer2DModel': ('network', 'dit', dit_from_diffusers),
+                        'Transformer2DModel': ('network', 'dit', dit_from_diffusers),
+                        'UNet2DConditionModel': ('network', 'unet', unet_from_diffusers),
+                        'UNet2DModel': ('network', 'unet', unet_from_diffusers),
+                        'AutoencoderKL': ('autoencoder', 'kl', autoencoder_kl_from_diffusers),
+                        'VQModel': ('autoencoder', 'vq', vqmodel_from_diffusers)}
+            why = 'no weights'
+            try:
+                folder = fetch(name, [('config.json',), DIFFUSERS_WEIGHTS])
+                config, state_dict = read_json(os.path.join(folder, 'config.json')), read_diffusers_weights(folder)
+            except (WeightsNotFoundError, ValueError):
+                if class_name in builders:
+                    raise
+                config, state_dict = {}, {}
+                why = f'no config.json and {" / ".join(DIFFUSERS_WEIGHTS)} in {name}/ that nets could read'
+            id2label = id2label or config.get('id2label')
+            if class_name in builders:
+                slot, kind, build = builders[class_name]
+                parts[slot], parts[f'{slot}_kind'] = build({'_class_name': class_name, **config}, state_dict), kind
+                continue
+            parts['class_embedder'] = _class_embedder_from(state_dict)
+            if parts['class_embedder'] is None:
+                why = why if not state_dict else f'weights {", ".join(list(state_dict)[:4])} of unknown layout'
+                message = (f'{source}: component {name!r} ({library}.{class_name}) is not supported: {why}; '
+                           'the network, autoencoder, tokenizer/text encoder and scheduler of a pipeline load')
+                if not skip_unknown:
+                    raise ValueError(message)
+                parts['unsupported'][name] = message
+    parts['id2label'] = {int(key): value for key, value in id2label.items()} if id2label else None
+    return parts
 
 
 # ----------------------------------------------------------------------------------------------------------------------

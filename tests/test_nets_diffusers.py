@@ -459,3 +459,150 @@ def test_wordpiece_batch_and_folder_options(tmp_path, tokenizer):
     (tmp_path / 'tok' / 'tokenizer_config.json').write_text(json.dumps({'do_lower_case': False}))
     cased = nets.WordPieceTokenizer.from_folder(tmp_path / 'tok')
     assert cased('Cat cat').tolist()[0][:4] == [3, 32, 14, 4] and cased.max_length == 77
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Whole pipeline folders (model_index.json + one folder per component), local and from a stand-in Hub
+
+
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w') as f:
+        json.dump(obj, f)
+
+
+def tiny_kl():
+    return randomize(nets.AutoencoderKL(**nets.AUTOENCODER_TINY, scaling_factor=0.3), seed=7).eval()
+
+
+KL_CONFIG = {'_class_name': 'AutoencoderKL', 'act_fn': 'silu', 'block_out_channels': [32, 64],
+             'down_block_types': ['DownEncoderBlock2D'] * 2, 'up_block_types': ['UpDecoderBlock2D'] * 2,
+             'in_channels': 3, 'out_channels': 3, 'latent_channels': 4, 'layers_per_block': 1, 'norm_num_groups': 32,
+             'sample_size': 32, 'scaling_factor': 0.3}
+
+
+def write_dit_pipeline(folder):
+    """A DiTPipeline folder as DiT-XL-2-256 is laid out: transformer/, vae/, scheduler/, id2label in model_index."""
+    dit, kl = diffusers_dit_reference(), tiny_kl()
+    write_json(os.path.join(folder, 'model_index.json'), {
+        '_class_name': 'DiTPipeline', '_diffusers_version': '0.12.0.dev0',
+        'scheduler': ['diffusers', 'DDIMScheduler'], 'transformer': ['diffusers', 'Transformer2DModel'],
+        'vae': ['diffusers', 'AutoencoderKL'], 'id2label': {str(i): f'class {i}, alias {i}' for i in range(10)}})
+    write_folder(os.path.join(folder, 'transformer'), {**DIT_CONFIG, '_class_name': 'Transformer2DModel'},
+                 dit_to_diffusers(dit.state_dict(), depth=2))
+    write_folder(os.path.join(folder, 'vae'), KL_CONFIG, kl.state_dict())
+    write_json(os.path.join(folder, 'scheduler', 'scheduler_config.json'), {
+        '_class_name': 'DDIMScheduler', 'beta_end': 0.02, 'beta_schedule': 'linear', 'beta_start': 0.0001,
+        'clip_sample': False, 'num_train_timesteps': 1000})
+    return dit, kl
+
+
+def check_dit_pipeline(parts, dit, kl):
+    assert parts['pipeline'] == 'DiTPipeline' and parts['network_kind'] == 'dit' and parts['autoencoder_kind'] == 'kl'
+    x, t, y = dit_inputs()
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(parts['network'](x, t, y), dit(x, t, y))
+        assert torch.equal(parts['autoencoder'].decode(z), kl.decode(z)) and parts['autoencoder'].scaling_factor == 0.3
+    assert parts['scheduler']['beta_schedule'] == 'linear' and parts['scheduler']['prediction_type'] == 'epsilon'
+    assert parts['id2label'][3] == 'class 3, alias 3' and parts['text_encoder'] is None
+
+
+def test_dit_pipeline_folder(tmp_path):
+    dit, kl = write_dit_pipeline(tmp_path)
+    check_dit_pipeline(nets.load_diffusers_pipeline(tmp_path), dit, kl)
+
+
+def test_dit_pipeline_from_a_local_hub(tmp_path, monkeypatch):
+    from edm_layouts import hf_repo_folder, serve_folder
+    dit, kl = write_dit_pipeline(hf_repo_folder(tmp_path / 'hub', 'DiffusionNoise/dit-tiny'))
+    with serve_folder(tmp_path / 'hub') as base_url:
+        monkeypatch.setenv('HF_ENDPOINT', base_url)
+        parts = nets.load_diffusers_pipeline('DiffusionNoise/dit-tiny', cache_dir=tmp_path / 'cache')
+        check_dit_pipeline(parts, dit, kl)
+        fetched = {path.split('/resolve/main/')[1] for path, _ in base_url.server.requests if ' ' not in path}
+        assert {'model_index.json', 'transformer/config.json', 'transformer/diffusion_pytorch_model.safetensors',
+                'vae/diffusion_pytorch_model.safetensors', 'scheduler/scheduler_config.json'} <= fetched
+        count = len(base_url.server.requests)
+        nets.load_diffusers_pipeline('hf://DiffusionNoise/dit-tiny', cache_dir=tmp_path / 'cache')
+        assert len(base_url.server.requests) == count  # everything from the cache
+    monkeypatch.setenv('HF_ENDPOINT', 'http://127.0.0.1:9')  # nothing listens: offline
+    with pytest.raises(nets.WeightsNotFoundError, match=r'DiffusionNoise/other/resolve/main/model_index\.json'):
+        nets.load_diffusers_pipeline('DiffusionNoise/other', cache_dir=tmp_path / 'cache')
+
+
+def write_text_pipeline(folder, tokenizer_json=False):
+    """An LDMTextToImagePipeline folder: vqvae/ (VQModel), bert/ (LDMBertModel), tokenizer/, unet/, scheduler/."""
+    vq = tiny_vq()
+    unet = randomize(nets.UNet(arch='ldm', img_resolution=16, in_channels=3, out_channels=3, model_channels=32,
+                               channel_mult=(1, 2, 2), num_blocks=2, attn_resolutions=(16, 8), num_heads=2,
+                               context_dim=24)).eval()
+    bert = randomize(nets.LDMBert(vocab_size=len(VOCAB), d_model=24, encoder_layers=1, encoder_attention_heads=2,
+                                  head_dim=12, encoder_ffn_dim=48), std=0.2).eval()
+    write_json(os.path.join(folder, 'model_index.json'), {
+        '_class_name': 'LDMTextToImagePipeline', 'bert': ['latent_diffusion', 'LDMBertModel'],
+        'scheduler': ['diffusers', 'DDIMScheduler'], 'tokenizer': ['transformers', 'BertTokenizer'],
+        'unet': ['diffusers', 'UNet2DConditionModel'], 'vqvae': ['diffusers', 'VQModel']})
+    write_folder(os.path.join(folder, 'vqvae'), vq_diffusers_config(), vq.state_dict(), 'diffusion_pytorch_model.bin')
+    write_folder(os.path.join(folder, 'unet'), unet_diffusers_config('ldm'),
+                 unet_to_diffusers(unet.state_dict(), 3, 2, [0, 1], 'ldm'))
+    write_folder(os.path.join(folder, 'bert'), {
+        'architectures': ['LDMBertModel'], 'model_type': 'ldmbert', 'activation_function': 'gelu',
+        'vocab_size': len(VOCAB), 'd_model': 24, 'encoder_layers': 1, 'encoder_attention_heads': 2, 'head_dim': 12,
+        'encoder_ffn_dim': 48, 'max_position_embeddings': 77}, bert.state_dict(), 'model.safetensors')
+    os.makedirs(os.path.join(folder, 'tokenizer'))
+    if tokenizer_json:  # transformers 5 writes only tokenizer.json
+        write_json(os.path.join(folder, 'tokenizer', 'tokenizer.json'), {
+            'normalizer': {'type': 'BertNormalizer', 'clean_text': True, 'handle_chinese_chars': True,
+                           'strip_accents': None, 'lowercase': True}, 'pre_tokenizer': {'type': 'BertPreTokenizer'},
+            'model': {'type': 'WordPiece', 'unk_token': '[UNK]', 'continuing_subword_prefix': '##',
+                      'max_input_chars_per_word': 100, 'vocab': {token: i for i, token in enumerate(VOCAB)}}})
+    else:  # transformers 4: vocab.txt and tokenizer_config.json
+        with open(os.path.join(folder, 'tokenizer', 'vocab.txt'), 'w', encoding='utf-8') as f:
+            f.write('\n'.join(VOCAB) + '\n')
+        write_json(os.path.join(folder, 'tokenizer', 'tokenizer_config.json'), {'do_lower_case': True,
+                                                                                 'model_max_length': 77})
+    write_json(os.path.join(folder, 'scheduler', 'scheduler_config.json'), {
+        '_class_name': 'DDIMScheduler', 'beta_end': 0.012, 'beta_schedule': 'scaled_linear', 'beta_start': 0.00085,
+        'num_train_timesteps': 1000, 'prediction_type': 'epsilon'})
+    return vq, unet, bert
+
+
+@pytest.mark.parametrize('tokenizer_json', [False, True])
+def test_text_to_image_pipeline_folder(tmp_path, tokenizer_json):
+    vq, unet, bert = write_text_pipeline(tmp_path, tokenizer_json)
+    parts = nets.load_diffusers_pipeline(tmp_path)
+    assert parts['network_kind'] == 'unet' and parts['autoencoder_kind'] == 'vq' and parts['class_embedder'] is None
+    ids = parts['tokenizer'](['A photo of the cat.', ''])
+    assert ids.shape == (2, 77) and ids[0, :8].tolist() == [3, 12, 15, 16, 13, 14, 8, 4]
+    x, t, h = torch.randn(2, 3, 16, 16), torch.tensor([10, 900]), torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        context = parts['text_encoder'](ids)
+        assert torch.equal(context, bert(ids)) and context.shape == (2, 77, 24)
+        assert torch.equal(parts['network'](x, t, context=context), unet(x, t, context=context))
+        assert torch.equal(parts['autoencoder'].decode(h), vq.decode(h))
+    betas = nets.diffusers_betas(parts['scheduler'])
+    assert betas[0].item() == pytest.approx(0.00085) and betas[-1].item() == pytest.approx(0.012)
+    assert betas[500].item() == pytest.approx(((0.00085 ** 0.5 + (0.012 ** 0.5 - 0.00085 ** 0.5) * 500 / 999)) ** 2)
+
+
+def test_custom_class_to_image_pipeline(tmp_path):
+    """The authors' LDMClassToImagePipeline is not in diffusers: its own components load when their weights are one
+    embedding table (the class embedder); anything else is one clear error, or recorded with skip_unknown."""
+    vq, unet, bert = write_text_pipeline(tmp_path)
+    table = torch.randn(11, 24)
+    index = {'_class_name': 'LDMClassToImagePipeline', 'unet': ['diffusers', 'UNet2DConditionModel'],
+             'vqvae': ['diffusers', 'VQModel'], 'scheduler': ['diffusers', 'DDIMScheduler'],
+             'class_embedder': ['pipeline_latent_diffusion', 'ClassEmbedder']}
+    write_json(tmp_path / 'model_index.json', index)
+    write_folder(tmp_path / 'class_embedder', {'n_classes': 11, 'embed_dim': 24, 'id2label': {'0': 'tench'}},
+                 {'embedding.weight': table})
+    parts = nets.load_diffusers_pipeline(tmp_path)
+    assert torch.equal(parts['class_embedder'](torch.tensor([10])), table[10:])
+    assert parts['id2label'] == {0: 'tench'}  # from a component's config when model_index.json has none
+    assert parts['tokenizer'] is None and parts['unsupported'] == {}
+    write_json(tmp_path / 'model_index.json', {**index, 'extra': ['custom_module', 'Mystery']})
+    with pytest.raises(ValueError, match=r"component 'extra' \(custom_module\.Mystery\) is not supported"):
+        nets.load_diffusers_pipeline(tmp_path)
+    parts = nets.load_diffusers_pipeline(tmp_path, skip_unknown=True)
+    assert list(parts['unsupported']) == ['extra'] and parts['network'] is not None

@@ -2944,8 +2944,9 @@ def load_edm_network(source, cache_dir=None):
     info: format ('edm-pickle' | 'huggingface'), path, precond (class name: EDMPrecond, VPPrecond, VEPrecond,
     iDDPMPrecond), precond_kwargs (its constructor arguments with EDM's defaults filled in: img_resolution,
     img_channels (ambient-diffusion: image + mask channels), label_dim, use_fp16, sigma_min, sigma_max, sigma_data,
-    model_type, the model's kwargs, gated), model_type, gated, unet_config, training_options (dict or None), and
-    for pickles dataset_kwargs, loss_fn and augment_pipe (class name and attributes, or None).
+    model_type, the model's kwargs; `gated` for ambient-diffusion's gated networks), model_type, gated (bool),
+    unet_config (UNet kwargs), training_options (dict or None), and for pickles dataset_kwargs, loss_fn and
+    augment_pipe (class name and attributes, or None).
     """
     path = resolve_source(source, ['config.json', ('model.safetensors', 'pytorch_model.bin')], cache_dir)
     if os.path.isdir(path):
@@ -2963,7 +2964,9 @@ def load_edm_network(source, cache_dir=None):
     model_type = 'SongUNet' if config['arch'] == 'ddpmpp' else 'DhariwalUNet'
     precond_kwargs = {**EDM_PRECOND_DEFAULTS[precond], **_plain(kwargs), 'model_type': model_type,
                       'img_resolution': config['img_resolution'], 'img_channels': config['in_channels'],
-                      'label_dim': config['label_dim'], 'gated': config['gated']}
+                      'label_dim': config['label_dim']}
+    if config['gated'] or 'gated' in kwargs:  # a kwarg of ambient-diffusion's preconds only (default True there)
+        precond_kwargs['gated'] = config['gated']
     unet_state = _edm_to_unet_state_dict(model_state, config, model_type)
     with torch.device('meta'):  # no random init of weights that are overwritten anyway
         net = UNet(**config)

@@ -820,3 +820,22 @@ def test_released_diffusers_pipelines_by_folder_and_hub_repo_id(tmp_path, monkey
     run(['generate', f'--network={folder}', '--n_samples=1', '--ddim_steps=2', f'--outdir={tmp_path}/ldm-out'])
     assert sorted(os.listdir(tmp_path / 'ldm-out')) == ['0', '1', '2', 'dataset.json']
     assert np.asarray(PIL.Image.open(tmp_path / 'ldm-out' / '2' / '00000.jpeg')).shape == (32, 32, 3)
+
+
+def test_ldm4_trains_on_vq_latents(tmp_path):
+    """LDM-4: the pre-quantisation VQ latents, cached with zero variance, unscaled; decoding quantises."""
+    torch.manual_seed(0)
+    vq = nets.VQModel(**nets.VQMODEL_TINY).eval()
+    torch.save(vq.state_dict(), tmp_path / 'vq.pt')
+    assert L.PRESETS['in1k-ldm']['vae'] == L.PRESETS['cc3m-ldm']['vae'] == 'vq-f4'
+    run_dir = run(['--preset=tiny', f'--vae={tmp_path}/vq.pt', f'--data={TINY_DATA}', '--kimg=0.008',
+                   f'--cache_dir={tmp_path}/cache', f'--outdir={tmp_path}', *FAST])
+    spec = final_state(run_dir)['spec']
+    assert spec['shape'] == (3, 8, 8) and spec['scaling_factor'] == 1.0
+    cache = np.load(next((tmp_path / 'cache').glob('latents-*.npy')))
+    images = torch.from_numpy(L.ImageDataset(TINY_DATA, 16, '').read_many([0, 1], 1)).float()  # (2, 3, 16, 16)
+    with torch.no_grad():
+        h = vq.encode(images / 127.5 - 1)
+    assert torch.allclose(torch.from_numpy(cache[:2, 0, :3]).float(), h, atol=2e-3, rtol=2e-3)
+    x0 = L.clean_batch(torch.from_numpy(cache[:2]), torch.tensor([False, False]), torch.randn(2, 3, 8, 8))
+    assert torch.equal(x0, torch.from_numpy(cache[:2, 0, :3]).float())  # no posterior noise

@@ -914,7 +914,8 @@ def resolve_source(source, filenames=(), cache_dir=None):
                 break
             except WeightsNotFoundError as error:  # try the next alternative only when this one is absent (404)
                 if i == len(names) - 1 or '(HTTP 404' not in str(error):
-                    raise
+                    prefix = '' if source.startswith('hf://') else f'{source} is no local path; as a Hub repo: '
+                    raise WeightsNotFoundError(prefix + str(error)) from None
     return folder
 
 

@@ -1680,9 +1680,14 @@ def dit_from_diffusers(config, state_dict):
                                  'attention_bias': True, 'norm_elementwise_affine': False, 'cross_attention_dim': None,
                                  'num_vector_embeds': None, 'use_linear_projection': False, 'dropout': 0.0,
                                  'only_cross_attention': False, 'double_self_attention': False,
-                                 'interpolation_scale': None, 'caption_channels': None}, 'diffusers DiT')
+                                 'caption_channels': None}, 'diffusers DiT')
     if not config.get('patch_size') or not config.get('num_embeds_ada_norm'):
         raise ValueError('diffusers transformer without patch_size / num_embeds_ada_norm is not a DiT')
+    # Transformer2DModel divides the pos-embed grid by interpolation_scale (default: sample_size // 64, at least 1).
+    interpolation = config.get('interpolation_scale') or max(config.get('sample_size', 32) // 64, 1)
+    if config.get('_class_name') == 'Transformer2DModel' and interpolation != 1:
+        raise ValueError(f'diffusers DiT with a position-embedding interpolation scale of {interpolation} is not '
+                         'supported (only 1)')
     heads, in_channels = config.get('num_attention_heads', 16), config.get('in_channels', 4)
     hidden_size = heads * config.get('attention_head_dim', 72)
     out_channels = config.get('out_channels') or in_channels

@@ -248,6 +248,8 @@ def test_dit_from_diffusers_refuses_other_transformers():
         nets.dit_from_diffusers({**DIT_CONFIG, 'norm_type': 'ada_norm_single'}, {})
     with pytest.raises(ValueError, match='unexpected key'):
         nets.dit_state_dict_from_diffusers({'transformer_blocks.0.attn2.to_q.weight': torch.zeros(1)})
+    with pytest.raises(ValueError, match='interpolation scale of 2'):  # Transformer2DModel at sample_size 128
+        nets.dit_from_diffusers({**DIT_CONFIG, '_class_name': 'Transformer2DModel', 'sample_size': 128}, {})
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -881,14 +881,20 @@ def load_network(path, c, device):
     """Returns (net in eval mode, GaussianDiffusion for sampling) from our network snapshot or from a released
     guided-diffusion / DDPM-IP state dict (whose diffusion settings come from the flags, as in the official scripts)."""
     snapshot = load_torch_file(path, '--network')
+    if isinstance(snapshot, dict) and 'cur_nimg' in snapshot:
+        raise InputError(f'--network: {path} is a training state; give a network-snapshot-*.pt (or the state to '
+                         f'train --resume)')
     if isinstance(snapshot, dict) and 'net_kwargs' in snapshot:
+        given = net_overrides(c, snapshot['net_kwargs']['img_resolution'], from_image_size=False)
+        for flag, name in NET_FLAGS.items():  # model flags must agree with the snapshot, which defines the network
+            if name in given and name in snapshot['net_kwargs'] and \
+                    given[name] != type(given[name])(snapshot['net_kwargs'][name]):
+                raise InputError(f'--{flag} {getattr(c, flag)} contradicts {path} ({snapshot["net_kwargs"][name]}); '
+                                 f'leave it out for our snapshots')
         net = nets.UNet(**snapshot['net_kwargs'])
         net.load_state_dict(snapshot['ema'])
         steps, schedule = snapshot['diffusion_steps'], snapshot['noise_schedule']
         rescale_timesteps = snapshot['config'].get('rescale_timesteps', False)
-    elif isinstance(snapshot, dict) and 'cur_nimg' in snapshot:
-        raise InputError(f'--network: {path} is a training state; give a network-snapshot-*.pt (or the state to '
-                         f'train --resume)')
     else:  # architecture from the state dict's shapes; what shapes cannot tell comes from the official flags
         overrides = net_overrides(c, c.image_size, from_image_size=False) | \
             ({'img_resolution': c.image_size} if c.image_size else {})

@@ -497,6 +497,10 @@ def test_train_generate_eval_exposure_end_to_end(small_data, tmp_path, monkeypat
                      '--timestep_respacing=5', '--metrics=kid']) == 0
     record = json.loads(open(os.path.join(run_dir, 'metrics-ddpm_ip.jsonl')).readlines()[-1])
     assert record['num'] == 4 and math.isfinite(record['kid']) and record['timestep_respacing'] == '5'
+    assert 'protocol' in record and 'preprocess' in record  # fid.resolve_protocol's choice, in the metrics JSON
+    # fid.resolve_protocol's checks run before sampling: an unknown protocol is one line, exit 2.
+    assert run_main(['eval', f'--network={network}', f'--ref={tmp_path}/ref.npz', '--protocol=bogus']) == 2
+    assert 'unknown protocol' in capsys.readouterr().err
 
     # exposure: delta_t per step of 5-step chains started from real images.
     assert run_main(['exposure', f'--network={network}', f'--data={small_data}', '--num=8', '--batch=4',
@@ -861,6 +865,12 @@ def test_failure_paths_one_line_and_nothing_lost(small_data, data4, tmp_path, mo
     assert states == ['training-state-000002.pt', 'training-state-000003.pt']  # 1 replaced, no .tmp left
     assert len([f for f in os.listdir(run_dir) if f.startswith('network-snapshot')]) == 6  # kimg 1 to 3, two EMAs
     assert not [f for f in os.listdir(run_dir) if '.tmp' in f]
+
+    # A network snapshot where a training state is expected, and the other way round: say which file is which.
+    snapshot, state = (os.path.join(run_dir, f'{kind}-000003.pt') for kind in ('network-snapshot', 'training-state'))
+    fails([*args, f'--resume={snapshot}'], 2, 'is a network snapshot (EMA weights only); give a training-state')
+    fails(['generate', f'--network={state}', f'--outdir={tmp_path}/gen'], 2, 'is a training state')
+    fails(['generate', f'--network={snapshot}', '--num_channels=64'], 2, '--num_channels 64 contradicts')
 
 
 def test_help_layout_and_official_flag_spellings(capsys):

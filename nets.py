@@ -1574,9 +1574,10 @@ def load_vqmodel(path_or_folder, cache_dir=None):
     try:
         source = resolve_source(path_or_folder, files, cache_dir)
     except WeightsNotFoundError as error:  # a hub pipeline repository: its autoencoder is in vqvae/
-        if '(HTTP 404' not in str(error) or str(path_or_folder).rstrip('/').endswith('/vqvae'):
+        repo = str(path_or_folder).rstrip('/').removeprefix('hf://')
+        if '(HTTP 404' not in str(error) or repo.endswith('/vqvae'):
             raise
-        source = resolve_source(str(path_or_folder).rstrip('/') + '/vqvae', files, cache_dir)
+        source = resolve_source(f'hf://{repo}/vqvae', files, cache_dir)
     if os.path.isdir(source):
         folder = source if os.path.isfile(os.path.join(source, 'config.json')) else os.path.join(source, 'vqvae')
         config = vq_config_from_diffusers(read_json(os.path.join(folder, 'config.json')))

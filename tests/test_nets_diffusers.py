@@ -608,3 +608,16 @@ def test_custom_class_to_image_pipeline(tmp_path):
         nets.load_diffusers_pipeline(tmp_path)
     parts = nets.load_diffusers_pipeline(tmp_path, skip_unknown=True)
     assert list(parts['unsupported']) == ['extra'] and parts['network'] is not None
+
+
+def test_load_vqmodel_from_a_hub_pipeline_repo(tmp_path, monkeypatch):
+    """A bare repo id of a pipeline (no config.json at its root) falls back to its vqvae/ folder."""
+    from edm_layouts import hf_repo_folder, serve_folder
+    vq, _, _ = write_text_pipeline(hf_repo_folder(tmp_path / 'hub', 'DiffusionNoise/ldm-tiny'))
+    h = torch.randn(1, 3, 8, 8)
+    with serve_folder(tmp_path / 'hub') as base_url:
+        monkeypatch.setenv('HF_ENDPOINT', base_url)
+        for source in ('DiffusionNoise/ldm-tiny', 'hf://DiffusionNoise/ldm-tiny/vqvae'):
+            loaded = nets.load_vqmodel(source, cache_dir=tmp_path / 'cache')
+            with torch.no_grad():
+                assert torch.equal(loaded.decode(h), vq.decode(h))

@@ -8,35 +8,43 @@ strict=True. One forward pass gives the three taps every metric needs:
   spatial  (N, 2023)  first 7 channels of Mixed_6d.branch1x1 (TF `mixed_6/conv`), flattened NHWC: sFID (ADM)
   logits   (N, 1008)  pool @ fc.weight.T without bias, as ADM, StyleGAN3 and torch-fidelity compute IS
 Metric definitions follow the reference tools: FID as pytorch-fid / EDM (mean and N-1 covariance in float64),
-IS with 10 splits as StyleGAN3 (equal to ADM's 5000-image chunks at N = 50k), sFID, precision and recall (k = 3,
-Kynkaanniemi et al., NeurIPS 2019, arXiv:1904.06991) as the ADM evaluator (Dhariwal & Nichol, arXiv:2105.05233),
+IS with 10 splits as StyleGAN3 or in ADM's 5000-image chunks (protocol adm; the two agree at N = 50k only),
+sFID, precision and recall (k = 3, Kynkaanniemi et al., NeurIPS 2019, arXiv:1904.06991) as the ADM evaluator
+(Dhariwal & Nichol, arXiv:2105.05233),
 KID (Binkowski et al., ICLR 2018, arXiv:1801.01401) with 100 subsets of 1000 as StyleGAN3 / clean-fid.
 
-Preprocessing decides which published numbers a FID can be compared with. The default is pytorch-fid's; `tf`
-reproduces the TF pipeline of the original FID code, the ADM evaluator and NVIDIA's detector (EDM, StyleGAN), which
-made EDM's and ADM's published reference statistics. Never compare FIDs computed with different preprocessing.
+Preprocessing decides which published numbers a FID can be compared with, and the evaluation protocol (PROTOCOLS)
+fixes it together with the number of images, the IS splits and the reference format: `edm` (EDM's fid.py: `tf`
+preprocessing, exactly 50,000 images), `adm` (guided-diffusion's evaluator: `tf`, 50,000, IS in 5,000-image
+splits) and `pytorch-fid` (its preprocessing, all images). References written here are tagged with their
+preprocessing and protocol; an untagged one (EDM's, ADM's, pytorch-fid's files) needs an explicit protocol or
+preprocessing. Never compare FIDs computed under different protocols.
 
 Images enter as uint8 (B, 3, H, W); converting samples is the caller's choice and moves FID slightly: EDM rounds,
 (x * 127.5 + 128).clamp(0, 255).to(torch.uint8), while ADM truncates ((x + 1) * 127.5).
 
 Speed: features stay on the device, files are decoded by a thread pool ahead of the GPU, and on CUDA the network
 runs channels_last with cuDNN autotuning and no host sync per batch. The default precision is exact fp32 with TF32
-off (cuDNN would use TF32 for convolutions, as pytorch-fid silently does on Ampere and later GPUs). `tf32` and
+off (cuDNN would use TF32 for convolutions, as pytorch-fid silently does on Ampere and later GPUs). On CPU the
+convolutions are pytorch-fid's (NCHW, bitwise equal features) and the pools use faster bitwise-equal kernels. `tf32` and
 `bf16` are faster but move the features (bf16 by 2-5 % per image, measured on CPU): use them to monitor training,
 not for reported numbers, unless tests/bench_fid.py shows FID within 0.01 of fp32 on your data.
 
 Library (what the paper scripts call; every function works under torchrun, each rank passing its share):
-    detector = fid.load_inception(weights=None, device='cuda')       # --fid_weights / $FID_WEIGHTS / cache / download
-    fid.compute_metrics(uint8_batches, 'ref.npz', metrics=('fid', 'is', 'sfid', 'pr', 'kid'), detector=detector)
+    detector = fid.load_inception(weights=None, device='cuda')  # --fid_weights / $FID_WEIGHTS / cache / download
+    protocol = fid.resolve_protocol('edm', ref=ref, metrics=('fid', 'is'), detector=detector, num=50000)  # checks
+    fid.compute_metrics(uint8_batches, ref, metrics=('fid', 'is'), detector=detector, protocol=protocol)
     fid.save_ref('ref.npz', fid.compute_stats(uint8_batches, detector))   # EDM fid-refs format, plus extras
     fid.compute_features(uint8_batches, detector)['pool']                 # (N, 2048), e.g. for nearest neighbours
 
 Command line (EDM-style; folders are read recursively, zips as EDM datasets, .npz with `x` or ADM's `arr_0`):
-    python fid.py ref  --data=datasets/cifar10-32x32.zip --dest=fid-refs/cifar10-32x32.npz
-    python fid.py calc --images=samples/ --ref=fid-refs/cifar10-32x32.npz --metrics=fid,is,kid --json=metrics.json
-    python fid.py calc --images=samples.npz --ref=VIRTUAL_imagenet256_labeled.npz --preprocess=tf \\
-        --metrics=fid,sfid,pr                                   # ADM protocol against ADM's reference batch
-    torchrun --standalone --nproc_per_node=8 fid.py calc --images=samples/ --ref=fid-refs/cifar10-32x32.npz
+    python fid.py ref  --protocol=edm --data=datasets/cifar10-32x32.zip --dest=fid-refs/cifar10-32x32.npz
+    python fid.py calc --protocol=edm --images=samples/ --ref=fid-refs/cifar10-32x32.npz --metrics=fid,is \\
+        --json=metrics.json
+    python fid.py calc --protocol=adm --images=samples.npz --ref=VIRTUAL_imagenet256_labeled.npz \\
+        --metrics=fid,is,sfid,pr                                # against ADM's reference batch
+    torchrun --standalone --nproc_per_node=8 fid.py calc --protocol=edm --images=samples/ --ref=...
+Exit status: 2 for bad flags or inputs (all found before any image is read), 1 for a failure during the pass.
 """
 
 import argparse

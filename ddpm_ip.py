@@ -12,21 +12,24 @@ ancestral sampling for FID. gamma = 0 is exactly the ADM baseline. The `exposure
 reduces: the gap delta_t between the spread of sampled x_t around sqrt(alpha_bar_t) x_0 and the training spread
 sqrt(1 - alpha_bar_t), for chains started from real images (Ning et al., ICLR 2024, the same authors' metric).
 
-Commands (explicit flags override the preset; official flag names work too, e.g. --input_pertub, --batch_size):
+Commands (explicit flags override the preset; the official command lines of forever208/DDPM-IP run as written):
   # CPU smoke run on the embedded 200 CIFAR-10 images: 32 steps, then a 16-image grid
   python ddpm_ip.py --preset=tiny --data=tests/data/cifar10_tiny.npz
   # CIFAR-10 ADM-IP on 1 GPU (official recipe: gamma 0.15, batch 128, dropout 0.3, cosine, learned sigma)
   python ddpm_ip.py --preset=cifar10 --data=cifar10
   # 8 GPUs; the global batch is the preset's (256) unless --batch, or the official per-GPU --batch_size, says otherwise
   torchrun --standalone --nproc_per_node=8 ddpm_ip.py --preset=celeba64 --data=celeba64.zip
+  # the official training and sampling commands, as in the DDPM-IP README (image_sample.py's flags mean `sample`)
+  torchrun --standalone --nproc_per_node=2 ddpm_ip.py --input_pertub 0.15 --data_dir cifar10 --image_size 32 ...
+  python ddpm_ip.py --image_size 32 --timestep_respacing 100 --model_path ADM_IP_015.pt ... --num_samples 50000
   # 50k samples with 100 respaced steps (the paper's FID setting), as PNGs or straight into FID
   torchrun --standalone --nproc_per_node=8 ddpm_ip.py generate --seeds=0-49999 --outdir=out --timestep_respacing=100 \
-      --network=runs/00000-cifar10-adm-cifar10-ip0.15-gpus1-batch128/network-snapshot-058880.pt
+      --network=runs/00000-cifar10-adm-cifar10-ip0.15-batch128/network-snapshot-058880.pt
   python -c "import ddpm_ip, numpy; numpy.savez('cifar10-train.npz', x=ddpm_ip.load_dataset('cifar10')[0])"
-  python fid.py ref --data=cifar10-train.npz --dest=cifar10-train-ref.npz --preprocess=tf
+  python fid.py ref --data=cifar10-train.npz --dest=cifar10-train-ref.npz --protocol=adm
   # (with torchrun, `--` before the script name: recent torchrun takes the script's --num for its --numa-binding)
   torchrun --standalone --nproc_per_node=8 -- ddpm_ip.py eval --network=ADM_IP_015.pt --ref=cifar10-train-ref.npz \
-      --timestep_respacing=100 --num=50000
+      --timestep_respacing=100 --num=50000 --protocol=adm
   # exposure bias of a released or trained model: 20-step chains started from 1000 real images
   python ddpm_ip.py exposure --network=ADM_IP_015.pt --data=cifar10 --timestep_respacing=20 --num=1000
 """

@@ -898,3 +898,16 @@ def test_help_layout_and_official_flag_spellings(capsys):
                                '--ema_rate=0.9999,0.999', '--use_checkpoint', 'False', '--microbatch=-1'])
     c = ddpm_ip.check_config(c, 'train', 2)
     assert (c.batch, c.tick, c.snap, c.batch_gpu, c.ema_rate) == (16, 0.16, 3, 8, '0.9999,0.999')
+
+
+def test_resume_auto_reuses_a_run_folder_without_training_state(tmp_path):
+    """Killed during its very first write: --resume=auto starts over in that folder instead of numbering a new one."""
+    _, c = ddpm_ip.parse_args([f'--data={tmp_path}/small.npz', '--preset=tiny', f'--outdir={tmp_path}', '--resume=auto'])
+    run_dir, state, exists = ddpm_ip.find_run_dir(ddpm_ip.check_config(c, 'train', 1))
+    assert (os.path.basename(run_dir), state, exists) == ('00000-small-tiny-adm-ip0.1-batch16', None, False)
+    os.makedirs(run_dir)
+    assert ddpm_ip.find_run_dir(c) == (run_dir, None, True)
+    open(os.path.join(run_dir, 'training-state-000000.pt'), 'wb').close()
+    assert ddpm_ip.find_run_dir(c)[1] == os.path.join(run_dir, 'training-state-000000.pt')
+    c.resume = ''
+    assert os.path.basename(ddpm_ip.find_run_dir(c)[0]).startswith('00001-')  # without --resume: a new folder

@@ -1728,7 +1728,8 @@ def unet_module_map(levels, num_blocks, attention_levels):
     modules = {'conv_in': ('input_blocks.0.0', 'plain'), 'time_embedding.linear_1': ('time_embed.0', 'plain'),
                'time_embedding.linear_2': ('time_embed.2', 'plain'), 'class_embedding': ('label_emb', 'plain'),
                'conv_norm_out': ('out.0', 'plain'), 'conv_out': ('out.2', 'plain'),
-               'mid_block.resnets.0': ('middle_block.0', 'resnet'), 'mid_block.attentions.0': ('middle_block.1', 'attn'),
+               'mid_block.resnets.0': ('middle_block.0', 'resnet'),
+               'mid_block.attentions.0': ('middle_block.1', 'attn'),
                'mid_block.resnets.1': ('middle_block.2', 'resnet')}
     index = 1
     for level in range(levels):
@@ -2088,7 +2089,8 @@ def autoencoder_kl_from_diffusers(config, state_dict):
                         'diffusers AutoencoderKL')
     keys = ('in_channels', 'out_channels', 'block_out_channels', 'layers_per_block', 'latent_channels',
             'norm_num_groups', 'scaling_factor')
-    kwargs = {key: tuple(config[key]) if isinstance(config[key], list) else config[key] for key in keys if key in config}
+    kwargs = {key: tuple(config[key]) if isinstance(config[key], list) else config[key]
+              for key in keys if key in config}
     with torch.device('meta'):
         net = AutoencoderKL(**kwargs)
     state_dict = vae_state_dict_to_diffusers(state_dict)

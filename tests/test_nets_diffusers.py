@@ -175,7 +175,8 @@ def dit_to_diffusers(state_dict, depth):
     return out
 
 
-DIT_CONFIG = {'_class_name': 'DiTTransformer2DModel', '_diffusers_version': '0.30.0', 'activation_fn': 'gelu-approximate',
+DIT_CONFIG = {'_class_name': 'DiTTransformer2DModel', '_diffusers_version': '0.30.0',
+              'activation_fn': 'gelu-approximate',
               'attention_bias': True, 'attention_head_dim': 16, 'dropout': 0.0, 'in_channels': 4,
               'norm_elementwise_affine': False, 'norm_eps': 1e-5, 'norm_num_groups': 32, 'norm_type': 'ada_norm_zero',
               'num_attention_heads': 2, 'num_embeds_ada_norm': 10, 'num_layers': 2, 'out_channels': 8,
@@ -427,8 +428,8 @@ def test_ldmbert_matches_its_written_out_function():
 
 
 VOCAB = ['[PAD]', '[unused0]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', '!', ',', '.', '?', '’', '-', 'a', 'the', 'cat',
-         'photo', 'of', 'un', '##aff', '##able', 'play', '##ing', 'cafe', 'naive', '我', '爱', 'x', '##x', 'abc', 'ab',
-         '##c', 'over']  # ids 0 .. 31
+         'photo', 'of', 'un', '##aff', '##able', 'play', '##ing', 'cafe', 'naive', '我', '爱', 'x', '##x', 'abc',
+         'ab', '##c', 'over']  # ids 0 .. 31
 
 
 @pytest.fixture

@@ -12,8 +12,9 @@ What the method changes relative to plain conditional diffusion training:
      d the embedding width. Sampling is unchanged (no noise). Table 1: DiT-XL/2 FID 6.76 -> 5.51, LDM-4 9.44 -> 6.91.
   Everything else is a standard DDPM (T = 1000, eps-prediction, classifier-free guidance with a null condition
   dropped in with probability 0.1) on a DiT (label embedding in adaLN) or an LDM UNet (class or text embedding as
-  cross-attention context), in pixel space or on cached KL-f8 latents. The official repository releases inference
-  scripts only; this file is a training implementation written from the paper and the codebases it follows.
+  cross-attention context), in pixel space or on cached VQ-f4 / KL-f8 latents. The official repository releases
+  inference scripts only; this file is a training implementation written from the paper and the codebases it follows,
+  which also samples the released models (diffusers pipelines, facebookresearch/DiT checkpoints).
 
 Quick start (CPU, about a minute):
   python ldm_labelnoise.py --preset=tiny --data=tests/data/cifar10_tiny.npz --corruption_ratio=0.05 --cep=uniform
@@ -26,10 +27,15 @@ Eight GPUs, DiT-XL/2 on ImageNet latents (Table 1; latents are encoded once and 
   torchrun --standalone --nproc_per_node=8 ldm_labelnoise.py --preset=cc3m-ldm --data=cc3m --cep=uniform
 Generation (one PNG per seed, class k % num_classes) and evaluation (FID, IS, sFID, precision/recall, 50k samples):
   torchrun --standalone --nproc_per_node=8 ldm_labelnoise.py generate --network=runs/00000-.../network-snapshot.pt \\
-      --seeds=0-49999 --outdir=out --scale=1.75
+      --seeds=0-49999 --outdir=out --scheduler=dpm --scale=1.75
   python fid.py ref --data=imagenet/val --dest=in1k_val.npz
   torchrun --standalone --nproc_per_node=8 -- ldm_labelnoise.py eval --network=... --ref=in1k_val.npz --num=50000 \\
-      --scale=1.75   # the `--` keeps torchrun from reading --num as its own --numa-binding
+      --scheduler=dpm --scale=1.75   # the `--` keeps torchrun from reading --num as its own --numa-binding
+Released models (a DiffusionNoise repo id, a diffusers folder, or facebookresearch/DiT's .pt under DiT's protocol):
+  python ldm_labelnoise.py generate --pretrained_model_name_or_path DiffusionNoise/dit-xl-2_imagenet_clean \\
+      --outdir out --ddim_steps 50 --scheduler dpm --batch_size 10 --n_samples 10 --scale 2.25 --fixed_code
+  python ldm_labelnoise.py generate --network=DiT-XL-2-256x256.pt --seeds=0-63 --scheduler=ddpm --ddim_steps=250 \\
+      --cfg_channels=dit --scale=4
 Circular walk between two noises, one row per network (as the official visualisation scripts):
   python ldm_labelnoise.py walk --network=clean.pt,eta2.5.pt --classes=88,207 --walk_steps=20 --scale=7.5
 """
@@ -74,11 +80,11 @@ TEXT_LENGTH = 77  # BERT max_length in the official text pipeline
 
 @dataclasses.dataclass
 class SamplerConfig:
-    scheduler:          str   = 'ddim'       # ddim | dpm (DPM-Solver++ 2M, the paper's evaluation) | ddpm (DiT's ancestral)
+    scheduler:          str   = 'ddim'       # ddim | dpm (DPM-Solver++ 2M, paper's evaluation) | ddpm (DiT ancestral)
     ddim_steps:         int   = 50           # sampling steps (DiT's protocol: --scheduler=ddpm --ddim_steps=250)
     ddim_eta:           float = 0.0          # DDIM stochasticity; 0 = deterministic
     scale:              float = 7.5          # guidance scale s of Eq. 2; 1 = plain conditional sampling
-    cfg_channels:       str   = 'all'        # eps channels guided: all (diffusers pipelines) | dit (first 3, DiT sample.py)
+    cfg_channels:       str   = 'all'        # guided eps channels: all (diffusers pipelines) | dit (first 3, DiT)
     timestep_spacing:   str   = ''           # linspace | leading; '' = diffusers' own (dpm: linspace, ddim: leading)
 
 
@@ -102,7 +108,7 @@ class TrainConfig(SamplerConfig):
     embedding_dropout:  float = 0.0          # dropout on the condition embedding (App. E.3 baseline: 0.1); LDM only
     class_dropout_prob: float = 0.1          # null class / empty caption rate (DiT models.py; SD2 ucg_rate)
     # Network and diffusion.
-    arch:               str   = 'DiT-XL/2'   # a DiT (DiT-XL/2, ...) or an LDM UNet preset (ldm-cin256, ldm-cc3m, tiny-ldm)
+    arch:               str   = 'DiT-XL/2'   # DiT-XL/2, DiT-B/2, ... or an LDM UNet preset (ldm-cin256, ldm-cc3m)
     vae:                str   = 'none'       # autoencoder: ema | mse (KL-f8 sd-vae-ft-*), vq-f4, a file or URL, or none
     transfer:           str   = ''           # start from these weights: a facebookresearch/DiT .pt or our snapshot
     dropout:            float = 0.0          # UNet dropout (LDM cin256-v2: 0)
@@ -386,7 +392,8 @@ def check_writable(path, flag):
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f'{flag}={path} is not writable ({existing} is {"read-only" if os.path.isdir(existing) else "not a folder"})')
+        state = 'read-only' if os.path.isdir(existing) else 'not a folder'
+        raise UserError(f'{flag}={path} is not writable ({existing} is {state})')
 
 
 # ----------------------------------------------------------------------------------------------------------------------

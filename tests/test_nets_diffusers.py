@@ -622,3 +622,22 @@ def test_load_vqmodel_from_a_hub_pipeline_repo(tmp_path, monkeypatch):
             loaded = nets.load_vqmodel(source, cache_dir=tmp_path / 'cache')
             with torch.no_grad():
                 assert torch.equal(loaded.decode(h), vq.decode(h))
+
+
+def test_unet2dmodel_with_pre_refactor_attention_names():
+    """diffusers files written before its attention refactor name the self-attention query / key / value /
+    proj_attn (UNet2DModel of the early LDM pipelines)."""
+    reference = randomize(nets.UNet(arch='adm', img_resolution=16, in_channels=3, out_channels=3, model_channels=32,
+                                    channel_mult=(1, 2, 2), num_blocks=2, attn_resolutions=(8, 4),
+                                    num_head_channels=16, use_new_attention_order=True)).eval()
+    old = {'.to_q.': '.query.', '.to_k.': '.key.', '.to_v.': '.value.', '.to_out.0.': '.proj_attn.'}
+    state_dict = {}
+    for key, value in unet_to_diffusers(reference.state_dict(), 3, 2, [1, 2], 'adm').items():
+        for new_name, old_name in old.items():
+            key = key.replace(new_name, old_name)
+        state_dict[key] = value
+    assert 'mid_block.attentions.0.proj_attn.weight' in state_dict
+    net = nets.unet_from_diffusers(unet_diffusers_config('adm'), state_dict)
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(net(x, torch.tensor([5])), reference(x, torch.tensor([5])))

@@ -82,8 +82,8 @@ def test_resolve_source_kinds(tmp_path, monkeypatch):
     cache = str(tmp_path / 'cache')
     with serve_folder(tmp_path / 'hub') as base_url:
         monkeypatch.setenv('HF_ENDPOINT', base_url)
-        folder = nets.resolve_source('hf://owner/net@v1/sub', ['config.json', ('pytorch_model.bin', 'model.safetensors')],
-                                     cache_dir=cache)
+        wanted = ['config.json', ('pytorch_model.bin', 'model.safetensors')]  # the first of a tuple that exists
+        folder = nets.resolve_source('hf://owner/net@v1/sub', wanted, cache_dir=cache)
         assert folder == os.path.join(cache, 'hf', 'owner', 'net', 'v1', 'sub')
         assert sorted(os.listdir(folder)) == ['config.json', 'model.safetensors']
         # A required file that the repository lacks: one line naming the URL.
@@ -297,6 +297,7 @@ def test_ncsnpp_is_refused_in_one_line(tmp_path):
     with pytest.raises(ValueError, match='ncsnpp'):
         nets.songunet_to_unet_state_dict(edm)
     edm = nets.unet_to_songunet_state_dict(net)
-    edm['enc.8x8_down.conv0.resample_filter'] = torch.tensor([1., 3, 3, 1]).outer(torch.tensor([1., 3, 3, 1]))[None, None] / 64
+    fir = torch.tensor([1., 3, 3, 1])
+    edm['enc.8x8_down.conv0.resample_filter'] = fir.outer(fir)[None, None] / 64
     with pytest.raises(ValueError, match=r'\[1, 3, 3, 1\]'):
         nets.songunet_to_unet_state_dict(edm)

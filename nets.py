@@ -1440,7 +1440,7 @@ def load_autoencoder(path_or_url, cache_dir=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# VQ-f4 autoencoder: the vector-quantised first stage of LDM-4 (LDM Sec. 3.1, Tab. 8), in diffusers' VQModel layout
+# VQ-f4 autoencoder: the vector-quantised first stage of LDM-4 (LDM Sec. 3.1), in diffusers' VQModel layout
 
 
 class VectorQuantizer(nn.Module):
@@ -1541,6 +1541,7 @@ def vq_config_from_diffusers(config):
     if block_types - {'DownEncoderBlock2D', 'UpDecoderBlock2D'}:
         raise ValueError(f'VQModel blocks {sorted(block_types)} are not supported (only DownEncoderBlock2D / '
                          'UpDecoderBlock2D)')
+    # diffusers VQModel's defaults, for entries a config.json omits (scaling_factor too: 0.18215, not LDM's 1).
     defaults = dict(in_channels=3, out_channels=3, block_out_channels=(64,), layers_per_block=1, latent_channels=3,
                     num_vq_embeddings=256, vq_embed_dim=None, norm_num_groups=32, scaling_factor=0.18215)
     return {key: tuple(value) if isinstance(value, list) else value
@@ -1564,6 +1565,17 @@ def read_json(path):
         raise ValueError(f'{path}: not a readable JSON file ({error})') from None
 
 
+def vqmodel_from_diffusers(config, state_dict):
+    """nets.VQModel of a diffusers VQModel folder's config.json and weights, strict, frozen."""
+    kwargs = vq_config_from_diffusers(config)
+    with torch.device('meta'):
+        net = VQModel(**kwargs)
+    net.load_state_dict({key: value.float() for key, value in vq_state_dict_to_diffusers(state_dict).items()},
+                        assign=True)
+    net.config = kwargs
+    return net.eval().requires_grad_(False)
+
+
 def load_vqmodel(path_or_folder, cache_dir=None):
     """Load a VQ autoencoder, frozen and in eval mode, from a diffusers folder (config.json +
     diffusion_pytorch_model.safetensors or .bin; a pipeline folder with a vqvae/ sub-folder also works), a file of
@@ -1580,13 +1592,11 @@ def load_vqmodel(path_or_folder, cache_dir=None):
         source = resolve_source(f'hf://{repo}/vqvae', files, cache_dir)
     if os.path.isdir(source):
         folder = source if os.path.isfile(os.path.join(source, 'config.json')) else os.path.join(source, 'vqvae')
-        config = vq_config_from_diffusers(read_json(os.path.join(folder, 'config.json')))
-        state_dict = vq_state_dict_to_diffusers(read_diffusers_weights(folder))
-    else:
-        raw = load_weights_file(source)
-        state_dict = vq_state_dict_to_diffusers(raw)
-        scale = raw.get('state_dict', raw).get('scale_factor')
-        config = {**vq_config_from_state_dict(state_dict), 'scaling_factor': float(scale) if scale is not None else 1.0}
+        return vqmodel_from_diffusers(read_json(os.path.join(folder, 'config.json')), read_diffusers_weights(folder))
+    raw = load_weights_file(source)
+    state_dict = vq_state_dict_to_diffusers(raw)
+    scale = raw.get('state_dict', raw).get('scale_factor')
+    config = {**vq_config_from_state_dict(state_dict), 'scaling_factor': float(scale) if scale is not None else 1.0}
     with torch.device('meta'):  # no random init of weights that are overwritten anyway
         net = VQModel(**config)
     net.load_state_dict({key: value.float() for key, value in state_dict.items()}, assign=True)
@@ -2095,17 +2105,6 @@ def autoencoder_kl_from_diffusers(config, state_dict):
         net = AutoencoderKL(**kwargs)
     state_dict = vae_state_dict_to_diffusers(state_dict)
     net.load_state_dict({key: value.float() for key, value in state_dict.items()}, assign=True)
-    return net.eval().requires_grad_(False)
-
-
-def vqmodel_from_diffusers(config, state_dict):
-    """nets.VQModel of a diffusers VQModel folder, strict, frozen."""
-    kwargs = vq_config_from_diffusers(config)
-    with torch.device('meta'):
-        net = VQModel(**kwargs)
-    net.load_state_dict({key: value.float() for key, value in vq_state_dict_to_diffusers(state_dict).items()},
-                        assign=True)
-    net.config = kwargs
     return net.eval().requires_grad_(False)
 
 

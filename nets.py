@@ -1053,6 +1053,7 @@ class DiT(nn.Module):
     forward(x, t, y, embedding_noise=None): x (B, in_channels, input_size, input_size), t (B,) timesteps (integer
     indices, also under respacing), y (B,) int64 in [0, num_classes] where num_classes is the null label,
     embedding_noise (B, hidden_size) added to the label embedding before it joins the timestep embedding (CEP);
+    embedding_hook, a function (B, hidden_size) -> (B, hidden_size), applied to the label embedding at that point.
     timestep_freq_shift=1 and mlp_norm_eps=1e-5 (diffusers' norm_eps) give diffusers' DiT function
     (DiTTransformer2DModel, see dit_from_diffusers); the defaults are facebookresearch/DiT's.
     """
@@ -1109,12 +1110,14 @@ class DiT(nn.Module):
         x = x.permute(0, 5, 1, 3, 2, 4)               # (B, C, h, p, w, p)
         return x.reshape(x.shape[0], c, h * p, h * p)  # (B, C, H, W)
 
-    def forward(self, x, t, y, embedding_noise=None):
+    def forward(self, x, t, y, embedding_noise=None, embedding_hook=None):
         x = self.x_embedder(x) + self.pos_embed     # (B, T, D), T = H * W / p**2
         t = self.t_embedder(t)                      # (B, D)
         y = self.y_embedder(y)                      # (B, D)
         if embedding_noise is not None:
             y = y + embedding_noise                 # CEP perturbs the condition embedding only
+        if embedding_hook is not None:
+            y = embedding_hook(y)                   # the caller's function of the label embedding (B, D), e.g. CEP
         c = t + y                                   # (B, D)
         for block in self.blocks:
             x = block(x, c)                         # (B, T, D)

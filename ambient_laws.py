@@ -13,23 +13,27 @@ estimate of the *noisy* image, (1 - sigma_n^2/sigma^2) D + (sigma_n^2/sigma^2) x
 most of its data is noisy. An optional consistency loss (Daras et al., ICML 2024) teaches the levels below sigma_n.
 Sampling is plain EDM. The paper's finding: 10% clean + 90% noisy images nearly match 100% clean data (Table 1).
 
-Commands (the flags follow ambient-laws' train.py; `--preset` picks the CIFAR-10 / CelebA / ImageNet recipe):
+Commands (the official train.py / generate.py / eval_fid.py command lines run as written; `python ambient_laws.py
+COMMAND --help` lists the flags; `--preset` picks a CIFAR-10 / CelebA / ImageNet recipe, cifar10 = official defaults):
     # CPU smoke run on the embedded 200 CIFAR-10 images, about a minute
     python ambient_laws.py --preset=tiny --data=tests/data/cifar10_tiny.npz --sigma=0.2 --corruption_probability=0.9
 
-    # 1 GPU: CIFAR-10, 90% of the images noisy at sigma_n = 0.2 (Table 1, "90% noisy + 10% clean")
-    python ambient_laws.py --preset=cifar10 --data=cifar10 --sigma=0.2 --corruption_probability=0.9
+    # 1 GPU: CIFAR-10, each image noisy with probability 0.9 at sigma_n = 0.2 (Table 1, "90% noisy + 10% clean")
+    python ambient_laws.py --data=cifar10 --outdir=runs --sigma=0.2 --corruption_probability=0.9
 
-    # 8 GPUs, same run; --resume=auto continues the newest matching run folder after an interruption
-    torchrun --standalone --nproc_per_node=8 ambient_laws.py --preset=cifar10 --data=cifar10 --sigma=0.2 \\
-        --corruption_probability=0.9 --resume=auto
+    # 8 GPUs, the official README command; --resume=auto continues the newest matching run folder
+    torchrun --standalone --nproc_per_node=8 ambient_laws.py --outdir=runs --data=datasets/cifar10-32x32.zip \
+        --sigma=0.2 --corruption_probability=0.9 --dataset_keep_percentage=1.0 --consistency_coeff=0.0 \
+        --expr_id=cifar_cp0.9_sigma0.2_dp1.0_cc0.0 --resume=auto
 
-    # 50,000 samples as PNGs; then FID of 50,000 samples in memory against EDM's reference statistics (TF
-    # preprocessing). The `--` stops torchrun from taking --num for its own --numa-binding.
-    torchrun --standalone --nproc_per_node=8 ambient_laws.py generate --seeds=0-49999 --outdir=samples \\
-        --network=runs/00000-cifar10-ddpmpp-cifar10-sigma0.2-p0.9-keep1/network-snapshot-200000.pt
-    torchrun --standalone --nproc_per_node=8 -- ambient_laws.py eval --num=50000 --preprocess=tf \\
-        --ref=https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz --network=runs/.../network-snapshot-...pt
+    # 50,000 samples of a released model (Hugging Face repo id, EDM .pkl or our snapshot), then FID + IS of the folder
+    # as eval_fid.py computes them (fid_out.json); or FID of 50,000 samples drawn in memory under EDM's protocol.
+    torchrun --standalone --nproc_per_node=8 ambient_laws.py generate --seeds=0-49999 --outdir=outputs --batch=64 \
+        --network=giannisdaras/ambient_laws_celeba_sigma_0.05_corruption_0.1_keep_1.0
+    torchrun --standalone --nproc_per_node=8 ambient_laws.py eval --gen_path=outputs \
+        --ref_stats=https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz
+    torchrun --standalone --nproc_per_node=8 -- ambient_laws.py eval --network=runs/.../network-snapshot-200000.pt \
+        --protocol=edm --ref=https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz
 """
 
 import argparse
@@ -78,8 +82,8 @@ class Config:
     sigma: float = 0.0                    # noise std sigma_n of the noisy images, pixels in [-1, 1]
     corruption_probability: float = 0.0   # probability that an image is noisy
     dataset_keep_percentage: float = 1.0  # fraction of the data set used at all (a seeded subset)
-    noisy_count: str = 'random'           # random: each image noisy with probability p, seeded by its index; exact
-    noise_rng: str = 'numpy'              # numpy: the noise of NumPy seeded by the image index; device: drawn on the GPU
+    noisy_count: str = 'random'           # random: each image noisy w.p. p, seeded by its index (official); exact: p n
+    noise_rng: str = 'numpy'              # numpy: NumPy seeded by the image index (official); device: drawn on the GPU
     corruption_seed: int = 0              # seeds --noisy_count=exact and --noise_rng=device
     sigma_per_image: str = ''             # .npy of one sigma_n per image (0 = clean), replaces --sigma and p
     already_noisy: bool = False           # the images already carry that noise (real data): add none
@@ -154,7 +158,7 @@ class Config:
     protocol: str = ''                    # eval: edm, adm or pytorch-fid (fid.PROTOCOLS); '' = the reference's
     preprocess: str = ''                  # eval: Inception preprocessing tf or pytorch-fid; '' = the protocol's
     fid_weights: str = ''                 # eval: Inception weights file, '' = $FID_WEIGHTS or the cache
-    out_path: str = ''                    # eval: JSON of the results; '' = metrics.jsonl by the network, or fid_out.json
+    out_path: str = ''                    # eval: results JSON; '' = metrics.jsonl by the network, or fid_out.json
 
 
 # Dataset recipes. cifar10 is ambient-laws' train.py default (= EDM's unconditional CIFAR-10 DDPM++). The repo gives
@@ -911,10 +915,14 @@ def load_network(source, device, flag='--network'):
             unet, info = nets.load_edm_network(source)
         except (ValueError, OSError, RuntimeError, KeyError) as error:  # nets.WeightsNotFoundError is a RuntimeError
             fail(f'{flag}: cannot load {source}: {error}')
+        if info.get('precond') != 'EDMPrecond' or info.get('gated'):
+            fail(f'{flag}: {source} holds a {"gated " if info.get("gated") else ""}{info.get("precond")} network; '
+                 f'ambient_laws.py samples EDMPrecond networks (as ambient-laws trains them)')
         kwargs = info.get('precond_kwargs') or {}
         net = EDMPrecond(unet, kwargs.get('sigma_data', 0.5), kwargs.get('sigma_min', 0.0),
                          kwargs.get('sigma_max', float('inf')))
-        config = dict(sigma_data=net.sigma_data, format=info.get('format'), training_options=info.get('training_options'))
+        config = dict(sigma_data=net.sigma_data, format=info.get('format'),
+                      training_options=info.get('training_options'))
     cuda = torch.device(device).type == 'cuda'  # NHWC convolutions on tensor cores
     net.to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
     return net.eval().requires_grad_(False), config
@@ -937,7 +945,8 @@ def find_run(cfg, desc):
         return run_dir, (os.path.join(run_dir, states[-1]) if states else None)
     if cfg.nosubdir:
         return cfg.outdir, None
-    taken = [int(d[:5]) for d in (os.listdir(cfg.outdir) if os.path.isdir(cfg.outdir) else []) if re.match(r'\d{5}-', d)]
+    names = os.listdir(cfg.outdir) if os.path.isdir(cfg.outdir) else []
+    taken = [int(d[:5]) for d in names if re.match(r'\d{5}-', d)]
     return os.path.join(cfg.outdir, f'{max(taken, default=-1) + 1:05d}-{desc}'), None
 
 
@@ -1077,9 +1086,9 @@ def open_run(cfg, run_dir, state, transfer, net, ema, optimizer, rank, world):
             ema.load_state_dict(state['ema'])
             optimizer.load_state_dict(state['optimizer'])
             cur_nimg, cur_tick, transferred = state['cur_nimg'], state['cur_tick'], state.get('transferred', False)
-        elif transfer is not None:  # official: the snapshot's EMA weights into both net and EMA
-            net.load_state_dict(transfer)
-            ema.load_state_dict(transfer)
+        elif transfer is not None:  # official: the snapshot's EMA tensors whose names match, into net and EMA
+            net.load_state_dict(transfer, strict=False)
+            ema.load_state_dict(transfer, strict=False)
     except (RuntimeError, ValueError, KeyError) as error:
         flag = '--resume' if state is not None else '--transfer'
         fail(f'{flag}: {cfg.resume or cfg.transfer} does not fit this network ({str(error).splitlines()[0]}): '

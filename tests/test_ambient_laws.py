@@ -648,7 +648,8 @@ OFFICIAL_FLAGS = [  # (command, official flag, field, value): every flag of trai
     ('train', '--consistency_coeff=0.5', 'consistency_coeff', 0.5),
     ('generate', '--network=n.pkl', 'network', 'n.pkl'), ('generate', '--outdir=o', 'outdir', 'o'),
     ('generate', '--seeds=0-9', 'seeds', '0-9'), ('generate', '--subdirs', 'subdirs', True),
-    ('generate', '--class=3', 'class_idx', 3), ('generate', '--batch=8', 'batch', 8), ('generate', '--steps=9', 'steps', 9),
+    ('generate', '--class=3', 'class_idx', 3), ('generate', '--batch=8', 'batch', 8),
+    ('generate', '--steps=9', 'steps', 9),
     ('generate', '--sigma_min=0.01', 'sigma_min', 0.01), ('generate', '--sigma_max=50', 'sigma_max', 50.0),
     ('generate', '--rho=5', 'rho', 5.0), ('generate', '--S_churn=40', 'S_churn', 40.0),
     ('generate', '--S_min=0.05', 'S_min', 0.05), ('generate', '--S_max=50', 'S_max', 50.0),
@@ -718,8 +719,9 @@ def test_official_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
     sizes = ['--arch=tiny', '--cbase=16', '--batch=8', '--kimg=0.008', '--tick=1', '--grid=2', '--steps=3',
              '--workers=1', '--lr_rampup_kimg=0.1', '--ema=0.0001']
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', os.path.join(ROOT, 'ambient_laws.py'),
-                    *train, *sizes], check=True, cwd=ROOT, env=env, capture_output=True, timeout=120)
+    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                    os.path.join(ROOT, 'ambient_laws.py'), *train, *sizes],
+                   check=True, cwd=ROOT, env=env, capture_output=True, timeout=120)
     run_dir = _run_dir(tmp_path / 'runs')
     config = json.load(open(os.path.join(run_dir, 'config.json')))
     assert config['expr_id'] == 'cifar_cp0.5_sigma0.2_dp1.0_cc0.0' and config['kimg'] == 0.008

@@ -987,9 +987,10 @@ def compute_metrics(batches, ref, metrics=("fid",), detector=None, device=None, 
     rank passes its share and every rank returns the same dict.
     protocol: 'edm', 'adm', 'pytorch-fid' or resolve_protocol's dict (call resolve_protocol before sampling, so its
     checks fail early, and pass its dict here). It sets the preprocessing and the IS splits, the number of images
-    must then equal its num, and the results also hold 'protocol' and 'preprocess' (strings, for the metrics
-    JSON). Without it the results hold floats only and the preprocessing is `preprocess`, else the reference's tag,
-    else pytorch-fid; a reference with statistics but no tag is refused (see resolve_protocol).
+    must then equal its num, and the results also hold 'preprocess' and, when a protocol is named, 'protocol'
+    (strings, for the metrics JSON). Without it the results hold floats only and the preprocessing is
+    `preprocess`, else the reference's tag, else pytorch-fid; a reference with statistics but no tag is refused
+    (see resolve_protocol).
     seed: KID's subsets.
     """
     ref = load_ref(ref) if isinstance(ref, (str, os.PathLike)) else ref
@@ -1035,8 +1036,9 @@ def compute_metrics(batches, ref, metrics=("fid",), detector=None, device=None, 
             results["precision"], results["recall"] = precision_recall(ref_pool, features["pool"])
         if "kid" in metrics:
             results["kid"], results["kid_std"] = kernel_inception_distance(features["pool"], ref["pool"], seed=seed)
-    if protocol is not None:
-        results.update(protocol=resolved["protocol"], preprocess=resolved["preprocess"])
+    if protocol is not None:  # strings beside the floats, for the metrics JSON ('protocol' only when there is one)
+        results.update({"protocol": resolved["protocol"]} if resolved["protocol"] else {},
+                       preprocess=resolved["preprocess"])
     return results
 
 
@@ -1314,8 +1316,8 @@ def main(argv=None):
                 for name, value in results.items():
                     print(f"{name:10s} {value:g}" if isinstance(value, float) else f"{name:10s} {value}")
                 if args.json:
-                    record = dict(results, images=args.images, ref=args.ref, num=len(indices),
-                                  is_split_size=resolved["is_split_size"], tool=resolved["tool"])
+                    record = {"protocol": None, **results, "images": args.images, "ref": args.ref,
+                              "num": len(indices), "is_split_size": resolved["is_split_size"], "tool": resolved["tool"]}
                     _atomic_write(args.json, lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
     except (ValueError, OSError) as error:
         print(f"fid.py: error: {' '.join(str(error).split())}", file=sys.stderr)

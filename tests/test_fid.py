@@ -687,6 +687,28 @@ def test_checks_fail_before_any_image_is_read(tiny_cli, tmp_path, monkeypatch, c
     assert tiny_cli.reads == []
 
 
+def test_preprocessing_without_protocol_and_a_full_disk(tiny_cli, tmp_path, monkeypatch, capsys):
+    images = np.random.RandomState(27).randint(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "images.npz", x=images)
+    # --preprocess alone names no protocol: all images, 10 IS splits; the JSON says so.
+    tiny_cli("calc", f"--images={tmp_path / 'images.npz'}", f"--ref={tmp_path / 'images.npz'}", "--preprocess=tf",
+             f"--json={tmp_path / 'm.json'}")
+    record = json.loads((tmp_path / "m.json").read_text())
+    assert record["protocol"] is None and record["preprocess"] == "tf" and record["num"] == 5
+    results = fid.compute_metrics([torch.from_numpy(images).permute(0, 3, 1, 2)], {"images": images}, ("fid",),
+                                  TinyDetector(), "cpu", protocol=fid.resolve_protocol(preprocess="tf"))
+    assert "protocol" not in results and results["preprocess"] == "tf"  # floats plus strings only where named
+    # A disk that fills while the reference is written: one line, exit 1, no partial file.
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(fid.np, "savez", full_disk)
+    with pytest.raises(SystemExit) as error:
+        tiny_cli("ref", f"--data={tmp_path / 'images.npz'}", f"--dest={tmp_path / 'refs' / 'ref.npz'}")
+    err = capsys.readouterr().err.strip()
+    assert error.value.code == 1 and "No space left" in err and len(err.splitlines()) == 1
+    assert not list((tmp_path / "refs").iterdir())
+
+
 def test_fid_weights_is_the_flag_name(tmp_path, capsys):
     with pytest.raises(SystemExit) as error:
         fid.main(["calc", f"--images={tmp_path}", "--ref=x.npz", "--weights=w.pth"])

@@ -902,7 +902,8 @@ def test_help_layout_and_official_flag_spellings(capsys):
 
 def test_resume_auto_reuses_a_run_folder_without_training_state(tmp_path):
     """Killed during its very first write: --resume=auto starts over in that folder instead of numbering a new one."""
-    _, c = ddpm_ip.parse_args([f'--data={tmp_path}/small.npz', '--preset=tiny', f'--outdir={tmp_path}', '--resume=auto'])
+    _, c = ddpm_ip.parse_args([f'--data={tmp_path}/small.npz', '--preset=tiny', f'--outdir={tmp_path}',
+                               '--resume=auto'])
     run_dir, state, exists = ddpm_ip.find_run_dir(ddpm_ip.check_config(c, 'train', 1))
     assert (os.path.basename(run_dir), state, exists) == ('00000-small-tiny-adm-ip0.1-batch16', None, False)
     os.makedirs(run_dir)

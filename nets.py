@@ -797,19 +797,21 @@ def download_file(url, path, headers=None):
     reason = 'the server keeps changing the partial file'
     try:
         for _ in range(3):  # a retry only when another process wrote to the .part between our request and our lock
-            offset = os.path.getsize(part) if os.path.isfile(part) else 0
+            offset = _size_or_zero(part)
             range_header = {'Range': f'bytes={offset}-'} if offset else {}
             with requests.get(url, headers={**(headers or {}), **range_header}, stream=True, timeout=30) as response:
                 if response.status_code == 416:  # the partial file is not a prefix of this file: start again
-                    os.remove(part)
+                    _remove_if_present(part)
                     continue
                 response.raise_for_status()
                 resumed = offset > 0 and response.status_code == 206
                 total = _announced_size(response, offset if resumed else 0)
                 os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
                 with open(part, 'ab') as f:
-                    _lock_file(f)
+                    locked = _lock_file(f)
                     if os.path.isfile(path):  # another process finished it while we waited for the lock
+                        if f.seek(0, os.SEEK_END) == 0:  # the empty .part our open() made after its rename
+                            _remove_if_present(part)
                         return path
                     if f.seek(0, os.SEEK_END) != offset:
                         continue
@@ -818,12 +820,16 @@ def download_file(url, path, headers=None):
                     for chunk in _received_chunks(response):
                         f.write(chunk)
                     size = f.tell()
-            if total is not None and size != total:
+                    whole = total is None or size == total
+                    if whole and locked:  # rename under the lock, so that a process waiting for it finds the file
+                        os.replace(part, path)
+            if not whole:
                 if size > total:  # more than announced: the partial file belongs to another version
-                    os.remove(part)
+                    _remove_if_present(part)
                 reason = f'got {size} bytes, the server announced {total}'
                 break
-            os.replace(part, path)
+            if not locked:
+                os.replace(part, path)
             return path
     except (requests.RequestException, OSError) as error:
         response = getattr(error, 'response', None)
@@ -857,12 +863,28 @@ def _received_chunks(response):
 
 
 def _lock_file(f):
-    """Block until this process holds an exclusive lock on the open file f (POSIX; elsewhere a no-op)."""
+    """Block until this process holds an exclusive lock on the open file f; False where there is no flock
+    (not POSIX), which then only loses the protection against simultaneous downloads."""
     try:
         import fcntl
     except ImportError:
-        return
+        return False
     fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    return True
+
+
+def _size_or_zero(path):
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        return 0
+
+
+def _remove_if_present(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 HF_REPO_ID = re.compile(r'[A-Za-z0-9][\w.-]*/[\w.-]+')  # owner/name on the Hugging Face Hub

@@ -19,6 +19,7 @@ import pickle
 import re
 import sys
 import threading
+import time
 import types
 import urllib.parse
 
@@ -32,7 +33,8 @@ class _FolderHandler(http.server.BaseHTTPRequestHandler):
     """GET of files under server.folder; honours 'Range: bytes=a-' with 206 + Content-Range. server.options:
     interrupt_after (int: announce the full size, send that many bytes, then drop the connection),
     ignore_range (bool: answer every request with the whole file, as servers without Range support do),
-    range_total_extra (int: announce a Content-Range total that many bytes larger than the file)."""
+    range_total_extra (int: announce a Content-Range total that many bytes larger than the file),
+    pieces (int: send the body in that many pieces, 20 ms apart)."""
 
     def do_GET(self):
         server = self.server
@@ -63,7 +65,13 @@ class _FolderHandler(http.server.BaseHTTPRequestHandler):
         self.send_header('Content-Length', str(len(body)))
         self.end_headers()
         cut = server.options.get('interrupt_after')
-        self.wfile.write(body if cut is None else body[:cut])
+        body = body if cut is None else body[:cut]
+        pieces = server.options.get('pieces', 1)
+        for i in range(pieces):  # several pieces with a pause between them: a slow download
+            self.wfile.write(body[i * len(body) // pieces:(i + 1) * len(body) // pieces])
+            if pieces > 1:
+                self.wfile.flush()
+                time.sleep(0.02)
         if cut is not None:
             self.wfile.flush()
             self.close_connection = True

@@ -1,6 +1,7 @@
 """Downloads from the Hugging Face Hub's resolve URLs and plain URLs (against a local server), the restricted reader of
 EDM / ambient-diffusion pickles, the SongUNet / DhariwalUNet key maps, and load_edm_network."""
 
+import concurrent.futures
 import os
 import pickle
 
@@ -72,6 +73,18 @@ def test_download_refuses_a_size_other_than_announced_and_restarts_without_range
         base_url.server.options.clear()
         open(path + '.part', 'wb').write(b'x' * 60_000)
         assert open(nets.download_cached(url, str(cache)), 'rb').read() == data
+
+
+def test_simultaneous_downloads_of_one_file_take_turns(tmp_path):
+    # torchrun ranks that all ask for the same checkpoint: one downloads, the others wait and reuse its file.
+    data = os.urandom(400_000)
+    (tmp_path / 'net.pkl').write_bytes(data)
+    cache = str(tmp_path / 'cache')
+    with serve_folder(tmp_path, pieces=10) as base_url:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            paths = list(pool.map(lambda _: nets.download_cached(f'{base_url}/net.pkl', cache), range(3)))
+    assert len(set(paths)) == 1 and open(paths[0], 'rb').read() == data
+    assert os.listdir(cache) == ['net.pkl']
 
 
 def test_resolve_source_kinds(tmp_path, monkeypatch):

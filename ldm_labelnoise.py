@@ -218,8 +218,9 @@ GROUPS = {  # --help sections (the same titles and order in the four scripts)
 SAMPLING_GROUP = {'batch', 'outdir', 'seed'}  # under `sampling` for generate / eval / walk, not optimisation / run
 OFFICIAL_NAMES = {  # our flag -> the official DiffusionNoise scripts' spelling (both accepted)
     'network': ('pretrained_model_name_or_path', 'model_list'), 'batch': ('batch_size',),
-    'prompts': ('prompt_data',), 'input_perturbation': ('input_pertub',),
+    'prompts': ('prompt_data',),
 }
+ALIASES = {'input_perturbation': ('input_pertub',)}  # DDPM-IP's spelling of the IP baseline's gamma
 REFUSED = {  # official flags we do not take: why, and what to use
     'push_to_hub': 'uploading to the Hugging Face Hub is not part of sampling; upload --outdir yourself',
     'class_synset': 'WordNet synsets need the ImageNet index; use --classes=ID,ID (data/index_synset.yaml maps them)',
@@ -284,11 +285,12 @@ def parse_config(cls, argv, command=None):
             if not in_group:
                 continue
             default = defaults.get(name, '')
-            official = OFFICIAL_NAMES.get(name, ())
+            official, aliases = OFFICIAL_NAMES.get(name, ()), ALIASES.get(name, ())
             text = helps[name] + (f'; official: {", ".join("--" + n for n in official)}' if official else '') + \
+                (f'; also --{aliases[0]} (DDPM-IP)' if aliases else '') + \
                 f' (default: {"none" if default == "" else default})'
             text = text.replace('%', '%%')  # argparse formats help with %
-            flags = [f'--{name}'] + [f'--{n}' for n in official]
+            flags = [f'--{name}'] + [f'--{n}' for n in official + aliases]
             if name in fields and fields[name].type is bool:
                 group.add_argument(*flags, dest=name, default=default, nargs='?', const='true', type=parse_bool,
                                    metavar='BOOL', help=text)  # --flag alone means true
@@ -749,18 +751,20 @@ def ddpm_sample(net, noise, y, alphas_cumprod, steps=250, scale=1.0, y_null=None
 
 
 def ddim_sample(net, noise, y, alphas_cumprod, steps=50, scale=1.0, y_null=None, eta=0.0, spacing='leading',
-                randn_like=torch.randn_like, cfg_channels='all', offset=1):
+                randn_like=torch.randn_like, cfg_channels='all', offset=1, clip=0.0, final_alpha_bar=1.0):
     """DDIM (Song et al., Eq. 12) from x_T = noise (B, C, H, W), as diffusers' DDIMScheduler: the last step lands
-    on alpha_bar = 1 (set_alpha_to_one). Each step goes to the next listed timestep (diffusers goes to
-    t - T // steps, the same for its default 'leading' spacing). alphas_cumprod: float64 (T,) on the CPU."""
+    on final_alpha_bar (1: set_alpha_to_one), x0 is clipped to [-clip, clip] when clip > 0 (clip_sample). Each step
+    goes to the next listed timestep (diffusers goes to t - T // steps, the same for its default 'leading'
+    spacing). alphas_cumprod: float64 (T,) on the CPU."""
     timesteps = sampling_timesteps(len(alphas_cumprod), steps, spacing, 'ddim', offset)
     x = noise
     for i, t in enumerate(timesteps):
         # Predict x0, then move it to the next noise level with the DDIM eps share and sigma of fresh noise.
         a = alphas_cumprod[t].item()
-        a_prev = alphas_cumprod[timesteps[i + 1]].item() if i + 1 < len(timesteps) else 1.0
+        a_prev = alphas_cumprod[timesteps[i + 1]].item() if i + 1 < len(timesteps) else final_alpha_bar
         eps = guided_eps(net, x, t, y, y_null, scale, cfg_channels)
         x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+        x0 = x0.clamp(-clip, clip) if clip else x0
         sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
         x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - sigma ** 2) * eps
         if sigma > 0:
@@ -1202,7 +1206,10 @@ def load_pipeline(source, device, vae=''):
     spec = dict(arch=parts['pipeline'], cond=cond, num_classes=num_classes, shape=(network.in_channels, side, side),
                 class_dropout_prob=float(has_null), vae=vae or source, scaling_factor=autoencoder.scaling_factor,
                 betas=nets.diffusers_betas(scheduler).tolist(), timestep_spacing=scheduler.get('timestep_spacing'),
-                steps_offset=scheduler.get('steps_offset', 0), id2label=parts['id2label'])
+                steps_offset=scheduler.get('steps_offset', 0), id2label=parts['id2label'],
+                # DDIMScheduler.from_config keeps these (diffusers' defaults: clip_sample True, range 1, alpha 1)
+                clip_sample=scheduler.get('clip_sample_range', 1.0) if scheduler.get('clip_sample', True) else 0.0,
+                set_alpha_to_one=scheduler.get('set_alpha_to_one', True))
     net.to(device)
     return net.eval().requires_grad_(False), spec, autoencoder.to(device).eval()
 
@@ -1232,7 +1239,8 @@ def sample_images(net, spec, vae, noise, y, cfg, randn_like=torch.randn_like):
                                   cfg.cfg_channels, offset)
         elif cfg.scheduler == 'ddim':
             x = ddim_sample(net, noise, y, alphas_cumprod, cfg.ddim_steps, cfg.scale, y_null, cfg.ddim_eta, spacing,
-                            randn_like, cfg.cfg_channels, offset)
+                            randn_like, cfg.cfg_channels, offset, spec.get('clip_sample', 0.0),
+                            1.0 if spec.get('set_alpha_to_one', True) else alphas_cumprod[0].item())
         else:
             x = ddpm_sample(net, noise, y, alphas_cumprod, cfg.ddim_steps, cfg.scale, y_null, cfg.cfg_channels,
                             randn_like)

@@ -821,6 +821,7 @@ def test_released_diffusers_pipelines_by_folder_and_hub_repo_id(tmp_path, monkey
         'num_train_timesteps': 1000, 'steps_offset': 1})
     net, spec, vae = L.load_snapshot(str(folder), 'cpu', 2.0)
     assert (spec['cond'], spec['num_classes'], net.null, vae.scaling_factor) == ('class', 3, 3, 1.0)
+    assert spec['clip_sample'] == 1.0 and spec['steps_offset'] == 1  # DDIMScheduler's default clip_sample=True
     run(['generate', f'--network={folder}', '--n_samples=1', '--ddim_steps=2', f'--outdir={tmp_path}/ldm-out'])
     assert sorted(os.listdir(tmp_path / 'ldm-out')) == ['0', '1', '2', 'dataset.json']
     assert np.asarray(PIL.Image.open(tmp_path / 'ldm-out' / '2' / '00000.jpeg')).shape == (32, 32, 3)

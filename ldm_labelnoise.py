@@ -286,9 +286,9 @@ def parse_config(cls, argv, command=None):
                 continue
             default = defaults.get(name, '')
             official, aliases = OFFICIAL_NAMES.get(name, ()), ALIASES.get(name, ())
+            shown = '(required)' if name in ('data', 'network') else f'(default: {"none" if default == "" else default})'
             text = helps[name] + (f'; official: {", ".join("--" + n for n in official)}' if official else '') + \
-                (f'; also --{aliases[0]} (DDPM-IP)' if aliases else '') + \
-                f' (default: {"none" if default == "" else default})'
+                (f'; also --{aliases[0]} (DDPM-IP)' if aliases else '') + f' {shown}'
             text = text.replace('%', '%%')  # argparse formats help with %
             flags = [f'--{name}'] + [f'--{n}' for n in official + aliases]
             if name in fields and fields[name].type is bool:
@@ -1420,6 +1420,9 @@ def save_training_state(run_dir, tag, state):
 
 def transfer_weights(net, spec, path):
     """Load the weights of --transfer into the freshly built network; every tensor must match in name and shape."""
+    if not os.path.isfile(path):  # a diffusers DiT computes another function (timestep frequencies, norm eps)
+        raise UserError(f'--transfer={path}: not a file; --transfer takes a facebookresearch/DiT .pt or a snapshot '
+                        'of this script (diffusers pipelines sample through generate / eval / walk only)')
     source, source_spec = load_network(path, 'cpu')
     mine, theirs = net.state_dict(), source.state_dict()
     wrong = [key for key in mine if key not in theirs or theirs[key].shape != mine[key].shape]

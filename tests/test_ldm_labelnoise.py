@@ -772,7 +772,7 @@ def test_help_layout(capsys):
     assert 'official: --batch_size' in flat and 'official: --pretrained_model_name_or_path' in flat
 
 
-def test_released_diffusers_pipelines_by_folder_and_hub_repo_id(tmp_path, monkeypatch):
+def test_released_diffusers_pipelines_by_folder_and_hub_repo_id(tmp_path, monkeypatch, capsys):
     """A DiffusionNoise-style DiTPipeline folder (diffusers DiT, KL autoencoder with scaling 0.3, DDIM scheduler
     config) samples as diffusers' DiTPipeline does: all four eps channels guided, null class 10, latents divided by
     the scaling factor before decoding; the same folder served as a Hub repo over 127.0.0.1 gives the same images.
@@ -798,6 +798,10 @@ def test_released_diffusers_pipelines_by_folder_and_hub_repo_id(tmp_path, monkey
         monkeypatch.setenv('HF_ENDPOINT', base_url)
         run(['generate', '--pretrained_model_name_or_path=DiffusionNoise/dit-tiny', f'--outdir={tmp_path}/hub-out',
              *flags])
+    monkeypatch.setenv('HF_ENDPOINT', 'http://127.0.0.1:9')  # nothing listens there: offline
+    with pytest.raises(SystemExit) as exit_info:
+        run(['generate', '--network=DiffusionNoise/other', f'--outdir={tmp_path}/offline'])
+    assert exit_info.value.code == 2 and 'DiffusionNoise/other/resolve/main/model_index.json' in capsys.readouterr().err
     for seed in range(2):
         name = f'000000/{seed:06d}.png'
         assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / 'out' / name)),

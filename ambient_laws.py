@@ -12,6 +12,10 @@ estimate of the *noisy* image, (1 - sigma_n^2/sigma^2) D + (sigma_n^2/sigma^2) x
 ("ambient score matching"). Its minimiser is the clean-data denoiser, so the model samples clean images although
 most of its data is noisy. An optional consistency loss (Daras et al., ICML 2024) teaches the levels below sigma_n.
 Sampling is plain EDM. The paper's finding: 10% clean + 90% noisy images nearly match 100% clean data (Table 1).
+Its theory (arXiv:2411.02780, sample complexity of learning Gaussian mixtures with heterogeneous variances): for large
+data sets a noisy sample's marginal utility is exponentially worse than a clean one's, and a small clean set sharply
+cuts the number of noisy samples needed; the official README prices a clean ImageNet image at 1.5-1.75 noisy ones
+(sigma_n = 0.2).
 
 Commands (the official train.py / generate.py / eval_fid.py command lines run as written; `python ambient_laws.py
 COMMAND --help` lists the flags; `--preset` picks a CIFAR-10 / CelebA / ImageNet recipe, cifar10 = official defaults):
@@ -1416,8 +1420,11 @@ def evaluate(given):
         _, _, _, net, cfg, autocast = sampling_setup({**given, 'batch': cfg.batch}, cfg.batch)
         batches = (sample_images(net, b, device, cfg, autocast)
                    for b in rank_batches(list(range(protocol['num'] or cfg.num)), cfg.batch, rank, world) if b)
-    results = fid.compute_metrics(batches, ref, metrics=metrics, detector=detector, device=device,
-                                  num_images=protocol['num'], protocol=protocol)
+    try:
+        results = fid.compute_metrics(batches, ref, metrics=metrics, detector=detector, device=device,
+                                      num_images=protocol['num'], protocol=protocol)
+    except ValueError as error:  # found during the pass (an unreadable image, too few samples): a run failure
+        fail(str(error), code=1)
     if rank == 0:
         result = dict(network=cfg.network, gen_path=cfg.gen_path, num=protocol['num'], steps=cfg.steps,
                       S_churn=cfg.S_churn, ref=cfg.ref or cfg.ref_path, **results)

@@ -1,6 +1,8 @@
 """Tests of ambient_laws.py: the clean/noisy data split, the ambient loss's minimiser and the sampler on Gaussian
-mixtures with closed-form denoisers, augmentation, and the script end to end (train, resume, DDP, generate, eval,
-bad input). CPU only; the tiny network runs a few steps of 8 images."""
+mixtures with closed-form denoisers, augmentation, the script end to end (train, resume, DDP, generate, eval, bad
+input), and the drop-in for giannisdaras/ambient-laws (the official data set bit for bit, every official flag, the
+README commands as written, released checkpoint layouts served from 127.0.0.1, failure paths). CPU only; the tiny
+network runs a few steps of 8 images."""
 import concurrent.futures
 import errno
 import glob

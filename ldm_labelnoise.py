@@ -286,7 +286,8 @@ def parse_config(cls, argv, command=None):
                 continue
             default = defaults.get(name, '')
             official, aliases = OFFICIAL_NAMES.get(name, ()), ALIASES.get(name, ())
-            shown = '(required)' if name in ('data', 'network') else f'(default: {"none" if default == "" else default})'
+            shown = '(required)' if name in ('data', 'network') else \
+                f'(default: {"none" if default == "" else default})'
             text = helps[name] + (f'; official: {", ".join("--" + n for n in official)}' if official else '') + \
                 (f'; also --{aliases[0]} (DDPM-IP)' if aliases else '') + f' {shown}'
             text = text.replace('%', '%%')  # argparse formats help with %

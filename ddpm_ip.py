@@ -894,6 +894,9 @@ def load_network(path, c, device):
                     given[name] != type(given[name])(snapshot['net_kwargs'][name]):
                 raise InputError(f'--{flag} {getattr(c, flag)} contradicts {path} ({snapshot["net_kwargs"][name]}); '
                                  f'leave it out for our snapshots')
+        if c.image_size and c.image_size != snapshot['net_kwargs']['img_resolution']:
+            raise InputError(f'--image_size {c.image_size} contradicts {path} '
+                             f'({snapshot["net_kwargs"]["img_resolution"]}); leave it out for our snapshots')
         net = nets.UNet(**snapshot['net_kwargs'])
         net.load_state_dict(snapshot['ema'])
         steps, schedule = snapshot['diffusion_steps'], snapshot['noise_schedule']
@@ -1129,7 +1132,7 @@ def training_loop(c, x_data, y_data, net_kwargs, run_dir, resumed, rank, world_s
     tick_start_nimg, tick_start_time, start_time = cur_nimg, time.time(), time.time()
     # Every state replaces the previous one, except the first state past each multiple of --dump snapshots.
     dump_nimg, previous_nimg = tick_nimg * c.snap * c.dump, cur_nimg
-    previous_state = resumed['path'] if resumed and not resumed.get('official') and not resumed['kept'] and \
+    previous_state = resumed['path'] if resumed and not resumed.get('official') and not resumed.get('kept', True) and \
         os.path.dirname(os.path.abspath(resumed['path'])) == os.path.abspath(run_dir) else None
     ticks_done = 0
     while cur_nimg < total_nimg:  # a resumed run that is already done trains no further

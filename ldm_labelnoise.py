@@ -866,15 +866,17 @@ class Denoiser(nn.Module):
         self.tokenize = tokenize                           # captions -> the token ids the encoder reads
 
     def is_null(self, y):
-        null = torch.as_tensor(self.null, device=y.device)
-        return (y == null).view(len(y), -1).all(dim=1)                    # (B,)
+        if torch.is_tensor(self.null) and self.null.device != y.device:  # the tokens of '': moved once
+            self.null = self.null.to(y.device)
+        return (y == self.null).view(len(y), -1).all(dim=1)               # (B,)
 
     def forward(self, x, t, y, delta=None):
+        is_null = self.is_null(y) if delta is not None and not self.perturb_null else None
         if self.encoder is None:  # DiT: c = t_emb + (y_emb + delta) inside adaLN
             return self.backbone(x, t, y, embedding_hook=lambda embedding: perturb_condition(
-                embedding, delta, self.is_null(y), perturb_null=self.perturb_null))
+                embedding, delta, is_null, perturb_null=self.perturb_null))
         context = self.embedding_dropout(self.encoder(y))                 # (B, L, context_dim)
-        context = perturb_condition(context, delta, self.is_null(y), perturb_null=self.perturb_null)
+        context = perturb_condition(context, delta, is_null, perturb_null=self.perturb_null)
         return self.backbone(x, t, context=context)
 
 

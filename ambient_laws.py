@@ -220,15 +220,16 @@ ALIASES = {'train': {'duration': ('kimg', 1000), 'ema': ('ema_halflife_kimg', 10
                      'dry-run': ('dry_run', 1)},
            'generate': {'class': ('class_idx', 1)},
            'eval': {'ref_stats': ('ref', 1), 'batch_size': ('batch', 1)}}
-CHOICES = {'noisy_count': ('random', 'exact'), 'noise_rng': ('numpy', 'device'), 'precond': ('edm',),
+CHOICES = {'noisy_count': ('random', 'exact'), 'noise_rng': ('numpy', 'device'),
            'consistency_rows': ('per_gpu', 'global'), 'precision': ('', 'fp32', 'bf16')}
 # Official flags we refuse, with the reason and what to use instead.
 REFUSED = {
-    'solver': 'the EDM ablation sampler is not implemented; the default Heun sampler is generate.py\'s edm_sampler',
-    'disc': 'the EDM ablation sampler is not implemented; use --steps/--sigma_min/--sigma_max/--rho (EDM grid)',
-    'schedule': 'the EDM ablation sampler is not implemented; the sampler is EDM\'s (sigma(t) = t)',
-    'scaling': 'the EDM ablation sampler is not implemented; the sampler is EDM\'s (s(t) = 1)',
+    'solver': "EDM's ablation sampler is not implemented; use the default Heun sampler (generate.py's edm_sampler)",
+    'disc': "EDM's ablation sampler is not implemented; use --steps, --sigma_min, --sigma_max and --rho (EDM's grid)",
+    'schedule': "EDM's ablation sampler is not implemented; use the default sampler (EDM's sigma(t) = t)",
+    'scaling': "EDM's ablation sampler is not implemented; use the default sampler (EDM's s(t) = 1)",
 }
+REFUSAL = '{} (official giannisdaras/ambient-laws flag) is not supported: {}'
 COMMAND_DEFAULTS = {'generate': dict(batch=64, outdir=''), 'eval': dict(batch=64)}  # official generate / eval_fid
 HELP = {('generate', 'batch'): 'images per sampling batch, all GPUs together',
         ('generate', 'outdir'): 'the folder that receives the PNGs',
@@ -318,7 +319,7 @@ def parse_args(argv):
     given = {k: v for k, v in vars(build_parser(command).parse_args(argv)).items() if v is not None}
     for name in [k for k in given if k.startswith('refused_')]:
         flag = name[len('refused_'):]
-        fail(f'--{flag} (official giannisdaras/ambient-laws flag) is not supported: {REFUSED[flag]}')
+        fail(REFUSAL.format(f'--{flag}', REFUSED[flag]))
     for alias, (name, scale) in ALIASES[command].items():
         if f'alias_{name}' in given:
             value = given.pop(f'alias_{name}')
@@ -344,14 +345,18 @@ def resolve_config(given):
          '--already_noisy needs --sigma_per_image or --corruption_probability=1'),
         (not official_seeded or cfg.corruption_seed == 0, '--corruption_seed needs --noisy_count=exact or '
          '--noise_rng=device (the official data set is seeded by the image index alone)'),
-        (cfg.cache, '--cache=false (official flag) is not supported: the data set is always held in memory (as uint8)'),
-        (not cfg.fp16, '--fp16 (official giannisdaras/ambient-laws flag) is not supported: FP16 networks are not '
-         'implemented; use --precision=bf16'),
+        (cfg.cache, REFUSAL.format('--cache=false', 'the data set is always held in memory (as uint8, on the GPU '
+                                   'when it fits); use --cache=true')),
+        (not cfg.fp16, REFUSAL.format('--fp16=true', 'FP16 networks are not implemented; use --precision=bf16')),
+        (cfg.precond == 'edm', REFUSAL.format(f'--precond={cfg.precond}', 'the official train.py asserts edm too; '
+                                              'use --precond=edm')),
+        (cfg.arch != 'ncsnpp', REFUSAL.format('--arch=ncsnpp', 'nets.UNet has no NCSN++ (Fourier embedding, residual '
+                                              'encoder); use --arch=ddpmpp')),
         (cfg.consistency_coeff >= 0, '--consistency_coeff must be >= 0'),
         (cfg.consistency_batch_size >= 1 and cfg.num_primes >= 1, '--consistency_batch_size and --num_primes >= 1'),
         (cfg.num_consistency_steps >= 2, '--num_consistency_steps must be >= 2'),
         (cfg.arch in ARCHES or cfg.arch in nets.UNET_PRESETS, f'--arch must be ddpmpp or adm (official) or one of '
-         f'{", ".join(nets.UNET_PRESETS)}; ncsnpp (official) is not supported: use ddpmpp'),
+         f'{", ".join(nets.UNET_PRESETS)}'),
         (re.fullmatch(r'(\d+,)*\d+|', cfg.cres) is not None, '--cres must look like 1,2,2,2'),
         (0 <= cfg.dropout <= 1, '--dropout must be in [0, 1]'),
         (0 <= cfg.augment <= 1, '--augment must be in [0, 1]'),

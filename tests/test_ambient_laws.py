@@ -674,6 +674,9 @@ def test_every_official_flag_is_honoured_or_refused_in_one_line(capsys):
             al.resolve_config(al.parse_args([command, flag])[1])
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith('ambient_laws.py: error: '), flag
+        refused = (command, flag) in REFUSED_FLAGS  # the others are a prefix and a flag of another command
+        assert ('(official giannisdaras/ambient-laws flag) is not supported: ' in err[0] and '; use ' in err[0]
+                if refused else 'unrecognized arguments' in err[0]), err
 
 
 def test_help_layout(capsys):

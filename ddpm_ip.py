@@ -384,7 +384,11 @@ def check_config(c, command, world_size):
     if c.channel_mult == '' or (c.channel_mult is None and c.image_size):  # official create_model
         need(c.image_size in CHANNEL_MULT or c.image_size is None,
              f'--image_size {c.image_size}: no official channel_mult for it; give --channel_mult')
-    resolved = net_overrides(c, c.image_size or 32)
+    try:
+        resolved = net_overrides(c, c.image_size or 32)
+    except ValueError:
+        raise FlagError(f'--channel_mult and --attention_resolutions must be comma lists of integers, got '
+                        f'{c.channel_mult!r} and {c.attention_resolutions!r}') from None
     heads_used = resolved.get('num_head_channels', nets.UNET_PRESETS[c.arch].get('num_head_channels', -1)) \
         if c.arch in nets.UNET_PRESETS else -1
     need(c.num_heads_upsample in (-1, c.num_heads) or heads_used > 0,

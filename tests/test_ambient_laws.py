@@ -715,18 +715,16 @@ def _readme_outdir(tmp_path):
 
 
 def test_official_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
-    """The seed README's train (through python -m torch.distributed.run, as written), generate and eval_fid commands
-    with their placeholders filled and only sizes overridden by extra flags at the end."""
+    """The seed README's train, generate and eval_fid commands with their placeholders filled and only sizes
+    overridden by extra flags at the end (run in this process; the DDP test launches the script with
+    `python -m torch.distributed.run --standalone` as the README does)."""
     cp, sigma, dp, cc = 0.5, 0.2, 1.0, 0.0
     train = ['--outdir=' + str(tmp_path / 'runs'), f'--data={TINY_DATA}', f'--sigma={sigma}',
              f'--corruption_probability={cp}', f'--dataset_keep_percentage={dp}', f'--consistency_coeff={cc}',
              f'--expr_id=cifar_cp{cp}_sigma{sigma}_dp{dp}_cc{cc}']
     sizes = ['--arch=tiny', '--cbase=16', '--batch=8', '--kimg=0.008', '--tick=1', '--grid=2', '--steps=3',
              '--workers=1', '--lr_rampup_kimg=0.1', '--ema=0.0001']
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
-                    os.path.join(ROOT, 'ambient_laws.py'), *train, *sizes],
-                   check=True, cwd=ROOT, env=env, capture_output=True, timeout=120)
+    al.main([*train, *sizes])  # `python -m torch.distributed.run --standalone` itself: see the DDP test
     run_dir = _run_dir(tmp_path / 'runs')
     config = json.load(open(os.path.join(run_dir, 'config.json')))
     assert config['expr_id'] == 'cifar_cp0.5_sigma0.2_dp1.0_cc0.0' and config['kimg'] == 0.008

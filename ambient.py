@@ -952,34 +952,36 @@ def load_network(source, device, cache_dir='', flag='--network', training_option
             raise UsageError(f'{flag}: {source} does not rebuild ({type(error).__name__}: '
                              f'{str(error).splitlines()[0]})')
     else:
-        net, net_config = load_official_pickle(path, source, flag, training_options)
+        net, net_config = load_official_pickle(path, source, flag, training_options, cache_dir)
     cuda = torch.device(device).type == 'cuda'  # NHWC convolutions on tensor cores, as in training
     net.to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
     return net.eval().requires_grad_(False), net_config
 
 
-def load_official_pickle(path, source, flag, training_options=None):
-    """An official network-snapshot-*.pkl -> (Precond, network config), through nets.load_edm_network."""
-    if not hasattr(nets, 'load_edm_network'):
-        raise UsageError(f'{flag}: {source} is not a snapshot of ambient.py, and this nets.py cannot read EDM '
-                         f'pickles')
+def load_official_pickle(path, source, flag, training_options=None, cache_dir=''):
+    """An official network-snapshot-*.pkl -> (Precond, network config), through nets.load_edm_network. The corruption
+    settings come from training_options, else the training_options.json beside the pickle (also beside a URL)."""
     try:
         unet, info = nets.load_edm_network(path)
     except Exception as error:  # not a pickle, or objects other than the network's: one line
         raise UsageError(f'{flag}: cannot load {source} ({" ".join(str(error).split())})')
-    options = training_options or info.get('training_options') or {}
-    dataset = options.get('dataset_kwargs', {})
-    precond = info.get('precond_kwargs', {})
-    ambient = 'Ambient' in options.get('loss_kwargs', {}).get('class_name', 'Ambient')
-    channels = unet.in_channels // 2 if ambient else unet.in_channels
+    options = training_options or info.get('training_options')
+    if options is None and source.startswith(('http://', 'https://')):
+        with contextlib.suppress(Exception):  # a URL without training_options.json beside it: official defaults
+            options = read_json(source.rsplit('/', 1)[0] + '/training_options.json', flag, cache_dir)
+    options = options or {}
+    dataset, precond = options.get('dataset_kwargs', {}), info.get('precond_kwargs', {})
+    loss = str(options.get('loss_kwargs', {}).get('class_name', '')) or str(info.get('loss_fn', ''))
+    ambient = 'Ambient' in loss or (not loss and unet.in_channels == 6)  # image + mask channels
     net_config = dict(unet=dict(unet.config), precond='ambient' if ambient else 'edm',
-                      sigma_data=precond.get('sigma_data', 0.5), channels=channels,
+                      sigma_data=precond.get('sigma_data', 0.5), sigma_min=precond.get('sigma_min', 0),
+                      sigma_max=precond.get('sigma_max', float('inf')),
+                      channels=unet.in_channels // 2 if ambient else unet.in_channels,
                       corruption_probability=dataset.get('corruption_probability', 0.4),
                       delta_probability=dataset.get('delta_probability', 0.1),
                       mask_full_rgb=bool(dataset.get('mask_full_rgb', False)),
                       corruption_pattern=dataset.get('corruption_pattern', 'dust'), source=str(source))
-    net = Precond(unet, sigma_data=net_config['sigma_data'])
-    return net, net_config
+    return Precond(unet, sigma_data=net_config['sigma_data']), net_config
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1468,6 +1470,7 @@ UNSAMPLED = {'solver': 'euler|heun', 'disc': 'vp|ve|iddpm|edm', 'schedule': 'vp|
 def sampling_parser(prog, description, network_required=True):
     """Flags shared by generate, eval and neighbors (official eval.py names), in the common help layout."""
     parser = QuietParser(prog, description=description)
+    parser.run_group = parser.add_argument_group('run')  # shown before sampling (the common order); empty = hidden
     group = parser.add_argument_group('sampling')
     flag(group, '--network', help='network-snapshot-*.pt of ambient.py or official network-snapshot-*.pkl (path or '
          'URL); eval also takes a folder of them (official: a folder)', shown='required' if network_required
@@ -1509,8 +1512,8 @@ def sampling_parser(prog, description, network_required=True):
     return parser
 
 
-def prepare_sampling(args, device):
-    """Checks the sampling flags and loads the network, before anything is written."""
+def check_sampling_flags(args):
+    """The sampling flags' refusals and ranges: one line, before anything is read or written."""
     for name in UNSAMPLED:
         if getattr(args, name) is not None:
             raise refuse(f'--{name}', 'the official ambient_sampler does not take it (eval.py fails with a '
@@ -1524,6 +1527,11 @@ def prepare_sampling(args, device):
     if min(args.sigma_min, args.sigma_max, args.rho, args.S_churn, args.S_min, args.S_max, args.S_noise) < 0 or \
             args.sigma_min >= args.sigma_max:
         raise UsageError('--sigma_min < --sigma_max, --rho and the --S_* flags must be >= 0')
+
+
+def prepare_sampling(args, device):
+    """Checks the sampling flags and loads the network, before anything is written."""
+    check_sampling_flags(args)
     options = read_json(args.training_options_loc, '--training_options_loc', args.cache_dir) \
         if args.training_options_loc else None
     net, net_config = load_network(args.network, device, args.cache_dir, training_options=options)
@@ -1572,16 +1580,21 @@ def fid_call(function, *args, **kwargs):
         raise DataError(' '.join(str(error).split()))
 
 
-def generate(argv):
-    """Writes one PNG per seed, outdir/<seed>.png."""
+def generate_parser():
     parser = sampling_parser('ambient.py generate', 'One PNG per seed from a snapshot; image k depends on seed k '
                              'only.')
-    group = parser.add_argument_group('run')
+    group = parser.run_group
     flag(group, '--seeds', help='seeds such as 0-49999 or 1,2,5-10', default='0-63')
     flag(group, '--outdir', help='where the PNGs go', shown='required', required=True)
     flag(group, '--subdirs', help='a sub-folder per 1000 seeds', default=False, type=parse_bool)
     add_help(parser, group)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def generate(argv):
+    """Writes one PNG per seed, outdir/<seed>.png."""
+    args = generate_parser().parse_args(argv)
+    check_sampling_flags(args)
     seeds = parse_seeds(args.seeds)
     check_writable(args.outdir)
     rank, _, device = init_distributed(args.device)
@@ -1604,10 +1617,7 @@ def snapshots_to_evaluate(network, eval_step):
     return [network]
 
 
-def evaluate(argv):
-    """fid.py metrics of --num samples (the first --num of --seeds) held in memory; with --outdir also the PNGs, in
-    outdir/<snapshot kimg>/ as official. Prints the numbers and appends a JSON line to metrics.jsonl beside the
-    network (or in --outdir)."""
+def eval_parser():
     parser = sampling_parser('ambient.py eval', 'FID and other fid.py metrics of a snapshot, or of every snapshot '
                              'in a folder (official eval.py flags keep their names).')
     group = parser.add_argument_group('evaluation')
@@ -1633,7 +1643,15 @@ def evaluate(argv):
          'the numbers)', default=False, type=parse_bool)
     flag(group, '--wandb_id', help='official wandb run id: refused unless empty', default='')
     add_help(parser, group)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def evaluate(argv):
+    """fid.py metrics of --num samples (the first --num of --seeds) held in memory; with --outdir also the PNGs, in
+    outdir/<snapshot kimg>/ as official. Prints the numbers and appends a JSON line to metrics.jsonl beside the
+    network (or in --outdir)."""
+    args = eval_parser().parse_args(argv)
+    check_sampling_flags(args)
     if args.with_wandb:
         raise refuse('--with_wandb=True', 'there is no wandb logging', '--with_wandb=False (metrics go to '
                      'metrics.jsonl)', 'eval.py')
@@ -1700,13 +1718,7 @@ def report_metrics(args, network, results, folder, rank):
         file.write(json.dumps(entry) + '\n')
 
 
-def neighbors(argv):
-    """Memorisation check (official find_dataset_neighbors.py): for every generated image, the similarity of its
-    features to those of every clean training image. --features=dinov2 is the official ViT-g/14 CLS token with its
-    preprocessing; inception (default, works offline with fid.py's weights) takes the FID pool features. Writes the
-    official files (max_products.pkl, softmax_products.pkl, <i>_dataset_image_<i>.png and
-    <i>_nearest_neighbors_<k>_dataset_index_<j>.png) plus neighbors.npz (top-3 similarities and indices),
-    neighbors.json (a summary) and neighbors.png (the --top most similar pairs)."""
+def neighbors_parser():
     parser = sampling_parser('ambient.py neighbors', 'Nearest clean training images of generated ones (official '
                              'find_dataset_neighbors.py flags keep their names).', network_required=False)
     group = parser.add_argument_group('evaluation')
@@ -1735,7 +1747,18 @@ def neighbors(argv):
     flag(group, '--fid_weights', help='Inception weights file (--features=inception)',
          shown='$FID_WEIGHTS or a download')
     add_help(parser, group)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def neighbors(argv):
+    """Memorisation check (official find_dataset_neighbors.py): for every generated image, the similarity of its
+    features to those of every clean training image. --features=dinov2 is the official ViT-g/14 CLS token with its
+    preprocessing; inception (default, works offline with fid.py's weights) takes the FID pool features. Writes the
+    official files (max_products.pkl, softmax_products.pkl, <i>_dataset_image_<i>.png and
+    <i>_nearest_neighbors_<k>_dataset_index_<j>.png) plus neighbors.npz (top-3 similarities and indices),
+    neighbors.json (a summary) and neighbors.png (the --top most similar pairs)."""
+    args = neighbors_parser().parse_args(argv)
+    check_sampling_flags(args)
     if args.cache is False:
         raise refuse('--cache=False', 'the dataset is always held in memory', '--cache=True',
                      'find_dataset_neighbors.py')

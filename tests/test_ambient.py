@@ -1,5 +1,7 @@
 """Tests of ambient.py: the corruption, the loss's minimiser and the sampler on Gaussian data with closed-form answers,
 augmentation, and a tiny end-to-end run with resume, DDP parity and bad input. CPU only."""
+import contextlib
+import errno
 import glob
 import hashlib
 import io
@@ -10,6 +12,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import zipfile
 
 import numpy as np
 import pytest
@@ -587,3 +590,352 @@ def test_cifar10_download_is_checked_extracted_and_cached(tmp_path, monkeypatch)
     (tmp_path / 'cache' / 'cifar-10-python.tar.gz').write_bytes(b'cut short')
     with pytest.raises(ambient.DataError, match='delete it'):
         ambient.load_images('cifar10', str(tmp_path / 'cache'))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Drop-in for giannisdaras/ambient-diffusion: command lines, defaults, patterns, checkpoints, failure paths
+
+# Every flag of the official train.py, eval.py and find_dataset_neighbors.py with a value the official code accepts.
+OFFICIAL_TRAIN = ['--outdir=o', '--data=d', '--cond=False', '--arch=ddpmpp', '--precond=ambient', '--duration=200',
+                  '--batch=512', '--batch-gpu=64', '--cbase=128', '--cres=1,2,2,2', '--lr=10e-4', '--ema=0.5',
+                  '--dropout=0.13', '--augment=0.12', '--max_grad_norm=1.0', '--weight_decay=0.', '--S_churn=10',
+                  '--S_min=0.01', '--S_max=1', '--S_noise=1.007', '--corruption_probability=0.4',
+                  '--delta_probability=0.1', '--mask_full_rgb=False', '--norm=2', '--gated=True',
+                  '--corruption_pattern=dust', '--max_size=100', '--xflip=False', '--fp16=False', '--ls=1',
+                  '--bench=True', '--cache=True', '--workers=1', '--desc=x', '--nosubdir', '--tick=50', '--snap=50',
+                  '--dump=500', '--seed=3', '--transfer=t.pkl', '--wandb_id=', '-n', '--dry-run',
+                  '--experiment_name=e']
+OFFICIAL_EVAL = ['--with_wandb=False', '--network=n', '--training_options_loc=t', '--outdir=o', '--seeds=0-63',
+                 '--subdirs', '--class=1', '--batch=64', '--corruption_probability=0.4', '--delta_probability=0.1',
+                 '--num_masks=1', '--guidance_scale=0.0', '--mask_full_rgb=False', '--experiment_name=e',
+                 '--wandb_id=', '--ref=r', '--num=50000', '--seed=0', '--eval_step=1', '--skip_generation=False',
+                 '--skip_calculation=False', '--num_classes=0', '--steps=18', '--sigma_min=0.002', '--sigma_max=80',
+                 '--rho=7', '--S_churn=0', '--S_min=0', '--S_max=inf', '--S_noise=1']
+OFFICIAL_NEIGHBORS = ['--input_dir=i', '--output_dir=o', '--features_path=f.npy', '--data=d', '--max_size=10000',
+                      '--cache=True', '--workers=1', '--batch=4', '--batch-gpu=4', '--seed=42', '--normalize=True']
+REFUSED = [(['train', '--arch=ncsnpp'], '--arch=ncsnpp'), (['train', '--arch=adm'], '--arch=adm'),
+           (['train', '--precond=vp'], '--precond=vp'), (['train', '--precond=ve'], '--precond=ve'),
+           (['train', '--fp16=True'], '--fp16=True'), (['train', '--cache=False'], '--cache=False'),
+           (['train', '--wandb_id=abc'], '--wandb_id'), (['train', '--corruption_pattern=downscale'], 'downscale'),
+           (['eval', '--with_wandb=True'], '--with_wandb=True'), (['eval', '--wandb_id=abc'], '--wandb_id'),
+           (['eval', '--solver=euler'], '--solver'), (['eval', '--disc=vp'], '--disc'),
+           (['eval', '--schedule=vp'], '--schedule'), (['eval', '--scaling=none'], '--scaling'),
+           (['neighbors', '--cache=False'], '--cache=False')]
+
+
+def run_main(argv, capsys):
+    """ambient.main -> (exit code, stderr lines)."""
+    code = 0
+    try:
+        ambient.main(argv)
+    except SystemExit as exit_info:
+        code = exit_info.code
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_every_official_flag_is_honoured_or_refused_in_one_line(tmp_path, capsys):
+    cfg, _ = ambient.parse_train_args(OFFICIAL_TRAIN)
+    assert (cfg.kimg, cfg.batch_gpu, cfg.cres, cfg.seed, cfg.transfer, cfg.precision, cfg.nosubdir, cfg.dry_run) == \
+        (200000, 64, '1,2,2,2', 3, 't.pkl', 'fp32', True, True)
+    assert ambient.parse_train_args(['--data=d', '--duration=0.0005'])[0].kimg == 1         # official max(int(), 1)
+    assert ambient.parse_train_args(['--data=d', '--duration=1', '--kimg=8'])[0].kimg == 8   # the later one wins
+    args = ambient.eval_parser().parse_args(OFFICIAL_EVAL)
+    assert (args.network, args.class_idx, args.batch, args.S_max, args.subdirs) == ('n', 1, 64, float('inf'), True)
+    args = ambient.neighbors_parser().parse_args(OFFICIAL_NEIGHBORS)
+    assert (args.images, args.outdir, args.max_size, args.batch_gpu, args.normalize) == ('i', 'o', 10000, 4, True)
+    # No prefix matching: an abbreviation is an unknown flag, not another flag (--cache is not --cache_dir).
+    for argv in (['train', '--data=d', '--cache_d=x'], ['train', '--data=d', '--corruption_prob=0.5'],
+                 ['eval', '--network=n', '--ref=r', '--nu=3']):
+        code, err = run_main(argv, capsys)
+        assert code == 2 and len(err) == 1 and 'unrecognized arguments' in err[0], err
+    # Refused official flags and values: one line naming the flag and our equivalent, before anything is written.
+    for argv, name in REFUSED:
+        extra = {'train': [f'--data={TINY_DATA}', f'--outdir={tmp_path / "o"}'],
+                 'eval': ['--network=n', '--ref=r'], 'neighbors': ['--data=d', f'--output_dir={tmp_path / "o"}',
+                                                                   '--input_dir=i']}[argv[0]]
+        code, err = run_main(argv + extra, capsys)
+        assert code == 2 and len(err) == 1 and name in err[0] and '(official ambient-diffusion' in err[0] and \
+            'is not supported' in err[0] and '; use ' in err[0], err
+    assert not os.path.exists(tmp_path / 'o')
+
+
+def test_help_follows_the_common_layout(capsys):
+    ambient.main(['--help'])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == 'usage: ambient.py [COMMAND] [--flag=value ...]' and 'arXiv:2305.19256' in out[1]
+    assert out[2] == 'commands:' and [line.split()[0] for line in out[3:7]] == ['train', 'generate', 'eval',
+                                                                                  'neighbors']
+    assert out[-1] == "Run 'python ambient.py COMMAND --help' for the flags of a command."
+    order = ['data and corruption', 'network', 'optimisation', 'run', 'sampling', 'evaluation']
+    for command, parser in (('train', None), ('generate', ambient.generate_parser()),
+                            ('eval', ambient.eval_parser()), ('neighbors', ambient.neighbors_parser())):
+        with pytest.raises(SystemExit) as exit_info:
+            ambient.main([command, '--help'])
+        text = capsys.readouterr().out
+        assert exit_info.value.code == 0 and 'dataclass' not in text and 'Config(' not in text
+        titles = [line[:-1] for line in text.splitlines() if line.endswith(':') and not line.startswith(' ')]
+        assert titles == [t for t in order if t in titles] and len(titles) >= 2, (command, titles)
+        if parser is not None:
+            for action in [a for a in parser._actions if a.dest != 'help']:
+                assert action.help.endswith(')') and ('(default: ' in action.help or '(required)' in action.help), \
+                    action.option_strings
+    help_text = ' '.join(subprocess_free_help('train').split())
+    assert '--batch_gpu INT, --batch-gpu INT' in help_text and 'official: --batch-gpu' in help_text
+    assert '(default: 0.4)' in help_text and '(default: official)' in help_text          # official defaults shown
+
+
+def subprocess_free_help(command):
+    """The --help text of a command, captured in-process."""
+    buffer = io.StringIO()
+    with pytest.raises(SystemExit), contextlib.redirect_stdout(buffer):
+        ambient.main([command, '--help'])
+    return buffer.getvalue()
+
+
+def official_box_draws(index, pattern, p, delta, size):
+    """The official dataset.py box draws for one image, written out from its torch_utils helpers: torch seeded with
+    the raw index, corner row then column, A first; boxes of ceil(p H) (box), int(p H) (fixed_box), or a kept square
+    of int((1 - p) H) with a sub-square of int((1 - delta) side) (keep_patch)."""
+    torch.manual_seed(index)
+    grid = torch.arange(size)
+
+    def box(side, high):
+        top, left = torch.randint(0, high, (1, 1, 1)).item(), torch.randint(0, high, (1, 1, 1)).item()
+        return ((grid[:, None] >= top) & (grid[:, None] < top + side) & (grid[None] >= left) &
+                (grid[None] < left + side))
+    if pattern == 'box':
+        side = int(torch.ceil(torch.tensor(p * size)))
+        A = ~box(side, size)
+        return A, A & ~box(side, size)
+    if pattern == 'fixed_box':
+        side = int(p * size)
+        A = ~box(side, size - side)
+        return A, (A & ~box(side, size - side)) if delta > 0 else A
+    side = int((1 - p) * size)
+    A = box(side, size - side)
+    inner = int((1 - delta) * side)
+    A_tilde = torch.zeros_like(A)
+    A_tilde[A] = box(inner, side - inner)[:side, :side].flatten()
+    return A, A_tilde
+
+
+def test_box_patterns_are_the_official_per_image_draws():
+    for pattern, p, delta in (('box', 0.3, 0.1), ('fixed_box', 0.5, 0.2), ('fixed_box', 0.5, 0.0),
+                              ('keep_patch', 0.4, 0.3)):
+        A, A_tilde = ambient.corruption_masks(np.arange(12), (3, 16, 16), p, delta, False, pattern=pattern)
+        assert A.shape == (12, 1, 16, 16) and not (A_tilde & ~A).any()
+        for index in (0, 5, 11):
+            expected_A, expected_A_tilde = official_box_draws(index, pattern, p, delta, 16)
+            assert torch.equal(A[index, 0], expected_A) and torch.equal(A_tilde[index, 0], expected_A_tilde), pattern
+    # Sampling masks follow the pattern, one draw per seed; keep_patch with no room for a smaller square is refused.
+    net_config = dict(precond='ambient', channels=3, unet=dict(img_resolution=16), corruption_probability=0.4,
+                      delta_probability=0.3, corruption_pattern='keep_patch')
+    masks = ambient.sampling_masks(net_config, [0, 1], None, 2, torch.device('cpu'))
+    assert masks.shape == (2, 2, 3, 16, 16) and masks[0, 0, 0].sum() == int(0.7 * int(0.6 * 16)) ** 2
+    assert torch.equal(masks, ambient.sampling_masks(net_config, [0, 1], None, 2, torch.device('cpu')))
+    with pytest.raises(ambient.UsageError, match='keep_patch'):
+        ambient.sampling_masks({**net_config, 'delta_probability': 0.0}, [0], None, 1, torch.device('cpu'))
+
+
+def test_xflip_doubles_the_dataset_with_the_official_masks():
+    """Items N..2N-1 are the x-flipped images. Official: their masks are the un-flipped ones of the raw image, so
+    other pixels show; --augment_mode=joint flips the masks with the image."""
+    for mode in ('official', 'joint'):
+        cfg = ambient.Config(data=TINY_DATA, xflip=True, augment=0, augment_mode=mode, corruption_probability=0.5)
+        data = ambient.Data(cfg, torch.device('cpu'))
+        assert data.num_images == 400 and sorted(data.indices(torch.arange(400)).tolist()) == list(range(400))
+        y, A, A_tilde, _ = data.batch(torch.tensor([7, 207]), 'cpu')
+        clean = torch.from_numpy(np.load(TINY_DATA)['x'][7]).permute(2, 0, 1).float() / 127.5 - 1
+        if mode == 'official':
+            assert torch.equal(y[1], clean.flip(2)) and torch.equal(A[1], A[0]) and torch.equal(y[0], clean)
+            assert ((A[1] * y[1] - A[1] * clean.flip(2)).abs().max() == 0)         # unmasked clean pixels show
+        else:
+            assert torch.equal(A[1], A[0].flip(2)) and torch.equal(A_tilde[1], A_tilde[0].flip(2))
+            assert torch.equal(y[1], y[0].flip(2)) and ((y[0] + 1) * (1 - A[0])).abs().max() == 0
+
+
+def test_defaults_are_the_official_ones():
+    cfg, _ = ambient.parse_train_args(['--data=d'])
+    official = dict(corruption_probability=0.4, delta_probability=0.1, mask_full_rgb=False, norm=2, gated=True,
+                    corruption_pattern='dust', xflip=False, augment=0.12, dropout=0.13, lr=1e-3, batch=512,
+                    ema=0.5, kimg=200000, tick=50, snap=50, dump=500, arch='ddpmpp', precond='ambient', cond=False,
+                    weight_decay=0.0, max_grad_norm=0.0, ls=1.0, bench=True, cache=True, workers=1,
+                    augment_mode='official', nosubdir=False)
+    assert {k: getattr(cfg, k) for k in official} == official
+
+
+def write_zip_dataset(path, count=16):
+    """An EDM-style dataset zip (PNG files, no labels) of the first images of the tiny CIFAR-10 file."""
+    with zipfile.ZipFile(path, 'w') as archive:
+        for k, image in enumerate(np.load(TINY_DATA)['x'][:count]):
+            buffer = io.BytesIO()
+            ambient.PIL.Image.fromarray(image).save(buffer, format='png')
+            archive.writestr(f'{k:05d}/img{k:08d}.png', buffer.getvalue())
+    return path
+
+
+def test_official_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
+    """The two README commands of ambient-diffusion with their placeholders filled in, as written, plus flags that
+    only shrink sizes; --dry-run prints the README's recipe in the official training_options layout."""
+    data = write_zip_dataset(tmp_path / 'celeba.zip')
+    readme_train = ['train', f'--outdir={tmp_path / "runs"}', '--experiment_name=celeba-p09', '--dump=200',
+                    '--cond=0', '--arch=ddpmpp', '--precond=ambient', '--cres=1,2,2,2', '--lr=2e-4', '--dropout=0.1',
+                    '--augment=0.15', f'--data={data}', '--norm=2', '--max_grad_norm=1.0', '--mask_full_rgb=True',
+                    '--corruption_probability=0.9', '--delta_probability=0.1', '--batch=256', '--max_size=30000']
+    ambient.main(readme_train + ['--dry-run'])
+    printed = capsys.readouterr().out
+    options = json.loads(printed[printed.index('{', printed.index('Official training options')):])
+    assert options['network_kwargs']['channel_mult'] == [1, 2, 2, 2] and options['network_kwargs']['gated']
+    assert options['network_kwargs']['dropout'] == 0.1 and options['optimizer_kwargs']['lr'] == 2e-4
+    assert options['augment_kwargs']['p'] == 0.15 and options['batch_size'] == 256 and options['max_grad_norm'] == 1
+    assert options['dataset_kwargs']['mask_full_rgb'] and options['dataset_kwargs']['corruption_probability'] == 0.9
+    assert options['total_kimg'] == 200000 and options['state_dump_ticks'] == 200
+    assert not os.path.exists(tmp_path / 'runs')
+    # Train: sizes shrunk (width, batch, length, no progress grid).
+    ambient.main(readme_train + ['--cbase=8', '--batch=8', '--kimg=0.008', '--grid=0', '--tick=0.008'])
+    run_dir = glob.glob(str(tmp_path / 'runs' / '*'))[0]
+    saved = json.load(open(os.path.join(run_dir, 'config.json')))['config']
+    assert saved['augment_mode'] == 'official' and saved['experiment_name'] == 'celeba-p09'
+    assert os.path.exists(os.path.join(run_dir, 'training_options.json'))
+    # Eval: the README command on the run folder; random-weight Inception, EDM-protocol statistics of 4 images.
+    weights = tmp_path / 'inception.pth'
+    torch.save(fid.InceptionV3().state_dict(), weights)
+    monkeypatch.setenv('FID_WEIGHTS', str(weights))
+    real = torch.from_numpy(np.load(TINY_DATA)['x'][:4]).permute(0, 3, 1, 2)
+    fid.save_ref(str(tmp_path / 'ref.npz'), fid.compute_stats([real], preprocess='tf', spatial=False, progress=False))
+    readme_eval = ['eval', f'--network={run_dir}', f'--ref={tmp_path / "ref.npz"}', f'--outdir={tmp_path / "out"}',
+                   '--experiment_name=celeba-p09', '--seeds=0-49999', '--batch=16', '--corruption_probability=0.9',
+                   '--delta_probability=0.1', '--mask_full_rgb=True', '--num_masks=1', '--guidance_scale=0.0',
+                   f'--training_options_loc={run_dir}/training_options.json', '--num=50000', '--with_wandb=False']
+    ambient.main(readme_eval + ['--num=4', '--steps=2'])
+    assert sorted(os.listdir(tmp_path / 'out' / '0')) == [f'{k:06d}.png' for k in range(4)]
+    metrics = [json.loads(line) for line in open(os.path.join(run_dir, 'metrics.jsonl'))]
+    assert np.isfinite(metrics[0]['fid']) and metrics[0]['protocol'] == 'edm' and metrics[0]['num'] == 4
+
+
+def tiny_ambient_net(p=0.7, seed=0):
+    """(net, net_config, cfg) of the tiny preset's gated 6-channel DDPM++ with random (non-zero) weights."""
+    cfg = ambient.Config(**{**ambient.PRESETS['tiny'], 'data': 'x', 'corruption_probability': p})
+    net_config = ambient.network_config(cfg, 32, 3, 0)
+    torch.manual_seed(seed)
+    net = ambient.build_network(net_config).eval()
+    with torch.no_grad():
+        for param in net.parameters():
+            param.normal_(0, 0.05)
+    return net, net_config, cfg
+
+
+def test_official_pickle_loads_samples_and_transfers(tmp_path, capsys):
+    """A network-snapshot-*.pkl in ambient-diffusion's layout (ema as a compiled state dict, training_options.json
+    beside it) gives the same D(x; sigma) as the same weights in our snapshot, takes its corruption settings from the
+    options file, samples from a path or a URL, and starts a training run with --transfer."""
+    import edm_layouts
+    net, net_config, cfg = tiny_ambient_net()
+    folder = tmp_path / 'released'
+    folder.mkdir()
+    pkl = str(folder / 'network-snapshot-000200.pkl')
+    loss = ('AmbientLoss', dict(P_mean=-1.2, P_std=1.2, sigma_data=0.5, norm=2))
+    edm_layouts.write_edm_pickle(pkl, net.unet, edm_layouts.edm_precond_kwargs(net.unet, gated=True),
+                                 ema_as_state_dict=True, loss=loss,
+                                 with_training_options=ambient.official_training_options(cfg, net_config, 200))
+    loaded, config = ambient.load_network(pkl, 'cpu')
+    x, sigma = torch.randn(2, 6, 32, 32), torch.tensor([0.3, 5.0])
+    assert torch.equal(loaded(x, sigma), net(x, sigma))
+    assert (config['precond'], config['corruption_probability'], config['mask_full_rgb']) == ('ambient', 0.7, True)
+    ours = tmp_path / 'ours.pt'
+    torch.save(dict(config=net_config, ema=net.state_dict()), ours)
+    for source, outdir in ((pkl, 'from_pkl'), (str(ours), 'from_pt')):
+        ambient.main(['generate', f'--network={source}', '--seeds=0-1', '--steps=2', f'--outdir={tmp_path / outdir}'])
+    for k in range(2):
+        name = f'{k:06d}.png'
+        assert np.array_equal(np.asarray(ambient.PIL.Image.open(tmp_path / 'from_pkl' / name)),
+                              np.asarray(ambient.PIL.Image.open(tmp_path / 'from_pt' / name)))
+    with edm_layouts.serve_folder(folder) as base_url:
+        ambient.main(['generate', f'--network={base_url}/network-snapshot-000200.pkl', '--seeds=0-1', '--steps=2',
+                      f'--outdir={tmp_path / "from_url"}', f'--cache_dir={tmp_path / "cache"}'])
+    assert np.array_equal(np.asarray(ambient.PIL.Image.open(tmp_path / 'from_url' / '000001.png')),
+                          np.asarray(ambient.PIL.Image.open(tmp_path / 'from_pkl' / '000001.png')))
+    # --transfer: the pickle's weights, a fresh optimizer.
+    fresh = ambient.build_network(net_config)
+    ambient.transfer_weights(fresh, pkl)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), net.state_dict().values()))
+    # Not a snapshot: one line, exit 2.
+    (tmp_path / 'empty.pkl').write_bytes(b'')
+    (tmp_path / 'junk.pkl').write_bytes(pickle.dumps({'ema': print}))
+    for bad, message in (('empty.pkl', 'empty'), ('junk.pkl', 'cannot load')):
+        code, err = run_main(['generate', f'--network={tmp_path / bad}', f'--outdir={tmp_path / "x"}'], capsys)
+        assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_dinov2_neighbors_and_cached_features(tmp_path, capsys):
+    """--features=dinov2 with a small random DINOv2 in the official state-dict layout; --features_path saves the
+    training features and is read back on the next run (the official cache)."""
+    torch.manual_seed(0)
+    dinov2 = tmp_path / 'dinov2.pth'
+    torch.save(ambient.nets.DINOv2(embed_dim=128, depth=1, num_heads=2, img_size=56).state_dict(), dinov2)
+    images = tmp_path / 'generated.npz'
+    x = np.load(TINY_DATA)['x']
+    np.savez(images, x=x[:3])
+    data = tmp_path / 'train.npz'
+    np.savez(data, x=x[:6])
+    features_path = tmp_path / 'features.npy'
+    argv = ['neighbors', f'--input_dir={images}', f'--data={data}', f'--features_path={features_path}',
+            '--features=dinov2', f'--dinov2={dinov2}', '--top=1']
+    ambient.main(argv + [f'--output_dir={tmp_path / "a"}'])
+    summary = json.load(open(tmp_path / 'a' / 'neighbors.json'))
+    assert summary['features'] == 'dinov2' and summary['max_top1'] == pytest.approx(1.0, abs=1e-5)  # copies
+    assert np.load(tmp_path / 'a' / 'neighbors.npz')['neighbor'][:, 0].tolist() == [0, 1, 2]
+    assert pickle.load(open(tmp_path / 'a' / 'max_products.pkl', 'rb')) == pytest.approx([1, 1, 1], abs=1e-5)
+    assert os.path.exists(tmp_path / 'a' / '2_nearest_neighbors_0_dataset_index_2.png')
+    assert np.load(features_path).shape == (6, 128)
+    np.save(features_path, -np.load(features_path))            # the cache is read, not recomputed
+    ambient.main(argv + [f'--output_dir={tmp_path / "b"}'])
+    assert json.load(open(tmp_path / 'b' / 'neighbors.json'))['max_top1'] < 0.5
+    capsys.readouterr()
+
+
+def test_failure_paths_give_one_line(tmp_path, capsys, monkeypatch):
+    """Out-of-range labels, a CHW array, reversed seeds, an unwritable --outdir, empty or wrong resume files: exit 2,
+    one line, nothing written. A full disk during training: exit 1, one line naming the file, no temp file left; the
+    next --resume=auto reuses the folder. Grayscale (N, H, W) arrays are read."""
+    x = np.load(TINY_DATA)['x'][:16]
+    np.savez(tmp_path / 'huge_label.npz', x=x, y=np.r_[np.zeros(15, int), 10 ** 6])
+    np.savez(tmp_path / 'chw.npz', x=x.transpose(0, 3, 1, 2))
+    np.savez(tmp_path / 'gray.npz', x=x[..., 0])
+    (tmp_path / 'empty.pt').write_bytes(b'')
+    torch.save(dict(config={}, ema={}), tmp_path / 'snapshot.pt')
+    outdir = f'--outdir={tmp_path / "runs"}'
+    cases = [(['train', f'--data={tmp_path / "huge_label.npz"}', '--cond', outdir], 'largest label, 1000000'),
+             (['train', f'--data={tmp_path / "chw.npz"}', outdir], 'channels first'),
+             (['train', f'--data={TINY_DATA}', f'--resume={tmp_path / "empty.pt"}', outdir], 'empty (0 bytes)'),
+             (['train', f'--data={TINY_DATA}', f'--resume={tmp_path / "snapshot.pt"}', outdir, '--preset=tiny'],
+              'a network snapshot, not a training state'),
+             (['generate', '--network=n.pt', '--seeds=5-1', outdir], '--seeds: the range 5-1 is empty')]
+    for argv, message in cases:
+        code, err = run_main(argv, capsys)
+        assert code == 2 and len(err) == 1 and err[0].startswith('ambient.py: error: ') and message in err[0], err
+    assert ambient.load_images(str(tmp_path / 'gray.npz'))[0].shape == (16, 32, 32, 3)
+    # An unwritable --outdir is found before the data is read.
+    monkeypatch.setattr(ambient.tempfile, 'TemporaryFile', lambda **_: (_ for _ in ()).throw(
+        PermissionError(13, 'Permission denied')))
+    code, err = run_main(['train', f'--data={TINY_DATA}', outdir, *TINY, '--kimg=0.008'], capsys)
+    assert code == 2 and len(err) == 1 and 'cannot write' in err[0] and 'Permission denied' in err[0], err
+    monkeypatch.undo()
+    assert not os.path.exists(tmp_path / 'runs')
+    # A full disk while the first training state is written.
+    real_save = torch.save
+
+    def full_disk(obj, path):
+        with open(path, 'wb') as file:
+            file.write(b'partial')
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(ambient.torch, 'save', full_disk)
+    code, err = run_main(['train', f'--data={TINY_DATA}', outdir, *TINY, '--kimg=0.008', '--grid=0'], capsys)
+    monkeypatch.setattr(ambient.torch, 'save', real_save)
+    assert code == 1 and len(err) == 1 and 'network-snapshot' in err[0] and 'No space left' in err[0], err
+    run_dir = glob.glob(str(tmp_path / 'runs' / '*'))[0]
+    assert not glob.glob(os.path.join(run_dir, '*.tmp*'))
+    (tmp_path / 'runs' / os.path.basename(run_dir) / 'stats.jsonl.tmp123').write_bytes(b'killed mid-write')
+    ambient.main(['train', f'--data={TINY_DATA}', outdir, *TINY, '--kimg=0.008', '--grid=0', '--resume=auto'])
+    assert os.listdir(tmp_path / 'runs') == [os.path.basename(run_dir)]                  # the folder was reused
+    assert glob.glob(os.path.join(run_dir, 'training-state-*.pt')) and not glob.glob(os.path.join(run_dir, '*.tmp*'))

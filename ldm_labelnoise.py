@@ -221,9 +221,10 @@ OFFICIAL_NAMES = {  # our flag -> the official DiffusionNoise scripts' spelling 
     'prompts': ('prompt_data',),
 }
 ALIASES = {'input_perturbation': ('input_pertub',)}  # DDPM-IP's spelling of the IP baseline's gamma
-REFUSED = {  # official flags we do not take: why, and what to use
-    'push_to_hub': 'uploading to the Hugging Face Hub is not part of sampling; upload --outdir yourself',
-    'class_synset': 'WordNet synsets need the ImageNet index; use --classes=ID,ID (data/index_synset.yaml maps them)',
+REFUSED = {  # official flags we do not take: why; what to use
+    'push_to_hub': 'uploading to the Hugging Face Hub is not part of sampling; use an upload of --outdir afterwards',
+    'class_synset': 'WordNet synsets need the ImageNet index; use --classes=ID,ID (the official data/index_synset.yaml '
+                    'maps synsets to ids)',
 }
 TOP_HELP = """usage: ldm_labelnoise.py [COMMAND] [--flag=value ...]
 Slight Corruption in Pre-training Data Makes Better Diffusion Models (Chen et al., NeurIPS 2024)
@@ -1624,8 +1625,8 @@ def load_prompts(cfg, spec):
             print(f'note: --prompts={cfg.prompts} is not used by a class-conditional model', file=sys.stderr)
         return None
     if cfg.prompts in ('mscoco', 'parti'):
-        raise FlagError(f'--prompt_data={cfg.prompts} (official DiffusionNoise flag) is not supported: it reads a '
-                        'Hugging Face `datasets` corpus; use --prompts=FILE with one caption a line')
+        raise FlagError(f'--prompt_data={cfg.prompts} (official Hhhhhhao/DiffusionNoise flag) is not supported: it '
+                        'reads a Hugging Face `datasets` corpus; use --prompts=FILE with one caption a line')
     if not cfg.prompts or not os.path.isfile(cfg.prompts):
         raise UserError(f'a text model needs --prompts, a file with one prompt a line: {cfg.prompts!r}')
     with open(cfg.prompts, encoding='utf-8') as file:

@@ -848,3 +848,27 @@ def test_ldm4_trains_on_vq_latents(tmp_path):
     assert torch.allclose(torch.from_numpy(cache[:2, 0, :3]).float(), h, atol=2e-3, rtol=2e-3)
     x0 = L.clean_batch(torch.from_numpy(cache[:2]), torch.tensor([False, False]), torch.randn(2, 3, 8, 8))
     assert torch.equal(x0, torch.from_numpy(cache[:2, 0, :3]).float())  # no posterior noise
+
+
+def test_released_text_pipeline_with_ldm_bert_and_the_official_text_command(tmp_path, capsys):
+    """An LDMTextToImagePipeline folder: prompts through its WordPiece tokenizer and LDM-BERT, the null condition the
+    tokens of '', latents divided by the vqvae's scaling factor (0.5 here) before decoding; the official CC3M
+    command's --prompt_data takes a caption file, and refuses the `datasets` corpora in one line."""
+    from test_nets_diffusers import write_text_pipeline
+    vq, unet, bert = write_text_pipeline(tmp_path / 'text')
+    net, spec, vae = L.load_snapshot(str(tmp_path / 'text'), 'cpu', 2.0)
+    tokens = net.tokenize(['a photo of the cat'])
+    assert spec['cond'] == 'text' and vae.scaling_factor == 0.5 and tokens[0, :3].tolist() == [3, 12, 15]
+    assert torch.equal(net.null, net.tokenize([''])[0]) and net.is_null(net.tokenize(['', 'a cat'])).tolist() == \
+        [True, False]
+    (tmp_path / 'captions.txt').write_text('a photo of the cat\nthe cat playing\n')
+    official = f'--pretrained_model_name_or_path {tmp_path}/text --prompt_data {tmp_path}/captions.txt ' \
+               f'--outdir {tmp_path}/cc3m --ddim_steps 2 --scheduler dpm --batch_size 10 --n_samples 2 --scale 2.25 ' \
+               '--fixed_code'
+    run(['generate', *official.split()])
+    assert sorted(os.listdir(tmp_path / 'cc3m' / '00001')) == ['00000.jpeg', '00001.jpeg', 'meta.txt']
+    assert (tmp_path / 'cc3m' / '00001' / 'meta.txt').read_text() == 'Prompt: the cat playing\n'
+    with pytest.raises(SystemExit) as exit_info:
+        run(['generate', *official.replace(f'{tmp_path}/captions.txt', 'mscoco').split()])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and '--prompt_data=mscoco (official Hhhhhhao/DiffusionNoise flag)' in err

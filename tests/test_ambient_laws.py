@@ -846,3 +846,19 @@ def test_released_checkpoints_load_sample_and_transfer(tmp_path, monkeypatch, ca
     assert not (tmp_path / 'executed').exists()
     monkeypatch.setenv('HF_ENDPOINT', 'http://127.0.0.1:9')                      # offline: one line, what to fetch
     _fails(capsys, ['generate', '--network=someone/missing_repo', f'--outdir={tmp_path / "x"}'], 'download')
+
+
+def test_consistency_rows_official_per_gpu_and_global():
+    """Official: the first consistency_batch_size // GPUs rows of every microbatch (so more GPUs or accumulation
+    rounds add rows); --consistency_rows=global: the first consistency_batch_size rows of the global batch. Rank k
+    holds rows k, k + GPUs, ... of the global batch, split into rounds."""
+    cfg = al.resolve_config({'batch': 8, 'consistency_coeff': 1.0, 'consistency_batch_size': 4})
+    ids, counts = al.consistency_rows(cfg, world=2, rounds=2, batch_gpu=2)
+    assert counts == [[2, 2], [2, 2]] and ids.tolist() == list(range(8))
+    ids, counts = al.consistency_rows(cfg, world=1, rounds=1, batch_gpu=8)
+    assert counts == [[4]] and ids.tolist() == [0, 1, 2, 3]
+    cfg.consistency_rows = 'global'
+    ids, counts = al.consistency_rows(cfg, world=2, rounds=2, batch_gpu=2)
+    assert counts == [[2, 0], [2, 0]] and ids.tolist() == [0, 1, 2, 3]
+    cfg.consistency_coeff = 0.0
+    assert al.consistency_rows(cfg, world=2, rounds=2, batch_gpu=2)[0].numel() == 0

@@ -189,7 +189,7 @@ PRESETS = {
 CHOICES = dict(scheduler=('ddim', 'dpm', 'ddpm'), cfg_channels=('all', 'dit'), timestep_spacing=('', 'linspace',
                'leading'), cond=('class', 'text'), cep=('none', 'uniform', 'gaussian'),
                beta_schedule=('linear', 'scaled_linear'), precision=('', 'fp32', 'bf16', 'full', 'autocast'),
-               protocol=('', *fid.PROTOCOLS))
+               protocol=('', *fid.PROTOCOLS), preset=('', *PRESETS))
 COMMANDS = {  # extra flags of each command beyond the sampler's (train: all of TrainConfig)
     'generate': ('network', 'vae', 'seeds', 'n_samples', 'class_start_idx', 'class_end_idx', 'fixed_code',
                  'image_size', 'outdir', 'batch', 'class_idx', 'prompts', 'seed', 'hub_token', 'precision', 'device'),

@@ -806,9 +806,9 @@ def ambient_sampler(net, latents, masks=None, class_labels=None, num_steps=18, s
 
     x = latents.to(torch.float64) * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
-        # Increase the noise temporarily (S_churn > 0 only).
+        # Increase the noise temporarily (S_churn > 0; the official code draws the noise at every step then).
         t_hat, x_hat = t_cur, x
-        if gammas[i] > 0:
+        if S_churn > 0:
             t_hat = t_cur * (1 + gammas[i])
             x_hat = x + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x)
         # Euler step (official: from x, the un-noised point).

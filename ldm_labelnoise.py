@@ -1096,6 +1096,8 @@ def load_checkpoint(path, flag, keys):
     """One of our .pt files as a dict holding `keys`; a missing, damaged or foreign file is one clear error line."""
     checkpoint = read_checkpoint(path, flag)
     missing = [key for key in keys if key not in checkpoint]
+    if missing and 'spec' in checkpoint and 'optimizer' not in checkpoint:
+        raise UserError(f'{flag}={path} is a network snapshot, not a training state (training-state-*.pt)')
     if missing:
         raise UserError(f'{flag}={path} was not written by this script (it has no {", ".join(missing)})')
     return checkpoint
@@ -1399,10 +1401,12 @@ def gather_rng_states(device, world_size):
     return rng
 
 
-def restore_training_state(path, net, ema, optimizer, rank, world_size, device):
+STATE_KEYS = ('net', 'ema', 'optimizer', 'cur_nimg', 'rng')
+
+
+def restore_training_state(state, net, ema, optimizer, rank, world_size, device):
     """Weights, optimizer and this rank's RNG states (dropout draws from them) from a training state -> cur_nimg.
     The data order and the step noise need no state: they follow from (--seed, cur_nimg)."""
-    state = load_checkpoint(path, '--resume', ('net', 'ema', 'optimizer', 'cur_nimg', 'rng'))
     net.load_state_dict(state['net'])
     ema.load_state_dict(state['ema'])
     optimizer.load_state_dict(state['optimizer'])
@@ -1455,7 +1459,8 @@ def training_loop(cfg, rank, world_size, device):
     rounds = cfg.batch // (batch_gpu * world_size)
     cache_dir = cfg.cache_dir or os.path.join(os.path.expanduser('~'), '.cache', 'ldm_labelnoise')
 
-    # Load and check the data, its conditions and the network before anything is written.
+    # Load and check the resume file, the data, its conditions and the network before anything is written.
+    state = load_checkpoint(cfg.resume, '--resume', STATE_KEYS) if cfg.resume not in ('', 'auto') else None
     if rank == 0 and cfg.data == 'cifar10':
         download_cifar10(cache_dir)
     barrier()
@@ -1486,7 +1491,10 @@ def training_loop(cfg, rank, world_size, device):
     name = os.path.splitext(os.path.basename(cfg.data.rstrip('/')))[0]
     desc = f'{name}-{cfg.arch.replace("/", "")}-{cfg.cond}-eta{cfg.corruption_ratio:g}-cep{cfg.cep}-batch{cfg.batch}'
     run_dir, resume_path = broadcast_object(open_run_dir(cfg, desc) if rank == 0 else None)
-    cur_nimg = restore_training_state(resume_path, net, ema, optimizer, rank, world_size, device) if resume_path else 0
+    if resume_path and state is None:  # --resume=auto found this one
+        state = load_checkpoint(resume_path, '--resume', STATE_KEYS)
+    cur_nimg = restore_training_state(state, net, ema, optimizer, rank, world_size, device) if resume_path else 0
+    del state  # the host copy of the weights and optimizer moments is no longer needed
     conditions_path = os.path.join(run_dir, 'conditions.npz')
     if resume_path and os.path.isfile(conditions_path):  # a resumed run keeps its own corrupted conditions
         with np.load(conditions_path) as saved:

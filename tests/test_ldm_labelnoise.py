@@ -722,6 +722,8 @@ def test_failure_paths_are_one_line_with_the_common_exit_codes(tmp_path, capsys,
     expect_error(['generate', f'--network={tmp_path}/empty.pt', f'--outdir={outdir}'], capsys, 2, 'empty (0 bytes)',
                  outdir)
     expect_error(['generate', f'--network={TINY_DATA}', f'--outdir={outdir}'], capsys, 2, 'not a checkpoint', outdir)
+    expect_error(['--preset=tiny', f'--data={TINY_DATA}', f'--resume={network}', f'--outdir={outdir}'], capsys, 2,
+                 'is a network snapshot, not a training state', outdir)
     with monkeypatch.context() as patch:  # a read-only folder (root ignores permissions, so os.access is patched)
         patch.setattr(L.os, 'access', lambda path, mode: False)
         expect_error(['generate', f'--network={network}', f'--outdir={outdir}'], capsys, 2, 'read-only', outdir)

@@ -275,9 +275,12 @@ def build_parser(command):
     fields = {field.name: field for field in dataclasses.fields(Config)}
     texts = flag_texts()
     defaults = {**{name: field.default for name, field in fields.items()}, **COMMAND_DEFAULTS.get(command, {})}
-    official = {name: alias for alias, (name, _) in ALIASES[command].items() if alias != 'class'}
+    official = {name: f'--{alias}' + (' (Mimg)' if scale == 1000 else '')
+                for alias, (name, scale) in ALIASES[command].items() if alias != 'class'}
+    official['dry_run'] = '-n, --dry-run'
     for title, names in GROUPS[command].items():
-        group = parser.add_argument_group(title)
+        group = parser.add_argument_group(title, 'the sampler of the training grids only' if
+                                          (command, title) == ('train', 'sampling') else None)
         for name in names:
             if name in REFUSED:
                 group.add_argument(f'--{name}', dest=f'refused_{name}', metavar='VALUE',
@@ -286,7 +289,7 @@ def build_parser(command):
             kind, default = fields[name].type, defaults[name]
             shown = 'random' if name == 'seed' else 'none' if default == '' else default
             text = HELP.get((command, name), texts[name]).replace('%', '%%')
-            text += f'; official: --{official[name]}' if name in official else ''
+            text += f'; official: {official[name]}' if name in official else ''
             text += ' (required)' if (name, command) in (('data', 'train'), ('network', 'generate'),
                                                           ('outdir', 'generate')) else f' (default: {shown})'
             flag = '--class' if name == 'class_idx' else f'--{name}'  # the official spelling

@@ -160,7 +160,7 @@ class GenerateConfig(SamplerConfig):
     metrics:            str   = 'fid,is,sfid,pr'  # eval: fid.compute_metrics names
     fid_weights:        str   = ''           # eval: Inception weights file; '' = FID_WEIGHTS env or download
     classes:            str   = '0'          # walk: class ids (text models: use --prompt)
-    prompt:             str   = ''           # walk: the caption of a text model
+    prompt:             str   = ''           # walk: the captions of a text model (several: one walk each)
     walk_steps:         int   = 20           # walk: points on the circle
     seed:               int   = 42           # base seed of the official layout and of the walk noises
     hub_token:          str   = ''           # Hugging Face token for gated repos (also read from HF_TOKEN)
@@ -225,6 +225,7 @@ REFUSED = {  # official flags we do not take: why; what to use
     'push_to_hub': 'uploading to the Hugging Face Hub is not part of sampling; use an upload of --outdir afterwards',
     'class_synset': 'WordNet synsets need the ImageNet index; use --classes=ID,ID (the official data/index_synset.yaml '
                     'maps synsets to ids)',
+    'f': 'the downsampling factor is the network\'s own autoencoder\'s; use nothing (drop the flag)',
 }
 TOP_HELP = """usage: ldm_labelnoise.py [COMMAND] [--flag=value ...]
 Slight Corruption in Pre-training Data Makes Better Diffusion Models (Chen et al., NeurIPS 2024)
@@ -298,7 +299,7 @@ def parse_config(cls, argv, command=None):
                                    metavar='BOOL', help=text)  # --flag alone means true
             else:
                 kind = fields[name].type if name in fields else str
-                nargs = '+' if name == 'network' else None  # the walk's --model_list takes several
+                nargs = '+' if name in ('network', 'prompt') else None  # the walk's --model_list / --prompt: several
                 group.add_argument(*flags, dest=name, default=default, type=kind, choices=CHOICES.get(name),
                                    nargs=nargs, help=text, metavar=kind.__name__.upper())
     for name, why in REFUSED.items():
@@ -309,6 +310,8 @@ def parse_config(cls, argv, command=None):
     args = vars(parser.parse_args(argv))
     if isinstance(args.get('network'), list):
         args['network'] = ','.join(args['network'])
+    if isinstance(args.get('prompt'), list):  # one walk per prompt, kept one a line
+        args['prompt'] = '\n'.join(args['prompt'])
     if args.get('precision') in ('full', 'autocast'):  # the official spellings
         args['precision'] = 'fp32' if args['precision'] == 'full' else 'bf16'
     return cls(**{name: args.get(name, defaults[name]) for name in fields})
@@ -1762,7 +1765,7 @@ def walk(cfg, rank, world_size, device):
     if spec0['cond'] == 'class' and not all(c.isdigit() and int(c) < spec0['num_classes']
                                             for c in cfg.classes.split(',')):
         raise FlagError(f'--classes must list class ids in [0, {spec0["num_classes"]})')
-    conditions = [cfg.prompt] if spec0['cond'] == 'text' else [int(c) for c in cfg.classes.split(',')]
+    conditions = cfg.prompt.splitlines() if spec0['cond'] == 'text' else [int(c) for c in cfg.classes.split(',')]
 
     # One generator for all walks, as the official script; the same noise circle for every network.
     generator = torch.Generator().manual_seed(cfg.seed)

@@ -1407,8 +1407,8 @@ def evaluate(given):
         fail('eval needs --ref (official: --ref_stats; statistics .npz or URL) or --ref_path (reference images)')
     metrics = (cfg.metrics or ('fid,is' if cfg.gen_path else 'fid')).split(',')
     out_path = cfg.out_path or ('fid_out.json' if cfg.gen_path else '')
-    if out_path:
-        check_writable(out_path, '--out_path')
+    metrics_folder = os.path.dirname(os.path.abspath(cfg.network)) if os.path.isfile(cfg.network) else '.'
+    check_writable(out_path or metrics_folder, '--out_path' if out_path else 'metrics.jsonl beside --network')
     rank, world, device = init_distributed(cfg.device)
     try:
         ref = fid.load_ref(cfg.ref or cfg.ref_path)
@@ -1442,8 +1442,7 @@ def evaluate(given):
         if out_path:
             atomic_write(out_path, lambda f: f.write((json.dumps(result) + '\n').encode()))
         else:
-            folder = os.path.dirname(os.path.abspath(cfg.network)) if os.path.isfile(cfg.network) else '.'
-            with open(os.path.join(folder, 'metrics.jsonl'), 'a') as f:
+            with open(os.path.join(metrics_folder, 'metrics.jsonl'), 'a') as f:
                 f.write(json.dumps(result) + '\n')
 
 

@@ -344,6 +344,13 @@ CIFAR10_MD5 = 'c58f30108f718f92721af3b95e74349a'
 def download_cifar10(cache_dir):
     """Official CIFAR-10 train set as (50000, 32, 32, 3) uint8 and labels; downloaded once, checked, cached."""
     path = os.path.join(cache_dir, 'cifar-10-python.tar.gz')
+    for stale in glob.glob(glob.escape(path) + '.tmp*'):  # left by a killed download whose process is gone
+        with contextlib.suppress(ValueError, OSError):
+            pid = int(stale.rsplit('.tmp', 1)[1])
+            try:
+                os.kill(pid, 0)  # raises ProcessLookupError when that process no longer exists
+            except ProcessLookupError:
+                os.remove(stale)
     if not os.path.exists(path):
         print(f'Downloading {CIFAR10_URL} ...')
         try:

@@ -609,6 +609,9 @@ def test_cifar10_download_is_checked_extracted_and_cached(tmp_path, monkeypatch)
         x, y = ambient.load_images('cifar10', str(tmp_path / 'cache'))
         assert x.shape == (10, 32, 32, 3) and x[2, 0, 0, 0] == 2 and y.tolist() == [1, 2, 2, 3, 3, 4, 4, 5, 5, 6]
     assert len(calls) == 2 and os.listdir(tmp_path / 'cache') == ['cifar-10-python.tar.gz']
+    (tmp_path / 'cache' / 'cifar-10-python.tar.gz.tmp999999999').write_bytes(b'a killed download')
+    ambient.load_images('cifar10', str(tmp_path / 'cache'))
+    assert os.listdir(tmp_path / 'cache') == ['cifar-10-python.tar.gz']               # its temp file is removed
     (tmp_path / 'cache' / 'cifar-10-python.tar.gz').write_bytes(b'cut short')
     with pytest.raises(ambient.DataError, match='delete it'):
         ambient.load_images('cifar10', str(tmp_path / 'cache'))
@@ -861,6 +864,7 @@ def test_official_pickle_loads_samples_and_transfers(tmp_path, capsys):
                                  ema_as_state_dict=True, loss=loss,
                                  with_training_options=ambient.official_training_options(cfg, net_config, 200))
     loaded, config = ambient.load_network(pkl, 'cpu')
+    assert ambient.snapshots_to_evaluate(str(folder), 1) == [pkl]                    # eval --network=FOLDER
     x, sigma = torch.randn(2, 6, 32, 32), torch.tensor([0.3, 5.0])
     assert torch.equal(loaded(x, sigma), net(x, sigma))
     assert (config['precond'], config['corruption_probability'], config['mask_full_rgb']) == ('ambient', 0.7, True)

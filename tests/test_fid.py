@@ -116,6 +116,19 @@ def test_cpu_pools_are_bitwise_torch_pools():
         assert torch.equal(fid.avg_pool_same(x), F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)), shape
 
 
+def test_cpu_fast_paths_leave_the_features_bitwise_unchanged(weights, monkeypatch):
+    # The whole network: pool, spatial and logits taps with the fast pools and in-place ReLU equal those of torch's
+    # NCHW pooling kernels (what pytorch-fid runs) bit for bit.
+    detector = fid.load_inception(weights["full"])
+    images = random_images(2, size=13, seed=4)
+    fast = fid.compute_features([images], detector, "cpu", taps=("pool", "spatial", "logits"), progress=False)
+    monkeypatch.setattr(fid, "max_pool_3x3", lambda x, stride=2, padding=0: F.max_pool2d(x, 3, stride, padding))
+    monkeypatch.setattr(fid, "avg_pool_same", lambda x: F.avg_pool2d(x, 3, 1, 1, count_include_pad=False))
+    plain = fid.compute_features([images], detector, "cpu", taps=("pool", "spatial", "logits"), progress=False)
+    for tap in fast:
+        assert torch.equal(fast[tap], plain[tap]), tap
+
+
 def test_forward_taps_shapes_and_sfid_flatten_order():
     net = fid.InceptionV3().eval()
 

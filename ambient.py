@@ -21,8 +21,10 @@ Generate 50k images, FID against reference statistics (`python fid.py ref --data
 `--` keeps torchrun from reading --num as an abbreviation of its own --numa-binding:
     torchrun --standalone --nproc_per_node=8 ambient.py generate --network=NET.pt --seeds=0-49999 --outdir=out
     torchrun --standalone --nproc_per_node=8 -- ambient.py eval --network=NET.pt --ref=cifar10.npz --num=50000
-Memorisation check (nearest training neighbours of generated images):
-    python ambient.py neighbors --network=NET.pt --data=cifar10 --num=10000 --outdir=out/neighbors
+Memorisation check (nearest training neighbours of generated images; --features=dinov2 as official):
+    python ambient.py neighbors --network=NET.pt --data=cifar10 --num=10000 --output_dir=out/neighbors
+The official command lines run as written with `ambient.py train`, `ambient.py eval` and `ambient.py neighbors` in
+place of train.py, eval.py and find_dataset_neighbors.py; NET may also be an official network-snapshot-*.pkl.
 """
 
 import argparse
@@ -205,10 +207,8 @@ def flag(group, *names, help, default=None, shown=None, **kwargs):
     text = f'{help} (required)' if shown == 'required' else f'{help} (default: {shown})'
     if kwargs.get('type') is parse_bool:
         kwargs.update(nargs='?', const=True)
-    if 'choices' not in kwargs and kwargs.get('action') is not DurationAction or 'metavar' not in kwargs:
+    if 'choices' not in kwargs:  # INT, FLOAT, BOOL or STR instead of the upper-cased flag name
         kwargs.setdefault('metavar', {int: 'INT', float: 'FLOAT', parse_bool: 'BOOL'}.get(kwargs.get('type'), 'STR'))
-    if 'choices' in kwargs:
-        kwargs.pop('metavar', None)
     group.add_argument(*names, help=text.replace('%', '%%'), default=default, **kwargs)
 
 
@@ -1047,12 +1047,14 @@ class Data:
         x-flipped item flips the image; its masks are the raw image's, flipped too only with --augment_mode=joint
         (official: the flipped image is masked by the un-flipped masks, which shows other pixels of it)."""
         index = index.to(self.device)
-        rows, flipped = index % self.num_raw, (index >= self.num_raw)[:, None, None, None].to(device)
+        rows = index % self.num_raw
         get = lambda t: None if t is None else t[rows].to(device, non_blocking=True)  # noqa: E731
         y, A, A_tilde = get(self.images).to(torch.float32) / 127.5 - 1, get(self.A), get(self.A_tilde)
-        y = torch.where(flipped, y.flip(3), y)
-        if self.flip_masks:
-            A, A_tilde = torch.where(flipped, A.flip(3), A), torch.where(flipped, A_tilde.flip(3), A_tilde)
+        if self.num_images > self.num_raw:  # --xflip
+            flipped = (index >= self.num_raw)[:, None, None, None].to(device)
+            y = torch.where(flipped, y.flip(3), y)
+            if self.flip_masks:
+                A, A_tilde = torch.where(flipped, A.flip(3), A), torch.where(flipped, A_tilde.flip(3), A_tilde)
         return y, A.to(torch.float32), A_tilde.to(torch.float32), get(self.labels)
 
 

@@ -116,8 +116,9 @@ def test_loss_is_the_official_formula():
     labels, augment_labels = torch.tensor([1, 0, 2, 1]), torch.randn(4, 9)
     seen = {}
 
-    def net(x, sigma, class_labels=None, augment_labels=None, force_fp32=False):  # EDMPrecond's signature
-        seen.update(x=x, sigma=sigma, class_labels=class_labels, augment_labels=augment_labels, force_fp32=force_fp32)
+    def net(x, sigma, class_labels=None, force_fp32=False, **model_kwargs):  # EDM's EDMPrecond.forward signature
+        seen.update(x=x, sigma=sigma, class_labels=class_labels, augment_labels=model_kwargs.get('augment_labels'),
+                    force_fp32=force_fp32)
         return out
     sigma = (normal * 1.2 - 1.2).exp()                                                # EDM's log-normal draw
     s = sigma.reshape(-1, 1, 1, 1)
@@ -836,6 +837,11 @@ def test_official_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
     assert sorted(os.listdir(tmp_path / 'out' / '0')) == [f'{k:06d}.png' for k in range(4)]
     metrics = [json.loads(line) for line in open(os.path.join(run_dir, 'metrics.jsonl'))]
     assert np.isfinite(metrics[0]['fid']) and metrics[0]['protocol'] == 'edm' and metrics[0]['num'] == 4
+    # --skip_generation: the official calc() on those PNGs gives the same FID.
+    ambient.main(['eval', f'--network={tmp_path / "out" / "0"}', f'--ref={tmp_path / "ref.npz"}', '--num=4',
+                  '--skip_generation=True'])
+    again = json.loads(open(tmp_path / 'out' / '0' / 'metrics.jsonl').read())
+    assert again['fid'] == pytest.approx(metrics[0]['fid'], rel=1e-6)
 
 
 def tiny_ambient_net(p=0.7, seed=0):

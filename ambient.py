@@ -79,7 +79,7 @@ class Config:
     augment_mode: str = 'official'         # official: augment the clean image, then mask; joint: image and masks
     cache: bool = True                     # hold the dataset in memory (always; False is refused)
     workers: int = 1                       # threads decoding images (official: DataLoader processes)
-    cache_dir: str = ''                    # where downloads (cifar10, checkpoints) are kept
+    cache_dir: str = ''                    # downloads: cifar10 and --transfer URLs (those default to nets' cache)
     # Network.
     arch: str = 'ddpmpp'                   # ddpmpp (EDM DDPM++) or a DDPM++ preset name of nets.UNET_PRESETS
     cbase: int = 0                         # model_channels, 0 = the arch's (128)
@@ -1136,7 +1136,8 @@ class TickStats:
 
 # Flags that may differ between a run and its continuation by --resume=auto; any other difference starts a new run.
 RESUMABLE_CHANGES = {'kimg', 'resume', 'outdir', 'tick', 'snap', 'dump', 'grid', 'steps', 'precision', 'compile',
-                     'workers', 'cache_dir', 'device', 'dry_run'}
+                     'workers', 'cache_dir', 'device', 'dry_run', 'bench', 'experiment_name', 'S_churn', 'S_min',
+                     'S_max', 'S_noise'}
 
 
 def find_resume(cfg, description):
@@ -1513,8 +1514,8 @@ def sampling_parser(prog, description, network_required=True):
     flag(group, '--precision', help='bf16 or fp32 sampling; ours only', shown='bf16 on CUDA, fp32 on CPU',
          choices=['fp32', 'bf16'])
     flag(group, '--device', help='cuda or cpu; ours only', default='', shown='cuda when available')
-    flag(group, '--cache_dir', help='where downloaded snapshots are kept; ours only', default='',
-         shown='~/.cache/ambient-diffusion')
+    flag(group, '--cache_dir', help='where downloaded snapshots and weights are kept; ours only', default='',
+         shown='$CORRUPTED_DIFFUSION_CACHE or ~/.cache/corrupted-diffusion')
     for name, values in UNSAMPLED.items():
         flag(group, f'--{name}', help=f'official eval.py flag ({values}) that its sampler never accepts: refused',
              default=None)

@@ -207,9 +207,9 @@ def slope_z_scores(loss, denoiser, step=0.05):
 
 
 def test_analytic_denoiser_minimises_the_ambient_loss():
-    """The paper's main theorem: E[x0 | A_tilde x_t, A_tilde] minimises the ambient loss on every pixel, those that A_tilde hides
-    included: moving it along any direction raises the Monte-Carlo loss and the slope vanishes within 4 standard
-    errors. The clean denoiser applied to the masked input (ignoring the mask) does much worse."""
+    """The paper's main theorem: E[x0 | A_tilde x_t, A_tilde] minimises the ambient loss on every pixel, those that
+    A_tilde hides included: moving it along any direction raises the Monte-Carlo loss and the slope vanishes within 4
+    standard errors. The clean denoiser applied to the masked input (ignoring the mask) does much worse."""
     mu, Sigma = gaussian()
     best = analytic_denoiser(mu, Sigma)
     loss = monte_carlo_loss(lambda net, x0, A, A_tilde, normal, eps: ambient.ambient_loss(

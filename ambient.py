@@ -972,6 +972,9 @@ def load_official_pickle(path, source, flag, training_options=None, cache_dir=''
         unet, info = nets.load_edm_network(path)
     except Exception as error:  # not a pickle, or objects other than the network's: one line
         raise UsageError(f'{flag}: cannot load {source} ({" ".join(str(error).split())})')
+    if info.get('precond') != 'EDMPrecond':
+        raise UsageError(f'{flag}: {source} holds a {info.get("precond")} network; ambient.py samples EDMPrecond '
+                         f'networks (official --precond=ambient or edm)')
     options = training_options or info.get('training_options')
     if options is None and source.startswith(('http://', 'https://')):
         with contextlib.suppress(Exception):  # a URL without training_options.json beside it: official defaults

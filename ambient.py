@@ -1698,6 +1698,9 @@ def evaluate(argv):
         report_metrics(args, args.network, results, args.outdir or args.network, rank)
         return
     for network in snapshots_to_evaluate(args.network, args.eval_step):
+        folder = os.path.dirname(os.path.abspath(network)) if os.path.isfile(network) else args.outdir or '.'
+        if not args.skip_calculation:
+            check_writable(folder, 'metrics.jsonl folder')  # before minutes of sampling
         args.network = network
         net, net_config = prepare_sampling(args, device)
         name = re.sub(r'^network-snapshot-|\.(pt|pkl)$', '', os.path.basename(network))
@@ -1714,7 +1717,6 @@ def evaluate(argv):
             continue
         results = fid_call(fid.compute_metrics, batches(), ref, metrics=metrics, detector=detector, device=device,
                            num_images=args.num, protocol=protocol, seed=args.seed)
-        folder = os.path.dirname(os.path.abspath(network)) if os.path.isfile(network) else args.outdir or '.'
         report_metrics(args, network, results, folder, rank)
 
 
@@ -1782,6 +1784,8 @@ def neighbors(argv):
     if int(os.environ.get('WORLD_SIZE', 1)) > 1:
         raise UsageError('neighbors runs as one process')
     check_writable(args.outdir, '--output_dir')
+    if args.features_path and not os.path.exists(args.features_path):
+        check_writable(os.path.dirname(os.path.abspath(args.features_path)), '--features_path')
     # Generated images (sampled here, or read from --input_dir) and the clean training set.
     _, _, device = init_distributed(args.device)
     if args.network:

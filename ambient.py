@@ -228,6 +228,9 @@ def parse_train_args(argv):
     explicit flags override. Returns (Config, preset name)."""
     parser = QuietParser('ambient.py train', description='Train Ambient Diffusion on corrupted images. Official '
                          'train.py flags keep their names (also --batch-gpu, --duration, -n/--dry-run).')
+    # One flag per Config field, its help from the field's comment, grouped as the common CLI wants; the official
+    # spellings (--batch-gpu, --dry-run, -n, --duration, --fp16, --wandb_id) sit beside their fields. Defaults stay
+    # None here so that a preset can fill in what the command line leaves out.
     meanings = dict(re.findall(r'^ +(\w+): .*?# (.*)$', inspect.getsource(Config), re.M))
     fields = {f.name: f for f in dataclasses.fields(Config)}
     for title, names in GROUPS.items():
@@ -251,11 +254,13 @@ def parse_train_args(argv):
             flag(group, '--preset', help='a recipe that sets defaults: ' + ', '.join(sorted(PRESETS)),
                  choices=sorted(PRESETS), dest='preset')
             add_help(parser, group)
+    # Preset values first, then every flag given on the command line.
     args = parser.parse_args(argv)
     values = dict(PRESETS[args.preset]) if args.preset else {}
     # Official spellings: --duration in Mimg (truncated to whole kimg, at least 1, as train.py does), --fp16.
     official_only = {'preset', 'fp16', 'wandb_id'}
     given = {k: v for k, v in vars(args).items() if v is not None and k not in official_only}
+    # Official flags without a field of their own: refused values, and --fp16=False as --precision=fp32.
     if args.wandb_id:
         raise refuse('--wandb_id', 'there is no wandb logging (stats.jsonl and log.txt hold the metrics)',
                      '--resume=auto to continue a run')
@@ -274,6 +279,7 @@ def parse_train_args(argv):
 def validate(cfg):
     """Range checks of the training flags and refusals of official values we do not offer: the first failure becomes
     the one error line."""
+    # Official values we do not offer: one refusal line naming our equivalent.
     if cfg.arch in ('ncsnpp', 'adm'):
         raise refuse(f'--arch={cfg.arch}', 'only the DDPM++ network (EDM SongUNet, gated) is built', '--arch=ddpmpp')
     if cfg.precond in ('vp', 've'):
@@ -284,6 +290,7 @@ def validate(cfg):
                      '--corruption_pattern=dust, box, fixed_box or keep_patch')
     if not cfg.cache:
         raise refuse('--cache=False', 'the dataset is always held in memory', '--cache=True (or leave it out)')
+    # Ranges, in the order of the flags' groups.
     checks = [
         (0 <= cfg.corruption_probability < 1, '--corruption_probability must be in [0, 1)'),
         (0 <= cfg.delta_probability < 1, '--delta_probability must be in [0, 1)'),
@@ -465,6 +472,7 @@ def corruption_masks(raw_indices, image_shape, corruption_probability, delta_pro
     size = (height, width) if mask_full_rgb or pattern != 'dust' else (channels, height, width)
     A = np.empty((len(raw_indices),) + size, dtype=bool)
     A_tilde = np.empty_like(A)
+    # One image at a time, each from generators seeded by its raw index (official __getitem__).
     for row, index in enumerate(raw_indices):
         if pattern == 'dust':
             rng = np.random.RandomState(int(index) if mask_seed == 0 else [mask_seed, int(index)])
@@ -487,11 +495,13 @@ def box_masks(pattern, height, width, p, delta, generator):
     def square(size_h, size_w, high_row, high_col):  # True inside a box with a random corner
         top, left = draw(high_row), draw(high_col)
         return (rows >= top) & (rows < top + size_h) & (cols >= left) & (cols < left + size_w)
+    # box: A erases a box, A_tilde also a second one of the same size.
     if pattern == 'box':
         # The official sizes go through a float32 tensor: ceil(float32((1 - (1 - p)) H)).
         box_h, box_w = (int(torch.tensor((1 - (1 - p)) * n).ceil()) for n in (height, width))
         A = ~square(box_h, box_w, height, width)
         return A, A & ~square(box_h, box_w, height, width)
+    # fixed_box: boxes inside the image; B only when delta > 0.
     if pattern == 'fixed_box':
         patch = int(p * height)
         A = ~square(patch, patch, width - patch, height - patch)  # official: rows up to W - size, columns H - size
@@ -661,6 +671,7 @@ def official_training_options(cfg, net_config=None, num_images=None, run_dir=Non
     unet = net_config['unet'] if net_config else dict(nets.UNET_PRESETS[
         'ddpmpp-cifar10' if cfg.arch == 'ddpmpp' else cfg.arch])
     channel_mult = [int(c) for c in cfg.cres.split(',')] if cfg.cres else list(unet['channel_mult'])
+    # The dict official train.py builds (and writes as training_options.json), key for key.
     options = dict(
         max_grad_norm=cfg.max_grad_norm or None,
         dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=cfg.data, use_labels=cfg.cond,
@@ -695,6 +706,7 @@ def transfer_weights(net, source, cache_dir=''):
     """--transfer: copies the tensors of a snapshot (ours or an official pickle, path or URL) whose names and shapes
     match into net, as the official copy_params_and_buffers(require_all=False); the optimizer starts afresh."""
     loaded, _ = load_network(source, 'cpu', cache_dir=cache_dir, flag='--transfer')
+    # Same names must have the same shapes (official copy_params_and_buffers); missing names keep their init.
     own, theirs = net.state_dict(), loaded.state_dict()
     matching = {k: v for k, v in theirs.items() if k in own}
     wrong = [k for k, v in matching.items() if own[k].shape != v.shape]
@@ -938,12 +950,14 @@ def load_network(source, device, cache_dir='', flag='--network', training_option
     unpickler mapping SongUNet / EDMPrecond keys, gated or not, onto nets.UNet). An official pickle's corruption
     settings come from training_options (a dict), else from the training_options.json beside it, else the official
     eval.py defaults (p = 0.4, delta = 0.1)."""
+    # A local file (downloaded first for a URL) that is not empty.
     path = fetch(source, flag, cache_dir)
     if os.path.isdir(path):
         raise UsageError(f'{flag}: {source} is a folder; give a network-snapshot-*.pt or *.pkl file')
     if os.path.getsize(path) == 0:
         raise UsageError(f'{flag}: {source} is empty (0 bytes)')
-    if zipfile.is_zipfile(path):  # torch.save: our snapshot
+    # torch.save writes zip archives: our snapshot (tensors and plain containers only); anything else is a pickle.
+    if zipfile.is_zipfile(path):
         try:
             snapshot = torch.load(path, map_location='cpu', weights_only=True)
         except Exception as error:
@@ -968,6 +982,7 @@ def load_network(source, device, cache_dir='', flag='--network', training_option
 def load_official_pickle(path, source, flag, training_options=None, cache_dir=''):
     """An official network-snapshot-*.pkl -> (Precond, network config), through nets.load_edm_network. The corruption
     settings come from training_options, else the training_options.json beside the pickle (also beside a URL)."""
+    # The network, read without running pickled code; only EDM's preconditioning is sampled here.
     try:
         unet, info = nets.load_edm_network(path)
     except Exception as error:  # not a pickle, or objects other than the network's: one line
@@ -975,6 +990,7 @@ def load_official_pickle(path, source, flag, training_options=None, cache_dir=''
     if info.get('precond') != 'EDMPrecond':
         raise UsageError(f'{flag}: {source} holds a {info.get("precond")} network; ambient.py samples EDMPrecond '
                          f'networks (official --precond=ambient or edm)')
+    # Its corruption settings: --training_options_loc, the options file beside it, else eval.py's defaults.
     options = training_options or info.get('training_options')
     if options is None and source.startswith(('http://', 'https://')):
         with contextlib.suppress(Exception):  # a URL without training_options.json beside it: official defaults
@@ -1177,6 +1193,7 @@ def open_run_dir(cfg, description, resume_folder):
 
 def check_writable(folder, flag='--outdir'):
     """Fails with one line (exit 2) before any work when folder cannot be created or written; writes nothing."""
+    # The nearest existing folder must take a temporary file (it is deleted at once).
     existing = os.path.abspath(folder)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -1429,6 +1446,7 @@ def sampling_masks(net_config, seeds, generators, num_masks, device, sampler='am
     delta = training(delta_probability, 'delta_probability', 0.1)
     full_rgb = training(mask_full_rgb, 'mask_full_rgb', False)
     pattern = training(corruption_pattern, 'corruption_pattern', 'dust')
+    # One mask set per seed: all ones, dust (Bernoulli per pixel) or the box patterns' A_tilde.
     if sampler == 'edm':  # all-ones masks: every pixel observed
         return torch.ones(num_masks, len(seeds), channels, resolution, resolution, dtype=torch.float64, device=device)
     if pattern == 'dust':
@@ -1564,6 +1582,7 @@ def sample_batches(net, net_config, args, seeds, device):
     """Yields (seeds, uint8 images) for this rank's share of the seeds (EDM's round-robin batches)."""
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
         if torch.distributed.is_initialized() else (0, 1)
+    # Everything generate_images takes, from the flags; each rank takes every world-th batch of seeds.
     options = dict(sampler=args.sampler, num_masks=args.num_masks, guidance_scale=args.guidance_scale,
                    steps=args.steps, corruption_probability=args.corruption_probability,
                    delta_probability=args.delta_probability, class_idx=args.class_idx,
@@ -1621,6 +1640,7 @@ def generate(argv):
 def snapshots_to_evaluate(network, eval_step):
     """--network as the official eval.py reads it: a snapshot, or a folder whose snapshots (*.pkl, or ours) are
     evaluated in name order, every eval_step-th, each once (the official script polls the folder for ever)."""
+    # Official pickles first; a run folder of ours has .pt snapshots instead.
     if os.path.isdir(network):
         found = sorted(glob.glob(os.path.join(network, '*.pkl'))) or \
             sorted(glob.glob(os.path.join(network, 'network-snapshot-*.pt')))
@@ -1663,6 +1683,7 @@ def evaluate(argv):
     """fid.py metrics of --num samples (the first --num of --seeds) held in memory; with --outdir also the PNGs, in
     outdir/<snapshot kimg>/ as official. Prints the numbers and appends a JSON line to metrics.jsonl beside the
     network (or in --outdir)."""
+    # Flags: refusals, ranges and the seeds, before anything is read or written.
     args = eval_parser().parse_args(argv)
     check_sampling_flags(args)
     if args.with_wandb:
@@ -1697,6 +1718,8 @@ def evaluate(argv):
                            num_images=args.num, protocol=protocol, seed=args.seed)
         report_metrics(args, args.network, results, args.outdir or args.network, rank)
         return
+    # Every snapshot of --network: sample the seeds (and write their PNGs with --outdir), then score them in one
+    # streaming Inception pass; metrics.jsonl goes beside the snapshot.
     for network in snapshots_to_evaluate(args.network, args.eval_step):
         folder = os.path.dirname(os.path.abspath(network)) if os.path.isfile(network) else args.outdir or '.'
         if not args.skip_calculation:
@@ -1772,6 +1795,7 @@ def neighbors(argv):
     official files (max_products.pkl, softmax_products.pkl, <i>_dataset_image_<i>.png and
     <i>_nearest_neighbors_<k>_dataset_index_<j>.png) plus neighbors.npz (top-3 similarities and indices),
     neighbors.json (a summary) and neighbors.png (the --top most similar pairs)."""
+    # Flags and the writable output folders, before any image is read.
     args = neighbors_parser().parse_args(argv)
     check_sampling_flags(args)
     if args.cache is False:
@@ -1843,6 +1867,8 @@ def neighbors(argv):
 
 def write_neighbors(args, generated, train_images, similarity, neighbor, softmax_max):
     """The official per-image files and pickles, and our summary, arrays and picture."""
+    # The official files: each generated image and its 3 nearest training images, the top-1 similarities and the
+    # largest softmax weights (pickled lists of floats).
     os.makedirs(args.outdir, exist_ok=True)
     for i, image in enumerate(generated):
         save_png(image.permute(1, 2, 0).numpy(), os.path.join(args.outdir, f'{i}_dataset_image_{i}.png'))
@@ -1851,6 +1877,7 @@ def write_neighbors(args, generated, train_images, similarity, neighbor, softmax
                      os.path.join(args.outdir, f'{i}_nearest_neighbors_{rank_k}_dataset_index_{j}.png'))
     write_atomic(os.path.join(args.outdir, 'max_products.pkl'), pickle.dumps(similarity[:, 0].tolist()))
     write_atomic(os.path.join(args.outdir, 'softmax_products.pkl'), pickle.dumps(softmax_max.tolist()))
+    # Ours: a summary with the fraction above --threshold, the arrays, and a picture of the closest pairs.
     top1 = similarity[:, 0]
     summary = dict(source=args.network or args.images, features=args.features, num_generated=len(generated),
                    num_train=len(train_images), threshold=args.threshold,
@@ -1883,6 +1910,7 @@ def print_overview():
 
 
 def main(argv=None):
+    # The command (train when none is given), then one line and an exit code for every expected failure.
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv in (['-h'], ['--help']):
         print_overview()

@@ -881,7 +881,7 @@ def resolve_protocol(protocol=None, preprocess=None, ref=None, metrics=("fid",),
     number); available: images available (optional). Raises ValueError with one line for: an unknown protocol,
     preprocessing or metric; a preprocessing that contradicts the protocol or the reference's tag; a reference
     with statistics but no tag and neither protocol nor preprocess given (EDM's, ADM's and pytorch-fid's files
-    carry none, and the two preprocessings differ by 25 % of the mean feature on 32x32 images); a reference that
+    carry none, and the two preprocessings move a CIFAR-10 image's pool features by ~21 %); a reference that
     lacks what a metric needs; IS without the classifier; fewer images available than `num`, or too few for a
     metric. Reads no image.
 

@@ -4,6 +4,9 @@ The network is checked with randomly initialised weights saved to a temporary fi
 stand-in detector so that they take milliseconds. When the real weights lie beside the repository
 (../shared/data/fid_inception_tf2015_nofc_fp16.pth), features of three CIFAR-10 images are compared with
 pytorch-fid's, and with RUN_SLOW=1 the FID of two 500-image CIFAR-10 halves with the data README's 76.84.
+The evaluation protocols (edm, adm, pytorch-fid) are checked against their reference tools' rules, which the tests
+write out (EDM's subset and statistics, ADM's 5,000-image IS splits, pytorch-fid's folder and formula), and every
+check that can fail before the long pass is shown to fail before a single image is read.
 """
 import hashlib
 import io

@@ -58,7 +58,7 @@ import nets  # noqa: E402
 BENCHMARKS = ('ambient', 'ambient_laws', 'ddpm_ip', 'dit', 'fid')
 # Dense bf16 tensor-core peak (no sparsity), TFLOP/s, by a substring of torch.cuda.get_device_name.
 PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0}
-# Goals of the issue: ours / theirs for each kind of row.
+# Speed goals: ours / theirs for each kind of row.
 GOALS = {'ddpmpp': 1.5, 'adm': 2.0, 'dit': 1.5, 'sampling': 1.5, 'fid': 2.0}
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -358,7 +358,7 @@ def test_augmentation():
     warped = ambient.augment(torch.cat([images * A, A], 1), flips[:4], G_inv[:4], 'joint')
     assert set(warped[:, 3].unique().tolist()) <= {0.0, 1.0}
     assert warped[:, :3][warped[:, 3:].expand(-1, 3, -1, -1) == 0].abs().max() == 0
-    # The official order (augment the clean image, then mask) reads the erased pixels (spec quirk A10.1).
+    # The official order (augment the clean image, then mask) reads the erased pixels (the leak measured in the README).
     rotated = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0, 0, 1]]).expand(4, 3, 3) @ G_inv[:4]
     leak = [A * ambient.augment(images * A + (1 - A) * value, none, rotated, 'official') for value in (0.0, 5.0)]
     assert not torch.allclose(leak[0], leak[1])

@@ -2317,30 +2317,13 @@ class DINOv2SwiGLU(nn.Module):
         return self.w3(F.silu(x1) * x2)
 
 
-class DINOv2Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection, through scaled_dot_product_attention."""
-
-    def __init__(self, dim, num_heads):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        B, T, D = x.shape
-        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)                                 # 3 x (B, heads, T, D/heads)
-        x = F.scaled_dot_product_attention(q, k, v)                          # (B, heads, T, D/heads)
-        return self.proj(x.transpose(1, 2).reshape(B, T, D))                 # (B, T, D)
-
-
 class DINOv2Block(nn.Module):
     """Pre-norm transformer block, x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))); LayerNorm eps 1e-6."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, ffn_layer='mlp'):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = DINOv2Attention(dim, num_heads)
+        self.attn = DiTAttention(dim, num_heads)  # the same timm Attention: fused qkv rows [q; k; v], then proj
         self.ls1 = DINOv2LayerScale(dim)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = (DINOv2SwiGLU if ffn_layer == 'swiglu' else DINOv2Mlp)(dim, int(dim * mlp_ratio))

@@ -253,10 +253,10 @@ def parse_bool(text):
 def print_overview():
     print('usage: ambient_laws.py [COMMAND] [--flag=value ...]\n'
           'How much is a noisy image worth? Data scaling laws for Ambient Diffusion (Daras, Cherapanamjeri, '
-          'Daskalakis, ICLR 2025, arXiv:2411.02780).\n\ncommands:')
+          'Daskalakis, ICLR 2025, arXiv:2411.02780).\ncommands:')
     for name, text in COMMANDS.items():
         print(f'  {name:<9} {text}')
-    print("\nRun 'python ambient_laws.py COMMAND --help' for the flags of a command.")
+    print("Run 'python ambient_laws.py COMMAND --help' for the flags of a command.")
 
 
 @functools.lru_cache(maxsize=None)

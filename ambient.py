@@ -938,7 +938,7 @@ def fetch(source, flag, cache_dir=''):
         try:
             return nets.resolve_source(source, cache_dir=cache_dir or None)
         except Exception as error:  # offline, 404, size mismatch: one line that names the URL
-            raise DataError(f'{flag}: cannot download {source} ({" ".join(str(error).split())})')
+            raise DataError(f'{flag}: {" ".join(str(error).split())}')  # nets' message names the URL and the path
     if not os.path.exists(source):
         raise UsageError(f'{flag}: {source} does not exist')
     return source

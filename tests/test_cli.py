@@ -29,6 +29,8 @@ def flag_entries(text):
     """(group title, flag line, help text) for every option of an argparse help page."""
     entries, group, current = [], None, None
     for line in text.splitlines():
+        # A group title is an unindented line ending in ':'; a flag line starts with two spaces and a dash, its help
+        # either follows on the same line after two spaces or continues on deeper-indented lines.
         if line and not line.startswith(' ') and line.endswith(':'):
             group, current = line[:-1], None
         elif line.startswith('  -') and group is not None:
@@ -45,6 +47,7 @@ def flag_entries(text):
 def test_top_level_help_lists_the_commands(script):
     result = run(script, '--help')
     assert result.returncode == 0, result.stderr
+    # usage line, the paper, the commands one per line, then the pointer to the per-command help.
     lines = result.stdout.splitlines()
     assert lines[0] == f'usage: {script} [COMMAND] [--flag=value ...]'
     assert 'commands:' in lines
@@ -59,9 +62,11 @@ def test_every_command_groups_its_flags_and_shows_every_default(script):
         result = run(script, command, '--help')
         assert result.returncode == 0, (command, result.stderr)
         entries = flag_entries(result.stdout)
+        # Only the common group titles, in the common order (argparse's own 'options' holds just -h).
         titles = [title for title in dict.fromkeys(group for group, _, _ in entries) if title != 'options']
         assert set(titles) <= set(GROUPS), (command, titles)
         assert titles == sorted(titles, key=GROUPS.index), (command, titles)
+        # Every flag has a help text that ends by stating its default (or that it is required).
         for group, flag, text in entries:
             if flag.startswith('-h'):
                 continue

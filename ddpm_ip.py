@@ -727,7 +727,7 @@ def vb_terms_bpd(diffusion, out, x0, x_t, t):
 
 def ip_loss(net, diffusion, x0, t, eps, xi, gamma, rescale_learned_sigmas=True, class_labels=None):
     """The DDPM-IP hybrid loss per sample: (loss, mse, vb), each (B,); loss = mse + w vb is what training weights
-    and averages, mse and vb are its parts for the logs.
+    and averages, mse and vb are its parts for the logs (vb before the weight w; official logs it after).
 
     x0 (B, C, H, W) in [-1, 1]; t (B,) int64 indices of `diffusion`; eps, xi (B, C, H, W) independent N(0, I).
     The network sees the perturbed y_t but regresses the unperturbed eps (official gaussian_diffusion.py
@@ -1170,11 +1170,13 @@ def training_loop(c, x_data, y_data, net_kwargs, run_dir, resumed, rank, world_s
                 # microbatch means, which scales the step by the number of rounds; here --batch_gpu saves memory only.)
                 (loss * w).sum().div(local_batch).backward()
             losses.append(loss.detach())
-            quartile = t * 4 // diffusion.num_timesteps                # (b,) bins of the official loss_q0..q3 logs
+            # Bins of the official loss_q0..q3 logs; mse and vb enter unweighted (official: importance-weighted).
+            quartile = t * 4 // diffusion.num_timesteps                # (b,)
             stats[0] += (loss * w).detach().sum() / c.batch            # importance-weighted, as the official log
             stats[3:].view(3, 4).index_add_(1, quartile, torch.stack([mse, vb, torch.ones_like(mse)]).detach().double())
         # Every rank records all losses, so the samplers stay identical. Global sample j = rank + world_size * p sits
-        # at local position p of its rank: interleaving the ranks' lists restores the global order.
+        # at local position p of its rank: interleaving the ranks' lists restores the global order. (Official pushes
+        # rank 0's losses first, then rank 1's: the order only matters when over 10 losses of one t arrive at once.)
         losses = torch.cat(losses)                                                          # (local_batch,)
         if world_size > 1:
             gathered = [torch.empty_like(losses) for _ in range(world_size)]
@@ -1458,9 +1460,9 @@ def make_logger(rank, path=None):
     return log
 
 
-def prepare_training(c, rank, world_size, device):
+def prepare_training(c, rank, world_size):
     """Everything that can fail on bad input, before anything is written: the data, its labels, the network, the run
-    folder and what --resume names. Returns (x, y, net_kwargs, run_dir, folder exists, checked resume dict)."""
+    folder and what --resume names. Returns (x, y, net_kwargs, run_dir, checked resume dict or None)."""
     if rank == 0 and c.data == 'cifar10':
         load_dataset(c.data)  # download once
     if world_size > 1:
@@ -1477,9 +1479,9 @@ def prepare_training(c, rank, world_size, device):
     run = list(find_run_dir(c)) if rank == 0 else [None] * 3  # rank 0 decides
     if world_size > 1:
         dist.broadcast_object_list(run)
-    run_dir, resume_path, exists = run
+    run_dir, resume_path, _ = run
     resumed = read_resume(resume_path, c, net_kwargs) if resume_path else None
-    return x_data, y_data, net_kwargs, run_dir, exists, resumed
+    return x_data, y_data, net_kwargs, run_dir, resumed
 
 
 def main(argv=None):
@@ -1500,7 +1502,7 @@ def main(argv=None):
         if command != 'train':
             run_sampling_command(command, c, rank, world_size, device, make_logger(rank))
             return
-        x_data, y_data, net_kwargs, run_dir, exists, resumed = prepare_training(c, rank, world_size, device)
+        x_data, y_data, net_kwargs, run_dir, resumed = prepare_training(c, rank, world_size)
 
         # The run folder; one reused or resumed loses the partial files of an interrupted write.
         if rank == 0:

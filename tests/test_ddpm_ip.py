@@ -225,8 +225,11 @@ def test_vb_term_trains_only_the_variance_channels():
     net = lambda x, t, class_labels=None: out * 1.0
     x0 = torch.rand(4, 3, 8, 8) * 2 - 1
     t = torch.tensor([0, 10, 500, 999])
-    loss, mse, vb = ddpm_ip.ip_loss(net, d, x0, t, torch.randn_like(x0), torch.randn_like(x0), gamma=0.1)
+    eps, xi = torch.randn_like(x0), torch.randn_like(x0)
+    loss, mse, vb = ddpm_ip.ip_loss(net, d, x0, t, eps, xi, gamma=0.1)
     assert mse.shape == vb.shape == (4,) and (vb > 0).all()
+    # The VLB term sees the same perturbed y_t as the mse term (official: one x_t for both), not the clean x_t.
+    torch.testing.assert_close(vb, ddpm_ip.vb_terms_bpd(d, out, x0, d.q_sample(x0, t, eps + 0.1 * xi), t))
     torch.testing.assert_close(loss, mse + vb)  # T = 1000: the rescaled VLB weight T / 1000 is 1
     d4000 = ddpm_ip.make_diffusion('cosine', 4000)
     for rescale, weight in ((True, 4.0), (False, 1.0)):  # official RESCALED_MSE / MSE
@@ -269,6 +272,10 @@ def test_ddim_with_eta_one_takes_the_posterior_step():
         t = torch.full((8,), i)
         mean, _ = d.q_posterior(x0_hat, x, t)
         torch.testing.assert_close(x_prev, mean + d.at(d.posterior_variance, t).sqrt() * z, rtol=1e-5, atol=1e-5)
+    # Ancestral sampling draws noise at every step but adds none at the last one (official nonzero_mask).
+    last = [next(ddpm_ip.sample_chain(net, d, x, i, clip_denoised=False, randn_like=noise))[1]
+            for i in (0, 1) for noise in (lambda _: z, torch.zeros_like)]
+    assert torch.equal(last[0], last[1]) and not torch.allclose(last[2], last[3])
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Timestep sampler and exposure bias

@@ -106,7 +106,7 @@ class TrainConfig(SamplerConfig):
     cep_perturb_null:   bool  = True         # CEP also perturbs the null condition of CFG training (paper: silent)
     input_perturbation: float = 0.0          # IP baseline (Ning et al.): gamma of eps + gamma * xi; DDPM-IP: 0.1
     embedding_dropout:  float = 0.0          # dropout on the condition embedding (App. E.3 baseline: 0.1); LDM only
-    class_dropout_prob: float = 0.1          # null class / empty caption rate (DiT models.py; SD2 ucg_rate)
+    class_dropout_prob: float = 0.1          # null class / empty caption rate (DiT; LDMs: paper silent, SD2's 0.1)
     # Network and diffusion.
     arch:               str   = 'DiT-XL/2'   # DiT-XL/2, DiT-B/2, ... or an LDM UNet preset (ldm-cin256, ldm-cc3m)
     vae:                str   = 'none'       # autoencoder: ema | mse (KL-f8 sd-vae-ft-*), vq-f4, a file or URL, or none
@@ -176,7 +176,8 @@ PRESETS = {
     'in1k-ldm': dict(_LDM_IN1K, kimg=91136, scale=2.0, scheduler='dpm'),
     # LDM-4 text-conditional CC3M, 396K iterations of 8 x 64 (App. B.3); s = 3.0 in Table 1.
     'cc3m-ldm': dict(_LDM_IN1K, arch='ldm-cc3m', cond='text', kimg=202752, scale=3.0, scheduler='dpm'),
-    # DiT-XL/2 ImageNet: DiT train.py, 400K iterations of 256 (App. B.4); s = 1.75 in Table 1.
+    # DiT-XL/2 ImageNet: DiT train.py, 400K iterations of 256 (App. B.4); s = 1.75 in Table 1. App. B.4 calls its
+    # autoencoder a fine-tuned VQ-VAE with 16384 codes; DiT's is the KL-f8 sd-vae-ft (no codebook), used here.
     'in1k-dit': dict(arch='DiT-XL/2', vae='ema', resolution=256, xflip=True, kimg=102400, scale=1.75,
                      scheduler='dpm'),
     # CIFAR-10 in pixel space: our recipe for small experiments (not in the paper).
@@ -701,7 +702,7 @@ def guided_output(net, x, t, y, y_null=None, scale=1.0, cfg_channels='all'):
     Returns the network output (B, C or 2C, H, W) with guided eps and, for a learned sigma, the conditional v.
     cfg_channels 'all' guides every eps channel, as the paper's diffusers pipelines (DiTPipeline, LDM); 'dit' guides
     the first three only and passes the others through from the conditional pass, as DiT's forward_with_cfg (its
-    sample.py and the FID 2.27 of DiT-XL/2)."""
+    sample.py and the FID 2.27 of DiT-XL/2; a GLIDE leftover its authors keep for exact reproducibility)."""
     t = torch.full((len(x),), t, dtype=torch.int64, device=x.device)
     if y_null is None:
         return net(x, t, y).float()
@@ -729,8 +730,9 @@ def ddpm_sample(net, noise, y, alphas_cumprod, steps=250, scale=1.0, y_null=None
                 randn_like=torch.randn_like):
     """Ancestral sampling (Ho et al. Alg. 2) on the chain respaced to `steps` timesteps, with the learned-range
     variance of improved DDPM (Nichol & Dhariwal Eq. 15) when the network outputs v (2C channels), else the fixed
-    large variance beta_t: DiT's p_sample_loop with clip_denoised=False, its FID protocol at steps=250. The network
-    sees the original timestep indices. noise: x_T (B, C, H, W); alphas_cumprod: float64 (T,) on the CPU."""
+    large variance beta_t (DiT's create_diffusion default; LDM's and diffusers' DDPM use beta_tilde instead): DiT's
+    p_sample_loop with clip_denoised=False, its FID protocol at steps=250. The network sees the original timestep
+    indices. noise: x_T (B, C, H, W); alphas_cumprod: float64 (T,) on the CPU."""
     # Respaced chain, float64 tables as guided-diffusion builds them: beta_i = 1 - alpha_bar_i / alpha_bar_{i-1}.
     kept = respaced_timesteps(len(alphas_cumprod), steps)
     beta = 1 - alphas_cumprod[kept] / F.pad(alphas_cumprod[kept][:-1], (1, 0), value=1.0)
@@ -876,7 +878,7 @@ class Denoiser(nn.Module):
 
     def forward(self, x, t, y, delta=None):
         is_null = self.is_null(y) if delta is not None and not self.perturb_null else None
-        if self.encoder is None:  # DiT: c = t_emb + (y_emb + delta) inside adaLN
+        if self.encoder is None:  # DiT: c = t_emb + (y_emb + delta) inside adaLN (the paper does not say where)
             return self.backbone(x, t, y, embedding_hook=lambda embedding: perturb_condition(
                 embedding, delta, is_null, perturb_null=self.perturb_null))
         context = self.embedding_dropout(self.encoder(y))                 # (B, L, context_dim)

@@ -85,7 +85,7 @@ class Config:
     xflip: bool = False                   # add x-flipped copies (the data set doubles; a copy keeps its image's noise)
     sigma: float = 0.0                    # noise std sigma_n of the noisy images, pixels in [-1, 1]
     corruption_probability: float = 0.0   # probability that an image is noisy
-    dataset_keep_percentage: float = 1.0  # fraction of the data set used at all (a seeded subset)
+    dataset_keep_percentage: float = 1.0  # fraction of the data set used at all (a seeded subset; x2 with --xflip)
     noisy_count: str = 'random'           # random: each image noisy w.p. p, seeded by its index (official); exact: p n
     noise_rng: str = 'numpy'              # numpy: NumPy seeded by the image index (official); device: drawn on the GPU
     corruption_seed: int = 0              # seeds --noisy_count=exact and --noise_rng=device
@@ -234,6 +234,7 @@ COMMAND_DEFAULTS = {'generate': dict(batch=64, outdir=''), 'eval': dict(batch=64
 HELP = {('generate', 'batch'): 'images per sampling batch, all GPUs together',
         ('generate', 'outdir'): 'the folder that receives the PNGs',
         ('eval', 'batch'): 'images per sampling and Inception batch'}
+
 
 def fail(message, code=2):
     """One clear line on stderr (from one rank), `ambient_laws.py: error: ...`, and a non-zero exit: 2 for a bad
@@ -704,8 +705,9 @@ def ambient_loss(net, y, sigma_n, rnd_normal, eps, class_labels=None, P_mean=-1.
 
     sigma = max(exp(P_mean + P_std n), sigma_n): a clamp, not a resample, as the official code. A clamped noisy sample
     has x_t = y and a loss of exactly 0 (no gradient): it is drawn but wasted, about 37% of noisy samples at
-    sigma_n = 0.2. The minimiser over D is E[x0 | x_t] at every sigma > sigma_n (Tweedie applied twice: Daras,
-    Dimakis, Daskalakis, "Consistent Diffusion Meets Tweedie", ICML 2024).
+    sigma_n = 0.2. The minimiser over D is E[x0 | x_t] at every sigma > sigma_n (Tweedie applied twice, ibid.).
+    The official code computes x_t, the Tweedie map and the weight in float64 (its data loader hands sigma_n over as
+    float64; the network still sees float32); here they keep the inputs' dtype (float32 in training).
     """
     sigma_n = sigma_n.reshape(-1, 1, 1, 1)                                                 # (B, 1, 1, 1)
     sigma = (rnd_normal.reshape(-1, 1, 1, 1) * P_std + P_mean).exp().maximum(sigma_n)      # (B, 1, 1, 1)
@@ -722,7 +724,8 @@ def ambient_loss(net, y, sigma_n, rnd_normal, eps, class_labels=None, P_mean=-1.
 def reverse_sde(net, x, sigma_start, sigma_end, z, class_labels=None, rho=7.0):
     """Euler-Maruyama on the VE reverse SDE from per-sample sigma_start to sigma_end (official training/sampler.py):
     the Karras grid t_j between the two, then x += 2 (t_{j+1} - t_j)(x - D(x, t_j)) / t_j + sqrt(2 |dt| t_j) z_j,
-    no Heun correction, no step to 0. x (N, C, H, W); sigma_start, sigma_end (N, 1, 1, 1); z (steps - 1, N, C, H, W)."""
+    no Heun correction, no step to 0. x (N, C, H, W); sigma_start, sigma_end (N, 1, 1, 1); z (steps - 1, N, C, H, W).
+    The official steps run in float64 (its x_t and grid are float64, see ambient_loss); here x keeps its dtype."""
     fraction = torch.linspace(0, 1, z.shape[0] + 1, device=x.device).view(-1, 1, 1, 1, 1)
     t = (sigma_start ** (1 / rho) + fraction * (sigma_end ** (1 / rho) - sigma_start ** (1 / rho))) ** rho
     for j in range(z.shape[0]):                                                            # t: (steps, N, 1, 1, 1)
@@ -1012,7 +1015,9 @@ def prepare_data(cfg, log, pool):
     if x.shape[1] != x.shape[2]:
         fail(f'--data: {cfg.data}: images must be square, got height {x.shape[1]} x width {x.shape[2]}')
     label_dim = class_count(cfg, len(x), y) if cfg.cond else 0
-    raw_index = keep_subset(len(x), cfg.dataset_keep_percentage)  # official max_size, applied before xflip
+    # Official quirk: train.py sets max_size = int(len(dataset) * keep) with len counting the x-flipped copies, then
+    # applies it before xflip, so with --xflip twice the fraction is kept (all images once keep >= 0.5).
+    raw_index = keep_subset(len(x), cfg.dataset_keep_percentage * (2 if cfg.xflip else 1))
     if len(raw_index) == 0:
         fail('--dataset_keep_percentage keeps no image')
     shape = (x.shape[3], x.shape[1], x.shape[2])  # (C, H, W), the shape of the official per-pixel draws

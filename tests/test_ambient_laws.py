@@ -596,16 +596,20 @@ def test_official_dataset_bit_for_bit():
     """The default data set equals ambient_utils' ImageFolderDataset (as train.py configures it) bit for bit: the
     kept subset (max_size), which images are noisy (NumPy seeded with the raw index: a per-pixel Bernoulli(1) mask,
     then u, noisy iff u <= p) and their observed pixels (float32 image += sigma * float64 noise). --xflip copies keep
-    their image's noise, unflipped, as the official __getitem__ flips before adding it."""
+    their image's noise, unflipped, as the official __getitem__ flips before adding it; and train.py's max_size counts
+    the flipped copies, so --xflip keeps twice the fraction: int(400 * 0.3) = 120 of the 200 images."""
     p, sigma = 0.3, 0.2
     cfg = al.resolve_config({'preset': 'tiny', 'data': TINY_DATA, 'sigma': sigma, 'corruption_probability': p,
-                             'dataset_keep_percentage': 0.6, 'xflip': True})
+                             'dataset_keep_percentage': 0.3, 'xflip': True})
     x, _ = al.load_dataset(TINY_DATA)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         images, _, sigma_n, raw_index, _ = al.prepare_data(cfg, lambda *a: None, pool)
         eps = al.numpy_noise(raw_index, sigma_n, (3, 32, 32), pool)
     ours = al.observe(images, torch.from_numpy(sigma_n), eps).numpy()
     n = len(raw_index) // 2
+    official = np.arange(len(x))                                    # ambient_utils max_size, int(2 N keep)
+    np.random.RandomState(0).shuffle(official)
+    assert np.array_equal(raw_index[:n], np.sort(official[:int(2 * len(x) * 0.3)]))
     assert n == 120 and np.array_equal(raw_index[:n], raw_index[n:])
     noisy = []
     for k, raw in enumerate(raw_index[:n]):

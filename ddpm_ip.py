@@ -72,9 +72,9 @@ class Config:
     class_cond: bool = False                      # condition on dataset labels; official flag (paper: unconditional)
     num_classes: int = 10                         # label range [0, num_classes); DDPM-IP script_util.py NUM_CLASSES
     random_flip: bool = True                      # horizontal flips, p = 0.5; official image_datasets.py default
-    input_perturbation: float = 0.1               # gamma, official --input_pertub; 0 = ADM baseline; README 0.1
+    input_perturbation: float = 0.1               # gamma (official --input_pertub, default 0.0); 0 = ADM; README 0.1
     diffusion_steps: int = 1000                   # T; DDPM-IP commands
-    noise_schedule: str = 'cosine'                # cosine | linear; DDPM-IP commands
+    noise_schedule: str = 'cosine'                # cosine | linear; DDPM-IP commands (official default linear)
     timestep_respacing: str = ''                  # kept steps: '' = all T, 100, 10,20 or ddim50 (official flag)
     # Network: a nets.UNET_PRESETS entry under the official model flags that are given.
     arch: str = 'adm-cifar10'                     # network preset
@@ -90,11 +90,11 @@ class Config:
     use_scale_shift_norm: bool = None             # FiLM time conditioning
     resblock_updown: bool = None                  # resample with ResBlocks
     use_new_attention_order: bool = None          # qkv layout (True for all DDPM-IP models)
-    learn_sigma: bool = True                      # 2C outputs: eps and the variance interpolation v; DDPM-IP commands
+    learn_sigma: bool = True                      # eps and variance outputs; DDPM-IP commands (official default False)
     rescale_timesteps: bool = False               # feed t * 1000 / T to the network; official default
     # Optimisation (official train_util.py: AdamW, constant lr, no warm-up, no gradient clipping).
-    rescale_learned_sigmas: bool = True           # VLB weight T/1000 (RESCALED_MSE) instead of 1 (MSE)
-    schedule_sampler: str = 'loss-second-moment'  # uniform | loss-second-moment; DDPM-IP commands
+    rescale_learned_sigmas: bool = True           # VLB weight T/1000, else 1; DDPM-IP commands (official default False)
+    schedule_sampler: str = 'loss-second-moment'  # or uniform; DDPM-IP commands (official default uniform)
     lr: float = 1e-4                              # learning rate; official default
     lr_anneal_steps: int = 0                      # > 0: lr decays linearly to 0 over this many steps, then stop
     weight_decay: float = 0.0                     # AdamW weight decay; official default

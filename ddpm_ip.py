@@ -734,11 +734,11 @@ def ip_loss(net, diffusion, x0, t, eps, xi, gamma, rescale_learned_sigmas=True, 
     training_losses). The VLB term (learned sigma only) uses the same y_t and a stop-gradient on the eps channels,
     so it trains the variance alone (Nichol & Dhariwal Eq. 16); its weight w is T / 1000 with
     rescale_learned_sigmas (official RESCALED_MSE), else 1 (MSE). Fixed variances: loss = mse, vb = 0."""
-    # Ning et al. 2023 (arXiv:2301.11706), Algorithm 1: y_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) (eps + gamma xi).
+    # Ning et al. 2023 (arXiv:2301.11706), DDPM-IP training: y_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) (eps + gamma xi).
     y_t = diffusion.q_sample(x0, t, eps + gamma * xi)                     # (B, C, H, W)
     out = net(y_t, diffusion.model_time[t], class_labels).float()         # (B, C or 2C, H, W)
     eps_hat = out[:, :x0.shape[1]]
-    # Ning et al. 2023, Algorithm 1: the loss || eps - eps_theta(y_t, t) ||^2, whose target is eps, not eps + gamma xi.
+    # Ning et al. 2023, same algorithm: the loss || eps - eps_theta(y_t, t) ||^2, whose target is eps, not eps + gamma xi.
     mse = (eps - eps_hat).square().flatten(1).mean(1)                     # (B,) L_simple
     if out.shape[1] == x0.shape[1]:  # fixed variances: nothing for the VLB to train
         return mse, mse, torch.zeros_like(mse)

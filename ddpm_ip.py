@@ -738,7 +738,7 @@ def ip_loss(net, diffusion, x0, t, eps, xi, gamma, rescale_learned_sigmas=True, 
     y_t = diffusion.q_sample(x0, t, eps + gamma * xi)                     # (B, C, H, W)
     out = net(y_t, diffusion.model_time[t], class_labels).float()         # (B, C or 2C, H, W)
     eps_hat = out[:, :x0.shape[1]]
-    # Ning et al. 2023, same algorithm: the loss || eps - eps_theta(y_t, t) ||^2, whose target is eps, not eps + gamma xi.
+    # Same algorithm: the loss || eps - eps_theta(y_t, t) ||^2, whose target is eps, not eps + gamma xi.
     mse = (eps - eps_hat).square().flatten(1).mean(1)                     # (B,) L_simple
     if out.shape[1] == x0.shape[1]:  # fixed variances: nothing for the VLB to train
         return mse, mse, torch.zeros_like(mse)

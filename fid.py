@@ -83,6 +83,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", "
 #   num            images evaluated (None: all); fewer available is an error, more are subsampled by `select`
 #   select         which `num` images: 'random' = EDM's sorted seeded subset, 'first' = file order (ADM reads its
 #                  sample batch in order), 'all'
+#                  Known difference: guided-diffusion's evaluator itself reads every image of the sample batch; the
+#                  50,000 of `adm` is the count ADM reports, so a batch of more is cut to its first 50,000 here and
+#                  a batch of fewer needs an explicit --num.
 #   is_split_size  Inception Score splits: None = 10 equal consecutive splits (StyleGAN3), k = consecutive
 #                  k-image splits with a shorter last one (ADM's evaluator)
 #   reference      the reference statistics the tool reads

@@ -2910,8 +2910,7 @@ def _read_edm_pickle_network(path):
     options_path = os.path.join(os.path.dirname(os.path.abspath(path)), 'training_options.json')
     training_options = None
     if os.path.isfile(options_path):
-        with open(options_path) as f:
-            training_options = json.load(f)
+        training_options = read_json(options_path)
     extra = dict(training_options=training_options, dataset_kwargs=data.get('dataset_kwargs'))
     for name in ('loss_fn', 'augment_pipe'):
         record = data.get(name)
@@ -2941,8 +2940,7 @@ def _read_hf_network(folder):
     weights = [path for path in weights if os.path.isfile(path)]
     if not os.path.isfile(config_path) or not weights:
         raise WeightsNotFoundError(f'{folder}: a Hugging Face checkpoint needs config.json and model.safetensors')
-    with open(config_path) as f:
-        kwargs = json.load(f)
+    kwargs = read_json(config_path)
     kwargs.pop('class_name', None)  # ambient-laws' generate.py sets it to training.networks.EDMPrecond
     return load_weights_file(weights[0]), 'EDMPrecond', kwargs, dict(training_options=None)
 

@@ -300,6 +300,16 @@ def test_pickle_refuses_unknown_globals_and_runs_nothing(tmp_path):
         nets.load_edm_pickle(tmp_path / 'torch_module.pkl')
 
 
+def test_unreadable_training_options_are_one_line_naming_the_file(tmp_path):
+    net = random_unet()
+    path = tmp_path / 'network-snapshot-000000.pkl'
+    edm_layouts.write_edm_pickle(path, net, edm_layouts.edm_precond_kwargs(net))
+    (tmp_path / 'training_options.json').write_text('{"network_kwargs": ')  # cut short
+    with pytest.raises(ValueError) as info:
+        nets.load_edm_network(path)
+    assert 'training_options.json' in str(info.value) and '\n' not in str(info.value)
+
+
 def test_ncsnpp_is_refused_in_one_line(tmp_path):
     net = random_unet()
     kwargs = edm_layouts.edm_precond_kwargs(net, embedding_type='fourier', encoder_type='residual')

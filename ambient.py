@@ -1436,8 +1436,9 @@ def sampling_masks(net_config, seeds, generators, num_masks, device, sampler='am
                    delta_probability=None, mask_full_rgb=None, corruption_pattern=None):
     """The fixed sampling masks (K, B, C, H, W) float64, or None for a plain EDM network. dust: each pixel kept with
     the training marginal of A_tilde, (1 - p)(1 - delta) (official eval.py); box patterns: A_tilde drawn as in
-    training. Unset arguments take the training values. From the per-seed generators (the official masks come from
-    NumPy's global RNG, which makes samples irreproducible)."""
+    training (the official eval.py draws dust masks whatever the training pattern). Unset arguments take the
+    training values. From the per-seed generators (the official masks come from NumPy's global RNG, which makes
+    samples irreproducible)."""
     if net_config['precond'] != 'ambient':
         return None
     channels, resolution = net_config['channels'], net_config['unet']['img_resolution']
@@ -1513,7 +1514,8 @@ def sampling_parser(prog, description, network_required=True):
     flag(group, '--sigma_min', help='lowest noise level', default=0.002, type=float)
     flag(group, '--sigma_max', help='highest noise level', default=80.0, type=float)
     flag(group, '--rho', help='time step exponent', default=7.0, type=float)
-    flag(group, '--S_churn', help='stochasticity strength', default=0.0, type=float)
+    flag(group, '--S_churn', help='stochasticity strength; ours only (the official sampler takes it, eval.py has '
+         'no flag)', default=0.0, type=float)
     flag(group, '--S_min', help='lowest noise level with churn', default=0.0, type=float)
     flag(group, '--S_max', help='highest noise level with churn', default=float('inf'), type=float)
     flag(group, '--S_noise', help='noise inflation of the churn', default=1.0, type=float)

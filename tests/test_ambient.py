@@ -312,9 +312,50 @@ def test_reconstruction_guidance():
     assert (guided - one).abs().max() > 0.1 * x.abs().max()
 
 
+def test_churn_and_clip_follow_the_official_recursion():
+    """The official eval.py step written out for one mask: churn to t_hat, Euler point from x_cur (not x_hat), Heun
+    average from x_hat, last step x_hat + Euler; the denoiser clipped by s = max(np.percentile(|D|, 0.99), 1) per
+    image, D -> clip(D, s) / s. Image 0's denoiser exceeds 1 everywhere, so s > 1 there and the clip is not static."""
+    generator = torch.Generator().manual_seed(5)
+    masks = (torch.rand(1, 2, C, H, W, generator=generator) < 0.7).double()
+    latents = torch.randn(2, C, H, W, generator=generator, dtype=torch.float64)
+    offset = torch.tensor([1.6, 0.0]).reshape(-1, 1, 1, 1) + 0.4 * torch.linspace(0, 1, DIM).reshape(C, H, W)
+    toy = lambda inputs, sigma, **_: offset + 0.2 * inputs[:, :C] / (1 + sigma.reshape(-1, 1, 1, 1))  # noqa: E731
+    churn_noise = torch.randn(2, C, H, W, generator=generator, dtype=torch.float64)
+    noise = lambda x: churn_noise  # noqa: E731
+
+    def clipped(x, t):
+        D = toy(torch.cat([masks[0] * x, masks[0]], 1).float(), t.float().expand(2)).double()
+        s = np.maximum(np.percentile(D.abs().numpy(), 0.99, axis=(1, 2, 3)), 1.0)
+        s = torch.from_numpy(s).reshape(-1, 1, 1, 1)
+        return torch.clip(D, -s, s) / s
+    steps, S_churn, S_min, S_max = 5, 2.0, 0.001, 20.0                              # churn at all but t_0 = 80
+    i = torch.arange(steps, dtype=torch.float64)
+    t = torch.cat([(80 ** (1 / 7) + i / (steps - 1) * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7, torch.zeros(1)])
+    x = latents * t[0]
+    for k in range(steps):
+        gamma = min(S_churn / steps, 2 ** 0.5 - 1) if S_min <= t[k] <= S_max else 0.0
+        t_hat = t[k] * (1 + gamma)
+        x_hat = x + (t_hat ** 2 - t[k] ** 2).sqrt() * noise(x)
+        d1 = (t[k + 1] - t_hat) * (x_hat - clipped(x_hat, t_hat)) / t_hat
+        x_next = x + d1
+        if k < steps - 1:
+            d2 = (t[k + 1] - t_hat) * (x_next - clipped(x_next, t[k + 1])) / t[k + 1]
+            x = x_hat + 0.5 * (d1 + d2)
+        else:
+            x = x_hat + d1
+    out = ambient.ambient_sampler(toy, latents, masks, num_steps=steps, S_churn=S_churn, S_min=S_min, S_max=S_max,
+                                  randn_like=noise)
+    assert (out - x).abs().max() < 1e-6 * x.abs().max()
+    static = ambient.ambient_sampler(lambda inputs, sigma, **_: toy(inputs, sigma).clip(-1, 1), latents, masks,
+                                     num_steps=steps, S_churn=S_churn, S_min=S_min, S_max=S_max, randn_like=noise)
+    assert (static - x).abs().max() > 1e-3                   # s > 1 mattered: image 0's smallest value became < 1
+
+
 def test_churn_is_official_and_reproducible():
-    """S_churn > 0 (official eval.py flag): noise from randn_like at every step; no step in [S_min, S_max] gives the
-    deterministic sampler; generate_images draws the churn noise from the per-seed generators."""
+    """S_churn > 0 (an argument of the official ambient_sampler): noise from randn_like at every step; no step in
+    [S_min, S_max] gives the deterministic sampler; generate_images draws the churn noise from the per-seed
+    generators."""
     generator = torch.Generator().manual_seed(4)
     masks = (torch.rand(1, 2, C, H, W, generator=generator) < 0.5).double()
     latents = torch.randn(2, C, H, W, generator=generator, dtype=torch.float64)

@@ -529,8 +529,9 @@ def keep_subset(num_images, keep):
 def official_draws(raw_idx, shape, with_noise=True):
     """The random draws of one image in ambient_utils' ImageFolderDataset.__getitem__ (dataset_utils.py), bit for
     bit: NumPy's legacy generator seeded with the image's raw index draws a per-pixel Bernoulli mask (train.py sets
-    its probability to 1; the mask is not used), then u ~ U[0, 1): the image is clean iff u > p; then, for a noisy
-    image, eps ~ N(0, I) in float64. Returns (u, eps or None); shape is (C, H, W)."""
+    its probability to 1; the mask is not used), then u ~ U[0, 1): the image is clean iff u > p (ambient_utils
+    2fe0e13 on; before it, p was the clean fraction); then, for a noisy image, eps ~ N(0, I) in float64. Returns
+    (u, eps or None); shape is (C, H, W)."""
     rng = np.random.RandomState(int(raw_idx))
     rng.binomial(1, 1.0, size=shape)
     u = rng.rand()
@@ -1404,7 +1405,8 @@ def evaluate(given):
     """Metrics (fid.py, one Inception pass) of --num samples of --network drawn in memory (seeds 0..num-1), or of the
     images in --gen_path (official eval_fid.py). Prints them as JSON and appends them to metrics.jsonl beside the
     network (or writes --out_path; with --gen_path, fid_out.json with the official keys fid_score and
-    inception_score). Every check (reference, protocol, weights, image count) runs before the long pass."""
+    inception_score). Every check (reference, protocol, weights, image count) runs before the long pass. --ref_path
+    works here; the official eval_fid.py leaves ref_mu undefined with it."""
     cfg = resolve_config({'batch': COMMAND_DEFAULTS['eval']['batch'], **given})
     if bool(cfg.gen_path) == bool(cfg.network):
         fail('eval needs --network (sample from it) or --gen_path (a folder of images), not both')

@@ -231,7 +231,7 @@ REFUSED = {
 }
 REFUSAL = '{} (official giannisdaras/ambient-laws flag) is not supported: {}'
 COMMAND_DEFAULTS = {'generate': dict(batch=64, outdir=''), 'eval': dict(batch=64)}  # official generate / eval_fid
-HELP = {('generate', 'batch'): 'images per sampling batch, all GPUs together',
+HELP = {('generate', 'batch'): 'most images per sampling batch on each GPU',
         ('generate', 'outdir'): 'the folder that receives the PNGs',
         ('eval', 'batch'): 'images per sampling and Inception batch'}
 

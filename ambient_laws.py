@@ -327,7 +327,9 @@ def parse_args(argv):
     for alias, (name, scale) in ALIASES[command].items():
         if f'alias_{name}' in given:
             value = given.pop(f'alias_{name}')
-            given[name] = max(int(value * scale), 1) if scale != 1 else value  # EDM: max(int(duration * 1000), 1)
+            if scale != 1:  # EDM train.py: max(int(duration * 1000), 1) and int(ema * 1000)
+                value = max(int(value * scale), 1) if name == 'kimg' else int(value * scale)
+            given[name] = value
     return command, given
 
 

@@ -638,6 +638,7 @@ OFFICIAL_FLAGS = [  # (command, official flag, field, value): every flag of trai
     ('train', '--batch-gpu=4', 'batch_gpu', 4), ('train', '--cbase=16', 'cbase', 16),
     ('train', '--cres=1,2', 'cres', '1,2'), ('train', '--lr=2e-4', 'lr', 2e-4),
     ('train', '--weight_decay=0.1', 'weight_decay', 0.1), ('train', '--ema=0.01', 'ema_halflife_kimg', 10),
+    ('train', '--ema=0.0001', 'ema_halflife_kimg', 0), ('train', '--duration=0.0001', 'kimg', 1),
     ('train', '--dropout=0.2', 'dropout', 0.2), ('train', '--augment=0.3', 'augment', 0.3),
     ('train', '--xflip=1', 'xflip', True), ('train', '--fp16=0', 'fp16', False), ('train', '--ls=2', 'ls', 2.0),
     ('train', '--bench=0', 'bench', False), ('train', '--cache=1', 'cache', True),

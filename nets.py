@@ -1612,7 +1612,7 @@ def load_vqmodel(path_or_folder, cache_dir=None):
         source = resolve_source(path_or_folder, files, cache_dir)
     except WeightsNotFoundError as error:  # a hub pipeline repository: its autoencoder is in vqvae/
         repo = str(path_or_folder).rstrip('/').removeprefix('hf://')
-        if '(HTTP 404' not in str(error) or repo.endswith('/vqvae'):
+        if '(HTTP 404' not in str(error) or repo.endswith('/vqvae') or repo.startswith(('http://', 'https://')):
             raise
         source = resolve_source(f'hf://{repo}/vqvae', files, cache_dir)
     if os.path.isdir(source):

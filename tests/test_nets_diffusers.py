@@ -622,6 +622,9 @@ def test_load_vqmodel_from_a_hub_pipeline_repo(tmp_path, monkeypatch):
             loaded = nets.load_vqmodel(source, cache_dir=tmp_path / 'cache')
             with torch.no_grad():
                 assert torch.equal(loaded.decode(h), vq.decode(h))
+        # A URL is not a repo: its 404 is reported as it is, with no vqvae/ fallback.
+        with pytest.raises(nets.WeightsNotFoundError, match=r'missing\.ckpt \(HTTP 404\)'):
+            nets.load_vqmodel(f'{base_url}/missing.ckpt', cache_dir=tmp_path / 'cache')
 
 
 def test_unet2dmodel_with_pre_refactor_attention_names():

@@ -38,6 +38,7 @@ import pickle
 import re
 import struct
 import tempfile
+import types
 import unicodedata
 import urllib.parse
 
@@ -2642,7 +2643,20 @@ EDM_PICKLE_GLOBALS = {
 }
 
 
-class _EDMUnpickler(pickle.Unpickler):
+class _EDMUnpickler(pickle._Unpickler):
+    """The pure-Python unpickler, so that BUILD can be checked: a pickle may only set the state of the objects it
+    made (a container, a dtype), never attributes of a class or function that find_class returned."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def load_build(self):
+        if isinstance(self.stack[-2], (type, types.FunctionType, types.BuiltinFunctionType)):
+            raise pickle.UnpicklingError(f'it sets attributes of {getattr(self.stack[-2], "__name__", "a global")}, '
+                                         'which no EDM network snapshot does')
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.BUILD[0]] = load_build
+
     def find_class(self, module, name):
         if (module, name) not in EDM_PICKLE_GLOBALS:
             raise pickle.UnpicklingError(f'it refers to {module}.{name}, which no EDM network snapshot holds '

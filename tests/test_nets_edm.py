@@ -4,6 +4,7 @@ EDM / ambient-diffusion pickles, the SongUNet / DhariwalUNet key maps, and load_
 import concurrent.futures
 import os
 import pickle
+import struct
 
 import pytest
 import torch
@@ -298,6 +299,17 @@ def test_pickle_refuses_unknown_globals_and_runs_nothing(tmp_path):
         pickle.dump({'ema': torch.nn.Linear(2, 2)}, f)
     with pytest.raises(ValueError, match=r'torch\.nn\.modules\.linear\.Linear'):
         nets.load_edm_pickle(tmp_path / 'torch_module.pkl')
+
+    # An allowed global must not be changed by the pickle: BUILD on a class or function (here the tensor rebuild
+    # function's defaults, set through the slot-state form of BUILD) would alter the reader for the whole process.
+    defaults = nets._rebuild_parameter.__defaults__
+    crafted = (pickle.PROTO + bytes([2]) + pickle.GLOBAL + b'torch._utils\n_rebuild_parameter\n'
+               + pickle.NONE + pickle.EMPTY_DICT + pickle.BINUNICODE + struct.pack('<I', 12) + b'__defaults__'
+               + pickle.EMPTY_TUPLE + pickle.SETITEM + pickle.TUPLE2 + pickle.BUILD + pickle.STOP)
+    (tmp_path / 'crafted.pkl').write_bytes(crafted)
+    with pytest.raises(ValueError, match='sets attributes of _rebuild_parameter'):
+        nets.load_edm_pickle(tmp_path / 'crafted.pkl')
+    assert nets._rebuild_parameter.__defaults__ == defaults
 
 
 def test_unreadable_training_options_are_one_line_naming_the_file(tmp_path):

@@ -151,7 +151,9 @@ SHOWN_DEFAULTS = {'precision': 'bf16 on CUDA, fp32 on CPU', 'device': 'cuda when
                   'cache_dir': '~/.cache/ambient-diffusion', 'data': 'required'}
 
 # Official recipes. celeba64 is the README command; cifar10 and afhq64 have no command in the official repo, so they
-# take train.py's defaults (= EDM CIFAR-10) and EDM's AFHQv2-64 settings, with the README's masking flags.
+# take train.py's defaults (= EDM CIFAR-10) and EDM's AFHQv2-64 settings, with the README's masking flags. The README
+# train command passes --delta_probability=<corruption_probability>, most likely a slip (its eval command passes
+# <delta_probability>); no preset sets delta, so it stays train.py's default 0.1.
 PRESETS = {
     'cifar10': dict(arch='ddpmpp-cifar10', batch=512, lr=1e-3, dropout=0.13, augment=0.12, mask_full_rgb=True,
                     max_grad_norm=1.0, cond=True),  # cond: the paper-time eval.py hard-coded label_dim=10 at 32x32

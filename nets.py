@@ -3028,3 +3028,15 @@ def load_network(path, **overrides):
         raise ValueError(f'{path}: not a guided-diffusion/DDPM-IP UNet or DiT checkpoint '
                          f'(first keys: {", ".join(list(state_dict)[:3])})')
     return net.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Official files of ambient-diffusion and ambient-laws (ambient.py, ambient_laws.py)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Official files of guided-diffusion / DDPM-IP: optimizer, EMA and resume files (ddpm_ip.py)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Diffusers pipelines, DiT specs and the VQ glue of ldm_labelnoise.py

@@ -1,39 +1,35 @@
 """Ambient Diffusion: Learning Clean Distributions from Corrupted Data.
 
-Giannis Daras, Kulin Shah, Yuval Dagan, Aravind Gollakota, Alexandros G. Dimakis, Adam Klivans. NeurIPS 2023.
-arXiv:2305.19256. Official code: github.com/giannisdaras/ambient-diffusion (EDM-based); this file follows it.
+Giannis Daras, Kulin Shah, Yuval Dagan, Aravind Gollakota, Alexandros G. Dimakis, Adam Klivans.
+NeurIPS 2023, arXiv:2305.19256. Official code (EDM-based): github.com/giannisdaras/ambient-diffusion
 
-Every training image is seen only through a fixed random inpainting mask A (each pixel erased with probability p).
-Ambient Diffusion corrupts it further with a second mask B (probability delta), A_tilde = B * A, shows the network
-only A_tilde x_t and A_tilde, and asks it to predict the image on all pixels that A keeps, including those that B hid.
-Since the network cannot tell which of its hidden pixels A kept, the minimiser is E[x0 | A_tilde x_t, A_tilde] on
-every pixel (the paper's main theorem): a clean-data denoiser, learned without a clean image. Sampling runs EDM's Heun
-sampler with that denoiser under one fixed mask (the official "fixed-mask sampler"), optionally with reconstruction
-guidance across several masks. Everything else is EDM (Karras et al. 2022): preconditioning, noise levels, EMA.
+Every training image is seen only through a fixed random inpainting mask A (each pixel erased with
+probability p). Ambient Diffusion erases more with a second mask B (probability delta),
+A_tilde = B A, shows the network only A_tilde x_t and A_tilde, and asks it to predict the image on
+every pixel that A keeps. The network cannot tell which of its hidden pixels A kept, so the
+minimiser is E[x0 | A_tilde x_t, A_tilde] on every pixel: a clean-data denoiser, learned without a
+clean image. Sampling runs EDM's Heun sampler with that denoiser under one fixed mask. The rest is
+EDM (Karras et al. 2022). Commands, presets, official flags and the official code's quirks:
+docs/ambient.md.
 
-Quick start (CPU, 1-2 minutes):
+CPU smoke run (1-2 minutes); eight GPUs on CIFAR-10 (drop `torchrun ... 8` for one GPU); then FID:
     python ambient.py --preset=tiny --data=tests/data/cifar10_tiny.npz --corruption_probability=0.6 --kimg=2
-One GPU, the official CelebA-64 recipe with 90% of the pixels missing:
-    python ambient.py --preset=celeba64 --data=datasets/celeba-64x64.zip --corruption_probability=0.9
-Eight GPUs, CIFAR-10 (downloaded once); add --resume=auto to continue the newest matching run:
     torchrun --standalone --nproc_per_node=8 ambient.py --preset=cifar10 --data=cifar10 --corruption_probability=0.6
-Generate 50k images, FID against reference statistics (`python fid.py ref --data=cifar10 --dest=cifar10.npz`); the
-`--` keeps torchrun from reading --num as an abbreviation of its own --numa-binding:
-    torchrun --standalone --nproc_per_node=8 ambient.py generate --network=NET.pt --seeds=0-49999 --outdir=out
-    torchrun --standalone --nproc_per_node=8 -- ambient.py eval --network=NET.pt --ref=cifar10.npz --num=50000
-Memorisation check (nearest training neighbours of generated images; --features=dinov2 as official):
-    python ambient.py neighbors --network=NET.pt --data=cifar10 --num=10000 --output_dir=out/neighbors
-The official command lines run as written with `ambient.py train`, `ambient.py eval` and `ambient.py neighbors` in
-place of train.py, eval.py and find_dataset_neighbors.py; NET may also be an official network-snapshot-*.pkl.
+    python fid.py ref --protocol=edm --data=cifar10 --dest=fid-refs/cifar10.npz
+    torchrun --standalone --nproc_per_node=8 -- ambient.py eval --network=NET.pt --ref=fid-refs/cifar10.npz
+The official train.py, eval.py and find_dataset_neighbors.py command lines run as written with
+`ambient.py train`, `eval` and `neighbors` in their place.
+
+Read in this order: corruption_masks, ambient_loss, Precond, ambient_sampler, training_loop, main.
 """
 
 import argparse
-import concurrent.futures
+import atexit
 import contextlib
 import copy
 import dataclasses
+import errno
 import glob
-import hashlib
 import inspect
 import io
 import json
@@ -42,430 +38,112 @@ import os
 import pickle
 import re
 import shutil
+import signal
+import socket
 import sys
-import tarfile
-import tempfile
+import threading
 import time
 import zipfile
 
 import numpy as np
 import PIL.Image
-import requests
 import torch
 import torch.nn.functional as F
 
 import fid
 import nets
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Configuration
 
 
 @dataclasses.dataclass
 class Config:
     # Data and corruption.
-    data: str = ''                         # image folder, EDM zip, .npz (x, y) or the word cifar10
-    cond: bool = False                     # class-conditional on dataset labels
-    num_classes: int = 0                   # labels lie in [0, num_classes); 0 = the largest label + 1
-    max_size: int = 0                      # keep this many images (RandomState(0) subset as official); 0 = all
-    xflip: bool = False                    # add x-flipped copies of every image (dataset twice as long)
-    corruption_probability: float = 0.4   # p: chance that A erases a pixel (dust), or the box/patch size
-    delta_probability: float = 0.1         # delta: chance that B erases a pixel A kept
-    mask_full_rgb: bool = False            # erase a pixel's channels together (dust)
-    corruption_pattern: str = 'dust'       # dust, box, fixed_box or keep_patch (official dataset.py patterns)
-    mask_seed: int = 0                     # 0 = the official masks (seeded by image index); other values redraw them
-    resample_delta: bool = False           # draw B afresh every step (the paper's wording); official: fixed per image
-    augment: float = 0.12                  # EDM augmentation probability
-    augment_mode: str = 'official'         # official: augment the clean image, then mask; joint: image and masks
-    cache: bool = True                     # hold the dataset in memory (always; False is refused)
-    workers: int = 1                       # threads decoding images (official: DataLoader processes)
-    cache_dir: str = ''                    # downloads: cifar10 and --transfer URLs (those default to nets' cache)
+    data: str = ''                        # image folder, EDM zip, .npz (x, y) or cifar10 (required)
+    cond: bool = False                    # class-conditional on dataset labels
+    num_classes: int = 0                  # labels lie in [0, num_classes); 0 = largest label + 1
+    max_size: int = 0                     # keep this many images (official RandomState(0) subset)
+    xflip: bool = False                   # add x-flipped copies of every image (twice as long)
+    corruption_probability: float = 0.4   # p: chance that A erases a pixel (dust), or the box size
+    delta_probability: float = 0.1        # delta: chance that B erases a pixel A kept
+    mask_full_rgb: bool = False           # erase a pixel's channels together (dust)
+    corruption_pattern: str = 'dust'      # dust, box, fixed_box or keep_patch (official patterns)
+    mask_seed: int = 0                    # 0 = the official masks (seeded by image index)
+    resample_delta: bool = False          # draw B afresh every step (paper); official: per image
+    augment: float = 0.12                 # EDM augmentation probability
+    augment_mode: str = 'official'        # official: augment, then mask; joint: image and masks
+    workers: int = 1                      # threads decoding images (official: DataLoader processes)
+    cache_dir: str = ''                   # downloads: cifar10 and --transfer URLs
     # Network.
-    arch: str = 'ddpmpp'                   # ddpmpp (EDM DDPM++) or a DDPM++ preset name of nets.UNET_PRESETS
-    cbase: int = 0                         # model_channels, 0 = the arch's (128)
-    cres: str = ''                         # channel_mult such as 1,2,2,2; empty = the arch's (2,2,2)
-    dropout: float = 0.13                  # dropout probability
-    gated: bool = True                     # gated convolutions, gate = sigmoid(sigmoid(conv))
-    precond: str = 'ambient'               # ambient: masked input + mask channels; edm: EDM on the masked images
-    sigma_data: float = 0.5                # EDM preconditioning (training/networks.py constant)
-    transfer: str = ''                     # start from a network snapshot (.pkl / .pt, path or URL), fresh optimizer
+    arch: str = 'ddpmpp'                  # ddpmpp (EDM DDPM++) or a preset of nets.UNET_PRESETS
+    cbase: int = 0                        # model_channels, 0 = the arch's (128)
+    cres: str = ''                        # channel_mult such as 1,2,2,2; empty = the arch's (2,2,2)
+    dropout: float = 0.13                 # dropout probability
+    gated: bool = True                    # gated convolutions, gate = sigmoid(sigmoid(conv))
+    precond: str = 'ambient'              # ambient: input and mask channels; edm: naive baseline
+    sigma_data: float = 0.5               # EDM preconditioning (training/networks.py constant)
+    transfer: str = ''                    # start from a snapshot (.pkl / .pt, path or URL)
     # Optimisation.
-    norm: int = 2                          # 2 = squared error, 1 = absolute error (both times lambda)
-    P_mean: float = -1.2                   # mean of ln(sigma) during training (training/loss.py constant)
-    P_std: float = 1.2                     # std of ln(sigma) during training (training/loss.py constant)
-    batch: int = 512                       # global batch
-    batch_gpu: int = 0                     # per-GPU microbatch, 0 = batch / GPUs; gradient accumulation does the rest
-    lr: float = 1e-3                       # learning rate (official 10e-4)
-    lr_rampup_kimg: float = 10000          # linear warm-up (training_loop.py constant)
-    weight_decay: float = 0.0              # > 0 switches Adam to AdamW
-    max_grad_norm: float = 0.0             # gradient clipping, 0 = off (official None)
-    ema: float = 0.5                       # EMA half-life in Mimg
-    ema_rampup_ratio: float = 0.05         # EMA half-life <= ratio * images seen, 0 = off (training_loop.py constant)
-    kimg: float = 200000                   # training length in kimg
-    ls: float = 1.0                        # loss scaling
+    norm: int = 2                         # 2 = squared error, 1 = absolute error (times lambda)
+    P_mean: float = -1.2                  # mean of ln(sigma) during training (EDM constant)
+    P_std: float = 1.2                    # std of ln(sigma) during training (EDM constant)
+    batch: int = 512                      # global batch
+    batch_gpu: int = 0                    # per-GPU microbatch, 0 = batch / GPUs (accumulate)
+    lr: float = 1e-3                      # learning rate (official 10e-4)
+    lr_rampup_kimg: float = 10000         # linear warm-up (training_loop.py constant)
+    weight_decay: float = 0.0             # > 0 switches Adam to AdamW
+    max_grad_norm: float = 0.0            # gradient clipping, 0 = off (official None)
+    ema: float = 0.5                      # EMA half-life in Mimg
+    ema_rampup_ratio: float = 0.05        # half-life <= ratio x images seen, 0 = off (EDM constant)
+    kimg: float = 200000                  # training length in kimg
+    ls: float = 1.0                       # loss scaling
     # Run.
-    outdir: str = 'runs'                   # run folders go here
-    desc: str = ''                         # extra words for the run folder name
-    nosubdir: bool = False                 # write into --outdir itself instead of a numbered run folder
-    tick: float = 50                       # kimg between progress lines
-    snap: int = 50                         # ticks between snapshots
-    dump: int = 500                        # ticks between kept training states (others are replaced)
-    seed: int = 0                          # training seed (data order, noise, augmentation, dropout)
-    resume: str = ''                       # training-state-*.pt path, or auto
-    precision: str = ''                    # bf16 (autocast + TF32) or fp32 (the official numerics)
-    bench: bool = True                     # cuDNN benchmarking
-    compile: bool = False                  # torch.compile the network
-    device: str = ''                       # cuda or cpu
-    experiment_name: str = ''              # a name for the run, kept in config.json (official: the wandb run name)
-    dry_run: bool = False                  # print the resolved config and exit
-    # Sampling (the progress grids; generate/eval/neighbors have their own flags).
-    steps: int = 18                        # Heun steps (35 network evaluations)
-    grid: int = 64                         # images in the progress grid
-    S_churn: float = 10.0                  # parsed and unused, as in the official train.py (see generate/eval)
-    S_min: float = 0.01                    # parsed and unused, as in the official train.py
-    S_max: float = 1.0                     # parsed and unused, as in the official train.py
-    S_noise: float = 1.007                 # parsed and unused, as in the official train.py
+    outdir: str = 'runs'                  # run folders go here
+    desc: str = ''                        # extra words for the run folder name
+    nosubdir: bool = False                # write into --outdir itself, not a numbered run folder
+    tick: float = 50                      # kimg between progress lines
+    snap: int = 50                        # ticks between snapshots
+    dump: int = 500                       # ticks between kept training states (others replaced)
+    seed: int = 0                         # training seed (data order, noise, augmentation, dropout)
+    resume: str = ''                      # training-state-*.pt path, or auto
+    precision: str = ''                   # bf16 or fp32 (default: bf16 on CUDA, fp32 on CPU)
+    bench: bool = True                    # cuDNN benchmarking
+    compile: bool = False                 # torch.compile the network
+    device: str = ''                      # cuda or cpu (default: cuda when available)
+    experiment_name: str = ''             # a name kept in config.json (official: wandb run name)
+    dry_run: bool = False                 # print the resolved config and network, then exit
+    # Sampling: the progress grids (generate, eval and neighbors have their own flags).
+    steps: int = 18                       # Heun steps (35 network evaluations)
+    grid: int = 64                        # images in the progress grid
 
 
-# Help groups of `ambient.py train --help`, in the order of the common CLI.
-GROUPS = {
-    'data and corruption': ['data', 'cond', 'num_classes', 'max_size', 'xflip', 'corruption_probability',
-                            'delta_probability',
-                            'mask_full_rgb', 'corruption_pattern', 'mask_seed', 'resample_delta', 'augment',
-                            'augment_mode', 'cache', 'workers', 'cache_dir'],
-    'network': ['arch', 'cbase', 'cres', 'dropout', 'gated', 'precond', 'sigma_data', 'transfer'],
-    'optimisation': ['norm', 'P_mean', 'P_std', 'batch', 'batch_gpu', 'lr', 'lr_rampup_kimg', 'weight_decay',
-                     'max_grad_norm', 'ema', 'ema_rampup_ratio', 'kimg', 'ls'],
-    'run': ['outdir', 'desc', 'nosubdir', 'tick', 'snap', 'dump', 'seed', 'resume', 'precision', 'bench', 'compile',
-            'device', 'experiment_name', 'dry_run'],
-    'sampling': ['steps', 'grid', 'S_churn', 'S_min', 'S_max', 'S_noise'],
-}
-# Our names that differ from the official train.py's.
-OFFICIAL_NAMES = {'batch_gpu': '--batch-gpu', 'dry_run': '--dry-run', 'kimg': '--duration (in Mimg)',
-                  'precision': '--fp16'}
-# Flags of ours that the official train.py does not have.
-OURS_ONLY = {'num_classes', 'mask_seed', 'resample_delta', 'augment_mode', 'cache_dir', 'sigma_data', 'P_mean', 'P_std',
-             'lr_rampup_kimg', 'ema_rampup_ratio', 'compile', 'device', 'steps', 'grid'}
-# Defaults that are decided at run time, as --help shows them.
-SHOWN_DEFAULTS = {'precision': 'bf16 on CUDA, fp32 on CPU', 'device': 'cuda when available',
-                  'cache_dir': '~/.cache/ambient-diffusion', 'data': 'required'}
-
-# Official recipes. celeba64 is the README command; cifar10 and afhq64 have no command in the official repo, so they
-# take train.py's defaults (= EDM CIFAR-10) and EDM's AFHQv2-64 settings, with the README's masking flags. The README
-# train command passes --delta_probability=<corruption_probability>, most likely a slip (its eval command passes
-# <delta_probability>); no preset sets delta, so it stays train.py's default 0.1.
+# Official recipes (docs/ambient.md#presets). celeba64 is the README command; cifar10 and afhq64
+# have none, so they take train.py's defaults (= EDM CIFAR-10) and EDM's AFHQv2-64 settings.
 PRESETS = {
-    'cifar10': dict(arch='ddpmpp-cifar10', batch=512, lr=1e-3, dropout=0.13, augment=0.12, mask_full_rgb=True,
-                    max_grad_norm=1.0, cond=True),  # cond: the paper-time eval.py hard-coded label_dim=10 at 32x32
-    'celeba64': dict(arch='ddpmpp-64', batch=256, lr=2e-4, dropout=0.1, augment=0.15, mask_full_rgb=True,
-                     max_grad_norm=1.0, max_size=30000),
-    'afhq64': dict(arch='ddpmpp-64', batch=256, lr=2e-4, dropout=0.25, augment=0.15, mask_full_rgb=True,
-                   max_grad_norm=1.0),
-    'tiny': dict(arch='tiny', cbase=16, cres='1,2,2', batch=16, lr=2e-3, lr_rampup_kimg=0.1, dropout=0.0,
-                 augment=0.12, ema=0.0005, kimg=2, tick=0.5, snap=2, dump=4, grid=16, steps=10, mask_full_rgb=True,
-                 workers=4),
+    'cifar10': dict(arch='ddpmpp-cifar10', batch=512, lr=1e-3, dropout=0.13, augment=0.12,
+                    mask_full_rgb=True, max_grad_norm=1.0, cond=True),
+    'celeba64': dict(arch='ddpmpp-64', batch=256, lr=2e-4, dropout=0.1, augment=0.15,
+                     mask_full_rgb=True, max_grad_norm=1.0, max_size=30000),
+    'afhq64': dict(arch='ddpmpp-64', batch=256, lr=2e-4, dropout=0.25, augment=0.15,
+                   mask_full_rgb=True, max_grad_norm=1.0),
+    'tiny': dict(arch='tiny', cbase=16, cres='1,2,2', batch=16, lr=2e-3, lr_rampup_kimg=0.1,
+                 dropout=0.0, augment=0.12, ema=0.0005, kimg=2, tick=0.5, snap=2, dump=4, grid=16,
+                 steps=10, mask_full_rgb=True, workers=4),
 }
 PATTERNS = ('dust', 'box', 'fixed_box', 'keep_patch')
-COMMANDS = {'train': 'train on corrupted images (the default command; official train.py)',
-            'generate': 'one PNG per seed from a snapshot (.pt or official .pkl)',
-            'eval': 'FID and other fid.py metrics of a snapshot or a folder of them (official eval.py)',
-            'neighbors': 'nearest training images of generated ones (official find_dataset_neighbors.py)'}
 
 
-class UsageError(Exception):
-    """A bad flag or input: reported as one line, exit code 2, before anything is written."""
+# --------------------------------------------------------------------------------------------------
+# Corruption: fixed masks A and A_tilde = B A per image
 
 
-def refuse(flag, why, ours, script='train.py'):
-    """The one-line refusal of an official flag (or of one of its values) that we do not offer."""
-    return UsageError(f'{flag} (official ambient-diffusion {script} flag) is not supported: {why}; use {ours}')
-
-
-def parse_bool(text):
-    """True/False, 1/0, yes/no, y/n, t/f, on/off: the spellings click accepts for its BOOL flags."""
-    value = {'1': True, 'true': True, 'yes': True, 'y': True, 't': True, 'on': True,
-             '0': False, 'false': False, 'no': False, 'n': False, 'f': False, 'off': False}.get(text.lower())
-    if value is None:
-        raise argparse.ArgumentTypeError(f'expected a boolean, got {text!r}')
-    return value
-
-
-class QuietParser(argparse.ArgumentParser):
-    """argparse without prefix matching that raises UsageError (one line, exit 2) instead of printing usage."""
-
-    def __init__(self, prog, **kwargs):
-        super().__init__(prog=prog, usage=f'{prog} [--flag=value ...]', allow_abbrev=False, add_help=False,
-                         **kwargs)
-
-    def error(self, message):
-        raise UsageError(message)
-
-
-def flag(group, *names, help, default=None, shown=None, **kwargs):
-    """One flag whose help ends in its default (`shown` where the default is decided later); booleans take --flag,
-    --flag=True, --flag=0 (click's BOOL)."""
-    shown = default if shown is None else shown
-    shown = 'none' if shown in (None, '') else shown
-    text = f'{help} (required)' if shown == 'required' else f'{help} (default: {shown})'
-    if kwargs.get('type') is parse_bool:
-        kwargs.update(nargs='?', const=True)
-    if 'choices' not in kwargs:  # INT, FLOAT, BOOL or STR instead of the upper-cased flag name
-        kwargs.setdefault('metavar', {int: 'INT', float: 'FLOAT', parse_bool: 'BOOL'}.get(kwargs.get('type'), 'STR'))
-    group.add_argument(*names, help=text.replace('%', '%%'), default=default, **kwargs)
-
-
-class DurationAction(argparse.Action):
-    """--duration=MIMG sets --kimg as the official train.py does: max(int(MIMG * 1000), 1)."""
-
-    def __call__(self, parser, namespace, value, option_string=None):
-        setattr(namespace, 'kimg', float(max(int(value * 1000), 1)))
-
-
-def add_help(parser, group):
-    group.add_argument('-h', '--help', action='help', help='show this help and exit')
-
-
-def parse_train_args(argv):
-    """Flags from the Config fields (every official train.py flag among them); --preset fills in defaults that
-    explicit flags override. Returns (Config, preset name)."""
-    parser = QuietParser('ambient.py train', description='Train Ambient Diffusion on corrupted images. Official '
-                         'train.py flags keep their names (also --batch-gpu, --duration, -n/--dry-run).')
-    # One flag per Config field, its help from the field's comment, grouped as the common CLI wants; the official
-    # spellings (--batch-gpu, --dry-run, -n, --duration, --fp16, --wandb_id) sit beside their fields. Defaults stay
-    # None here so that a preset can fill in what the command line leaves out.
-    meanings = dict(re.findall(r'^ +(\w+): .*?# (.*)$', inspect.getsource(Config), re.M))
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    for title, names in GROUPS.items():
-        group = parser.add_argument_group(title)
-        for name in names:
-            text = meanings[name] + (f'; official: {OFFICIAL_NAMES[name]}' if name in OFFICIAL_NAMES else '')
-            text += '; ours only' if name in OURS_ONLY else ''
-            kind = parse_bool if fields[name].type is bool else fields[name].type
-            names_ = [f'--{name}'] + {'batch_gpu': ['--batch-gpu'], 'dry_run': ['--dry-run', '-n']}.get(name, [])
-            flag(group, *names_, help=text, shown=SHOWN_DEFAULTS.get(name, fields[name].default), type=kind,
-                 dest=name)
-            if name == 'kimg':  # sets kimg: the later of --duration and --kimg wins
-                flag(group, '--duration', help='training length in Mimg, official name; max(int(1000 x value), 1) '
-                     'kimg as official', shown=200, type=float, dest='kimg', action=DurationAction)
-            if name == 'precision':
-                flag(group, '--fp16', help='official fp16 switch: False = --precision=fp32; True is refused',
-                     shown=False, type=parse_bool, dest='fp16')
-            if name == 'experiment_name':
-                flag(group, '--wandb_id', help='official wandb run id; refused unless empty', dest='wandb_id')
-        if title == 'run':
-            flag(group, '--preset', help='a recipe that sets defaults: ' + ', '.join(sorted(PRESETS)),
-                 choices=sorted(PRESETS), dest='preset')
-            add_help(parser, group)
-    # Preset values first, then every flag given on the command line.
-    args = parser.parse_args(argv)
-    values = dict(PRESETS[args.preset]) if args.preset else {}
-    # Official spellings: --duration in Mimg (truncated to whole kimg, at least 1, as train.py does), --fp16.
-    official_only = {'preset', 'fp16', 'wandb_id'}
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in official_only}
-    # Official flags without a field of their own: refused values, and --fp16=False as --precision=fp32.
-    if args.wandb_id:
-        raise refuse('--wandb_id', 'there is no wandb logging (stats.jsonl and log.txt hold the metrics)',
-                     '--resume=auto to continue a run')
-    if args.fp16:
-        raise refuse('--fp16=True', 'fp16 training is not offered', '--precision=bf16')
-    if args.fp16 is False:
-        if given.get('precision', 'fp32') != 'fp32':
-            raise UsageError('--fp16=False and --precision=bf16 contradict each other')
-        given['precision'] = 'fp32'
-    values.update(given)
-    cfg = Config(**values)
-    validate(cfg)
-    return cfg, args.preset
-
-
-def validate(cfg):
-    """Range checks of the training flags and refusals of official values we do not offer: the first failure becomes
-    the one error line."""
-    # Official values we do not offer: one refusal line naming our equivalent.
-    if cfg.arch in ('ncsnpp', 'adm'):
-        raise refuse(f'--arch={cfg.arch}', 'only the DDPM++ network (EDM SongUNet, gated) is built', '--arch=ddpmpp')
-    if cfg.precond in ('vp', 've'):
-        raise refuse(f'--precond={cfg.precond}', 'the VP/VE losses are not part of Ambient Diffusion',
-                     '--precond=ambient (or edm, the naive baseline)')
-    if cfg.corruption_pattern == 'downscale':
-        raise refuse('--corruption_pattern=downscale', 'the official dataset.py rejects it too',
-                     '--corruption_pattern=dust, box, fixed_box or keep_patch')
-    if not cfg.cache:
-        raise refuse('--cache=False', 'the dataset is always held in memory', '--cache=True (or leave it out)')
-    # Ranges, in the order of the flags' groups.
-    checks = [
-        (0 <= cfg.corruption_probability < 1, '--corruption_probability must be in [0, 1)'),
-        (0 <= cfg.delta_probability < 1, '--delta_probability must be in [0, 1)'),
-        (cfg.corruption_pattern in PATTERNS, f'--corruption_pattern must be one of {", ".join(PATTERNS)}'),
-        (cfg.norm in (1, 2), '--norm must be 1 or 2'),
-        (cfg.precond in ('ambient', 'edm'), '--precond must be ambient or edm'),
-        (cfg.augment_mode in ('joint', 'official'), '--augment_mode must be joint or official'),
-        (0 <= cfg.augment <= 1, '--augment must be in [0, 1]'),
-        (0 <= cfg.dropout <= 1, '--dropout must be in [0, 1]'),
-        (cfg.batch >= 1 and cfg.batch_gpu >= 0, '--batch must be >= 1 and --batch_gpu >= 0'),
-        (cfg.lr >= 0 and cfg.lr_rampup_kimg >= 0, '--lr and --lr_rampup_kimg must be >= 0'),
-        (cfg.weight_decay >= 0 and cfg.max_grad_norm >= 0, '--weight_decay and --max_grad_norm must be >= 0'),
-        (cfg.ema >= 0 and cfg.ema_rampup_ratio >= 0, '--ema and --ema_rampup_ratio must be >= 0'),
-        (cfg.P_std > 0 and cfg.sigma_data > 0 and cfg.ls > 0, '--P_std, --sigma_data and --ls must be > 0'),
-        (min(cfg.kimg, cfg.tick, cfg.snap, cfg.dump) > 0, '--kimg, --tick, --snap and --dump must be > 0'),
-        (cfg.steps >= 2 and cfg.grid >= 0 and cfg.max_size >= 0, '--steps must be >= 2, --grid and --max_size >= 0'),
-        (cfg.workers >= 1 and cfg.num_classes >= 0, '--workers must be >= 1, --num_classes >= 0'),
-        (min(cfg.S_churn, cfg.S_min, cfg.S_max, cfg.S_noise) >= 0 and cfg.S_min <= 1 and cfg.S_max <= 1,
-         '--S_churn and --S_noise must be >= 0, --S_min and --S_max in [0, 1]'),
-        (cfg.precision in ('', 'fp32', 'bf16'), '--precision must be fp32 or bf16'),
-        (re.fullmatch(r'(\d+,)*\d+', cfg.cres) is not None or cfg.cres == '', '--cres must look like 1,2,2,2'),
-        (cfg.arch == 'ddpmpp' or nets.UNET_PRESETS.get(cfg.arch, {}).get('arch') == 'ddpmpp',
-         f'--arch must be ddpmpp or a DDPM++ preset of nets.UNET_PRESETS, got {cfg.arch!r}'),
-        (not (cfg.transfer and cfg.resume), '--transfer and --resume cannot be specified at the same time'),
-        (bool(cfg.data), '--data is required'),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UsageError(message)
-
-
-def parse_seeds(text):
-    """'0-49999' or '1,2,5-10' -> list of ints (EDM's parse_int_list); an empty or reversed range is an error."""
-    seeds = []
-    for part in text.split(','):
-        match = re.fullmatch(r'(\d+)(?:-(\d+))?', part)
-        if not match:
-            raise UsageError(f'--seeds: cannot parse {part!r} (expected a list such as 0-49999 or 1,2,5-10)')
-        first, last = int(match.group(1)), int(match.group(2) or match.group(1))
-        if last < first:
-            raise UsageError(f'--seeds: the range {part} is empty (reversed)')
-        seeds.extend(range(first, last + 1))
-    return seeds
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Data
-
-
-class DataError(Exception):
-    """Missing, corrupt or inconsistent input data, checkpoint or reference: one line, exit code 2 (bad input)."""
-
-
-CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
-CIFAR10_MD5 = 'c58f30108f718f92721af3b95e74349a'
-
-
-def download_cifar10(cache_dir):
-    """Official CIFAR-10 train set as (50000, 32, 32, 3) uint8 and labels; downloaded once, checked, cached."""
-    path = os.path.join(cache_dir, 'cifar-10-python.tar.gz')
-    for stale in glob.glob(glob.escape(path) + '.tmp*'):  # left by a killed download whose process is gone
-        with contextlib.suppress(ValueError, OSError):
-            pid = int(stale.rsplit('.tmp', 1)[1])
-            try:
-                os.kill(pid, 0)  # raises ProcessLookupError when that process no longer exists
-            except ProcessLookupError:
-                os.remove(stale)
-    if not os.path.exists(path):
-        print(f'Downloading {CIFAR10_URL} ...')
-        try:
-            response = requests.get(CIFAR10_URL, timeout=60)
-            response.raise_for_status()
-        except requests.RequestException as error:
-            raise DataError(f'cannot download CIFAR-10 ({error}); put cifar-10-python.tar.gz into {cache_dir}')
-        if hashlib.md5(response.content).hexdigest() != CIFAR10_MD5:
-            raise DataError('downloaded CIFAR-10 archive has a wrong md5 checksum')
-        os.makedirs(cache_dir, exist_ok=True)
-        write_atomic(path, response.content)
-    with open(path, 'rb') as file:
-        blob = file.read()
-    if hashlib.md5(blob).hexdigest() != CIFAR10_MD5:
-        raise DataError(f'{path} has a wrong md5 checksum; delete it to download again')
-    images, labels = [], []
-    with tarfile.open(fileobj=io.BytesIO(blob)) as archive:
-        for batch in range(1, 6):
-            entry = pickle.load(archive.extractfile(f'cifar-10-batches-py/data_batch_{batch}'), encoding='bytes')
-            images.append(entry[b'data'].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-            labels.append(np.asarray(entry[b'labels'], dtype=np.int64))
-    return np.concatenate(images), np.concatenate(labels)
-
-
-def load_images(path, cache_dir='', workers=4):
-    """Returns images (N, H, W, 3) uint8 and labels (N,) int64 or None, in sorted file-name order (as EDM)."""
-    if path == 'cifar10':  # the official archive, downloaded once
-        return download_cifar10(cache_dir or os.path.expanduser('~/.cache/ambient-diffusion'))
-    if not os.path.exists(path):
-        raise DataError(f'--data: {path} does not exist')
-    if path.endswith('.npz'):
-        try:
-            with np.load(path) as npz:
-                images, labels = npz.get('x'), np.asarray(npz['y']).astype(np.int64) if 'y' in npz else None
-        except (OSError, ValueError, EOFError) as error:
-            raise DataError(f'--data: cannot read {path} ({error})')
-        if images is None or images.dtype != np.uint8 or images.ndim not in (3, 4):
-            raise DataError(f'--data: {path} needs an array x of shape (N, H, W, 3) or (N, H, W) uint8, got '
-                            + ('none' if images is None else f'{images.dtype} {images.shape}'))
-        if images.ndim == 4 and images.shape[-1] not in (1, 3):
-            layout = ' (channels first? transpose it to (N, H, W, C))' if images.shape[1] in (1, 3) else ''
-            raise DataError(f'--data: {path} has x of shape {images.shape}; expected (N, H, W, 3){layout}')
-        if images.ndim == 3 or images.shape[-1] == 1:  # grayscale -> RGB, as for image files
-            images = np.repeat(images.reshape(images.shape[:3] + (1,)), 3, axis=3)
-    else:
-        if os.path.isdir(path):
-            names = sorted(os.path.relpath(os.path.join(root, name), path).replace(os.sep, '/')
-                           for root, _, files in os.walk(path) for name in files)
-            read = lambda name: open(os.path.join(path, name), 'rb').read()  # noqa: E731
-        elif zipfile.is_zipfile(path):
-            archive = zipfile.ZipFile(path)
-            names = sorted(archive.namelist())
-            read = archive.read
-        else:
-            raise DataError(f'--data: {path} is not a folder, a zip or an .npz')
-        image_names = [n for n in names if os.path.splitext(n)[1].lower() in ('.png', '.jpg', '.jpeg', '.bmp', '.webp')]
-        if not image_names:
-            raise DataError(f'--data: no images in {path}')
-        def decode(name):  # -> (H, W, 3) uint8; grayscale and RGBA become RGB
-            try:
-                return np.asarray(PIL.Image.open(io.BytesIO(read(name))).convert('RGB'))
-            except Exception as error:
-                raise DataError(f'cannot read image {name}: {error}')
-        # Decode in threads (PIL releases the GIL); every image must have the same size.
-        with concurrent.futures.ThreadPoolExecutor(max(workers, 1)) as pool:
-            decoded = list(pool.map(decode, image_names))
-        shapes = {image.shape for image in decoded}
-        if len(shapes) != 1:
-            raise DataError(f'--data: images have different sizes {sorted(shapes)[:3]}; resize them first')
-        images = np.stack(decoded)
-        # Labels: EDM's dataset.json ({"labels": [[name, label], ...]}), else the class sub-folder of each image.
-        labels = None
-        if 'dataset.json' in names:
-            table = json.loads(read('dataset.json')).get('labels')
-            if table is not None:
-                table = dict(table)
-                missing = [n for n in image_names if n not in table]
-                if missing:
-                    raise DataError(f'dataset.json has no label for {missing[0]}')
-                labels = np.asarray([table[n] for n in image_names], dtype=np.int64)
-        elif all('/' in n for n in image_names):
-            classes = sorted({n.split('/')[0] for n in image_names})
-            labels = np.asarray([classes.index(n.split('/')[0]) for n in image_names], dtype=np.int64)
-    # Checks shared by every source.
-    if labels is not None and (labels.shape != (len(images),) or labels.min() < 0):
-        raise DataError(f'--data: labels must be {len(images)} non-negative integers')
-    if images.shape[1] != images.shape[2]:
-        raise DataError(f'--data: images must be square, got {images.shape[1]}x{images.shape[2]}')
-    return images, labels
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Corruption: fixed masks A and A_tilde = B * A per image (official training/dataset.py)
-
-
-def corruption_masks(raw_indices, image_shape, corruption_probability, delta_probability, mask_full_rgb, mask_seed=0,
-                     pattern='dust'):
-    """The training masks A (the paper's corruption matrix: what the dataset keeps) and A_tilde = B A (its further
-    corruption: what the network is shown), fixed per image as in the official dataset.py: image i draws from
-    NumPy's and torch's generators seeded by its raw index i, in the official order, so the corrupted dataset is the
-    official one when mask_seed == 0 (other values redraw it). Patterns (official names):
-    - dust: A keeps each pixel with probability 1 - p, B each with 1 - delta (per pixel, or per RGB pixel);
-    - box: A erases a ceil(p H) x ceil(p W) box at a uniform corner (clipped at the border); B erases another box of
-      the same size (the official code sizes B with p, not delta);
-    - fixed_box: A erases an int(p H) square inside the image; B another one when delta > 0, else B = 1;
-    - keep_patch: A keeps only an int((1 - p) H) square; A_tilde keeps an int((1 - delta) size) square inside it.
+def corruption_masks(raw_indices, image_shape, corruption_probability, delta_probability,
+                     mask_full_rgb, mask_seed=0, pattern='dust'):
+    """The corruption A (what the dataset keeps) and its further corruption A_tilde = B A (what the
+    network is shown), fixed per image. dust: A_ij ~ Bernoulli(1 - p), B_ij ~ Bernoulli(1 - delta);
+    box, fixed_box, keep_patch: boxes (docs/ambient.md#masks). Image i draws from generators seeded
+    by its raw index i, so mask_seed=0 gives the official dataset; other values redraw it.
 
     raw_indices: (N,) ints; image_shape: (C, H, W). Returns A, A_tilde: (N, 1 or C, H, W) bool.
     """
@@ -481,34 +159,35 @@ def corruption_masks(raw_indices, image_shape, corruption_probability, delta_pro
             A[row] = rng.binomial(1, 1 - p, size=size)
             A_tilde[row] = A[row] & rng.binomial(1, 1 - delta, size=size).astype(bool)
         else:
-            generator = torch.Generator().manual_seed(int(index) if mask_seed == 0 else derive_seed(mask_seed, index))
-            A[row], A_tilde[row] = box_masks(pattern, height, width, p, delta, generator)
+            seed = int(index) if mask_seed == 0 else derive_seed(mask_seed, index)
+            A[row], A_tilde[row] = box_masks(pattern, height, width, p, delta,
+                                             torch.Generator().manual_seed(seed))
     if size == (height, width):
         A, A_tilde = A[:, None], A_tilde[:, None]
     return torch.from_numpy(A), torch.from_numpy(A_tilde)
 
 
 def box_masks(pattern, height, width, p, delta, generator):
-    """One image's (A, A_tilde) of the box patterns, (H, W) bool each, with the official sizes and the official
-    order of draws (corner row, then column; A first) from a torch generator."""
+    """One image's (A, A_tilde) of the box patterns, (H, W) bool each, with the official sizes and
+    order of draws (corner row, then column; A first). Official quirks: docs/ambient.md#masks."""
     rows, cols = np.arange(height)[:, None], np.arange(width)[None, :]
     draw = lambda high: int(torch.randint(0, high, (1,), generator=generator))  # noqa: E731
 
     def square(size_h, size_w, high_row, high_col):  # True inside a box with a random corner
         top, left = draw(high_row), draw(high_col)
         return (rows >= top) & (rows < top + size_h) & (cols >= left) & (cols < left + size_w)
-    # box: A erases a box, A_tilde also a second one of the same size.
+    # box: A erases a box of ceil(p H) x ceil(p W), A_tilde a second one of the same size.
     if pattern == 'box':
-        # The official sizes go through a float32 tensor: ceil(float32((1 - (1 - p)) H)).
+        # Official quirk: sizes through a float32 tensor, B sized by p (docs/ambient.md#masks).
         box_h, box_w = (int(torch.tensor((1 - (1 - p)) * n).ceil()) for n in (height, width))
         A = ~square(box_h, box_w, height, width)
         return A, A & ~square(box_h, box_w, height, width)
-    # fixed_box: boxes inside the image; B only when delta > 0.
+    # fixed_box: int(p H) squares inside the image; B only when delta > 0.
     if pattern == 'fixed_box':
         patch = int(p * height)
-        A = ~square(patch, patch, width - patch, height - patch)  # official: rows up to W - size, columns H - size
+        A = ~square(patch, patch, width - patch, height - patch)  # official: W for rows, H for cols
         return A, A & ~square(patch, patch, width - patch, height - patch) if delta > 0 else A
-    # keep_patch: the kept square, and a square inside it.
+    # keep_patch: the kept int((1 - p) H) square, and an int((1 - delta) size) square inside it.
     patch = int((1 - p) * height)
     hat = int((1 - delta) * patch)
     A = square(patch, patch, width - patch, height - patch)
@@ -520,21 +199,478 @@ def box_masks(pattern, height, width, p, delta, generator):
 
 
 def check_pattern(pattern, resolution, p, delta):
-    """The box sizes that the official draws cannot handle (torch.randint over an empty range): one line."""
+    """keep_patch sizes that the official draws cannot handle (an empty randint range): one line."""
     if pattern == 'keep_patch':
         patch = int((1 - p) * resolution)
         if not 0 < patch < resolution or int((1 - delta) * patch) >= patch:
-            raise UsageError(f'--corruption_pattern=keep_patch at {resolution}x{resolution} needs a kept square of '
-                             f'0 < int((1 - p) x {resolution}) < {resolution} pixels and a smaller one inside it '
-                             f'(int((1 - delta) x size)), got {patch} and {int((1 - delta) * patch)}')
+            raise UserError(f'--corruption_pattern=keep_patch at {resolution}x{resolution} needs a '
+                            f'kept square of 0 < int((1 - p) x {resolution}) < {resolution} pixels '
+                            f'and a smaller one inside it (int((1 - delta) x size)), got {patch} '
+                            f'and {int((1 - delta) * patch)}')
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Augmentation: EDM's AugmentPipe(p, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+# --------------------------------------------------------------------------------------------------
+# Loss: predict the image on every pixel A keeps from its further corrupted version
 
-SYM6 = [0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633, 0.4910559419267466,
-        0.787641141030194, 0.3379294217276218, -0.07263752278646252, -0.021060292512300564, 0.04472490177066578,
-        0.0017677118642428036, -0.007800708325034148]  # wavelet filter of EDM's augment.py
+
+def ambient_loss(net, y, A, A_tilde, labels=None, augment_labels=None, norm=2, P_mean=-1.2,
+                 P_std=1.2, sigma_data=0.5, rnd_normal=None, eps=None):
+    """The Ambient Diffusion objective with EDM's noise levels and weighting, per image:
+        J = lambda(sigma) sum_pixels A |D([A_tilde x_t, A_tilde], sigma)[:C] - y|^norm,
+        x_t = y + sigma eps, ln sigma ~ N(P_mean, P_std^2), lambda = 1 / c_out^2.
+    Its minimiser is E[x0 | A_tilde x_t, A_tilde] on every pixel (docs/ambient.md#loss).
+    y: (B, C, H, W) in [-1, 1]; A, A_tilde: (B, C or 1, H, W) in {0, 1}; rnd_normal: (B,) and
+    eps: (B, C, H, W) standard normal draws (drawn when None). Returns (B,), summed over pixels."""
+    if rnd_normal is None:
+        rnd_normal = torch.randn(y.shape[0], device=y.device)
+    if eps is None:
+        eps = torch.randn_like(y)
+    sigma = (rnd_normal * P_std + P_mean).exp().reshape(-1, 1, 1, 1)          # (B, 1, 1, 1)
+    weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+    # Noise, then the mask (official order); D reads [A_tilde x_t, A_tilde] (keyword arguments, as
+    # EDM's preconditioners take them: docs/ambient.md#loss).
+    A_tilde = A_tilde.expand_as(y)
+    x_t = A_tilde * (y + sigma * eps)                                         # (B, C, H, W)
+    D = net(torch.cat([x_t, A_tilde], dim=1), sigma.flatten(), class_labels=labels,
+            augment_labels=augment_labels)                                    # (B, 2C, H, W)
+    # Score every pixel A keeps, including those B hid; pixels A erased never enter.
+    error = D[:, :y.shape[1]] - y                                             # (B, C, H, W)
+    return (weight * A * (error.square() if norm == 2 else error.abs())).flatten(1).sum(1)  # (B,)
+
+
+def edm_loss(net, y, labels=None, augment_labels=None, P_mean=-1.2, P_std=1.2, sigma_data=0.5,
+             rnd_normal=None, eps=None):
+    """EDM's loss (Karras et al. 2022, Eq. 2, Table 1 weighting), the paper's naive baseline: on
+    masked images A x0 it learns E[A x0 | x_t], which fills erased pixels with zeros.
+    y: (B, C, H, W); other arguments as ambient_loss. Returns (B,), summed over pixels."""
+    if rnd_normal is None:
+        rnd_normal = torch.randn(y.shape[0], device=y.device)
+    if eps is None:
+        eps = torch.randn_like(y)
+    sigma = (rnd_normal * P_std + P_mean).exp().reshape(-1, 1, 1, 1)
+    weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+    D = net(y + sigma * eps, sigma.flatten(), class_labels=labels, augment_labels=augment_labels)
+    return (weight * (D - y).square()).flatten(1).sum(1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Preconditioning: EDM's, around nets.UNet (DDPM++ with the official gated convolutions)
+
+
+class Precond(torch.nn.Module):
+    """EDM preconditioning (Karras et al. 2022, Table 1): D(x, sigma) = c_skip x + c_out
+    F(c_in x, c_noise). For Ambient Diffusion x = [A_tilde x_t, A_tilde] has 2C channels; the
+    scalings act on all of them (official) and the caller keeps the first C outputs."""
+
+    def __init__(self, unet, sigma_data=0.5):
+        super().__init__()
+        self.unet, self.sigma_data = unet, sigma_data
+
+    def forward(self, x, sigma, class_labels=None, augment_labels=None):
+        x = x.to(torch.float32)                                               # (B, 2C, H, W)
+        sigma = sigma.to(torch.float32).reshape(-1, 1, 1, 1)                  # (B, 1, 1, 1)
+        c_skip = self.sigma_data ** 2 / (sigma ** 2 + self.sigma_data ** 2)
+        c_out = sigma * self.sigma_data / (sigma ** 2 + self.sigma_data ** 2).sqrt()
+        c_in = 1 / (sigma ** 2 + self.sigma_data ** 2).sqrt()
+        c_noise = sigma.flatten().log() / 4
+        memory_format = torch.channels_last if x.is_cuda else torch.contiguous_format
+        F_x = self.unet((c_in * x).contiguous(memory_format=memory_format), c_noise,
+                        class_labels=class_labels, augment_labels=augment_labels)
+        return c_skip * x + c_out * F_x.to(torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampler: EDM's Heun with the fixed-mask denoiser, optional reconstruction guidance
+
+
+def ambient_sampler(net, latents, masks=None, class_labels=None, num_steps=18, sigma_min=0.002,
+                    sigma_max=80, rho=7, guidance_scale=0.0, clip=True, S_churn=0, S_min=0,
+                    S_max=float('inf'), S_noise=1, randn_like=torch.randn_like):
+    """The paper's fixed-mask sampler: EDM's Heun sampler (Karras et al. 2022, Algorithm 2) with
+    D_hat(x, t) = clip(D([M x, M], t)[:C]) under one sampling mask M for all steps. With K > 1
+    masks and guidance_scale w, each step also moves by -w grad_x R(x),
+    R = K/2 sum_k ||D_hat_1(x) - D_hat_k(x)||^2. masks=None: plain EDM Heun (precond=edm).
+    Official-code details (clip, churn, guidance): docs/ambient.md#sampler.
+    latents: (B, C, H, W); masks: (K, B, C, H, W) in {0, 1} or None. Returns (B, C, H, W)
+    float64."""
+    channels = latents.shape[1]
+    use_guidance = masks is not None and len(masks) > 1 and guidance_scale != 0
+
+    def denoise(x, t, mask):
+        inputs = x if mask is None else torch.cat([mask * x, mask], dim=1)
+        sigma = t.to(torch.float32).expand(x.shape[0])                        # (B,), no host sync
+        D = net(inputs.to(torch.float32), sigma, class_labels=class_labels)
+        D = D.to(torch.float64)[:, :channels]                                 # (B, C, H, W)
+        if not clip:
+            return D
+        # Official clip: s = max(0.99th percentile of |D|, 1) per image (docs/ambient.md#clip).
+        s = D.detach().abs().flatten(1).quantile(0.0099, dim=1).clamp(min=1).reshape(-1, 1, 1, 1)
+        return torch.minimum(torch.maximum(D, -s), s) / s
+
+    def step(x, t, h):
+        """h * dx/dt at (x, t), minus the guidance gradient."""
+        if not use_guidance:
+            with torch.no_grad():
+                return h * (x - denoise(x, t, None if masks is None else masks[0])) / t
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            D = torch.stack([denoise(x, t, mask) for mask in masks])          # (K, B, C, H, W)
+            # K/2, not 1/2: each difference counts K times (docs/ambient.md#guidance).
+            R = 0.5 * len(masks) * (D[0] - D[1:]).square().sum()
+            grad = torch.autograd.grad(R, x)[0]
+        return h * (x.detach() - D[0].detach()) / t - guidance_scale * grad
+
+    # EDM time steps (Karras et al. 2022, Eq. 5), t_N = 0; the churn per step is decided on the CPU.
+    step_index = torch.arange(num_steps, dtype=torch.float64)
+    t_max, t_min = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    t_steps = (t_max + step_index / (num_steps - 1) * (t_min - t_max)) ** rho
+    t_steps = torch.cat([t_steps, torch.zeros(1).double()])
+    gammas = [min(S_churn / num_steps, math.sqrt(2) - 1) if S_churn > 0 and S_min <= t <= S_max
+              else 0.0 for t in t_steps[:-1].tolist()]
+    t_steps = t_steps.to(latents.device)
+
+    x = latents.to(torch.float64) * t_steps[0]
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        # Increase the noise temporarily (S_churn > 0; official: noise drawn at every step then).
+        t_hat, x_hat = t_cur, x
+        if S_churn > 0:
+            t_hat = t_cur * (1 + gammas[i])
+            x_hat = x + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x)
+        # Euler step; official quirk: from x, not from the noised x_hat (docs/ambient.md#churn).
+        euler = step(x_hat, t_hat, t_next - t_hat)
+        x_next = x + euler
+        # Heun correction, except on the last step to t = 0.
+        if i < num_steps - 1:
+            x_next = x_hat + 0.5 * (euler + step(x_next, t_next, t_next - t_hat))
+        else:
+            x_next = x_hat + euler
+        x = x_next
+    return x
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+def network_config(cfg, resolution, channels, label_dim):
+    """Everything a snapshot needs to rebuild the network and sample from it."""
+    preset = 'ddpmpp-cifar10' if cfg.arch == 'ddpmpp' else cfg.arch
+    # The official network reads [A_tilde x_t, A_tilde] and writes 2C channels; EDM gives it
+    # augment labels only when it augments.
+    img_channels = channels * (2 if cfg.precond == 'ambient' else 1)
+    unet = dict(nets.UNET_PRESETS[preset], img_resolution=resolution, dropout=cfg.dropout,
+                label_dim=label_dim, gated=cfg.gated, augment_dim=9 if cfg.augment > 0 else 0,
+                in_channels=img_channels, out_channels=img_channels)
+    if cfg.cbase:
+        unet['model_channels'] = cfg.cbase
+    if cfg.cres:
+        unet['channel_mult'] = [int(c) for c in cfg.cres.split(',')]
+    return dict(unet=unet, precond=cfg.precond, sigma_data=cfg.sigma_data, channels=channels,
+                corruption_probability=cfg.corruption_probability,
+                delta_probability=cfg.delta_probability, mask_full_rgb=cfg.mask_full_rgb,
+                corruption_pattern=cfg.corruption_pattern)
+
+
+def build_network(net_config):
+    """Rebuilds the denoiser from a snapshot's network config (made by network_config)."""
+    return Precond(nets.UNet(**net_config['unet']), sigma_data=net_config['sigma_data'])
+
+
+class Data:
+    """The corrupted training set, on the GPU when it fits: uint8 images, bool masks A and A_tilde,
+    labels. With --xflip it is twice as long: items N..2N-1 are the x-flipped images (official
+    dataset.py)."""
+
+    def __init__(self, cfg, device):
+        # Read, keep the official --max_size subset, draw each image's masks from its raw index.
+        images, labels = load_images(cfg.data, cfg.cache_dir, cfg.workers)
+        if cfg.cond and labels is None:
+            raise UserError(
+                '--cond needs labels (dataset.json, class sub-folders or y in the .npz)')
+        raw_indices = np.arange(len(images))
+        # official dataset.py: a RandomState(0) shuffle, first max_size, sorted
+        if 0 < cfg.max_size < len(images):
+            np.random.RandomState(0).shuffle(raw_indices)
+            raw_indices = np.sort(raw_indices[:cfg.max_size])
+        # (N, C, H, W) uint8
+        images = torch.from_numpy(images[raw_indices]).permute(0, 3, 1, 2).contiguous()
+        check_pattern(cfg.corruption_pattern, images.shape[2], cfg.corruption_probability,
+                      cfg.delta_probability)
+        A, A_tilde = corruption_masks(raw_indices, images.shape[1:], cfg.corruption_probability,
+                                      cfg.delta_probability, cfg.mask_full_rgb, cfg.mask_seed,
+                                      cfg.corruption_pattern)
+        # The fixed corrupted dataset: what A erased is gone for good. Only the official order
+        # (augment or x-flip the clean image, then apply the un-moved masks) reads clean pixels, so
+        # only it keeps them.
+        if not (cfg.augment_mode == 'official' and (cfg.augment > 0 or cfg.xflip)):
+            images = images * A
+        self.num_raw, self.channels, self.resolution = images.shape[:3]
+        self.num_images = self.num_raw * (2 if cfg.xflip else 1)
+        self.label_dim = 0
+        if cfg.cond:  # labels index an embedding table: they must lie in [0, num_classes)
+            self.label_dim = check_labels(labels, cfg.num_classes)
+        labels = torch.from_numpy(labels[raw_indices]) if cfg.cond else None
+        # On the GPU when images and masks take less than a quarter of its free memory, else in
+        # pinned host memory.
+        fits = device.type != 'cuda' or 3 * images.numel() < torch.cuda.mem_get_info(device)[0] // 4
+        self.device = device if fits else torch.device('cpu')
+        place = lambda t: None if t is None else t.to(self.device) if fits else t.pin_memory()
+        self.images, self.A, self.A_tilde, self.labels = map(place, (images, A, A_tilde, labels))
+        self.seed, self.flip_masks, self._orders = cfg.seed, cfg.augment_mode == 'joint', {}
+
+    def indices(self, positions):
+        """Dataset indices at positions (int64, CPU) of the endless stream of per-epoch
+        permutations, each seeded by (seed, epoch): the data order is a function of the image count
+        alone, so a resumed run needs no state."""
+        epochs, offsets = positions // self.num_images, positions % self.num_images
+        out = torch.empty_like(positions)
+        for epoch in epochs.unique().tolist():
+            if epoch not in self._orders:
+                generator = torch.Generator().manual_seed(derive_seed(self.seed, 0, epoch))
+                self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+                self._orders[epoch] = torch.randperm(self.num_images, generator=generator)
+            out[epochs == epoch] = self._orders[epoch][offsets[epochs == epoch]]
+        return out
+
+    def batch(self, index, device):
+        """Images in [-1, 1] (B, C, H, W), A and A_tilde (B, 1 or C, H, W) as float, labels (B,) or
+        None. An x-flipped item flips the image; its masks are the raw image's, flipped too only
+        with --augment_mode=joint (official: the flipped image is masked by the un-flipped masks,
+        which shows other pixels of it)."""
+        index = index.to(self.device)
+        rows = index % self.num_raw
+        get = lambda t: None if t is None else t[rows].to(device, non_blocking=True)  # noqa: E731
+        y = get(self.images).to(torch.float32) / 127.5 - 1
+        A, A_tilde = get(self.A), get(self.A_tilde)
+        if self.num_images > self.num_raw:  # --xflip
+            flipped = (index >= self.num_raw)[:, None, None, None].to(device)
+            y = torch.where(flipped, y.flip(3), y)
+            if self.flip_masks:
+                A = torch.where(flipped, A.flip(3), A)
+                A_tilde = torch.where(flipped, A_tilde.flip(3), A_tilde)
+        return y, A.to(torch.float32), A_tilde.to(torch.float32), get(self.labels)
+
+
+def check_labels(labels, num_classes):
+    """Returns the number of classes (--num_classes, else the largest label + 1); a label outside
+    [0, num_classes), or more classes than images without --num_classes, is one error line (not a
+    huge embedding table)."""
+    classes = num_classes or int(labels.max()) + 1
+    bad = (labels < 0) | (labels >= classes)
+    if bad.any():
+        raise UserError(
+            f'--data: label {labels[bad][0]} of image #{bad.argmax()} is outside [0, {classes}) '
+            f'(--num_classes={num_classes})')
+    if not num_classes and classes > len(labels):
+        raise UserError(
+            f'--data: the largest label, {classes - 1}, implies {classes} classes for '
+            f'{len(labels)} images; pass --num_classes if that is right')
+    return classes
+
+
+def draw_step(cfg, data, cur_nimg, device):
+    """All randomness of one global batch, a function of (seed, cur_nimg). Every rank draws it whole
+    and takes its rows, so any number of GPUs and any --batch_gpu follow the same trajectory, and
+    resuming needs no RNG state."""
+    generator = torch.Generator(device).manual_seed(derive_seed(cfg.seed, 1, cur_nimg))
+    size = (cfg.batch, data.channels, data.resolution, data.resolution)
+    step = dict(index=data.indices(torch.arange(cur_nimg, cur_nimg + cfg.batch)),
+                # (batch,) for ln(sigma)
+                normal=torch.randn(cfg.batch, generator=generator, device=device),
+                eps=torch.randn(size, generator=generator, device=device))  # (batch, C, H, W)
+    if cfg.augment > 0:
+        step['flips'], step['G_inv'], step['augment_labels'] = draw_augmentation(
+            cfg.augment, cfg.batch, data.resolution, data.resolution, generator)
+    if cfg.resample_delta:
+        mask_size = (cfg.batch, 1 if cfg.mask_full_rgb else data.channels, data.resolution,
+                     data.resolution)
+        step['B'] = (torch.rand(mask_size, generator=generator, device=device)
+                     >= cfg.delta_probability).float()
+    return step
+
+
+def microbatch(cfg, data, step, rows, device):
+    """Rows of the global batch: corrupted images, masks and labels, augmented; augment labels."""
+    y, A, A_tilde, labels = data.batch(step['index'][rows], device)
+    rows = rows.to(device)
+    if cfg.resample_delta:
+        A_tilde = A * step['B'][rows]  # a fresh B every step instead of the fixed one per image
+    augment_labels = None
+    if cfg.augment > 0:
+        augment_labels = step['augment_labels'][rows]
+        flips, G_inv = step['flips'][rows], step['G_inv'][rows]
+        if cfg.augment_mode == 'joint':               # the masks travel with the image
+            stacked = augment(torch.cat([y, A, A_tilde], dim=1), flips, G_inv, 'joint')
+            y, A, A_tilde = stacked.split([y.shape[1], A.shape[1], A_tilde.shape[1]], dim=1)
+        else:  # official: augment the clean image, keep the masks as they are
+            y = augment(y, flips, G_inv, 'official')
+    return y, A, A_tilde, labels, augment_labels
+
+
+class TickStats:
+    """Loss per pixel (official Loss/loss), loss per noise-level bin and realised erasure rates,
+    summed on the device and read once per tick. The bins split ln(sigma) at -1.5, -0.5, 0.5, 1.5
+    standard deviations."""
+
+    def __init__(self, cfg, device):
+        self.edges = torch.tensor([-1.5, -0.5, 0.5, 1.5], device=device)
+        sigmas = [f'{math.exp(cfg.P_mean + cfg.P_std * z):.3g}' for z in self.edges.tolist()]
+        self.bin_names = ([f'<{sigmas[0]}'] + [f'{a}-{b}' for a, b in zip(sigmas, sigmas[1:])]
+                          + [f'>{sigmas[-1]}'])
+        self.sums = torch.zeros(4 + 2 * len(self.bin_names), device=device)
+
+    def add(self, per_image, A, A_tilde, normal):
+        self.sums[:4] += torch.stack([per_image.sum(), torch.ones_like(per_image).sum(),
+                                      (1 - A).mean() * len(A), (1 - A_tilde).mean() * len(A)])
+        bins = torch.bucketize(normal, self.edges)
+        self.sums[4:].view(2, -1)[0].index_add_(0, bins, per_image)
+        self.sums[4:].view(2, -1)[1].index_add_(0, bins, torch.ones_like(per_image))
+
+    def read(self):
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.sums)
+        values = self.sums.tolist()  # the one host sync of the tick
+        self.sums.zero_()
+        (loss, n, erased_A, erased_A_tilde), bins = values[:4], values[4:]
+        totals, counts = bins[:len(bins) // 2], bins[len(bins) // 2:]
+        by_sigma = {k: t / c if c else None for k, t, c in zip(self.bin_names, totals, counts)}
+        return dict(loss=loss / n, erased_A=erased_A / n, erased_A_tilde=erased_A_tilde / n,
+                    loss_by_sigma=by_sigma)
+
+
+def training_loop(cfg):
+    """The EDM training loop with the ambient loss (official training/training_loop.py); returns
+    the run folder. One global batch per step, split into rounds of --batch_gpu per process; all
+    randomness of a step comes from draw_step(seed, cur_nimg), so resuming and changing the number
+    of GPUs keep the trajectory."""
+    # Processes, batch split and the flags that need them; the output folder must be writable.
+    rank, world, device = init_distributed(cfg.device)
+    batch_gpu = cfg.batch_gpu or cfg.batch // world
+    require(batch_gpu and cfg.batch % (batch_gpu * world) == 0, f'--batch={cfg.batch} must be '
+            f'divisible by GPUs x --batch_gpu = {world} x {batch_gpu}')
+    rounds = cfg.batch // (batch_gpu * world)
+    check_writable(cfg.outdir, '--outdir')
+
+    # Performance settings.
+    precision = cfg.precision or ('bf16' if device.type == 'cuda' else 'fp32')
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
+    # TF32 for what stays fp32; fp32 = official numerics (TF32 off, as the official loop sets it).
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == 'bf16'
+    torch.backends.cudnn.benchmark = cfg.bench        # fixed shapes: cuDNN's autotuning pays off
+    memory_format = torch.channels_last if device.type == 'cuda' else torch.contiguous_format
+
+    # Data, corrupted once, the network, and a state to resume (all checked before any write).
+    data = Data(cfg, device)
+    net_config = network_config(cfg, data.resolution, data.channels, data.label_dim)
+    torch.manual_seed(cfg.seed)                       # the same initial weights on every rank
+    net = build_network(net_config).to(device, memory_format=memory_format).train()
+    if cfg.transfer:  # official --transfer: weights, fresh optimizer
+        transfer_weights(net, cfg.transfer, cfg.cache_dir)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    optimizer = (torch.optim.AdamW if cfg.weight_decay > 0 else torch.optim.Adam)(
+        net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
+        fused=device.type == 'cuda')                  # official: Adam, AdamW with --weight_decay
+    torch.manual_seed(cfg.seed * world + rank)        # dropout differs per rank
+    resume = dict(net=net, ema=ema, optimizer=optimizer, rank=rank, world=world, device=device)
+    cur_nimg, cur_tick = restore_state(cfg.resume, **resume) if cfg.resume != 'auto' else (0, 0)
+
+    # Run folder (exclusive and locked): new, or the run that --resume=auto continues.
+    log = Logger()
+    run = open_run_in(cfg.outdir, cfg.resume, log) if cfg.nosubdir else \
+        open_run(cfg.outdir, run_description(cfg), dataclasses.asdict(cfg), cfg.resume, log)
+    with run.lock or contextlib.nullcontext(), StopSignal() as stop:
+        if cfg.resume == 'auto' and run.state:
+            cur_nimg, cur_tick = restore_state(run.state, **resume)
+        start_run_files(cfg, run, log, data, net_config, world, cur_nimg)
+        log(f'{run.dir}: {data.num_images} images {data.channels}x{data.resolution}x'
+            f'{data.resolution}, {sum(p.numel() for p in net.parameters()):,} parameters, batch '
+            f'{cfg.batch} = {world} GPU(s) x {batch_gpu} x {rounds} round(s), {precision}'
+            + (f', weights from {cfg.transfer}' if cfg.transfer and not run.state else ''))
+        ddp = net if world == 1 else torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device] if device.type == 'cuda' else None)
+        forward = torch.compile(ddp) if cfg.compile else ddp
+
+        # Tick bookkeeping: statistics stay on the device, clocks count images.
+        stats = TickStats(cfg, device)
+        total_nimg = int(cfg.kimg * 1000)
+        start_time = tick_start_time = time.time()
+        start_nimg = tick_start_nimg = cur_nimg
+        previous_state = None
+        while cur_nimg < total_nimg:  # a state resumed at or past --kimg trains no further
+            step = draw_step(cfg, data, cur_nimg, device)
+
+            # Accumulate gradients; DDP synchronises on the last round only.
+            optimizer.zero_grad(set_to_none=True)
+            for round_idx in range(rounds):
+                rows = torch.arange(batch_gpu) + (round_idx * world + rank) * batch_gpu
+                y, A, A_tilde, labels, augment_labels = microbatch(cfg, data, step, rows, device)
+                rows = rows.to(device)
+                noise = dict(rnd_normal=step['normal'][rows], eps=step['eps'][rows],
+                             P_mean=cfg.P_mean, P_std=cfg.P_std, sigma_data=cfg.sigma_data)
+                last = round_idx == rounds - 1
+                sync = ddp.no_sync() if world > 1 and not last else contextlib.nullcontext()
+                with sync, autocast:
+                    if cfg.precond == 'ambient':
+                        loss = ambient_loss(forward, y, A, A_tilde, labels, augment_labels,
+                                            cfg.norm, **noise)
+                    else:  # the naive baseline: EDM on the masked images
+                        loss = edm_loss(forward, A * y, labels, augment_labels, **noise)
+                    # Official normalisation: per-image sums, mean over the global batch (DDP
+                    # averages over GPUs), times the loss scaling --ls.
+                    loss.sum().mul(cfg.ls * world / cfg.batch).backward()
+                stats.add(loss.detach() / y[0].numel(), A, A_tilde, step['normal'][rows])
+
+            # Update weights: linear warm-up from lr 0, nan/inf cleanup, clipping (all official).
+            lr = cfg.lr * min(cur_nimg / max(cfg.lr_rampup_kimg * 1000, 1e-8), 1)
+            for group in optimizer.param_groups:
+                group['lr'] = lr
+            for param in net.parameters():
+                if param.grad is not None:
+                    torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+
+            # Update EMA: half-life --ema Mimg, at most --ema_rampup_ratio x images seen (official).
+            ema_halflife_nimg = cfg.ema * 1e6
+            if cfg.ema_rampup_ratio > 0 and not cfg.transfer:  # official: none with --transfer
+                ema_halflife_nimg = min(ema_halflife_nimg, cur_nimg * cfg.ema_rampup_ratio)
+            ema_beta = 0.5 ** (cfg.batch / max(ema_halflife_nimg, 1e-8))
+            with torch.no_grad():
+                torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - ema_beta)
+            cur_nimg += cfg.batch
+
+            # Ctrl-C / SIGTERM: a training state at this step boundary, one line, exit.
+            if stop.check():
+                stop.exit(log, save_state(run.dir, cur_nimg, cur_tick, cfg, **resume), cur_nimg)
+
+            # Maintenance once per tick (and after the first step).
+            done = cur_nimg >= total_nimg
+            if not done and cur_tick != 0 and cur_nimg < tick_start_nimg + cfg.tick * 1000:
+                continue
+            report_tick(log, run.dir, stats, device, cur_nimg, cur_tick, total_nimg, lr,
+                        start_time, tick_start_time, tick_start_nimg)
+            if done or (cur_tick % cfg.snap == 0 and cur_tick != 0):
+                path = save_snapshot(cfg, run.dir, net_config, cur_nimg, cur_tick, precision,
+                                     **resume)
+                if previous_state and previous_state != path:  # keep every --dump-th state only
+                    os.remove(previous_state)
+                previous_state = None if cur_tick % cfg.dump == 0 else path
+            cur_tick += 1
+            tick_start_nimg, tick_start_time = cur_nimg, time.time()
+        log(done_line(cur_nimg - start_nimg, time.time() - start_time))
+    return run.dir
+
+
+# --------------------------------------------------------------------------------------------------
+# Augmentation: EDM's AugmentPipe(p, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
+# translate_frac=1), and a mask-preserving variant (docs/ambient.md#augmentation)
+
+SYM6 = [
+    0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633,
+    0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252,
+    -0.021060292512300564, 0.04472490177066578, 0.0017677118642428036, -0.007800708325034148
+]  # wavelet filter of EDM's augment.py
 
 
 def affine(a, b, c, d, e, f):
@@ -544,8 +680,9 @@ def affine(a, b, c, d, e, f):
 
 
 def draw_augmentation(p, n, height, width, generator):
-    """EDM's random draws, in EDM's order. Returns flips (n, 2) in {0, 1}, G_inv (n, 3, 3) mapping output to input
-    pixel coordinates (origin at the image centre) and the 9 augment labels (n, 9) that condition the network."""
+    """EDM's random draws, in EDM's order. Returns flips (n, 2) in {0, 1}, G_inv (n, 3, 3) mapping
+    output to input pixel coordinates (origin at the image centre) and the 9 augment labels (n, 9)
+    that condition the network."""
     device = generator.device
     rand = lambda *shape: torch.rand(shape, generator=generator, device=device)  # noqa: E731
     randn = lambda *shape: torch.randn(shape, generator=generator, device=device)  # noqa: E731
@@ -558,918 +695,125 @@ def draw_augmentation(p, n, height, width, generator):
     aniso, aniso_angle = aniso * coin(p), aniso_angle * coin(0.5)
     translate = randn(2, n) * coin(p)
     one, zero = torch.ones(n, device=device), torch.zeros(n, device=device)
-    rotation = lambda angle: affine(angle.cos(), -angle.sin(), zero, angle.sin(), angle.cos(), zero)  # noqa: E731
+    rotation = lambda angle: affine(angle.cos(), -angle.sin(), zero, angle.sin(), angle.cos(), zero)
     s, a = (scale * 0.2).exp2(), (aniso * 0.2).exp2()
+    shift = affine(one, zero, -translate[0] * width * 0.125, zero, one,
+                   -translate[1] * height * 0.125)
     G_inv = (affine(1 / s, zero, zero, zero, 1 / s, zero) @ rotation(rotate)
-             @ rotation(-aniso_angle) @ affine(1 / a, zero, zero, zero, a, zero) @ rotation(aniso_angle)
-             @ affine(one, zero, -translate[0] * width * 0.125, zero, one, -translate[1] * height * 0.125))
-    labels = torch.stack([flip_x, flip_y, scale, rotate.cos() - 1, rotate.sin(), aniso * aniso_angle.cos(),
-                          aniso * aniso_angle.sin(), translate[0], translate[1]], dim=1).float()
+             @ rotation(-aniso_angle) @ affine(1 / a, zero, zero, zero, a, zero)
+             @ rotation(aniso_angle) @ shift)
+    labels = torch.stack([flip_x, flip_y, scale, rotate.cos() - 1, rotate.sin(),
+                          aniso * aniso_angle.cos(), aniso * aniso_angle.sin(), translate[0],
+                          translate[1]], dim=1).float()
     return torch.stack([flip_x, flip_y], dim=1), G_inv, labels
 
 
 def warp_official(images, G_inv):
-    """EDM's geometric resampling: reflect padding, 2x upsampling with the sym6 wavelet, bilinear grid_sample, 2x
-    downsampling. Always pads by the largest margin EDM uses, so that an image's result does not depend on the
-    rest of the batch (EDM sizes the margin by the batch's largest warp)."""
+    """EDM's geometric resampling: reflect padding, 2x upsampling with the sym6 wavelet, bilinear
+    grid_sample, 2x downsampling. Always pads by the largest margin EDM uses, so that an image's
+    result does not depend on the rest of the batch (EDM sizes the margin by the batch's largest
+    warp)."""
     n, channels, height, width = images.shape
     taps, pad = len(SYM6), len(SYM6) // 4
-    wavelet = torch.tensor(SYM6, dtype=images.dtype, device=images.device)[None, None].repeat(channels, 1, 1)
+    wavelet = torch.tensor(SYM6, dtype=images.dtype,
+                           device=images.device)[None, None].repeat(channels, 1, 1)
     images = F.pad(images, [width - 1, width - 1, height - 1, height - 1], mode='reflect')
     # Upsample 2x: zero insertion along each axis, then the time-reversed wavelet.
     images = torch.stack([images, torch.zeros_like(images)], dim=4).flatten(3)[:, :, :, :-1]
-    images = F.conv2d(images, wavelet.flip(2)[:, :, None, :], groups=channels, padding=[0, (taps + 1) // 2])
+    images = F.conv2d(images, wavelet.flip(2)[:, :, None, :], groups=channels,
+                      padding=[0, (taps + 1) // 2])
     images = torch.stack([images, torch.zeros_like(images)], dim=3).flatten(2, 3)[:, :, :-1]
-    images = F.conv2d(images, wavelet.flip(2)[:, :, :, None], groups=channels, padding=[(taps + 1) // 2, 0])
-    # G_inv in affine_grid's normalised coordinates: EDM's chain of scalings and half-pixel shifts, multiplied out.
+    images = F.conv2d(images, wavelet.flip(2)[:, :, :, None], groups=channels,
+                      padding=[(taps + 1) // 2, 0])
+    # G_inv in affine_grid's normalised coordinates: EDM's chain of scalings and half-pixel shifts,
+    # multiplied out.
     out_h, out_w = (height + 2 * pad) * 2, (width + 2 * pad) * 2
-    left = G_inv.new_tensor([[4 / images.shape[3], 0, -1 / images.shape[3]], [0, 4 / images.shape[2],
-                             -1 / images.shape[2]], [0, 0, 1]])
+    left = G_inv.new_tensor([[4 / images.shape[3], 0, -1 / images.shape[3]],
+                             [0, 4 / images.shape[2], -1 / images.shape[2]], [0, 0, 1]])
     right = G_inv.new_tensor([[out_w / 4, 0, 0.25], [0, out_h / 4, 0.25], [0, 0, 1]])
-    grid = F.affine_grid((left @ G_inv @ right)[:, :2].to(images.dtype), [n, channels, out_h, out_w],
-                         align_corners=False)
+    grid = F.affine_grid((left @ G_inv @ right)[:, :2].to(images.dtype),
+                         [n, channels, out_h, out_w], align_corners=False)
     images = F.grid_sample(images, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
     # Downsample 2x with the wavelet and crop the guard band.
-    images = F.conv2d(images, wavelet[:, :, None, :], groups=channels, stride=[1, 2], padding=[0, (taps - 1) // 2])
-    images = F.conv2d(images, wavelet[:, :, :, None], groups=channels, stride=[2, 1], padding=[(taps - 1) // 2, 0])
+    images = F.conv2d(images, wavelet[:, :, None, :], groups=channels, stride=[1, 2],
+                      padding=[0, (taps - 1) // 2])
+    images = F.conv2d(images, wavelet[:, :, :, None], groups=channels, stride=[2, 1],
+                      padding=[(taps - 1) // 2, 0])
     return images[:, :, pad:-pad, pad:-pad]
 
 
 def warp_nearest(images, G_inv):
-    """The same warp with nearest-neighbour lookup and mirror reflection: every output pixel is a copy of one input
-    pixel, so masks stay binary and an erased pixel can never leak into an observed one."""
+    """The same warp with nearest-neighbour lookup and mirror reflection: every output pixel is a
+    copy of one input pixel, so masks stay binary and an erased pixel can never leak into an
+    observed one."""
     n, channels, height, width = images.shape
     rows, cols = torch.meshgrid(torch.arange(height, device=images.device, dtype=G_inv.dtype),
-                                torch.arange(width, device=images.device, dtype=G_inv.dtype), indexing='ij')
-    centred = torch.stack([cols - (width - 1) / 2, rows - (height - 1) / 2, torch.ones_like(rows)]).flatten(1)
-    source = G_inv @ centred                                                            # (N, 3, H*W)
-    reflect = lambda k, size: (size - 1) - ((size - 1) - k.remainder(2 * size - 2)).abs()  # noqa: E731
+                                torch.arange(width, device=images.device, dtype=G_inv.dtype),
+                                indexing='ij')
+    centred = torch.stack([cols - (width - 1) / 2, rows - (height - 1) / 2,
+                           torch.ones_like(rows)]).flatten(1)
+    source = G_inv @ centred  # (N, 3, H*W)
+    reflect = lambda k, size: (size - 1) - ((size - 1) - k.remainder(2 * size - 2)).abs()
     x = reflect((source[:, 0] + (width - 1) / 2).round().long(), width)
     y = reflect((source[:, 1] + (height - 1) / 2).round().long(), height)
-    index = (y * width + x)[:, None].expand(-1, channels, -1)                           # (N, C, H*W)
+    index = (y * width + x)[:, None].expand(-1, channels, -1)  # (N, C, H*W)
     return images.flatten(2).gather(2, index).reshape(n, channels, height, width)
 
 
 def augment(images, flips, G_inv, mode):
-    """Applies drawn augmentations. official: EDM's filtered warp of the given images; joint: exact flips and
-    nearest-neighbour warps, meant for the image stacked with its masks along channels."""
+    """Applies drawn augmentations. official: EDM's filtered warp of the given images; joint: exact
+    flips and nearest-neighbour warps, meant for the image stacked with its masks along channels."""
     images = torch.where(flips[:, 0, None, None, None] == 1, images.flip(3), images)
     images = torch.where(flips[:, 1, None, None, None] == 1, images.flip(2), images)
     return warp_official(images, G_inv) if mode == 'official' else warp_nearest(images, G_inv)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Network: EDM preconditioning around nets.UNet (DDPM++ with the official gated convolutions)
-
-
-class Precond(torch.nn.Module):
-    """EDM preconditioning (Karras et al. 2022, Table 1): D(x, sigma) = c_skip x + c_out F(c_in x, c_noise). For
-    Ambient Diffusion x is the 2C-channel input [A_tilde x_t, A_tilde] and, as in the official code, the scalings act
-    on all 2C channels; the caller keeps the first C output channels."""
-
-    def __init__(self, unet, sigma_data=0.5):
-        super().__init__()
-        self.unet, self.sigma_data = unet, sigma_data
-
-    def forward(self, x, sigma, class_labels=None, augment_labels=None):
-        x = x.to(torch.float32)
-        sigma = sigma.to(torch.float32).reshape(-1, 1, 1, 1)
-        c_skip = self.sigma_data ** 2 / (sigma ** 2 + self.sigma_data ** 2)
-        c_out = sigma * self.sigma_data / (sigma ** 2 + self.sigma_data ** 2).sqrt()
-        c_in = 1 / (sigma ** 2 + self.sigma_data ** 2).sqrt()
-        c_noise = sigma.flatten().log() / 4
-        x_in = (c_in * x).contiguous(memory_format=torch.channels_last if x.is_cuda else torch.contiguous_format)
-        F_x = self.unet(x_in, c_noise, class_labels=class_labels, augment_labels=augment_labels)
-        return c_skip * x + c_out * F_x.to(torch.float32)
-
-
-def build_network(net_config):
-    """Rebuilds the denoiser from a snapshot's network config (made by network_config)."""
-    return Precond(nets.UNet(**net_config['unet']), sigma_data=net_config['sigma_data'])
-
-
-def network_config(cfg, resolution, channels, label_dim):
-    """Everything a snapshot needs to rebuild the network and sample from it (the official eval.py instead reads
-    training_options.json and takes the corruption flags again)."""
-    preset = 'ddpmpp-cifar10' if cfg.arch == 'ddpmpp' else cfg.arch
-    # The official network is built with img_channels = 2C: it reads [A_tilde x_t, A_tilde] and writes 2C channels.
-    # EDM gives the network augment labels only when it augments.
-    img_channels = channels * (2 if cfg.precond == 'ambient' else 1)
-    unet = dict(nets.UNET_PRESETS[preset], img_resolution=resolution, dropout=cfg.dropout, label_dim=label_dim,
-                gated=cfg.gated, augment_dim=9 if cfg.augment > 0 else 0, in_channels=img_channels,
-                out_channels=img_channels)
-    if cfg.cbase:
-        unet['model_channels'] = cfg.cbase
-    if cfg.cres:
-        unet['channel_mult'] = [int(c) for c in cfg.cres.split(',')]
-    return dict(unet=unet, precond=cfg.precond, sigma_data=cfg.sigma_data, channels=channels,
-                corruption_probability=cfg.corruption_probability, delta_probability=cfg.delta_probability,
-                mask_full_rgb=cfg.mask_full_rgb, corruption_pattern=cfg.corruption_pattern)
-
-
-def official_training_options(cfg, net_config=None, num_images=None, run_dir=None):
-    """The run's training_options.json in the official train.py layout (what its --dry-run prints and its eval.py
-    reads with --training_options_loc). Fields that need the data (resolution, max_size) are None without it."""
-    unet = net_config['unet'] if net_config else dict(nets.UNET_PRESETS[
-        'ddpmpp-cifar10' if cfg.arch == 'ddpmpp' else cfg.arch])
-    channel_mult = [int(c) for c in cfg.cres.split(',')] if cfg.cres else list(unet['channel_mult'])
-    # The dict official train.py builds (and writes as training_options.json), key for key.
-    options = dict(
-        max_grad_norm=cfg.max_grad_norm or None,
-        dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=cfg.data, use_labels=cfg.cond,
-                            xflip=cfg.xflip, cache=cfg.cache, corruption_probability=cfg.corruption_probability,
-                            delta_probability=cfg.delta_probability, mask_full_rgb=cfg.mask_full_rgb,
-                            corruption_pattern=cfg.corruption_pattern,
-                            resolution=unet['img_resolution'] if net_config else None,
-                            max_size=None if num_images is None else min(num_images, cfg.max_size or num_images)),
-        data_loader_kwargs=dict(pin_memory=True, num_workers=cfg.workers, prefetch_factor=2),
-        network_kwargs=dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard',
-                            decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1],
-                            model_channels=cfg.cbase or unet['model_channels'], channel_mult=channel_mult,
-                            gated=cfg.gated, class_name='training.networks.EDMPrecond', dropout=cfg.dropout,
-                            use_fp16=False, **(dict(augment_dim=9) if cfg.augment > 0 else {})),
-        loss_kwargs=dict(class_name='training.loss.AmbientLoss', norm=cfg.norm) if cfg.precond == 'ambient' else
-        dict(class_name='training.loss.EDMLoss'),
-        optimizer_kwargs=dict(class_name='torch.optim.AdamW' if cfg.weight_decay > 0 else 'torch.optim.Adam',
-                              lr=cfg.lr, betas=[0.9, 0.999], eps=1e-8,
-                              **(dict(weight_decay=cfg.weight_decay) if cfg.weight_decay > 0 else {})),
-        total_kimg=max(int(cfg.kimg), 1), ema_halflife_kimg=int(cfg.ema * 1000), batch_size=cfg.batch,
-        batch_gpu=cfg.batch_gpu or None, loss_scaling=cfg.ls, cudnn_benchmark=cfg.bench, kimg_per_tick=cfg.tick,
-        snapshot_ticks=cfg.snap, state_dump_ticks=cfg.dump, seed=cfg.seed, run_dir=run_dir)
-    if cfg.augment > 0:
-        options['augment_kwargs'] = dict(class_name='training.augment.AugmentPipe', p=cfg.augment, xflip=1e8,
-                                         yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
-    if cfg.transfer:
-        options.update(resume_pkl=cfg.transfer, ema_rampup_ratio=None)
-    return options
-
-
-def transfer_weights(net, source, cache_dir=''):
-    """--transfer: copies the tensors of a snapshot (ours or an official pickle, path or URL) whose names and shapes
-    match into net, as the official copy_params_and_buffers(require_all=False); the optimizer starts afresh."""
-    loaded, _ = load_network(source, 'cpu', cache_dir=cache_dir, flag='--transfer')
-    # Same names must have the same shapes (official copy_params_and_buffers); missing names keep their init.
-    own, theirs = net.state_dict(), loaded.state_dict()
-    matching = {k: v for k, v in theirs.items() if k in own}
-    wrong = [k for k, v in matching.items() if own[k].shape != v.shape]
-    if wrong:
-        raise UsageError(f'--transfer: {wrong[0]} of {source} has shape {tuple(theirs[wrong[0]].shape)}, this network '
-                         f'{tuple(own[wrong[0]].shape)} (another --arch, --cbase, --cres or resolution?)')
-    if not matching:
-        raise UsageError(f'--transfer: no tensor of {source} fits this network (another --arch, --cres or size?)')
-    net.load_state_dict(matching, strict=False)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Loss: penalise the prediction on every pixel A keeps, from an input further corrupted by B (training/loss.py)
-
-
-def ambient_loss(net, y, A, A_tilde, labels=None, augment_labels=None, norm=2, P_mean=-1.2, P_std=1.2,
-                 sigma_data=0.5, rnd_normal=None, eps=None):
-    """The Ambient Diffusion training objective (arXiv:2305.19256: predict the image on every pixel A keeps from its
-    further corrupted version A_tilde x_t) with EDM's noise levels and weighting, as the official AmbientLoss. Per
-    image, with sigma = exp(P_mean + P_std n), n ~ N(0, 1):
-        J = lambda(sigma) sum_pixels A |D(A_tilde (y + sigma eps), A_tilde, sigma) - y|^norm,  lambda = 1 / c_out^2.
-    Noise is added to the image and then masked (official order); D sees [A_tilde x_t, A_tilde] and only its first
-    C output channels count. Pixels that A erased never enter: y is multiplied by A_tilde <= A in the input and by A
-    in the loss. Minimiser on every pixel: E[x0 | A_tilde x_t, A_tilde] (the paper's main theorem), since the
-    network cannot tell which of the pixels it does not see A kept. The network is called with keyword arguments
-    (class_labels=, augment_labels=), as EDM's preconditioners take them (a 4th positional argument is force_fp32).
-
-    y: (B, C, H, W) image in [-1, 1] (erased pixels may hold anything); A, A_tilde: (B, C or 1, H, W) in {0, 1};
-    rnd_normal: (B,) standard normal draws of ln(sigma), eps: (B, C, H, W) standard normal noise (both drawn here
-    when None). Returns the per-image loss (B,), summed over pixels: the official objective is its batch mean.
-    """
-    if rnd_normal is None:
-        rnd_normal = torch.randn(y.shape[0], device=y.device)
-    if eps is None:
-        eps = torch.randn_like(y)
-    sigma = (rnd_normal * P_std + P_mean).exp().reshape(-1, 1, 1, 1)                    # (B, 1, 1, 1), EDM
-    weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
-    A_tilde = A_tilde.expand_as(y)
-    x_t = A_tilde * (y + sigma * eps)                                                   # (B, C, H, W)
-    D = net(torch.cat([x_t, A_tilde], dim=1), sigma.flatten(), class_labels=labels,
-            augment_labels=augment_labels)                                              # (B, 2C, H, W)
-    error = D[:, :y.shape[1]] - y                                                       # (B, C, H, W)
-    return (weight * A * (error.square() if norm == 2 else error.abs())).flatten(1).sum(1)  # (B,)
-
-
-def edm_loss(net, y, labels=None, augment_labels=None, P_mean=-1.2, P_std=1.2, sigma_data=0.5, rnd_normal=None,
-             eps=None):
-    """EDM's loss (Karras et al. 2022, Eq. 2 with Table 1's weighting), here the naive baseline of the paper: trained
-    on the masked images A x0 it learns E[A x0 | x_t], which fills erased pixels with zeros. Same arguments and
-    per-image output (B,) as ambient_loss."""
-    if rnd_normal is None:
-        rnd_normal = torch.randn(y.shape[0], device=y.device)
-    if eps is None:
-        eps = torch.randn_like(y)
-    sigma = (rnd_normal * P_std + P_mean).exp().reshape(-1, 1, 1, 1)
-    weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
-    D = net(y + sigma * eps, sigma.flatten(), class_labels=labels, augment_labels=augment_labels)
-    return (weight * (D - y).square()).flatten(1).sum(1)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Sampler: EDM Heun with the fixed-mask denoiser and optional reconstruction guidance (official eval.py)
-
-
-def ambient_sampler(net, latents, masks=None, class_labels=None, num_steps=18, sigma_min=0.002, sigma_max=80, rho=7,
-                    guidance_scale=0.0, clip=True, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1,
-                    randn_like=torch.randn_like):
-    """The fixed-mask sampler of the paper (arXiv:2305.19256, "fixed mask sampling", with its optional
-    reconstruction guidance) as the official eval.py runs it: EDM's Heun sampler (Karras et al. 2022, Algorithm 2)
-    with the denoiser D_hat(x, t) = clip(D([M x, M], t)[:C]) under a sampling mask M held fixed for all steps. With
-    K > 1 masks and guidance_scale w > 0, every evaluation also moves by -w grad_x R(x),
-    R = K/2 sum_k ||D_hat_1(x) - D_hat_k(x)||^2 summed over the batch (reconstruction guidance, as the official code
-    computes it); mask 1 drives the update.
-    S_churn > 0 adds EDM's noise (gamma = min(S_churn / N, sqrt(2) - 1) for S_min <= t <= S_max); as in the official
-    eval.py the Euler point then starts from x_i, not from the noised x_hat (no difference at S_churn = 0).
-    masks=None gives plain EDM Heun for a network trained with precond=edm; clip=False drops the official clip.
-    The last step is Euler to t = 0, so the output is D_hat(x, sigma_min). 35 network evaluations at 18 steps.
-
-    latents: (B, C, H, W) standard normal; masks: (K, B, C, H, W) in {0, 1} or None. Returns (B, C, H, W) float64.
-    """
-    channels = latents.shape[1]
-    use_guidance = masks is not None and len(masks) > 1 and guidance_scale != 0
-
-    def denoise(x, t, mask):
-        inputs = x if mask is None else torch.cat([mask * x, mask], dim=1)
-        sigma = t.to(torch.float32).expand(x.shape[0])                                 # (B,), no host sync
-        D = net(inputs.to(torch.float32), sigma, class_labels=class_labels).to(torch.float64)[:, :channels]
-        if not clip:
-            return D
-        # Official tensor_clipping(static=False): s = max(np.percentile(|D|, 0.99), 1) per image, D = clip(D, s) / s.
-        # The percentile is 0.99 percent, not 99, so s is 1 unless nearly every value exceeds 1: a clip to [-1, 1].
-        s = D.detach().abs().flatten(1).quantile(0.0099, dim=1).clamp(min=1).reshape(-1, 1, 1, 1)
-        return torch.minimum(torch.maximum(D, -s), s) / s
-
-    def step(x, t, h):
-        """h * dx/dt at (x, t), minus the guidance gradient."""
-        if not use_guidance:
-            with torch.no_grad():
-                return h * (x - denoise(x, t, None if masks is None else masks[0])) / t
-        with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            D = torch.stack([denoise(x, t, mask) for mask in masks])                   # (K, B, C, H, W)
-            # The official cdist_masked broadcasts its all-ones masks to (K, K, N), which counts every difference
-            # K times: R = K/2 sum_k ||D_hat_1 - D_hat_k||^2.
-            R = 0.5 * len(masks) * (D[0] - D[1:]).square().sum()
-            grad = torch.autograd.grad(R, x)[0]
-        return h * (x.detach() - D[0].detach()) / t - guidance_scale * grad
-
-    # EDM time steps (Karras et al. 2022, Eq. 5), t_N = 0; the churn per step is decided on the CPU.
-    step_index = torch.arange(num_steps, dtype=torch.float64)
-    t_max, t_min = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    t_steps = torch.cat([(t_max + step_index / (num_steps - 1) * (t_min - t_max)) ** rho, torch.zeros(1).double()])
-    gammas = [min(S_churn / num_steps, math.sqrt(2) - 1) if S_churn > 0 and S_min <= t <= S_max else 0.0
-              for t in t_steps[:-1].tolist()]
-    t_steps = t_steps.to(latents.device)
-
-    x = latents.to(torch.float64) * t_steps[0]
-    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
-        # Increase the noise temporarily (S_churn > 0; the official code draws the noise at every step then).
-        t_hat, x_hat = t_cur, x
-        if S_churn > 0:
-            t_hat = t_cur * (1 + gammas[i])
-            x_hat = x + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x)
-        # Euler step (official: from x, the un-noised point).
-        euler = step(x_hat, t_hat, t_next - t_hat)
-        x_next = x + euler
-        # Heun correction, except on the last step to t = 0.
-        if i < num_steps - 1:
-            x_next = x_hat + 0.5 * (euler + step(x_next, t_next, t_next - t_hat))
-        else:
-            x_next = x_hat + euler
-        x = x_next
-    return x
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Distributed helpers, seeds, images, checkpoints
-
-
-def init_distributed(device_flag):
-    """torchrun sets RANK / WORLD_SIZE; without them this is one process. nccl on CUDA, gloo on CPU."""
-    rank, world, local_rank = (int(os.environ.get(name, default)) for name, default in
-                               (('RANK', 0), ('WORLD_SIZE', 1), ('LOCAL_RANK', 0)))
-    device = torch.device(device_flag or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    if device.type == 'cuda':
-        device = torch.device('cuda', local_rank)
-        torch.cuda.set_device(device)
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    return rank, world, device
-
-
-def derive_seed(*numbers):
-    """A 63-bit seed from a tuple of integers (numpy's SeedSequence), for per-epoch and per-step generators."""
-    return int(np.random.SeedSequence([int(n) for n in numbers]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def to_uint8(images):
-    """[-1, 1] floats -> uint8 with EDM's rounding (x * 127.5 + 128, clipped)."""
-    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
-
-
-def save_grid(images, path, columns=None):
-    """images: (N, C, H, W) uint8 -> one PNG, written atomically."""
-    n, channels, height, width = images.shape
-    columns = columns or max(1, int(math.ceil(math.sqrt(n))))
-    rows = (n + columns - 1) // columns
-    canvas = torch.zeros(rows * columns, channels, height, width, dtype=torch.uint8)
-    canvas[:n] = images.cpu()
-    canvas = canvas.reshape(rows, columns, channels, height, width).permute(0, 3, 1, 4, 2)
-    canvas = canvas.reshape(rows * height, columns * width, channels).numpy()
-    save_png(canvas, path)
-
-
-def save_png(array, path):
-    """(H, W, C) uint8 -> PNG, written atomically."""
-    buffer = io.BytesIO()
-    PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(buffer, format='png')
-    write_atomic(path, buffer.getvalue())
-
-
-class RunError(Exception):
-    """A failure while running (a full disk, a vanished folder): one line, exit code 1."""
-
-
-def write_atomic(path, data):
-    """Temp file + os.replace: an interrupted write never destroys the previous file, and a failed one (a full
-    disk) removes its temp file and becomes one line. The temp name is per process, as every rank may download
-    CIFAR-10 into the same cache at once."""
-    temp = f'{path}.tmp{os.getpid()}'
-    try:
-        with open(temp, 'wb') as file:
-            file.write(data)
-        os.replace(temp, path)
-    except OSError as error:
-        with contextlib.suppress(OSError):
-            os.remove(temp)
-        raise RunError(f'cannot write {path} ({error.strerror or error})')
-
-
-def save_atomic(obj, path):
-    """torch.save through a temp file, so a kill mid-write leaves the previous checkpoint intact; a failed write
-    (torch reports a full disk as 'unexpected pos') removes the temp file and becomes one line."""
-    try:
-        torch.save(obj, path + '.tmp')
-        os.replace(path + '.tmp', path)
-    except (OSError, RuntimeError) as error:
-        with contextlib.suppress(OSError):
-            os.remove(path + '.tmp')
-        folder = os.path.dirname(os.path.abspath(path))
-        full = os.path.isdir(folder) and shutil.disk_usage(folder).free < 2 ** 20
-        cause = 'no space left on device' if full else getattr(error, 'strerror', None) or str(error).splitlines()[0]
-        raise RunError(f'cannot write {path} ({cause})')
-
-
-def read_json(source, flag, cache_dir=''):
-    """A JSON file from a path or URL (training_options.json): one line when missing or broken."""
-    try:
-        with open(fetch(source, flag, cache_dir)) as file:
-            return json.load(file)
-    except (OSError, ValueError) as error:
-        raise DataError(f'{flag}: cannot read {source} ({error})')
-
-
-def fetch(source, flag, cache_dir=''):
-    """A local path for a path or an http(s) URL (downloaded once into the cache with nets.resolve_source:
-    requests, atomic, size-checked); one line when it is missing or cannot be downloaded."""
-    if source.startswith(('http://', 'https://')):
-        try:
-            return nets.resolve_source(source, cache_dir=cache_dir or None)
-        except Exception as error:  # offline, 404, size mismatch: one line that names the URL
-            raise DataError(f'{flag}: {" ".join(str(error).split())}')  # nets' message names the URL and the path
-    if not os.path.exists(source):
-        raise UsageError(f'{flag}: {source} does not exist')
-    return source
-
-
-def load_network(source, device, cache_dir='', flag='--network', training_options=None):
-    """A snapshot -> (Precond net in eval mode, its network config). Reads our network-snapshot-*.pt and the
-    official network-snapshot-*.pkl (path or URL) without executing code in it (nets.load_edm_network: a restricted
-    unpickler mapping SongUNet / EDMPrecond keys, gated or not, onto nets.UNet). An official pickle's corruption
-    settings come from training_options (a dict), else from the training_options.json beside it, else the official
-    eval.py defaults (p = 0.4, delta = 0.1)."""
-    # A local file (downloaded first for a URL) that is not empty.
-    path = fetch(source, flag, cache_dir)
-    if os.path.isdir(path):
-        raise UsageError(f'{flag}: {source} is a folder; give a network-snapshot-*.pt or *.pkl file')
-    if os.path.getsize(path) == 0:
-        raise UsageError(f'{flag}: {source} is empty (0 bytes)')
-    # torch.save writes zip archives: our snapshot (tensors and plain containers only); anything else is a pickle.
-    if zipfile.is_zipfile(path):
-        try:
-            snapshot = torch.load(path, map_location='cpu', weights_only=True)
-        except Exception as error:
-            raise UsageError(f'{flag}: cannot read {source} ({type(error).__name__}: {str(error).splitlines()[0]})')
-        if not isinstance(snapshot, dict) or not {'config', 'ema'} <= set(snapshot):
-            kind = 'a training state' if isinstance(snapshot, dict) and 'optimizer' in snapshot else 'not a snapshot'
-            raise UsageError(f'{flag}: {source} is {kind}; give a network-snapshot-*.pt of ambient.py')
-        net_config = snapshot['config']
-        try:
-            net = build_network(net_config)
-            net.load_state_dict(snapshot['ema'])
-        except Exception as error:
-            raise UsageError(f'{flag}: {source} does not rebuild ({type(error).__name__}: '
-                             f'{str(error).splitlines()[0]})')
-    else:
-        net, net_config = load_official_pickle(path, source, flag, training_options, cache_dir)
-    cuda = torch.device(device).type == 'cuda'  # NHWC convolutions on tensor cores, as in training
-    net.to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
-    return net.eval().requires_grad_(False), net_config
-
-
-def load_official_pickle(path, source, flag, training_options=None, cache_dir=''):
-    """An official network-snapshot-*.pkl -> (Precond, network config), through nets.load_edm_network. The corruption
-    settings come from training_options, else the training_options.json beside the pickle (also beside a URL)."""
-    # The network, read without running pickled code; only EDM's preconditioning is sampled here.
-    try:
-        unet, info = nets.load_edm_network(path)
-    except Exception as error:  # not a pickle, or objects other than the network's: one line
-        raise UsageError(f'{flag}: cannot load {source} ({" ".join(str(error).split())})')
-    if info.get('precond') != 'EDMPrecond':
-        raise UsageError(f'{flag}: {source} holds a {info.get("precond")} network; ambient.py samples EDMPrecond '
-                         f'networks (official --precond=ambient or edm)')
-    # Its corruption settings: --training_options_loc, the options file beside it, else eval.py's defaults.
-    options = training_options or info.get('training_options')
-    if options is None and source.startswith(('http://', 'https://')):
-        with contextlib.suppress(Exception):  # a URL without training_options.json beside it: official defaults
-            options = read_json(source.rsplit('/', 1)[0] + '/training_options.json', flag, cache_dir)
-    options = options or {}
-    dataset, precond = options.get('dataset_kwargs', {}), info.get('precond_kwargs', {})
-    loss = str(options.get('loss_kwargs', {}).get('class_name', '')) or str(info.get('loss_fn', ''))
-    ambient = 'Ambient' in loss or (not loss and unet.in_channels == 6)  # image + mask channels
-    net_config = dict(unet=dict(unet.config), precond='ambient' if ambient else 'edm',
-                      sigma_data=precond.get('sigma_data', 0.5), sigma_min=precond.get('sigma_min', 0),
-                      sigma_max=precond.get('sigma_max', float('inf')),
-                      channels=unet.in_channels // 2 if ambient else unet.in_channels,
-                      corruption_probability=dataset.get('corruption_probability', 0.4),
-                      delta_probability=dataset.get('delta_probability', 0.1),
-                      mask_full_rgb=bool(dataset.get('mask_full_rgb', False)),
-                      corruption_pattern=dataset.get('corruption_pattern', 'dust'), source=str(source))
-    return Precond(unet, sigma_data=net_config['sigma_data']), net_config
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Training loop
-
-
-class Data:
-    """The corrupted training set, on the GPU when it fits: uint8 images, bool masks A and A_tilde, labels. With
-    --xflip it is twice as long: items N..2N-1 are the x-flipped images (official dataset.py)."""
-
-    def __init__(self, cfg, device):
-        # Read, keep the official --max_size subset, draw each image's masks from its raw index.
-        images, labels = load_images(cfg.data, cfg.cache_dir, cfg.workers)
-        if cfg.cond and labels is None:
-            raise DataError('--cond needs labels (dataset.json, class sub-folders or y in the .npz)')
-        raw_indices = np.arange(len(images))
-        if 0 < cfg.max_size < len(images):  # official dataset.py: a RandomState(0) shuffle, first max_size, sorted
-            np.random.RandomState(0).shuffle(raw_indices)
-            raw_indices = np.sort(raw_indices[:cfg.max_size])
-        images = torch.from_numpy(images[raw_indices]).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W) uint8
-        check_pattern(cfg.corruption_pattern, images.shape[2], cfg.corruption_probability, cfg.delta_probability)
-        A, A_tilde = corruption_masks(raw_indices, images.shape[1:], cfg.corruption_probability,
-                                      cfg.delta_probability, cfg.mask_full_rgb, cfg.mask_seed, cfg.corruption_pattern)
-        # The fixed corrupted dataset: what A erased is gone for good. Only the official order (augment or x-flip the
-        # clean image, then apply the un-moved masks) reads clean pixels, so only it keeps them.
-        if not (cfg.augment_mode == 'official' and (cfg.augment > 0 or cfg.xflip)):
-            images = images * A
-        self.num_raw, self.channels, self.resolution = images.shape[0], images.shape[1], images.shape[2]
-        self.num_images = self.num_raw * (2 if cfg.xflip else 1)
-        self.label_dim = 0
-        if cfg.cond:  # labels index an embedding table: they must lie in [0, num_classes)
-            self.label_dim = check_labels(labels, cfg.num_classes)
-        labels = torch.from_numpy(labels[raw_indices]) if cfg.cond else None
-        # On the GPU when images and masks take less than a quarter of its free memory, else in pinned host memory.
-        fits = device.type != 'cuda' or 3 * images.numel() < torch.cuda.mem_get_info(device)[0] // 4
-        self.device = device if fits else torch.device('cpu')
-        place = lambda t: None if t is None else t.to(self.device) if fits else t.pin_memory()  # noqa: E731
-        self.images, self.A, self.A_tilde, self.labels = map(place, (images, A, A_tilde, labels))
-        self.seed, self.flip_masks, self._orders = cfg.seed, cfg.augment_mode == 'joint', {}
-
-    def indices(self, positions):
-        """Dataset indices at positions (int64, CPU) of the endless stream of per-epoch permutations, each seeded by
-        (seed, epoch): the data order is a function of the image count alone, so a resumed run needs no state."""
-        epochs, offsets = positions // self.num_images, positions % self.num_images
-        out = torch.empty_like(positions)
-        for epoch in epochs.unique().tolist():
-            if epoch not in self._orders:
-                generator = torch.Generator().manual_seed(derive_seed(self.seed, 0, epoch))
-                self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
-                self._orders[epoch] = torch.randperm(self.num_images, generator=generator)
-            out[epochs == epoch] = self._orders[epoch][offsets[epochs == epoch]]
-        return out
-
-    def batch(self, index, device):
-        """Images in [-1, 1] (B, C, H, W), A and A_tilde (B, 1 or C, H, W) as float, labels (B,) or None. An
-        x-flipped item flips the image; its masks are the raw image's, flipped too only with --augment_mode=joint
-        (official: the flipped image is masked by the un-flipped masks, which shows other pixels of it)."""
-        index = index.to(self.device)
-        rows = index % self.num_raw
-        get = lambda t: None if t is None else t[rows].to(device, non_blocking=True)  # noqa: E731
-        y, A, A_tilde = get(self.images).to(torch.float32) / 127.5 - 1, get(self.A), get(self.A_tilde)
-        if self.num_images > self.num_raw:  # --xflip
-            flipped = (index >= self.num_raw)[:, None, None, None].to(device)
-            y = torch.where(flipped, y.flip(3), y)
-            if self.flip_masks:
-                A, A_tilde = torch.where(flipped, A.flip(3), A), torch.where(flipped, A_tilde.flip(3), A_tilde)
-        return y, A.to(torch.float32), A_tilde.to(torch.float32), get(self.labels)
-
-
-def check_labels(labels, num_classes):
-    """Returns the number of classes (--num_classes, else the largest label + 1); a label outside [0, num_classes),
-    or more classes than images without --num_classes, is one error line (not a huge embedding table)."""
-    classes = num_classes or int(labels.max()) + 1
-    bad = (labels < 0) | (labels >= classes)
-    if bad.any():
-        raise DataError(f'--data: label {labels[bad][0]} of image #{bad.argmax()} is outside [0, {classes}) '
-                        f'(--num_classes={num_classes})')
-    if not num_classes and classes > len(labels):
-        raise DataError(f'--data: the largest label, {classes - 1}, implies {classes} classes for {len(labels)} '
-                        f'images; pass --num_classes if that is right')
-    return classes
-
-
-def draw_step(cfg, data, cur_nimg, device):
-    """All randomness of one global batch, a function of (seed, cur_nimg). Every rank draws it whole and takes its
-    rows, so any number of GPUs and any --batch_gpu follow the same trajectory, and resuming needs no RNG state."""
-    generator = torch.Generator(device).manual_seed(derive_seed(cfg.seed, 1, cur_nimg))
-    size = (cfg.batch, data.channels, data.resolution, data.resolution)
-    step = dict(index=data.indices(torch.arange(cur_nimg, cur_nimg + cfg.batch)),
-                normal=torch.randn(cfg.batch, generator=generator, device=device),      # (batch,) for ln(sigma)
-                eps=torch.randn(size, generator=generator, device=device))              # (batch, C, H, W)
-    if cfg.augment > 0:
-        step['flips'], step['G_inv'], step['augment_labels'] = draw_augmentation(
-            cfg.augment, cfg.batch, data.resolution, data.resolution, generator)
-    if cfg.resample_delta:
-        mask_size = (cfg.batch, 1 if cfg.mask_full_rgb else data.channels, data.resolution, data.resolution)
-        step['B'] = (torch.rand(mask_size, generator=generator, device=device) >= cfg.delta_probability).float()
-    return step
-
-
-def microbatch(cfg, data, step, rows, device):
-    """Rows of the global batch: corrupted images, masks and labels, augmented; and the augment labels."""
-    y, A, A_tilde, labels = data.batch(step['index'][rows], device)
-    rows = rows.to(device)
-    if cfg.resample_delta:
-        A_tilde = A * step['B'][rows]                  # a fresh B every step instead of the fixed one per image
-    augment_labels = None
-    if cfg.augment > 0:
-        augment_labels, flips, G_inv = step['augment_labels'][rows], step['flips'][rows], step['G_inv'][rows]
-        if cfg.augment_mode == 'joint':               # the masks travel with the image
-            stacked = augment(torch.cat([y, A, A_tilde], dim=1), flips, G_inv, 'joint')
-            y, A, A_tilde = stacked.split([y.shape[1], A.shape[1], A_tilde.shape[1]], dim=1)
-        else:                                         # official: augment the clean image, keep the masks as they are
-            y = augment(y, flips, G_inv, 'official')
-    return y, A, A_tilde, labels, augment_labels
-
-
-class TickStats:
-    """Loss per pixel (official Loss/loss), loss per noise-level bin and realised erasure rates, summed on the
-    device and read once per tick. The bins split ln(sigma) at -1.5, -0.5, 0.5, 1.5 standard deviations."""
-
-    def __init__(self, cfg, device):
-        self.edges = torch.tensor([-1.5, -0.5, 0.5, 1.5], device=device)
-        sigmas = [f'{math.exp(cfg.P_mean + cfg.P_std * z):.3g}' for z in self.edges.tolist()]
-        self.bin_names = [f'<{sigmas[0]}'] + [f'{a}-{b}' for a, b in zip(sigmas, sigmas[1:])] + [f'>{sigmas[-1]}']
-        self.sums = torch.zeros(4 + 2 * len(self.bin_names), device=device)
-
-    def add(self, per_image, A, A_tilde, normal):
-        self.sums[:4] += torch.stack([per_image.sum(), torch.ones_like(per_image).sum(), (1 - A).mean() * len(A),
-                                      (1 - A_tilde).mean() * len(A)])
-        bins = torch.bucketize(normal, self.edges)
-        self.sums[4:].view(2, -1)[0].index_add_(0, bins, per_image)
-        self.sums[4:].view(2, -1)[1].index_add_(0, bins, torch.ones_like(per_image))
-
-    def read(self):
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(self.sums)
-        values = self.sums.tolist()  # the one host sync of the tick
-        self.sums.zero_()
-        (loss, n, erased_A, erased_A_tilde), bins = values[:4], values[4:]
-        totals, counts = bins[:len(bins) // 2], bins[len(bins) // 2:]
-        return dict(loss=loss / n, erased_A=erased_A / n, erased_A_tilde=erased_A_tilde / n,
-                    loss_by_sigma={k: t / c if c else None for k, t, c in zip(self.bin_names, totals, counts)})
-
-
-# Flags that may differ between a run and its continuation by --resume=auto; any other difference starts a new run.
-RESUMABLE_CHANGES = {'kimg', 'resume', 'outdir', 'tick', 'snap', 'dump', 'grid', 'steps', 'precision', 'compile',
-                     'workers', 'cache_dir', 'device', 'dry_run', 'bench', 'experiment_name', 'S_churn', 'S_min',
-                     'S_max', 'S_noise'}
-
-
-def find_resume(cfg, description):
-    """--resume=auto: (run folder, its latest training state) of the newest run folder with this description and
-    training config. A folder without a state (a run killed during its first write) is reused with state None."""
-    if cfg.nosubdir:
-        folders = [cfg.outdir]
-    else:
-        folders = sorted(glob.glob(os.path.join(cfg.outdir, f'[0-9][0-9][0-9][0-9][0-9]-{glob.escape(description)}')))
-    wanted = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_CHANGES}
-    for folder in reversed(folders):
-        states = glob.glob(os.path.join(folder, 'training-state-*.pt'))
-        try:
-            with open(os.path.join(folder, 'config.json')) as file:
-                saved = json.load(file)['config']
-        except (OSError, ValueError, KeyError):
-            saved = None  # killed before config.json was complete: reusable only without a state
-        if saved is None and not states:
-            return folder, None
-        if saved is not None and all(saved.get(k) == v for k, v in wanted.items()):
-            latest = max(states, key=lambda path: float(re.search(r'-([\d.]+)\.pt$', path).group(1)), default=None)
-            return folder, latest
-    return None, None
-
-
-def open_run_dir(cfg, description, resume_folder):
-    """--outdir itself (--nosubdir), the folder that --resume=auto continues, or a new numbered folder."""
-    if cfg.nosubdir or resume_folder:
-        return cfg.outdir if cfg.nosubdir else resume_folder
-    names = os.listdir(cfg.outdir) if os.path.isdir(cfg.outdir) else []
-    run_ids = [int(name[:5]) for name in names if re.match(r'\d{5}-', name)]
-    return os.path.join(cfg.outdir, f'{max(run_ids, default=-1) + 1:05d}-{description}')
-
-
-def check_writable(folder, flag='--outdir'):
-    """Fails with one line (exit 2) before any work when folder cannot be created or written; writes nothing."""
-    # The nearest existing folder must take a temporary file (it is deleted at once).
-    existing = os.path.abspath(folder)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UsageError(f'{flag}: {existing} is not a folder')
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        raise UsageError(f'{flag}: cannot write to {existing} ({error.strerror or error})')
-
-
-def remove_partial_files(folder):
-    """Deletes the temporary files (*.tmp, *.tmp<pid>) that a killed or failed write left behind."""
-    for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        if re.search(r'\.tmp\d*$', name):
-            os.remove(os.path.join(folder, name))
-
-
-def load_state(path, net, ema, optimizer, rank, world, device):
-    """Restores a training state; returns (cur_nimg, cur_tick). Dropout generators are restored when the number
-    of processes is unchanged (everything else does not depend on it)."""
-    if os.path.getsize(path) == 0:
-        raise UsageError(f'--resume: {path} is empty (0 bytes)')
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True)  # tensors and plain containers only
-    except Exception as error:  # a truncated file or not a torch file: one line, not a trace
-        raise UsageError(f'--resume: cannot read {path} ({type(error).__name__}: {str(error).splitlines()[0]})')
-    if not isinstance(state, dict) or not {'net', 'ema', 'optimizer', 'cur_nimg'} <= set(state):
-        kind = ('an official ambient-diffusion training state (use --transfer=<its network-snapshot-*.pkl>)'
-                if isinstance(state, dict) and 'optimizer_state' in state else
-                'a network snapshot, not a training state (use --transfer)' if isinstance(state, dict) and 'ema' in
-                state else 'not a training state of ambient.py')
-        raise UsageError(f'--resume: {path} is {kind}')
-    try:
-        net.load_state_dict(state['net'])
-        ema.load_state_dict(state['ema'])
-        optimizer.load_state_dict(state['optimizer'])
-    except Exception as error:  # another network
-        raise UsageError(f'--resume: {path} holds another network ({type(error).__name__}: '
-                         f'{str(error).splitlines()[0]})')
-    if len(state['rng_cpu']) == world:
-        torch.set_rng_state(state['rng_cpu'][rank])
-        if device.type == 'cuda' and state['rng_cuda'][rank] is not None:
-            torch.cuda.set_rng_state(state['rng_cuda'][rank], device)
-    return state['cur_nimg'], state['cur_tick']
-
-
-def train(cfg):
-    """The EDM training loop with the ambient loss (official training/training_loop.py); returns the run folder.
-    One global batch per step, split into rounds of --batch_gpu per process; all randomness of a step is drawn by
-    draw_step from (seed, cur_nimg), so resuming and changing the number of GPUs keep the trajectory."""
-    # Processes, batch split and the flags that need them; the output folder must be writable.
-    rank, world, device = init_distributed(cfg.device)
-    is_main = rank == 0
-    batch_gpu = cfg.batch_gpu or cfg.batch // world
-    if cfg.batch % (batch_gpu * world):
-        raise UsageError(f'--batch={cfg.batch} must be divisible by GPUs x --batch_gpu = {world} x {batch_gpu}')
-    rounds = cfg.batch // (batch_gpu * world)
-    if cfg.resume not in ('', 'auto') and not os.path.isfile(cfg.resume):
-        raise UsageError(f'--resume: {cfg.resume} does not exist')
-    check_writable(cfg.outdir)
-
-    # Performance settings.
-    precision = cfg.precision or ('bf16' if device.type == 'cuda' else 'fp32')
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
-    # TF32 for what stays fp32; fp32 = official numerics (TF32 off, as the official training loop sets it).
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == 'bf16'
-    torch.backends.cudnn.benchmark = cfg.bench         # fixed shapes, so cuDNN's autotuning pays off
-    memory_format = torch.channels_last if device.type == 'cuda' else torch.contiguous_format  # tensor-core convs
-
-    # Data, corrupted once, and the network (all input checks happen here, before anything is written).
-    data = Data(cfg, device)
-    data_name = 'cifar10' if cfg.data == 'cifar10' else os.path.splitext(os.path.basename(cfg.data.rstrip('/')))[0]
-    description = f'{data_name}-{cfg.precond}-p{cfg.corruption_probability:g}-d{cfg.delta_probability:g}-' \
-                  f'{cfg.arch}-batch{cfg.batch}' + (f'-{cfg.desc}' if cfg.desc else '')  # run folder name, EDM-like
-    resume_folder, resume_path = find_resume(cfg, description) if cfg.resume == 'auto' else (None, cfg.resume or None)
-    net_config = network_config(cfg, data.resolution, data.channels, data.label_dim)
-    torch.manual_seed(cfg.seed)                        # the same initial weights on every rank
-    net = build_network(net_config).to(device, memory_format=memory_format).train()
-    if cfg.transfer and not resume_path:               # official --transfer: weights of a snapshot, fresh optimizer
-        transfer_weights(net, cfg.transfer, cfg.cache_dir)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    optimizer = (torch.optim.AdamW if cfg.weight_decay > 0 else torch.optim.Adam)(
-        net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
-        fused=device.type == 'cuda')                   # official: Adam, AdamW when --weight_decay > 0
-    torch.manual_seed(cfg.seed * world + rank)         # dropout differs per rank
-    cur_nimg, cur_tick = load_state(resume_path, net, ema, optimizer, rank, world, device) if resume_path else (0, 0)
-    ddp = net if world == 1 else torch.nn.parallel.DistributedDataParallel(
-        net, device_ids=[device] if device.type == 'cuda' else None)
-    forward = torch.compile(ddp) if cfg.compile else ddp
-
-    # Run folder: config (ours and the official training_options.json), a copy of this file, the corrupted data as
-    # the network sees it. Temporary files of an interrupted earlier write are removed first.
-    run_dir = open_run_dir(cfg, description, resume_folder)
-
-    def log(message):  # print() that also appends to the run's log.txt, on rank 0 only
-        if is_main:
-            print(message, flush=True)
-            with open(os.path.join(run_dir, 'log.txt'), 'a') as file:
-                file.write(message + '\n')
-    if is_main:
-        os.makedirs(run_dir, exist_ok=True)
-        remove_partial_files(run_dir)
-        write_atomic(os.path.join(run_dir, 'config.json'), json.dumps(dict(
-            config=dataclasses.asdict(cfg), network=net_config, command=sys.argv, world_size=world,
-            torch=torch.__version__, device=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'),
-            indent=2).encode())
-        write_atomic(os.path.join(run_dir, 'training_options.json'), json.dumps(
-            official_training_options(cfg, net_config, data.num_raw, run_dir), indent=2).encode())
-        with open(__file__, 'rb') as source:
-            write_atomic(os.path.join(run_dir, 'ambient.py.txt'), source.read())
-        y, A = data.batch(torch.arange(min(64, data.num_images)), 'cpu')[:2]
-        save_grid(to_uint8(A * y), os.path.join(run_dir, 'data-corrupted.png'))
-        stats_path = os.path.join(run_dir, 'stats.jsonl')
-        if os.path.exists(stats_path):  # drop ticks logged after the resumed state (redone) and a line cut by a kill
-            with open(stats_path) as file:
-                lines = [line for line in file if line.endswith('\n')]
-            kept = [line for line in lines if json.loads(line)['kimg'] <= cur_nimg / 1e3 + 1e-9]
-            write_atomic(stats_path, ''.join(kept).encode())
-    log(f'{run_dir}: {data.num_images} images {data.channels}x{data.resolution}x{data.resolution}, '
-        f'{sum(p.numel() for p in net.parameters()):,} parameters, batch {cfg.batch} = {world} GPU(s) x {batch_gpu} '
-        f'x {rounds} round(s), {precision}' + (f', resuming from {resume_path}' if resume_path else '')
-        + (f', weights from {cfg.transfer}' if cfg.transfer and not resume_path else ''))
-
-    # Tick bookkeeping: statistics stay on the device, clocks count images.
-    stats = TickStats(cfg, device)
-    total_nimg = int(cfg.kimg * 1000)
-    start_time = tick_start_time = time.time()
-    start_nimg = tick_start_nimg = cur_nimg
-    previous_state = None
-    while cur_nimg < total_nimg:  # a state resumed at or past --kimg trains no further
-        step = draw_step(cfg, data, cur_nimg, device)
-
-        # Accumulate gradients; DDP synchronises on the last round only.
-        optimizer.zero_grad(set_to_none=True)
-        for round_idx in range(rounds):
-            rows = torch.arange(batch_gpu) + (round_idx * world + rank) * batch_gpu
-            y, A, A_tilde, labels, augment_labels = microbatch(cfg, data, step, rows, device)
-            rows = rows.to(device)
-            noise = dict(rnd_normal=step['normal'][rows], eps=step['eps'][rows], P_mean=cfg.P_mean, P_std=cfg.P_std,
-                         sigma_data=cfg.sigma_data)                                     # this step's draws
-            sync = ddp.no_sync() if world > 1 and round_idx < rounds - 1 else contextlib.nullcontext()
-            with sync, autocast:
-                if cfg.precond == 'ambient':
-                    loss = ambient_loss(forward, y, A, A_tilde, labels, augment_labels, cfg.norm, **noise)
-                else:  # the naive baseline: EDM on the masked images
-                    loss = edm_loss(forward, A * y, labels, augment_labels, **noise)
-                # Official normalisation: per-image sums, mean over the global batch (DDP averages over GPUs),
-                # times the loss scaling --ls.
-                loss.sum().mul(cfg.ls * world / cfg.batch).backward()
-            stats.add(loss.detach() / y[0].numel(), A, A_tilde, step['normal'][rows])
-
-        # Update weights: linear warm-up from lr 0 at the first step, nan/inf cleanup, clipping (all official).
-        lr = cfg.lr * min(cur_nimg / max(cfg.lr_rampup_kimg * 1000, 1e-8), 1)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-        for param in net.parameters():
-            if param.grad is not None:
-                torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-
-        # Update EMA: half-life --ema Mimg, at most --ema_rampup_ratio times the images seen (official).
-        ema_halflife_nimg = cfg.ema * 1e6
-        if cfg.ema_rampup_ratio > 0 and not cfg.transfer:  # official: no ramp-up when fine-tuning (--transfer)
-            ema_halflife_nimg = min(ema_halflife_nimg, cur_nimg * cfg.ema_rampup_ratio)
-        ema_beta = 0.5 ** (cfg.batch / max(ema_halflife_nimg, 1e-8))
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - ema_beta)
-
-        # Maintenance once per tick (and after the first step).
-        cur_nimg += cfg.batch
-        done = cur_nimg >= total_nimg
-        if not done and cur_tick != 0 and cur_nimg < tick_start_nimg + cfg.tick * 1000:
-            continue
-        tick_stats = stats.read()  # the host sync first: the tick's time includes all of its GPU work
-        tick_time = time.time() - tick_start_time
-        sec_per_kimg = tick_time / (cur_nimg - tick_start_nimg) * 1e3
-        entry = dict(kimg=cur_nimg / 1e3, tick=cur_tick, time=time.time() - start_time, sec_per_kimg=sec_per_kimg,
-                     lr=lr, img_per_sec=(cur_nimg - tick_start_nimg) / tick_time, **tick_stats,
-                     gpumem_gb=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else 0.0)
-        log(f'kimg {entry["kimg"]:.1f} | time {format_time(entry["time"])} | sec/kimg {sec_per_kimg:.3g} | '
-            f'ETA {format_time((total_nimg - cur_nimg) / 1e3 * sec_per_kimg)} | loss {entry["loss"]:.4g} | '
-            f'lr {lr:.1e} | img/s {entry["img_per_sec"]:.0f} | gpumem {entry["gpumem_gb"]:.1f}G | '
-            f'erased A {entry["erased_A"]:.3f} A~ {entry["erased_A_tilde"]:.3f} | loss by sigma '
-            + ' '.join('-' if v is None else f'{v:.3g}' for v in entry['loss_by_sigma'].values()))
-        if device.type == 'cuda':
-            torch.cuda.reset_peak_memory_stats(device)
-        if is_main:
-            with open(os.path.join(run_dir, 'stats.jsonl'), 'a') as file:
-                file.write(json.dumps(entry) + '\n')
-        if done or (cur_tick % cfg.snap == 0 and cur_tick != 0):
-            path = save_snapshot(cfg, run_dir, net, ema, optimizer, net_config, cur_nimg, cur_tick, device, rank,
-                                 world, precision)
-            if previous_state and previous_state != path:  # keep every --dump-th state, replace the others
-                os.remove(previous_state)
-            previous_state = None if cur_tick % cfg.dump == 0 else path
-        cur_tick += 1
-        tick_start_nimg, tick_start_time = cur_nimg, time.time()
-    log(f'Done: {(cur_nimg - start_nimg) / 1e3:.1f} kimg in {format_time(time.time() - start_time)}.')
-    return run_dir
-
-
-def save_snapshot(cfg, run_dir, net, ema, optimizer, net_config, cur_nimg, cur_tick, device, rank, world,
-                  precision):
-    """Writes samples-<kimg>.png (fixed seeds), network-snapshot-<kimg>.pt (EMA weights and the network config:
-    all that generate/eval need) and training-state-<kimg>.pt (all that resuming needs); returns the state's path
-    (None on other ranks)."""
-    rng = [(torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == 'cuda' else None)] * world
-    if world > 1:  # every rank's dropout generator
-        torch.distributed.all_gather_object(rng, rng[0])
-    if rank != 0:
-        return None
-    # EDM names files by whole kimg; runs that snapshot more often than every kimg (CPU tests) get 3 decimals.
-    kimg = f'{cur_nimg // 1000:06d}' if cfg.tick * cfg.snap >= 1 else f'{cur_nimg / 1000:010.3f}'
-    if cfg.grid:
-        grid = generate_images(ema, net_config, list(range(cfg.grid)), device, steps=cfg.steps, precision=precision)
-        save_grid(grid, os.path.join(run_dir, f'samples-{kimg}.png'))
-    save_atomic(dict(config=net_config, ema=ema.state_dict()), os.path.join(run_dir, f'network-snapshot-{kimg}.pt'))
-    path = os.path.join(run_dir, f'training-state-{kimg}.pt')
-    save_atomic(dict(net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(), cur_nimg=cur_nimg,
-                     cur_tick=cur_tick + 1, rng_cpu=[r[0] for r in rng], rng_cuda=[r[1] for r in rng],
-                     config=dataclasses.asdict(cfg)), path)
-    return path
-
-
-def format_time(seconds):
-    """4m05s style, as EDM's status line."""
-    s = int(seconds)
-    return f'{s}s' if s < 60 else f'{s // 60}m{s % 60:02d}s' if s < 3600 else f'{s // 3600}h{s // 60 % 60:02d}m'
-
-
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Evaluation: generate, eval (FID through fid.py), neighbors (memorisation check)
 
 
-def sampling_masks(net_config, seeds, generators, num_masks, device, sampler='ambient', corruption_probability=None,
-                   delta_probability=None, mask_full_rgb=None, corruption_pattern=None):
-    """The fixed sampling masks (K, B, C, H, W) float64, or None for a plain EDM network. dust: each pixel kept with
-    the training marginal of A_tilde, (1 - p)(1 - delta) (official eval.py); box patterns: A_tilde drawn as in
-    training (the official eval.py draws dust masks whatever the training pattern). Unset arguments take the
-    training values. From the per-seed generators (the official masks come from NumPy's global RNG, which makes
-    samples irreproducible)."""
+def sampling_masks(net_config, seeds, generators, num_masks, device, sampler='ambient',
+                   corruption_probability=None, delta_probability=None, mask_full_rgb=None,
+                   corruption_pattern=None):
+    """The fixed sampling masks (K, B, C, H, W) float64, or None for a plain EDM network. dust: each
+    pixel kept with the training marginal of A_tilde, (1 - p)(1 - delta) (official eval.py); box
+    patterns: A_tilde drawn as in training (the official eval.py draws dust masks whatever the
+    training pattern). Unset arguments take the training values. From the per-seed generators (the
+    official masks come from NumPy's global RNG, which makes samples irreproducible)."""
     if net_config['precond'] != 'ambient':
         return None
     channels, resolution = net_config['channels'], net_config['unet']['img_resolution']
-    training = lambda value, key, default: net_config.get(key, default) if value is None else value  # noqa: E731
+    training = lambda value, key, default: net_config.get(key, default) if value is None else value
     p = training(corruption_probability, 'corruption_probability', 0.4)
     delta = training(delta_probability, 'delta_probability', 0.1)
     full_rgb = training(mask_full_rgb, 'mask_full_rgb', False)
     pattern = training(corruption_pattern, 'corruption_pattern', 'dust')
     # One mask set per seed: all ones, dust (Bernoulli per pixel) or the box patterns' A_tilde.
     if sampler == 'edm':  # all-ones masks: every pixel observed
-        return torch.ones(num_masks, len(seeds), channels, resolution, resolution, dtype=torch.float64, device=device)
+        return torch.ones(num_masks, len(seeds), channels, resolution, resolution,
+                          dtype=torch.float64, device=device)
     if pattern == 'dust':
         mask_channels = 1 if full_rgb else channels
-        masks = torch.stack([torch.rand(num_masks, mask_channels, resolution, resolution, generator=g, device=device)
-                             for g in generators], dim=1) < (1 - p) * (1 - delta)           # (K, B, Cm, H, W)
+        masks = torch.stack([torch.rand(num_masks, mask_channels, resolution, resolution,
+                                        generator=g, device=device) for g in generators],
+                            dim=1) < (1 - p) * (1 - delta)                  # (K, B, Cm, H, W)
     else:
         check_pattern(pattern, resolution, p, delta)
-        masks = torch.stack([torch.stack([torch.from_numpy(box_masks(
-            pattern, resolution, resolution, p, delta, torch.Generator().manual_seed(derive_seed(seed, 2, k)))[1])
-            for seed in seeds]) for k in range(num_masks)])[:, :, None].to(device)      # (K, B, 1, H, W)
+        draw = lambda seed, k: torch.from_numpy(box_masks(  # noqa: E731
+            pattern, resolution, resolution, p, delta,
+            torch.Generator().manual_seed(derive_seed(seed, 2, k)))[1])
+        masks = torch.stack([torch.stack([draw(seed, k) for seed in seeds])
+                             for k in range(num_masks)])[:, :, None].to(device)  # (K, B, 1, H, W)
     return masks.to(torch.float64).expand(-1, -1, channels, -1, -1)
 
 
-def generate_images(net, net_config, seeds, device, sampler='ambient', num_masks=1, guidance_scale=0.0, steps=18,
-                    corruption_probability=None, delta_probability=None, class_idx=None, precision='fp32',
-                    mask_full_rgb=None, corruption_pattern=None, sigma_min=0.002, sigma_max=80, rho=7, S_churn=0,
+def generate_images(net, net_config, seeds, device, sampler='ambient', num_masks=1,
+                    guidance_scale=0.0, steps=18, corruption_probability=None,
+                    delta_probability=None, class_idx=None, precision='fp32', mask_full_rgb=None,
+                    corruption_pattern=None, sigma_min=0.002, sigma_max=80, rho=7, S_churn=0,
                     S_min=0, S_max=float('inf'), S_noise=1):
-    """uint8 images (B, C, H, W), image k a function of seeds[k] alone: latents, label, sampling masks and churn
-    noise come from a generator seeded by it (EDM's StackedRandomGenerator idea)."""
+    """uint8 images (B, C, H, W), image k a function of seeds[k] alone: latents, label, sampling
+    masks and churn noise come from a generator seeded by it (EDM's StackedRandomGenerator idea)."""
     # Latents, labels and masks, in this order, from one generator per seed.
     unet = net_config['unet']
     channels, resolution = net_config['channels'], unet['img_resolution']
@@ -1478,15 +822,17 @@ def generate_images(net, net_config, seeds, device, sampler='ambient', num_masks
                            for g in generators])
     labels = None
     if unet.get('label_dim', 0):
-        labels = torch.stack([torch.randint(unet['label_dim'], (), generator=g, device=device) for g in generators])
+        labels = torch.stack(
+            [torch.randint(unet['label_dim'], (), generator=g, device=device) for g in generators])
         if class_idx is not None:
             labels = torch.full_like(labels, class_idx)
-    masks = sampling_masks(net_config, seeds, generators, num_masks, device, sampler, corruption_probability,
-                           delta_probability, mask_full_rgb, corruption_pattern)
-    randn_like = lambda x: torch.stack([torch.randn(x.shape[1:], generator=g, device=device, dtype=x.dtype)  # noqa
-                                        for g in generators])
-    # The official noise range is clipped to the network's (EDMPrecond: 0 to inf); the clip belongs to the ambient
-    # sampler (plain EDM does not clip).
+    masks = sampling_masks(net_config, seeds, generators, num_masks, device, sampler,
+                           corruption_probability, delta_probability, mask_full_rgb,
+                           corruption_pattern)
+    randn_like = lambda x: torch.stack(
+        [torch.randn(x.shape[1:], generator=g, device=device, dtype=x.dtype) for g in generators])
+    # The official noise range is clipped to the network's (EDMPrecond: 0 to inf); the clip belongs
+    # to the ambient sampler (plain EDM does not clip).
     sigma_min = max(sigma_min, net_config.get('sigma_min', 0))
     sigma_max = min(sigma_max, net_config.get('sigma_max', float('inf')))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16'):
@@ -1497,142 +843,58 @@ def generate_images(net, net_config, seeds, device, sampler='ambient', num_masks
     return to_uint8(images)
 
 
-# Official eval.py flags that its ambient_sampler does not take (passing them fails there with a TypeError).
-UNSAMPLED = {'solver': 'euler|heun', 'disc': 'vp|ve|iddpm|edm', 'schedule': 'vp|ve|linear', 'scaling': 'vp|none'}
-
-
-def sampling_parser(prog, description, network_required=True):
-    """Flags shared by generate, eval and neighbors (official eval.py names), in the common help layout."""
-    parser = QuietParser(prog, description=description)
-    parser.run_group = parser.add_argument_group('run')  # shown before sampling (the common order); empty = hidden
-    group = parser.add_argument_group('sampling')
-    flag(group, '--network', help='network-snapshot-*.pt of ambient.py or official network-snapshot-*.pkl (path or '
-         'URL); eval also takes a folder of them (official: a folder)', shown='required' if network_required
-         else None, required=network_required)
-    flag(group, '--training_options_loc', help='official training_options.json (path or URL) for the corruption '
-         'settings and the network of a bare-state-dict pickle', shown="the file beside the pickle")
-    flag(group, '--batch', help='images per batch and GPU', default=64, type=int)
-    flag(group, '--steps', help='Heun steps (2 x steps - 1 network evaluations)', default=18, type=int)
-    flag(group, '--sigma_min', help='lowest noise level', default=0.002, type=float)
-    flag(group, '--sigma_max', help='highest noise level', default=80.0, type=float)
-    flag(group, '--rho', help='time step exponent', default=7.0, type=float)
-    flag(group, '--S_churn', help='stochasticity strength; ours only (the official sampler takes it, eval.py has '
-         'no flag)', default=0.0, type=float)
-    flag(group, '--S_min', help='lowest noise level with churn', default=0.0, type=float)
-    flag(group, '--S_max', help='highest noise level with churn', default=float('inf'), type=float)
-    flag(group, '--S_noise', help='noise inflation of the churn', default=1.0, type=float)
-    flag(group, '--sampler', help='ambient (fixed-mask sampler) or edm (all-ones sampling mask); ours only',
-         default='ambient', choices=['ambient', 'edm'])
-    flag(group, '--num_masks', help='sampling masks (reconstruction guidance when > 1)', default=1, type=int)
-    flag(group, '--guidance_scale', help='reconstruction guidance weight', default=0.0, type=float)
-    flag(group, '--corruption_probability', help='p of the sampling masks; official eval.py default 0.4',
-         shown='the training value', type=float)
-    flag(group, '--delta_probability', help='delta of the sampling masks; official eval.py default 0.1',
-         shown='the training value', type=float)
-    flag(group, '--mask_full_rgb', help='sampling masks per RGB pixel; official eval.py default False',
-         shown='the training value', type=parse_bool)
-    flag(group, '--corruption_pattern', help='pattern of the sampling masks (official eval.py: always dust); ours '
-         'only', shown='the training value', choices=list(PATTERNS))
-    flag(group, '--class', help='class of every image', shown='random per seed', type=int, dest='class_idx')
-    flag(group, '--num_classes', help='number of classes of a conditional network, checked against it',
-         default=0, type=int)
-    flag(group, '--precision', help='bf16 or fp32 sampling; ours only', shown='bf16 on CUDA, fp32 on CPU',
-         choices=['fp32', 'bf16'])
-    flag(group, '--device', help='cuda or cpu; ours only', default='', shown='cuda when available')
-    flag(group, '--cache_dir', help='where downloaded snapshots and weights are kept; ours only', default='',
-         shown='$CORRUPTED_DIFFUSION_CACHE or ~/.cache/corrupted-diffusion')
-    for name, values in UNSAMPLED.items():
-        flag(group, f'--{name}', help=f'official eval.py flag ({values}) that its sampler never accepts: refused',
-             default=None)
-    return parser
-
-
-def check_sampling_flags(args):
-    """The sampling flags' refusals and ranges: one line, before anything is read or written."""
-    for name in UNSAMPLED:
-        if getattr(args, name) is not None:
-            raise refuse(f'--{name}', 'the official ambient_sampler does not take it (eval.py fails with a '
-                         'TypeError there)', 'the default Heun sampler with EDM time steps', 'eval.py')
-    for name in ('corruption_probability', 'delta_probability'):
-        value = getattr(args, name)
-        if value is not None and not 0 <= value < 1:
-            raise UsageError(f'--{name} must be in [0, 1)')
-    if args.batch < 1 or args.steps < 2 or args.num_masks < 1:
-        raise UsageError('--batch and --num_masks must be >= 1, --steps >= 2')
-    if min(args.sigma_min, args.sigma_max, args.rho, args.S_churn, args.S_min, args.S_max, args.S_noise) < 0 or \
-            args.sigma_min >= args.sigma_max:
-        raise UsageError('--sigma_min < --sigma_max, --rho and the --S_* flags must be >= 0')
-
-
 def prepare_sampling(args, device):
     """Checks the sampling flags and loads the network, before anything is written."""
-    check_sampling_flags(args)
-    options = read_json(args.training_options_loc, '--training_options_loc', args.cache_dir) \
-        if args.training_options_loc else None
+    options = None
+    if args.training_options_loc:
+        try:
+            options = nets.read_json_source(args.training_options_loc, args.cache_dir or None)
+        except (ValueError, FileNotFoundError) as error:
+            raise UserError(f'--training_options_loc: {error}')
     net, net_config = load_network(args.network, device, args.cache_dir, training_options=options)
-    if options and net_config.get('source') is None:  # our snapshot: the options file sets the corruption defaults
+    # Our snapshot: the options file sets the corruption defaults.
+    if options and net_config.get('source') is None:
         dataset = options.get('dataset_kwargs', {})
-        net_config = {**net_config, **{k: dataset[k] for k in ('corruption_probability', 'delta_probability',
-                                                               'mask_full_rgb', 'corruption_pattern') if k in dataset}}
+        net_config = {**net_config, **{k: dataset[k] for k in nets.AMBIENT_CORRUPTION_KEYS
+                                       if k in dataset}}
     label_dim = net_config['unet']['label_dim']
     if args.num_classes and args.num_classes != label_dim:
-        raise UsageError(f'--num_classes={args.num_classes}, but the network has {label_dim} classes')
+        raise UserError(
+            f'--num_classes={args.num_classes}, but the network has {label_dim} classes')
     if args.class_idx is not None and not 0 <= args.class_idx < label_dim:
-        raise UsageError(f'--class must be in [0, {label_dim})' if label_dim else '--class needs a conditional network')
+        raise UserError(f'--class must be in [0, {label_dim})'
+                        if label_dim else '--class needs a conditional network')
     return net, net_config
 
 
 def sample_batches(net, net_config, args, seeds, device):
-    """Yields (seeds, uint8 images) for this rank's share of the seeds (EDM's round-robin batches)."""
+    """Yields (seeds, uint8 images) of this rank's share of the seeds (EDM's round-robin)."""
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
         if torch.distributed.is_initialized() else (0, 1)
-    # Everything generate_images takes, from the flags; each rank takes every world-th batch of seeds.
-    options = dict(sampler=args.sampler, num_masks=args.num_masks, guidance_scale=args.guidance_scale,
-                   steps=args.steps, corruption_probability=args.corruption_probability,
+    # Everything generate_images takes, from the flags; each rank takes every world-th batch of
+    # seeds.
+    options = dict(sampler=args.sampler, num_masks=args.num_masks,
+                   guidance_scale=args.guidance_scale, steps=args.steps,
+                   corruption_probability=args.corruption_probability,
                    delta_probability=args.delta_probability, class_idx=args.class_idx,
                    precision=args.precision or ('bf16' if device.type == 'cuda' else 'fp32'),
                    mask_full_rgb=args.mask_full_rgb, corruption_pattern=args.corruption_pattern,
-                   sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho, S_churn=args.S_churn,
-                   S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise)
+                   sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
+                   S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise)
     num_batches = max((len(seeds) - 1) // (args.batch * world) + 1, 1) * world
     for batch_seeds in torch.as_tensor(seeds).tensor_split(num_batches)[rank::world]:
         if len(batch_seeds):
-            yield batch_seeds.tolist(), generate_images(net, net_config, batch_seeds.tolist(), device, **options)
-
-
-def save_pngs(outdir, seeds, images, subdirs=False):
-    """One PNG per seed, outdir/<seed>.png (or outdir/<thousands>/<seed>.png with --subdirs, as official)."""
-    for seed, image in zip(seeds, images.permute(0, 2, 3, 1).cpu().numpy()):
-        folder = os.path.join(outdir, f'{seed - seed % 1000:06d}') if subdirs else outdir
-        os.makedirs(folder, exist_ok=True)
-        save_png(image, os.path.join(folder, f'{seed:06d}.png'))
-
-
-def fid_call(function, *args, **kwargs):
-    """Calls a fid.py function, turning its errors (missing weights offline, a bad reference) into one line."""
-    try:
-        return function(*args, **kwargs)
-    except (FileNotFoundError, ValueError, RuntimeError) as error:
-        raise DataError(' '.join(str(error).split()))
-
-
-def generate_parser():
-    parser = sampling_parser('ambient.py generate', 'One PNG per seed from a snapshot; image k depends on seed k '
-                             'only.')
-    group = parser.run_group
-    flag(group, '--seeds', help='seeds such as 0-49999 or 1,2,5-10', default='0-63')
-    flag(group, '--outdir', help='where the PNGs go', shown='required', required=True)
-    flag(group, '--subdirs', help='a sub-folder per 1000 seeds', default=False, type=parse_bool)
-    add_help(parser, group)
-    return parser
+            yield batch_seeds.tolist(), generate_images(net, net_config, batch_seeds.tolist(),
+                                                        device, **options)
 
 
 def generate(argv):
     """Writes one PNG per seed, outdir/<seed>.png."""
-    args = generate_parser().parse_args(argv)
-    check_sampling_flags(args)
+    args = check_sampling_config(
+        parse_config('generate', GenerateConfig, argv, OFFICIAL_FLAGS['generate']))
+    require(args.network and args.outdir, '--network and --outdir are required')
     seeds = parse_seeds(args.seeds)
-    check_writable(args.outdir)
+    check_writable(args.outdir, '--outdir')
     rank, _, device = init_distributed(args.device)
     net, net_config = prepare_sampling(args, device)
     for batch_seeds, images in sample_batches(net, net_config, args, seeds, device):
@@ -1642,96 +904,65 @@ def generate(argv):
 
 
 def snapshots_to_evaluate(network, eval_step):
-    """--network as the official eval.py reads it: a snapshot, or a folder whose snapshots (*.pkl, or ours) are
-    evaluated in name order, every eval_step-th, each once (the official script polls the folder for ever)."""
+    """--network as the official eval.py reads it: a snapshot, or a folder whose snapshots (*.pkl,
+    or ours) are evaluated in name order, every eval_step-th, each once (the official script polls
+    the folder for ever)."""
     # Official pickles first; a run folder of ours has .pt snapshots instead.
     if os.path.isdir(network):
         found = sorted(glob.glob(os.path.join(network, '*.pkl'))) or \
             sorted(glob.glob(os.path.join(network, 'network-snapshot-*.pt')))
         if not found:
-            raise UsageError(f'--network: no network-snapshot-*.pkl or *.pt in {network}')
+            raise UserError(f'--network: no network-snapshot-*.pkl or *.pt in {network}')
         return found[::eval_step]
     return [network]
 
 
-def eval_parser():
-    parser = sampling_parser('ambient.py eval', 'FID and other fid.py metrics of a snapshot, or of every snapshot '
-                             'in a folder (official eval.py flags keep their names).')
-    group = parser.add_argument_group('evaluation')
-    flag(group, '--ref', help='reference statistics (fid.py ref, EDM fid-refs .npz; path or URL)',
-         shown='required', required=True)
-    flag(group, '--num', help='images to evaluate', default=50000, type=int)
-    flag(group, '--seeds', help='seeds of the images; their first --num are evaluated', shown='0 to num - 1')
-    flag(group, '--seed', help='random choice of --num images among more (official); a no-op for FID when exactly '
-         '--num are sampled', default=0, type=int)
-    flag(group, '--metrics', help='any of ' + ','.join(fid.METRICS) + '; ours only', default='fid')
-    flag(group, '--protocol', help='edm (official eval.py: EDM fid.py), adm or pytorch-fid', default='edm',
-         choices=list(fid.PROTOCOLS))
-    flag(group, '--fid_weights', help='Inception weights file', shown='$FID_WEIGHTS or a download')
-    flag(group, '--outdir', help='also write the PNGs to outdir/<snapshot>/ (official)', default=None)
-    flag(group, '--subdirs', help='a PNG sub-folder per 1000 seeds', default=False, type=parse_bool)
-    flag(group, '--eval_step', help='evaluate every eval_step-th snapshot of a folder', default=1, type=int)
-    flag(group, '--skip_generation', help='evaluate the PNGs in the --network folder instead of sampling',
-         default=False, type=parse_bool)
-    flag(group, '--skip_calculation', help='only write the PNGs (needs --outdir)', default=False, type=parse_bool)
-    flag(group, '--experiment_name', help='a name kept in the metrics JSON (official: the wandb run name)',
-         default=None)
-    flag(group, '--with_wandb', help='official wandb switch: False is honoured, True refused (metrics.jsonl holds '
-         'the numbers)', default=False, type=parse_bool)
-    flag(group, '--wandb_id', help='official wandb run id: refused unless empty', default='')
-    add_help(parser, group)
-    return parser
-
-
 def evaluate(argv):
-    """fid.py metrics of --num samples (the first --num of --seeds) held in memory; with --outdir also the PNGs, in
-    outdir/<snapshot kimg>/ as official. Prints the numbers and appends a JSON line to metrics.jsonl beside the
-    network (or in --outdir)."""
+    """fid.py metrics of --num samples (the first --num of --seeds) held in memory; with --outdir
+    also the PNGs, in outdir/<snapshot kimg>/ as official. Prints the numbers and appends a JSON
+    line to metrics.jsonl beside the network (or in --outdir)."""
     # Flags: refusals, ranges and the seeds, before anything is read or written.
-    args = eval_parser().parse_args(argv)
-    check_sampling_flags(args)
-    if args.with_wandb:
-        raise refuse('--with_wandb=True', 'there is no wandb logging', '--with_wandb=False (metrics go to '
-                     'metrics.jsonl)', 'eval.py')
-    if args.wandb_id:
-        raise refuse('--wandb_id', 'there is no wandb logging', 'metrics.jsonl', 'eval.py')
+    args = check_sampling_config(parse_config('eval', EvalConfig, argv, OFFICIAL_FLAGS['eval']))
+    require(args.network and args.ref, '--network and --ref are required')
+    require(args.protocol in fid.PROTOCOLS, f'--protocol must be one of {", ".join(fid.PROTOCOLS)}')
     metrics = args.metrics.split(',')
     if args.num < 2 or not set(metrics) <= set(fid.METRICS) or args.eval_step < 1:
-        raise UsageError(f'--num must be >= 2, --eval_step >= 1 and --metrics a list of {",".join(fid.METRICS)}')
+        raise UserError(
+            f'--num must be >= 2, --eval_step >= 1 and --metrics a list of {",".join(fid.METRICS)}')
     seeds = parse_seeds(args.seeds)[:args.num] if args.seeds else list(range(args.num))
     if len(seeds) < args.num:
-        raise UsageError(f'--seeds gives {len(seeds)} images, but --num={args.num}')
+        raise UserError(f'--seeds gives {len(seeds)} images, but --num={args.num}')
     if args.skip_calculation and not args.outdir:
-        raise UsageError('--skip_calculation writes PNGs only: give --outdir')
+        raise UserError('--skip_calculation writes PNGs only: give --outdir')
     if args.outdir:
-        check_writable(args.outdir)
+        check_writable(args.outdir, '--outdir')
     if not args.ref.startswith(('http://', 'https://')) and not os.path.exists(args.ref):
-        raise UsageError(f'--ref: {args.ref} does not exist')
+        raise UserError(f'--ref: {args.ref} does not exist')
     rank, _, device = init_distributed(args.device)
     # Reference, detector, protocol and metric checks all fail here, before minutes of sampling.
     ref = fid_call(fid.load_ref, args.ref)
-    detector = fid_call(fid.load_inception, args.fid_weights, device=device)
-    protocol = fid_call(fid.resolve_protocol, args.protocol, ref=ref, metrics=metrics, detector=detector,
-                        num=args.num)
+    detector = fid_call(fid.load_inception, args.fid_weights or None, device=device)
+    protocol = fid_call(fid.resolve_protocol, args.protocol, ref=ref, metrics=metrics,
+                        detector=detector, num=args.num)
     if args.skip_generation:  # the official calc() on a folder of images
         images, _ = load_images(args.network, workers=4)
         index = fid_call(fid.select_images, len(images), protocol, seed=args.seed)
         batches = (torch.from_numpy(images[index[i:i + args.batch]]).permute(0, 3, 1, 2)
                    for i in range(0, len(index), args.batch))
-        results = fid_call(fid.compute_metrics, batches, ref, metrics=metrics, detector=detector, device=device,
-                           num_images=args.num, protocol=protocol, seed=args.seed)
+        results = fid_call(fid.compute_metrics, batches, ref, metrics=metrics, detector=detector,
+                           device=device, num_images=args.num, protocol=protocol, seed=args.seed)
         report_metrics(args, args.network, results, args.outdir or args.network, rank)
         return
-    # Every snapshot of --network: sample the seeds (and write their PNGs with --outdir), then score them in one
-    # streaming Inception pass; metrics.jsonl goes beside the snapshot.
+    # Every snapshot of --network: sample the seeds (and write their PNGs with --outdir), then score
+    # them in one streaming Inception pass; metrics.jsonl goes beside the snapshot.
     for network in snapshots_to_evaluate(args.network, args.eval_step):
-        folder = os.path.dirname(os.path.abspath(network)) if os.path.isfile(network) else args.outdir or '.'
+        folder = os.path.dirname(os.path.abspath(network)) if os.path.isfile(network) else \
+            args.outdir or '.'
         if not args.skip_calculation:
             check_writable(folder, 'metrics.jsonl folder')  # before minutes of sampling
-        args.network = network
-        net, net_config = prepare_sampling(args, device)
+        net, net_config = prepare_sampling(dataclasses.replace(args, network=network), device)
         name = re.sub(r'^network-snapshot-|\.(pt|pkl)$', '', os.path.basename(network))
-        outdir = os.path.join(args.outdir, name.lstrip('0').split('.')[0] or '0') if args.outdir else None
+        outdir = args.outdir and os.path.join(args.outdir, name.lstrip('0').split('.')[0] or '0')
 
         def batches():
             for batch_seeds, images in sample_batches(net, net_config, args, seeds, device):
@@ -1742,8 +973,8 @@ def evaluate(argv):
             for _ in batches():
                 pass
             continue
-        results = fid_call(fid.compute_metrics, batches(), ref, metrics=metrics, detector=detector, device=device,
-                           num_images=args.num, protocol=protocol, seed=args.seed)
+        results = fid_call(fid.compute_metrics, batches(), ref, metrics=metrics, detector=detector,
+                           device=device, num_images=args.num, protocol=protocol, seed=args.seed)
         report_metrics(args, network, results, folder, rank)
 
 
@@ -1751,66 +982,35 @@ def report_metrics(args, network, results, folder, rank):
     """Prints the metrics as JSON and appends them to folder/metrics.jsonl (rank 0)."""
     if rank != 0:
         return
-    entry = dict(network=os.path.basename(network.rstrip('/')), num=args.num, sampler=args.sampler, steps=args.steps,
-                 num_masks=args.num_masks, guidance_scale=args.guidance_scale, ref=args.ref,
-                 experiment_name=args.experiment_name,
-                 **{k: v if isinstance(v, str) else float(v) for k, v in results.items()}, timestamp=time.time())
+    entry = dict(network=os.path.basename(network.rstrip('/')), num=args.num, sampler=args.sampler,
+                 steps=args.steps, num_masks=args.num_masks, guidance_scale=args.guidance_scale,
+                 ref=args.ref, experiment_name=args.experiment_name,
+                 **{k: v if isinstance(v, str) else float(v) for k, v in results.items()},
+                 timestamp=time.time())
     print(json.dumps(entry))
     with open(os.path.join(folder, 'metrics.jsonl'), 'a') as file:
         file.write(json.dumps(entry) + '\n')
 
 
-def neighbors_parser():
-    parser = sampling_parser('ambient.py neighbors', 'Nearest clean training images of generated ones (official '
-                             'find_dataset_neighbors.py flags keep their names).', network_required=False)
-    group = parser.add_argument_group('evaluation')
-    flag(group, '--input_dir', '--images', help='generated images instead of --network (official name: '
-         '--input_dir)', default=None, dest='images')
-    flag(group, '--data', help='the training set (read clean: an audit)', shown='required', required=True)
-    flag(group, '--output_dir', '--outdir', help='where the outputs go (official name: --output_dir)',
-         shown='required', required=True, dest='outdir')
-    flag(group, '--features_path', help='.npy of the training features: loaded when it exists, else computed and '
-         'saved (official)', default=None)
-    flag(group, '--max_size', help='generated images used (RandomState(0) subset as official); 0 = all',
-         default=0, type=int)
-    flag(group, '--num', help='images sampled from --network; ours only', default=10000, type=int)
-    flag(group, '--features', help='dinov2 (official) or inception; ours only', default='inception',
-         choices=['inception', 'dinov2'])
-    flag(group, '--dinov2', help='DINOv2 weights: a hub name, URL or .pth; ours only', default='dinov2_vitg14')
-    flag(group, '--normalize', help='unit-length features (cosine similarity)', default=True, type=parse_bool)
-    flag(group, '--batch-gpu', help='feature batch limit (official)', default=None, type=int, dest='batch_gpu')
-    flag(group, '--workers', help='threads decoding images', default=1, type=int)
-    flag(group, '--cache', help='hold the dataset in memory (always; False is refused)', default=True,
-         type=parse_bool)
-    flag(group, '--seed', help='official flag with no effect (its sampler does not shuffle)', default=42, type=int)
-    flag(group, '--threshold', help='top-1 similarity counted as a copy in neighbors.json; ours only',
-         default=0.95, type=float)
-    flag(group, '--top', help='pairs in neighbors.png; ours only', default=16, type=int)
-    flag(group, '--fid_weights', help='Inception weights file (--features=inception)',
-         shown='$FID_WEIGHTS or a download')
-    add_help(parser, group)
-    return parser
-
-
 def neighbors(argv):
-    """Memorisation check (official find_dataset_neighbors.py): for every generated image, the similarity of its
-    features to those of every clean training image. --features=dinov2 is the official ViT-g/14 CLS token with its
-    preprocessing; inception (default, works offline with fid.py's weights) takes the FID pool features. Writes the
-    official files (max_products.pkl, softmax_products.pkl, <i>_dataset_image_<i>.png and
-    <i>_nearest_neighbors_<k>_dataset_index_<j>.png) plus neighbors.npz (top-3 similarities and indices),
-    neighbors.json (a summary) and neighbors.png (the --top most similar pairs)."""
+    """Memorisation check (official find_dataset_neighbors.py): for every generated image, the
+    similarity of its features to those of every clean training image. --features=dinov2 is the
+    official ViT-g/14 CLS token with its preprocessing; inception (default, works offline with
+    fid.py's weights) takes the FID pool features. Writes the official files (max_products.pkl,
+    softmax_products.pkl, <i>_dataset_image_<i>.png and
+    <i>_nearest_neighbors_<k>_dataset_index_<j>.png) plus neighbors.npz (top-3 similarities and
+    indices), neighbors.json (a summary) and neighbors.png (the --top most similar pairs)."""
     # Flags and the writable output folders, before any image is read.
-    args = neighbors_parser().parse_args(argv)
-    check_sampling_flags(args)
-    if args.cache is False:
-        raise refuse('--cache=False', 'the dataset is always held in memory', '--cache=True',
-                     'find_dataset_neighbors.py')
-    if (args.network is None) == (args.images is None):
-        raise UsageError('give one of --network and --input_dir')
-    if args.num < 1 or args.top < 1 or args.max_size < 0 or args.workers < 1 or not -1 <= args.threshold <= 1:
-        raise UsageError('--num, --top and --workers must be >= 1, --max_size >= 0, --threshold in [-1, 1]')
+    args = check_sampling_config(parse_config('neighbors', NeighborsConfig, argv,
+                                              OFFICIAL_FLAGS['neighbors']))
+    require(args.data and args.outdir, '--data and --output_dir are required')
+    require(bool(args.network) != bool(args.images), 'give one of --network and --input_dir')
+    require(args.features in ('inception', 'dinov2'), '--features must be inception or dinov2')
+    if min(args.num, args.top, args.workers) < 1 or args.max_size < 0 or abs(args.threshold) > 1:
+        raise UserError(
+            '--num, --top and --workers must be >= 1, --max_size >= 0, --threshold in [-1, 1]')
     if int(os.environ.get('WORLD_SIZE', 1)) > 1:
-        raise UsageError('neighbors runs as one process')
+        raise UserError('neighbors runs as one process')
     check_writable(args.outdir, '--output_dir')
     if args.features_path and not os.path.exists(args.features_path):
         check_writable(os.path.dirname(os.path.abspath(args.features_path)), '--features_path')
@@ -1818,131 +1018,1411 @@ def neighbors(argv):
     _, _, device = init_distributed(args.device)
     if args.network:
         net, net_config = prepare_sampling(args, device)
-    train_images = torch.from_numpy(load_images(args.data, args.cache_dir, args.workers)[0]).permute(0, 3, 1, 2)
+    train_images = load_images(args.data, args.cache_dir, args.workers)[0]
+    train_images = torch.from_numpy(train_images).permute(0, 3, 1, 2)
     if args.features == 'dinov2':
         try:
             detector = nets.load_dinov2(args.dinov2, cache_dir=args.cache_dir or None).to(device)
         except Exception as error:  # offline: one line naming the URL and where to put the file
-            raise DataError(f'--dinov2: {" ".join(str(error).split())}')
+            raise UserError(f'--dinov2: {" ".join(str(error).split())}')
     else:
-        detector = fid_call(fid.load_inception, args.fid_weights, device=device)
+        detector = fid_call(fid.load_inception, args.fid_weights or None, device=device)
     if args.images:
-        generated = torch.from_numpy(load_images(args.images, workers=args.workers)[0]).permute(0, 3, 1, 2)
-        if 0 < args.max_size < len(generated):  # official: a RandomState(0) subset of the outputs, sorted
+        generated = load_images(args.images, workers=args.workers)[0]
+        generated = torch.from_numpy(generated).permute(0, 3, 1, 2)
+        # official: a RandomState(0) subset of the outputs, sorted
+        if 0 < args.max_size < len(generated):
             keep = np.arange(len(generated))
             np.random.RandomState(0).shuffle(keep)
             generated = generated[np.sort(keep[:args.max_size])]
     else:
         seeds = list(range(args.num))
-        generated = torch.cat([x.cpu() for _, x in sample_batches(net, net_config, args, seeds, device)])
+        generated = torch.cat(
+            [x.cpu() for _, x in sample_batches(net, net_config, args, seeds, device)])
 
-    # Features of both sets (the training set's cached in --features_path), top 3 training images per image.
+    # Features of both sets (the training set's cached in --features_path), top 3 training images
+    # per image.
     batch = min(args.batch, args.batch_gpu or args.batch)
 
     def features(images):
         chunks = [images[i:i + batch] for i in range(0, len(images), batch)]
         if args.features == 'dinov2':
             with torch.no_grad():
-                return torch.cat([nets.dinov2_features(detector, x.to(device), normalize=False).cpu()
-                                  for x in chunks]).double()
+                return torch.cat([
+                    nets.dinov2_features(detector, x.to(device), normalize=False).cpu()
+                    for x in chunks
+                ]).double()
         return fid.compute_features(iter(chunks), detector, device)['pool'].double().cpu()
     if args.features_path and os.path.exists(args.features_path):
         train_features = torch.from_numpy(np.load(args.features_path)).double()
         if train_features.shape[0] != len(train_images):
-            raise DataError(f'--features_path: {args.features_path} holds {train_features.shape[0]} features, the '
-                            f'data {len(train_images)} images')
+            raise UserError(
+                f'--features_path: {args.features_path} holds {train_features.shape[0]} '
+                f'features, the data {len(train_images)} images')
     else:
         train_features = features(train_images)
         if args.features_path:
             buffer = io.BytesIO()
             np.save(buffer, train_features.float().numpy())
-            write_atomic(args.features_path, buffer.getvalue())
+            nets.write_atomic(args.features_path, buffer.getvalue())
     generated_features = features(generated)
     if args.normalize:
-        train_features, generated_features = F.normalize(train_features, dim=1), F.normalize(generated_features, dim=1)
+        train_features, generated_features = F.normalize(train_features, dim=1), F.normalize(
+            generated_features, dim=1)
     k = min(3, len(train_images))
     products = [chunk @ train_features.T for chunk in generated_features.split(1024)]
     top = [p.topk(k, dim=1) for p in products]
     similarity = torch.cat([t.values for t in top])                                   # (num, 3)
     neighbor = torch.cat([t.indices for t in top])                                    # (num, 3)
-    softmax_max = torch.cat([p.softmax(dim=1).max(dim=1).values for p in products])   # official softmax_products
+    # official softmax_products
+    softmax_max = torch.cat([p.softmax(dim=1).max(dim=1).values for p in products])
     write_neighbors(args, generated, train_images, similarity, neighbor, softmax_max)
 
 
 def write_neighbors(args, generated, train_images, similarity, neighbor, softmax_max):
     """The official per-image files and pickles, and our summary, arrays and picture."""
-    # The official files: each generated image and its 3 nearest training images, the top-1 similarities and the
-    # largest softmax weights (pickled lists of floats).
+    # The official files: each generated image and its 3 nearest training images, the top-1
+    # similarities and the largest softmax weights (pickled lists of floats).
     os.makedirs(args.outdir, exist_ok=True)
     for i, image in enumerate(generated):
-        save_png(image.permute(1, 2, 0).numpy(), os.path.join(args.outdir, f'{i}_dataset_image_{i}.png'))
+        save_png(
+            image.permute(1, 2, 0).numpy(), os.path.join(args.outdir, f'{i}_dataset_image_{i}.png'))
         for rank_k, j in enumerate(neighbor[i].tolist()):
-            save_png(train_images[j].permute(1, 2, 0).numpy(),
-                     os.path.join(args.outdir, f'{i}_nearest_neighbors_{rank_k}_dataset_index_{j}.png'))
-    write_atomic(os.path.join(args.outdir, 'max_products.pkl'), pickle.dumps(similarity[:, 0].tolist()))
-    write_atomic(os.path.join(args.outdir, 'softmax_products.pkl'), pickle.dumps(softmax_max.tolist()))
-    # Ours: a summary with the fraction above --threshold, the arrays, and a picture of the closest pairs.
+            save_png(
+                train_images[j].permute(1, 2, 0).numpy(),
+                os.path.join(args.outdir, f'{i}_nearest_neighbors_{rank_k}_dataset_index_{j}.png'))
+    nets.write_atomic(os.path.join(args.outdir, 'max_products.pkl'),
+                      pickle.dumps(similarity[:, 0].tolist()))
+    nets.write_atomic(os.path.join(args.outdir, 'softmax_products.pkl'),
+                      pickle.dumps(softmax_max.tolist()))
+    # Ours: a summary with the fraction above --threshold, the arrays, and a picture of the closest
+    # pairs.
     top1 = similarity[:, 0]
-    summary = dict(source=args.network or args.images, features=args.features, num_generated=len(generated),
-                   num_train=len(train_images), threshold=args.threshold,
-                   fraction_above=float((top1 > args.threshold).double().mean()), mean_top1=float(top1.mean()),
+    summary = dict(source=args.network or args.images, features=args.features,
+                   num_generated=len(generated), num_train=len(train_images),
+                   threshold=args.threshold, fraction_above=float(
+                       (top1 > args.threshold).double().mean()), mean_top1=float(top1.mean()),
                    max_top1=float(top1.max()),
-                   quantiles_top1={str(q): float(top1.quantile(q)) for q in (0.5, 0.9, 0.99)})
+                   quantiles_top1={str(q): float(top1.quantile(q))
+                                   for q in (0.5, 0.9, 0.99)})
     buffer = io.BytesIO()
     np.savez(buffer, similarity=similarity.numpy(), neighbor=neighbor.numpy())
-    write_atomic(os.path.join(args.outdir, 'neighbors.npz'), buffer.getvalue())
-    write_atomic(os.path.join(args.outdir, 'neighbors.json'), json.dumps(summary, indent=2).encode())
+    nets.write_atomic(os.path.join(args.outdir, 'neighbors.npz'), buffer.getvalue())
+    nets.write_atomic(os.path.join(args.outdir, 'neighbors.json'),
+                      json.dumps(summary, indent=2).encode())
     most_similar = top1.argsort(descending=True)[:args.top]
     rows = [torch.cat([generated[i:i + 1], train_images[neighbor[i]]]) for i in most_similar]
-    save_grid(torch.cat(rows), os.path.join(args.outdir, 'neighbors.png'), columns=1 + neighbor.shape[1])
+    save_grid(torch.cat(rows), os.path.join(args.outdir, 'neighbors.png'),
+              columns=1 + neighbor.shape[1])
     print(json.dumps(summary))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+
+
+# --------------------------------------------------------------------------------------------------
 # Main
 
 
-def print_overview():
-    """`python ambient.py --help`: the commands of this script."""
-    print('usage: ambient.py [COMMAND] [--flag=value ...]')
-    print('Ambient Diffusion: Learning Clean Distributions from Corrupted Data (Daras et al., NeurIPS 2023, '
-          'arXiv:2305.19256).')
-    print('commands:')
-    for name, text in COMMANDS.items():
-        print(f'  {name:<10} {text}')
-    print("Run 'python ambient.py COMMAND --help' for the flags of a command.")
-
-
 def main(argv=None):
-    # The command (train when none is given), then one line and an exit code for every expected failure.
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv in (['-h'], ['--help']):
-        print_overview()
-        return
-    command = argv.pop(0) if argv and argv[0] in COMMANDS else 'train'
+    """ambient.py [train|generate|eval|neighbors] --flag=value ...: train is the default."""
+    run_main(
+        {
+            'train': (train, 'train on corrupted images (the default command; official train.py)'),
+            'generate': (generate, 'one PNG per seed from a snapshot (.pt or official .pkl)'),
+            'eval': (evaluate, 'FID and other fid.py metrics of a snapshot or a folder of them '
+                     '(official eval.py)'),
+            'neighbors': (neighbors, 'nearest training images of generated ones (official '
+                          'find_dataset_neighbors.py)')
+        }, argv,
+        'Ambient Diffusion: Learning Clean Distributions from Corrupted Data (Daras et al., '
+        'NeurIPS 2023, arXiv:2305.19256).')
+
+
+def train(argv):
+    """The train command: flags -> Config -> training_loop, or --dry_run's printout."""
+    cfg = parse_train_args(argv)
+    if cfg.dry_run:  # the config, the network and the official train.py's options; nothing else
+        print_dry_run(cfg)
+        return None
+    return training_loop(cfg)
+
+
+# ---- Below: plumbing (files, flags, processes); not needed to understand the method
+
+
+# ==== BEGIN canonical block v2 (paste unchanged below the banner) =================================
+# Errors and main
+
+
+class UserError(Exception):
+    """Bad input: a flag, a data set, a checkpoint, an output folder. `main` prints
+    `<script>: error: <message>` on one line and exits 2 (argparse's code); every check raises it
+    before anything is written."""
+
+
+def require(ok, message):
+    """The one-line check of check_config: `require(cfg.lr > 0, '--lr must be > 0')`."""
+    if not ok:
+        raise UserError(message)
+
+
+def top_level_help(commands, title='', note=''):
+    """`python X.py --help`: usage line, paper, one line per command, where the flags are."""
+    script = os.path.basename(__file__)
+    lines = [f'usage: {script} [COMMAND] [--flag=value ...]'] + ([title] if title else [])
+    lines.append('commands:')
+    lines += [f'  {name:<10} {text}' for name, (_, text) in commands.items()]
+    lines += [note] if note else []
+    lines.append(f"Run 'python {script} COMMAND --help' for the flags of a command.")
+    return '\n'.join(lines)
+
+
+def run_main(commands, argv=None, title='', note=''):
+    """The body of every script's `main`. commands: {name: (function(argv), one-line description)};
+    the first is the default, so `python X.py --flag=...` trains. Bad input (UserError) is one line
+    and exit 2; a failure while running (a full disk, a folder removed: OSError) one line and exit
+    1; an interrupt outside the training loop's StopSignal one line and exit 130. Only rank 0
+    prints; every rank exits with the same code."""
+    argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
+    if argv[:1] in (['-h'], ['--help']):
+        print(top_level_help(commands, title, note))
+        return None
+    name = argv.pop(0) if argv and argv[0] in commands else next(iter(commands))
     try:
-        if command == 'train':
-            cfg, preset = parse_train_args(argv)
-            if cfg.dry_run:  # ours, then what the official train.py would print for the same flags
-                print(json.dumps(dict(preset=preset, **dataclasses.asdict(cfg)), indent=2))
-                print('Official training options (train.py --dry-run; resolution and max_size come with the data):')
-                print(json.dumps(official_training_options(cfg), indent=2))
-                return
-            train(cfg)
-        elif command == 'generate':
-            generate(argv)
-        elif command == 'eval':
-            evaluate(argv)
-        else:
-            neighbors(argv)
-    except (UsageError, DataError, RunError, OSError) as error:
-        # One line, even for multi-line messages; exit 2 for bad flags and input, 1 for a failure while running.
-        message = f'{error.filename}: {error.strerror}' if isinstance(error, OSError) and error.filename else str(error)
-        print(f'ambient.py: error: {" ".join(message.split())}', file=sys.stderr)
-        sys.exit(2 if isinstance(error, (UsageError, DataError)) else 1)
+        return commands[name][0](argv)
+    except UserError as error:
+        _fail(str(error), 2)
+    except OSError as error:
+        where = f' {error.filename}' if error.filename else ''
+        _fail(f'cannot write{where}: {error.strerror or error}', 1)
+    except KeyboardInterrupt:
+        _fail('interrupted (nothing was saved since the last training state)', 130)
     finally:
+        for lock in list(RunLock.held):  # also when a test calls main(), not only at exit
+            lock.release()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _fail(message, code):
+    if get_rank() == 0:  # one line, even for a multi-line library message
+        print(f'{os.path.basename(__file__)}: error: {" ".join(message.split())}', file=sys.stderr)
+    sys.exit(code)
+
+
+# --------------------------------------------------------------------------------------------------
+# Flags: the parser from a Config dataclass, and the official-flag table
+
+GROUP_TITLES = ('data and corruption', 'network', 'optimisation', 'run', 'sampling', 'evaluation')
+
+
+def parse_bool(text):
+    """True/False, 1/0, yes/no, on/off, any case: click's BOOL and the official str2bool."""
+    value = {'true': True, '1': True, 'yes': True, 'y': True, 't': True, 'on': True, 'false': False,
+             '0': False, 'no': False, 'n': False, 'f': False, 'off': False}.get(str(text).lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f'expected True or False, got {text!r}')
+    return value
+
+
+def parse_seeds(text, flag='--seeds'):
+    """'0-49999' or '1,2,5-10' -> a list of ints, as EDM's parse_int_list; a reversed range is an
+    error."""
+    seeds = []
+    for part in str(text).split(','):
+        match = re.fullmatch(r'\s*(\d+)(?:-(\d+))?\s*', part)
+        if not match:
+            raise UserError(f'{flag}: cannot parse {part!r} (expected e.g. 0-49999 or 1,2,5-10)')
+        first, last = int(match[1]), int(match[2] or match[1])
+        if last < first:
+            raise UserError(f'{flag}: the range {part.strip()} is empty (reversed)')
+        seeds.extend(range(first, last + 1))
+    return seeds
+
+
+@dataclasses.dataclass(frozen=True)
+class Official:
+    """The fate of one official flag: a row of OFFICIAL_FLAGS (ours, refused, ignored)."""
+    field: str = ''         # our Config field that it sets; '' = none (refused or ignored)
+    convert: object = None  # official value -> ours: a function, a {value: ours} dict, None = same
+    how: str = ''           # the conversion or the reason in words, for --help and docs/<paper>.md
+    refuse: object = None   # {official value: why not, naming ours}, or one reason for every value
+    type: object = None     # reads the official value; None = our field's type
+    group: str = 'run'      # the --help group of a flag that sets no field
+
+
+def ours(field, convert=None, how='', refuse=None, type=None):
+    """An official flag that sets our `field`, e.g.
+        ours('kimg', mimg_to_kimg, 'Mimg -> kimg', type=float)   # another name and unit
+        ours('lr')                                               # the same flag
+        ours('arch', refuse={'ncsnpp': 'no NCSN++ here; use --arch=ddpmpp'})  # refused values"""
+    return Official(field, convert, how, refuse, type)
+
+
+def refused(reason, group='run'):
+    """An official flag refused whatever its value; the reason names ours ('...; use --x')."""
+    return Official(how=reason, refuse=reason, group=group)
+
+
+def ignored(how='logging only', refuse=None, type=None, group='run'):
+    """An official flag accepted and dropped (wandb ids, ...); `refuse` still refuses some values:
+        ignored('always in memory', refuse={False: '...; use --cache=True'}, type=parse_bool)"""
+    return Official(how=how, refuse=refuse, type=type, group=group)
+
+
+def format_official(flag, official):
+    """What an official flag does here, in one phrase (--help and the docs)."""
+    if isinstance(official.refuse, str):
+        return f'refused: {official.refuse}'
+    if official.field and flag == f'--{official.field}':
+        text = 'the same flag' + (f' ({official.how})' if official.how else '')
+    elif official.field:
+        text = f'--{official.field}' + (f': {official.how}' if official.how else '')
+    else:
+        text = f'ignored ({official.how})'
+    return text + _refusals(flag, official)
+
+
+def _refusals(flag, official):
+    refuse = official.refuse or {}
+    return ''.join(f'; {flag}={value} refused: {why}' for value, why in refuse.items())
+
+
+class OfficialAction(argparse.Action):
+    """Applies one OFFICIAL_FLAGS row while parsing: refuse the value, or convert it into our field.
+    The field is written where the flag appears, so of --duration and --kimg the later one wins, as
+    with any repeated flag."""
+
+    def __init__(self, option_strings, dest, official=None, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.official = official
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        row = self.official
+        reasons = row.refuse if isinstance(row.refuse, dict) else {}
+        if isinstance(row.refuse, str) or value in reasons:
+            bare = value is None or value is True and isinstance(row.refuse, str)  # `--flag` alone
+            given = option_string if bare else f'{option_string}={value}'
+            reason = row.refuse if isinstance(row.refuse, str) else reasons[value]
+            raise UserError(f'{given} (official flag) is not supported: {reason}')
+        if not row.field:
+            return  # ignored
+        if isinstance(row.convert, dict):
+            if value not in row.convert:
+                accepted = ', '.join(str(v) for v in row.convert)
+                raise UserError(f'{option_string}={value}: the official values taken: {accepted}')
+            value = row.convert[value]
+        elif row.convert is not None:
+            value = row.convert(value)
+        setattr(namespace, row.field, value)
+
+
+def field_docs(config_class):
+    """{field: (help group, help text)} from the Config source: the trailing comment of a field is
+    its help; a section comment whose words start with a group title (`# Network (EDM train.py).`)
+    sets the group of the fields below it. Fields above the first section comment are 'run'
+    flags."""
+    docs, group = {}, 'run'
+    for cls in reversed(config_class.__mro__[:-1]):  # base classes first, like their fields
+        for line in inspect.getsource(cls).splitlines():
+            section = re.match(r'\s+#\s*(.*)', line)
+            if section:
+                group = next((t for t in GROUP_TITLES if section[1].lower().startswith(t)), group)
+            field = re.match(r'\s+(\w+)\s*:\s*[\w\[\], .]+=.*?#\s*(.*)$', line)
+            if field:
+                docs[field[1]] = (group, field[2])
+    return docs
+
+
+def _flag_type(kind):
+    """A field's annotation (a type, or its name under `from __future__ import annotations`) -> the
+    argparse type."""
+    name = getattr(kind, '__name__', str(kind)).split('|')[0].replace('Optional[', '').strip(' ]')
+    return {'bool': parse_bool, 'int': int, 'float': float}.get(name, str)
+
+
+def add_flag(group, names, type, help, default=None, shown=None, **kwargs):
+    """One flag with a `--name VALUE` metavar (INT, FLOAT, BOOL, STR) whose help ends with its
+    default: `shown`, else `default` ('' and None show as none); a help that already ends in
+    `(default: ...)` or `(required)` is kept. Booleans take --flag, --flag=True, --flag=0."""
+    shown = default if shown is None else shown
+    if not re.search(r'\((default: .*|required)\)$', help):
+        help += f' (default: {"none" if shown in ("", None) else shown})'
+    if type is parse_bool:
+        kwargs.setdefault('nargs', '?')
+        kwargs.setdefault('const', True)
+    kwargs.setdefault('metavar', {int: 'INT', float: 'FLOAT', parse_bool: 'BOOL'}.get(type, 'STR'))
+    return group.add_argument(*names, type=type, help=help.replace('%', '%%'), **kwargs)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (via run_main), instead of usage + message
+        raise UserError(message)
+
+
+def make_parser(command, config_class, official_flags=None, fields=None, defaults=None,
+                presets=None, description=''):
+    """The argparse parser of one command: a flag per Config field (or per name in `fields`),
+    grouped and helped from the Config source (field_docs), plus the official flags of
+    `official_flags` beside the fields they set. Flags that are not given stay out of the namespace
+    (argument_default=SUPPRESS), so presets can fill them in. `defaults` overrides the dataclass
+    defaults (e.g. a command's own --batch); --help shows those."""
+    script = os.path.basename(__file__)
+    parser = _Parser(prog=f'{script} {command}', usage=f'{script} {command} [--flag=value ...]',
+                     description=description, allow_abbrev=False, add_help=False,
+                     argument_default=argparse.SUPPRESS,
+                     formatter_class=lambda prog: argparse.HelpFormatter(prog, width=78))
+    groups = {title: parser.add_argument_group(title) for title in GROUP_TITLES}
+    docs, official_flags = field_docs(config_class), dict(official_flags or {})
+    all_fields = {f.name: f for f in dataclasses.fields(config_class)}
+    defaults = {name: f.default for name, f in all_fields.items()} | dict(defaults or {})
+    for name in fields or all_fields:
+        group, text = docs.get(name, ('run', name.replace('_', ' ')))
+        kind = _flag_type(all_fields[name].type)
+        # Our own flag (its official row, if any, refuses values), with the official spellings
+        # that need no conversion.
+        own = official_flags.pop(f'--{name}', None)
+        names = [f'--{name}'] + [flag for flag, row in official_flags.items()  # plain aliases:
+                                 if row == Official(name, group=row.group)]  # rows of a field alone
+        for flag in names[1:]:
+            del official_flags[flag]
+        text += f'; official: {", ".join(names[1:])}' if names[1:] else ''
+        text += _refusals(f'--{name}', own) if own else ''
+        action = dict(action=OfficialAction, official=own) if own else {}
+        add_flag(groups[group], names, kind, text, defaults[name], dest=name, **action)
+        # Official flags that set this field through a conversion sit right below it.
+        for flag, row in [(f, r) for f, r in official_flags.items() if r.field == name]:
+            del official_flags[flag]
+            add_flag(groups[group], [flag], row.type or kind,
+                     f'official: {format_official(flag, row)} (default: see --{name})',
+                     dest=f'official{flag}', action=OfficialAction, official=row)
+    # Refused and ignored flags, and those that set a field this command does not show.
+    for flag, row in official_flags.items():
+        if row.field and row.field not in all_fields:
+            raise ValueError(f'OFFICIAL_FLAGS: {flag} sets {row.field}, which Config lacks')
+        kind = row.type or (_flag_type(all_fields[row.field].type) if row.field else str)
+        group = docs.get(row.field, (row.group,))[0]
+        add_flag(groups[group if group in groups else 'run'], [flag], kind,
+                 f'official: {format_official(flag, row)} (default: none)', dest=f'official{flag}',
+                 action=OfficialAction, official=row, nargs='?',
+                 const=True if kind is parse_bool else None)
+    if presets and 'preset' not in all_fields:
+        add_flag(groups['run'], ['--preset'], str, 'a recipe that sets defaults: '
+                 + ', '.join(presets), '', choices=list(presets), dest='preset')
+    groups['run'].add_argument('-h', '--help', action='help', help='show this help and exit')
+    return parser
+
+
+def parse_config(command, config_class, argv, official_flags=None, presets=None, fields=None,
+                 defaults=None, description=''):
+    """Config from the command line: the dataclass defaults (and `defaults`), under them --preset's
+    values, under those the flags given. Raises UserError for any bad flag, before anything is
+    written."""
+    parser = make_parser(command, config_class, official_flags, fields, defaults, presets,
+                         description)
+    given = vars(parser.parse_args(argv))
+    given = {name: value for name, value in given.items() if not name.startswith('official')}
+    fields = {f.name: f.default for f in dataclasses.fields(config_class)} | dict(defaults or {})
+    names = set(fields)
+    preset = given.get('preset', fields['preset']) if 'preset' in names else given.pop('preset', '')
+    if preset and preset not in (presets or {}):
+        raise UserError(f'--preset must be one of {", ".join(presets or {})}, got {preset!r}')
+    preset_values = {k: v for k, v in (presets or {}).get(preset, {}).items() if k in names}
+    return config_class(**{**dict(defaults or {}), **preset_values, **given})
+
+
+def official_flags_markdown(official_flags):
+    """OFFICIAL_FLAGS ({command: {flag: row}}) as the markdown table of docs/<paper>.md, pasted
+    between the lines `<!-- official-flags:start -->` and `<!-- official-flags:end -->`; a test
+    compares the two."""
+    lines = ['| command | official flag | here |', '|---|---|---|']
+    for command, rows in official_flags.items():
+        for flag, row in rows.items():
+            text = format_official(flag, row).replace('|', '/')  # a | would end the cell
+            lines.append(f'| {command} | `{flag}` | {text} |')
+    return '\n'.join(lines) + '\n'
+
+
+# --------------------------------------------------------------------------------------------------
+# Processes: torchrun, printing, logging, time
+
+
+def init_distributed(device=''):
+    """(rank, world_size, torch.device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them
+    this is one process. Each process takes the GPU of its LOCAL_RANK; the process group uses nccl
+    on CUDA, gloo on CPU."""
+    rank, local_rank = int(os.environ.get('RANK', '0')), int(os.environ.get('LOCAL_RANK', '0'))
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if device not in ('cpu', 'cuda') or (device == 'cuda' and not torch.cuda.is_available()):
+        raise UserError(f'--device must be cpu or cuda (with a GPU torch sees), not {device!r}')
+    device = torch.device('cuda', local_rank) if device == 'cuda' else torch.device('cpu')
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return rank, world, device
+
+
+def get_rank():
+    """This process's rank, before and after the process group exists (torchrun's RANK, else 0)."""
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get('RANK', '0'))
+
+
+def print0(*args, **kwargs):
+    """print() on rank 0 only, flushed, so a torchrun log shows each line once and at once."""
+    if get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def broadcast_object(value):
+    """Rank 0's value on every rank (the run folder rank 0 chose, say); with one process, itself."""
+    if not torch.distributed.is_initialized():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class Logger:
+    """`log(message)`: print0, and, once `log.open(path)` named the run's log.txt, append it there
+    too (lines printed before are written first). Appending keeps the log of the run that is
+    resumed; line buffering makes each line readable at once, even when the process is killed."""
+
+    def __init__(self):
+        self.file, self.pending = None, []
+
+    def open(self, path):
+        if get_rank() == 0:
+            self.file = open(path, 'a', buffering=1)
+            self.file.writelines(self.pending)
+        self.pending = []
+
+    def __call__(self, message):
+        if get_rank() == 0:
+            print(message, flush=True)
+            if self.file:
+                self.file.write(f'{message}\n')
+            else:
+                self.pending.append(f'{message}\n')
+
+    def close(self):
+        if self.file:
+            self.file.close()
+            self.file = None
+
+
+def format_time(seconds):
+    """42s, 4m05s, 1h02m: the clock of EDM's status line."""
+    s = int(seconds)
+    if s < 60:
+        return f'{s}s'
+    return f'{s // 60}m{s % 60:02d}s' if s < 3600 else f'{s // 3600}h{s // 60 % 60:02d}m'
+
+
+def done_line(nimg, seconds):
+    """The last line of a training run, `done: 2.0 kimg in 1m05s`: what this process trained."""
+    return f'done: {nimg / 1000:.1f} kimg in {format_time(seconds)}'
+
+
+# --------------------------------------------------------------------------------------------------
+# Run folder: exclusive creation, lock, resume, the files every run folder holds
+
+# Config fields that may differ between a run and the one that --resume=auto continues: the length
+# of training (kimg), how often it reports and saves (tick, snap, dump, log_interval,
+# save_interval), what it draws for the progress grids (grid, grid_steps, steps), where and how fast
+# it runs without changing its result (outdir, device, workers, cache_dir, compile, bench,
+# batch_gpu: the same global batch in other microbatches), and names kept for logging
+# (experiment_name, expr_id, dry_run, resume). Anything else (data, method flags, seed, precision,
+# batch, lr, ...) defines the experiment: a run with another value is another run and gets a new
+# folder. precision is not here because bf16 and fp32 follow different trajectories; continue a run
+# in another precision with --resume=PATH.
+RESUMABLE_FIELDS = frozenset({
+    'kimg', 'tick', 'snap', 'dump', 'log_interval', 'save_interval', 'grid', 'grid_steps', 'steps',
+    'outdir', 'device', 'workers', 'cache_dir', 'compile', 'bench', 'batch_gpu',
+    'experiment_name', 'expr_id', 'dry_run', 'resume'})
+RUN_NAME = re.compile(r'(\d{5})-.*')
+STATE_NAME = re.compile(r'training-state-(\d+(?:\.\d+)?)\.pt')
+
+
+def check_writable(path, flag):
+    """Refuses (UserError) a folder that cannot be written: a file in its place, or a nearest
+    existing folder that is not writable. Creates nothing, so a refused run leaves no trace."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f'{flag}={path}: {existing} is a file, not a folder')
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f'{flag}={path}: {existing} is not writable')
+
+
+def open_run_dir(outdir, description):
+    """Creates and returns a new `outdir/NNNNN-description` folder. os.mkdir fails when the name
+    exists, so two runs started at once in one outdir never share a folder: the later one takes the
+    next number."""
+    os.makedirs(outdir, exist_ok=True)
+    numbers = [int(m[1]) for m in map(RUN_NAME.fullmatch, os.listdir(outdir)) if m]
+    number = max(numbers, default=-1) + 1
+    while True:
+        run_dir = os.path.join(outdir, f'{number:05d}-{description}')
+        try:
+            os.mkdir(run_dir)
+            return run_dir
+        except FileExistsError:
+            number += 1
+
+
+class RunLock:
+    """`run.lock` in a run folder, made with O_CREAT | O_EXCL and holding `pid host`: while it
+    exists, a second process refuses the folder with one line naming the holder. A lock whose
+    process is gone (same host, pid dead: a kill -9) is taken over. Released when run_main ends
+    (the command returned, failed or was stopped) and, failing that, at exit (atexit)."""
+    held = []  # the locks this process holds
+
+    def __init__(self, run_dir):
+        self.path = os.path.join(run_dir, 'run.lock')
+        self.owner = f'{os.getpid()} {socket.gethostname()}'
+        for _ in range(2):  # a second try after removing a dead process's lock
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                break
+            except FileExistsError:
+                holder = self.holder()
+                if not holder or not self.dead(holder):
+                    raise UserError(f'{run_dir} is in use by process {holder or "?"} '
+                                    f'({self.path}); wait for it, or delete that file if it is gone'
+                                    ) from None
+                os.remove(self.path)  # the dead run's lock
+        else:
+            raise UserError(f'cannot take {self.path}: another process took it at the same time')
+        with os.fdopen(fd, 'w') as file:
+            file.write(self.owner + '\n')
+        RunLock.held.append(self)
+        atexit.register(self.release)
+
+    def holder(self):
+        try:
+            with open(self.path) as file:
+                return file.read().strip()
+        except FileNotFoundError:
+            return ''
+
+    @staticmethod
+    def dead(holder):
+        """True only when the holder ran on this host and its pid is gone (never another host's)."""
+        pid, _, host = holder.partition(' ')
+        if host != socket.gethostname() or not pid.isdigit():
+            return False
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, owned by another user
+            return False
+        return False
+
+    def release(self):
+        if self in RunLock.held:
+            RunLock.held.remove(self)
+            if self.holder() == self.owner:
+                os.remove(self.path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def latest_training_state(run_dir):
+    """The training-state-<kimg>.pt of run_dir with the most kimg, or None (*.tmp never counts)."""
+    found = [(float(m[1]), m[0]) for m in map(STATE_NAME.fullmatch, os.listdir(run_dir)) if m]
+    return os.path.join(run_dir, max(found)[1]) if found else None
+
+
+def kimg_tag(cur_nimg):
+    """The <kimg> of file names: 000700 (whole kimg, as EDM), or 000000.700 below a whole kimg (CPU
+    runs); both sort and parse (latest_training_state) the same way."""
+    return f'{cur_nimg // 1000:06d}' if cur_nimg % 1000 == 0 else f'{cur_nimg / 1000:010.3f}'
+
+
+def _saved_config(run_dir):
+    """The "config" of run_dir/config.json, or None (no such file, or one cut short by a kill)."""
+    try:
+        with open(os.path.join(run_dir, 'config.json')) as file:
+            saved = json.load(file)
+    except (OSError, ValueError):
+        return None
+    config = saved.get('config') if isinstance(saved, dict) else None
+    return config if isinstance(config, dict) else None
+
+
+def config_differences(saved, cfg_dict, resumable=RESUMABLE_FIELDS):
+    """'--data=a.npz there, b.npz now, ...': how a saved config differs from cfg_dict outside the
+    resumable fields ('' = not at all). Compared through JSON, as config.json holds them (a tuple
+    is a list there), and a field that one of them lacks differs."""
+    saved, new = (json.loads(json.dumps(c)) for c in (saved, cfg_dict))
+    keys = sorted(k for k in saved.keys() | new.keys() if k not in resumable
+                  and saved.get(k, '(absent)') != new.get(k, '(absent)'))
+    text = ', '.join(f'--{k}={saved.get(k, "(absent)")} there, {new.get(k, "(absent)")} now'
+                     for k in keys[:3])
+    return text + (', ...' if len(keys) > 3 else '')
+
+
+def find_resume(outdir, cfg_dict, resumable=RESUMABLE_FIELDS):
+    """--resume=auto: (run folder, its latest training state, reason) of the newest run in outdir
+    whose config.json equals cfg_dict apart from the `resumable` fields; (None, None, reason) when
+    none does. A matching run without a state yet (killed before its first) comes with state None,
+    to start over in it. The reason is one line for the log: what goes on, or why a new folder."""
+    runs = sorted((m[0] for m in map(RUN_NAME.fullmatch, os.listdir(outdir)) if m), reverse=True) \
+        if os.path.isdir(outdir) else []
+    nearest = ''
+    for name in runs:
+        saved = _saved_config(os.path.join(outdir, name))
+        if saved is None:
+            continue
+        differences = config_differences(saved, cfg_dict, resumable)
+        if not differences:
+            state = latest_training_state(os.path.join(outdir, name))
+            if state is None:
+                return os.path.join(outdir, name), None, \
+                    f'--resume=auto: {name} has no training state yet; starting it over'
+            return os.path.join(outdir, name), state, f'--resume=auto: continuing {state}'
+        nearest = nearest or f'the newest run {name} differs: {differences}'
+    return None, None, f'--resume=auto: nothing to continue ({nearest or "no run yet"}); ' \
+        'starting a new run folder'
+
+
+@dataclasses.dataclass
+class Run:
+    dir: str              # the run folder
+    state: str = None     # the training state to continue from, or None
+    reason: str = ''      # one line for the log: why this folder
+    lock: RunLock = None  # the folder's lock (rank 0; None on the other ranks)
+
+
+def open_run(outdir, description, cfg_dict, resume='', log=print0, nosubdir=False,
+             resumable=RESUMABLE_FIELDS):
+    """The run folder of a training run, on every rank (rank 0 chooses, the others receive it):
+    - resume='auto': the run that find_resume picks, else a new folder (the log says why);
+    - resume=PATH: a new folder that continues PATH (the run it came from stays as it was);
+    - resume='': a new folder, `outdir/NNNNN-description`.
+    nosubdir: outdir itself, refused when it holds a run that --resume=auto may not continue.
+    Rank 0 locks the folder (RunLock: a folder in use is refused, in one line, before anything is
+    written to it) and removes the temporary files of an interrupted write."""
+    chosen, lock = None, None
+    if get_rank() == 0:
+        try:
+            chosen = _choose_run(outdir, description, cfg_dict, resume, nosubdir, resumable)
+            lock = RunLock(chosen[0])
+        except UserError as error:
+            chosen = str(error)  # every rank raises it, not only rank 0
+    chosen = broadcast_object(chosen)
+    if isinstance(chosen, str):
+        raise UserError(chosen)
+    run = Run(*chosen, lock=lock)
+    if lock:
+        for name in os.listdir(run.dir):  # partial files of an interrupted write
+            if name.endswith('.tmp'):
+                os.remove(os.path.join(run.dir, name))
+    if run.reason:
+        log(run.reason)
+    return run
+
+
+def _choose_run(outdir, description, cfg_dict, resume, nosubdir, resumable):
+    """(run folder, state, reason) for open_run; raises UserError."""
+    explicit = resume if resume not in ('', 'auto') else None
+    if nosubdir:  # a folder that holds one run
+        saved = _saved_config(outdir)
+        if saved is not None and resume != 'auto':
+            raise UserError(f'--nosubdir: {outdir} holds a run already; continue it with '
+                            '--resume=auto, or choose another --outdir')
+        differences = config_differences(saved, cfg_dict, resumable) if saved else ''
+        if differences:
+            raise UserError(f'--nosubdir --resume=auto: {outdir} holds another run '
+                            f'({differences}); choose another --outdir')
+        os.makedirs(outdir, exist_ok=True)
+        state = latest_training_state(outdir) if saved else explicit
+        return outdir, state, f'--resume=auto: continuing {state}' if saved and state else ''
+    if resume == 'auto':
+        run_dir, state, reason = find_resume(outdir, cfg_dict, resumable)
+        if run_dir:
+            return run_dir, state, reason
+        return open_run_dir(outdir, description), None, reason
+    reason = f'--resume: continuing {explicit} in a new run folder' if explicit else ''
+    return open_run_dir(outdir, description), explicit, reason
+
+
+def trim_stats(run_dir, cur_nimg):
+    """On resume, forgets the stats.jsonl lines written after the state (ticks that will be trained
+    again) and a line cut short by a kill, so that the file reads as one uninterrupted run."""
+    path = os.path.join(run_dir, 'stats.jsonl')
+    if get_rank() != 0 or not os.path.exists(path):
+        return
+    with open(path) as file:
+        lines = [line for line in file if line.endswith('\n')]
+    kept = [line for line in lines if json.loads(line).get('kimg', 0) <= cur_nimg / 1000 + 1e-9]
+    nets.write_atomic(path, ''.join(kept).encode())
+
+
+def resumed_line(state_path, cur_nimg):
+    """The separator in log.txt where a resumed run continues (the earlier lines stay above it)."""
+    return f'---- resumed from {os.path.basename(state_path)} at kimg {cur_nimg / 1000:g} ----'
+
+
+def save_grid(images, path, columns=None):
+    """(N, C, H, W) uint8 images (tensor or array) -> one PNG grid, written atomically."""
+    images = torch.as_tensor(images).cpu()
+    n, channels, height, width = images.shape
+    columns = columns or max(1, int(np.ceil(np.sqrt(n))))
+    rows = -(-n // columns)
+    grid = torch.zeros(rows * columns, channels, height, width, dtype=torch.uint8)
+    grid[:n] = images
+    grid = grid.view(rows, columns, channels, height, width).permute(0, 3, 1, 4, 2)
+    grid = grid.reshape(rows * height, columns * width, channels).numpy()
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(grid[:, :, 0] if channels == 1 else grid).save(buffer, format='png')
+    nets.write_atomic(path, buffer.getvalue())
+
+
+def write_run_files(run_dir, cfg_dict, preview_images=None, **facts):
+    """The files every run folder starts with (CONTRACT.md): config.json (the resolved config under
+    "config", with the command line, versions and `facts` such as the network config), source.py
+    (this script as it ran) and data-preview.png (training images as the network sees them,
+    corrupted). Rank 0 only."""
+    if get_rank() != 0:
+        return
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    record = dict(config=cfg_dict, command=[os.path.basename(__file__)] + sys.argv[1:],
+                  torch=torch.__version__, gpu=gpu, host=socket.gethostname(), **facts)
+    nets.write_atomic(os.path.join(run_dir, 'config.json'), json.dumps(record, indent=2).encode())
+    with open(os.path.abspath(__file__), 'rb') as source:
+        nets.write_atomic(os.path.join(run_dir, 'source.py'), source.read())
+    if preview_images is not None:
+        save_grid(preview_images, os.path.join(run_dir, 'data-preview.png'))
+
+
+def save_training_state(path, state):
+    """A dict of tensors and plain values -> path, atomically (a kill keeps the old file)."""
+    nets.write_atomic(path, lambda file: torch.save(state, file))
+
+
+def load_training_state(path, flag='--resume'):
+    """A training state written by save_training_state, read with weights_only=True (no code runs
+    from the file); any problem is one line (UserError)."""
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f'{flag}: no file {path}') from None
+    except Exception as error:  # truncated, not a torch file, a pickle of objects: one line
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f'{flag}: cannot read {path} ({reason})') from None
+    if not isinstance(state, dict) or 'cur_nimg' not in state:
+        raise UserError(f'{flag}: {path} is not a training state of {os.path.basename(__file__)}')
+    return state
+
+
+# --------------------------------------------------------------------------------------------------
+# Stopping: SIGINT / SIGTERM -> a training state at the next step boundary
+
+
+class StopSignal:
+    """Turns Ctrl-C (SIGINT) and SIGTERM (a cluster's preemption, torchrun's shutdown) into a
+    request that the training loop honours at the next step boundary: save a training state, print
+    one line, exit 128 + signal: 130 for SIGINT, 143 for SIGTERM, the shell's codes for a stopped
+    process, so that `train && eval` does not go on to evaluate a run that did not finish.
+    A second signal, a second or more after the first, exits at once without saving (the next run
+    takes over the lock of the dead process); one within that second is the same Ctrl-C, which
+    torchrun forwards to its workers once more.
+
+    With torchrun, all ranks must stop at the same step, or the others wait for ever in their next
+    all_reduce. check() therefore all_reduces the flag once every `every` steps, the same steps on
+    every rank. That is a host sync, so not every step: a stop comes at most `every` steps late,
+    and torchrun kills its workers 30 s after a signal, so `every` steps and the save must fit in
+    30 s. One process needs no agreement and stops at the very next step."""
+
+    def __init__(self, every=10):
+        self.every, self.calls, self.signum, self.first_time = every, 0, None, 0.0
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():  # else signal() fails
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame):
+        # No print() here: the signal may arrive while print() runs, and print is not reentrant.
+        if self.signum is None:
+            self.signum, self.first_time = signum, time.time()
+        elif time.time() - self.first_time > 1:
+            if get_rank() == 0:
+                name = signal.Signals(signum).name
+                os.write(2, f'{name} again: stopped without saving\n'.encode())
+            os._exit(128 + signum)
+
+    @property
+    def requested(self):
+        """A signal arrived in this process (no communication)."""
+        return self.signum is not None
+
+    def check(self):
+        """Call once per step on every rank: True when the run should stop now (all ranks agree)."""
+        self.calls += 1
+        if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+            return self.requested
+        if self.calls % self.every:
+            return False
+        backend = torch.distributed.get_backend()
+        flag = torch.tensor([self.signum or 0], device='cuda' if backend == 'nccl' else 'cpu')
+        # The host sync, once every `every` steps.
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        self.signum = int(flag.item()) or None
+        return self.requested
+
+    def exit(self, log, state_path, cur_nimg):
+        """The one line, then exit 128 + signal (the lock is released by atexit)."""
+        name = signal.Signals(self.signum).name
+        log(f'stopped by {name} at kimg {cur_nimg / 1000:g}: state saved to {state_path}; '
+            f'continue with --resume=auto')
+        code = 128 + self.signum
+        self.close()
+        sys.exit(code)
+
+    def close(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ==== END canonical block v2 ======================================================================
+
+
+# --------------------------------------------------------------------------------------------------
+# The official flags of ambient-diffusion's train.py, eval.py and find_dataset_neighbors.py
+
+
+class AnyValueBut(dict):
+    """A refusal of every official value but one (a non-empty --wandb_id), for Official.refuse."""
+
+    def __init__(self, allowed, why):
+        super().__init__({f'anything but {allowed!r}': why})
+        self.allowed, self.why = allowed, why
+
+    def __contains__(self, value):
+        return value != self.allowed
+
+    def __getitem__(self, value):
+        return self.why
+
+
+NO_WANDB = AnyValueBut('', 'there is no wandb logging; use stats.jsonl, log.txt and metrics.jsonl')
+DDPMPP_ONLY = 'only the DDPM++ network (EDM SongUNet, gated) is built; use --arch=ddpmpp'
+NOT_AMBIENT = 'not part of Ambient Diffusion; use --precond=ambient (or edm, the naive baseline)'
+IN_MEMORY = 'the dataset is always held in memory; use --cache=True'
+SAMPLER_ONLY = ("the official ambient_sampler does not take it (eval.py fails with a TypeError); "
+                "use the default Heun sampler with EDM's time steps")
+TRAIN_SAME = ('outdir data cond cbase cres lr ema dropout augment max_grad_norm weight_decay '
+              'corruption_probability delta_probability mask_full_rgb norm gated max_size xflip ls '
+              'bench workers desc nosubdir tick snap dump seed transfer resume experiment_name '
+              'batch')
+EVAL_SAME = ('network training_options_loc outdir seeds subdirs batch corruption_probability '
+             'delta_probability num_masks guidance_scale mask_full_rgb experiment_name ref num '
+             'seed eval_step skip_generation skip_calculation num_classes steps sigma_min sigma_max rho '
+             'S_churn S_min S_max S_noise')
+OFFICIAL_FLAGS = {
+    'train': {
+        **{f'--{name}': ours(name) for name in TRAIN_SAME.split()},
+        '--arch': ours('arch', refuse={'ncsnpp': DDPMPP_ONLY, 'adm': DDPMPP_ONLY}),
+        '--precond': ours('precond', refuse={'vp': NOT_AMBIENT, 've': NOT_AMBIENT}),
+        '--corruption_pattern': ours('corruption_pattern', refuse={
+            'downscale': 'the official dataset.py rejects it too; use --corruption_pattern=dust, '
+                         'box, fixed_box or keep_patch'}),
+        '--duration': ours('kimg', lambda mimg: float(max(int(mimg * 1000), 1)),
+                           'Mimg -> kimg, max(int(1000 x Mimg), 1) as official', type=float),
+        '--batch-gpu': ours('batch_gpu'),
+        '--dry-run': ours('dry_run'),
+        '-n': ours('dry_run'),
+        '--fp16': ours('precision', {False: 'fp32'}, 'False = --precision=fp32', type=parse_bool,
+                       refuse={True: 'fp16 training is not offered; use --precision=bf16'}),
+        '--cache': ignored('always in memory', type=parse_bool, refuse={False: IN_MEMORY},
+                           group='data and corruption'),
+        **{f'--{name}': ignored('parsed and unused by the official train.py too', type=float,
+                                group='sampling') for name in 'S_churn S_min S_max S_noise'.split()},
+        '--wandb_id': ignored(refuse=NO_WANDB),
+    },
+    'eval': {
+        **{f'--{name}': ours(name) for name in EVAL_SAME.split()},
+        '--class': ours('class_idx'),
+        '--with_wandb': ignored(type=parse_bool, group='evaluation', refuse={
+            True: 'there is no wandb logging; use --with_wandb=False (metrics.jsonl holds them)'}),
+        '--wandb_id': ignored(refuse=NO_WANDB, group='evaluation'),
+        **{f'--{name}': refused(SAMPLER_ONLY, group='sampling')
+           for name in ('solver', 'disc', 'schedule', 'scaling')},
+    },
+    'neighbors': {
+        **{f'--{name}': ours(name)
+           for name in 'data features_path max_size workers batch normalize'.split()},
+        '--input_dir': ours('images'),
+        '--output_dir': ours('outdir'),
+        '--batch-gpu': ours('batch_gpu'),
+        '--cache': ignored('always in memory', type=parse_bool, refuse={False: IN_MEMORY},
+                           group='evaluation'),
+        '--seed': ignored('no effect in the official script either (an unshuffled sampler)',
+                          type=int, group='evaluation'),
+    },
+    'generate': {},  # no official counterpart (the official eval.py also generates: see eval)
+}
+
+
+def parse_train_args(argv):
+    """The training Config from the command line: defaults, then --preset, then the flags."""
+    return check_config(parse_config('train', Config, argv, OFFICIAL_FLAGS['train'], PRESETS,
+                                     description='Train Ambient Diffusion on corrupted images.'))
+
+
+def check_config(cfg):
+    """Range checks of the training flags: the first failure is the one error line. Returns a new
+    Config (never changes the one it checks)."""
+    require(0 <= cfg.corruption_probability < 1, '--corruption_probability must be in [0, 1)')
+    require(0 <= cfg.delta_probability < 1, '--delta_probability must be in [0, 1)')
+    require(cfg.corruption_pattern in PATTERNS,
+            f'--corruption_pattern must be one of {", ".join(PATTERNS)}')
+    require(cfg.norm in (1, 2), '--norm must be 1 or 2')
+    require(cfg.precond in ('ambient', 'edm'), '--precond must be ambient or edm')
+    require(cfg.augment_mode in ('joint', 'official'), '--augment_mode must be joint or official')
+    require(0 <= cfg.augment <= 1 and 0 <= cfg.dropout <= 1,
+            '--augment and --dropout must be in [0, 1]')
+    require(cfg.batch >= 1 and cfg.batch_gpu >= 0, '--batch must be >= 1 and --batch_gpu >= 0')
+    require(
+        min(cfg.lr, cfg.lr_rampup_kimg, cfg.weight_decay, cfg.max_grad_norm, cfg.ema,
+            cfg.ema_rampup_ratio) >= 0, '--lr, --lr_rampup_kimg, --weight_decay, --max_grad_norm, '
+        '--ema and --ema_rampup_ratio must be >= 0')
+    require(
+        min(cfg.P_std, cfg.sigma_data, cfg.ls) > 0, '--P_std, --sigma_data and --ls must be > 0')
+    require(
+        min(cfg.kimg, cfg.tick, cfg.snap, cfg.dump) > 0,
+        '--kimg, --tick, --snap and --dump must be > 0')
+    require(
+        cfg.steps >= 2 and min(cfg.grid, cfg.max_size, cfg.num_classes) >= 0 and cfg.workers >= 1,
+        '--steps must be >= 2, --workers >= 1, --grid, --max_size and --num_classes >= 0')
+    require(cfg.precision in ('', 'fp32', 'bf16'), '--precision must be fp32 or bf16')
+    require(
+        re.fullmatch(r'(\d+,)*\d+', cfg.cres) is not None or cfg.cres == '',
+        '--cres must look like 1,2,2,2')
+    require(cfg.arch == 'ddpmpp' or nets.UNET_PRESETS.get(cfg.arch, {}).get('arch') == 'ddpmpp',
+            f'--arch must be ddpmpp or a DDPM++ preset of nets.UNET_PRESETS, got {cfg.arch!r}')
+    require(not (cfg.transfer and cfg.resume),
+            '--transfer and --resume cannot be specified at the same time')
+    require(cfg.data, '--data is required')
+    return dataclasses.replace(cfg)
+
+
+@dataclasses.dataclass
+class SamplingConfig:
+    # Sampling (generate, eval and neighbors; official eval.py names).
+    network: str = ''                     # a network-snapshot-*.pt or official *.pkl (path or URL)
+    training_options_loc: str = ''        # official training_options.json for the sampling masks
+    batch: int = 64                       # images per batch and GPU
+    steps: int = 18                       # Heun steps (2 x steps - 1 network evaluations)
+    sigma_min: float = 0.002              # lowest noise level
+    sigma_max: float = 80.0               # highest noise level
+    rho: float = 7.0                      # time step exponent
+    S_churn: float = 0.0                  # stochasticity strength
+    S_min: float = 0.0                    # lowest noise level with churn
+    S_max: float = float('inf')           # highest noise level with churn
+    S_noise: float = 1.0                  # noise inflation of the churn
+    sampler: str = 'ambient'  # ambient (fixed-mask sampler) or edm (all-ones sampling mask)
+    num_masks: int = 1                    # sampling masks (reconstruction guidance when > 1)
+    guidance_scale: float = 0.0           # reconstruction guidance weight
+    corruption_probability: float = None  # p of the sampling masks (default: the training value)
+    delta_probability: float = None  # delta of the sampling masks (default: the training value)
+    mask_full_rgb: bool = None  # sampling masks per RGB pixel (default: the training value)
+    corruption_pattern: str = None  # pattern of the sampling masks (default: the training value)
+    class_idx: int = None                 # class of every image (default: random per seed)
+    num_classes: int = 0                  # classes of a conditional network, checked against it
+    precision: str = ''  # bf16 or fp32 sampling (default: bf16 on CUDA, fp32 on CPU)
+    device: str = ''                      # cuda or cpu (default: cuda when available)
+    cache_dir: str = ''                   # downloaded snapshots and weights (default: nets' cache)
+
+
+@dataclasses.dataclass
+class GenerateConfig(SamplingConfig):
+    # Run.
+    seeds: str = '0-63'                   # seeds such as 0-49999 or 1,2,5-10
+    outdir: str = ''                      # where the PNGs go (required)
+    subdirs: bool = False                 # a sub-folder per 1000 seeds
+
+
+@dataclasses.dataclass
+class EvalConfig(SamplingConfig):
+    # Evaluation.
+    ref: str = ''                         # reference statistics of fid.py ref (required)
+    num: int = 50000                      # images to evaluate
+    seeds: str = ''                       # seeds of the images (default: 0 to num - 1)
+    seed: int = 0                         # random choice of --num images among more
+    metrics: str = 'fid'                  # comma-separated fid.py metrics: fid, is, ...
+    protocol: str = 'edm'                 # edm (official: EDM's fid.py), adm or pytorch-fid
+    fid_weights: str = ''  # Inception weights file (default: $FID_WEIGHTS or a download)
+    outdir: str = ''                      # also write the PNGs to outdir/<snapshot>/ (official)
+    subdirs: bool = False                 # a PNG sub-folder per 1000 seeds
+    eval_step: int = 1                    # evaluate every eval_step-th snapshot of a folder
+    skip_generation: bool = False         # evaluate the PNGs in the --network folder
+    skip_calculation: bool = False        # only write the PNGs (needs --outdir)
+    experiment_name: str = ''             # a name kept in the metrics JSON (official: wandb's)
+
+
+@dataclasses.dataclass
+class NeighborsConfig(SamplingConfig):
+    # Evaluation.
+    images: str = ''                      # generated images instead of --network
+    data: str = ''                        # the training set, read clean: an audit (required)
+    outdir: str = ''                      # where the outputs go (required)
+    features_path: str = ''               # .npy of training features: read, or computed and saved
+    max_size: int = 0                     # generated images used (RandomState(0) subset); 0 = all
+    num: int = 10000                      # images sampled from --network
+    features: str = 'inception'           # dinov2 (official) or inception
+    dinov2: str = 'dinov2_vitg14'         # DINOv2 weights: a hub name, URL or .pth
+    normalize: bool = True                # unit-length features (cosine similarity)
+    batch_gpu: int = 0                    # feature batch limit; 0 = --batch
+    workers: int = 1                      # threads decoding images
+    threshold: float = 0.95               # top-1 similarity counted as a copy in neighbors.json
+    top: int = 16                         # pairs in neighbors.png
+    fid_weights: str = ''                 # Inception weights (default: $FID_WEIGHTS or a download)
+
+
+def generate_parser():
+    return make_parser(
+        'generate', GenerateConfig, OFFICIAL_FLAGS['generate'],
+        description='One PNG per seed from a snapshot; image k depends on seed k only.')
+
+
+def eval_parser():
+    return make_parser(
+        'eval', EvalConfig, OFFICIAL_FLAGS['eval'], description='FID and other fid.py '
+        'metrics of a snapshot, or of every snapshot in a folder (official eval.py).')
+
+
+def neighbors_parser():
+    return make_parser(
+        'neighbors', NeighborsConfig, OFFICIAL_FLAGS['neighbors'], description='Nearest '
+        'clean training images of generated ones (official find_dataset_neighbors.py).')
+
+
+def check_sampling_config(args):
+    """The sampling flags' ranges: one line, before anything is read or written."""
+    for name in ('corruption_probability', 'delta_probability'):
+        value = getattr(args, name)
+        require(value is None or 0 <= value < 1, f'--{name} must be in [0, 1)')
+    require(args.batch >= 1 and args.steps >= 2 and args.num_masks >= 1,
+            '--batch and --num_masks must be >= 1, --steps >= 2')
+    require(min(args.sigma_min, args.sigma_max, args.rho, args.S_churn, args.S_min, args.S_max,
+                args.S_noise) >= 0 and args.sigma_min < args.sigma_max,
+            '--sigma_min < --sigma_max, --rho and the --S_* flags must be >= 0')
+    require(args.sampler in ('ambient', 'edm'), '--sampler must be ambient or edm')
+    require(args.corruption_pattern in PATTERNS + (None,), f'--corruption_pattern must be one of '
+            f'{", ".join(PATTERNS)}')
+    require(args.precision in ('', 'fp32', 'bf16'), '--precision must be fp32 or bf16')
+    return dataclasses.replace(args)
+
+
+def print_dry_run(cfg):
+    """--dry_run: the resolved config, the network (built on the meta device: no memory, no data
+    read; resolution and classes from the arch and the preset) and the official train.py's
+    training_options for the same flags. Touches neither the disk nor the network."""
+    print(json.dumps(dataclasses.asdict(cfg), indent=2))
+    resolution = nets.UNET_PRESETS['ddpmpp-cifar10' if cfg.arch == 'ddpmpp' else cfg.arch][
+        'img_resolution']
+    label_dim = (cfg.num_classes or 10) if cfg.cond else 0
+    net_config = network_config(cfg, resolution, 3, label_dim)
+    with torch.device('meta'):
+        count = sum(p.numel() for p in build_network(net_config).parameters())
+    unet = net_config['unet']
+    print(f'Network: {unet["arch"]}, channel_mult {list(unet["channel_mult"])}, model_channels '
+          f'{unet["model_channels"]}, {count:,} parameters at {resolution}x{resolution}x3'
+          + (f', {label_dim} classes' if label_dim else '') + ' (the data decide the size)')
+    print('Official training options (train.py --dry-run; resolution and max_size come with the '
+          'data):')
+    print(json.dumps(nets.ambient_training_options(cfg), indent=2))
+
+
+# --------------------------------------------------------------------------------------------------
+# Data reading
+
+
+def load_images(path, cache_dir='', workers=4):
+    """Images (N, H, W, 3) uint8 and labels (N,) int64 or None, in file-name order (as EDM), through
+    fid.read_image_set: a folder, an EDM zip, an .npz (x, y) or the word cifar10 (downloaded once,
+    md5-checked at every use). Images must be square."""
+    if path != 'cifar10' and not os.path.exists(path):
+        raise UserError(f'--data: {path} does not exist')
+    try:
+        images, labels = fid.read_image_set(path, cache_dir or None, rgb=True, workers=workers)
+    except (ValueError, FileNotFoundError) as error:
+        raise UserError(f'--data: {" ".join(str(error).split())}')
+    if images.shape[2] != images.shape[3]:
+        raise UserError(f'--data: images must be square, got {images.shape[2]}x{images.shape[3]}')
+    return images.transpose(0, 2, 3, 1), labels
+
+
+# --------------------------------------------------------------------------------------------------
+# Network files
+
+
+def fetch(source, flag, cache_dir=''):
+    """A local path for a path or an http(s) URL (downloaded once into the cache by
+    nets.resolve_source); one line when it is missing or cannot be downloaded."""
+    if source.startswith(('http://', 'https://')):
+        try:
+            return nets.resolve_source(source, cache_dir=cache_dir or None)
+        except Exception as error:  # offline, 404, size mismatch: nets' message names the URL
+            raise UserError(f'{flag}: {" ".join(str(error).split())}')
+    if not os.path.exists(source):
+        raise UserError(f'{flag}: {source} does not exist')
+    return source
+
+
+def load_network(source, device, cache_dir='', flag='--network', training_options=None):
+    """A snapshot -> (Precond in eval mode, its network config): our network-snapshot-*.pt or an
+    official network-snapshot-*.pkl (path or URL), read without running code in it. An official
+    pickle's corruption settings: nets.load_ambient_pickle."""
+    path = fetch(source, flag, cache_dir)
+    if os.path.isdir(path):
+        raise UserError(f'{flag}: {source} is a folder; give a network-snapshot-*.pt or *.pkl file')
+    if os.path.getsize(path) == 0:
+        raise UserError(f'{flag}: {source} is empty (0 bytes)')
+    try:
+        if not zipfile.is_zipfile(path):  # torch.save writes zip archives; anything else: a pickle
+            unet, net_config = nets.load_ambient_pickle(path, source, training_options,
+                                                        cache_dir or None)
+            net = Precond(unet, sigma_data=net_config['sigma_data'])
+        else:
+            snapshot = torch.load(path, map_location='cpu', weights_only=True)
+            if not isinstance(snapshot, dict) or not {'config', 'ema'} <= set(snapshot):
+                state = isinstance(snapshot, dict) and 'optimizer' in snapshot
+                kind = 'a training state' if state else 'not a snapshot'
+                raise UserError(f'{source} is {kind}; give a network-snapshot-*.pt of ambient.py')
+            net_config = snapshot['config']
+            # Built on the meta device and checked against the file's tensors before any memory.
+            net = nets.build_checked(lambda: build_network(net_config), snapshot['ema'], source)
+    except (ValueError, RuntimeError, pickle.UnpicklingError, EOFError, UserError) as error:
+        raise UserError(f'{flag}: {" ".join(str(error).split())}')
+    cuda = torch.device(device).type == 'cuda'  # NHWC convolutions on tensor cores, as in training
+    net.to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
+    return net.eval().requires_grad_(False), net_config
+
+
+def transfer_weights(net, source, cache_dir=''):
+    """--transfer: copies the tensors of a snapshot (ours or an official pickle, path or URL) whose
+    names match into net, as the official copy_params_and_buffers(require_all=False)."""
+    loaded, _ = load_network(source, 'cpu', cache_dir=cache_dir, flag='--transfer')
+    own, theirs = net.state_dict(), loaded.state_dict()
+    matching = {k: v for k, v in theirs.items() if k in own}
+    wrong = [k for k, v in matching.items() if own[k].shape != v.shape]
+    if wrong:
+        raise UserError(
+            f'--transfer: {wrong[0]} of {source} has shape '
+            f'{tuple(theirs[wrong[0]].shape)}, this network {tuple(own[wrong[0]].shape)} '
+            '(another --arch, --cbase, --cres or resolution?)')
+    if not matching:
+        raise UserError(f'--transfer: no tensor of {source} fits this network (another --arch, '
+                        '--cres or size?)')
+    net.load_state_dict(matching, strict=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Run folder, training states, snapshots, progress
+
+
+def run_description(cfg):
+    """The run folder's name after its number, EDM-like: data, precond, p, delta, arch, batch."""
+    data_name = 'cifar10' if cfg.data == 'cifar10' else \
+        os.path.splitext(os.path.basename(cfg.data.rstrip('/')))[0]
+    return (f'{data_name}-{cfg.precond}-p{cfg.corruption_probability:g}-'
+            f'd{cfg.delta_probability:g}-{cfg.arch}-batch{cfg.batch}'
+            + (f'-{cfg.desc}' if cfg.desc else ''))
+
+
+def open_run_in(folder, resume, log):
+    """--nosubdir (official): the run folder is --outdir itself, locked by rank 0; --resume=auto
+    continues its latest training state."""
+    lock = state = None
+    if get_rank() == 0:
+        os.makedirs(folder, exist_ok=True)
+        lock = RunLock(folder)
+        state = latest_training_state(folder) if resume == 'auto' else resume or None
+    run = Run(folder, broadcast_object(state), f'--nosubdir: the run folder is {folder}', lock)
+    log(run.reason)
+    return run
+
+
+def start_run_files(cfg, run, log, data, net_config, world, cur_nimg):
+    """log.txt (a separator where a resumed run continues), stats.jsonl trimmed to the state,
+    config.json, source.py, data-preview.png (the training images as the network sees them) and
+    the official training_options.json."""
+    log.open(os.path.join(run.dir, 'log.txt'))
+    if run.state:
+        log(resumed_line(run.state, cur_nimg))
+    trim_stats(run.dir, cur_nimg)
+    if get_rank() == 0:
+        y, A = data.batch(torch.arange(min(64, data.num_images)), 'cpu')[:2]
+        write_run_files(run.dir, dataclasses.asdict(cfg), to_uint8(A * y), network=net_config,
+                        world_size=world)
+        options = nets.ambient_training_options(cfg, net_config, data.num_raw, run.dir)
+        nets.write_atomic(os.path.join(run.dir, 'training_options.json'),
+                          json.dumps(options, indent=2).encode())
+
+
+def report_tick(log, run_dir, stats, device, cur_nimg, cur_tick, total_nimg, lr, start_time,
+                tick_start_time, tick_start_nimg):
+    """The progress line and the stats.jsonl entry of one tick (the tick's one host sync)."""
+    tick_stats = stats.read()  # the host sync first: the tick's time includes all its GPU work
+    tick_time = time.time() - tick_start_time
+    sec_per_kimg = tick_time / (cur_nimg - tick_start_nimg) * 1e3
+    gpumem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else 0.0
+    entry = dict(kimg=cur_nimg / 1e3, tick=cur_tick, time=time.time() - start_time,
+                 sec_per_kimg=sec_per_kimg, lr=lr,
+                 img_per_sec=(cur_nimg - tick_start_nimg) / tick_time, **tick_stats,
+                 gpumem_gb=gpumem)
+    log(f'kimg {entry["kimg"]:.1f} | time {format_time(entry["time"])} | sec/kimg '
+        f'{sec_per_kimg:.3g} | ETA {format_time((total_nimg - cur_nimg) / 1e3 * sec_per_kimg)} | '
+        f'loss {entry["loss"]:.4g} | lr {lr:.1e} | img/s {entry["img_per_sec"]:.0f} | gpumem '
+        f'{gpumem:.1f}G | erased A {entry["erased_A"]:.3f} A~ {entry["erased_A_tilde"]:.3f} | '
+        'loss by sigma '
+        + ' '.join('-' if v is None else f'{v:.3g}' for v in entry['loss_by_sigma'].values()))
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    if get_rank() == 0:
+        with open(os.path.join(run_dir, 'stats.jsonl'), 'a') as file:
+            file.write(json.dumps(entry) + '\n')
+
+
+def training_state(cfg, cur_nimg, cur_tick, net, ema, optimizer, rank, world, device):
+    """All that resuming needs, on rank 0 (None elsewhere): weights, optimizer, image count, tick
+    and every rank's dropout generator (gathered: call it on every rank)."""
+    rng = [(torch.get_rng_state(),
+            torch.cuda.get_rng_state(device) if device.type == 'cuda' else None)] * world
+    if world > 1:
+        torch.distributed.all_gather_object(rng, rng[0])
+    if rank != 0:
+        return None
+    return dict(net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
+                cur_nimg=cur_nimg, cur_tick=cur_tick, rng_cpu=[r[0] for r in rng],
+                rng_cuda=[r[1] for r in rng], config=dataclasses.asdict(cfg))
+
+
+def save_state(run_dir, cur_nimg, cur_tick, cfg, **resume):
+    """training-state-<kimg>.pt now (a stop signal); returns its path (None on other ranks)."""
+    state = training_state(cfg, cur_nimg, cur_tick, **resume)
+    if state is None:
+        return None
+    path = os.path.join(run_dir, f'training-state-{kimg_tag(cur_nimg)}.pt')
+    save_checked(path, state)
+    return path
+
+
+def save_snapshot(cfg, run_dir, net_config, cur_nimg, cur_tick, precision, **resume):
+    """samples-<kimg>.png (fixed seeds), network-snapshot-<kimg>.pt (EMA weights and the network
+    config: all that generate and eval need) and training-state-<kimg>.pt; returns the state's
+    path (None on other ranks)."""
+    state = training_state(cfg, cur_nimg, cur_tick + 1, **resume)
+    if state is None:
+        return None
+    kimg, ema = kimg_tag(cur_nimg), resume['ema']
+    if cfg.grid:
+        grid = generate_images(ema, net_config, list(range(cfg.grid)), resume['device'],
+                               steps=cfg.steps, precision=precision)
+        save_grid(grid, os.path.join(run_dir, f'samples-{kimg}.png'))
+    save_checked(os.path.join(run_dir, f'network-snapshot-{kimg}.pt'),
+                 dict(config=net_config, ema=ema.state_dict()))
+    path = os.path.join(run_dir, f'training-state-{kimg}.pt')
+    save_checked(path, state)
+    return path
+
+
+def save_checked(path, obj):
+    """save_training_state; a failed write (torch reports a full disk as 'unexpected pos') is an
+    OSError naming the file, so that main prints one line and exits 1."""
+    try:
+        save_training_state(path, obj)
+    except (OSError, RuntimeError) as error:
+        folder = os.path.dirname(os.path.abspath(path))
+        full = os.path.isdir(folder) and shutil.disk_usage(folder).free < 2 ** 20
+        cause = 'No space left on device' if full else \
+            getattr(error, 'strerror', None) or str(error).splitlines()[0]
+        raise OSError(errno.ENOSPC if full else getattr(error, 'errno', None) or errno.EIO,
+                      cause, path) from None
+
+
+def restore_state(path, net, ema, optimizer, rank, world, device):
+    """Loads a training state (path; '' = none) into net, ema and optimizer; returns (cur_nimg,
+    cur_tick). Dropout generators are restored when the number of processes is unchanged."""
+    if not path:
+        return 0, 0
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        raise UserError(f'--resume: {path} ' + ('is empty (0 bytes)' if os.path.isfile(path) else
+                                                 'does not exist'))
+    state = load_training_state(path)
+    if not {'net', 'ema', 'optimizer', 'cur_tick'} <= set(state):
+        raise UserError(f'--resume: {path} is not a training state of ambient.py')
+    try:
+        net.load_state_dict(state['net'])
+        ema.load_state_dict(state['ema'])
+        optimizer.load_state_dict(state['optimizer'])
+    except Exception as error:  # another network
+        raise UserError(f'--resume: {path} holds another network ({type(error).__name__}: '
+                        f'{str(error).splitlines()[0]})')
+    if len(state.get('rng_cpu', [])) == world:
+        torch.set_rng_state(state['rng_cpu'][rank])
+        if device.type == 'cuda' and state['rng_cuda'][rank] is not None:
+            torch.cuda.set_rng_state(state['rng_cuda'][rank], device)
+    return state['cur_nimg'], state['cur_tick']
+
+
+# --------------------------------------------------------------------------------------------------
+# Images, seeds, fid.py errors
+
+
+def save_png(array, path):
+    """(H, W, C) uint8 -> PNG, written atomically."""
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(buffer, format='png')
+    nets.write_atomic(path, buffer.getvalue())
+
+
+def to_uint8(images):
+    """[-1, 1] floats -> uint8 with EDM's rounding (x * 127.5 + 128, clipped)."""
+    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+
+def derive_seed(*numbers):
+    """A 63-bit seed from a tuple of integers (numpy's SeedSequence), for per-step generators."""
+    return int(
+        np.random.SeedSequence([int(n) for n in numbers]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def fid_call(function, *args, **kwargs):
+    """Calls a fid.py function; its errors (weights missing offline, a bad reference): one line."""
+    try:
+        return function(*args, **kwargs)
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        raise UserError(' '.join(str(error).split()))
+
+
+def save_pngs(outdir, seeds, images, subdirs=False):
+    """One PNG per seed, outdir/<seed>.png (outdir/<thousands>/<seed>.png with --subdirs)."""
+    for seed, image in zip(seeds, images.permute(0, 2, 3, 1).cpu().numpy()):
+        folder = os.path.join(outdir, f'{seed - seed % 1000:06d}') if subdirs else outdir
+        os.makedirs(folder, exist_ok=True)
+        save_png(image, os.path.join(folder, f'{seed:06d}.png'))
 
 
 if __name__ == "__main__":

@@ -37,14 +37,16 @@ Library (what the paper scripts call; every function works under torchrun, each 
     fid.save_ref('ref.npz', fid.compute_stats(uint8_batches, detector))   # EDM fid-refs format, plus extras
     fid.compute_features(uint8_batches, detector)['pool']                 # (N, 2048), e.g. for nearest neighbours
 
-Command line (EDM-style; folders are read recursively, zips as EDM datasets, .npz with `x` or ADM's `arr_0`):
+Command line (EDM-style; folders are read recursively, zips as EDM datasets, .npz with `x` or ADM's `arr_0`, and
+`--data=cifar10` is the CIFAR-10 training split, downloaded once; `ref --num=N` uses a seeded subset of N images):
     python fid.py ref  --protocol=edm --data=datasets/cifar10-32x32.zip --dest=fid-refs/cifar10-32x32.npz
     python fid.py calc --protocol=edm --images=samples/ --ref=fid-refs/cifar10-32x32.npz --metrics=fid,is \\
         --json=metrics.json
     python fid.py calc --protocol=adm --images=samples.npz --ref=VIRTUAL_imagenet256_labeled.npz \\
         --metrics=fid,is,sfid,pr                                # against ADM's reference batch
     torchrun --standalone --nproc_per_node=8 fid.py calc --protocol=edm --images=samples/ --ref=...
-Exit status: 2 for bad flags or inputs (all found before any image is read), 1 for a failure during the pass.
+Exit status: 2 for bad flags or inputs (checked before any image is read, except an unreadable image, which is found
+when it is decoded), 1 for another failure during the pass.
 """
 
 import argparse
@@ -56,7 +58,10 @@ import io
 import json
 import math
 import os
+import pickle
+import struct
 import sys
+import tarfile
 import threading
 import time
 import warnings
@@ -69,6 +74,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+
+import nets
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILE}"
@@ -330,38 +337,21 @@ def _rank_world():
     return 0, 1
 
 
-def _atomic_write(path, write):
-    """Call write(file) on a temporary file next to `path`, then rename it over `path`: no partial file ever."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _download(url, dest, sha256_prefix=None):
-    """Stream `url` to `dest` atomically, checking the SHA-256 prefix before the file appears."""
-    def write(f):
+def _sha256_prefix_check(prefix):
+    """A download validator: the file's SHA-256 must start with `prefix`."""
+    def validate(path):
         digest = hashlib.sha256()
-        with requests.get(url, stream=True, timeout=60) as response:
-            response.raise_for_status()
-            for chunk in response.iter_content(chunk_size=1 << 20):
-                f.write(chunk)
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
                 digest.update(chunk)
-        if sha256_prefix and not digest.hexdigest().startswith(sha256_prefix):
-            raise ValueError(f"download of {url} is corrupt: SHA-256 {digest.hexdigest()[:8]}..., expected "
-                             f"{sha256_prefix}...")
-
-    _atomic_write(dest, write)
+        if not digest.hexdigest().startswith(prefix):
+            raise ValueError(f"SHA-256 {digest.hexdigest()[:8]}..., expected {prefix}...")
+    return validate
 
 
 def weights_path(weights=None):
-    """Path of the FID weights: `weights`, else $FID_WEIGHTS, else the cache (downloaded once if missing)."""
+    """Path of the FID weights: `weights`, else $FID_WEIGHTS, else the cache (downloaded once if missing, through
+    nets.download_file: atomic, resumable, with an overall deadline, and SHA-256-checked before it is kept)."""
     path = weights or os.environ.get("FID_WEIGHTS")
     if path:
         if not os.path.isfile(path):
@@ -371,11 +361,10 @@ def weights_path(weights=None):
     if not os.path.isfile(cached):
         try:
             print(f"fid: downloading {WEIGHTS_URL}", file=sys.stderr)
-            _download(WEIGHTS_URL, cached, WEIGHTS_SHA256_PREFIX)
-        except requests.RequestException as error:
-            raise FileNotFoundError(f"cannot download the FID Inception weights ({type(error).__name__}): download "
-                                    f"{WEIGHTS_URL} and put it at {cached}, or pass --fid_weights=PATH "
-                                    f"(or set FID_WEIGHTS)") from None
+            nets.download_file(WEIGHTS_URL, cached, validate=_sha256_prefix_check(WEIGHTS_SHA256_PREFIX))
+        except nets.WeightsNotFoundError as error:
+            raise FileNotFoundError(f"cannot download the FID Inception weights ({error}); or pass "
+                                    f"--fid_weights=PATH (or set FID_WEIGHTS)") from None
     return cached
 
 
@@ -399,8 +388,9 @@ def load_inception(weights=None, device="cpu"):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise ValueError(f"cannot read the FID Inception weights {path}: {error}") from None
-    if not isinstance(state, dict):
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} is not a state dict")
+    nets.check_tensor_sizes(state, path)  # no stride-0 views that the cast below would expand
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()
              if not k.endswith("num_batches_tracked")}
 
@@ -819,7 +809,15 @@ def save_ref(path, stats):
     for key in ("preprocess", "protocol"):  # the tags: unicode arrays, no pickle needed to read them
         if stats.get(key):
             arrays[key] = np.asarray(stats[key])
-    _atomic_write(path, lambda f: np.savez(f, **arrays))
+    nets.write_atomic(path, lambda f: np.savez(f, **arrays))
+
+
+def _npz_check(path):
+    """A download validator: the file must be a readable .npz (zip directory intact, every member's CRC right)."""
+    with zipfile.ZipFile(path) as archive:
+        bad = archive.testzip()
+    if bad is not None:
+        raise ValueError(f"member {bad} is corrupt")
 
 
 def load_ref(path):
@@ -830,28 +828,35 @@ def load_ref(path):
     and recall) and image sets (ADM sample batches, `x` arrays, folders, zips: statistics are computed from them).
     """
     path = os.fspath(path)
+    url = None
     if path.startswith(("http://", "https://")):
-        cached = os.path.join(torch.hub.get_dir(), "fid-refs", os.path.basename(path.split("?")[0]))
-        if not os.path.isfile(cached):
-            try:
-                _download(path, cached)
-            except requests.RequestException as error:
-                raise FileNotFoundError(f"cannot download {path} ({type(error).__name__}): download it and pass "
-                                        f"the local file instead") from None
-        path = cached
+        url = path
+        try:
+            path = nets.download_cached(url, os.path.join(torch.hub.get_dir(), "fid-refs"), validate=_npz_check)
+        except nets.WeightsNotFoundError as error:
+            raise FileNotFoundError(f"{error}; or pass the local file instead") from None
     if os.path.isdir(path) or path.lower().endswith(".zip"):
         return {"images": path, "path": path}
     if not os.path.isfile(path):
         raise FileNotFoundError(f"reference not found: {path}")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            keys = set(data.files)
-            ref = {key: data[key] for key in ("mu", "sigma", "mu_s", "sigma_s", "pool", "n") if key in keys}
-            for key in ("preprocess", "protocol"):
-                if key in keys:
-                    ref[key] = str(data[key])
-    except Exception as error:
-        raise ValueError(f"cannot read reference {path}: {error}") from None
+        with zipfile.ZipFile(path) as archive:
+            keys = {name[:-4] for name in archive.namelist() if name.endswith(".npy")}
+        for key, ndim in (("mu", 1), ("sigma", 2), ("mu_s", 1), ("sigma_s", 2), ("pool", 2)):
+            if key in keys:  # the shapes are checked before anything is read: a forged one could ask for GBs
+                shape, dtype = _npz_header(path, key)
+                if len(shape) != ndim or dtype.kind not in "fiu" or (key != "pool" and max(shape) > 8192):
+                    raise InputError(f"{key} has shape {shape} of {dtype}, not Inception statistics")
+        ref = read_npz(path, ["mu", "sigma", "mu_s", "sigma_s", "pool", "n", "preprocess", "protocol"],
+                       optional=("mu", "sigma", "mu_s", "sigma_s", "pool", "n", "preprocess", "protocol"))
+        for key in ("preprocess", "protocol"):
+            if key in ref:
+                if ref[key].dtype.kind not in "US" or ref[key].size != 1:
+                    raise InputError(f"{path}: {key} is not a string")
+                ref[key] = str(ref[key])
+    except (InputError, zipfile.BadZipFile, OSError) as error:
+        hint = f" (downloaded from {url}: delete it to download again)" if url else ""
+        raise InputError(f"cannot read reference {path}: {' '.join(str(error).split())}{hint}") from None
     ref["path"] = path
     if keys & {"arr_0", "x"}:
         ref["images"] = path  # read only when a metric needs it (ADM reference batches hold 10,000 images)
@@ -1046,93 +1051,431 @@ def compute_metrics(batches, ref, metrics=("fid",), detector=None, device=None, 
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Reading images: folders, EDM-style zips, .npz arrays.
+# Reading images: folders, EDM-style zips, .npz arrays and the CIFAR-10 training set, with their labels. Nothing read
+# here runs code, and what is allocated is bounded by the size of the file read (see docs/evaluation.md).
+
+
+class InputError(ValueError):
+    """Bad input (a file that cannot be read as what it claims to be): one line, exit status 2 on the command line."""
+
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+MAX_IMAGE_PIXELS = 1 << 25      # one decoded image at most (33.5 M pixels, ~100 MB as RGB); PIL itself allows 179 M
+MAX_ZIP_RATIO = 1100            # deflate expands at most ~1032:1, so a member declaring more is not what it claims
+MAX_LABEL = (1 << 31) - 1
+
+
+def decoded_budget(stored_bytes):
+    """The most bytes of decoded images that an input of stored_bytes may give: max(256 MiB, 256 x stored_bytes).
+    (PNG and deflate reach ~1000:1 on flat images; real photos and even CIFAR-10's 32x32 PNGs stay under 4:1.)"""
+    return max(256 << 20, 256 * stored_bytes)
+
+
+def _zip_member_checked(archive, info, what):
+    """A zip member's declared size must be one its compressed bytes can hold (zipfile never returns more than the
+    declared size, so this bounds what a read allocates by ~1000 times the member's bytes in the file)."""
+    if info.file_size > MAX_ZIP_RATIO * info.compress_size + (1 << 16):
+        raise InputError(f"{what}: zip member {info.filename} declares {info.file_size} bytes from "
+                         f"{info.compress_size} compressed bytes (a zip bomb?)")
+    return info
+
+
+def read_npz(path, keys=None, optional=()):
+    """{key: array} of an .npz, without pickles and with every array's header checked before it is read: its
+    declared bytes must fit in the member's size, and that size must fit in the member's compressed bytes, so a
+    small file cannot make np.load allocate gigabytes. keys: the arrays to read (None: all); a key in `optional` may
+    be absent. Raises InputError with one line."""
+    path = os.fspath(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {info.filename[:-4]: info for info in archive.infolist() if info.filename.endswith(".npy")}
+            wanted = list(members) if keys is None else [key for key in keys if key in members or key not in optional]
+            arrays = {}
+            for key in wanted:
+                if key not in members:
+                    raise InputError(f"{path}: no array {key!r} (found {sorted(members)})")
+                info = _zip_member_checked(archive, members[key], path)
+                with archive.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    if version not in ((1, 0), (2, 0), (3, 0)):
+                        raise InputError(f"{path}: {key} has .npy format version {version}")
+                    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    shape, fortran, dtype = reader(f, max_header_size=10000)
+                    if dtype.hasobject:
+                        raise InputError(f"{path}: {key} holds Python objects (a pickle), which are not read")
+                    if any(not isinstance(size, int) or size < 0 for size in shape):
+                        raise InputError(f"{path}: {key} has an invalid shape {shape}")
+                    nbytes = math.prod(shape) * dtype.itemsize
+                    if nbytes > info.file_size:
+                        raise InputError(f"{path}: {key} declares shape {shape} ({nbytes} bytes), but its member "
+                                         f"holds {info.file_size} bytes (truncated or forged)")
+                with archive.open(info) as f:
+                    arrays[key] = np.lib.format.read_array(f, allow_pickle=False)
+            return arrays
+    except InputError:
+        raise
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, struct.error, OverflowError, MemoryError) as error:
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        raise InputError(f"cannot read {path} as an .npz: {reason}") from None
+
+
+def _npz_header(path, key):
+    """(shape, dtype) of one array of an .npz, from its header only (the same checks as read_npz)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            info = _zip_member_checked(archive, archive.getinfo(key + ".npy"), path)
+            with archive.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape, _, dtype = reader(f, max_header_size=10000)
+        if dtype.hasobject or math.prod(shape) * dtype.itemsize > info.file_size:
+            raise InputError(f"{path}: {key} declares shape {shape} of {dtype}, more than its {info.file_size} bytes")
+        return tuple(shape), dtype
+    except InputError:
+        raise
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, struct.error) as error:
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        raise InputError(f"cannot read images from {path}: {reason}") from None
+
+
+def _integer_labels(values, count, where):
+    """int64 (count,) from a sequence or array of labels: integers >= 0 only (a float such as 1.5, a bool, a string
+    or a nested list is an error, never truncated)."""
+    if isinstance(values, np.ndarray):
+        if values.dtype.kind not in "iu" or values.shape != (count,):
+            raise InputError(f"{where}: labels must be {count} integers, got {values.dtype} {values.shape}")
+        if count and (values.min() < 0 or values.max() > MAX_LABEL):
+            raise InputError(f"{where}: labels must be integers in 0..{MAX_LABEL}, got {values.min()}..{values.max()}")
+        return values.astype(np.int64)
+    labels = np.empty(count, np.int64)
+    for i, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= MAX_LABEL:
+            raise InputError(f"{where}: label {value!r} is not an integer in 0..{MAX_LABEL}")
+        labels[i] = value
+    return labels
+
+
+def _labels_from_dataset_json(data, names, where):
+    """Labels of `names` (sorted image names) from an EDM dataset.json ({"labels": [[name, id], ...]} or
+    {"labels": null}); None when it holds none. Any other layout raises InputError with one line."""
+    try:
+        table = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise InputError(f"{where}: dataset.json is not valid JSON ({' '.join(str(error).split())[:120]})") from None
+    if not isinstance(table, dict):
+        raise InputError(f"{where}: dataset.json must be an object {{\"labels\": [[name, id], ...]}}, "
+                         f"not a {type(table).__name__}")
+    entries = table.get("labels")
+    if entries is None:
+        return None
+    if not isinstance(entries, list):
+        raise InputError(f"{where}: dataset.json labels must be a list of [name, id] pairs, not "
+                         f"{type(entries).__name__}")
+    by_name = {}
+    for entry in entries:
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)):
+            raise InputError(f"{where}: dataset.json label entry {json.dumps(entry)[:60]} is not [name, id]")
+        by_name[entry[0]] = entry[1]
+    missing = [name for name in names if name not in by_name]
+    if missing:
+        raise InputError(f"{where}: dataset.json has no label for {missing[0]}")
+    return _integer_labels([by_name[name] for name in names], len(names), f"{where}: dataset.json")
+
+
+class _CifarArray:
+    """numpy.core.multiarray._reconstruct(ndarray, (0,), b'b') in a CIFAR-10 batch: BUILD gives it its state."""
+    state = None
+
+
+class _CifarDtype:
+    """numpy.dtype('u1', False, True) in a CIFAR-10 batch: only plain unsigned bytes."""
+
+    def __init__(self, code, align=False, copy=True):
+        if code not in ("u1", b"u1") or not isinstance(align, (bool, int)) or not isinstance(copy, (bool, int)):
+            raise pickle.UnpicklingError(f"dtype {code!r} is not uint8")
+
+
+def _cifar_reconstruct(cls, shape, code):
+    if cls is not _NDARRAY or shape != (0,) or code not in (b"b", "b"):
+        raise pickle.UnpicklingError("an array that is not a plain ndarray")
+    return _CifarArray()
+
+
+_NDARRAY = object()  # stands for numpy.ndarray, which is never called
+
+
+class _CifarUnpickler(pickle._Unpickler):
+    """Reads the official CIFAR-10 batches (dicts of bytes keys, lists of ints and of bytes, one uint8 array) and
+    nothing else: the only globals are numpy's array and dtype reconstructors, mapped to inert stand-ins, and BUILD
+    only gives those stand-ins plain data."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def find_class(self, module, name):
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "_reconstruct":
+            return _cifar_reconstruct
+        if module == "numpy" and name == "ndarray":
+            return _NDARRAY
+        if module == "numpy" and name == "dtype":
+            return _CifarDtype
+        raise pickle.UnpicklingError(f"refers to {module}.{name}, which the CIFAR-10 batches do not")
+
+    def load_build(self):
+        state, inst = self.stack.pop(), self.stack[-1]
+        if isinstance(inst, _CifarDtype):
+            if not (isinstance(state, tuple) and len(state) == 8 and state[1] in ("|", b"|")
+                    and state[2:5] == (None, None, None)):
+                raise pickle.UnpicklingError("a dtype state other than plain uint8")
+        elif isinstance(inst, _CifarArray) and inst.state is None:
+            if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[2], _CifarDtype)
+                    and isinstance(state[4], bytes) and isinstance(state[1], tuple)
+                    and all(isinstance(n, int) and n >= 0 for n in state[1])
+                    and math.prod(state[1]) == len(state[4])):
+                raise pickle.UnpicklingError("an array state other than raw uint8 bytes of its shape")
+            inst.state = state
+        else:
+            raise pickle.UnpicklingError(f"sets the state of a {type(inst).__name__}")
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("persistent ids")
+
+
+def _read_cifar_batch(data, name):
+    """One official batch (bytes of a pickle) -> (images (N, 32, 32, 3) uint8, labels (N,) int64)."""
+    try:
+        batch = _CifarUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, IndexError, KeyError, TypeError, ValueError,
+            struct.error, RecursionError) as error:
+        raise InputError(f"CIFAR-10 {name}: not read ({' '.join(str(error).split())[:160] or type(error).__name__})")
+    if not isinstance(batch, dict) or not isinstance(batch.get(b"data"), _CifarArray) or batch[b"data"].state is None:
+        raise InputError(f"CIFAR-10 {name}: not an official batch (a dict with a uint8 array under 'data')")
+    _, shape, _, _, raw = batch[b"data"].state
+    labels = batch.get(b"labels")
+    if len(shape) != 2 or shape[1] != 3072 or not isinstance(labels, list) or len(labels) != shape[0]:
+        raise InputError(f"CIFAR-10 {name}: data {shape} and {type(labels).__name__} labels do not match")
+    images = np.frombuffer(raw, np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return images, _integer_labels(labels, shape[0], f"CIFAR-10 {name}")
+
+
+def read_cifar10(cache_dir=None):
+    """The CIFAR-10 training split, (images (50000, 32, 32, 3) uint8, labels (50000,) int64), from the official
+    python tarball: downloaded once into cache_dir (default nets.default_cache_dir()), its md5 checked at every use
+    (a file that fails is refused before anything in it is read: delete it to download again), and its batches read
+    by _CifarUnpickler, which builds only dicts, lists, ints, bytes and the uint8 array."""
+    path = os.path.join(cache_dir or nets.default_cache_dir(), "cifar-10-python.tar.gz")
+
+    def md5_of(file_path):
+        digest = hashlib.md5()
+        with open(file_path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    def validate(file_path):
+        if md5_of(file_path) != CIFAR10_MD5:
+            raise ValueError(f"md5 is not {CIFAR10_MD5}")
+
+    if not os.path.isfile(path):
+        try:
+            nets.download_file(CIFAR10_URL, path, validate=validate)
+        except nets.WeightsNotFoundError as error:
+            raise FileNotFoundError(f"CIFAR-10: {error}") from None
+    if md5_of(path) != CIFAR10_MD5:
+        raise InputError(f"{path} is not the CIFAR-10 archive (md5 differs from {CIFAR10_MD5}); nothing in it was "
+                         "read: delete it to download again")
+    images, labels = [], []
+    try:
+        with tarfile.open(path, "r:gz") as archive:
+            for i in range(1, 6):
+                member = archive.getmember(f"cifar-10-batches-py/data_batch_{i}")
+                batch_images, batch_labels = _read_cifar_batch(archive.extractfile(member).read(), f"data_batch_{i}")
+                images.append(batch_images)
+                labels.append(batch_labels)
+    except (tarfile.TarError, KeyError, OSError, EOFError) as error:
+        raise InputError(f"{path}: cannot read the CIFAR-10 archive ({error}); delete it to download again") from None
+    return np.concatenate(images), np.concatenate(labels)
 
 
 class ImageSource:
-    """Indexable images as uint8 (3, H, W) arrays.
+    """Indexable images as uint8 (C, H, W) arrays, with labels.
 
     source: a folder (searched recursively, sorted by relative path, case-insensitive extensions as EDM), an
-    EDM-style zip, an .npz with `x` or ADM's `arr_0`, or an array; arrays are uint8 (N, H, W[, C]). Decoding follows
-    pytorch-fid: PIL's convert('RGB') replicates grayscale and drops alpha. Unreadable files raise a ValueError
-    naming the file.
+    EDM-style zip, an .npz with `x` or ADM's `arr_0` (optional `y` labels), a uint8 array (N, H, W[, C]), or the
+    word `cifar10` (the training split, see read_cifar10; cache_dir is where its archive is kept). Decoding follows
+    pytorch-fid: with rgb (default), PIL's convert('RGB') replicates grayscale and drops alpha, so C = 3; with
+    rgb=False a grayscale image keeps its one channel (RGBA and palette images become RGB).
+
+    Attributes: names (image names, or a range for arrays), labels (int64 (N,) or None: from dataset.json in a
+    folder or zip (EDM: {"labels": [[name, id], ...]}), else class sub-folders of a folder or zip (sorted folder
+    names -> 0..K-1), else `y` of an .npz), class_names (a list or None: the class folders' names, CIFAR-10's,
+    or `classes` of an .npz), path. Unreadable or malformed inputs raise InputError (a ValueError) with one line
+    naming the file; a missing one FileNotFoundError.
     """
 
-    def __init__(self, source):
-        self.array = self.zip = self.key = None
+    def __init__(self, source, cache_dir=None, rgb=True):
+        self.array = self.zip = self.key = self.labels = self.class_names = None
+        self.rgb = rgb
+        self._lock = threading.Lock()
+        self._local = threading.local()
         if isinstance(source, np.ndarray):
             self.path, self.array = "array", self._check_array(source, "array")
             self.names = range(len(self.array))
             return
         self.path = os.fspath(source)
+        if self.path == "cifar10":
+            self.array, self.labels = read_cifar10(cache_dir)
+            self.names, self.class_names = range(len(self.array)), list(CIFAR10_CLASSES)
+            return
         if os.path.isdir(self.path):
-            self.names = sorted(os.path.relpath(os.path.join(root, name), self.path)
-                                for root, _, names in os.walk(self.path) for name in names
-                                if name.lower().endswith(IMAGE_EXTENSIONS))
+            files = sorted(os.path.relpath(os.path.join(root, name), self.path).replace(os.sep, "/")
+                           for root, _, names in os.walk(self.path) for name in names)
         elif self.path.lower().endswith(".npz") and os.path.isfile(self.path):
-            # Only the array's header is read here, so that checks on the count fail before any image is loaded.
+            self._open_npz()
+            return
+        elif os.path.isfile(self.path) and zipfile.is_zipfile(self.path):
             try:
-                with zipfile.ZipFile(self.path) as archive:
-                    members = {name[:-4]: name for name in archive.namelist() if name.endswith(".npy")}
-                    self.key = "x" if "x" in members else "arr_0" if "arr_0" in members else None
-                    if self.key is None:
-                        raise ValueError(f"expected images in `x` or `arr_0`, found keys {sorted(members)}")
-                    with archive.open(members[self.key]) as f:
-                        version = np.lib.format.read_magic(f)
-                        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                            np.lib.format.read_array_header_2_0
-                        shape, _, dtype = read_header(f)
-            except Exception as error:
-                raise ValueError(f"cannot read images from {self.path}: {error}") from None
-            self._check_array(np.empty((0,) + tuple(shape[1:]), dtype), self.path, shape)
-            self.names = range(shape[0] if shape else 0)
-            self._lock = threading.Lock()
-        elif zipfile.is_zipfile(self.path):
-            self.zip = zipfile.ZipFile(self.path)
-            self.names = sorted(n for n in self.zip.namelist() if n.lower().endswith(IMAGE_EXTENSIONS))
+                self.zip = zipfile.ZipFile(self.path)
+                files = sorted(info.filename for info in self.zip.infolist() if not info.is_dir())
+            except (zipfile.BadZipFile, OSError, ValueError) as error:
+                raise InputError(f"cannot read {self.path} as a zip: {error}") from None
+        elif not os.path.exists(self.path):
+            raise FileNotFoundError(f"no image folder, zip or .npz at {self.path} (nor the word cifar10)")
         else:
-            raise FileNotFoundError(f"no image folder, zip or .npz at {self.path}")
+            raise InputError(f"{self.path} is not an image folder, a zip or an .npz")
+        self.names = [name for name in files if name.lower().endswith(IMAGE_EXTENSIONS)]
         if len(self.names) == 0:
-            raise ValueError(f"no images in {self.path} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+            raise InputError(f"no images in {self.path} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        if "dataset.json" in files:
+            self.labels = _labels_from_dataset_json(self.read_file("dataset.json", 1 << 28), self.names, self.path)
+        elif all("/" in name for name in self.names):
+            self.class_names = sorted({name.split("/")[0] for name in self.names})
+            index = {name: i for i, name in enumerate(self.class_names)}
+            self.labels = np.array([index[name.split("/")[0]] for name in self.names], np.int64)
+
+    def _open_npz(self):
+        """Only the headers are read here, so that checks on the count fail before any image is loaded."""
+        try:
+            with zipfile.ZipFile(self.path) as archive:
+                members = {name[:-4] for name in archive.namelist() if name.endswith(".npy")}
+        except (zipfile.BadZipFile, OSError, ValueError) as error:
+            raise InputError(f"cannot read images from {self.path}: {error}") from None
+        self.key = "x" if "x" in members else "arr_0" if "arr_0" in members else None
+        if self.key is None:
+            raise InputError(f"cannot read images from {self.path}: expected images in `x` or `arr_0`, found keys "
+                             f"{sorted(members)}")
+        shape, dtype = _npz_header(self.path, self.key)
+        self._check_array(np.empty((0,) + tuple(shape[1:]), dtype), self.path, shape)
+        budget = decoded_budget(os.path.getsize(self.path))
+        if math.prod(shape) * dtype.itemsize > budget:
+            raise InputError(f"{self.path}: {self.key} declares {shape} ({math.prod(shape)} bytes), more than "
+                             f"{budget} bytes for a file of {os.path.getsize(self.path)} (see fid.decoded_budget)")
+        self.names = range(shape[0] if shape else 0)
+        extra = read_npz(self.path, [key for key in ("y", "classes") if key in members])
+        if "y" in extra:
+            self.labels = _integer_labels(extra["y"], len(self.names), f"{self.path}: y")
+        if "classes" in extra and extra["classes"].dtype.kind in "US" and extra["classes"].ndim == 1:
+            self.class_names = [str(name) for name in extra["classes"].tolist()]
+        if len(self.names) == 0:
+            raise InputError(f"no images in {self.path}")
 
     @staticmethod
     def _check_array(array, where, shape=None):
         if array.ndim == 3:
             array = array[..., None]  # (N, H, W) grayscale
         if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] not in (1, 3, 4):
-            raise ValueError(f"{where}: expected uint8 images (N, H, W, C) with C in 1, 3, 4; got {array.dtype} "
-                             f"{tuple(shape or array.shape)}")
+            hint = " (channels first? transpose it to (N, H, W, C))" \
+                if array.ndim == 4 and array.shape[1] in (1, 3) and array.shape[-1] not in (1, 3, 4) else ""
+            raise InputError(f"{where}: expected uint8 images (N, H, W, C) with C in 1, 3, 4; got {array.dtype} "
+                             f"{tuple(shape or array.shape)}{hint}")
         return array
 
     def _load_array(self):
         """The .npz images, read once on first use (by whichever decoding thread comes first)."""
         with self._lock:
             if self.array is None:
-                try:
-                    with np.load(self.path, allow_pickle=False) as data:
-                        self.array = self._check_array(data[self.key], self.path)
-                except ValueError:
-                    raise
-                except Exception as error:
-                    raise ValueError(f"cannot read images from {self.path}: {error}") from None
+                self.array = self._check_array(read_npz(self.path, [self.key])[self.key], self.path)
         return self.array
+
+    def read_file(self, name, limit=1 << 26):
+        """The bytes of a non-image file of a folder or zip (e.g. dataset.json, captions.txt), at most `limit`."""
+        if self.zip is not None:
+            with self._lock:
+                info = _zip_member_checked(self.zip, self.zip.getinfo(name), self.path)
+                if info.file_size > limit:
+                    raise InputError(f"{self.path}: {name} has {info.file_size} bytes, more than {limit}")
+                return self.zip.read(info)
+        file_path = os.path.join(self.path, name)
+        if os.path.getsize(file_path) > limit:
+            raise InputError(f"{file_path} has {os.path.getsize(file_path)} bytes, more than {limit}")
+        with open(file_path, "rb") as f:
+            return f.read()
 
     def __len__(self):
         return len(self.names)
 
+    def _channels(self, image):
+        """(H, W, C) -> (C, H, W): C = 3 with rgb, else the stored 1 or 3 (alpha dropped)."""
+        if image.shape[2] == 1 and self.rgb:
+            image = np.repeat(image, 3, axis=2)
+        return np.ascontiguousarray(image[:, :, :3].transpose(2, 0, 1))
+
     def __getitem__(self, index):
         if self.array is not None or self.key is not None:
-            image = (self.array if self.array is not None else self._load_array())[index]
-            image = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image[:, :, :3]
-            return np.ascontiguousarray(image.transpose(2, 0, 1))
+            return self._channels((self.array if self.array is not None else self._load_array())[index])
         name = self.names[index]
+        where = os.path.join(self.path, name)
         try:
-            with (self.zip.open(name) if self.zip else open(os.path.join(self.path, name), "rb")) as f:
-                with Image.open(io.BytesIO(f.read())) as image:
-                    image = np.asarray(image.convert("RGB"))
-        except Exception as error:
-            raise ValueError(f"cannot read image {os.path.join(self.path, name)}: {error}") from None
-        return image.transpose(2, 0, 1)
+            data = self.read_file(name, 256 << 20)
+            with Image.open(io.BytesIO(data)) as image:
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    raise InputError(f"{image.width}x{image.height} pixels, more than {MAX_IMAGE_PIXELS}")
+                if self.rgb or image.mode not in ("L", "RGB"):
+                    image = image.convert("L" if not self.rgb and image.mode in ("1", "LA") else "RGB")
+                array = np.asarray(image)
+        except Exception as error:  # PIL raises many kinds (SyntaxError for some corrupt headers)
+            reason = " ".join(str(error).split())[:200] or f"{type(error).__name__} while decoding"
+            raise InputError(f"cannot read image {where}: {reason}") from None
+        return self._channels(array[:, :, None] if array.ndim == 2 else array)
+
+
+def read_image_set(source, cache_dir=None, rgb=True, workers=4):
+    """Every image of `source` (see ImageSource) in memory: (images uint8 (N, C, H, W), labels int64 (N,) or None).
+
+    All images must have one size (else InputError naming the first that differs); with rgb=False, grayscale images
+    in a set that also holds colour ones are replicated to 3 channels. The decoded total is bounded
+    relative to the input: at most decoded_budget(bytes of the file, or of the folder's images)."""
+    images = ImageSource(source, cache_dir=cache_dir, rgb=rgb)
+    if images.array is not None or images.key is not None:
+        array = images.array if images.array is not None else images._load_array()
+        if array.shape[-1] == 1 and rgb:
+            array = np.repeat(array, 3, axis=3)
+        return np.ascontiguousarray(array[..., :3].transpose(0, 3, 1, 2)), images.labels
+    if images.zip is not None:
+        stored = os.path.getsize(images.path)
+    else:
+        stored = sum(os.path.getsize(os.path.join(images.path, name)) for name in images.names)
+    budget = decoded_budget(stored)
+    with concurrent.futures.ThreadPoolExecutor(max(workers, 1)) as pool:
+        first = images[0]
+        if first.nbytes * len(images) > budget:
+            raise InputError(f"{images.path}: {len(images)} images of {first.shape} would take "
+                             f"{first.nbytes * len(images)} bytes decoded, more than {budget}")
+        decoded = [first, *pool.map(images.__getitem__, range(1, len(images)))]
+    if not rgb and any(image.shape[0] == 3 for image in decoded):  # a few grayscale files in a colour set (ImageNet)
+        decoded = [np.repeat(image, 3, axis=0) if image.shape[0] == 1 else image for image in decoded]
+        first = decoded[0]
+    for name, image in zip(images.names, decoded):
+        if image.shape != first.shape:
+            raise InputError(f"{os.path.join(images.path, name)} is {image.shape[2]}x{image.shape[1]} with "
+                             f"{image.shape[0]} channels, but {images.names[0]} is {first.shape[2]}x{first.shape[1]} "
+                             f"with {first.shape[0]}: resize or convert them first")
+    return np.stack(decoded), images.labels
 
 
 def image_batches(source, indices, batch_size=100, workers=4):
@@ -1180,7 +1523,13 @@ def _parse_args(argv):
     parser = _Parser(prog="fid.py", description="FID, IS, sFID, precision/recall and KID (pure-torch Inception-v3).")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     ref = commands.add_parser("ref", help="compute reference statistics of a dataset")
-    ref.add_argument("--data", required=True, help="image folder, EDM-style zip or .npz (`x` / `arr_0`) (required)")
+    ref.add_argument("--data", required=True, help="image folder, EDM-style zip, .npz (`x` / `arr_0`) or cifar10 (the "
+                     "training split, downloaded once) (required)")
+    ref.add_argument("--num", type=int, default=None,
+                     help="use a seeded random subset of this many images (default: all)")
+    ref.add_argument("--seed", type=int, default=0, help="seed of the --num subset (default: 0)")
+    ref.add_argument("--cache_dir", default=None, help="where --data=cifar10 is kept (default: nets' cache, "
+                     "$CORRUPTED_DIFFUSION_CACHE or ~/.cache/corrupted-diffusion)")
     ref.add_argument("--dest", required=True,
                      help="output .npz: EDM fid-refs format (mu, sigma) plus mu_s, sigma_s, pool and the "
                           "preprocess/protocol tags (required)")
@@ -1239,6 +1588,8 @@ def _parse_args(argv):
                      f"--preprocess={args.preprocess}")
     if args.command == "ref" and args.ref_features < 0:
         parser.error("--ref_features must be >= 0")
+    if args.command == "ref" and args.num is not None and args.num < 2:
+        parser.error("--num must be >= 2")
     if args.command == "calc":
         args.metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
         if not args.metrics or set(args.metrics) - set(METRICS):
@@ -1279,7 +1630,7 @@ def _setup_device(requested):
 def main(argv=None):
     """python fid.py ref --data=... --dest=...  |  python fid.py calc --images=... --ref=... [--metrics=...]
 
-    Exit status 2 for bad flags or inputs, found before any image is read; 1 for a failure during the pass.
+    Exit status 2 for bad flags or inputs (an unreadable image too, when the pass meets it); 1 for another failure.
     """
     args = _parse_args(argv)
     device = _setup_device(args.device)
@@ -1288,15 +1639,18 @@ def main(argv=None):
     try:
         if args.command == "ref":
             check_writable(args.dest)
-            source = ImageSource(args.data)
+            source = ImageSource(args.data, cache_dir=args.cache_dir)
+            if args.num is not None and args.num > len(source):
+                raise InputError(f"--num={args.num}, but {args.data} holds {len(source)} images")
             resolved = resolve_protocol(args.protocol, args.preprocess)
             detector = load_inception(args.fid_weights, device)
-            # A seeded shuffle makes the kept pool features a uniform subset; the statistics ignore order.
-            order = np.random.RandomState(0).permutation(len(source))
+            # A seeded shuffle makes the kept pool features a uniform subset; the statistics ignore order. With
+            # --num, its first num images are the subset (--seed=0 and all images: the order used before --num).
+            order = np.random.RandomState(args.seed % (1 << 31)).permutation(len(source))[:args.num]
             started = True
             stats = compute_stats(image_batches(source, np.array_split(order, world)[rank], args.batch, args.workers),
                                   detector, device, preprocess=resolved["preprocess"],
-                                  max_features=args.ref_features, precision=args.precision, num_images=len(source))
+                                  max_features=args.ref_features, precision=args.precision, num_images=len(order))
             stats["protocol"] = resolved["protocol"]
             if rank == 0:
                 save_ref(args.dest, stats)
@@ -1321,10 +1675,12 @@ def main(argv=None):
                 if args.json:
                     record = {"protocol": None, **results, "images": args.images, "ref": args.ref,
                               "num": len(indices), "is_split_size": resolved["is_split_size"], "tool": resolved["tool"]}
-                    _atomic_write(args.json, lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
-    except (ValueError, OSError) as error:
-        print(f"fid.py: error: {' '.join(str(error).split())}", file=sys.stderr)
-        sys.exit(1 if started else 2)
+                    nets.write_atomic(args.json, (json.dumps(record, indent=2) + "\n").encode())
+    except (ValueError, OSError, nets.WeightsNotFoundError) as error:
+        # Bad input (a corrupt image found during the pass too) exits 2, a failure while running 1.
+        bad_input = not started or isinstance(error, (InputError, FileNotFoundError, nets.WeightsNotFoundError))
+        print(f"fid.py: error: {' '.join(str(error).split()) or type(error).__name__}", file=sys.stderr)
+        sys.exit(2 if bad_input else 1)
     finally:
         if world > 1:
             dist.destroy_process_group()

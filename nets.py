@@ -29,15 +29,18 @@ noise-level embedding always runs in fp32, as in both official codes.
 
 import argparse
 import collections
+import contextlib
 import functools
+import hashlib
 import io
 import json
 import math
 import os
 import pickle
 import re
+import secrets
 import struct
-import tempfile
+import threading
 import types
 import unicodedata
 import urllib.parse
@@ -689,8 +692,8 @@ def load_safetensors(path):
         raise invalid(f'header length {header_len} runs past the end of the file (truncated?)')
     try:
         header = json.loads(data[8:8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise invalid(f'header is not JSON ({error})') from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise invalid(f'header is not JSON ({" ".join(str(error).split())[:120] or type(error).__name__})') from None
     if not isinstance(header, dict):
         raise invalid('header is not a JSON object')
 
@@ -702,10 +705,13 @@ def load_safetensors(path):
             continue
         try:
             dtype = SAFETENSORS_DTYPES[entry['dtype']]
-            shape = [int(size) for size in entry['shape']]
-            begin, end = (int(offset) for offset in entry['data_offsets'])
+            shape, offsets = list(entry['shape']), list(entry['data_offsets'])
+            if len(offsets) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                            for n in shape + offsets):
+                raise ValueError(f'shape {shape} and data_offsets {offsets} must be non-negative integers')
+            begin, end = offsets
         except (KeyError, TypeError, ValueError) as error:
-            raise invalid(f'bad header entry for {name!r} ({error!r})') from None
+            raise invalid(f'bad header entry for {name!r} ({error})') from None
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if not 0 <= begin <= end <= len(buffer) or end - begin != nbytes:
             raise invalid(f'{name!r} needs {nbytes} bytes but has data_offsets [{begin}, {end}) in a data section '
@@ -732,18 +738,27 @@ def save_safetensors(path, tensors, metadata=None):
     write_atomic(path, [struct.pack('<Q', len(header_bytes)), header_bytes, *chunks])
 
 
-def write_atomic(path, chunks):
-    """Write byte chunks to a temporary file next to path, then rename it, so that path is never left half-written."""
+def write_atomic(path, data):
+    """Write a file so that `path` is never left half-written: the bytes go to a temporary file with a unique name
+    (`.{name}.{pid}.{random}.tmp`) in the same folder, which is renamed over `path` (os.replace) once complete and
+    removed on any failure. data: bytes, an iterable of byte chunks, or a callable that writes into the binary file
+    object it is given (e.g. `lambda f: torch.save(obj, f)`)."""
+    path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, temp_path = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + '.', suffix='.tmp')
+    temp_path = os.path.join(directory, f'.{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp')
     try:
-        with os.fdopen(fd, 'wb') as f:
-            for chunk in chunks:
-                f.write(chunk)
+        with open(temp_path, 'xb') as f:
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                f.write(data)
+            elif callable(data):
+                data(f)
+            else:
+                for chunk in data:
+                    f.write(chunk)
         os.replace(temp_path, path)
     except BaseException:
-        if os.path.exists(temp_path):
+        with contextlib.suppress(OSError):
             os.remove(temp_path)
         raise
 
@@ -757,13 +772,96 @@ def load_weights_file(path):
         return load_safetensors(path)
     torch.serialization.add_safe_globals([argparse.Namespace])  # DiT's training checkpoints pickle their 'args'
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        data = torch.load(path, map_location='cpu', weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, MemoryError, OverflowError) as error:
         found = re.search(r'Unsupported global: GLOBAL ([\w.]+)', str(error))
         if found:  # weights_only refuses to build arbitrary objects, whose unpickling could run code
             raise ValueError(f'{path} pickles a {found[1]} object, which is not loaded for safety; save its state '
                              'dict alone and load that') from None
-        raise ValueError(f'{path} is not a readable torch file ({type(error).__name__})') from None
+        reason = ' '.join(str(error).split())[:200] or 'no reason given'
+        raise ValueError(f'{path} is not a readable torch file ({type(error).__name__}: {reason})') from None
+    check_tensor_sizes(data, path)
+    return data
+
+
+def check_tensor_sizes(data, what):
+    """Refuse tensors that claim more elements than the bytes behind them: a stride-0 or overlapping view (e.g. shape
+    (10**5, 10**5) over one float) costs nothing to load but its full size the moment it is copied or cast. Each
+    tensor must fit inside its own storage without overlap, and all tensors together may hold at most four times the
+    bytes of their distinct storages (tied weights share a storage). Walks dicts, lists and tuples."""
+    tensors, stack, seen = [], [data], 0
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > 10_000_000:
+            raise ValueError(f'{what}: more than 10,000,000 objects in a weights file')
+        if isinstance(item, torch.Tensor):
+            tensors.append(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    storages, total = {}, 0
+    for tensor in tensors:
+        if tensor.is_meta:  # shapes only (never read from a file): nothing to check
+            continue
+        if tensor.layout != torch.strided:
+            raise ValueError(f'{what}: a {tensor.layout} tensor is not plain weights')
+        storage = tensor.untyped_storage()
+        size = tensor.numel() * tensor.element_size()
+        if tensor.numel() > 1:
+            # Non-overlapping: sorted by stride, each stride at least the span of the dimensions inside it.
+            span = 1
+            for stride, dim_size in sorted((abs(st), s) for s, st in zip(tensor.shape, tensor.stride()) if s > 1):
+                if stride < span:
+                    raise ValueError(f'{what}: a tensor of shape {tuple(tensor.shape)} with strides '
+                                     f'{tensor.stride()} overlaps itself (stride-0 or overlapping view)')
+                span = stride * dim_size
+        end = (tensor.storage_offset() + sum((s - 1) * st for s, st in zip(tensor.shape, tensor.stride())
+                                             if s > 0) + 1) * tensor.element_size() if tensor.numel() else 0
+        if tensor.numel() and (end > storage.nbytes() or size > storage.nbytes()):
+            raise ValueError(f'{what}: a tensor of shape {tuple(tensor.shape)} needs {size} bytes but its storage '
+                             f'holds {storage.nbytes()}')
+        storages[storage.data_ptr(), storage.nbytes()] = storage.nbytes()
+        total += size
+    if total > 4 * sum(storages.values()) + (1 << 20):
+        raise ValueError(f'{what}: its tensors hold {total} bytes, more than four times the {sum(storages.values())} '
+                         'bytes stored (views repeating the same data)')
+
+
+def build_checked(make, state_dict, what):
+    """make() built on the meta device (no memory), checked against state_dict, then given its tensors.
+
+    Every key of the network must be in state_dict and vice versa, with the same shape; the first mismatch raises a
+    one-line ValueError naming `what` and the key. Floating tensors are cast to the network's dtype. Nothing is
+    allocated from sizes written in a file: the network's tensors are the state dict's own (load_state_dict with
+    assign=True). Returns the network (train mode; call .eval() as needed)."""
+    with torch.device('meta'):
+        try:
+            net = make()
+        except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError, OverflowError, RuntimeError) as error:
+            reason = ' '.join(str(error).split())[:200] or type(error).__name__
+            raise ValueError(f'{what}: cannot build the network it describes ({reason})') from None
+    expected = net.state_dict()
+    for key, reference in expected.items():
+        if key not in state_dict:
+            raise ValueError(f'{what}: no tensor {key} (the network it describes has {len(expected)} tensors, '
+                             f'the file {len(state_dict)})')
+        tensor = state_dict[key]
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f'{what}: {key} is a {type(tensor).__name__}, not a tensor')
+        if tuple(tensor.shape) != tuple(reference.shape):
+            raise ValueError(f'{what}: {key} has shape {tuple(tensor.shape)}, the network needs '
+                             f'{tuple(reference.shape)}')
+    unexpected = [key for key in state_dict if key not in expected]
+    if unexpected:
+        raise ValueError(f'{what}: unexpected tensor {unexpected[0]} (not in the network it describes)')
+    check_tensor_sizes(dict(state_dict), what)
+    tensors = {key: state_dict[key].to(reference.dtype)
+               if state_dict[key].is_floating_point() and reference.is_floating_point() else state_dict[key]
+               for key, reference in expected.items()}
+    net.load_state_dict(tensors, strict=True, assign=True)
+    return net
 
 
 def default_cache_dir():
@@ -772,30 +870,116 @@ def default_cache_dir():
     return os.environ.get('CORRUPTED_DIFFUSION_CACHE') or default
 
 
-def download_cached(url, cache_dir=None, path=None):
-    """Return the path of a cached copy of url (default: under cache_dir, named after the URL's path), downloading
-    it on first use with download_file (atomic, resumable, size-checked)."""
+def download_cached(url, cache_dir=None, path=None, validate=None):
+    """Return the path of a cached copy of url, downloading it on first use with download_file (atomic, resumable,
+    size- and format-checked). The default path is keyed on the whole URL (scheme, host, port, path and query):
+    `{cache_dir}/url/{first 16 hex digits of its SHA-256}/{its file name}`, so that the same path on two hosts are
+    two files. validate: see download_file."""
     if path is None:
-        url_path = urllib.parse.urlsplit(url).path.strip('/')
-        path = os.path.join(cache_dir or default_cache_dir(), re.sub(r'[^A-Za-z0-9._-]+', '_', url_path))
+        name = re.sub(r'[^A-Za-z0-9._-]+', '_', urllib.parse.urlsplit(url).path.rstrip('/').rsplit('/', 1)[-1])
+        digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+        path = os.path.join(cache_dir or default_cache_dir(), 'url', digest, name.strip('.') or 'download')
     if not os.path.isfile(path):
-        download_file(url, path)
+        download_file(url, path, validate=validate)
     return path
 
 
-def download_file(url, path, headers=None):
-    """GET url into path with requests: atomic, resumable and size-checked.
+# A download must bring at least DOWNLOAD_STALL_MIN_BYTES in every DOWNLOAD_STALL_WINDOW_S seconds, and end within
+# DOWNLOAD_DEADLINE_S seconds, else it stops (keeping its .part to resume): a server that drips a byte at a time
+# never trips requests' per-read timeout.
+DOWNLOAD_STALL_WINDOW_S = 60.0
+DOWNLOAD_STALL_MIN_BYTES = 64 << 10
+DOWNLOAD_DEADLINE_S = 6 * 3600.0
 
-    The bytes go to `path + '.part'` and are renamed to path only once their count equals the size the server
-    announced (Content-Length, or the total of Content-Range), so path is never a partial file. A `.part` left by an
-    interrupted download is resumed with a Range request (a server that ignores Range sends the whole file, which
-    replaces the partial one). Processes downloading the same file at once (torchrun ranks) take turns through a
-    lock on the .part file. Failure (offline, HTTP error, interrupted, wrong size) raises WeightsNotFoundError with
-    one line naming the URL and the path to save it at by hand; an interrupted download keeps its .part for the
-    next call to resume.
+
+def _pickle_check(path):
+    """The file is one whole pickle: its opcodes parse up to STOP (pickletools.genops; nothing is built or run)."""
+    import pickletools
+    with open(path, 'rb') as f:
+        last = None
+        for last, _, _ in pickletools.genops(f):
+            pass
+    if last is None or last.name != 'STOP':
+        raise ValueError('the pickle does not end with STOP')
+
+
+def _zip_check(path):
+    import zipfile
+    with zipfile.ZipFile(path) as archive:
+        if not archive.infolist():
+            raise ValueError('an empty zip')
+
+
+def _torch_file_check(path):
+    import zipfile
+    if zipfile.is_zipfile(path):
+        _zip_check(path)
+    else:
+        _pickle_check(path)  # the legacy format starts with pickles; a truncated one fails here
+
+
+def _gzip_check(path):
+    import gzip
+    with gzip.open(path, 'rb') as f:
+        while f.read(1 << 20):
+            pass
+
+
+def _text_check(path):
+    with open(path, 'rb') as f:
+        f.read().decode('utf-8')
+
+
+def _json_check(path):
+    with open(path, encoding='utf-8') as f:
+        json.load(f)
+
+
+def _safetensors_check(path):
+    with open(path, 'rb') as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError('shorter than the 8-byte header length')
+        header_len = struct.unpack('<Q', head)[0]
+        if header_len > os.path.getsize(path) - 8:
+            raise ValueError('the header runs past the end of the file')
+        header = json.loads(f.read(header_len))
+    end = max([int(entry['data_offsets'][1]) for name, entry in header.items() if name != '__metadata__'] or [0])
+    if 8 + header_len + end != os.path.getsize(path):
+        raise ValueError(f'the header describes {end} data bytes, the file holds '
+                         f'{os.path.getsize(path) - 8 - header_len}')
+
+
+# What a downloaded file must parse as, by the suffix of the name it is saved under.
+FORMAT_CHECKS = {'.pkl': _pickle_check, '.pt': _torch_file_check, '.pth': _torch_file_check,
+                 '.bin': _torch_file_check, '.ckpt': _torch_file_check, '.safetensors': _safetensors_check,
+                 '.json': _json_check, '.npz': _zip_check, '.zip': _zip_check, '.gz': _gzip_check,
+                 '.tgz': _gzip_check, '.txt': _text_check, '.yaml': _text_check, '.yml': _text_check}
+
+
+def format_check(path):
+    """The check FORMAT_CHECKS gives the file name's suffix, or None."""
+    return FORMAT_CHECKS.get(os.path.splitext(os.fspath(path))[1].lower())
+
+
+def download_file(url, path, headers=None, validate=None):
+    """GET url into path with requests: atomic, resumable, size- and format-checked, with a deadline.
+
+    The bytes go to `path + '.part'` and are renamed to path only once complete: their count equals the size the
+    server announced (Content-Length, or the total of Content-Range), and the file passes validate(part_path) (a
+    callable that raises on a bad file; default: format_check(path), e.g. a .pkl must be a whole pickle, a .json
+    JSON, a .safetensors as long as its header says). A body without a length, or with a Content-Encoding, counts
+    as complete only through that check, so without one (an unknown suffix and no validate) it is refused. So path
+    is never a partial or wrong file (an HTML login page is no pickle). A `.part` left by an interrupted download is
+    resumed with a Range request (a server that ignores Range sends the whole file, which replaces the partial one).
+    A download that stalls (DOWNLOAD_STALL_*) or passes DOWNLOAD_DEADLINE_S stops. Processes downloading the same
+    file at once (torchrun ranks) take turns through a lock on the .part file. Failure (offline, HTTP error,
+    interrupted, stalled, wrong size or format) raises WeightsNotFoundError with one line naming the URL and the path
+    to save it at by hand; an interrupted download keeps its .part for the next call to resume.
     """
     part = path + '.part'
     reason = 'the server keeps changing the partial file'
+    check = validate or format_check(path)
     try:
         for _ in range(3):  # a retry only when another process wrote to the .part between our request and our lock
             offset = _size_or_zero(part)
@@ -820,24 +1004,45 @@ def download_file(url, path, headers=None):
                         f.truncate(0)
                     for chunk in _received_chunks(response):
                         f.write(chunk)
+                    f.flush()
                     size = f.tell()
-                    whole = total is None or size == total
+                    whole = size == total if total is not None else check is not None
+                    problem = None
+                    if whole and check is not None:
+                        try:
+                            check(part)
+                        except Exception as error:  # noqa: BLE001 -- any failure of the check means "not that file"
+                            problem = ' '.join(str(error).split())[:160] or type(error).__name__
+                            whole = False
                     if whole and locked:  # rename under the lock, so that a process waiting for it finds the file
                         os.replace(part, path)
             if not whole:
-                if size > total:  # more than announced: the partial file belongs to another version
+                if problem is not None:
                     _remove_if_present(part)
-                reason = f'got {size} bytes, the server announced {total}'
+                    reason = (f'got {size} bytes that are not a valid {os.path.splitext(path)[1] or "expected"} '
+                              f'file: {problem}')
+                elif total is None:
+                    reason = f'got {size} bytes with no size announced and no format to check them against'
+                    _remove_if_present(part)
+                else:
+                    if size > total:  # more than announced: the partial file belongs to another version
+                        _remove_if_present(part)
+                    reason = f'got {size} bytes, the server announced {total}'
                 break
             if not locked:
                 os.replace(part, path)
             return path
     except (requests.RequestException, OSError) as error:
         response = getattr(error, 'response', None)
-        reason = f'HTTP {response.status_code}' if response is not None else type(error).__name__
+        reason = f'HTTP {response.status_code}' if response is not None else \
+            (str(error) if isinstance(error, _DownloadStalled) else type(error).__name__)
         if os.path.isfile(part):
             reason += f', {os.path.getsize(part)} bytes kept in {os.path.basename(part)} to resume'
     raise WeightsNotFoundError(f'cannot download {url} ({reason}); download it by hand and save it as {path}')
+
+
+class _DownloadStalled(requests.RequestException):
+    """The transfer broke the stall or deadline rule."""
 
 
 def _announced_size(response, offset):
@@ -855,10 +1060,21 @@ def _announced_size(response, offset):
 def _received_chunks(response):
     """The body of a streamed response as it arrives (read1), so that the bytes before a dropped connection reach
     the .part file; urllib3's errors become requests.ConnectionError."""
+    import time
     import urllib3  # installed with requests
+    start = window_start = time.monotonic()
+    window_bytes = 0
     try:
         while chunk := response.raw.read1(1 << 20, decode_content=True):
             yield chunk
+            now = time.monotonic()
+            window_bytes += len(chunk)
+            if now - start > DOWNLOAD_DEADLINE_S:
+                raise _DownloadStalled(f'not done after {DOWNLOAD_DEADLINE_S:g} s')
+            if now - window_start >= DOWNLOAD_STALL_WINDOW_S:
+                if window_bytes < DOWNLOAD_STALL_MIN_BYTES:
+                    raise _DownloadStalled(f'stalled: {window_bytes} bytes in {now - window_start:.0f} s')
+                window_start, window_bytes = now, 0
     except urllib3.exceptions.HTTPError as error:
         raise requests.ConnectionError(error) from None
 
@@ -892,6 +1108,12 @@ HF_REPO_ID = re.compile(r'[A-Za-z0-9][\w.-]*/[\w.-]+')  # owner/name on the Hugg
 LOCAL_SUFFIXES = ('.pkl', '.pt', '.pth', '.bin', '.ckpt', '.safetensors', '.json', '.npz', '.zip')
 
 
+def _hf_cache_root(cache_dir=None):
+    """{cache}/hf: Hub files are keyed on repository, revision and file name, whatever HF_ENDPOINT served them (a
+    mirror serves the same files; the tests switch endpoints to go offline)."""
+    return os.path.join(cache_dir or default_cache_dir(), 'hf')
+
+
 def hf_hub_download(repo_id, filename, revision='main', cache_dir=None):
     """Download one file of a Hugging Face Hub repository with requests and return its local path.
 
@@ -904,11 +1126,20 @@ def hf_hub_download(repo_id, filename, revision='main', cache_dir=None):
         raise ValueError(f'not a Hugging Face repository and file name: {repo_id!r}, {revision!r}, {filename!r}')
     endpoint = (os.environ.get('HF_ENDPOINT') or 'https://huggingface.co').rstrip('/')
     url = f'{endpoint}/{repo_id}/resolve/{urllib.parse.quote(revision, safe="")}/{urllib.parse.quote(filename)}'
-    path = os.path.join(cache_dir or default_cache_dir(), 'hf', *repo_id.split('/'), revision, *filename.split('/'))
+    path = os.path.join(_hf_cache_root(cache_dir), *repo_id.split('/'), revision, *filename.split('/'))
     headers = {'Authorization': f'Bearer {os.environ["HF_TOKEN"]}'} if os.environ.get('HF_TOKEN') else None
     if not os.path.isfile(path):
         download_file(url, path, headers)
     return path
+
+
+def cached_file_hint(message, source, path):
+    """message, plus (when `source` is a URL or Hub id that was cached at `path`) the cached file's name and that
+    deleting it makes the next run download it again."""
+    source = os.fspath(source)
+    if os.path.exists(source) or os.path.abspath(source) == os.path.abspath(path):
+        return message
+    return f'{message} (cached copy of {source} at {path}: delete it to download it again)'
 
 
 def resolve_source(source, filenames=(), cache_dir=None):
@@ -928,7 +1159,7 @@ def resolve_source(source, filenames=(), cache_dir=None):
     if repo_match is None or looks_local:
         raise WeightsNotFoundError(f'{source}: no such file or folder (nor an http(s) URL or Hugging Face repo id)')
     repo_id, revision, sub = repo_match[1], repo_match[2] or 'main', repo_match[3] or ''
-    folder = os.path.join(cache_dir or default_cache_dir(), 'hf', *repo_id.split('/'), revision, *sub.split('/'))
+    folder = os.path.join(_hf_cache_root(cache_dir), *repo_id.split('/'), revision, *sub.split('/'))
     for names in filenames:
         names = (names,) if isinstance(names, str) else tuple(names)
         for i, name in enumerate(names):
@@ -1174,14 +1405,13 @@ def dit_from_state_dict(state_dict, num_classes=None, num_heads=None):
     if out_channels not in (in_channels, 2 * in_channels) or rows not in (num_classes, num_classes + 1):
         raise ValueError(f'state dict does not look like a DiT ({out_channels} output channels for {in_channels} '
                          f'input channels, {rows} label rows for {num_classes} classes)')
-    with torch.device('meta'):  # no random init of weights that are overwritten anyway
-        net = DiT(input_size=round(math.sqrt(state_dict['pos_embed'].shape[1])) * patch_size, patch_size=patch_size,
-                  in_channels=in_channels, hidden_size=hidden_size,
-                  depth=len({key.split('.')[1] for key in state_dict if key.startswith('blocks.')}),
-                  num_heads=num_heads, mlp_ratio=state_dict['blocks.0.mlp.fc1.weight'].shape[0] / hidden_size,
-                  class_dropout_prob=0.1 if rows > num_classes else 0.0, num_classes=num_classes,
-                  learn_sigma=out_channels == 2 * in_channels)
-    net.load_state_dict({key: value.float() for key, value in state_dict.items()}, assign=True)
+    net = build_checked(lambda: DiT(
+        input_size=round(math.sqrt(state_dict['pos_embed'].shape[1])) * patch_size, patch_size=patch_size,
+        in_channels=in_channels, hidden_size=hidden_size,
+        depth=len({key.split('.')[1] for key in state_dict if key.startswith('blocks.')}),
+        num_heads=num_heads, mlp_ratio=state_dict['blocks.0.mlp.fc1.weight'].shape[0] / hidden_size,
+        class_dropout_prob=0.1 if rows > num_classes else 0.0, num_classes=num_classes,
+        learn_sigma=out_channels == 2 * in_channels), state_dict, 'DiT state dict')
     return net.eval()
 
 
@@ -1458,10 +1688,11 @@ def load_autoencoder(path_or_url, cache_dir=None):
     if not os.path.isfile(path):
         raise WeightsNotFoundError(f'autoencoder weights not found: {path} (download {VAE_URLS["ema"]} there, or pass '
                                    "'ema' or 'mse' to download it into the cache)")
-    state_dict = vae_state_dict_to_diffusers(load_weights_file(path))
-    with torch.device('meta'):  # no random init of weights that are overwritten anyway
-        net = AutoencoderKL(**vae_config_from_state_dict(state_dict))
-    net.load_state_dict({key: value.float() for key, value in state_dict.items()}, assign=True)
+    try:
+        state_dict = vae_state_dict_to_diffusers(load_weights_file(path))
+    except ValueError as error:
+        raise ValueError(cached_file_hint(str(error), source, path)) from None
+    net = build_checked(lambda: AutoencoderKL(**vae_config_from_state_dict(state_dict)), state_dict, path_or_url)
     return net.eval().requires_grad_(False)
 
 
@@ -1583,21 +1814,23 @@ def read_diffusers_weights(folder, names=('diffusion_pytorch_model.safetensors',
 
 
 def read_json(path):
-    """A JSON file as a dict, or ValueError naming the file."""
+    """A JSON file that holds an object, as a dict; otherwise (unreadable, not JSON, nested too deeply, a list...)
+    a one-line ValueError naming the file."""
     try:
         with open(path, encoding='utf-8') as f:
-            return json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f'{path}: not a readable JSON file ({error})') from None
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        reason = ' '.join(str(error).split())[:160] or type(error).__name__
+        raise ValueError(f'{path}: not a readable JSON file ({reason})') from None
+    if not isinstance(data, dict):
+        raise ValueError(f'{path}: expected a JSON object, found a {type(data).__name__}')
+    return data
 
 
 def vqmodel_from_diffusers(config, state_dict):
     """nets.VQModel of a diffusers VQModel folder's config.json and weights, strict, frozen."""
     kwargs = vq_config_from_diffusers(config)
-    with torch.device('meta'):
-        net = VQModel(**kwargs)
-    net.load_state_dict({key: value.float() for key, value in vq_state_dict_to_diffusers(state_dict).items()},
-                        assign=True)
+    net = build_checked(lambda: VQModel(**kwargs), vq_state_dict_to_diffusers(state_dict), 'VQ model')
     net.config = kwargs
     return net.eval().requires_grad_(False)
 
@@ -1619,13 +1852,14 @@ def load_vqmodel(path_or_folder, cache_dir=None):
     if os.path.isdir(source):
         folder = source if os.path.isfile(os.path.join(source, 'config.json')) else os.path.join(source, 'vqvae')
         return vqmodel_from_diffusers(read_json(os.path.join(folder, 'config.json')), read_diffusers_weights(folder))
-    raw = load_weights_file(source)
+    try:
+        raw = load_weights_file(source)
+    except ValueError as error:
+        raise ValueError(cached_file_hint(str(error), path_or_folder, source)) from None
     state_dict = vq_state_dict_to_diffusers(raw)
     scale = raw.get('state_dict', raw).get('scale_factor')
     config = {**vq_config_from_state_dict(state_dict), 'scaling_factor': float(scale) if scale is not None else 1.0}
-    with torch.device('meta'):  # no random init of weights that are overwritten anyway
-        net = VQModel(**config)
-    net.load_state_dict({key: value.float() for key, value in state_dict.items()}, assign=True)
+    net = build_checked(lambda: VQModel(**config), state_dict, 'VQ model')
     net.config = config
     return net.eval().requires_grad_(False)
 
@@ -1743,10 +1977,12 @@ def dit_from_diffusers(config, state_dict):
                   class_dropout_prob=0.1 if state_dict['y_embedder.embedding_table.weight'].shape[0] > num_classes
                   else 0.0, num_classes=num_classes, learn_sigma=out_channels == 2 * in_channels,
                   timestep_freq_shift=1, mlp_norm_eps=config.get('norm_eps', 1e-5))
-    with torch.device('meta'):
-        net = (DiTPerBlockConditioning if per_block else DiT)(**kwargs)
-    state_dict['pos_embed'] = dit_pos_embed(hidden_size, kwargs['input_size'] // kwargs['patch_size'])[None]
-    net.load_state_dict({key: value.float() for key, value in state_dict.items()}, assign=True)
+    grid = int(kwargs['input_size']) // int(kwargs['patch_size'])
+    if not 0 < grid * grid * hidden_size <= sum(value.numel() for value in state_dict.values()):
+        raise ValueError(f'diffusers DiT: sample_size {kwargs["input_size"]} / patch_size {kwargs["patch_size"]} '
+                         f'gives a position table larger than the whole network')
+    state_dict['pos_embed'] = dit_pos_embed(hidden_size, grid)[None]  # not stored by diffusers; sized above
+    net = build_checked(lambda: (DiTPerBlockConditioning if per_block else DiT)(**kwargs), state_dict, 'diffusers DiT')
     net.config = {**kwargs, 'per_block_conditioning': per_block}
     return net.eval()
 
@@ -1891,9 +2127,7 @@ def unet_from_diffusers(config, state_dict):
     else:
         kwargs.update(use_new_attention_order=True)
     state_dict = unet_state_dict_from_diffusers(state_dict, levels, num_blocks, attention_levels, arch)
-    with torch.device('meta'):
-        net = UNet(**kwargs)
-    net.load_state_dict({key: value.float() for key, value in state_dict.items()}, assign=True)
+    net = build_checked(lambda: UNet(**kwargs), state_dict, 'diffusers UNet')
     return net.eval()
 
 
@@ -1983,9 +2217,7 @@ def ldmbert_from_config(config, state_dict):
     if config.get('activation_function', 'gelu') != 'gelu':
         raise ValueError(f'LDM-BERT with activation_function={config["activation_function"]!r} is not supported')
     kwargs = {key: config[key] for key in LDMBERT_CONFIG_KEYS if key in config}
-    with torch.device('meta'):
-        net = LDMBert(**kwargs)
-    net.load_state_dict({key: value.float() for key, value in state_dict.items()}, assign=True)
+    net = build_checked(lambda: LDMBert(**kwargs), state_dict, 'LDMBert')
     return net.eval()
 
 
@@ -2127,10 +2359,7 @@ def autoencoder_kl_from_diffusers(config, state_dict):
             'norm_num_groups', 'scaling_factor')
     kwargs = {key: tuple(config[key]) if isinstance(config[key], list) else config[key]
               for key in keys if key in config}
-    with torch.device('meta'):
-        net = AutoencoderKL(**kwargs)
-    state_dict = vae_state_dict_to_diffusers(state_dict)
-    net.load_state_dict({key: value.float() for key, value in state_dict.items()}, assign=True)
+    net = build_checked(lambda: AutoencoderKL(**kwargs), vae_state_dict_to_diffusers(state_dict), 'diffusers VAE')
     return net.eval().requires_grad_(False)
 
 
@@ -2184,6 +2413,10 @@ def load_diffusers_pipeline(source, cache_dir=None, skip_unknown=False):
     index = read_json(os.path.join(root, 'model_index.json'))
     components = {name: value for name, value in index.items()
                   if not name.startswith('_') and isinstance(value, list) and len(value) == 2 and value[1]}
+    for name, (library, class_name) in components.items():  # each names a sub-folder of the pipeline, nothing else
+        if not re.fullmatch(r'[A-Za-z0-9_][A-Za-z0-9_.-]*', name) or '..' in name or not isinstance(class_name, str):
+            raise ValueError(f'{root}/model_index.json: component {name[:80]!r} is not a sub-folder name of the '
+                             'pipeline (a path that leaves the folder is refused)')
 
     def fetch(name, files, optional=()):  # the component's folder, its files downloaded when source is a Hub repo
         if os.path.exists(source):
@@ -2242,7 +2475,10 @@ def load_diffusers_pipeline(source, cache_dir=None, skip_unknown=False):
                 if not skip_unknown:
                     raise ValueError(message)
                 parts['unsupported'][name] = message
-    parts['id2label'] = {int(key): value for key, value in id2label.items()} if id2label else None
+    try:
+        parts['id2label'] = {int(key): str(value) for key, value in id2label.items()} if id2label else None
+    except (AttributeError, TypeError, ValueError, OverflowError):
+        raise ValueError(f'{source}: id2label is not a table of class numbers to names') from None
     return parts
 
 
@@ -2454,16 +2690,18 @@ def load_dinov2(path_or_name, cache_dir=None):
         source += '4'
     if source in DINOV2_CONFIGS:
         source = DINOV2_URL.format(base=source.removesuffix('_reg4'), name=source)
-    if source.startswith(('http://', 'https://')):
+    url = source if source.startswith(('http://', 'https://')) else None
+    if url:
         source = download_cached(source, cache_dir)
     elif not os.path.isfile(source):
         raise WeightsNotFoundError(f'DINOv2 weights not found: {source} (give a local file, a URL or one of the '
                                    f'official names {", ".join(DINOV2_CONFIGS)})')
-    state_dict = load_weights_file(source)
+    try:
+        state_dict = load_weights_file(source)
+    except ValueError as error:
+        raise ValueError(cached_file_hint(str(error), url or source, source)) from None
     state_dict = {re.sub(r'^blocks\.\d+\.(\d+)\.', r'blocks.\1.', key): value for key, value in state_dict.items()}
-    with torch.device('meta'):  # no random init of weights that are overwritten anyway
-        net = DINOv2(**dinov2_config_from_state_dict(state_dict))
-    net.load_state_dict({key: value.float() for key, value in state_dict.items()}, strict=True, assign=True)
+    net = build_checked(lambda: DINOv2(**dinov2_config_from_state_dict(state_dict)), state_dict, 'DINOv2')
     return net.eval().requires_grad_(False)
 
 
@@ -2537,8 +2775,53 @@ class _PickledModule:
         self.state = state
 
 
+class _Budget:
+    """How many more objects the EDM pickle reader may build (set per file and thread by load_edm_pickle, relative to
+    the file's size): shared references in a pickle cost one opcode each, but copying them out (as _plain and
+    _module_state_dict do) costs their whole size, so a few hundred bytes could otherwise ask for gigabytes."""
+    _local = threading.local()
+
+    @classmethod
+    def charge(cls, count=1):
+        left = getattr(cls._local, 'left', None)
+        if left is not None:
+            cls._local.left = left - count
+            if left - count < 0:
+                raise pickle.UnpicklingError('it expands to more objects than its size allows (a pickle bomb?)')
+
+
+def _expanded_size(data, limit):
+    """The number of objects in data counted as a tree (a shared object once per reference), or an UnpicklingError
+    as soon as it passes limit (or on a cycle): what any code that walks the result will meet."""
+    sizes, stack = {}, [(data, False)]
+    while stack:
+        item, children_done = stack.pop()
+        if isinstance(item, _PickledModule):
+            children = [item.state]
+        elif isinstance(item, dict):
+            children = [*item.keys(), *item.values()]
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            children = list(item)
+        else:
+            continue
+        key = id(item)
+        if children_done:
+            sizes[key] = 1 + sum(sizes.get(id(child), 1) for child in children)
+            if sizes[key] > limit:
+                raise pickle.UnpicklingError(f'it expands to more than {limit} objects (a pickle bomb?)')
+        elif key in sizes:
+            if sizes[key] is None:
+                raise pickle.UnpicklingError('it holds a container that contains itself')
+        else:
+            sizes[key] = None
+            stack.append((item, True))
+            stack.extend((child, False) for child in children)
+    return sizes.get(id(data), 1)
+
+
 def _plain(value):
     """numpy scalars -> Python numbers, inside lists, tuples and dicts too (EDM records np.sqrt(0.5) and the like)."""
+    _Budget.charge()
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, (list, tuple)):
@@ -2554,6 +2837,7 @@ def _module_state_dict(state):
     skipped = state.get('_non_persistent_buffers_set') or set()
     buffers = [(name, buffer) for name, buffer in (state.get('_buffers') or {}).items() if name not in skipped]
     for name, tensor in [*(state.get('_parameters') or {}).items(), *buffers]:
+        _Budget.charge()
         if tensor is not None:
             if not isinstance(tensor, torch.Tensor):
                 raise pickle.UnpicklingError(f'parameter or buffer {name!r} is a {type(tensor).__name__}')
@@ -2567,6 +2851,7 @@ def _module_state_dict(state):
             continue
         else:
             raise pickle.UnpicklingError(f'submodule {name!r} is a {type(child).__name__}')
+        _Budget.charge(len(child_tensors))
         tensors.update({f'{name}.{key}': tensor for key, tensor in child_tensors.items()})
     return tensors
 
@@ -2595,7 +2880,15 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, 
     """torch._utils._rebuild_tensor_v2 for CPU storages only, without requires_grad, hooks or metadata."""
     if not isinstance(storage, torch.storage.TypedStorage):
         raise pickle.UnpicklingError(f'tensor data is a {type(storage).__name__}, not a torch storage')
-    return torch._utils._rebuild_tensor(storage, storage_offset, tuple(size), tuple(stride))
+    if not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 1 << 62
+               for n in (storage_offset, *size, *stride)) or len(size) != len(stride):
+        raise pickle.UnpicklingError('a tensor with a size, stride or offset that is not a list of small integers')
+    tensor = torch._utils._rebuild_tensor(storage, storage_offset, tuple(size), tuple(stride))
+    try:
+        check_tensor_sizes(tensor, 'tensor')
+    except ValueError as error:
+        raise pickle.UnpicklingError(str(error)) from None
+    return tensor
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
@@ -2610,15 +2903,57 @@ def _load_storage_from_bytes(data):
     with torch.load(weights_only=True) instead of a full unpickler."""
     if not isinstance(data, bytes):
         raise pickle.UnpicklingError('storage bytes expected')
+    _check_legacy_storage_size(data)
     storage = torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
     if not isinstance(storage, torch.storage.TypedStorage):
         raise pickle.UnpicklingError(f'storage bytes hold a {type(storage).__name__}')
     return storage
 
 
+def _check_legacy_storage_size(data):
+    """The storage bytes of a pickled tensor are a legacy torch.save file: a magic number, protocol and system-info
+    pickles, then the storage's own pickle whose persistent id records its element count, which torch allocates
+    before reading. Refuse a count larger than the bytes present (no storage element is smaller than a byte)."""
+    import pickletools
+    stream = io.BytesIO(data)
+    try:
+        for index in range(4):
+            for opcode, arg, _ in pickletools.genops(stream):
+                if index == 3 and isinstance(arg, int) and not isinstance(arg, bool) and arg > len(data):
+                    raise pickle.UnpicklingError(f'a tensor storage declares {arg} elements in {len(data)} bytes')
+    except ValueError as error:  # genops: a malformed pickle
+        raise pickle.UnpicklingError(f'malformed tensor storage bytes ({error})') from None
+
+
+# numpy dtypes that EDM pickles hold (numpy scalars such as np.float64(0.5) in recorded kwargs): plain type codes only.
+_PLAIN_DTYPE_CODES = {'b1', 'i1', 'i2', 'i4', 'i8', 'u1', 'u2', 'u4', 'u8', 'f2', 'f4', 'f8', 'c8', 'c16'}
+
+
+def _numpy_dtype(code, align=False, copy=True):
+    """numpy.dtype(code, align, copy) as pickled by numpy, for plain number types only. A structured, object or
+    subarray dtype (which a later BUILD could fill with attacker pointers) is refused."""
+    if isinstance(code, bytes):
+        code = code.decode('ascii', 'replace')
+    if code not in _PLAIN_DTYPE_CODES or not isinstance(align, (bool, int)) or not isinstance(copy, (bool, int)):
+        raise pickle.UnpicklingError(f'a numpy dtype {code!r} that is not a plain number type')
+    return np.dtype(code)
+
+
+def _check_dtype_state(dtype, state):
+    """The BUILD state numpy pickles with a plain dtype: (version, byte order, None, None, None, -1, -1, 0[, meta]).
+    It is checked and dropped (the dtype was built whole from its type code), never passed to dtype.__setstate__."""
+    if not (isinstance(state, tuple) and len(state) in (8, 9) and state[0] in (3, 4)
+            and state[1] in ('<', '|', '=', b'<', b'|', b'=') and state[2:5] == (None, None, None)
+            and state[5:8] in ((-1, -1, 0), (dtype.itemsize, dtype.alignment, 0))
+            and (len(state) == 8 or not state[8])):
+        raise pickle.UnpicklingError('a numpy dtype state other than a plain little-endian number type')
+
+
 def _numpy_scalar(dtype, data):
-    """numpy.core.multiarray.scalar for numeric dtypes only (an object dtype would unpickle arbitrary objects)."""
-    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes):
+    """numpy.core.multiarray.scalar for plain numeric dtypes only (an object dtype would unpickle arbitrary objects)."""
+    if not isinstance(dtype, np.dtype) or dtype.hasobject or dtype.names is not None or dtype.subdtype is not None \
+            or dtype.str[1:] not in {np.dtype(code).str[1:] for code in _PLAIN_DTYPE_CODES} \
+            or not isinstance(data, bytes) or len(data) != dtype.itemsize:
         raise pickle.UnpicklingError('a numpy scalar that is not a plain number')
     return np.frombuffer(data, dtype=dtype)[0]
 
@@ -2637,23 +2972,37 @@ EDM_PICKLE_GLOBALS = {
     ('builtins', 'set'): set,
     ('builtins', 'frozenset'): frozenset,
     ('dnnlib.util', 'EasyDict'): dict,
-    ('numpy', 'dtype'): np.dtype,
+    ('numpy', 'dtype'): _numpy_dtype,
     ('numpy.core.multiarray', 'scalar'): _numpy_scalar,
     ('numpy._core.multiarray', 'scalar'): _numpy_scalar,
 }
 
 
 class _EDMUnpickler(pickle._Unpickler):
-    """The pure-Python unpickler, so that BUILD can be checked: a pickle may only set the state of the objects it
-    made (a container, a dtype), never attributes of a class or function that find_class returned."""
+    """The pure-Python unpickler, so that BUILD can be checked. BUILD sets state only on the stand-ins for torch's
+    module containers (_PickledModule, which keeps it as data); on an OrderedDict (a state dict's _metadata) and a
+    plain numpy dtype it is checked and dropped; anything else (a class, a function, a dict, a tensor) is refused."""
 
     dispatch = dict(pickle._Unpickler.dispatch)
 
     def load_build(self):
-        if isinstance(self.stack[-2], (type, types.FunctionType, types.BuiltinFunctionType)):
-            raise pickle.UnpicklingError(f'it sets attributes of {getattr(self.stack[-2], "__name__", "a global")}, '
-                                         'which no EDM network snapshot does')
-        pickle._Unpickler.load_build(self)
+        state, inst = self.stack[-1], self.stack[-2]
+        if type(inst) is _PickledModule:
+            if not isinstance(state, dict):
+                raise pickle.UnpicklingError(f'a module state that is a {type(state).__name__}')
+            pickle._Unpickler.load_build(self)
+            return
+        if type(inst) is collections.OrderedDict and (state is None or isinstance(state, dict)):
+            self.stack.pop()  # torch state dicts carry _metadata (versions of modules): not needed here
+            return
+        if isinstance(inst, np.dtype):
+            _check_dtype_state(inst, state)
+            self.stack.pop()
+            return
+        name = getattr(inst, '__name__', None) if isinstance(inst, (type, types.FunctionType,
+                                                                   types.BuiltinFunctionType)) else None
+        raise pickle.UnpicklingError(f'it sets attributes of {name or "a " + type(inst).__name__}, which no EDM '
+                                     'network snapshot does')
 
     dispatch[pickle.BUILD[0]] = load_build
 
@@ -2679,13 +3028,18 @@ def load_edm_pickle(path):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise WeightsNotFoundError(f'network pickle not found: {path}')
+    limit = 200_000 + os.path.getsize(path) // 16  # objects: a real snapshot holds a few thousand
+    _Budget._local.left = limit
     try:
         with open(path, 'rb') as f:
             data = _EDMUnpickler(f).load()
+        _expanded_size(data, limit)
     except (pickle.UnpicklingError, EOFError, AttributeError, IndexError, KeyError, TypeError, ValueError,
-            RuntimeError, struct.error) as error:
+            RuntimeError, struct.error, MemoryError, OverflowError) as error:
         reason = ' '.join(str(error).split()) or type(error).__name__
         raise ValueError(f'{path}: not loaded as an EDM network pickle: {reason}') from None
+    finally:
+        _Budget._local.left = None
     if not isinstance(data, dict):
         raise ValueError(f'{path}: an EDM network pickle holds a dict, this one a {type(data).__name__}')
     return data
@@ -2865,6 +3219,10 @@ def edm_unet_config(state_dict, model_kwargs=None):
     settings UNet cannot express (ncsnpp), which raise ValueError with one line."""
     state_dict = _strip_edm_prefixes(state_dict)
     model_kwargs = model_kwargs or {}
+    for key in ('dropout', 'label_dropout'):
+        if key in model_kwargs and (isinstance(model_kwargs[key], bool)
+                                    or not isinstance(model_kwargs[key], (int, float))):
+            raise ValueError(f'EDM network kwarg {key}={model_kwargs[key]!r} is not a number')
     for key, supported in _SONGUNET_SUPPORTED.items():
         if key in model_kwargs and list(np.atleast_1d(model_kwargs[key])) != list(np.atleast_1d(supported)):
             raise ValueError(f'EDM network with {key}={model_kwargs[key]!r} (ncsnpp-style) is not supported by '
@@ -2883,7 +3241,9 @@ def edm_unet_config(state_dict, model_kwargs=None):
         num_blocks = len({m[1] for m in (re.match(rf'enc\.{R}x{R}_block(\d+)\.', key) for key in state_dict) if m})
         out_weight = state_dict[f'dec.{R}x{R}_aux_conv.weight' if song else 'out_conv.weight']
         first_conv = state_dict[f'enc.{R}x{R}_conv.weight']
-    except (StopIteration, KeyError) as error:
+    except StopIteration:
+        raise ValueError('not an EDM SongUNet / DhariwalUNet state dict (no enc.RxR_conv.weight)') from None
+    except KeyError as error:
         raise ValueError(f'not an EDM SongUNet / DhariwalUNet state dict (no {error})') from None
     emb_channels = state_dict['map_layer0.weight'].shape[0]
     if emb_channels != 4 * model_channels or (song and first_conv.shape[0] != model_channels):
@@ -2981,7 +3341,10 @@ def load_edm_network(source, cache_dir=None):
         state_dict, precond, kwargs, extra = _read_hf_network(path)
         fmt = 'huggingface'
     else:
-        state_dict, precond, kwargs, extra = _read_edm_pickle_network(path)
+        try:
+            state_dict, precond, kwargs, extra = _read_edm_pickle_network(path)
+        except ValueError as error:
+            raise ValueError(cached_file_hint(str(error), source, path)) from None
         fmt = 'edm-pickle'
     if precond not in EDM_PRECOND_DEFAULTS:
         known = ', '.join(EDM_PRECOND_DEFAULTS)
@@ -2995,10 +3358,13 @@ def load_edm_network(source, cache_dir=None):
                       'label_dim': config['label_dim']}
     if config['gated'] or 'gated' in kwargs:  # a kwarg of ambient-diffusion's preconds only (default True there)
         precond_kwargs['gated'] = config['gated']
+    for key in ('sigma_min', 'sigma_max', 'sigma_data', 'beta_d', 'beta_min', 'M', 'epsilon_t', 'C_1', 'C_2'):
+        value = precond_kwargs.get(key)
+        if key in precond_kwargs and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or math.isnan(value)):
+            raise ValueError(f'{path}: {key} is {value!r}, not a number')
     unet_state = _edm_to_unet_state_dict(model_state, config, model_type)
-    with torch.device('meta'):  # no random init of weights that are overwritten anyway
-        net = UNet(**config)
-    net.load_state_dict({key: value.float() for key, value in unet_state.items()}, strict=True, assign=True)
+    net = build_checked(lambda: UNet(**config), unet_state, path)
     info = dict(format=fmt, path=path, precond=precond, precond_kwargs=precond_kwargs, model_type=model_type,
                 gated=config['gated'], unet_config=config, **extra)
     return net.eval(), info
@@ -3022,8 +3388,7 @@ def load_network(path, **overrides):
     if 'x_embedder.proj.weight' in state_dict:
         net = dit_from_state_dict(state_dict, **overrides)
     elif 'input_blocks.0.0.weight' in state_dict and 'out.2.weight' in state_dict:
-        net = UNet(**adm_config_from_state_dict(state_dict, **overrides))
-        net.load_state_dict(state_dict, strict=True)
+        net = build_checked(lambda: UNet(**adm_config_from_state_dict(state_dict, **overrides)), state_dict, path)
     else:
         raise ValueError(f'{path}: not a guided-diffusion/DDPM-IP UNet or DiT checkpoint '
                          f'(first keys: {", ".join(list(state_dict)[:3])})')
@@ -3033,10 +3398,319 @@ def load_network(path, **overrides):
 # ----------------------------------------------------------------------------------------------------------------------
 # Official files of ambient-diffusion and ambient-laws (ambient.py, ambient_laws.py)
 
+AMBIENT_CORRUPTION_KEYS = ('corruption_probability', 'delta_probability', 'mask_full_rgb', 'corruption_pattern')
+
+
+def read_json_source(source, cache_dir=None):
+    """A JSON file (training_options.json) from a path or an http(s) URL (downloaded once into the cache):
+    FileNotFoundError or ValueError with one line when it is missing, cannot be downloaded or is broken."""
+    if str(source).startswith(('http://', 'https://')):
+        try:
+            source = resolve_source(source, cache_dir=cache_dir)
+        except Exception as error:  # offline, 404, a size mismatch: nets' message names the URL and the path
+            raise ValueError(' '.join(str(error).split())) from None
+    if not os.path.exists(source):
+        raise FileNotFoundError(f'{source} does not exist')
+    options = read_json(source)
+    if not isinstance(options, dict):
+        raise ValueError(f'{source}: expected a JSON object, got a {type(options).__name__}')
+    return options
+
+
+def load_ambient_pickle(path, source=None, training_options=None, cache_dir=None):
+    """An official ambient-diffusion network-snapshot-*.pkl -> (UNet in eval mode, ambient.py network config),
+    read without running pickled code (load_edm_network). The corruption settings come from training_options
+    (a dict), else the training_options.json beside the pickle (also beside a URL `source`), else the official
+    eval.py defaults (p = 0.4, delta = 0.1, mask_full_rgb False, dust). One-line ValueError otherwise."""
+    source = str(source or path)
+    try:
+        unet, info = load_edm_network(path)
+    except Exception as error:  # not a pickle, or objects other than the network's
+        raise ValueError(f'cannot load {source} ({" ".join(str(error).split())})') from None
+    if info.get('precond') != 'EDMPrecond':
+        raise ValueError(f'{source} holds a {info.get("precond")} network; ambient.py samples EDMPrecond networks '
+                         '(official --precond=ambient or edm)')
+    options = training_options or info.get('training_options')
+    if options is None and source.startswith(('http://', 'https://')):
+        with contextlib.suppress(Exception):  # a URL without training_options.json beside it: official defaults
+            options = read_json_source(source.rsplit('/', 1)[0] + '/training_options.json', cache_dir)
+    options = options if isinstance(options, dict) else {}
+    dataset, precond = options.get('dataset_kwargs') or {}, info.get('precond_kwargs', {})
+    loss = str((options.get('loss_kwargs') or {}).get('class_name', '')) or str(info.get('loss_fn', ''))
+    ambient = 'Ambient' in loss or (not loss and unet.in_channels == 6)  # image + mask channels
+    defaults = dict(corruption_probability=0.4, delta_probability=0.1, mask_full_rgb=False,
+                    corruption_pattern='dust')
+    net_config = dict(unet=dict(unet.config), precond='ambient' if ambient else 'edm',
+                      sigma_data=precond.get('sigma_data', 0.5), sigma_min=precond.get('sigma_min', 0),
+                      sigma_max=precond.get('sigma_max', float('inf')),
+                      channels=unet.in_channels // 2 if ambient else unet.in_channels,
+                      **{key: dataset.get(key, value) for key, value in defaults.items()}, source=source)
+    net_config['mask_full_rgb'] = bool(net_config['mask_full_rgb'])
+    return unet, net_config
+
+
+def ambient_training_options(cfg, net_config=None, num_images=None, run_dir=None):
+    """The official train.py's training_options.json (what its --dry-run prints and its eval.py reads with
+    --training_options_loc) for an ambient.py Config (object or dict of its fields). Fields that need the data
+    (resolution, max_size) are None without net_config / num_images."""
+    cfg = types.SimpleNamespace(**(cfg if isinstance(cfg, dict) else vars(cfg)))
+    unet = net_config['unet'] if net_config else \
+        dict(UNET_PRESETS['ddpmpp-cifar10' if cfg.arch == 'ddpmpp' else cfg.arch])
+    channel_mult = [int(c) for c in cfg.cres.split(',')] if cfg.cres else list(unet['channel_mult'])
+    max_size = None if num_images is None else min(num_images, cfg.max_size or num_images)
+    options = dict(
+        max_grad_norm=cfg.max_grad_norm or None,
+        dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=cfg.data, use_labels=cfg.cond,
+                            xflip=cfg.xflip, cache=True, corruption_probability=cfg.corruption_probability,
+                            delta_probability=cfg.delta_probability, mask_full_rgb=cfg.mask_full_rgb,
+                            corruption_pattern=cfg.corruption_pattern,
+                            resolution=unet['img_resolution'] if net_config else None, max_size=max_size),
+        data_loader_kwargs=dict(pin_memory=True, num_workers=cfg.workers, prefetch_factor=2),
+        network_kwargs=dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard',
+                            decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1],
+                            model_channels=cfg.cbase or unet['model_channels'], channel_mult=channel_mult,
+                            gated=cfg.gated, class_name='training.networks.EDMPrecond', dropout=cfg.dropout,
+                            use_fp16=False, **(dict(augment_dim=9) if cfg.augment > 0 else {})),
+        loss_kwargs=dict(class_name='training.loss.AmbientLoss', norm=cfg.norm) if cfg.precond == 'ambient' else
+        dict(class_name='training.loss.EDMLoss'),
+        optimizer_kwargs=dict(class_name='torch.optim.AdamW' if cfg.weight_decay > 0 else 'torch.optim.Adam',
+                              lr=cfg.lr, betas=[0.9, 0.999], eps=1e-8,
+                              **(dict(weight_decay=cfg.weight_decay) if cfg.weight_decay > 0 else {})),
+        total_kimg=max(int(cfg.kimg), 1), ema_halflife_kimg=int(cfg.ema * 1000), batch_size=cfg.batch,
+        batch_gpu=cfg.batch_gpu or None, loss_scaling=cfg.ls, cudnn_benchmark=cfg.bench, kimg_per_tick=cfg.tick,
+        snapshot_ticks=cfg.snap, state_dump_ticks=cfg.dump, seed=cfg.seed, run_dir=run_dir)
+    if cfg.augment > 0:
+        options['augment_kwargs'] = dict(class_name='training.augment.AugmentPipe', p=cfg.augment, xflip=1e8,
+                                         yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+    if cfg.transfer:
+        options.update(resume_pkl=cfg.transfer, ema_rampup_ratio=None)
+    return options
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Official files of guided-diffusion / DDPM-IP: optimizer, EMA and resume files (ddpm_ip.py)
 
 
+def load_torch_file(path, what):
+    """torch.load of a checkpoint that holds tensors only (weights_only=True, onto the CPU). Whatever makes it unusable
+    is one line naming `what` (a flag) and the file: FileNotFoundError, or ValueError (empty, truncated, not a torch
+    file, pickled code)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{what}: no file {path}')
+    if os.path.getsize(path) == 0:
+        raise ValueError(f'{what}: {path} is empty (0 bytes), e.g. from an interrupted copy')
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # truncated, not a torch file, pickled code
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f'{what}: cannot load {path} (not a complete torch checkpoint): {reason}') from None
+    check_tensor_sizes(state, f'{what}: {path}')  # no stride-0 views that expand when copied
+    return state
+
+
+def check_adm_weights(weights, net_kwargs):
+    """ValueError unless `weights` is a state dict with exactly the keys and shapes of UNet(**net_kwargs) (built on
+    the meta device: nothing is allocated from sizes in a file)."""
+    with torch.device('meta'):
+        shapes = {k: v.shape for k, v in UNet(**net_kwargs).state_dict().items()}
+    if not isinstance(weights, dict) or {k: getattr(v, 'shape', None) for k, v in weights.items()} != shapes:
+        raise ValueError(f'does not hold the weights of this network ({len(shapes)} tensors, '
+                         f'{json.dumps(net_kwargs)}); check the model flags')
+
+
+def official_resume_step(path):
+    """NNNNNN of guided-diffusion's .../modelNNNNNN.pt, 0 if the name has none (its parse_resume_step_from_filename)."""
+    tail = path.split('model')[-1].split('.')[0] if 'model' in path else ''
+    return int(tail) if tail.isdigit() else 0
+
+
+def read_official_resume(path, model_state, rates, net_kwargs):
+    """guided-diffusion's resume files for --resume_checkpoint .../modelNNNNNN.pt (train_util.py): the model state
+    `model_state` read from `path`, ema_<rate>_NNNNNN.pt per EMA rate and optNNNNNN.pt beside it; a missing EMA file
+    starts from the model, a missing optimizer file from a fresh AdamW, as there. Returns dict(model, emas (one per
+    rate), optimizer (our AdamW's state dict or None), step). One-line ValueError / FileNotFoundError."""
+    step, folder = official_resume_step(path), os.path.dirname(path)
+
+    def checked(weights, name):
+        try:
+            check_adm_weights(weights, net_kwargs)
+        except ValueError as e:
+            raise ValueError(f'{name} {e}') from None
+        return weights
+
+    checked(model_state, path)
+    emas = []
+    for rate in rates:
+        ema_path = os.path.join(folder, f'ema_{rate}_{step:06d}.pt')
+        emas.append(checked(load_torch_file(ema_path, '--resume'), ema_path) if os.path.isfile(ema_path)
+                    else model_state)
+    opt_path = os.path.join(folder, f'opt{step:06d}.pt')
+    optimizer = official_optimizer_state(load_torch_file(opt_path, '--resume'), list(model_state), net_kwargs,
+                                         opt_path) if os.path.isfile(opt_path) else None
+    return dict(model=model_state, emas=emas, optimizer=optimizer, step=step)
+
+
+def official_optimizer_state(opt, names, net_kwargs, path):
+    """An official optNNNNNN.pt as the state dict of our AdamW over UNet(**net_kwargs).parameters(). The official
+    AdamW runs over the parameters in model-file order `names`; with --use_fp16 over two flat master tensors, the
+    vectors then the matrices (guided-diffusion fp16_util.py), which are split back per parameter."""
+    with torch.device('meta'):
+        params = dict(UNet(**net_kwargs).named_parameters())
+    try:
+        state, group = opt['state'], opt['param_groups'][0]
+        if len(state) == len(names):
+            per_name = {name: state[i] for i, name in enumerate(names)}
+        elif len(state) == 2:  # fp16 master parameters, flattened
+            per_name = {}
+            for flat, members in zip((state[0], state[1]), ([n for n in names if params[n].ndim <= 1],
+                                                            [n for n in names if params[n].ndim > 1])):
+                sizes = [params[n].numel() for n in members]
+                pieces = {k: flat[k].reshape(-1).split(sizes) for k in ('exp_avg', 'exp_avg_sq')}  # (1, n) matrices
+                for i, n in enumerate(members):
+                    per_name[n] = {'step': torch.tensor(float(flat['step'])),  # one counter each: AdamW adds in place
+                                   **{k: v[i].view(params[n].shape) for k, v in pieces.items()}}
+        else:
+            raise ValueError(f'{len(state)} parameter states for {len(names)} parameters')
+        ours = list(params)
+        return {'state': {i: per_name[n] for i, n in enumerate(ours)},
+                'param_groups': [{**group, 'params': list(range(len(ours)))}]}
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise ValueError(f'{path} is not the AdamW state of this network: {e}') from None
+
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Diffusers pipelines, DiT specs and the VQ glue of ldm_labelnoise.py
+
+VQ_F4 = 'hf://DiffusionNoise/ldm_in1k_clean/vqvae'  # the paper's LDM-4 autoencoder (CompVis vq-f4, diffusers layout)
+
+
+class VQLatents(nn.Module):
+    """LDM-4's VQ-f4 seen as a posterior of zero variance, so that it caches and decodes like the KL autoencoder:
+    the diffusion runs on the pre-quantisation latents, unscaled (LDM cin256: scale_factor 1), and decoding
+    quantises them first (CompVis VQModelInterface.decode, diffusers VQModel.decode)."""
+
+    def __init__(self, vq, scaling_factor=1.0):
+        super().__init__()
+        self.vq, self.scaling_factor = vq, scaling_factor
+        self.downscale_factor = vq.downscale_factor
+
+    def encode_moments(self, x):
+        h = self.vq.encode(x).float()                                     # (B, 3, H/4, W/4)
+        return h, torch.full_like(h, -math.inf)                           # exp(-inf / 2) = 0: no sampling noise
+
+    def decode(self, z):
+        return self.vq.decode(z / self.scaling_factor)
+
+
+def load_latent_autoencoder(source, cache_dir=None):
+    """The autoencoder of ldm_labelnoise's --vae: 'ema' / 'mse' (KL-f8, DiT), 'vq-f4' (LDM-4), or a file, folder,
+    URL or repo id of either kind (tried as a VQ model first, by its codebook). Frozen, eval mode, on the CPU."""
+    if source in VAE_URLS:
+        return load_autoencoder(source, cache_dir=cache_dir)
+    try:
+        return VQLatents(load_vqmodel(VQ_F4 if source == 'vq-f4' else source, cache_dir=cache_dir))
+    except ValueError as error:  # a KL autoencoder has no codebook
+        if 'VQ' not in str(error) or os.path.isdir(source):
+            raise
+        return load_autoencoder(source, cache_dir=cache_dir)
+
+
+def read_checkpoint(path, what):
+    """A torch checkpoint as a dict (weights only: no code in it runs); else a one-line ValueError naming `what`."""
+    if not os.path.isfile(path):
+        raise ValueError(f'{what} file not found: {path}')
+    if os.path.getsize(path) == 0:
+        raise ValueError(f'{what}={path} is empty (0 bytes), e.g. cut short by a full disk')
+    try:
+        checkpoint = load_weights_file(path)
+    except Exception as error:  # torch's own message spans several lines
+        raise ValueError(f'{what}={path} is damaged or not a checkpoint ({type(error).__name__})') from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f'{what}={path} holds a {type(checkpoint).__name__}, not a checkpoint dict')
+    return checkpoint
+
+
+def dit_spec(dit, vae):
+    """The ldm_labelnoise spec of a facebookresearch/DiT network: DiT's diffusion (linear betas 1e-4 .. 0.02 over
+    1000 steps) on SD KL-f8 latents (scaled by 0.18215), class-conditional with null label num_classes."""
+    name = next((name for name, make in DiT_models.items() if dict(make.keywords) == dict(
+        depth=len(dit.blocks), hidden_size=dit.hidden_size, num_heads=dit.num_heads, patch_size=dit.patch_size)),
+        'DiT-custom')
+    return dict(arch=name, cond='class', num_classes=dit.num_classes, shape=(dit.in_channels, dit.input_size,
+                dit.input_size), dropout=0.0, text_layers=0, embedding_dropout=0.0, class_dropout_prob=
+                float(dit.y_embedder.embedding_table.num_embeddings > dit.num_classes), vae=vae, scaling_factor=
+                0.18215, beta_schedule='linear', linear_start=1e-4, linear_end=0.02, cep_perturb_null=True)
+
+
+_BARE_MODELS = {'DiTTransformer2DModel': dit_from_diffusers, 'Transformer2DModel': dit_from_diffusers}
+
+
+def _bare_model_parts(folder, cache_dir=None):
+    """load_diffusers_pipeline's parts for a bare diffusers DiT folder (config.json + weights, e.g. a pipeline's
+    transformer/): the scheduler and autoencoder of sibling scheduler/ and vae/ folders where they exist, else
+    diffusers' scheduler defaults (DiT's linear betas) and no autoencoder."""
+    config = read_json(os.path.join(folder, 'config.json'))
+    class_name = config.get('_class_name') if isinstance(config, dict) else None
+    if class_name not in _BARE_MODELS:
+        raise ValueError(f'{folder}: a bare model folder must hold a diffusers DiT ({", ".join(_BARE_MODELS)}), not '
+                         f'{class_name!r}; an LDM UNet needs its whole pipeline folder (class embedder, text encoder)')
+    parts = dict(pipeline=class_name, network_kind='dit', autoencoder=None, autoencoder_kind=None, text_encoder=None,
+                 tokenizer=None, class_embedder=None, components={}, unsupported={}, id2label=None)
+    parts['network'] = _BARE_MODELS[class_name](config, read_diffusers_weights(folder))
+    parent = os.path.dirname(os.path.abspath(folder))
+    scheduler_path = os.path.join(parent, 'scheduler', 'scheduler_config.json')
+    parts['scheduler'] = {**SCHEDULER_DEFAULTS, **(read_json(scheduler_path) if os.path.isfile(scheduler_path)
+                                                   else {})}
+    if os.path.isfile(os.path.join(parent, 'vae', 'config.json')):
+        vae_folder = os.path.join(parent, 'vae')
+        parts['autoencoder'] = autoencoder_kl_from_diffusers(read_json(os.path.join(vae_folder, 'config.json')),
+                                                             read_diffusers_weights(vae_folder))
+        parts['autoencoder_kind'] = 'kl'
+    id2label = config.get('id2label')
+    parts['id2label'] = {int(key): value for key, value in id2label.items()} if isinstance(id2label, dict) else None
+    return parts
+
+
+def read_diffusers_model(source, autoencoder=None, vae_name='', num_timesteps=1000, cache_dir=None):
+    """A released model for ldm_labelnoise: a diffusers pipeline (folder, hf:// or a Hub repo id; the DiffusionNoise
+    DiTPipeline, LDMClassToImagePipeline and LDMTextToImagePipeline) or a bare diffusers DiT folder.
+
+    Returns dict(network, kind: 'dit' | 'class' | 'text', class_embedder (nn.Embedding, last row the null class),
+    text_encoder, tokenizer, autoencoder, spec). `autoencoder` (named vae_name) replaces the pipeline's own. The
+    spec carries the scheduler's betas, spacing and offset, as the official Scheduler.from_config."""
+    is_bare = os.path.isfile(os.path.join(source, 'config.json')) and \
+        not os.path.isfile(os.path.join(source, 'model_index.json'))
+    parts = _bare_model_parts(source, cache_dir) if is_bare else load_diffusers_pipeline(source, cache_dir)
+    scheduler = parts['scheduler'] or SCHEDULER_DEFAULTS
+    if scheduler.get('prediction_type', 'epsilon') != 'epsilon' or scheduler['num_train_timesteps'] != num_timesteps:
+        raise ValueError(f'only eps-prediction over {num_timesteps} steps is supported, not '
+                         f'{scheduler.get("prediction_type")} over {scheduler["num_train_timesteps"]}')
+    network, tokenizer = parts['network'], parts['tokenizer']
+    if parts['network_kind'] == 'dit':
+        kind, num_classes, side = 'class', network.num_classes, network.input_size
+        has_null = network.y_embedder.embedding_table.num_embeddings > network.num_classes
+    elif parts['class_embedder'] is not None:  # LDM's ClassEmbedder: its last row is the null class
+        kind, num_classes, side, has_null = 'class', parts['class_embedder'].num_embeddings - 1, \
+            network.img_resolution, True
+    elif parts['text_encoder'] is not None and tokenizer is not None:
+        kind, num_classes, side, has_null = 'text', 0, network.img_resolution, True
+    else:
+        raise ValueError(f'a {parts["pipeline"]} without a class embedder or an LDM-BERT text encoder and '
+                         f'tokenizer ({", ".join(parts["components"])})')
+    if autoencoder is None:
+        autoencoder = parts['autoencoder']
+        if autoencoder is None:
+            raise ValueError('no autoencoder beside the model (a vae/ folder): pass --vae=ema|mse|FILE')
+        if parts['autoencoder_kind'] == 'vq':  # LDM text models divide by the scaling factor; class models do not
+            autoencoder = VQLatents(autoencoder, autoencoder.scaling_factor if kind == 'text' else 1.0)
+    spec = dict(arch=parts['pipeline'], cond=kind, num_classes=num_classes, shape=(network.in_channels, side, side),
+                class_dropout_prob=float(has_null), vae=vae_name or source, scaling_factor=autoencoder.scaling_factor,
+                betas=diffusers_betas(scheduler).tolist(), timestep_spacing=scheduler.get('timestep_spacing'),
+                steps_offset=scheduler.get('steps_offset', 0), id2label=parts['id2label'],
+                # DDIMScheduler.from_config keeps these (diffusers' defaults: clip_sample True, range 1, alpha 1)
+                clip_sample=scheduler.get('clip_sample_range', 1.0) if scheduler.get('clip_sample', True) else 0.0,
+                set_alpha_to_one=scheduler.get('set_alpha_to_one', True))
+    return dict(network=network, kind='dit' if parts['network_kind'] == 'dit' else kind, spec=spec,
+                class_embedder=parts['class_embedder'], text_encoder=parts['text_encoder'], tokenizer=tokenizer,
+                autoencoder=autoencoder)

@@ -34,7 +34,9 @@ class _FolderHandler(http.server.BaseHTTPRequestHandler):
     interrupt_after (int: announce the full size, send that many bytes, then drop the connection),
     ignore_range (bool: answer every request with the whole file, as servers without Range support do),
     range_total_extra (int: announce a Content-Range total that many bytes larger than the file),
-    pieces (int: send the body in that many pieces, 20 ms apart)."""
+    pieces (int: send the body in that many pieces, 20 ms apart), no_length (bool: send no Content-Length, the body
+    ends when the connection closes), content_encoding (str: a Content-Encoding header; the body is sent as is),
+    drip (float: send the body one byte at a time, this many seconds apart, with no Content-Length)."""
 
     def do_GET(self):
         server = self.server
@@ -62,8 +64,20 @@ class _FolderHandler(http.server.BaseHTTPRequestHandler):
         else:
             self.send_response(200)
         body = data[start:]
-        self.send_header('Content-Length', str(len(body)))
+        if server.options.get('content_encoding'):
+            self.send_header('Content-Encoding', server.options['content_encoding'])
+        if not (server.options.get('no_length') or server.options.get('drip')):
+            self.send_header('Content-Length', str(len(body)))
         self.end_headers()
+        if server.options.get('drip'):
+            for i in range(len(body)):
+                try:
+                    self.wfile.write(body[i:i + 1])
+                    self.wfile.flush()
+                except OSError:  # the client gave up
+                    return
+                time.sleep(server.options['drip'])
+            return
         cut = server.options.get('interrupt_after')
         body = body if cut is None else body[:cut]
         pieces = server.options.get('pieces', 1)

@@ -444,7 +444,7 @@ def losses(run_dir):
 def test_train_generate_eval_neighbors(tmp_path, monkeypatch):
     run_dir = train(tmp_path, '--kimg=0.032')
     names = set(os.listdir(run_dir))
-    assert {'config.json', 'log.txt', 'stats.jsonl', 'data-corrupted.png', 'samples-000000.032.png',
+    assert {'config.json', 'log.txt', 'stats.jsonl', 'data-preview.png', 'source.py', 'training_options.json', 'samples-000000.032.png',
             'network-snapshot-000000.032.pt', 'training-state-000000.032.pt'} <= names
     assert all(np.isfinite(loss) for _, loss in losses(run_dir))
     network = os.path.join(run_dir, 'network-snapshot-000000.032.pt')
@@ -527,6 +527,18 @@ def test_resume_is_bitwise(tmp_path):
     assert len(os.listdir(tmp_path / 'resumed')) == 2
 
 
+def test_nosubdir_writes_into_outdir_and_resumes_there(tmp_path):
+    """Official --nosubdir: the run folder is --outdir itself; --resume=auto continues its latest state."""
+    run_dir = tmp_path / 'flat'
+    ambient.main(['train', f'--data={TINY_DATA}', f'--outdir={run_dir}', *TINY, '--kimg=0.016', '--grid=0',
+                  '--nosubdir'])
+    assert {'config.json', 'source.py', 'training-state-000000.016.pt'} <= set(os.listdir(run_dir))
+    ambient.main(['train', f'--data={TINY_DATA}', f'--outdir={run_dir}', *TINY, '--kimg=0.024', '--grid=0',
+                  '--nosubdir', '--resume=auto'])
+    assert final_state(str(run_dir))['cur_nimg'] == 24 and 'run.lock' not in os.listdir(run_dir)
+    assert '---- resumed from training-state-000000.016.pt' in open(run_dir / 'log.txt').read()
+
+
 def test_resume_after_kill_9(tmp_path):
     """kill -9 a run once it has written a training state; --resume=auto then ends exactly like a run that was never
     interrupted (weights bitwise, per-tick losses)."""
@@ -606,7 +618,7 @@ def test_bad_data(tmp_path, capsys):
     os.replace(tmp_path / 'mixed.png', folder / 'mixed.png')
     with pytest.raises(SystemExit):
         ambient.main(['train', f'--outdir={tmp_path / "runs"}', '--preset=tiny', f'--data={folder}'])
-    assert 'different sizes' in capsys.readouterr().err
+    assert 'resize' in capsys.readouterr().err
     assert not os.path.exists(tmp_path / 'runs')
 
 
@@ -630,33 +642,31 @@ def test_bad_sampling_input(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ['garbage.npz', 'garbage.pt', 'network.pt']
 
 
-def test_cifar10_download_is_checked_extracted_and_cached(tmp_path, monkeypatch):
-    """--data=cifar10 offline: a fake archive in the official layout goes through the md5 check (a bad one is not
-    cached), the extraction and the cache (the second load does not download)."""
+def test_cifar10_word_reads_the_md5_checked_archive_through_fid(tmp_path, monkeypatch, capsys):
+    """--data=cifar10 goes through fid.read_image_set (download, md5 at every use, no pickle.load: tested in
+    test_untrusted.py): an archive in the official layout in --cache_dir is read as (N, H, W, 3) with labels; a
+    changed archive is one line, exit 2; --dry_run reads nothing."""
     archive = io.BytesIO()
     with tarfile.open(fileobj=archive, mode='w:gz') as tar:
         for k in range(1, 6):
-            blob = pickle.dumps({b'data': np.full((2, 3072), k, np.uint8), b'labels': [k, k + 1]})
+            blob = pickle.dumps({b'data': np.full((2, 3072), k, np.uint8), b'labels': [k, k + 1]}, protocol=4)
             info = tarfile.TarInfo(f'cifar-10-batches-py/data_batch_{k}')
             info.size = len(blob)
             tar.addfile(info, io.BytesIO(blob))
-    calls = []
-    response = type('Response', (), dict(content=archive.getvalue(), raise_for_status=lambda self: None))()
-    monkeypatch.setattr(ambient.requests, 'get', lambda *args, **kwargs: calls.append(args) or response)
-    with pytest.raises(ambient.DataError, match='md5'):
-        ambient.load_images('cifar10', str(tmp_path / 'cache'))
-    assert not os.path.exists(tmp_path / 'cache' / 'cifar-10-python.tar.gz')
-    monkeypatch.setattr(ambient, 'CIFAR10_MD5', hashlib.md5(response.content).hexdigest())
-    for _ in range(2):
-        x, y = ambient.load_images('cifar10', str(tmp_path / 'cache'))
-        assert x.shape == (10, 32, 32, 3) and x[2, 0, 0, 0] == 2 and y.tolist() == [1, 2, 2, 3, 3, 4, 4, 5, 5, 6]
-    assert len(calls) == 2 and os.listdir(tmp_path / 'cache') == ['cifar-10-python.tar.gz']
-    (tmp_path / 'cache' / 'cifar-10-python.tar.gz.tmp999999999').write_bytes(b'a killed download')
-    ambient.load_images('cifar10', str(tmp_path / 'cache'))
-    assert os.listdir(tmp_path / 'cache') == ['cifar-10-python.tar.gz']               # its temp file is removed
-    (tmp_path / 'cache' / 'cifar-10-python.tar.gz').write_bytes(b'cut short')
-    with pytest.raises(ambient.DataError, match='delete it'):
-        ambient.load_images('cifar10', str(tmp_path / 'cache'))
+    (tmp_path / 'cache').mkdir()
+    (tmp_path / 'cache' / 'cifar-10-python.tar.gz').write_bytes(archive.getvalue())
+    monkeypatch.setattr(fid, 'CIFAR10_MD5', hashlib.md5(archive.getvalue()).hexdigest())
+    x, y = ambient.load_images('cifar10', str(tmp_path / 'cache'))
+    assert x.shape == (10, 32, 32, 3) and x[2, 0, 0, 0] == 2 and y.tolist() == [1, 2, 2, 3, 3, 4, 4, 5, 5, 6]
+    with open(tmp_path / 'cache' / 'cifar-10-python.tar.gz', 'ab') as file:
+        file.write(b'x')
+    code, err = run_main(['train', '--data=cifar10', f'--cache_dir={tmp_path / "cache"}', '--preset=tiny',
+                          f'--outdir={tmp_path / "runs"}'], capsys)
+    assert code == 2 and len(err) == 1 and 'md5' in err[0] and not os.path.exists(tmp_path / 'runs'), err
+    ambient.main(['--preset=cifar10', '--data=cifar10', f'--cache_dir={tmp_path / "none"}', '--dry_run'])
+    out = capsys.readouterr().out
+    assert 'channel_mult [2, 2, 2]' in out and '106,753,414 parameters' in out  # + a 10-class embedding
+    assert not os.path.exists(tmp_path / 'none')
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -701,11 +711,11 @@ def run_main(argv, capsys):
 
 
 def test_every_official_flag_is_honoured_or_refused_in_one_line(tmp_path, capsys):
-    cfg, _ = ambient.parse_train_args(OFFICIAL_TRAIN)
+    cfg = ambient.parse_train_args(OFFICIAL_TRAIN)
     assert (cfg.kimg, cfg.batch_gpu, cfg.cres, cfg.seed, cfg.transfer, cfg.precision, cfg.nosubdir, cfg.dry_run) == \
         (200000, 64, '1,2,2,2', 3, 't.pkl', 'fp32', True, True)
-    assert ambient.parse_train_args(['--data=d', '--duration=0.0005'])[0].kimg == 1         # official max(int(), 1)
-    assert ambient.parse_train_args(['--data=d', '--duration=1', '--kimg=8'])[0].kimg == 8   # the later one wins
+    assert ambient.parse_train_args(['--data=d', '--duration=0.0005']).kimg == 1         # official max(int(), 1)
+    assert ambient.parse_train_args(['--data=d', '--duration=1', '--kimg=8']).kimg == 8   # the later one wins
     args = ambient.eval_parser().parse_args(OFFICIAL_EVAL)
     assert (args.network, args.class_idx, args.batch, args.S_max, args.subdirs) == ('n', 1, 64, float('inf'), True)
     args = ambient.neighbors_parser().parse_args(OFFICIAL_NEIGHBORS)
@@ -721,7 +731,7 @@ def test_every_official_flag_is_honoured_or_refused_in_one_line(tmp_path, capsys
                  'eval': ['--network=n', '--ref=r'], 'neighbors': ['--data=d', f'--output_dir={tmp_path / "o"}',
                                                                    '--input_dir=i']}[argv[0]]
         code, err = run_main(argv + extra, capsys)
-        assert code == 2 and len(err) == 1 and name in err[0] and '(official ambient-diffusion' in err[0] and \
+        assert code == 2 and len(err) == 1 and name in err[0] and '(official flag)' in err[0] and \
             'is not supported' in err[0] and '; use ' in err[0], err
     assert not os.path.exists(tmp_path / 'o')
 
@@ -800,7 +810,7 @@ def test_box_patterns_are_the_official_per_image_draws():
     masks = ambient.sampling_masks(net_config, [0, 1], None, 2, torch.device('cpu'))
     assert masks.shape == (2, 2, 3, 16, 16) and masks[0, 0, 0].sum() == int(0.7 * int(0.6 * 16)) ** 2
     assert torch.equal(masks, ambient.sampling_masks(net_config, [0, 1], None, 2, torch.device('cpu')))
-    with pytest.raises(ambient.UsageError, match='keep_patch'):
+    with pytest.raises(ambient.UserError, match='keep_patch'):
         ambient.sampling_masks({**net_config, 'delta_probability': 0.0}, [0], None, 1, torch.device('cpu'))
 
 
@@ -822,11 +832,15 @@ def test_xflip_doubles_the_dataset_with_the_official_masks():
 
 
 def test_defaults_are_the_official_ones():
-    cfg, _ = ambient.parse_train_args(['--data=d'])
+    cfg = ambient.parse_train_args(['--data=d'])
+    checked = ambient.check_config(cfg)
+    assert checked == cfg and checked is not cfg                                    # a new config, same values
+    for field in ('cache', 'S_churn', 'S_min', 'S_max', 'S_noise'):                 # official flags only
+        assert not hasattr(cfg, field) and f'--{field}' in ambient.OFFICIAL_FLAGS['train']
     official = dict(corruption_probability=0.4, delta_probability=0.1, mask_full_rgb=False, norm=2, gated=True,
                     corruption_pattern='dust', xflip=False, augment=0.12, dropout=0.13, lr=1e-3, batch=512,
                     ema=0.5, kimg=200000, tick=50, snap=50, dump=500, arch='ddpmpp', precond='ambient', cond=False,
-                    weight_decay=0.0, max_grad_norm=0.0, ls=1.0, bench=True, cache=True, workers=1,
+                    weight_decay=0.0, max_grad_norm=0.0, ls=1.0, bench=True, workers=1,
                     augment_mode='official', nosubdir=False)
     assert {k: getattr(cfg, k) for k in official} == official
 
@@ -909,7 +923,7 @@ def test_official_pickle_loads_samples_and_transfers(tmp_path, capsys):
     loss = ('AmbientLoss', dict(P_mean=-1.2, P_std=1.2, sigma_data=0.5, norm=2))
     edm_layouts.write_edm_pickle(pkl, net.unet, edm_layouts.edm_precond_kwargs(net.unet, gated=True),
                                  ema_as_state_dict=True, loss=loss,
-                                 with_training_options=ambient.official_training_options(cfg, net_config, 200))
+                                 with_training_options=ambient.nets.ambient_training_options(cfg, net_config, 200))
     loaded, config = ambient.load_network(pkl, 'cpu')
     assert ambient.snapshots_to_evaluate(str(folder), 1) == [pkl]                    # eval --network=FOLDER
     x, sigma = torch.randn(2, 6, 32, 32), torch.tensor([0.3, 5.0])
@@ -928,6 +942,12 @@ def test_official_pickle_loads_samples_and_transfers(tmp_path, capsys):
                       f'--outdir={tmp_path / "from_url"}', f'--cache_dir={tmp_path / "cache"}'])
     assert np.array_equal(np.asarray(ambient.PIL.Image.open(tmp_path / 'from_url' / '000001.png')),
                           np.asarray(ambient.PIL.Image.open(tmp_path / 'from_pkl' / '000001.png')))
+    # nets.load_ambient_pickle: --training_options_loc (a dict) overrides the file beside the pickle.
+    _, options_config = ambient.nets.load_ambient_pickle(pkl, training_options=dict(
+        dataset_kwargs=dict(corruption_probability=0.3, corruption_pattern='box'),
+        loss_kwargs=dict(class_name='training.loss.AmbientLoss')))
+    assert (options_config['corruption_probability'], options_config['corruption_pattern'],
+            options_config['delta_probability']) == (0.3, 'box', 0.1)              # eval.py's default delta
     # --transfer: the pickle's weights, a fresh optimizer.
     fresh = ambient.build_network(net_config)
     ambient.transfer_weights(fresh, pkl)
@@ -982,33 +1002,31 @@ def test_failure_paths_give_one_line(tmp_path, capsys, monkeypatch):
              (['train', f'--data={tmp_path / "chw.npz"}', outdir], 'channels first'),
              (['train', f'--data={TINY_DATA}', f'--resume={tmp_path / "empty.pt"}', outdir], 'empty (0 bytes)'),
              (['train', f'--data={TINY_DATA}', f'--resume={tmp_path / "snapshot.pt"}', outdir, '--preset=tiny'],
-              'a network snapshot, not a training state'),
+              'not a training state'),
              (['generate', '--network=n.pt', '--seeds=5-1', outdir], '--seeds: the range 5-1 is empty')]
     for argv, message in cases:
         code, err = run_main(argv, capsys)
         assert code == 2 and len(err) == 1 and err[0].startswith('ambient.py: error: ') and message in err[0], err
     assert ambient.load_images(str(tmp_path / 'gray.npz'))[0].shape == (16, 32, 32, 3)
     # An unwritable --outdir is found before the data is read.
-    monkeypatch.setattr(ambient.tempfile, 'TemporaryFile', lambda **_: (_ for _ in ()).throw(
-        PermissionError(13, 'Permission denied')))
+    monkeypatch.setattr(ambient.os, 'access', lambda *args, **kwargs: False)
     code, err = run_main(['train', f'--data={TINY_DATA}', outdir, *TINY, '--kimg=0.008'], capsys)
-    assert code == 2 and len(err) == 1 and 'cannot write' in err[0] and 'Permission denied' in err[0], err
+    assert code == 2 and len(err) == 1 and 'not writable' in err[0], err
     monkeypatch.undo()
     assert not os.path.exists(tmp_path / 'runs')
     # A full disk while the first training state is written.
     real_save = torch.save
 
-    def full_disk(obj, path):
-        with open(path, 'wb') as file:
-            file.write(b'partial')
+    def full_disk(obj, file):
+        file.write(b'partial')
         raise OSError(errno.ENOSPC, 'No space left on device')
     monkeypatch.setattr(ambient.torch, 'save', full_disk)
     code, err = run_main(['train', f'--data={TINY_DATA}', outdir, *TINY, '--kimg=0.008', '--grid=0'], capsys)
     monkeypatch.setattr(ambient.torch, 'save', real_save)
     assert code == 1 and len(err) == 1 and 'network-snapshot' in err[0] and 'No space left' in err[0], err
     run_dir = glob.glob(str(tmp_path / 'runs' / '*'))[0]
-    assert not glob.glob(os.path.join(run_dir, '*.tmp*'))
-    (tmp_path / 'runs' / os.path.basename(run_dir) / 'stats.jsonl.tmp123').write_bytes(b'killed mid-write')
+    assert not [name for name in os.listdir(run_dir) if '.tmp' in name]
+    (tmp_path / 'runs' / os.path.basename(run_dir) / '.stats.jsonl.123.ab12.tmp').write_bytes(b'killed')
     ambient.main(['train', f'--data={TINY_DATA}', outdir, *TINY, '--kimg=0.008', '--grid=0', '--resume=auto'])
     assert os.listdir(tmp_path / 'runs') == [os.path.basename(run_dir)]                  # the folder was reused
-    assert glob.glob(os.path.join(run_dir, 'training-state-*.pt')) and not glob.glob(os.path.join(run_dir, '*.tmp*'))
+    assert glob.glob(os.path.join(run_dir, 'training-state-*.pt')) and not [n for n in os.listdir(run_dir) if '.tmp' in n]

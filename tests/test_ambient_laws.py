@@ -22,6 +22,18 @@ import ambient_laws as al
 import fid
 from conftest import ROOT, TINY_DATA
 
+def _config(given):
+    """A checked Config from field values (preset values under them), as the command line makes it."""
+    preset = al.PRESETS[given.get('preset', al.Config.preset)]
+    return al.check_config(al.Config(**{**preset, **given}))
+
+
+def _latest(run_dir, prefix):
+    """The newest file of run_dir named prefix-<kimg>.* (kimg tags such as 000000.032)."""
+    names = sorted(n for n in os.listdir(run_dir) if n.startswith(prefix + '-') and not n.endswith('.tmp'))
+    return os.path.join(run_dir, names[-1])
+
+
 # A small, fast network for the end-to-end runs: the tiny preset at half width, 8 images a step, 4-step grids.
 FAST = ['--preset=tiny', f'--data={TINY_DATA}', '--cbase=16', '--batch=8', '--grid=2', '--steps=3', '--workers=1',
         '--seed=0']
@@ -107,8 +119,8 @@ def test_image_noise_is_fixed_per_image_and_standard_normal():
 def test_noise_is_the_same_in_every_epoch():
     """An image drawn in two different epochs (different batches and positions) is observed identically; clean
     images are exactly their pixels."""
-    x, _ = al.load_dataset(TINY_DATA)
-    images = torch.from_numpy(x).permute(0, 3, 1, 2)
+    x, _ = fid.read_image_set(TINY_DATA)
+    images = torch.from_numpy(x)
     raw = torch.arange(len(images))
     sigma_n = torch.from_numpy(np.where(al.exact_noisy(raw.numpy(), len(images), 0.5, seed=0), 0.2, 0.0))
     first = al.batch_indices(0, 32, len(images), seed=0)
@@ -335,13 +347,15 @@ def test_train_generate_eval_end_to_end(tmp_path, monkeypatch, capsys):
              f'--outdir={outdir}'])
     run_dir = _run_dir(outdir)
     files = set(os.listdir(run_dir))
-    assert {'config.json', 'log.txt', 'stats.jsonl', 'dataset.png', 'samples-000000.png',
-            'network-snapshot-000000.pt', 'training-state-000000.pt'} <= files
+    assert {'config.json', 'log.txt', 'stats.jsonl', 'data-preview.png', 'source.py'} <= files
+    assert {n.split('-0')[0] for n in files if '-0' in n} == {'samples', 'network-snapshot', 'training-state'}
+    assert 'run.lock' not in files                                       # released at the end
+    assert open(os.path.join(run_dir, 'log.txt')).read().splitlines()[-1].startswith('done: 0.0 kimg in ')
     stats = [json.loads(line) for line in open(os.path.join(run_dir, 'stats.jsonl'))]
     assert stats[-1]['kimg'] == 0.032 and all(np.isfinite(s['loss']) for s in stats)
     assert 0.7 < np.mean([s['noisy_frac'] for s in stats]) <= 1.0
     assert 'noisy_used' in open(os.path.join(run_dir, 'log.txt')).read()
-    network = os.path.join(run_dir, 'network-snapshot-000000.pt')
+    network = _latest(run_dir, 'network-snapshot')
 
     # Generate: one PNG per seed; image k is the same whatever the batch size.
     for batch, folder in ((2, 'a'), (3, 'b')):
@@ -381,7 +395,7 @@ def test_class_conditional_train_and_generate(tmp_path, capsys):
     al.main([*FAST, '--cond=true', '--sigma=0.1', '--corruption_probability=0.5', '--kimg=0.008',
              '--consistency_coeff=1', '--consistency_batch_size=2', '--num_primes=2', '--num_consistency_steps=2',
              f'--outdir={tmp_path / "runs"}'])
-    network = os.path.join(_run_dir(tmp_path / 'runs'), 'network-snapshot-000000.pt')
+    network = _latest(_run_dir(tmp_path / 'runs'), 'network-snapshot')
     assert _state(network)['net_kwargs']['label_dim'] == 10
     al.main(['generate', f'--network={network}', '--seeds=0-1', '--class=3', '--steps=3',
              f'--outdir={tmp_path / "gen"}'])
@@ -396,7 +410,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     (official --transfer); the from-scratch start is covered by the kill -9 test."""
     common = [*FAST, '--sigma=0.2', '--corruption_probability=0.5', '--tick=0.008', '--snap=1', '--augment=0.5',
               '--dropout=0.2']
-    net, net_kwargs = al.build_network(al.resolve_config({'preset': 'tiny', 'cbase': 16}), 32, 3, 0)
+    net, net_kwargs = al.build_network(_config({'preset': 'tiny', 'cbase': 16}), 32, 3, 0)
     torch.save(dict(ema=net.state_dict(), net_kwargs=net_kwargs), tmp_path / 'start.pt')
     transfer = f'--transfer={tmp_path / "start.pt"}'
     al.main([*common, transfer, '--kimg=0.032', f'--outdir={tmp_path / "straight"}'])
@@ -404,7 +418,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     al.main([*common, '--kimg=0.032', f'--outdir={tmp_path / "resumed"}', '--resume=auto'])
     assert len(os.listdir(tmp_path / 'resumed')) == 1                   # continued in the same run folder
     a, b = (_run_dir(tmp_path / d) for d in ('straight', 'resumed'))
-    sa, sb = (_state(os.path.join(d, 'training-state-000000.pt')) for d in (a, b))
+    sa, sb = (_state(_latest(d, 'training-state')) for d in (a, b))
     assert sa['cur_nimg'] == sb['cur_nimg'] == 32
     for key in ('net', 'ema'):
         for name, value in sa[key].items():
@@ -430,7 +444,7 @@ def test_resume_after_kill_9(tmp_path):
     al.main([*common, f'--outdir={tmp_path / "killed"}', '--resume=auto'])
     al.main([*common, f'--outdir={tmp_path / "straight"}'])
     a, b = (_run_dir(tmp_path / d) for d in ('straight', 'killed'))
-    sa, sb = (_state(os.path.join(d, 'training-state-000000.pt')) for d in (a, b))
+    sa, sb = (_state(_latest(d, 'training-state')) for d in (a, b))
     for key in ('net', 'ema'):
         for name, value in sa[key].items():
             assert torch.equal(value, sb[key][name]), name
@@ -446,9 +460,9 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                     os.path.join(ROOT, 'ambient_laws.py'), *common, '--batch_gpu=2', f'--outdir={tmp_path / "two"}'],
                    check=True, cwd=ROOT, env=env, capture_output=True, timeout=120)
-    one, two = (_state(os.path.join(_run_dir(tmp_path / d), 'training-state-000000.pt')) for d in ('one', 'two'))
+    one, two = (_state(_latest(_run_dir(tmp_path / d), 'training-state')) for d in ('one', 'two'))
     torch.manual_seed(al.derive_seed(0, 0))
-    init = al.build_network(al.resolve_config({'preset': 'tiny', 'cbase': 16}), 32, 3, 0)[0].state_dict()
+    init = al.build_network(_config({'preset': 'tiny', 'cbase': 16}), 32, 3, 0)[0].state_dict()
     moved = 0
     for name, value in one['net'].items():
         torch.testing.assert_close(two['net'][name], value, atol=2e-6, rtol=1e-4)
@@ -490,19 +504,19 @@ def _expect_data_error(tmp_path, capsys, data, message, *flags):
 
 
 def test_bad_data_fails_with_one_line(tmp_path, capsys):
-    _expect_data_error(tmp_path, capsys, tmp_path / 'missing', 'does not exist')
+    _expect_data_error(tmp_path, capsys, tmp_path / 'missing', 'no image folder, zip or .npz at')
     folder = tmp_path / 'images'
     folder.mkdir()
     for k in range(3):
         PIL.Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / f'{k}.png')
     (folder / 'broken.png').write_bytes(b'not a png')
-    _expect_data_error(tmp_path, capsys, folder, 'cannot read image broken.png')
+    _expect_data_error(tmp_path, capsys, folder, 'broken.png')
     (folder / 'broken.png').unlink()
     PIL.Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(folder / 'small.png')
-    _expect_data_error(tmp_path, capsys, folder, 'resize them first')
+    _expect_data_error(tmp_path, capsys, folder, 'resize or convert them first')
     npz = tmp_path / 'bad_labels.npz'
     np.savez(npz, x=np.zeros((8, 32, 32, 3), np.uint8), y=np.array([0, 1, 2, -1, 0, 1, 2, 3]))
-    _expect_data_error(tmp_path, capsys, npz, 'label -1 is outside [0, num_classes)', '--cond=true')
+    _expect_data_error(tmp_path, capsys, npz, 'labels must be integers in 0..', '--cond=true')  # fid's check
     _expect_data_error(tmp_path, capsys, TINY_DATA, '--sigma_per_image must hold 200', '--sigma_per_image=' +
                        str(_save(tmp_path / 'levels.npy', np.full(10, 0.1))))
 
@@ -511,8 +525,9 @@ def test_grayscale_files_in_a_colour_folder_become_rgb(tmp_path):
     colour = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     PIL.Image.fromarray(colour).save(tmp_path / 'a.png')
     PIL.Image.fromarray(colour[:, :, 0]).save(tmp_path / 'b.png')                   # mode L
-    x, labels = al.load_dataset(str(tmp_path), workers=1)
-    assert x.shape == (2, 32, 32, 3) and labels is None
+    x, labels = al.read_data(_config({'data': str(tmp_path), 'workers': 1}))
+    assert x.shape == (2, 3, 32, 32) and labels is None
+    x = x.transpose(0, 2, 3, 1)
     assert np.array_equal(x[0], colour) and np.array_equal(x[1], colour[:, :, :1].repeat(3, axis=2))
 
 
@@ -525,7 +540,7 @@ def test_per_image_noise_levels(tmp_path):
     """--sigma_per_image gives every image its own sigma_n (0 = clean); the loss uses each sample's own level."""
     levels = np.zeros(200, np.float32)
     levels[::3], levels[1::3] = 0.1, 0.4
-    cfg = al.resolve_config({'preset': 'tiny', 'data': TINY_DATA, 'sigma_per_image': str(_save(tmp_path / 'l.npy',
+    cfg = _config({'preset': 'tiny', 'data': TINY_DATA, 'sigma_per_image': str(_save(tmp_path / 'l.npy',
                                                                                                  levels)),
                              'dataset_keep_percentage': 0.5})
     images, labels, sigma_n, raw_index, _ = al.prepare_data(cfg, lambda *a: None, None)
@@ -542,9 +557,9 @@ def test_per_image_noise_levels(tmp_path):
     assert torch.all(sigma.view(-1) >= sigma_n)
 
 
-def test_cifar10_download_is_checked_extracted_and_cached(tmp_path, monkeypatch):
-    """--data=cifar10 without the network: a fake archive in the official layout goes through the md5 check, the
-    extraction and the cache; a wrong checksum is an error."""
+def test_cifar10_is_read_from_the_md5_checked_cache(tmp_path, monkeypatch):
+    """--data=cifar10 goes through fid's reader: an archive in the official layout in the cache is read once its md5
+    matches (no download, no pickle.load); a cached file with another md5 is refused in one line."""
     import hashlib
     import io
     import pickle
@@ -556,36 +571,91 @@ def test_cifar10_download_is_checked_extracted_and_cached(tmp_path, monkeypatch)
             info = tarfile.TarInfo(f'cifar-10-batches-py/data_batch_{k}')
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    payload, calls = archive.getvalue(), []
-
-    class Response:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *args):
-            return False
-
-        def raise_for_status(self):
-            pass
-
-        def iter_content(self, size):
-            return [payload[i:i + size] for i in range(0, len(payload), size)]
-
-    monkeypatch.setattr(al.requests, 'get', lambda *a, **k: calls.append(a) or Response())
-    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
-    with pytest.raises(ValueError, match='md5'):
-        al.load_dataset('cifar10')
-    monkeypatch.setattr(al, 'CIFAR10_MD5', hashlib.md5(payload).hexdigest())
-    for _ in range(2):
-        x, y = al.load_dataset('cifar10')
-        assert x.shape == (10, 32, 32, 3) and x[2, 0, 0, 0] == 2 and y.tolist() == [1, 2, 2, 3, 3, 4, 4, 5, 5, 6]
-    assert len(calls) == 2                                                # the second load came from the cache
+    (tmp_path / 'cifar-10-python.tar.gz').write_bytes(archive.getvalue())
+    monkeypatch.setenv('CORRUPTED_DIFFUSION_CACHE', str(tmp_path))
+    monkeypatch.setattr(al.nets, 'download_file', lambda *a, **k: pytest.fail('downloaded'))
+    cfg = _config({'data': 'cifar10'})
+    with pytest.raises(al.UserError, match='md5'):
+        al.read_data(cfg)
+    monkeypatch.setattr(fid, 'CIFAR10_MD5', hashlib.md5(archive.getvalue()).hexdigest())
+    x, y = al.read_data(cfg)
+    assert x.shape == (10, 3, 32, 32) and x[2, 0, 0, 0] == 2 and y.tolist() == [1, 2, 2, 3, 3, 4, 4, 5, 5, 6]
 
 
-def test_dry_run_writes_nothing(tmp_path, capsys):
+def test_dry_run_writes_nothing(tmp_path, capsys, monkeypatch):
     al.main([*FAST, '--dry_run', f'--outdir={tmp_path / "runs"}', '--sigma=0.2', '--corruption_probability=0.9'])
     assert '"corruption_probability": 0.9' in capsys.readouterr().out
     assert not (tmp_path / 'runs').exists()
+    # The documented CIFAR-10 command at scale: no download, no file read or written, and the network it would
+    # train (DDPM++, 55.7M parameters, built on the meta device) is printed.
+    monkeypatch.setenv('CORRUPTED_DIFFUSION_CACHE', str(tmp_path / 'cache'))
+    monkeypatch.setattr(al.nets, 'download_file', lambda *a, **k: pytest.fail('downloaded'))
+    al.main(['--data=cifar10', f'--outdir={tmp_path / "runs"}', '--sigma=0.2', '--corruption_probability=0.9',
+             '--dry_run', '--transfer=giannisdaras/ambient_laws_celeba_sigma_0.05_corruption_0.1_keep_1.0'])
+    out = capsys.readouterr().out
+    assert 'arch ddpmpp' in out and 'channel_mult [2, 2, 2]' in out and '55,733,891 parameters' in out
+    assert not (tmp_path / 'runs').exists() and not (tmp_path / 'cache').exists()
+
+
+def _memory_limited(tmp_path, argv, limit_gb=3):
+    """Runs al.main(argv) in a child process whose address space may grow by limit_gb after importing torch."""
+    code = f"""
+import resource, sys
+sys.path.insert(0, {ROOT!r})
+import ambient_laws
+soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+used = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (used + {limit_gb} * 2 ** 30, hard))
+ambient_laws.main({argv!r})
+"""
+    return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1'})
+
+
+def test_hostile_snapshots_fail_in_one_line_without_allocating(tmp_path):
+    """Issue 23 items 4 and 9: a 1 KB .pt whose net_kwargs ask for a huge network is checked on the meta device
+    before anything is allocated; a bogus kwarg and an OrderedDict whose BUILD sets attributes (_metadata) are one
+    line and exit 2, not a traceback."""
+    net, kwargs = al.build_network(_config({'preset': 'tiny', 'cbase': 16}), 32, 3, 0)
+    huge = dict(ema={'unet.out.2.bias': torch.zeros(3)}, net_kwargs={**kwargs, 'model_channels': 4096})
+    torch.save(huge, tmp_path / 'huge.pt')
+    assert os.path.getsize(tmp_path / 'huge.pt') < 4096
+    bogus = dict(ema=net.state_dict(), net_kwargs={**kwargs, 'bogus': 1})
+    torch.save(bogus, tmp_path / 'bogus.pt')
+    ema = net.state_dict()
+    ema._metadata = 5                                                    # pickled as BUILD with {'_metadata': 5}
+    torch.save(dict(ema=ema, net_kwargs=kwargs), tmp_path / 'build.pt')
+    for name, message in (('huge', 'no tensor'), ('bogus', 'bogus'), ('build', None)):
+        result = _memory_limited(tmp_path, ['generate', f'--network={tmp_path / name}.pt', '--seeds=0',
+                                            '--steps=2', f'--outdir={tmp_path / name}'])
+        err = result.stderr.strip().splitlines()
+        if message is None:  # attributes dropped: the weights load and sample
+            assert result.returncode == 0, err
+            assert os.listdir(tmp_path / name) == ['000000.png']
+        else:
+            assert result.returncode == 2 and len(err) == 1 and err[0].startswith('ambient_laws.py: error: '), err
+            assert message in err[0], err
+
+
+def test_resume_auto_continues_only_the_same_experiment(tmp_path, capsys):
+    """Issue 23 item 5: a run on data set A is not continued when --resume=auto trains on B (same file name, other
+    folder): a new run folder, and the log says why. The same config continues in the same folder. A folder whose
+    lock a live process holds is refused in one line (item 11)."""
+    other = tmp_path / 'b'
+    other.mkdir()
+    with np.load(TINY_DATA) as data:
+        np.savez(other / os.path.basename(TINY_DATA), x=data['x'][::-1].copy())
+    common = [*FAST, '--kimg=0.008', '--tick=1', f'--outdir={tmp_path / "runs"}', '--resume=auto']
+    al.main([*common, f'--data={TINY_DATA}'])
+    al.main([*common, f'--data={other / os.path.basename(TINY_DATA)}'])
+    assert sorted(os.listdir(tmp_path / 'runs')) == ['00000-cifar10_tiny-tiny-sigma0-p0-keep1',
+                                                     '00001-cifar10_tiny-tiny-sigma0-p0-keep1']
+    assert 'differs: --data=' in capsys.readouterr().out
+    al.main([*common, f'--data={TINY_DATA}', '--kimg=0.016'])
+    assert len(os.listdir(tmp_path / 'runs')) == 2
+    lock = tmp_path / 'runs' / '00001-cifar10_tiny-tiny-sigma0-p0-keep1' / 'run.lock'
+    lock.write_text(f'{os.getppid()} {__import__("socket").gethostname()}\n')   # a live process holds it
+    _fails(capsys, [*common, f'--data={other / os.path.basename(TINY_DATA)}', '--kimg=0.016'], 'is in use by')
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -599,9 +669,9 @@ def test_official_dataset_bit_for_bit():
     their image's noise, unflipped, as the official __getitem__ flips before adding it; and train.py's max_size counts
     the flipped copies, so --xflip keeps twice the fraction: int(400 * 0.3) = 120 of the 200 images."""
     p, sigma = 0.3, 0.2
-    cfg = al.resolve_config({'preset': 'tiny', 'data': TINY_DATA, 'sigma': sigma, 'corruption_probability': p,
+    cfg = _config({'preset': 'tiny', 'data': TINY_DATA, 'sigma': sigma, 'corruption_probability': p,
                              'dataset_keep_percentage': 0.3, 'xflip': True})
-    x, _ = al.load_dataset(TINY_DATA)
+    x, _ = fid.read_image_set(TINY_DATA)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         images, _, sigma_n, raw_index, _ = al.prepare_data(cfg, lambda *a: None, pool)
         eps = al.numpy_noise(raw_index, sigma_n, (3, 32, 32), pool)
@@ -614,7 +684,7 @@ def test_official_dataset_bit_for_bit():
     noisy = []
     for k, raw in enumerate(raw_index[:n]):
         np.random.seed(raw)                                           # the official __getitem__, written out
-        image = x[raw].transpose(2, 0, 1).astype(np.float32) / 127.5 - 1
+        image = x[raw].astype(np.float32) / 127.5 - 1
         flipped = image[:, :, ::-1].copy()
         np.random.binomial(1, 1.0, size=image.shape)
         if np.random.rand() <= p:
@@ -633,15 +703,15 @@ def test_official_dataset_bit_for_bit():
 OFFICIAL_FLAGS = [  # (command, official flag, field, value): every flag of train.py, generate.py and eval_fid.py
     ('train', '--outdir=out', 'outdir', 'out'), ('train', '--data=d.zip', 'data', 'd.zip'),
     ('train', '--cond=1', 'cond', True), ('train', '--arch=ddpmpp', 'arch', 'ddpmpp'),
-    ('train', '--arch=adm', 'arch', 'adm'), ('train', '--precond=edm', 'precond', 'edm'),
+    ('train', '--arch=adm', 'arch', 'adm'), ('train', '--precond=edm', None, None),
     ('train', '--duration=0.05', 'kimg', 50), ('train', '--batch=8', 'batch', 8),
     ('train', '--batch-gpu=4', 'batch_gpu', 4), ('train', '--cbase=16', 'cbase', 16),
     ('train', '--cres=1,2', 'cres', '1,2'), ('train', '--lr=2e-4', 'lr', 2e-4),
     ('train', '--weight_decay=0.1', 'weight_decay', 0.1), ('train', '--ema=0.01', 'ema_halflife_kimg', 10),
     ('train', '--ema=0.0001', 'ema_halflife_kimg', 0), ('train', '--duration=0.0001', 'kimg', 1),
     ('train', '--dropout=0.2', 'dropout', 0.2), ('train', '--augment=0.3', 'augment', 0.3),
-    ('train', '--xflip=1', 'xflip', True), ('train', '--fp16=0', 'fp16', False), ('train', '--ls=2', 'ls', 2.0),
-    ('train', '--bench=0', 'bench', False), ('train', '--cache=1', 'cache', True),
+    ('train', '--xflip=1', 'xflip', True), ('train', '--fp16=0', None, None), ('train', '--ls=2', 'ls', 2.0),
+    ('train', '--bench=0', 'bench', False), ('train', '--cache=1', None, None),
     ('train', '--workers=2', 'workers', 2), ('train', '--expr_id=abc', 'expr_id', 'abc'),
     ('train', '--desc=x', 'desc', 'x'), ('train', '--nosubdir', 'nosubdir', True), ('train', '--tick=3', 'tick', 3),
     ('train', '--snap=2', 'snap', 2), ('train', '--dump=7', 'dump', 7), ('train', '--seed=5', 'seed', 5),
@@ -672,23 +742,25 @@ REFUSED_FLAGS = [('train', '--arch=ncsnpp'), ('train', '--precond=vp'), ('train'
 
 def test_every_official_flag_is_honoured_or_refused_in_one_line(capsys):
     for command, flag, field, value in OFFICIAL_FLAGS:
-        cfg = al.resolve_config(al.parse_args([command, flag])[1])
-        assert getattr(cfg, field) == value, flag
+        cfg = al.command_config(command, [flag])
+        if field is None:                        # accepted with its one official value, no field
+            assert cfg == al.command_config(command, []), flag
+        else:
+            assert getattr(cfg, field) == value, flag
     for command, flag in REFUSED_FLAGS + [('train', '--corruption_prob=0.5'), ('generate', '--seed=1-3')]:
         with pytest.raises(SystemExit) as exit_info:
-            al.resolve_config(al.parse_args([command, flag])[1])
+            al.main([command, flag])                                     # refused before any work
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith('ambient_laws.py: error: '), flag
         refused = (command, flag) in REFUSED_FLAGS  # the others are a prefix and a flag of another command
-        assert ('(official giannisdaras/ambient-laws flag) is not supported: ' in err[0] and '; use ' in err[0]
+        assert ('(official flag) is not supported: ' in err[0] and '; use ' in err[0]
                 if refused else 'unrecognized arguments' in err[0]), err
 
 
 def test_help_layout(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        al.main(['--help'])
+    al.main(['--help'])                                                  # returns: exit code 0
     out = capsys.readouterr().out.splitlines()
-    assert exit_info.value.code == 0 and out[0] == 'usage: ambient_laws.py [COMMAND] [--flag=value ...]'
+    assert out[0] == 'usage: ambient_laws.py [COMMAND] [--flag=value ...]'
     assert 'arXiv:2411.02780' in out[1] and 'commands:' in out
     assert [line.split()[0] for line in out[out.index('commands:') + 1:] if line.startswith('  ')] == \
         ['train', 'generate', 'eval']
@@ -712,7 +784,7 @@ def test_help_layout(capsys):
         assert len(entries) > 10
         for entry in (' '.join(' '.join(e).split()) for e in entries):
             assert entry.startswith('-h') or re.search(r'\((default: [^)]*|required)\)$', entry), entry
-        assert 'official: --duration' in ' '.join(text.split()) if command == 'train' else True
+        assert '--duration FLOAT' in text and 'Mimg -> kimg' in text if command == 'train' else True
 
 
 def _readme_outdir(tmp_path):
@@ -731,10 +803,10 @@ def test_official_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
              '--workers=1', '--lr_rampup_kimg=0.1', '--ema=0.0001']
     al.main([*train, *sizes])  # `python -m torch.distributed.run --standalone` itself: see the DDP test
     run_dir = _run_dir(tmp_path / 'runs')
-    config = json.load(open(os.path.join(run_dir, 'config.json')))
+    config = json.load(open(os.path.join(run_dir, 'config.json')))['config']
     assert config['expr_id'] == 'cifar_cp0.5_sigma0.2_dp1.0_cc0.0' and config['kimg'] == 0.008
     assert config['seed'] >= 0 and config['arch'] == 'tiny'                         # the official random seed
-    network = os.path.join(run_dir, 'network-snapshot-000000.pt')
+    network = _latest(run_dir, 'network-snapshot')
     # generate.py: --seeds=0-49999 --network={checkpoint} --outdir="outputs" --batch=8, fewer seeds.
     al.main(['generate', '--seeds=0-49999', f'--network={network}', f'--outdir={_readme_outdir(tmp_path)}',
              '--batch=8', '--seeds=0-9', '--steps=4'])
@@ -780,7 +852,7 @@ def test_bad_inputs_fail_before_any_write(tmp_path, capsys, monkeypatch):
     real_access = os.access
     monkeypatch.setattr(al.os, 'access', lambda path, mode: False if str(tmp_path) in str(path) else
                         real_access(path, mode))
-    _fails(capsys, [*FAST, f'--outdir={runs}'], 'read-only')
+    _fails(capsys, [*FAST, f'--outdir={runs}'], 'is not writable')
     assert not runs.exists() and not (tmp_path / 'g').exists()
 
 
@@ -802,7 +874,7 @@ def test_full_disk_then_kill_leftovers_then_resume_auto(tmp_path, capsys, monkey
     al.main([*common, '--resume=auto'])
     assert os.listdir(tmp_path / 'runs') == [run]
     assert not [f for f in os.listdir(folder) if f.endswith('.tmp')]
-    assert _state(folder / 'training-state-000000.pt')['cur_nimg'] == 16
+    assert _state(_latest(folder, 'training-state'))['cur_nimg'] == 16
 
 
 def _perturbed(net, seed):
@@ -822,8 +894,8 @@ def test_released_checkpoints_load_sample_and_transfer(tmp_path, monkeypatch, ca
     monkeypatch.setenv('CORRUPTED_DIFFUSION_CACHE', str(tmp_path / 'cache'))
     monkeypatch.setenv('EDM_LAYOUTS_EXEC_MARKER', str(tmp_path / 'executed'))
     repo = 'giannisdaras/ambient_laws_celeba_sigma_0.05_corruption_0.1_keep_1.0'
-    song, song_kwargs = al.build_network(al.resolve_config({'preset': 'tiny', 'cbase': 16}), 32, 3, 0)
-    adm, adm_kwargs = al.build_network(al.resolve_config({'arch': 'adm', 'cbase': 64, 'cres': '1,1'}), 16, 3, 10)
+    song, song_kwargs = al.build_network(_config({'preset': 'tiny', 'cbase': 16}), 32, 3, 0)
+    adm, adm_kwargs = al.build_network(_config({'arch': 'adm', 'cbase': 64, 'cres': '1,1'}), 16, 3, 10)
     for net, kwargs, name in ((_perturbed(song, 1), song_kwargs, 'song'), (_perturbed(adm, 2), adm_kwargs, 'adm')):
         torch.save(dict(ema=net.state_dict(), net_kwargs=kwargs, config=dict(sigma_data=0.5)), tmp_path / f'{name}.pt')
         edm_layouts.write_edm_pickle(tmp_path / f'{name}-network-snapshot-000000.pkl', net.unet,
@@ -846,7 +918,7 @@ def test_released_checkpoints_load_sample_and_transfer(tmp_path, monkeypatch, ca
                    zip(images(tmp_path / 'adm-network-snapshot-000000.pkl', '--class=3'), ours))
         # --transfer from the Hub: after one step at lr 0 (the warm-up starts at 0) the weights are the repo's.
         al.main([*FAST, f'--transfer={repo}', '--kimg=0.008', f'--outdir={tmp_path / "runs"}'])
-    state = _state(os.path.join(_run_dir(tmp_path / 'runs'), 'training-state-000000.pt'))
+    state = _state(_latest(_run_dir(tmp_path / 'runs'), 'training-state'))
     assert all(torch.equal(value, song.state_dict()[key]) for key, value in state['net'].items())
     assert not (tmp_path / 'executed').exists()
     monkeypatch.setenv('HF_ENDPOINT', 'http://127.0.0.1:9')                      # offline: one line, what to fetch
@@ -857,7 +929,7 @@ def test_consistency_rows_official_per_gpu_and_global():
     """Official: the first consistency_batch_size // GPUs rows of every microbatch (so more GPUs or accumulation
     rounds add rows); --consistency_rows=global: the first consistency_batch_size rows of the global batch. Rank k
     holds rows k, k + GPUs, ... of the global batch, split into rounds."""
-    cfg = al.resolve_config({'batch': 8, 'consistency_coeff': 1.0, 'consistency_batch_size': 4})
+    cfg = _config({'batch': 8, 'consistency_coeff': 1.0, 'consistency_batch_size': 4})
     ids, counts = al.consistency_rows(cfg, world=2, rounds=2, batch_gpu=2)
     assert counts == [[2, 2], [2, 2]] and ids.tolist() == list(range(8))
     ids, counts = al.consistency_rows(cfg, world=1, rounds=1, batch_gpu=8)

@@ -1,6 +1,7 @@
-"""The four paper scripts speak one command-line language (README "What every script offers"): the same top-level
-help layout, flags grouped under the same titles in the same order, every default shown, one-line errors with the
-same exit code, and no prefix matching of flag names. CPU only; each script runs in a child process."""
+"""The four paper scripts speak one command-line language (docs/overview.md "What every script offers"): the same
+top-level help layout, help pages of the same width and metavar style, flags grouped under the same titles in the same
+order, every default shown, one-line errors with the same exit code, and no prefix matching of flag names. CPU only;
+each script runs in a child process."""
 
 import os
 import re
@@ -61,7 +62,14 @@ def test_every_command_groups_its_flags_and_shows_every_default(script):
     for command in SCRIPTS[script]:
         result = run(script, command, '--help')
         assert result.returncode == 0, (command, result.stderr)
+        # The shared parser's page: its usage line, 78 columns, and `--flag VALUE` metavars (INT, FLOAT, BOOL, STR).
+        lines = result.stdout.splitlines()
+        assert lines[0] == f'usage: {script} {command} [--flag=value ...]', (command, lines[0])
+        wide = [line for line in lines if len(line) > 78]
+        assert not wide, (command, 'help wider than 78 columns', wide)
         entries = flag_entries(result.stdout)
+        for _, flag, _ in entries:
+            assert not re.search(r'--\w+=[A-Z]', flag), (command, flag, 'metavar written as --flag=VALUE')
         # Only the common group titles, in the common order (argparse's own 'options' holds just -h).
         titles = [title for title in dict.fromkeys(group for group, _, _ in entries) if title != 'options']
         assert set(titles) <= set(GROUPS), (command, titles)

@@ -399,41 +399,38 @@ def test_official_cifar10_config_and_guided_diffusion_state_dict_load(tmp_path):
     images = ddpm_ip.generate_images(ddpm_ip.make_denoiser(loaded, 'fp32'), diffusion, [0, 1], (3, 32, 32), 0, 'cpu', c)
     assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8
 
-def test_cifar10_download_checksum_and_cache(tmp_path, monkeypatch):
-    """The `cifar10` data path with a stand-in for the official tarball (the tests run offline)."""
-    import io
-    import pickle
-    import tarfile
-    rng = np.random.default_rng(0)
-    batches = [dict(data=rng.integers(0, 256, (2, 3072), dtype=np.uint8), labels=[i, 9 - i]) for i in range(5)]
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode='w:gz') as tar:
-        for i, batch in enumerate(batches):
-            payload = pickle.dumps({k.encode(): v for k, v in batch.items()})
-            info = tarfile.TarInfo(f'cifar-10-batches-py/data_batch_{i + 1}')
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-    tarball = buffer.getvalue()
+def test_a_snapshot_allocates_nothing_from_the_sizes_it_claims(tmp_path, capsys):
+    """Issue 23 item 4: the network of a snapshot is built on the meta device and checked against the file's
+    tensors before anything is allocated: a 1 KB file that claims 65,536 channels, a bogus keyword or a stride-0
+    tensor is one line and exit 2, not gigabytes and a traceback."""
+    tiny = dict(nets.UNET_PRESETS['tiny-adm'])
+    cases = [(dict(tiny, model_channels=1 << 16), {'out.2.weight': torch.zeros(6, 1, 3, 3)}),
+             (dict(tiny, bogus=1), {}),
+             (tiny, {'out.2.weight': torch.zeros(1).expand(1 << 20, 1 << 20)})]
+    for kwargs, ema in cases:
+        path = tmp_path / 'snapshot.pt'
+        torch.save(dict(net_kwargs=kwargs, ema=ema, diffusion_steps=1000, noise_schedule='cosine', config={}), path)
+        assert os.path.getsize(path) < 1 << 20
+        assert run_main(['generate', f'--network={path}', f'--outdir={tmp_path}/gen']) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith('ddpm_ip.py: error: --network'), err
+    assert not (tmp_path / 'gen').exists()
 
-    class Response:
-        def raise_for_status(self):
-            pass
 
-        def iter_content(self, size):
-            return [tarball[:100], tarball[100:]]
-
-    downloads = []
-    monkeypatch.setattr(ddpm_ip.requests, 'get', lambda url, **kw: downloads.append(url) or Response())
-    monkeypatch.setattr(ddpm_ip, 'CIFAR10_MD5', __import__('hashlib').md5(tarball).hexdigest())
-    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
-    for _ in range(2):  # the second call reads the cache
-        x, y = ddpm_ip.load_dataset('cifar10')
-    assert downloads == [ddpm_ip.CIFAR10_URL] and x.shape == (10, 32, 32, 3) and x.dtype == np.uint8
-    assert y.tolist() == [0, 9, 1, 8, 2, 7, 3, 6, 4, 5]
-    np.testing.assert_array_equal(x[1, 0, 0], batches[0]['data'][1, [0, 1024, 2048]])  # CHW rows -> HWC
-    (tmp_path / 'ddpm_ip' / 'cifar-10-python.tar.gz').write_bytes(b'truncated')
-    with pytest.raises(ddpm_ip.InputError, match='corrupt'):
-        ddpm_ip.load_dataset('cifar10')
+def test_data_is_read_through_fid_with_official_file_name_labels(tmp_path, monkeypatch):
+    """--data goes through fid.read_image_set (which owns the cifar10 download and its checksum: tests/test_fid.py);
+    the official '<class>_<n>.png' file names give labels where the folder has none."""
+    seen = []
+    monkeypatch.setattr(ddpm_ip.fid, 'read_image_set', lambda source: seen.append(source) or
+                        (np.zeros((2, 3, 4, 4), np.uint8), np.array([1, 0])))
+    x, y = ddpm_ip.load_dataset('cifar10')
+    assert seen == ['cifar10'] and x.shape == (2, 3, 4, 4) and y.tolist() == [1, 0]
+    monkeypatch.undo()
+    for name in ('cat_1.png', 'dog_2.png', 'cat_3.png'):
+        ddpm_ip.PIL.Image.new('RGB', (4, 4)).save(tmp_path / name)
+    x, y = ddpm_ip.load_dataset(str(tmp_path))
+    assert x.shape == (3, 3, 4, 4) and y.tolist() == [0, 0, 1]  # sorted: cat_1, cat_3, dog_2
+    assert not hasattr(ddpm_ip, 'requests')  # no downloader of its own
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -474,7 +471,7 @@ def test_train_generate_eval_exposure_end_to_end(small_data, tmp_path, monkeypat
     assert run_main(['train', f'--data={small_data}', f'--outdir={outdir}', '--kimg=0.032', *TINY_NET]) == 0
     run_dir = only_run_dir(outdir)
     files = set(os.listdir(run_dir))
-    assert {'config.json', 'log.txt', 'stats.jsonl', 'ddpm_ip.py', 'network-snapshot-000000.pt',
+    assert {'config.json', 'log.txt', 'stats.jsonl', 'source.py', 'data-preview.png', 'network-snapshot-000000.pt',
             'training-state-000000.pt', 'samples-000000.png'} <= files
     stats = [json.loads(line) for line in open(os.path.join(run_dir, 'stats.jsonl'))]
     assert [s['nimg'] for s in stats] == [16, 32] and all(math.isfinite(s['loss']) for s in stats)
@@ -613,8 +610,9 @@ def test_bad_input_gives_one_error_line_and_writes_nothing(small_data, tmp_path,
     np.savez(labels, x=np.zeros((4, 8, 8, 3), np.uint8), y=np.array([0, 1, -1, 2]))
     truncated = tmp_path / 'truncated.npz'
     truncated.write_bytes(open(small_data, 'rb').read()[:500])
-    for data, message in ((tmp_path / 'missing', 'does not exist'), (folder, 'cannot read image b.png'),
-                          (mixed, 'b.png is 16x16'), (labels, 'non-negative integers'), (truncated, 'cannot read x')):
+    for data, message in ((tmp_path / 'missing', 'no image folder, zip or .npz'), (folder, 'cannot read image'),
+                          (mixed, 'b.png is 16x16'), (labels, 'labels must be integers'),
+                          (truncated, 'cannot read images from')):
         assert run_main([f'--data={data}', f'--outdir={outdir}', '--class_cond', *TINY_NET]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
@@ -729,7 +727,7 @@ def test_readme_commands_build_the_official_networks_and_run_as_written(data4, t
         assert command == 'train' and sum(p.numel() for p in net.parameters()) == OFFICIAL_PARAMETERS[name], name
         assert c.rescale_learned_sigmas and c.use_scale_shift_norm is not False and c.precision == 'bf16'
     command, c = ddpm_ip.parse_args(README_SAMPLE.split())  # no command word: image_sample.py's flags mean sample
-    assert command == 'sample' and (c.batch, c.num_samples, c.timestep_respacing) == (256, 50000, '100')
+    assert command == 'sample' and (c.batch, c.seeds, c.timestep_respacing) == (256, '0-49999', '100')
 
     # Each training command as written, on 8x8 data, one step (official --lr_anneal_steps).
     for name, text in README_TRAIN.items():
@@ -834,8 +832,8 @@ def test_failure_paths_one_line_and_nothing_lost(small_data, data4, tmp_path, mo
           'is empty (0 bytes)')
     fails(['generate', f'--network={tmp_path}/empty.pt', '--seeds=5-1'], 2, 'the range 5-1 is empty')
     (tmp_path / 'file').write_bytes(b'')
-    fails([f'--data={small_data}', *TINY_NET, f'--outdir={tmp_path}/file/runs'], 2, 'cannot write to')
-    fails([f'--data={small_data}', '--use_checkpoint', 'True'], 2, '--use_checkpoint (official DDPM-IP flag) is not '
+    fails([f'--data={small_data}', *TINY_NET, f'--outdir={tmp_path}/file/runs'], 2, 'is a file, not a folder')
+    fails([f'--data={small_data}', '--use_checkpoint', 'True'], 2, '--use_checkpoint=True (official flag) is not '
           'supported: gradient checkpointing is not implemented; use --batch_gpu')
     fails([f'--data={small_data}', '--num_head_channels=-1', '--num_heads_upsample=2'], 2, '--num_heads_upsample')
     fails([f'--data={small_data}', '--sigma_small', 'True'], 2, 'unrecognized arguments')
@@ -845,14 +843,14 @@ def test_failure_paths_one_line_and_nothing_lost(small_data, data4, tmp_path, mo
     # A full disk at the second training state: exit 1, one line, no partial file, no snapshot newer than the state.
     args = [f'--data={data4}', *SMALL, '--batch=250', '--tick=1', '--snap=1', '--dump=2', '--kimg=3', '--grid=1',
             '--grid_steps=2', '--ema_rate=0.99,0.9', f'--outdir={tmp_path}/runs']
-    real_open, writes = open, []
+    real_write, writes = nets.write_atomic, []
 
-    def full_disk_open(path, mode='r', *rest, **kw):
-        if 'training-state-000002' in str(path) and 'w' in mode:
+    def full_disk_write(path, data):
+        if 'training-state-000002' in str(path):
             writes.append(path)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
-        return real_open(path, mode, *rest, **kw)
-    monkeypatch.setattr(ddpm_ip, 'open', full_disk_open, raising=False)
+        return real_write(path, data)
+    monkeypatch.setattr(nets, 'write_atomic', full_disk_write)
     fails(args, 1, 'training-state-000002.pt: No space left on device')
     monkeypatch.undo()
     run_dir = only_run_dir(tmp_path / 'runs')
@@ -880,7 +878,7 @@ def test_failure_paths_one_line_and_nothing_lost(small_data, data4, tmp_path, mo
     fails(['generate', f'--network={snapshot}', '--num_channels=64'], 2, '--num_channels 64 contradicts')
 
 
-def test_help_layout_and_official_flag_spellings(capsys):
+def test_help_layout_and_official_flag_spellings(capsys, monkeypatch):
     assert run_main(['--help']) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == 'usage: ddpm_ip.py [COMMAND] [--flag=value ...]' and 'Input Perturbation' in out[1]
@@ -893,29 +891,77 @@ def test_help_layout_and_official_flag_spellings(capsys):
         text = capsys.readouterr().out
         found = [t for t in titles if f'\n{t}:\n' in text]
         assert found == sorted(found, key=titles.index) and len(found) >= 3, (command, found)
-        flags = '\n'.join(line for line in text.split('\noptions:\n')[1].splitlines() if line.startswith('  '))
-        entries = re.split(r'\n  (?=--)', flags)[1:]  # one entry per flag, after -h
+        body = text.split(f'\n{found[0]}:\n', 1)[1]
+        flags = '\n'.join(line for line in body.splitlines() if line.startswith('  '))
+        entries = [e for e in re.split(r'\n  (?=-)', '\n' + flags)[1:] if not e.startswith('-h')]
         assert len(entries) >= 20, command
         for entry in entries:
-            assert re.search(r'\((default: [^)]*|required)\)\s*$', ' '.join(entry.split())), (command, entry)
-    assert '--input_pertub' in text and 'official: --input_pertub' in text
+            assert re.search(r'\((default: [^)]*|required)\)$', ' '.join(entry.split())), (command, entry)
+    assert 'official: --input_pertub' in ' '.join(text.split())
 
-    # Official step-counted intervals, comma lists of EMA rates, accepted no-op values of refused flags.
+    # Official step-counted intervals, per-GPU batches, comma lists of EMA rates, accepted values of refused flags.
+    monkeypatch.setenv('WORLD_SIZE', '2')
     _, c = ddpm_ip.parse_args(['--data=x', '--batch_size=8', '--log_interval=10', '--save_interval=30',
                                '--ema_rate=0.9999,0.999', '--use_checkpoint', 'False', '--microbatch=-1'])
-    c = ddpm_ip.check_config(c, 'train', 2)
-    assert (c.batch, c.tick, c.snap, c.batch_gpu, c.ema_rate) == (16, 0.16, 3, 8, '0.9999,0.999')
+    checked = ddpm_ip.check_config(c, 'train', 2)
+    assert (checked.batch, checked.tick, checked.snap, checked.batch_gpu, checked.ema_rate) == \
+        (16, 0.16, 3, 8, '0.9999,0.999')
+    assert (c.tick, c.snap, c.batch_gpu) == (50, 25, -1)  # check_config returns a new config, c is unchanged
 
 
-def test_resume_auto_reuses_a_run_folder_without_training_state(tmp_path):
-    """Killed during its very first write: --resume=auto starts over in that folder instead of numbering a new one."""
-    _, c = ddpm_ip.parse_args([f'--data={tmp_path}/small.npz', '--preset=tiny', f'--outdir={tmp_path}',
-                               '--resume=auto'])
-    run_dir, state, exists = ddpm_ip.find_run_dir(ddpm_ip.check_config(c, 'train', 1))
-    assert (os.path.basename(run_dir), state, exists) == ('00000-small-tiny-adm-ip0.1-batch16', None, False)
-    os.makedirs(run_dir)
-    assert ddpm_ip.find_run_dir(c) == (run_dir, None, True)
-    open(os.path.join(run_dir, 'training-state-000000.pt'), 'wb').close()
-    assert ddpm_ip.find_run_dir(c)[1] == os.path.join(run_dir, 'training-state-000000.pt')
-    c.resume = ''
-    assert os.path.basename(ddpm_ip.find_run_dir(c)[0]).startswith('00001-')  # without --resume: a new folder
+def test_official_flag_table_covers_every_official_flag_and_the_docs_show_it():
+    """Every flag of image_train.py / image_sample.py (guided-diffusion script_util.py + --input_pertub) has a row,
+    and docs/ddpm_ip.md holds the table generated from OFFICIAL_FLAGS."""
+    model = ('image_size num_channels num_res_blocks num_heads num_heads_upsample num_head_channels '
+             'attention_resolutions channel_mult dropout class_cond use_checkpoint use_scale_shift_norm '
+             'resblock_updown use_fp16 use_new_attention_order learn_sigma diffusion_steps noise_schedule '
+             'timestep_respacing use_kl predict_xstart rescale_timesteps rescale_learned_sigmas input_pertub').split()
+    train = ('data_dir schedule_sampler lr weight_decay lr_anneal_steps batch_size microbatch ema_rate log_interval '
+             'save_interval resume_checkpoint fp16_scale_growth').split()
+    sample = 'clip_denoised num_samples batch_size use_ddim model_path'.split()
+    assert set(ddpm_ip.OFFICIAL_FLAGS['train']) == {f'--{f}' for f in model + train}
+    assert set(ddpm_ip.OFFICIAL_FLAGS['sample']) == {f'--{f}' for f in model + sample}
+    doc = open(os.path.join(ROOT, 'docs', 'ddpm_ip.md')).read()
+    table = doc.split('<!-- official-flags:start -->\n')[1].split('<!-- official-flags:end -->')[0]
+    assert table.strip() == ddpm_ip.official_flags_markdown(ddpm_ip.OFFICIAL_FLAGS).strip()
+
+
+def test_dry_run_shows_the_resolved_network_and_touches_nothing(tmp_path, capsys):
+    """The official 64 px command: the network it builds (295,136,454 parameters, channel_mult 1,2,3,4), printed
+    without reading the data, downloading or writing."""
+    argv = README_TRAIN['celeba64'].replace('PATH_TO_DATASET', str(tmp_path / 'absent')).split()
+    assert run_main([*argv, f'--outdir={tmp_path}/runs', '--dry_run']) == 0
+    printed = json.loads(capsys.readouterr().out)
+    network = printed['resolved_network']
+    assert (network['arch'], network['channel_mult'], network['parameters']) == \
+        ('adm-lsun64 = adm-celeba64', [1, 2, 3, 4], 295_136_454)
+    assert os.listdir(tmp_path) == []
+
+
+def test_resume_auto_continues_only_the_same_experiment_and_the_lr_is_the_configs(small_data, tmp_path, capsys):
+    """Issue 23 item 5: --resume=auto continues a run only when its saved config equals ours (apart from length and
+    logging); another data set of the same name or another --lr starts a new folder and says why. A run continued
+    from a state (--resume=PATH) trains at the config's lr, not the one in the optimizer state."""
+    other = tmp_path / 'other' / os.path.basename(small_data)
+    other.parent.mkdir()
+    with np.load(small_data) as npz:
+        np.savez(other, x=255 - npz['x'], y=npz['y'])
+    args = [*TINY_NET, f'--outdir={tmp_path}/runs', '--kimg=0.016']
+    assert run_main([f'--data={small_data}', *args]) == 0
+    first = only_run_dir(tmp_path / 'runs')
+    for changed in ([f'--data={other}'], [f'--data={small_data}', '--lr=0.005']):
+        capsys.readouterr()
+        assert run_main([*changed, *args, '--kimg=0.032', '--resume=auto']) == 0
+        out = capsys.readouterr().out
+        assert 'nothing to continue' in out and 'differs' in out, out
+    runs = sorted(os.listdir(tmp_path / 'runs'))
+    assert len(runs) == 3
+    # The same experiment, longer: continued in its folder.
+    assert run_main([f'--data={small_data}', *args, '--kimg=0.032', '--resume=auto']) == 0
+    assert sorted(os.listdir(tmp_path / 'runs')) == runs and 'continuing' in capsys.readouterr().out
+    # --resume=PATH with another lr: the optimizer takes the config's lr.
+    state = os.path.join(first, 'training-state-000000.pt')
+    assert run_main([f'--data={small_data}', *args, '--kimg=0.048', '--lr=0.005', f'--resume={state}',
+                     f'--outdir={tmp_path}/lr']) == 0
+    resumed = torch.load(os.path.join(only_run_dir(tmp_path / 'lr'), 'training-state-000000.pt'), weights_only=True)
+    assert resumed['optimizer']['param_groups'][0]['lr'] == 0.005 and resumed['config']['lr'] == 0.005

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import edm_layouts
 import fid
 
 pytestmark = pytest.mark.filterwarnings("ignore:FID from")  # the tests' tiny image sets are far below 2048
@@ -184,22 +185,14 @@ def test_load_inception_variants(weights, tmp_path, monkeypatch):
         fid.load_inception()
     assert "--fid_weights=PATH" in str(error.value) and "--weights" not in str(error.value)  # the flag's one name
 
-    class WrongBytes:  # a download whose SHA-256 does not start with 6726825d
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *args):
-            pass
-
-        def raise_for_status(self):
-            pass
-
-        def iter_content(self, chunk_size):
-            yield b"not the weights"
-
-    monkeypatch.setattr(fid.requests, "get", lambda *args, **kwargs: WrongBytes())
-    with pytest.raises(ValueError, match="corrupt"):
-        fid.load_inception()
+    monkeypatch.undo()  # requests.get is real again; a local server sends bytes whose SHA-256 is not 6726825d...
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    (tmp_path / "served").mkdir()
+    (tmp_path / "served" / fid.WEIGHTS_FILE).write_bytes(b"not the weights")
+    with edm_layouts.serve_folder(tmp_path / "served") as base_url:
+        monkeypatch.setattr(fid, "WEIGHTS_URL", f"{base_url}/{fid.WEIGHTS_FILE}")
+        with pytest.raises(FileNotFoundError, match="SHA-256"):
+            fid.load_inception()
     assert not [p for p in (tmp_path / "hub").rglob("*") if p.is_file()]  # no partial file left behind
 
 
@@ -473,6 +466,30 @@ def test_zip_and_npz_sources(tmp_path):
     np.savez(tmp_path / "gray.npz", x=images[..., 0])
     assert np.array_equal(fid.ImageSource(tmp_path / "adm.npz")[2], images[2].transpose(2, 0, 1))
     assert fid.ImageSource(tmp_path / "gray.npz")[0].shape == (3, 5, 7)
+
+
+def test_labelled_image_sets_and_channels(tmp_path):
+    # Class sub-folders (sorted names -> 0..K-1), dataset.json (EDM), npz `y`; rgb=False keeps grayscale as 1 channel.
+    gray = np.arange(16, dtype=np.uint8).reshape(4, 4)
+    for name in ("dog/b.png", "cat/a.png", "cat/c.png"):
+        os.makedirs(tmp_path / "folder" / os.path.dirname(name), exist_ok=True)
+        Image.fromarray(gray).save(tmp_path / "folder" / name)
+    source = fid.ImageSource(tmp_path / "folder", rgb=False)
+    assert source.names == ["cat/a.png", "cat/c.png", "dog/b.png"] and source.class_names == ["cat", "dog"]
+    assert source.labels.tolist() == [0, 0, 1] and source.labels.dtype == np.int64 and source[0].shape == (1, 4, 4)
+    images, labels = fid.read_image_set(tmp_path / "folder")
+    assert images.shape == (3, 3, 4, 4) and np.array_equal(images[2, 1], gray) and labels.tolist() == [0, 0, 1]
+    (tmp_path / "folder" / "dataset.json").write_text(json.dumps({"labels": [["cat/a.png", 7], ["cat/c.png", 3],
+                                                                            ["dog/b.png", 3]]}))
+    assert fid.read_image_set(tmp_path / "folder", rgb=False)[1].tolist() == [7, 3, 3]
+    (tmp_path / "folder" / "dataset.json").write_text(json.dumps({"labels": None}))  # EDM's unlabelled sets
+    assert fid.ImageSource(tmp_path / "folder").labels is None
+    np.savez(tmp_path / "set.npz", x=np.zeros((2, 4, 4), np.uint8), y=np.array([4, 1]), classes=np.array(["a", "b"]))
+    images, labels = fid.read_image_set(tmp_path / "set.npz", rgb=False)
+    assert images.shape == (2, 1, 4, 4) and labels.tolist() == [4, 1]
+    assert fid.ImageSource(tmp_path / "set.npz").class_names == ["a", "b"]
+    images, labels = fid.read_image_set(np.zeros((2, 4, 4, 4), np.uint8))  # RGBA array: alpha dropped
+    assert images.shape == (2, 3, 4, 4) and labels is None
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -578,7 +578,7 @@ def test_bad_data(tmp_path, capsys):
                  'needs one caption per image', outdir)
     np.savez(tmp_path / 'few_labels.npz', x=data['x'][:20], y=data['y'][:10])
     expect_error(['--preset=tiny', f'--data={tmp_path}/few_labels.npz', f'--outdir={outdir}'], capsys, 2,
-                 'one label per image (20)', outdir)
+                 'labels must be 20 integers', outdir)
     expect_error(['--preset=tiny', '--arch=DiT-tiny', '--resolution=17', f'--data={TINY_DATA}', f'--outdir={outdir}'],
                  capsys, 2, 'divisible by patch_size', outdir)
     (tmp_path / 'damaged' / 'training-state-000001.pt').parent.mkdir()
@@ -597,6 +597,89 @@ def test_bad_data(tmp_path, capsys):
     expect_error(['--preset=tiny', f'--data={folder}', f'--outdir={outdir}'], capsys, 2, 'class1/b.png', outdir)
     PIL.Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / 'class1' / 'b.png')
     expect_error(['--preset=tiny', f'--data={folder}', f'--outdir={outdir}'], capsys, 2, 'set --resolution', outdir)
+    # Issue 23 item 9: float labels are refused, not truncated; a malformed dataset.json is one line.
+    np.savez(tmp_path / 'float_labels.npz', x=data['x'][:20], y=np.arange(20) % 10 + 0.5)
+    expect_error(['--preset=tiny', f'--data={tmp_path}/float_labels.npz', f'--outdir={outdir}'], capsys, 2,
+                 'labels must be 20 integers, got float64', outdir)
+    rest = '["class1/a.png", 0], ["class1/b.png", 0]]}'
+    for table in ('{"labels": [["class0/a.png", 1.5], ' + rest, '[1, 2]', '{"labels": 5}', 'nope',
+                  '{"labels": [["class0/a.png", "cat"], ' + rest):
+        (folder / 'dataset.json').write_text(table)
+        expect_error(['--preset=tiny', f'--data={folder}', '--resolution=8', f'--outdir={outdir}'], capsys, 2,
+                     'dataset.json', outdir)
+
+
+def test_cifar10_cache_is_md5_checked_and_never_unpickled(tmp_path, capsys):
+    """Issue 23 item 1: a cifar-10-python.tar.gz planted in the cache holds a pickle whose payload would create a
+    marker file. The data goes through fid.ImageSource('cifar10'): md5-checked at every use, read without running
+    anything; the run stops with one line and exit 2, and the payload never runs."""
+    import io as io_module
+    import pickle
+    import tarfile
+
+    marker = tmp_path / 'payload-ran'
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), 'w'))
+    cache = tmp_path / 'cache'
+    cache.mkdir()
+    with tarfile.open(cache / 'cifar-10-python.tar.gz', 'w:gz') as archive:
+        for i in range(1, 6):
+            data = pickle.dumps({'data': Payload(), 'labels': [0]})
+            info = tarfile.TarInfo(f'cifar-10-batches-py/data_batch_{i}')
+            info.size = len(data)
+            archive.addfile(info, io_module.BytesIO(data))
+    outdir = tmp_path / 'out'
+    expect_error(['--preset=tiny', '--data=cifar10', f'--cache_dir={cache}', f'--outdir={outdir}'], capsys, 2, 'md5',
+                 outdir)
+    assert not marker.exists()
+
+
+def test_snapshot_sizes_are_checked_before_any_allocation(tmp_path, capsys):
+    """Issue 23 item 4: a snapshot whose spec declares a DiT-XL/2 on 1024 x 1024 latents (gigabytes) with a few
+    bytes of weights is refused in one line, quickly: the network is built on the meta device and checked first."""
+    import time
+    spec = dict(arch='DiT-XL/2', cond='class', num_classes=1000, shape=(4, 1024, 1024), dropout=0.0, text_layers=0,
+                embedding_dropout=0.0, class_dropout_prob=0.1, vae=None, scaling_factor=1, beta_schedule='linear',
+                linear_start=1e-4, linear_end=0.02)
+    torch.save(dict(ema={'backbone.pos_embed': torch.zeros(1)}, spec=spec), tmp_path / 'bomb.pt')
+    start = time.time()
+    with pytest.raises(L.UserError, match='bomb.pt'):
+        L.load_network(str(tmp_path / 'bomb.pt'), 'cpu')
+    assert time.time() - start < 20
+
+
+def test_resume_auto_continues_only_the_same_experiment(tmp_path, capsys):
+    """Issue 23 item 5: --resume=auto on another data set (or other method flags) starts a new run folder and says
+    why; it never re-applies the earlier run's saved corrupted labels to other images."""
+    data = np.load(TINY_DATA)
+    np.savez(tmp_path / 'other.npz', x=data['x'][::-1].copy(), y=data['y'][::-1].copy())
+    flags = ['--preset=tiny', '--arch=DiT-tiny', '--corruption_ratio=0.1', '--kimg=0.008', '--snap=1',
+             f'--outdir={tmp_path}/runs', *FAST]
+    first = run([*flags, f'--data={TINY_DATA}'])
+    capsys.readouterr()
+    second = run([*flags, f'--data={tmp_path}/other.npz', '--resume=auto'])
+    assert second != first and 'nothing to continue' in capsys.readouterr().out
+    with np.load(os.path.join(first, 'conditions.npz')) as a, np.load(os.path.join(second, 'conditions.npz')) as b:
+        assert not np.array_equal(a['source'], b['source'])
+        assert np.array_equal(b['source'][np.setdiff1d(np.arange(200), b['corrupted'])],
+                              data['y'][::-1][np.setdiff1d(np.arange(200), b['corrupted'])])
+    third = run([*flags, f'--data={TINY_DATA}', '--resume=auto', '--kimg=0.016'])  # kimg may change
+    assert third == first
+    # --resume=PATH from the other data set: a new folder, whose conditions are its own data's.
+    state = os.path.join(first, sorted(f for f in os.listdir(first) if f.startswith('training-state'))[-1])
+    fourth = run([*flags, f'--data={tmp_path}/other.npz', f'--resume={state}', '--kimg=0.024'])
+    with np.load(os.path.join(second, 'conditions.npz')) as b, np.load(os.path.join(fourth, 'conditions.npz')) as d:
+        assert fourth not in (first, second) and np.array_equal(b['source'], d['source'])
+
+
+def test_dry_run_prints_the_network_and_touches_nothing(tmp_path, capsys):
+    run(['--preset=in1k-dit', '--data=cifar10', f'--outdir={tmp_path}/runs', f'--cache_dir={tmp_path}/cache',
+         '--dry_run'])
+    out = capsys.readouterr().out
+    assert '"arch": "DiT-XL/2"' in out and 'network: DiT-XL/2, channel_mult None, 675,129,632 parameters' in out
+    assert os.listdir(tmp_path) == []
 
 
 def test_command_line_exit_code(tmp_path):
@@ -693,7 +776,7 @@ def test_official_readme_sampling_commands_run_as_written(tmp_path, capsys, monk
         with pytest.raises(SystemExit) as exit_info:
             run(['generate', f'--network={network}', *flag.split()])
         err = capsys.readouterr().err
-        assert exit_info.value.code == 2 and err.count('\n') == 1 and 'official Hhhhhhao/DiffusionNoise flag' in err
+        assert exit_info.value.code == 2 and err.count('\n') == 1 and '(official flag) is not supported' in err
         assert words in err
     run(['generate', f'--network={network}', '--hub_token', 'hf_abc', '--seeds=0', f'--outdir={tmp_path}/token',
          '--ddim_steps=1'])
@@ -717,7 +800,7 @@ def test_failure_paths_are_one_line_with_the_common_exit_codes(tmp_path, capsys,
                  outdir)
     (tmp_path / 'a_file').write_text('')
     expect_error(['--preset=tiny', f'--data={TINY_DATA}', f'--outdir={tmp_path}/a_file/runs'], capsys, 2,
-                 'is not writable', outdir)
+                 'not a folder', outdir)
     (tmp_path / 'empty.pt').write_bytes(b'')
     expect_error(['generate', f'--network={tmp_path}/empty.pt', f'--outdir={outdir}'], capsys, 2, 'empty (0 bytes)',
                  outdir)
@@ -726,18 +809,17 @@ def test_failure_paths_are_one_line_with_the_common_exit_codes(tmp_path, capsys,
                  'is a network snapshot, not a training state', outdir)
     with monkeypatch.context() as patch:  # a read-only folder (root ignores permissions, so os.access is patched)
         patch.setattr(L.os, 'access', lambda path, mode: False)
-        expect_error(['generate', f'--network={network}', f'--outdir={outdir}'], capsys, 2, 'read-only', outdir)
+        expect_error(['generate', f'--network={network}', f'--outdir={outdir}'], capsys, 2, 'is not writable', outdir)
 
     # A full disk during the first snapshot: one line, exit 1, no partial file. --resume=auto then reuses the run
     # folder that has no state (and removes what a kill -9 left half-written).
     flags = ['--preset=tiny', '--arch=DiT-tiny', f'--data={TINY_DATA}', '--kimg=0.008', f'--outdir={outdir}', *FAST]
     real_save = torch.save
 
-    def full_disk(obj, path, *args, **kwargs):
-        if 'network-snapshot' in str(path):
-            with open(path, 'wb') as file:
-                file.write(b'partial')
-            raise OSError(28, 'No space left on device', str(path))
+    def full_disk(obj, path, *args, **kwargs):  # path: the temporary file object of nets.write_atomic
+        if 'network-snapshot' in str(getattr(path, 'name', path)):
+            path.write(b'partial')
+            raise OSError(28, 'No space left on device', str(path.name))
         return real_save(obj, path, *args, **kwargs)
     with monkeypatch.context() as patch:
         patch.setattr(L.torch, 'save', full_disk)
@@ -852,6 +934,32 @@ def test_ldm4_trains_on_vq_latents(tmp_path):
     assert torch.equal(x0, torch.from_numpy(cache[:2, 0, :3]).float())  # no posterior noise
 
 
+def test_bare_diffusers_dit_folder_loads_as_the_pipeline_does(tmp_path, capsys):
+    """A diffusers DiT model folder (config.json + weights, made here with random weights) given to --network: inside
+    its pipeline it takes the sibling scheduler and vae; copied out alone with those two beside it, the same. Both
+    compute the function of the whole pipeline folder. A lone folder with nothing beside it asks for --vae."""
+    import shutil
+    from test_nets_diffusers import write_dit_pipeline
+    write_dit_pipeline(tmp_path / 'pipe')
+    alone = tmp_path / 'alone'
+    for part in ('transformer', 'scheduler', 'vae'):
+        shutil.copytree(tmp_path / 'pipe' / part, alone / part)
+    shutil.copytree(tmp_path / 'pipe' / 'transformer', tmp_path / 'lone' / 'transformer')
+    cfg = L.GenerateConfig(network='x', scheduler='dpm', ddim_steps=3, scale=2.0)
+    noise, randn_like = L.seeded_noise([0, 1], (4, 8, 8), 'cpu')
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.tensor([3, 10])
+    results = []
+    for source in (tmp_path / 'pipe', tmp_path / 'pipe' / 'transformer', alone / 'transformer'):
+        net, spec, vae = L.load_snapshot(str(source), 'cpu', 2.0)
+        with torch.no_grad():
+            results.append((net(x, t, y), L.sample_images(net, spec, vae, noise, torch.tensor([0, 1]), cfg, randn_like),
+                            {k: v for k, v in spec.items() if k not in ('arch', 'vae', 'id2label')}))
+    for out, images, spec in results[1:]:
+        assert torch.equal(out, results[0][0]) and torch.equal(images, results[0][1]) and spec == results[0][2]
+    expect_error(['generate', f'--network={tmp_path}/lone/transformer', f'--outdir={tmp_path}/out'], capsys, 2,
+                 'pass --vae', tmp_path / 'out')
+
+
 def test_released_text_pipeline_with_ldm_bert_and_the_official_text_command(tmp_path, capsys):
     """An LDMTextToImagePipeline folder: prompts through its WordPiece tokenizer and LDM-BERT, the null condition the
     tokens of '', latents divided by the vqvae's scaling factor (0.5 here) before decoding; the official CC3M
@@ -873,4 +981,4 @@ def test_released_text_pipeline_with_ldm_bert_and_the_official_text_command(tmp_
     with pytest.raises(SystemExit) as exit_info:
         run(['generate', *official.replace(f'{tmp_path}/captions.txt', 'mscoco').split()])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and '--prompt_data=mscoco (official Hhhhhhao/DiffusionNoise flag)' in err
+    assert exit_info.value.code == 2 and '--prompt_data=mscoco (official flag) is not supported' in err

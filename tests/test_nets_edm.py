@@ -6,6 +6,7 @@ import os
 import pickle
 import struct
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,15 +19,21 @@ from edm_layouts import hf_repo_folder, serve_folder
 # Downloads
 
 
+def safetensors_bytes(path, size):
+    """The bytes of a valid .safetensors file of about `size` random bytes (downloads check the format)."""
+    nets.save_safetensors(path, {'w': torch.from_numpy(np.frombuffer(os.urandom(size), np.uint8).copy())})
+    return open(path, 'rb').read()
+
+
 def test_hf_hub_download_resumes_an_interrupted_download_and_caches(tmp_path, monkeypatch):
-    data = os.urandom(300_000)
+    data = safetensors_bytes(tmp_path / 'w.safetensors', 300_000)
     repo = hf_repo_folder(tmp_path / 'hub', 'someone/edm-net')
     os.makedirs(repo)
     (tmp_path / 'hub' / 'someone' / 'edm-net' / 'resolve' / 'main' / 'model.safetensors').write_bytes(data)
     cache = str(tmp_path / 'cache')
-    target = os.path.join(cache, 'hf', 'someone', 'edm-net', 'main', 'model.safetensors')
     with serve_folder(tmp_path / 'hub', interrupt_after=100_000) as base_url:
         monkeypatch.setenv('HF_ENDPOINT', base_url)
+        target = os.path.join(cache, 'hf', 'someone', 'edm-net', 'main', 'model.safetensors')
         # The connection drops after 100 kB: no file at the target, the bytes kept for the next call.
         with pytest.raises(nets.WeightsNotFoundError) as info:
             nets.hf_hub_download('someone/edm-net', 'model.safetensors', cache_dir=cache)
@@ -48,17 +55,18 @@ def test_hf_hub_download_resumes_an_interrupted_download_and_caches(tmp_path, mo
 
 
 def test_download_refuses_a_size_other_than_announced_and_restarts_without_range(tmp_path):
-    data = os.urandom(50_000)
+    data = pickle.dumps(os.urandom(50_000), protocol=4)  # a .pkl must be a whole pickle
     (tmp_path / 'net.pkl').write_bytes(data)
     cache = tmp_path / 'cache'
     with serve_folder(tmp_path) as base_url:
         url = f'{base_url}/net.pkl'
-        path = os.path.join(cache, 'net.pkl')
+        path = os.path.join(cache, 'url', __import__('hashlib').sha256(url.encode()).hexdigest()[:16], 'net.pkl')
         # A partial file whose resumed total disagrees with the server's announcement is refused.
-        os.makedirs(cache)
+        os.makedirs(os.path.dirname(path))
         open(path + '.part', 'wb').write(data[:1000])
         base_url.server.options['range_total_extra'] = 7
-        with pytest.raises(nets.WeightsNotFoundError, match='got 50000 bytes, the server announced 50007'):
+        with pytest.raises(nets.WeightsNotFoundError, match=f'got {len(data)} bytes, the server announced '
+                                                            f'{len(data) + 7}'):
             nets.download_cached(url, str(cache))
         assert not os.path.exists(path)
 
@@ -78,21 +86,21 @@ def test_download_refuses_a_size_other_than_announced_and_restarts_without_range
 
 def test_simultaneous_downloads_of_one_file_take_turns(tmp_path):
     # torchrun ranks that all ask for the same checkpoint: one downloads, the others wait and reuse its file.
-    data = os.urandom(400_000)
+    data = pickle.dumps(os.urandom(400_000), protocol=4)
     (tmp_path / 'net.pkl').write_bytes(data)
     cache = str(tmp_path / 'cache')
     with serve_folder(tmp_path, pieces=10) as base_url:
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             paths = list(pool.map(lambda _: nets.download_cached(f'{base_url}/net.pkl', cache), range(3)))
     assert len(set(paths)) == 1 and open(paths[0], 'rb').read() == data
-    assert os.listdir(cache) == ['net.pkl']
+    assert [name for _, _, names in os.walk(cache) for name in names] == ['net.pkl']
 
 
 def test_resolve_source_kinds(tmp_path, monkeypatch):
     repo = hf_repo_folder(tmp_path / 'hub', 'owner/net', 'v1')
     os.makedirs(os.path.join(repo, 'sub'))
-    for name in ('config.json', 'model.safetensors'):
-        open(os.path.join(repo, 'sub', name), 'w').write(name)
+    open(os.path.join(repo, 'sub', 'config.json'), 'w').write('{}')
+    safetensors_bytes(os.path.join(repo, 'sub', 'model.safetensors'), 100)
     cache = str(tmp_path / 'cache')
     with serve_folder(tmp_path / 'hub') as base_url:
         monkeypatch.setenv('HF_ENDPOINT', base_url)
@@ -104,8 +112,8 @@ def test_resolve_source_kinds(tmp_path, monkeypatch):
         with pytest.raises(nets.WeightsNotFoundError, match=r'resolve/main/config\.json \(HTTP 404\)'):
             nets.resolve_source('owner/net', ['config.json'], cache_dir=cache)
         # A URL is downloaded; a local path is returned as is.
-        (tmp_path / 'hub' / 'x.pkl').write_bytes(b'abc')
-        assert open(nets.resolve_source(f'{base_url}/x.pkl', cache_dir=cache), 'rb').read() == b'abc'
+        (tmp_path / 'hub' / 'x.pkl').write_bytes(pickle.dumps('abc'))
+        assert open(nets.resolve_source(f'{base_url}/x.pkl', cache_dir=cache), 'rb').read() == pickle.dumps('abc')
     assert nets.resolve_source(str(tmp_path / 'hub' / 'x.pkl')) == str(tmp_path / 'hub' / 'x.pkl')
     with pytest.raises(nets.WeightsNotFoundError, match='no such file'):
         nets.resolve_source('runs/network-snapshot-000100.pkl')

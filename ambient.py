@@ -43,7 +43,6 @@ import socket
 import sys
 import threading
 import time
-import zipfile
 
 import numpy as np
 import PIL.Image
@@ -378,44 +377,35 @@ def build_network(net_config):
 
 class Data:
     """The corrupted training set, on the GPU when it fits: uint8 images, bool masks A and A_tilde,
-    labels. With --xflip it is twice as long: items N..2N-1 are the x-flipped images (official
-    dataset.py)."""
+    labels. With --xflip, items N..2N-1 are the x-flipped images (official dataset.py)."""
 
     def __init__(self, cfg, device):
-        # Read, keep the official --max_size subset, draw each image's masks from its raw index.
         images, labels = load_images(cfg.data, cfg.cache_dir, cfg.workers)
-        if cfg.cond and labels is None:
-            raise UserError(
+        require(labels is not None or not cfg.cond,
                 '--cond needs labels (dataset.json, class sub-folders or y in the .npz)')
-        raw_indices = np.arange(len(images))
-        # official dataset.py: a RandomState(0) shuffle, first max_size, sorted
-        if 0 < cfg.max_size < len(images):
-            np.random.RandomState(0).shuffle(raw_indices)
-            raw_indices = np.sort(raw_indices[:cfg.max_size])
-        # (N, C, H, W) uint8
-        images = torch.from_numpy(images[raw_indices]).permute(0, 3, 1, 2).contiguous()
+        raw_indices = official_subset(len(images), cfg.max_size)
+        images = images[raw_indices]                                          # (N, C, H, W) uint8
         check_pattern(cfg.corruption_pattern, images.shape[2], cfg.corruption_probability,
                       cfg.delta_probability)
+        # Each image's masks come from its raw index (official).
         A, A_tilde = corruption_masks(raw_indices, images.shape[1:], cfg.corruption_probability,
                                       cfg.delta_probability, cfg.mask_full_rgb, cfg.mask_seed,
                                       cfg.corruption_pattern)
         # The fixed corrupted dataset: what A erased is gone for good. Only the official order
         # (augment or x-flip the clean image, then apply the un-moved masks) reads clean pixels, so
-        # only it keeps them.
+        # only it keeps them (docs/ambient.md#augmentation).
         if not (cfg.augment_mode == 'official' and (cfg.augment > 0 or cfg.xflip)):
             images = images * A
         self.num_raw, self.channels, self.resolution = images.shape[:3]
         self.num_images = self.num_raw * (2 if cfg.xflip else 1)
-        self.label_dim = 0
-        if cfg.cond:  # labels index an embedding table: they must lie in [0, num_classes)
-            self.label_dim = check_labels(labels, cfg.num_classes)
+        self.label_dim = check_labels(labels, cfg.num_classes) if cfg.cond else 0
         labels = torch.from_numpy(labels[raw_indices]) if cfg.cond else None
-        # On the GPU when images and masks take less than a quarter of its free memory, else in
-        # pinned host memory.
+        # On the GPU when images and masks take under a quarter of its free memory, else pinned.
         fits = device.type != 'cuda' or 3 * images.numel() < torch.cuda.mem_get_info(device)[0] // 4
         self.device = device if fits else torch.device('cpu')
-        place = lambda t: None if t is None else t.to(self.device) if fits else t.pin_memory()
-        self.images, self.A, self.A_tilde, self.labels = map(place, (images, A, A_tilde, labels))
+        place = lambda t: t.to(self.device) if fits else t.pin_memory()  # noqa: E731
+        self.images, self.A, self.A_tilde = map(place, (images, A, A_tilde))
+        self.labels = None if labels is None else place(labels)
         self.seed, self.flip_masks, self._orders = cfg.seed, cfg.augment_mode == 'joint', {}
 
     def indices(self, positions):
@@ -435,8 +425,7 @@ class Data:
     def batch(self, index, device):
         """Images in [-1, 1] (B, C, H, W), A and A_tilde (B, 1 or C, H, W) as float, labels (B,) or
         None. An x-flipped item flips the image; its masks are the raw image's, flipped too only
-        with --augment_mode=joint (official: the flipped image is masked by the un-flipped masks,
-        which shows other pixels of it)."""
+        with --augment_mode=joint (official: un-flipped masks, which show other pixels of it)."""
         index = index.to(self.device)
         rows = index % self.num_raw
         get = lambda t: None if t is None else t[rows].to(device, non_blocking=True)  # noqa: E731
@@ -452,17 +441,14 @@ class Data:
 
 
 def check_labels(labels, num_classes):
-    """Returns the number of classes (--num_classes, else the largest label + 1); a label outside
-    [0, num_classes), or more classes than images without --num_classes, is one error line (not a
-    huge embedding table)."""
+    """The number of classes (--num_classes, else the largest label + 1). Labels index an embedding
+    table: one outside [0, classes), or more classes than images, is one error line."""
     classes = num_classes or int(labels.max()) + 1
     bad = (labels < 0) | (labels >= classes)
     if bad.any():
-        raise UserError(
-            f'--data: label {labels[bad][0]} of image #{bad.argmax()} is outside [0, {classes}) '
-            f'(--num_classes={num_classes})')
-    if not num_classes and classes > len(labels):
-        raise UserError(
+        raise UserError(f'--data: label {labels[bad][0]} of image #{bad.argmax()} is outside '
+                        f'[0, {classes}) (--num_classes={num_classes})')
+    require(num_classes or classes <= len(labels),
             f'--data: the largest label, {classes - 1}, implies {classes} classes for '
             f'{len(labels)} images; pass --num_classes if that is right')
     return classes
@@ -475,16 +461,14 @@ def draw_step(cfg, data, cur_nimg, device):
     generator = torch.Generator(device).manual_seed(derive_seed(cfg.seed, 1, cur_nimg))
     size = (cfg.batch, data.channels, data.resolution, data.resolution)
     step = dict(index=data.indices(torch.arange(cur_nimg, cur_nimg + cfg.batch)),
-                # (batch,) for ln(sigma)
-                normal=torch.randn(cfg.batch, generator=generator, device=device),
-                eps=torch.randn(size, generator=generator, device=device))  # (batch, C, H, W)
+                normal=torch.randn(cfg.batch, generator=generator, device=device),  # ln(sigma)
+                eps=torch.randn(size, generator=generator, device=device))          # noise
     if cfg.augment > 0:
-        step['flips'], step['G_inv'], step['augment_labels'] = draw_augmentation(
+        step['flips'], step['G_inv'], step['augment_labels'] = nets.draw_augmentation(
             cfg.augment, cfg.batch, data.resolution, data.resolution, generator)
     if cfg.resample_delta:
-        mask_size = (cfg.batch, 1 if cfg.mask_full_rgb else data.channels, data.resolution,
-                     data.resolution)
-        step['B'] = (torch.rand(mask_size, generator=generator, device=device)
+        size = (cfg.batch, 1 if cfg.mask_full_rgb else data.channels) + size[2:]
+        step['B'] = (torch.rand(size, generator=generator, device=device)
                      >= cfg.delta_probability).float()
     return step
 
@@ -500,24 +484,26 @@ def microbatch(cfg, data, step, rows, device):
         augment_labels = step['augment_labels'][rows]
         flips, G_inv = step['flips'][rows], step['G_inv'][rows]
         if cfg.augment_mode == 'joint':               # the masks travel with the image
-            stacked = augment(torch.cat([y, A, A_tilde], dim=1), flips, G_inv, 'joint')
+            stacked = nets.augment(torch.cat([y, A, A_tilde], dim=1), flips, G_inv, 'joint')
             y, A, A_tilde = stacked.split([y.shape[1], A.shape[1], A_tilde.shape[1]], dim=1)
         else:  # official: augment the clean image, keep the masks as they are
-            y = augment(y, flips, G_inv, 'official')
+            y = nets.augment(y, flips, G_inv, 'official')
     return y, A, A_tilde, labels, augment_labels
 
 
 class TickStats:
-    """Loss per pixel (official Loss/loss), loss per noise-level bin and realised erasure rates,
-    summed on the device and read once per tick. The bins split ln(sigma) at -1.5, -0.5, 0.5, 1.5
-    standard deviations."""
+    """Loss per pixel (official Loss/loss), loss per noise-level bin (ln(sigma) split at -1.5, -0.5,
+    0.5, 1.5 standard deviations) and realised erasure rates, summed on the device and read once
+    per tick; the clocks of the run and of the tick, as (time, image count)."""
 
-    def __init__(self, cfg, device):
+    def __init__(self, cfg, device, cur_nimg):
         self.edges = torch.tensor([-1.5, -0.5, 0.5, 1.5], device=device)
         sigmas = [f'{math.exp(cfg.P_mean + cfg.P_std * z):.3g}' for z in self.edges.tolist()]
         self.bin_names = ([f'<{sigmas[0]}'] + [f'{a}-{b}' for a, b in zip(sigmas, sigmas[1:])]
                           + [f'>{sigmas[-1]}'])
         self.sums = torch.zeros(4 + 2 * len(self.bin_names), device=device)
+        self.device, self.total_nimg = device, int(cfg.kimg * 1000)
+        self.start = self.tick_start = (time.time(), cur_nimg)
 
     def add(self, per_image, A, A_tilde, normal):
         self.sums[:4] += torch.stack([per_image.sum(), torch.ones_like(per_image).sum(),
@@ -526,16 +512,35 @@ class TickStats:
         self.sums[4:].view(2, -1)[0].index_add_(0, bins, per_image)
         self.sums[4:].view(2, -1)[1].index_add_(0, bins, torch.ones_like(per_image))
 
-    def read(self):
+    def report(self, log, run_dir, cur_nimg, cur_tick, lr):
+        """The progress line and the stats.jsonl entry of one tick."""
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(self.sums)
-        values = self.sums.tolist()  # the one host sync of the tick
-        self.sums.zero_()
+        values = self.sums.tolist()  # the one host sync of the tick, first: its time includes all
+        self.sums.zero_()            # the tick's GPU work
         (loss, n, erased_A, erased_A_tilde), bins = values[:4], values[4:]
         totals, counts = bins[:len(bins) // 2], bins[len(bins) // 2:]
-        by_sigma = {k: t / c if c else None for k, t, c in zip(self.bin_names, totals, counts)}
-        return dict(loss=loss / n, erased_A=erased_A / n, erased_A_tilde=erased_A_tilde / n,
-                    loss_by_sigma=by_sigma)
+        tick_time, tick_nimg = time.time() - self.tick_start[0], cur_nimg - self.tick_start[1]
+        sec_per_kimg = tick_time / tick_nimg * 1e3
+        cuda = self.device.type == 'cuda'
+        gpumem = torch.cuda.max_memory_allocated(self.device) / 2 ** 30 if cuda else 0.0
+        entry = dict(kimg=cur_nimg / 1e3, tick=cur_tick, time=time.time() - self.start[0],
+                     sec_per_kimg=sec_per_kimg, lr=lr, img_per_sec=tick_nimg / tick_time,
+                     loss=loss / n, erased_A=erased_A / n, erased_A_tilde=erased_A_tilde / n,
+                     loss_by_sigma={k: t / c if c else None
+                                    for k, t, c in zip(self.bin_names, totals, counts)},
+                     gpumem_gb=gpumem)
+        eta = format_time((self.total_nimg - cur_nimg) / 1e3 * sec_per_kimg)
+        log(f'kimg {entry["kimg"]:.1f} | time {format_time(entry["time"])} | sec/kimg '
+            f'{sec_per_kimg:.3g} | ETA {eta} | loss {entry["loss"]:.4g} | lr {lr:.1e} | img/s '
+            f'{entry["img_per_sec"]:.0f} | gpumem {gpumem:.1f}G | erased A '
+            f'{entry["erased_A"]:.3f} A~ {entry["erased_A_tilde"]:.3f} | loss by sigma '
+            + ' '.join('-' if v is None else f'{v:.3g}' for v in entry['loss_by_sigma'].values()))
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if get_rank() == 0:
+            with open(os.path.join(run_dir, 'stats.jsonl'), 'a') as file:
+                file.write(json.dumps(entry) + '\n')
 
 
 def training_loop(cfg):
@@ -576,8 +581,8 @@ def training_loop(cfg):
 
     # Run folder (exclusive and locked): new, or the run that --resume=auto continues.
     log = Logger()
-    run = open_run_in(cfg.outdir, cfg.resume, log) if cfg.nosubdir else \
-        open_run(cfg.outdir, run_description(cfg), dataclasses.asdict(cfg), cfg.resume, log)
+    run = open_run(cfg.outdir, run_description(cfg), dataclasses.asdict(cfg), cfg.resume, log,
+                   cfg.nosubdir)
     with run.lock or contextlib.nullcontext(), StopSignal() as stop:
         if cfg.resume == 'auto' and run.state:
             cur_nimg, cur_tick = restore_state(run.state, **resume)
@@ -591,10 +596,7 @@ def training_loop(cfg):
         forward = torch.compile(ddp) if cfg.compile else ddp
 
         # Tick bookkeeping: statistics stay on the device, clocks count images.
-        stats = TickStats(cfg, device)
-        total_nimg = int(cfg.kimg * 1000)
-        start_time = tick_start_time = time.time()
-        start_nimg = tick_start_nimg = cur_nimg
+        stats, total_nimg = TickStats(cfg, device, cur_nimg), int(cfg.kimg * 1000)
         previous_state = None
         while cur_nimg < total_nimg:  # a state resumed at or past --kimg trains no further
             step = draw_step(cfg, data, cur_nimg, device)
@@ -642,130 +644,23 @@ def training_loop(cfg):
 
             # Ctrl-C / SIGTERM: a training state at this step boundary, one line, exit.
             if stop.check():
-                stop.exit(log, save_state(run.dir, cur_nimg, cur_tick, cfg, **resume), cur_nimg)
+                stop.exit(log, save_state(cfg, run.dir, cur_nimg, cur_tick, **resume), cur_nimg)
 
             # Maintenance once per tick (and after the first step).
             done = cur_nimg >= total_nimg
-            if not done and cur_tick != 0 and cur_nimg < tick_start_nimg + cfg.tick * 1000:
+            if not done and cur_tick != 0 and cur_nimg < stats.tick_start[1] + cfg.tick * 1000:
                 continue
-            report_tick(log, run.dir, stats, device, cur_nimg, cur_tick, total_nimg, lr,
-                        start_time, tick_start_time, tick_start_nimg)
+            stats.report(log, run.dir, cur_nimg, cur_tick, lr)
             if done or (cur_tick % cfg.snap == 0 and cur_tick != 0):
-                path = save_snapshot(cfg, run.dir, net_config, cur_nimg, cur_tick, precision,
-                                     **resume)
+                path = save_state(cfg, run.dir, cur_nimg, cur_tick + 1, net_config=net_config,
+                                  precision=precision, **resume)
                 if previous_state and previous_state != path:  # keep every --dump-th state only
                     os.remove(previous_state)
                 previous_state = None if cur_tick % cfg.dump == 0 else path
             cur_tick += 1
-            tick_start_nimg, tick_start_time = cur_nimg, time.time()
-        log(done_line(cur_nimg - start_nimg, time.time() - start_time))
+            stats.tick_start = (time.time(), cur_nimg)
+        log(done_line(cur_nimg - stats.start[1], time.time() - stats.start[0]))
     return run.dir
-
-
-# --------------------------------------------------------------------------------------------------
-# Augmentation: EDM's AugmentPipe(p, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
-# translate_frac=1), and a mask-preserving variant (docs/ambient.md#augmentation)
-
-SYM6 = [
-    0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633,
-    0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252,
-    -0.021060292512300564, 0.04472490177066578, 0.0017677118642428036, -0.007800708325034148
-]  # wavelet filter of EDM's augment.py
-
-
-def affine(a, b, c, d, e, f):
-    """Batch of 3x3 matrices [[a, b, c], [d, e, f], [0, 0, 1]] from (N,) tensors."""
-    zero, one = torch.zeros_like(a), torch.ones_like(a)
-    return torch.stack([a, b, c, d, e, f, zero, zero, one], dim=-1).reshape(-1, 3, 3)
-
-
-def draw_augmentation(p, n, height, width, generator):
-    """EDM's random draws, in EDM's order. Returns flips (n, 2) in {0, 1}, G_inv (n, 3, 3) mapping
-    output to input pixel coordinates (origin at the image centre) and the 9 augment labels (n, 9)
-    that condition the network."""
-    device = generator.device
-    rand = lambda *shape: torch.rand(shape, generator=generator, device=device)  # noqa: E731
-    randn = lambda *shape: torch.randn(shape, generator=generator, device=device)  # noqa: E731
-    coin = lambda prob: rand(n) < prob  # noqa: E731
-    flip_x = torch.randint(2, (n,), generator=generator, device=device) * coin(min(1e8 * p, 1))
-    flip_y = torch.randint(2, (n,), generator=generator, device=device) * coin(p)
-    scale = randn(n) * coin(p)
-    rotate = (rand(n) * 2 - 1) * math.pi * coin(p)
-    aniso, aniso_angle = randn(n), (rand(n) * 2 - 1) * math.pi
-    aniso, aniso_angle = aniso * coin(p), aniso_angle * coin(0.5)
-    translate = randn(2, n) * coin(p)
-    one, zero = torch.ones(n, device=device), torch.zeros(n, device=device)
-    rotation = lambda angle: affine(angle.cos(), -angle.sin(), zero, angle.sin(), angle.cos(), zero)
-    s, a = (scale * 0.2).exp2(), (aniso * 0.2).exp2()
-    shift = affine(one, zero, -translate[0] * width * 0.125, zero, one,
-                   -translate[1] * height * 0.125)
-    G_inv = (affine(1 / s, zero, zero, zero, 1 / s, zero) @ rotation(rotate)
-             @ rotation(-aniso_angle) @ affine(1 / a, zero, zero, zero, a, zero)
-             @ rotation(aniso_angle) @ shift)
-    labels = torch.stack([flip_x, flip_y, scale, rotate.cos() - 1, rotate.sin(),
-                          aniso * aniso_angle.cos(), aniso * aniso_angle.sin(), translate[0],
-                          translate[1]], dim=1).float()
-    return torch.stack([flip_x, flip_y], dim=1), G_inv, labels
-
-
-def warp_official(images, G_inv):
-    """EDM's geometric resampling: reflect padding, 2x upsampling with the sym6 wavelet, bilinear
-    grid_sample, 2x downsampling. Always pads by the largest margin EDM uses, so that an image's
-    result does not depend on the rest of the batch (EDM sizes the margin by the batch's largest
-    warp)."""
-    n, channels, height, width = images.shape
-    taps, pad = len(SYM6), len(SYM6) // 4
-    wavelet = torch.tensor(SYM6, dtype=images.dtype,
-                           device=images.device)[None, None].repeat(channels, 1, 1)
-    images = F.pad(images, [width - 1, width - 1, height - 1, height - 1], mode='reflect')
-    # Upsample 2x: zero insertion along each axis, then the time-reversed wavelet.
-    images = torch.stack([images, torch.zeros_like(images)], dim=4).flatten(3)[:, :, :, :-1]
-    images = F.conv2d(images, wavelet.flip(2)[:, :, None, :], groups=channels,
-                      padding=[0, (taps + 1) // 2])
-    images = torch.stack([images, torch.zeros_like(images)], dim=3).flatten(2, 3)[:, :, :-1]
-    images = F.conv2d(images, wavelet.flip(2)[:, :, :, None], groups=channels,
-                      padding=[(taps + 1) // 2, 0])
-    # G_inv in affine_grid's normalised coordinates: EDM's chain of scalings and half-pixel shifts,
-    # multiplied out.
-    out_h, out_w = (height + 2 * pad) * 2, (width + 2 * pad) * 2
-    left = G_inv.new_tensor([[4 / images.shape[3], 0, -1 / images.shape[3]],
-                             [0, 4 / images.shape[2], -1 / images.shape[2]], [0, 0, 1]])
-    right = G_inv.new_tensor([[out_w / 4, 0, 0.25], [0, out_h / 4, 0.25], [0, 0, 1]])
-    grid = F.affine_grid((left @ G_inv @ right)[:, :2].to(images.dtype),
-                         [n, channels, out_h, out_w], align_corners=False)
-    images = F.grid_sample(images, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
-    # Downsample 2x with the wavelet and crop the guard band.
-    images = F.conv2d(images, wavelet[:, :, None, :], groups=channels, stride=[1, 2],
-                      padding=[0, (taps - 1) // 2])
-    images = F.conv2d(images, wavelet[:, :, :, None], groups=channels, stride=[2, 1],
-                      padding=[(taps - 1) // 2, 0])
-    return images[:, :, pad:-pad, pad:-pad]
-
-
-def warp_nearest(images, G_inv):
-    """The same warp with nearest-neighbour lookup and mirror reflection: every output pixel is a
-    copy of one input pixel, so masks stay binary and an erased pixel can never leak into an
-    observed one."""
-    n, channels, height, width = images.shape
-    rows, cols = torch.meshgrid(torch.arange(height, device=images.device, dtype=G_inv.dtype),
-                                torch.arange(width, device=images.device, dtype=G_inv.dtype),
-                                indexing='ij')
-    centred = torch.stack([cols - (width - 1) / 2, rows - (height - 1) / 2,
-                           torch.ones_like(rows)]).flatten(1)
-    source = G_inv @ centred  # (N, 3, H*W)
-    reflect = lambda k, size: (size - 1) - ((size - 1) - k.remainder(2 * size - 2)).abs()
-    x = reflect((source[:, 0] + (width - 1) / 2).round().long(), width)
-    y = reflect((source[:, 1] + (height - 1) / 2).round().long(), height)
-    index = (y * width + x)[:, None].expand(-1, channels, -1)  # (N, C, H*W)
-    return images.flatten(2).gather(2, index).reshape(n, channels, height, width)
-
-
-def augment(images, flips, G_inv, mode):
-    """Applies drawn augmentations. official: EDM's filtered warp of the given images; joint: exact
-    flips and nearest-neighbour warps, meant for the image stacked with its masks along channels."""
-    images = torch.where(flips[:, 0, None, None, None] == 1, images.flip(3), images)
-    images = torch.where(flips[:, 1, None, None, None] == 1, images.flip(2), images)
-    return warp_official(images, G_inv) if mode == 'official' else warp_nearest(images, G_inv)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -777,9 +672,8 @@ def sampling_masks(net_config, seeds, generators, num_masks, device, sampler='am
                    corruption_pattern=None):
     """The fixed sampling masks (K, B, C, H, W) float64, or None for a plain EDM network. dust: each
     pixel kept with the training marginal of A_tilde, (1 - p)(1 - delta) (official eval.py); box
-    patterns: A_tilde drawn as in training (the official eval.py draws dust masks whatever the
-    training pattern). Unset arguments take the training values. From the per-seed generators (the
-    official masks come from NumPy's global RNG, which makes samples irreproducible)."""
+    patterns: A_tilde drawn as in training. Unset arguments take the training values. Drawn from the
+    per-seed generators (official: NumPy's global RNG; docs/ambient.md#sampler)."""
     if net_config['precond'] != 'ambient':
         return None
     channels, resolution = net_config['channels'], net_config['unet']['img_resolution']
@@ -788,7 +682,6 @@ def sampling_masks(net_config, seeds, generators, num_masks, device, sampler='am
     delta = training(delta_probability, 'delta_probability', 0.1)
     full_rgb = training(mask_full_rgb, 'mask_full_rgb', False)
     pattern = training(corruption_pattern, 'corruption_pattern', 'dust')
-    # One mask set per seed: all ones, dust (Bernoulli per pixel) or the box patterns' A_tilde.
     if sampler == 'edm':  # all-ones masks: every pixel observed
         return torch.ones(num_masks, len(seeds), channels, resolution, resolution,
                           dtype=torch.float64, device=device)
@@ -814,7 +707,6 @@ def generate_images(net, net_config, seeds, device, sampler='ambient', num_masks
                     S_min=0, S_max=float('inf'), S_noise=1):
     """uint8 images (B, C, H, W), image k a function of seeds[k] alone: latents, label, sampling
     masks and churn noise come from a generator seeded by it (EDM's StackedRandomGenerator idea)."""
-    # Latents, labels and masks, in this order, from one generator per seed.
     unet = net_config['unet']
     channels, resolution = net_config['channels'], unet['img_resolution']
     generators = [torch.Generator(device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
@@ -829,10 +721,9 @@ def generate_images(net, net_config, seeds, device, sampler='ambient', num_masks
     masks = sampling_masks(net_config, seeds, generators, num_masks, device, sampler,
                            corruption_probability, delta_probability, mask_full_rgb,
                            corruption_pattern)
-    randn_like = lambda x: torch.stack(
+    randn_like = lambda x: torch.stack(  # noqa: E731
         [torch.randn(x.shape[1:], generator=g, device=device, dtype=x.dtype) for g in generators])
-    # The official noise range is clipped to the network's (EDMPrecond: 0 to inf); the clip belongs
-    # to the ambient sampler (plain EDM does not clip).
+    # An official network's noise range clips the schedule (EDMPrecond: 0 to inf).
     sigma_min = max(sigma_min, net_config.get('sigma_min', 0))
     sigma_max = min(sigma_max, net_config.get('sigma_max', float('inf')))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16'):
@@ -844,7 +735,7 @@ def generate_images(net, net_config, seeds, device, sampler='ambient', num_masks
 
 
 def prepare_sampling(args, device):
-    """Checks the sampling flags and loads the network, before anything is written."""
+    """Loads --network (with --training_options_loc) and checks the class flags against it."""
     options = None
     if args.training_options_loc:
         try:
@@ -852,67 +743,59 @@ def prepare_sampling(args, device):
         except (ValueError, FileNotFoundError) as error:
             raise UserError(f'--training_options_loc: {error}')
     net, net_config = load_network(args.network, device, args.cache_dir, training_options=options)
-    # Our snapshot: the options file sets the corruption defaults.
-    if options and net_config.get('source') is None:
+    if options and net_config.get('source') is None:  # our snapshot: the file sets the masks
         dataset = options.get('dataset_kwargs', {})
         net_config = {**net_config, **{k: dataset[k] for k in nets.AMBIENT_CORRUPTION_KEYS
                                        if k in dataset}}
     label_dim = net_config['unet']['label_dim']
-    if args.num_classes and args.num_classes != label_dim:
-        raise UserError(
+    require(not args.num_classes or args.num_classes == label_dim,
             f'--num_classes={args.num_classes}, but the network has {label_dim} classes')
-    if args.class_idx is not None and not 0 <= args.class_idx < label_dim:
-        raise UserError(f'--class must be in [0, {label_dim})'
-                        if label_dim else '--class needs a conditional network')
+    require(args.class_idx is None or 0 <= args.class_idx < label_dim,
+            f'--class must be in [0, {label_dim})' if label_dim
+            else '--class needs a conditional network')
     return net, net_config
 
 
-def sample_batches(net, net_config, args, seeds, device):
-    """Yields (seeds, uint8 images) of this rank's share of the seeds (EDM's round-robin)."""
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
-        if torch.distributed.is_initialized() else (0, 1)
-    # Everything generate_images takes, from the flags; each rank takes every world-th batch of
-    # seeds.
-    options = dict(sampler=args.sampler, num_masks=args.num_masks,
-                   guidance_scale=args.guidance_scale, steps=args.steps,
-                   corruption_probability=args.corruption_probability,
-                   delta_probability=args.delta_probability, class_idx=args.class_idx,
-                   precision=args.precision or ('bf16' if device.type == 'cuda' else 'fp32'),
-                   mask_full_rgb=args.mask_full_rgb, corruption_pattern=args.corruption_pattern,
-                   sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
-                   S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise)
+def sample_batches(net, net_config, args, seeds, device, outdir=''):
+    """Yields uint8 images of this rank's share of the seeds (EDM's round-robin batches), with
+    outdir also as outdir/<seed>.png (outdir/<thousands>/<seed>.png with --subdirs). Every
+    generate_images argument comes from the flag of the same name."""
+    rank = get_rank()
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    names = list(inspect.signature(generate_images).parameters)[4:]
+    options = {name: getattr(args, name) for name in names}
+    options['precision'] = args.precision or ('bf16' if device.type == 'cuda' else 'fp32')
     num_batches = max((len(seeds) - 1) // (args.batch * world) + 1, 1) * world
     for batch_seeds in torch.as_tensor(seeds).tensor_split(num_batches)[rank::world]:
-        if len(batch_seeds):
-            yield batch_seeds.tolist(), generate_images(net, net_config, batch_seeds.tolist(),
-                                                        device, **options)
+        if not len(batch_seeds):
+            continue
+        images = generate_images(net, net_config, batch_seeds.tolist(), device, **options)
+        for seed, image in zip(batch_seeds.tolist(), images.cpu() if outdir else []):
+            folder = os.path.join(outdir, f'{seed - seed % 1000:06d}') if args.subdirs else outdir
+            save_grid(image[None], os.path.join(folder, f'{seed:06d}.png'))
+        yield images
 
 
 def generate(argv):
     """Writes one PNG per seed, outdir/<seed>.png."""
-    args = check_sampling_config(
-        parse_config('generate', GenerateConfig, argv, OFFICIAL_FLAGS['generate']))
+    args = parse_sampling('generate', GenerateConfig, argv)
     require(args.network and args.outdir, '--network and --outdir are required')
     seeds = parse_seeds(args.seeds)
     check_writable(args.outdir, '--outdir')
     rank, _, device = init_distributed(args.device)
     net, net_config = prepare_sampling(args, device)
-    for batch_seeds, images in sample_batches(net, net_config, args, seeds, device):
-        save_pngs(args.outdir, batch_seeds, images, args.subdirs)
-    if rank == 0:
-        print(f'Wrote {len(seeds)} images to {args.outdir}')
+    for _ in sample_batches(net, net_config, args, seeds, device, args.outdir):
+        pass
+    print0(f'Wrote {len(seeds)} images to {args.outdir}')
 
 
 def snapshots_to_evaluate(network, eval_step):
     """--network as the official eval.py reads it: a snapshot, or a folder whose snapshots (*.pkl,
-    or ours) are evaluated in name order, every eval_step-th, each once (the official script polls
-    the folder for ever)."""
-    # Official pickles first; a run folder of ours has .pt snapshots instead.
+    else our *.pt) are evaluated in name order, every eval_step-th, each once (official: polls)."""
     if os.path.isdir(network):
         found = sorted(glob.glob(os.path.join(network, '*.pkl'))) or \
             sorted(glob.glob(os.path.join(network, 'network-snapshot-*.pt')))
-        if not found:
-            raise UserError(f'--network: no network-snapshot-*.pkl or *.pt in {network}')
+        require(found, f'--network: no network-snapshot-*.pkl or *.pt in {network}')
         return found[::eval_step]
     return [network]
 
@@ -921,40 +804,35 @@ def evaluate(argv):
     """fid.py metrics of --num samples (the first --num of --seeds) held in memory; with --outdir
     also the PNGs, in outdir/<snapshot kimg>/ as official. Prints the numbers and appends a JSON
     line to metrics.jsonl beside the network (or in --outdir)."""
-    # Flags: refusals, ranges and the seeds, before anything is read or written.
-    args = check_sampling_config(parse_config('eval', EvalConfig, argv, OFFICIAL_FLAGS['eval']))
+    args = parse_sampling('eval', EvalConfig, argv)
     require(args.network and args.ref, '--network and --ref are required')
     require(args.protocol in fid.PROTOCOLS, f'--protocol must be one of {", ".join(fid.PROTOCOLS)}')
     metrics = args.metrics.split(',')
-    if args.num < 2 or not set(metrics) <= set(fid.METRICS) or args.eval_step < 1:
-        raise UserError(
+    require(args.num >= 2 and set(metrics) <= set(fid.METRICS) and args.eval_step >= 1,
             f'--num must be >= 2, --eval_step >= 1 and --metrics a list of {",".join(fid.METRICS)}')
     seeds = parse_seeds(args.seeds)[:args.num] if args.seeds else list(range(args.num))
-    if len(seeds) < args.num:
-        raise UserError(f'--seeds gives {len(seeds)} images, but --num={args.num}')
-    if args.skip_calculation and not args.outdir:
-        raise UserError('--skip_calculation writes PNGs only: give --outdir')
+    require(len(seeds) == args.num, f'--seeds gives {len(seeds)} images, but --num={args.num}')
+    require(args.outdir or not args.skip_calculation,
+            '--skip_calculation writes PNGs only: give --outdir')
     if args.outdir:
         check_writable(args.outdir, '--outdir')
-    if not args.ref.startswith(('http://', 'https://')) and not os.path.exists(args.ref):
-        raise UserError(f'--ref: {args.ref} does not exist')
+    require(args.ref.startswith(('http://', 'https://')) or os.path.exists(args.ref),
+            f'--ref: {args.ref} does not exist')
     rank, _, device = init_distributed(args.device)
     # Reference, detector, protocol and metric checks all fail here, before minutes of sampling.
     ref = fid_call(fid.load_ref, args.ref)
     detector = fid_call(fid.load_inception, args.fid_weights or None, device=device)
     protocol = fid_call(fid.resolve_protocol, args.protocol, ref=ref, metrics=metrics,
                         detector=detector, num=args.num)
+    score = lambda batches: fid_call(  # noqa: E731
+        fid.compute_metrics, batches, ref, metrics=metrics, detector=detector, device=device,
+        num_images=args.num, protocol=protocol, seed=args.seed)
     if args.skip_generation:  # the official calc() on a folder of images
         images, _ = load_images(args.network, workers=4)
         index = fid_call(fid.select_images, len(images), protocol, seed=args.seed)
-        batches = (torch.from_numpy(images[index[i:i + args.batch]]).permute(0, 3, 1, 2)
-                   for i in range(0, len(index), args.batch))
-        results = fid_call(fid.compute_metrics, batches, ref, metrics=metrics, detector=detector,
-                           device=device, num_images=args.num, protocol=protocol, seed=args.seed)
-        report_metrics(args, args.network, results, args.outdir or args.network, rank)
-        return
-    # Every snapshot of --network: sample the seeds (and write their PNGs with --outdir), then score
-    # them in one streaming Inception pass; metrics.jsonl goes beside the snapshot.
+        results = score(images[index[i:i + args.batch]] for i in range(0, len(index), args.batch))
+        return report_metrics(args, args.network, results, args.outdir or args.network, rank)
+    # Every snapshot: sample the seeds (PNGs with --outdir), score them in one streaming pass.
     for network in snapshots_to_evaluate(args.network, args.eval_step):
         folder = os.path.dirname(os.path.abspath(network)) if os.path.isfile(network) else \
             args.outdir or '.'
@@ -963,19 +841,12 @@ def evaluate(argv):
         net, net_config = prepare_sampling(dataclasses.replace(args, network=network), device)
         name = re.sub(r'^network-snapshot-|\.(pt|pkl)$', '', os.path.basename(network))
         outdir = args.outdir and os.path.join(args.outdir, name.lstrip('0').split('.')[0] or '0')
-
-        def batches():
-            for batch_seeds, images in sample_batches(net, net_config, args, seeds, device):
-                if outdir:
-                    save_pngs(outdir, batch_seeds, images, args.subdirs)
-                yield images
-        if args.skip_calculation:
-            for _ in batches():
+        batches = sample_batches(net, net_config, args, seeds, device, outdir)
+        if args.skip_calculation:  # only the PNGs
+            for _ in batches:
                 pass
-            continue
-        results = fid_call(fid.compute_metrics, batches(), ref, metrics=metrics, detector=detector,
-                           device=device, num_images=args.num, protocol=protocol, seed=args.seed)
-        report_metrics(args, network, results, folder, rank)
+        else:
+            report_metrics(args, network, score(batches), folder, rank)
 
 
 def report_metrics(args, network, results, folder, rank):
@@ -994,23 +865,17 @@ def report_metrics(args, network, results, folder, rank):
 
 def neighbors(argv):
     """Memorisation check (official find_dataset_neighbors.py): for every generated image, the
-    similarity of its features to those of every clean training image. --features=dinov2 is the
-    official ViT-g/14 CLS token with its preprocessing; inception (default, works offline with
-    fid.py's weights) takes the FID pool features. Writes the official files (max_products.pkl,
-    softmax_products.pkl, <i>_dataset_image_<i>.png and
-    <i>_nearest_neighbors_<k>_dataset_index_<j>.png) plus neighbors.npz (top-3 similarities and
-    indices), neighbors.json (a summary) and neighbors.png (the --top most similar pairs)."""
-    # Flags and the writable output folders, before any image is read.
-    args = check_sampling_config(parse_config('neighbors', NeighborsConfig, argv,
-                                              OFFICIAL_FLAGS['neighbors']))
+    similarity of its features to those of every clean training image (--features=dinov2: the
+    official ViT-g/14 CLS token; inception: fid.py's pool features, offline). Writes the official
+    files plus neighbors.npz, neighbors.json and neighbors.png."""
+    args = parse_sampling('neighbors', NeighborsConfig, argv)
     require(args.data and args.outdir, '--data and --output_dir are required')
     require(bool(args.network) != bool(args.images), 'give one of --network and --input_dir')
     require(args.features in ('inception', 'dinov2'), '--features must be inception or dinov2')
-    if min(args.num, args.top, args.workers) < 1 or args.max_size < 0 or abs(args.threshold) > 1:
-        raise UserError(
+    require(min(args.num, args.top, args.workers) >= 1 and args.max_size >= 0
+            and abs(args.threshold) <= 1,
             '--num, --top and --workers must be >= 1, --max_size >= 0, --threshold in [-1, 1]')
-    if int(os.environ.get('WORLD_SIZE', 1)) > 1:
-        raise UserError('neighbors runs as one process')
+    require(int(os.environ.get('WORLD_SIZE', 1)) == 1, 'neighbors runs as one process')
     check_writable(args.outdir, '--output_dir')
     if args.features_path and not os.path.exists(args.features_path):
         check_writable(os.path.dirname(os.path.abspath(args.features_path)), '--features_path')
@@ -1019,7 +884,6 @@ def neighbors(argv):
     if args.network:
         net, net_config = prepare_sampling(args, device)
     train_images = load_images(args.data, args.cache_dir, args.workers)[0]
-    train_images = torch.from_numpy(train_images).permute(0, 3, 1, 2)
     if args.features == 'dinov2':
         try:
             detector = nets.load_dinov2(args.dinov2, cache_dir=args.cache_dir or None).to(device)
@@ -1029,95 +893,66 @@ def neighbors(argv):
         detector = fid_call(fid.load_inception, args.fid_weights or None, device=device)
     if args.images:
         generated = load_images(args.images, workers=args.workers)[0]
-        generated = torch.from_numpy(generated).permute(0, 3, 1, 2)
-        # official: a RandomState(0) subset of the outputs, sorted
-        if 0 < args.max_size < len(generated):
-            keep = np.arange(len(generated))
-            np.random.RandomState(0).shuffle(keep)
-            generated = generated[np.sort(keep[:args.max_size])]
+        generated = generated[official_subset(len(generated), args.max_size)]
     else:
-        seeds = list(range(args.num))
-        generated = torch.cat(
-            [x.cpu() for _, x in sample_batches(net, net_config, args, seeds, device)])
+        generated = torch.cat([x.cpu() for x in sample_batches(
+            net, net_config, args, list(range(args.num)), device)])
 
-    # Features of both sets (the training set's cached in --features_path), top 3 training images
-    # per image.
+    # Features of both sets (the training set's cached in --features_path), top 3 per image.
     batch = min(args.batch, args.batch_gpu or args.batch)
 
     def features(images):
         chunks = [images[i:i + batch] for i in range(0, len(images), batch)]
-        if args.features == 'dinov2':
-            with torch.no_grad():
-                return torch.cat([
-                    nets.dinov2_features(detector, x.to(device), normalize=False).cpu()
-                    for x in chunks
-                ]).double()
-        return fid.compute_features(iter(chunks), detector, device)['pool'].double().cpu()
+        if args.features == 'inception':
+            return fid.compute_features(iter(chunks), detector, device)['pool'].double().cpu()
+        with torch.no_grad():
+            return torch.cat([nets.dinov2_features(detector, x.to(device), normalize=False).cpu()
+                              for x in chunks]).double()
     if args.features_path and os.path.exists(args.features_path):
         train_features = torch.from_numpy(np.load(args.features_path)).double()
-        if train_features.shape[0] != len(train_images):
-            raise UserError(
+        require(train_features.shape[0] == len(train_images),
                 f'--features_path: {args.features_path} holds {train_features.shape[0]} '
                 f'features, the data {len(train_images)} images')
     else:
         train_features = features(train_images)
         if args.features_path:
-            buffer = io.BytesIO()
-            np.save(buffer, train_features.float().numpy())
-            nets.write_atomic(args.features_path, buffer.getvalue())
+            nets.write_atomic(args.features_path,
+                              lambda file: np.save(file, train_features.float().numpy()))
     generated_features = features(generated)
     if args.normalize:
-        train_features, generated_features = F.normalize(train_features, dim=1), F.normalize(
-            generated_features, dim=1)
-    k = min(3, len(train_images))
+        train_features = F.normalize(train_features, dim=1)
+        generated_features = F.normalize(generated_features, dim=1)
     products = [chunk @ train_features.T for chunk in generated_features.split(1024)]
-    top = [p.topk(k, dim=1) for p in products]
+    top = [p.topk(min(3, len(train_images)), dim=1) for p in products]
     similarity = torch.cat([t.values for t in top])                                   # (num, 3)
     neighbor = torch.cat([t.indices for t in top])                                    # (num, 3)
-    # official softmax_products
-    softmax_max = torch.cat([p.softmax(dim=1).max(dim=1).values for p in products])
-    write_neighbors(args, generated, train_images, similarity, neighbor, softmax_max)
-
-
-def write_neighbors(args, generated, train_images, similarity, neighbor, softmax_max):
-    """The official per-image files and pickles, and our summary, arrays and picture."""
-    # The official files: each generated image and its 3 nearest training images, the top-1
-    # similarities and the largest softmax weights (pickled lists of floats).
-    os.makedirs(args.outdir, exist_ok=True)
+    softmax_max = torch.cat([p.softmax(dim=1).max(dim=1).values for p in products])  # official
+    # The official files: each image and its 3 nearest training images, the top-1 similarities and
+    # the largest softmax weights (pickled lists of floats).
     for i, image in enumerate(generated):
-        save_png(
-            image.permute(1, 2, 0).numpy(), os.path.join(args.outdir, f'{i}_dataset_image_{i}.png'))
-        for rank_k, j in enumerate(neighbor[i].tolist()):
-            save_png(
-                train_images[j].permute(1, 2, 0).numpy(),
-                os.path.join(args.outdir, f'{i}_nearest_neighbors_{rank_k}_dataset_index_{j}.png'))
-    nets.write_atomic(os.path.join(args.outdir, 'max_products.pkl'),
-                      pickle.dumps(similarity[:, 0].tolist()))
-    nets.write_atomic(os.path.join(args.outdir, 'softmax_products.pkl'),
-                      pickle.dumps(softmax_max.tolist()))
-    # Ours: a summary with the fraction above --threshold, the arrays, and a picture of the closest
-    # pairs.
+        save_grid(image[None], os.path.join(args.outdir, f'{i}_dataset_image_{i}.png'))
+        for k, j in enumerate(neighbor[i].tolist()):
+            save_grid(train_images[j][None], os.path.join(
+                args.outdir, f'{i}_nearest_neighbors_{k}_dataset_index_{j}.png'))
+    for name, values in (('max_products', similarity[:, 0]), ('softmax_products', softmax_max)):
+        nets.write_atomic(os.path.join(args.outdir, f'{name}.pkl'), pickle.dumps(values.tolist()))
+    # Ours: a summary with the fraction above --threshold, the arrays, the closest pairs.
     top1 = similarity[:, 0]
     summary = dict(source=args.network or args.images, features=args.features,
                    num_generated=len(generated), num_train=len(train_images),
-                   threshold=args.threshold, fraction_above=float(
-                       (top1 > args.threshold).double().mean()), mean_top1=float(top1.mean()),
-                   max_top1=float(top1.max()),
-                   quantiles_top1={str(q): float(top1.quantile(q))
-                                   for q in (0.5, 0.9, 0.99)})
-    buffer = io.BytesIO()
-    np.savez(buffer, similarity=similarity.numpy(), neighbor=neighbor.numpy())
-    nets.write_atomic(os.path.join(args.outdir, 'neighbors.npz'), buffer.getvalue())
+                   threshold=args.threshold,
+                   fraction_above=float((top1 > args.threshold).double().mean()),
+                   mean_top1=float(top1.mean()), max_top1=float(top1.max()),
+                   quantiles_top1={str(q): float(top1.quantile(q)) for q in (0.5, 0.9, 0.99)})
+    nets.write_atomic(os.path.join(args.outdir, 'neighbors.npz'), lambda file: np.savez(
+        file, similarity=similarity.numpy(), neighbor=neighbor.numpy()))
     nets.write_atomic(os.path.join(args.outdir, 'neighbors.json'),
                       json.dumps(summary, indent=2).encode())
-    most_similar = top1.argsort(descending=True)[:args.top]
-    rows = [torch.cat([generated[i:i + 1], train_images[neighbor[i]]]) for i in most_similar]
+    rows = [torch.cat([generated[i:i + 1], train_images[neighbor[i]]])
+            for i in top1.argsort(descending=True)[:args.top]]
     save_grid(torch.cat(rows), os.path.join(args.outdir, 'neighbors.png'),
               columns=1 + neighbor.shape[1])
     print(json.dumps(summary))
-
-
-# --------------------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1151,63 +986,46 @@ def train(argv):
 # ---- Below: plumbing (files, flags, processes); not needed to understand the method
 
 
-# ==== BEGIN canonical block v2 (paste unchanged below the banner) =================================
+# ==== BEGIN canonical block v3 (paste unchanged below the banner) =================================
 # Errors and main
 
-
 class UserError(Exception):
-    """Bad input: a flag, a data set, a checkpoint, an output folder. `main` prints
-    `<script>: error: <message>` on one line and exits 2 (argparse's code); every check raises it
-    before anything is written."""
-
+    """Bad input (a flag, data, a checkpoint, a folder), raised before anything is written."""
 
 def require(ok, message):
     """The one-line check of check_config: `require(cfg.lr > 0, '--lr must be > 0')`."""
     if not ok:
         raise UserError(message)
 
-
-def top_level_help(commands, title='', note=''):
-    """`python X.py --help`: usage line, paper, one line per command, where the flags are."""
-    script = os.path.basename(__file__)
-    lines = [f'usage: {script} [COMMAND] [--flag=value ...]'] + ([title] if title else [])
-    lines.append('commands:')
-    lines += [f'  {name:<10} {text}' for name, (_, text) in commands.items()]
-    lines += [note] if note else []
-    lines.append(f"Run 'python {script} COMMAND --help' for the flags of a command.")
-    return '\n'.join(lines)
-
-
 def run_main(commands, argv=None, title='', note=''):
-    """The body of every script's `main`. commands: {name: (function(argv), one-line description)};
-    the first is the default, so `python X.py --flag=...` trains. Bad input (UserError) is one line
-    and exit 2; a failure while running (a full disk, a folder removed: OSError) one line and exit
-    1; an interrupt outside the training loop's StopSignal one line and exit 130. Only rank 0
-    prints; every rank exits with the same code."""
+    """The body of every `main`; commands = {name: (function(argv), one-line text)}, the first is
+    the default. A failure is one line from rank 0 and the same exit code on every rank: 2 bad
+    input (UserError), 1 a failure while running (OSError: a full disk), 130 an interrupt outside
+    StopSignal."""
     argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
-    if argv[:1] in (['-h'], ['--help']):
-        print(top_level_help(commands, title, note))
-        return None
+    script = os.path.basename(__file__)
+    if argv[:1] in (['-h'], ['--help']):  # usage, paper, one line per command, where the flags are
+        lines = [f'usage: {script} [COMMAND] [--flag=value ...]', title, 'commands:',
+                 *(f'  {name:<10} {text}' for name, (_, text) in commands.items()),
+                 note, f"Run 'python {script} COMMAND --help' for the flags of a command."]
+        return print('\n'.join(line for line in lines if line))
     name = argv.pop(0) if argv and argv[0] in commands else next(iter(commands))
     try:
         return commands[name][0](argv)
     except UserError as error:
-        _fail(str(error), 2)
+        message, code = str(error), 2
     except OSError as error:
         where = f' {error.filename}' if error.filename else ''
-        _fail(f'cannot write{where}: {error.strerror or error}', 1)
+        message, code = f'cannot write or read{where}: {error.strerror or error}', 1
     except KeyboardInterrupt:
-        _fail('interrupted (nothing was saved since the last training state)', 130)
-    finally:
-        for lock in list(RunLock.held):  # also when a test calls main(), not only at exit
-            lock.release()
+        message, code = 'interrupted (nothing was saved since the last training state)', 130
+    finally:  # also when a test calls main() twice in one process, not only at exit
+        for held in RunLock.held[:] + Logger.opened[:]:
+            held.close()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
-
-def _fail(message, code):
     if get_rank() == 0:  # one line, even for a multi-line library message
-        print(f'{os.path.basename(__file__)}: error: {" ".join(message.split())}', file=sys.stderr)
+        print(f'{script}: error: {" ".join(message.split())}', file=sys.stderr)
     sys.exit(code)
 
 
@@ -1216,19 +1034,15 @@ def _fail(message, code):
 
 GROUP_TITLES = ('data and corruption', 'network', 'optimisation', 'run', 'sampling', 'evaluation')
 
-
 def parse_bool(text):
-    """True/False, 1/0, yes/no, on/off, any case: click's BOOL and the official str2bool."""
-    value = {'true': True, '1': True, 'yes': True, 'y': True, 't': True, 'on': True, 'false': False,
-             '0': False, 'no': False, 'n': False, 'f': False, 'off': False}.get(str(text).lower())
-    if value is None:
+    """True/False, 1/0, yes/no, y/n, t/f, on/off, any case (click's BOOL, the official str2bool)."""
+    value = str(text).lower()
+    if value not in ('true', '1', 'yes', 'y', 't', 'on', 'false', '0', 'no', 'n', 'f', 'off'):
         raise argparse.ArgumentTypeError(f'expected True or False, got {text!r}')
-    return value
-
+    return value in ('true', '1', 'yes', 'y', 't', 'on')
 
 def parse_seeds(text, flag='--seeds'):
-    """'0-49999' or '1,2,5-10' -> a list of ints, as EDM's parse_int_list; a reversed range is an
-    error."""
+    """'0-49999' or '1,2,5-10' -> a list of ints (EDM's parse_int_list); no reversed range."""
     seeds = []
     for part in str(text).split(','):
         match = re.fullmatch(r'\s*(\d+)(?:-(\d+))?\s*', part)
@@ -1240,10 +1054,9 @@ def parse_seeds(text, flag='--seeds'):
         seeds.extend(range(first, last + 1))
     return seeds
 
-
 @dataclasses.dataclass(frozen=True)
 class Official:
-    """The fate of one official flag: a row of OFFICIAL_FLAGS (ours, refused, ignored)."""
+    """A row of OFFICIAL_FLAGS (made by ours, refused or ignored): what an official flag does."""
     field: str = ''         # our Config field that it sets; '' = none (refused or ignored)
     convert: object = None  # official value -> ours: a function, a {value: ours} dict, None = same
     how: str = ''           # the conversion or the reason in words, for --help and docs/<paper>.md
@@ -1251,48 +1064,37 @@ class Official:
     type: object = None     # reads the official value; None = our field's type
     group: str = 'run'      # the --help group of a flag that sets no field
 
-
 def ours(field, convert=None, how='', refuse=None, type=None):
-    """An official flag that sets our `field`, e.g.
-        ours('kimg', mimg_to_kimg, 'Mimg -> kimg', type=float)   # another name and unit
-        ours('lr')                                               # the same flag
-        ours('arch', refuse={'ncsnpp': 'no NCSN++ here; use --arch=ddpmpp'})  # refused values"""
+    """An official flag that sets our `field`: ours('lr') (the same flag), ours('kimg', to_kimg,
+    'Mimg -> kimg', type=float), ours('arch', refuse={'ncsnpp': 'no NCSN++; use --arch=ddpmpp'})."""
     return Official(field, convert, how, refuse, type)
-
 
 def refused(reason, group='run'):
     """An official flag refused whatever its value; the reason names ours ('...; use --x')."""
     return Official(how=reason, refuse=reason, group=group)
 
-
 def ignored(how='logging only', refuse=None, type=None, group='run'):
-    """An official flag accepted and dropped (wandb ids, ...); `refuse` still refuses some values:
-        ignored('always in memory', refuse={False: '...; use --cache=True'}, type=parse_bool)"""
+    """An official flag accepted and dropped (wandb ids, ...), but for the values in `refuse`."""
     return Official(how=how, refuse=refuse, type=type, group=group)
-
 
 def format_official(flag, official):
     """What an official flag does here, in one phrase (--help and the docs)."""
+    field, how = official.field, official.how
     if isinstance(official.refuse, str):
         return f'refused: {official.refuse}'
-    if official.field and flag == f'--{official.field}':
-        text = 'the same flag' + (f' ({official.how})' if official.how else '')
-    elif official.field:
-        text = f'--{official.field}' + (f': {official.how}' if official.how else '')
+    if field and flag == f'--{field}':
+        text = 'the same flag' + (f' ({how})' if how else '')
     else:
-        text = f'ignored ({official.how})'
+        text = (f'--{field}' + (f': {how}' if how else '')) if field else f'ignored ({how})'
     return text + _refusals(flag, official)
-
 
 def _refusals(flag, official):
     refuse = official.refuse or {}
     return ''.join(f'; {flag}={value} refused: {why}' for value, why in refuse.items())
 
-
 class OfficialAction(argparse.Action):
-    """Applies one OFFICIAL_FLAGS row while parsing: refuse the value, or convert it into our field.
-    The field is written where the flag appears, so of --duration and --kimg the later one wins, as
-    with any repeated flag."""
+    """Refuses the value of an official flag, or converts it into our field where the flag appears
+    (so of --duration and --kimg the later wins)."""
 
     def __init__(self, option_strings, dest, official=None, **kwargs):
         super().__init__(option_strings, dest, **kwargs)
@@ -1300,29 +1102,22 @@ class OfficialAction(argparse.Action):
 
     def __call__(self, parser, namespace, value, option_string=None):
         row = self.official
-        reasons = row.refuse if isinstance(row.refuse, dict) else {}
-        if isinstance(row.refuse, str) or value in reasons:
+        reason = row.refuse if isinstance(row.refuse, str) else (row.refuse or {}).get(value)
+        if reason:
             bare = value is None or value is True and isinstance(row.refuse, str)  # `--flag` alone
             given = option_string if bare else f'{option_string}={value}'
-            reason = row.refuse if isinstance(row.refuse, str) else reasons[value]
             raise UserError(f'{given} (official flag) is not supported: {reason}')
         if not row.field:
             return  # ignored
-        if isinstance(row.convert, dict):
-            if value not in row.convert:
-                accepted = ', '.join(str(v) for v in row.convert)
-                raise UserError(f'{option_string}={value}: the official values taken: {accepted}')
-            value = row.convert[value]
-        elif row.convert is not None:
-            value = row.convert(value)
-        setattr(namespace, row.field, value)
-
+        if isinstance(row.convert, dict) and value not in row.convert:
+            raise UserError(f'{option_string}={value}: the official values taken: '
+                            + ', '.join(map(str, row.convert)))
+        convert = row.convert.get if isinstance(row.convert, dict) else row.convert
+        setattr(namespace, row.field, convert(value) if convert else value)
 
 def field_docs(config_class):
-    """{field: (help group, help text)} from the Config source: the trailing comment of a field is
-    its help; a section comment whose words start with a group title (`# Network (EDM train.py).`)
-    sets the group of the fields below it. Fields above the first section comment are 'run'
-    flags."""
+    """{field: (help group, help text)} from the Config source: a field's trailing comment is its
+    help; a comment line starting with a group title (`# Network (EDM).`) starts that group."""
     docs, group = {}, 'run'
     for cls in reversed(config_class.__mro__[:-1]):  # base classes first, like their fields
         for line in inspect.getsource(cls).splitlines():
@@ -1334,124 +1129,104 @@ def field_docs(config_class):
                 docs[field[1]] = (group, field[2])
     return docs
 
-
-def _flag_type(kind):
-    """A field's annotation (a type, or its name under `from __future__ import annotations`) -> the
-    argparse type."""
-    name = getattr(kind, '__name__', str(kind)).split('|')[0].replace('Optional[', '').strip(' ]')
-    return {'bool': parse_bool, 'int': int, 'float': float}.get(name, str)
-
-
 def add_flag(group, names, type, help, default=None, shown=None, **kwargs):
-    """One flag with a `--name VALUE` metavar (INT, FLOAT, BOOL, STR) whose help ends with its
-    default: `shown`, else `default` ('' and None show as none); a help that already ends in
-    `(default: ...)` or `(required)` is kept. Booleans take --flag, --flag=True, --flag=0."""
+    """One `--name VALUE` flag (INT, FLOAT, BOOL, STR) whose help ends in `(default: ...)` or
+    `(required)`. Booleans take --flag, --flag=True, --flag=0."""
     shown = default if shown is None else shown
     if not re.search(r'\((default: .*|required)\)$', help):
         help += f' (default: {"none" if shown in ("", None) else shown})'
     if type is parse_bool:
-        kwargs.setdefault('nargs', '?')
-        kwargs.setdefault('const', True)
+        kwargs = dict(nargs='?', const=True) | kwargs
     kwargs.setdefault('metavar', {int: 'INT', float: 'FLOAT', parse_bool: 'BOOL'}.get(type, 'STR'))
     return group.add_argument(*names, type=type, help=help.replace('%', '%%'), **kwargs)
-
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (via run_main), instead of usage + message
         raise UserError(message)
 
-
 def make_parser(command, config_class, official_flags=None, fields=None, defaults=None,
                 presets=None, description=''):
-    """The argparse parser of one command: a flag per Config field (or per name in `fields`),
-    grouped and helped from the Config source (field_docs), plus the official flags of
-    `official_flags` beside the fields they set. Flags that are not given stay out of the namespace
-    (argument_default=SUPPRESS), so presets can fill them in. `defaults` overrides the dataclass
-    defaults (e.g. a command's own --batch); --help shows those."""
+    """The parser of one command: a flag per Config field (or per name in `fields`), grouped and
+    helped by field_docs, each official flag beside the field it sets. Flags not given stay out of
+    the namespace (SUPPRESS), so presets can fill them in; `defaults` overrides the dataclass's."""
     script = os.path.basename(__file__)
     parser = _Parser(prog=f'{script} {command}', usage=f'{script} {command} [--flag=value ...]',
                      description=description, allow_abbrev=False, add_help=False,
                      argument_default=argparse.SUPPRESS,
                      formatter_class=lambda prog: argparse.HelpFormatter(prog, width=78))
     groups = {title: parser.add_argument_group(title) for title in GROUP_TITLES}
-    docs, official_flags = field_docs(config_class), dict(official_flags or {})
+    docs, rows = field_docs(config_class), dict(official_flags or {})
     all_fields = {f.name: f for f in dataclasses.fields(config_class)}
     defaults = {name: f.default for name, f in all_fields.items()} | dict(defaults or {})
+
+    def flag_type(field):  # from the annotation, or its text (`from __future__ import annotations`)
+        kind = all_fields[field].type
+        kind = getattr(kind, '__name__', str(kind)).split('|')[0].replace('Optional[', '')
+        return {'bool': parse_bool, 'int': int, 'float': float}.get(kind.strip(' ]'), str)
+
+    def add_official(group, flag, kind, default, **kwargs):
+        add_flag(groups[group], [flag], kind, f'official: {format_official(flag, rows[flag])} '
+                 f'(default: {default})', dest=f'official{flag}', action=OfficialAction,
+                 official=rows.pop(flag), **kwargs)
+
     for name in fields or all_fields:
         group, text = docs.get(name, ('run', name.replace('_', ' ')))
-        kind = _flag_type(all_fields[name].type)
-        # Our own flag (its official row, if any, refuses values), with the official spellings
-        # that need no conversion.
-        own = official_flags.pop(f'--{name}', None)
-        names = [f'--{name}'] + [flag for flag, row in official_flags.items()  # plain aliases:
-                                 if row == Official(name, group=row.group)]  # rows of a field alone
-        for flag in names[1:]:
-            del official_flags[flag]
-        text += f'; official: {", ".join(names[1:])}' if names[1:] else ''
+        # Our flag (its own official row, if any, refuses values) and the plain official aliases.
+        own = rows.pop(f'--{name}', None)
+        aliases = [flag for flag, row in rows.items() if row == Official(name, group=row.group)]
+        text += f'; official: {", ".join(aliases)}' if aliases else ''
         text += _refusals(f'--{name}', own) if own else ''
         action = dict(action=OfficialAction, official=own) if own else {}
-        add_flag(groups[group], names, kind, text, defaults[name], dest=name, **action)
-        # Official flags that set this field through a conversion sit right below it.
-        for flag, row in [(f, r) for f, r in official_flags.items() if r.field == name]:
-            del official_flags[flag]
-            add_flag(groups[group], [flag], row.type or kind,
-                     f'official: {format_official(flag, row)} (default: see --{name})',
-                     dest=f'official{flag}', action=OfficialAction, official=row)
-    # Refused and ignored flags, and those that set a field this command does not show.
-    for flag, row in official_flags.items():
+        add_flag(groups[group], [f'--{name}', *aliases], flag_type(name), text, defaults[name],
+                 dest=name, **action)
+        for flag in aliases:
+            del rows[flag]
+        for flag in [flag for flag, row in rows.items() if row.field == name]:
+            add_official(group, flag, rows[flag].type or flag_type(name), f'see --{name}')
+    for flag, row in list(rows.items()):  # refused, ignored, or setting a field not shown here
         if row.field and row.field not in all_fields:
             raise ValueError(f'OFFICIAL_FLAGS: {flag} sets {row.field}, which Config lacks')
-        kind = row.type or (_flag_type(all_fields[row.field].type) if row.field else str)
+        kind = row.type or (flag_type(row.field) if row.field else str)
         group = docs.get(row.field, (row.group,))[0]
-        add_flag(groups[group if group in groups else 'run'], [flag], kind,
-                 f'official: {format_official(flag, row)} (default: none)', dest=f'official{flag}',
-                 action=OfficialAction, official=row, nargs='?',
-                 const=True if kind is parse_bool else None)
+        add_official(group if group in groups else 'run', flag, kind, 'none', nargs='?',
+                     const=True if kind is parse_bool else None)
     if presets and 'preset' not in all_fields:
         add_flag(groups['run'], ['--preset'], str, 'a recipe that sets defaults: '
                  + ', '.join(presets), '', choices=list(presets), dest='preset')
     groups['run'].add_argument('-h', '--help', action='help', help='show this help and exit')
     return parser
 
-
 def parse_config(command, config_class, argv, official_flags=None, presets=None, fields=None,
                  defaults=None, description=''):
-    """Config from the command line: the dataclass defaults (and `defaults`), under them --preset's
-    values, under those the flags given. Raises UserError for any bad flag, before anything is
-    written."""
+    """Config from the command line: the flags given over --preset's values over `defaults` over
+    the dataclass defaults. Any bad flag raises UserError."""
     parser = make_parser(command, config_class, official_flags, fields, defaults, presets,
                          description)
     given = vars(parser.parse_args(argv))
-    given = {name: value for name, value in given.items() if not name.startswith('official')}
+    given = {k: v for k, v in given.items() if not k.startswith('official')}
     fields = {f.name: f.default for f in dataclasses.fields(config_class)} | dict(defaults or {})
-    names = set(fields)
-    preset = given.get('preset', fields['preset']) if 'preset' in names else given.pop('preset', '')
+    preset = given.get('preset', fields['preset']) if 'preset' in fields \
+        else given.pop('preset', '')
     if preset and preset not in (presets or {}):
         raise UserError(f'--preset must be one of {", ".join(presets or {})}, got {preset!r}')
-    preset_values = {k: v for k, v in (presets or {}).get(preset, {}).items() if k in names}
+    preset_values = {k: v for k, v in (presets or {}).get(preset, {}).items() if k in fields}
     return config_class(**{**dict(defaults or {}), **preset_values, **given})
 
-
 def official_flags_markdown(official_flags):
-    """OFFICIAL_FLAGS ({command: {flag: row}}) as the markdown table of docs/<paper>.md, pasted
-    between the lines `<!-- official-flags:start -->` and `<!-- official-flags:end -->`; a test
-    compares the two."""
+    """OFFICIAL_FLAGS as the table of docs/<paper>.md, between `<!-- official-flags:start -->` and
+    `<!-- official-flags:end -->` (a test compares the two)."""
     lines = ['| command | official flag | here |', '|---|---|---|']
-    for command, rows in official_flags.items():
-        for flag, row in rows.items():
-            text = format_official(flag, row).replace('|', '/')  # a | would end the cell
-            lines.append(f'| {command} | `{flag}` | {text} |')
+    lines += [f'| {command} | `{flag}` | {format_official(flag, row).replace("|", "/")} |'
+              for command, rows in official_flags.items() for flag, row in rows.items()]
     return '\n'.join(lines) + '\n'
 
 
 # --------------------------------------------------------------------------------------------------
 # Processes: torchrun, printing, logging, time
 
-
 def init_distributed(device=''):
-    """(rank, world_size, torch.device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them
-    this is one process. Each process takes the GPU of its LOCAL_RANK; the process group uses nccl
-    on CUDA, gloo on CPU."""
+    """(rank, world_size, torch.device) from torchrun's RANK, WORLD_SIZE, LOCAL_RANK (else one
+    process): the GPU of LOCAL_RANK, and a process group on nccl (CUDA) or gloo (CPU)."""
     rank, local_rank = int(os.environ.get('RANK', '0')), int(os.environ.get('LOCAL_RANK', '0'))
     world = int(os.environ.get('WORLD_SIZE', '1'))
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
@@ -1464,33 +1239,28 @@ def init_distributed(device=''):
         torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     return rank, world, device
 
-
 def get_rank():
-    """This process's rank, before and after the process group exists (torchrun's RANK, else 0)."""
+    """This process's rank, also before the process group exists (torchrun's RANK, else 0)."""
     if torch.distributed.is_initialized():
         return torch.distributed.get_rank()
     return int(os.environ.get('RANK', '0'))
-
 
 def print0(*args, **kwargs):
     """print() on rank 0 only, flushed, so a torchrun log shows each line once and at once."""
     if get_rank() == 0:
         print(*args, **kwargs, flush=True)
 
-
 def broadcast_object(value):
-    """Rank 0's value on every rank (the run folder rank 0 chose, say); with one process, itself."""
-    if not torch.distributed.is_initialized():
-        return value
+    """Rank 0's value on every rank (the run folder rank 0 chose, say)."""
     box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
 
-
 class Logger:
-    """`log(message)`: print0, and, once `log.open(path)` named the run's log.txt, append it there
-    too (lines printed before are written first). Appending keeps the log of the run that is
-    resumed; line buffering makes each line readable at once, even when the process is killed."""
+    """`log(message)`: print0, and after `log.open(path)` also append to the run's log.txt (earlier
+    lines first). Appending keeps a resumed run's log; line buffering survives a kill."""
+    opened = []  # the loggers with an open file (run_main closes them)
 
     def __init__(self):
         self.file, self.pending = None, []
@@ -1499,21 +1269,19 @@ class Logger:
         if get_rank() == 0:
             self.file = open(path, 'a', buffering=1)
             self.file.writelines(self.pending)
+            Logger.opened.append(self)
         self.pending = []
 
     def __call__(self, message):
         if get_rank() == 0:
             print(message, flush=True)
-            if self.file:
-                self.file.write(f'{message}\n')
-            else:
-                self.pending.append(f'{message}\n')
+            (self.file.write if self.file else self.pending.append)(f'{message}\n')
 
     def close(self):
-        if self.file:
+        if self in Logger.opened:
+            Logger.opened.remove(self)
             self.file.close()
             self.file = None
-
 
 def format_time(seconds):
     """42s, 4m05s, 1h02m: the clock of EDM's status line."""
@@ -1522,24 +1290,18 @@ def format_time(seconds):
         return f'{s}s'
     return f'{s // 60}m{s % 60:02d}s' if s < 3600 else f'{s // 3600}h{s // 60 % 60:02d}m'
 
-
 def done_line(nimg, seconds):
-    """The last line of a training run, `done: 2.0 kimg in 1m05s`: what this process trained."""
+    """The last line of a training run: `done: 2.0 kimg in 1m05s` (what this process trained)."""
     return f'done: {nimg / 1000:.1f} kimg in {format_time(seconds)}'
 
 
 # --------------------------------------------------------------------------------------------------
 # Run folder: exclusive creation, lock, resume, the files every run folder holds
 
-# Config fields that may differ between a run and the one that --resume=auto continues: the length
-# of training (kimg), how often it reports and saves (tick, snap, dump, log_interval,
-# save_interval), what it draws for the progress grids (grid, grid_steps, steps), where and how fast
-# it runs without changing its result (outdir, device, workers, cache_dir, compile, bench,
-# batch_gpu: the same global batch in other microbatches), and names kept for logging
-# (experiment_name, expr_id, dry_run, resume). Anything else (data, method flags, seed, precision,
-# batch, lr, ...) defines the experiment: a run with another value is another run and gets a new
-# folder. precision is not here because bf16 and fp32 follow different trajectories; continue a run
-# in another precision with --resume=PATH.
+# Fields that may differ between a run and the one --resume=auto continues: its length, how often
+# it reports, saves and draws grids, where and how fast it runs (batch_gpu: the same global batch
+# in other microbatches), names for logging. All else (data, method flags, seed, batch, lr, and
+# precision, as bf16 and fp32 train differently) defines the experiment: a new folder.
 RESUMABLE_FIELDS = frozenset({
     'kimg', 'tick', 'snap', 'dump', 'log_interval', 'save_interval', 'grid', 'grid_steps', 'steps',
     'outdir', 'device', 'workers', 'cache_dir', 'compile', 'bench', 'batch_gpu',
@@ -1547,10 +1309,8 @@ RESUMABLE_FIELDS = frozenset({
 RUN_NAME = re.compile(r'(\d{5})-.*')
 STATE_NAME = re.compile(r'training-state-(\d+(?:\.\d+)?)\.pt')
 
-
 def check_writable(path, flag):
-    """Refuses (UserError) a folder that cannot be written: a file in its place, or a nearest
-    existing folder that is not writable. Creates nothing, so a refused run leaves no trace."""
+    """UserError unless the nearest existing folder of `path` is writable; creates nothing."""
     existing = os.path.abspath(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -1559,28 +1319,24 @@ def check_writable(path, flag):
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f'{flag}={path}: {existing} is not writable')
 
-
 def open_run_dir(outdir, description):
-    """Creates and returns a new `outdir/NNNNN-description` folder. os.mkdir fails when the name
-    exists, so two runs started at once in one outdir never share a folder: the later one takes the
-    next number."""
+    """Creates a new `outdir/NNNNN-description`. os.mkdir fails on an existing name, so two runs
+    started at once never share a folder: the later one takes the next number."""
     os.makedirs(outdir, exist_ok=True)
-    numbers = [int(m[1]) for m in map(RUN_NAME.fullmatch, os.listdir(outdir)) if m]
-    number = max(numbers, default=-1) + 1
+    number = max([int(m[1]) for m in map(RUN_NAME.fullmatch, os.listdir(outdir)) if m], default=-1)
     while True:
+        number += 1
         run_dir = os.path.join(outdir, f'{number:05d}-{description}')
         try:
             os.mkdir(run_dir)
             return run_dir
         except FileExistsError:
-            number += 1
-
+            pass
 
 class RunLock:
-    """`run.lock` in a run folder, made with O_CREAT | O_EXCL and holding `pid host`: while it
-    exists, a second process refuses the folder with one line naming the holder. A lock whose
-    process is gone (same host, pid dead: a kill -9) is taken over. Released when run_main ends
-    (the command returned, failed or was stopped) and, failing that, at exit (atexit)."""
+    """`run.lock` (O_CREAT | O_EXCL, holding `pid host`): a second process refuses the folder in
+    one line naming the holder, or takes over a dead holder's lock (same host, pid gone: a kill
+    -9). Released when run_main ends, else at exit."""
     held = []  # the locks this process holds
 
     def __init__(self, run_dir):
@@ -1593,10 +1349,9 @@ class RunLock:
             except FileExistsError:
                 holder = self.holder()
                 if not holder or not self.dead(holder):
-                    raise UserError(f'{run_dir} is in use by process {holder or "?"} '
-                                    f'({self.path}); wait for it, or delete that file if it is gone'
-                                    ) from None
-                os.remove(self.path)  # the dead run's lock
+                    raise UserError(f'{run_dir} is in use by process {holder or "?"} ({self.path});'
+                                    ' wait for it, or delete that file if it is gone') from None
+                os.remove(self.path)
         else:
             raise UserError(f'cannot take {self.path}: another process took it at the same time')
         with os.fdopen(fd, 'w') as file:
@@ -1619,11 +1374,9 @@ class RunLock:
             return False
         try:
             os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:  # alive, owned by another user
             return False
-        return False
+        except OSError as error:  # PermissionError: alive, owned by another user
+            return isinstance(error, ProcessLookupError)
 
     def release(self):
         if self in RunLock.held:
@@ -1631,40 +1384,26 @@ class RunLock:
             if self.holder() == self.owner:
                 os.remove(self.path)
 
+    close = release
+
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.release()
 
-
 def latest_training_state(run_dir):
     """The training-state-<kimg>.pt of run_dir with the most kimg, or None (*.tmp never counts)."""
     found = [(float(m[1]), m[0]) for m in map(STATE_NAME.fullmatch, os.listdir(run_dir)) if m]
     return os.path.join(run_dir, max(found)[1]) if found else None
 
-
 def kimg_tag(cur_nimg):
-    """The <kimg> of file names: 000700 (whole kimg, as EDM), or 000000.700 below a whole kimg (CPU
-    runs); both sort and parse (latest_training_state) the same way."""
+    """<kimg> of file names: 000700 (whole kimg, as EDM) or 000000.700 (CPU runs); both sort."""
     return f'{cur_nimg // 1000:06d}' if cur_nimg % 1000 == 0 else f'{cur_nimg / 1000:010.3f}'
 
-
-def _saved_config(run_dir):
-    """The "config" of run_dir/config.json, or None (no such file, or one cut short by a kill)."""
-    try:
-        with open(os.path.join(run_dir, 'config.json')) as file:
-            saved = json.load(file)
-    except (OSError, ValueError):
-        return None
-    config = saved.get('config') if isinstance(saved, dict) else None
-    return config if isinstance(config, dict) else None
-
-
 def config_differences(saved, cfg_dict, resumable=RESUMABLE_FIELDS):
-    """'--data=a.npz there, b.npz now, ...': how a saved config differs from cfg_dict outside the
-    resumable fields ('' = not at all). Compared through JSON, as config.json holds them (a tuple
-    is a list there), and a field that one of them lacks differs."""
+    """'--data=a.npz there, b.npz now, ...' outside the resumable fields ('' = none), compared as
+    config.json holds them (JSON: a tuple is a list); a field one of them lacks differs."""
     saved, new = (json.loads(json.dumps(c)) for c in (saved, cfg_dict))
     keys = sorted(k for k in saved.keys() | new.keys() if k not in resumable
                   and saved.get(k, '(absent)') != new.get(k, '(absent)'))
@@ -1672,30 +1411,34 @@ def config_differences(saved, cfg_dict, resumable=RESUMABLE_FIELDS):
                      for k in keys[:3])
     return text + (', ...' if len(keys) > 3 else '')
 
+def _saved_config(run_dir):
+    """The "config" of run_dir/config.json, or None (no such file, or one cut short by a kill)."""
+    try:
+        with open(os.path.join(run_dir, 'config.json')) as file:
+            config = json.load(file).get('config')
+    except (OSError, ValueError, AttributeError):
+        return None
+    return config if isinstance(config, dict) else None
 
 def find_resume(outdir, cfg_dict, resumable=RESUMABLE_FIELDS):
-    """--resume=auto: (run folder, its latest training state, reason) of the newest run in outdir
-    whose config.json equals cfg_dict apart from the `resumable` fields; (None, None, reason) when
-    none does. A matching run without a state yet (killed before its first) comes with state None,
-    to start over in it. The reason is one line for the log: what goes on, or why a new folder."""
-    runs = sorted((m[0] for m in map(RUN_NAME.fullmatch, os.listdir(outdir)) if m), reverse=True) \
+    """--resume=auto: (folder, latest training state, reason) of the newest run in outdir whose
+    config equals cfg_dict outside `resumable` (state None if it has none yet: it starts over), or
+    (None, None, reason). The reason is one line for the log."""
+    runs = sorted(m[0] for m in map(RUN_NAME.fullmatch, os.listdir(outdir)) if m) \
         if os.path.isdir(outdir) else []
     nearest = ''
-    for name in runs:
+    for name in reversed(runs):
         saved = _saved_config(os.path.join(outdir, name))
         if saved is None:
             continue
         differences = config_differences(saved, cfg_dict, resumable)
         if not differences:
             state = latest_training_state(os.path.join(outdir, name))
-            if state is None:
-                return os.path.join(outdir, name), None, \
-                    f'--resume=auto: {name} has no training state yet; starting it over'
-            return os.path.join(outdir, name), state, f'--resume=auto: continuing {state}'
+            return os.path.join(outdir, name), state, f'--resume=auto: continuing {state}' \
+                if state else f'--resume=auto: {name} has no training state yet; starting it over'
         nearest = nearest or f'the newest run {name} differs: {differences}'
     return None, None, f'--resume=auto: nothing to continue ({nearest or "no run yet"}); ' \
         'starting a new run folder'
-
 
 @dataclasses.dataclass
 class Run:
@@ -1704,16 +1447,12 @@ class Run:
     reason: str = ''      # one line for the log: why this folder
     lock: RunLock = None  # the folder's lock (rank 0; None on the other ranks)
 
-
 def open_run(outdir, description, cfg_dict, resume='', log=print0, nosubdir=False,
              resumable=RESUMABLE_FIELDS):
-    """The run folder of a training run, on every rank (rank 0 chooses, the others receive it):
-    - resume='auto': the run that find_resume picks, else a new folder (the log says why);
-    - resume=PATH: a new folder that continues PATH (the run it came from stays as it was);
-    - resume='': a new folder, `outdir/NNNNN-description`.
-    nosubdir: outdir itself, refused when it holds a run that --resume=auto may not continue.
-    Rank 0 locks the folder (RunLock: a folder in use is refused, in one line, before anything is
-    written to it) and removes the temporary files of an interrupted write."""
+    """The Run of a training run, on every rank. Rank 0 chooses: resume='auto': find_resume's run,
+    else a new folder; resume=PATH: a new folder continuing PATH; '': a new folder; nosubdir:
+    outdir itself, refused if it holds a run --resume=auto may not continue. Rank 0 locks it
+    (refused in one line if in use) and removes the *.tmp of an interrupted write."""
     chosen, lock = None, None
     if get_rank() == 0:
         try:
@@ -1725,19 +1464,16 @@ def open_run(outdir, description, cfg_dict, resume='', log=print0, nosubdir=Fals
     if isinstance(chosen, str):
         raise UserError(chosen)
     run = Run(*chosen, lock=lock)
-    if lock:
-        for name in os.listdir(run.dir):  # partial files of an interrupted write
-            if name.endswith('.tmp'):
-                os.remove(os.path.join(run.dir, name))
+    for name in os.listdir(run.dir) if lock else []:
+        if name.endswith('.tmp'):
+            os.remove(os.path.join(run.dir, name))
     if run.reason:
         log(run.reason)
     return run
 
-
 def _choose_run(outdir, description, cfg_dict, resume, nosubdir, resumable):
-    """(run folder, state, reason) for open_run; raises UserError."""
     explicit = resume if resume not in ('', 'auto') else None
-    if nosubdir:  # a folder that holds one run
+    if nosubdir:
         saved = _saved_config(outdir)
         if saved is not None and resume != 'auto':
             raise UserError(f'--nosubdir: {outdir} holds a run already; continue it with '
@@ -1751,50 +1487,40 @@ def _choose_run(outdir, description, cfg_dict, resume, nosubdir, resumable):
         return outdir, state, f'--resume=auto: continuing {state}' if saved and state else ''
     if resume == 'auto':
         run_dir, state, reason = find_resume(outdir, cfg_dict, resumable)
-        if run_dir:
-            return run_dir, state, reason
-        return open_run_dir(outdir, description), None, reason
+        return run_dir or open_run_dir(outdir, description), state, reason
     reason = f'--resume: continuing {explicit} in a new run folder' if explicit else ''
     return open_run_dir(outdir, description), explicit, reason
 
-
 def trim_stats(run_dir, cur_nimg):
-    """On resume, forgets the stats.jsonl lines written after the state (ticks that will be trained
-    again) and a line cut short by a kill, so that the file reads as one uninterrupted run."""
+    """On resume, drops the stats.jsonl lines after the state (to be trained again) and a line
+    cut short by a kill, so that the file reads as one uninterrupted run."""
     path = os.path.join(run_dir, 'stats.jsonl')
-    if get_rank() != 0 or not os.path.exists(path):
-        return
-    with open(path) as file:
-        lines = [line for line in file if line.endswith('\n')]
-    kept = [line for line in lines if json.loads(line).get('kimg', 0) <= cur_nimg / 1000 + 1e-9]
-    nets.write_atomic(path, ''.join(kept).encode())
-
+    if get_rank() == 0 and os.path.exists(path):
+        with open(path) as file:
+            lines = [line for line in file if line.endswith('\n')]
+        kept = [li for li in lines if json.loads(li).get('kimg', 0) <= cur_nimg / 1000 + 1e-9]
+        nets.write_atomic(path, ''.join(kept).encode())
 
 def resumed_line(state_path, cur_nimg):
-    """The separator in log.txt where a resumed run continues (the earlier lines stay above it)."""
+    """The separator in log.txt where a resumed run continues."""
     return f'---- resumed from {os.path.basename(state_path)} at kimg {cur_nimg / 1000:g} ----'
-
 
 def save_grid(images, path, columns=None):
     """(N, C, H, W) uint8 images (tensor or array) -> one PNG grid, written atomically."""
-    images = torch.as_tensor(images).cpu()
+    images = np.asarray(torch.as_tensor(images).cpu(), dtype=np.uint8)
     n, channels, height, width = images.shape
     columns = columns or max(1, int(np.ceil(np.sqrt(n))))
     rows = -(-n // columns)
-    grid = torch.zeros(rows * columns, channels, height, width, dtype=torch.uint8)
-    grid[:n] = images
-    grid = grid.view(rows, columns, channels, height, width).permute(0, 3, 1, 4, 2)
-    grid = grid.reshape(rows * height, columns * width, channels).numpy()
+    grid = np.concatenate([images, np.zeros((rows * columns - n, *images.shape[1:]), np.uint8)])
+    grid = grid.reshape(rows, columns, channels, height, width).transpose(0, 3, 1, 4, 2)
+    grid = grid.reshape(rows * height, columns * width, channels)
     buffer = io.BytesIO()
     PIL.Image.fromarray(grid[:, :, 0] if channels == 1 else grid).save(buffer, format='png')
     nets.write_atomic(path, buffer.getvalue())
 
-
 def write_run_files(run_dir, cfg_dict, preview_images=None, **facts):
-    """The files every run folder starts with (CONTRACT.md): config.json (the resolved config under
-    "config", with the command line, versions and `facts` such as the network config), source.py
-    (this script as it ran) and data-preview.png (training images as the network sees them,
-    corrupted). Rank 0 only."""
+    """Rank 0: config.json (the config under "config", the command line, versions, `facts`),
+    source.py (this script as it ran), data-preview.png (training images as the net sees them)."""
     if get_rank() != 0:
         return
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
@@ -1806,21 +1532,18 @@ def write_run_files(run_dir, cfg_dict, preview_images=None, **facts):
     if preview_images is not None:
         save_grid(preview_images, os.path.join(run_dir, 'data-preview.png'))
 
-
 def save_training_state(path, state):
     """A dict of tensors and plain values -> path, atomically (a kill keeps the old file)."""
     nets.write_atomic(path, lambda file: torch.save(state, file))
 
-
 def load_training_state(path, flag='--resume'):
-    """A training state written by save_training_state, read with weights_only=True (no code runs
-    from the file); any problem is one line (UserError)."""
+    """A save_training_state file, read with weights_only=True (no code runs); UserError if bad."""
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except FileNotFoundError:
         raise UserError(f'{flag}: no file {path}') from None
     except Exception as error:  # truncated, not a torch file, a pickle of objects: one line
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UserError(f'{flag}: cannot read {path} ({reason})') from None
     if not isinstance(state, dict) or 'cur_nimg' not in state:
         raise UserError(f'{flag}: {path} is not a training state of {os.path.basename(__file__)}')
@@ -1830,25 +1553,17 @@ def load_training_state(path, flag='--resume'):
 # --------------------------------------------------------------------------------------------------
 # Stopping: SIGINT / SIGTERM -> a training state at the next step boundary
 
-
 class StopSignal:
-    """Turns Ctrl-C (SIGINT) and SIGTERM (a cluster's preemption, torchrun's shutdown) into a
-    request that the training loop honours at the next step boundary: save a training state, print
-    one line, exit 128 + signal: 130 for SIGINT, 143 for SIGTERM, the shell's codes for a stopped
-    process, so that `train && eval` does not go on to evaluate a run that did not finish.
-    A second signal, a second or more after the first, exits at once without saving (the next run
-    takes over the lock of the dead process); one within that second is the same Ctrl-C, which
-    torchrun forwards to its workers once more.
-
-    With torchrun, all ranks must stop at the same step, or the others wait for ever in their next
-    all_reduce. check() therefore all_reduces the flag once every `every` steps, the same steps on
-    every rank. That is a host sync, so not every step: a stop comes at most `every` steps late,
-    and torchrun kills its workers 30 s after a signal, so `every` steps and the save must fit in
-    30 s. One process needs no agreement and stops at the very next step."""
+    """Ctrl-C (SIGINT) or SIGTERM (preemption, torchrun's shutdown) -> at the next step boundary:
+    save a training state, one line, exit 128 + signal (130 / 143: the shell's codes for a stopped
+    process, so `train && eval` does not evaluate an unfinished run). A second signal over a second
+    later exits at once without saving (within it, it is the Ctrl-C that torchrun forwards again).
+    All ranks must stop at the same step or the others hang in their next all_reduce: check()
+    all_reduces the flag every `every` steps on every rank (a host sync, so not every step).
+    torchrun kills its workers 30 s after a signal: `every` steps and the save must fit in 30 s."""
 
     def __init__(self, every=10):
-        self.every, self.calls, self.signum, self.first_time = every, 0, None, 0.0
-        self.previous = {}
+        self.every, self.calls, self.signum, self.first_time, self.previous = every, 0, None, 0, {}
         if threading.current_thread() is threading.main_thread():  # else signal() fails
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self.previous[signum] = signal.signal(signum, self._handle)
@@ -1869,7 +1584,7 @@ class StopSignal:
         return self.signum is not None
 
     def check(self):
-        """Call once per step on every rank: True when the run should stop now (all ranks agree)."""
+        """Once per step on every rank: True when the run should stop now (all ranks agree)."""
         self.calls += 1
         if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
             return self.requested
@@ -1877,19 +1592,16 @@ class StopSignal:
             return False
         backend = torch.distributed.get_backend()
         flag = torch.tensor([self.signum or 0], device='cuda' if backend == 'nccl' else 'cpu')
-        # The host sync, once every `every` steps.
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # the host sync
         self.signum = int(flag.item()) or None
         return self.requested
 
     def exit(self, log, state_path, cur_nimg):
-        """The one line, then exit 128 + signal (the lock is released by atexit)."""
-        name = signal.Signals(self.signum).name
-        log(f'stopped by {name} at kimg {cur_nimg / 1000:g}: state saved to {state_path}; '
-            f'continue with --resume=auto')
-        code = 128 + self.signum
+        """The one line, then exit 128 + signal (run_main or atexit releases the lock)."""
+        log(f'stopped by {signal.Signals(self.signum).name} at kimg {cur_nimg / 1000:g}: state '
+            f'saved to {state_path}; continue with --resume=auto')
         self.close()
-        sys.exit(code)
+        sys.exit(128 + self.signum)
 
     def close(self):
         for signum, handler in self.previous.items():
@@ -1902,8 +1614,7 @@ class StopSignal:
     def __exit__(self, *exc):
         self.close()
 
-
-# ==== END canonical block v2 ======================================================================
+# ==== END canonical block v3 ======================================================================
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1911,11 +1622,14 @@ class StopSignal:
 
 
 class AnyValueBut(dict):
-    """A refusal of every official value but one (a non-empty --wandb_id), for Official.refuse."""
+    """Official.refuse for every value but `allowed` (a non-empty --wandb_id)."""
 
     def __init__(self, allowed, why):
         super().__init__({f'anything but {allowed!r}': why})
         self.allowed, self.why = allowed, why
+
+    def get(self, value, default=None):
+        return default if value == self.allowed else self.why
 
     def __contains__(self, value):
         return value != self.allowed
@@ -1936,27 +1650,28 @@ TRAIN_SAME = ('outdir data cond cbase cres lr ema dropout augment max_grad_norm 
               'batch')
 EVAL_SAME = ('network training_options_loc outdir seeds subdirs batch corruption_probability '
              'delta_probability num_masks guidance_scale mask_full_rgb experiment_name ref num '
-             'seed eval_step skip_generation skip_calculation num_classes steps sigma_min sigma_max rho '
+             'seed eval_step skip_generation skip_calculation num_classes steps sigma_min '
+             'sigma_max rho '
              'S_churn S_min S_max S_noise')
+NO_DOWNSCALE = ('the official dataset.py rejects it too; use --corruption_pattern=dust, box, '
+                'fixed_box or keep_patch')
 OFFICIAL_FLAGS = {
     'train': {
         **{f'--{name}': ours(name) for name in TRAIN_SAME.split()},
         '--arch': ours('arch', refuse={'ncsnpp': DDPMPP_ONLY, 'adm': DDPMPP_ONLY}),
         '--precond': ours('precond', refuse={'vp': NOT_AMBIENT, 've': NOT_AMBIENT}),
-        '--corruption_pattern': ours('corruption_pattern', refuse={
-            'downscale': 'the official dataset.py rejects it too; use --corruption_pattern=dust, '
-                         'box, fixed_box or keep_patch'}),
+        '--corruption_pattern': ours('corruption_pattern', refuse={'downscale': NO_DOWNSCALE}),
         '--duration': ours('kimg', lambda mimg: float(max(int(mimg * 1000), 1)),
                            'Mimg -> kimg, max(int(1000 x Mimg), 1) as official', type=float),
-        '--batch-gpu': ours('batch_gpu'),
-        '--dry-run': ours('dry_run'),
+        '--batch-gpu': ours('batch_gpu'), '--dry-run': ours('dry_run'),
         '-n': ours('dry_run'),
         '--fp16': ours('precision', {False: 'fp32'}, 'False = --precision=fp32', type=parse_bool,
                        refuse={True: 'fp16 training is not offered; use --precision=bf16'}),
         '--cache': ignored('always in memory', type=parse_bool, refuse={False: IN_MEMORY},
                            group='data and corruption'),
         **{f'--{name}': ignored('parsed and unused by the official train.py too', type=float,
-                                group='sampling') for name in 'S_churn S_min S_max S_noise'.split()},
+                                group='sampling') for name in ('S_churn', 'S_min', 'S_max',
+                                                               'S_noise')},
         '--wandb_id': ignored(refuse=NO_WANDB),
     },
     'eval': {
@@ -1971,8 +1686,7 @@ OFFICIAL_FLAGS = {
     'neighbors': {
         **{f'--{name}': ours(name)
            for name in 'data features_path max_size workers batch normalize'.split()},
-        '--input_dir': ours('images'),
-        '--output_dir': ours('outdir'),
+        '--input_dir': ours('images'), '--output_dir': ours('outdir'),
         '--batch-gpu': ours('batch_gpu'),
         '--cache': ignored('always in memory', type=parse_bool, refuse={False: IN_MEMORY},
                            group='evaluation'),
@@ -1992,37 +1706,35 @@ def parse_train_args(argv):
 def check_config(cfg):
     """Range checks of the training flags: the first failure is the one error line. Returns a new
     Config (never changes the one it checks)."""
-    require(0 <= cfg.corruption_probability < 1, '--corruption_probability must be in [0, 1)')
-    require(0 <= cfg.delta_probability < 1, '--delta_probability must be in [0, 1)')
-    require(cfg.corruption_pattern in PATTERNS,
-            f'--corruption_pattern must be one of {", ".join(PATTERNS)}')
-    require(cfg.norm in (1, 2), '--norm must be 1 or 2')
-    require(cfg.precond in ('ambient', 'edm'), '--precond must be ambient or edm')
-    require(cfg.augment_mode in ('joint', 'official'), '--augment_mode must be joint or official')
-    require(0 <= cfg.augment <= 1 and 0 <= cfg.dropout <= 1,
-            '--augment and --dropout must be in [0, 1]')
-    require(cfg.batch >= 1 and cfg.batch_gpu >= 0, '--batch must be >= 1 and --batch_gpu >= 0')
-    require(
-        min(cfg.lr, cfg.lr_rampup_kimg, cfg.weight_decay, cfg.max_grad_norm, cfg.ema,
-            cfg.ema_rampup_ratio) >= 0, '--lr, --lr_rampup_kimg, --weight_decay, --max_grad_norm, '
-        '--ema and --ema_rampup_ratio must be >= 0')
-    require(
-        min(cfg.P_std, cfg.sigma_data, cfg.ls) > 0, '--P_std, --sigma_data and --ls must be > 0')
-    require(
-        min(cfg.kimg, cfg.tick, cfg.snap, cfg.dump) > 0,
-        '--kimg, --tick, --snap and --dump must be > 0')
-    require(
-        cfg.steps >= 2 and min(cfg.grid, cfg.max_size, cfg.num_classes) >= 0 and cfg.workers >= 1,
-        '--steps must be >= 2, --workers >= 1, --grid, --max_size and --num_classes >= 0')
-    require(cfg.precision in ('', 'fp32', 'bf16'), '--precision must be fp32 or bf16')
-    require(
-        re.fullmatch(r'(\d+,)*\d+', cfg.cres) is not None or cfg.cres == '',
-        '--cres must look like 1,2,2,2')
-    require(cfg.arch == 'ddpmpp' or nets.UNET_PRESETS.get(cfg.arch, {}).get('arch') == 'ddpmpp',
-            f'--arch must be ddpmpp or a DDPM++ preset of nets.UNET_PRESETS, got {cfg.arch!r}')
-    require(not (cfg.transfer and cfg.resume),
-            '--transfer and --resume cannot be specified at the same time')
-    require(cfg.data, '--data is required')
+    P, lrs = PATTERNS, (cfg.lr, cfg.lr_rampup_kimg, cfg.weight_decay, cfg.max_grad_norm, cfg.ema,
+                        cfg.ema_rampup_ratio)
+    for ok, message in [
+            (0 <= cfg.corruption_probability < 1, '--corruption_probability must be in [0, 1)'),
+            (0 <= cfg.delta_probability < 1, '--delta_probability must be in [0, 1)'),
+            (cfg.corruption_pattern in P, f'--corruption_pattern must be one of {", ".join(P)}'),
+            (cfg.norm in (1, 2), '--norm must be 1 or 2'),
+            (cfg.precond in ('ambient', 'edm'), '--precond must be ambient or edm'),
+            (cfg.augment_mode in ('joint', 'official'), '--augment_mode must be joint or official'),
+            (0 <= min(cfg.augment, cfg.dropout) <= max(cfg.augment, cfg.dropout) <= 1,
+             '--augment and --dropout must be in [0, 1]'),
+            (cfg.batch >= 1 and cfg.batch_gpu >= 0, '--batch must be >= 1 and --batch_gpu >= 0'),
+            (min(lrs) >= 0, '--lr, --lr_rampup_kimg, --weight_decay, --max_grad_norm, --ema and '
+             '--ema_rampup_ratio must be >= 0'),
+            (min(cfg.P_std, cfg.sigma_data, cfg.ls) > 0,
+             '--P_std, --sigma_data and --ls must be > 0'),
+            (min(cfg.kimg, cfg.tick, cfg.snap, cfg.dump) > 0,
+             '--kimg, --tick, --snap and --dump must be > 0'),
+            (cfg.steps >= 2 and min(cfg.grid, cfg.max_size, cfg.num_classes) >= 0
+             and cfg.workers >= 1,
+             '--steps must be >= 2, --workers >= 1, --grid, --max_size and --num_classes >= 0'),
+            (cfg.precision in ('', 'fp32', 'bf16'), '--precision must be fp32 or bf16'),
+            (re.fullmatch(r'((\d+,)*\d+)?', cfg.cres), '--cres must look like 1,2,2,2'),
+            (cfg.arch == 'ddpmpp' or nets.UNET_PRESETS.get(cfg.arch, {}).get('arch') == 'ddpmpp',
+             f'--arch must be ddpmpp or a DDPM++ preset of nets.UNET_PRESETS, got {cfg.arch!r}'),
+            (not (cfg.transfer and cfg.resume),
+             '--transfer and --resume cannot be specified at the same time'),
+            (cfg.data, '--data is required')]:
+        require(ok, message)
     return dataclasses.replace(cfg)
 
 
@@ -2099,26 +1811,9 @@ class NeighborsConfig(SamplingConfig):
     fid_weights: str = ''                 # Inception weights (default: $FID_WEIGHTS or a download)
 
 
-def generate_parser():
-    return make_parser(
-        'generate', GenerateConfig, OFFICIAL_FLAGS['generate'],
-        description='One PNG per seed from a snapshot; image k depends on seed k only.')
-
-
-def eval_parser():
-    return make_parser(
-        'eval', EvalConfig, OFFICIAL_FLAGS['eval'], description='FID and other fid.py '
-        'metrics of a snapshot, or of every snapshot in a folder (official eval.py).')
-
-
-def neighbors_parser():
-    return make_parser(
-        'neighbors', NeighborsConfig, OFFICIAL_FLAGS['neighbors'], description='Nearest '
-        'clean training images of generated ones (official find_dataset_neighbors.py).')
-
-
-def check_sampling_config(args):
-    """The sampling flags' ranges: one line, before anything is read or written."""
+def parse_sampling(command, config_class, argv):
+    """generate / eval / neighbors flags, range-checked in one line before anything is read."""
+    args = parse_config(command, config_class, argv, OFFICIAL_FLAGS[command])
     for name in ('corruption_probability', 'delta_probability'):
         value = getattr(args, name)
         require(value is None or 0 <= value < 1, f'--{name} must be in [0, 1)')
@@ -2128,16 +1823,15 @@ def check_sampling_config(args):
                 args.S_noise) >= 0 and args.sigma_min < args.sigma_max,
             '--sigma_min < --sigma_max, --rho and the --S_* flags must be >= 0')
     require(args.sampler in ('ambient', 'edm'), '--sampler must be ambient or edm')
-    require(args.corruption_pattern in PATTERNS + (None,), f'--corruption_pattern must be one of '
-            f'{", ".join(PATTERNS)}')
+    require(args.corruption_pattern in PATTERNS + (None,),
+            f'--corruption_pattern must be one of {", ".join(PATTERNS)}')
     require(args.precision in ('', 'fp32', 'bf16'), '--precision must be fp32 or bf16')
-    return dataclasses.replace(args)
+    return args
 
 
 def print_dry_run(cfg):
-    """--dry_run: the resolved config, the network (built on the meta device: no memory, no data
-    read; resolution and classes from the arch and the preset) and the official train.py's
-    training_options for the same flags. Touches neither the disk nor the network."""
+    """--dry_run: the resolved config, the network (built on the meta device; resolution and
+    classes from the arch and the preset) and the official train.py's training_options."""
     print(json.dumps(dataclasses.asdict(cfg), indent=2))
     resolution = nets.UNET_PRESETS['ddpmpp-cifar10' if cfg.arch == 'ddpmpp' else cfg.arch][
         'img_resolution']
@@ -2148,73 +1842,49 @@ def print_dry_run(cfg):
     unet = net_config['unet']
     print(f'Network: {unet["arch"]}, channel_mult {list(unet["channel_mult"])}, model_channels '
           f'{unet["model_channels"]}, {count:,} parameters at {resolution}x{resolution}x3'
-          + (f', {label_dim} classes' if label_dim else '') + ' (the data decide the size)')
-    print('Official training options (train.py --dry-run; resolution and max_size come with the '
+          + (f', {label_dim} classes' if label_dim else '') + ' (the data decide the size)\n'
+          'Official training options (train.py --dry-run; resolution and max_size come with the '
           'data):')
     print(json.dumps(nets.ambient_training_options(cfg), indent=2))
 
 
 # --------------------------------------------------------------------------------------------------
-# Data reading
+# Data and network files
 
 
 def load_images(path, cache_dir='', workers=4):
-    """Images (N, H, W, 3) uint8 and labels (N,) int64 or None, in file-name order (as EDM), through
-    fid.read_image_set: a folder, an EDM zip, an .npz (x, y) or the word cifar10 (downloaded once,
-    md5-checked at every use). Images must be square."""
-    if path != 'cifar10' and not os.path.exists(path):
-        raise UserError(f'--data: {path} does not exist')
+    """Square images (N, 3, H, W) uint8 tensor and labels (N,) int64 array or None, in file-name
+    order (as EDM), through fid.read_image_set: a folder, an EDM zip, an .npz (x, y) or cifar10."""
+    require(path == 'cifar10' or os.path.exists(path), f'--data: {path} does not exist')
     try:
         images, labels = fid.read_image_set(path, cache_dir or None, rgb=True, workers=workers)
     except (ValueError, FileNotFoundError) as error:
         raise UserError(f'--data: {" ".join(str(error).split())}')
-    if images.shape[2] != images.shape[3]:
-        raise UserError(f'--data: images must be square, got {images.shape[2]}x{images.shape[3]}')
-    return images.transpose(0, 2, 3, 1), labels
+    require(images.shape[2] == images.shape[3],
+            f'--data: images must be square, got {images.shape[2]}x{images.shape[3]}')
+    return torch.from_numpy(images), labels
 
 
-# --------------------------------------------------------------------------------------------------
-# Network files
-
-
-def fetch(source, flag, cache_dir=''):
-    """A local path for a path or an http(s) URL (downloaded once into the cache by
-    nets.resolve_source); one line when it is missing or cannot be downloaded."""
-    if source.startswith(('http://', 'https://')):
-        try:
-            return nets.resolve_source(source, cache_dir=cache_dir or None)
-        except Exception as error:  # offline, 404, size mismatch: nets' message names the URL
-            raise UserError(f'{flag}: {" ".join(str(error).split())}')
-    if not os.path.exists(source):
-        raise UserError(f'{flag}: {source} does not exist')
-    return source
+def official_subset(count, max_size):
+    """The images the official --max_size keeps: a RandomState(0) shuffle, the first max_size,
+    sorted (all when max_size is 0)."""
+    indices = np.arange(count)
+    if 0 < max_size < count:
+        np.random.RandomState(0).shuffle(indices)
+        indices = np.sort(indices[:max_size])
+    return indices
 
 
 def load_network(source, device, cache_dir='', flag='--network', training_options=None):
-    """A snapshot -> (Precond in eval mode, its network config): our network-snapshot-*.pt or an
-    official network-snapshot-*.pkl (path or URL), read without running code in it. An official
-    pickle's corruption settings: nets.load_ambient_pickle."""
-    path = fetch(source, flag, cache_dir)
-    if os.path.isdir(path):
-        raise UserError(f'{flag}: {source} is a folder; give a network-snapshot-*.pt or *.pkl file')
-    if os.path.getsize(path) == 0:
-        raise UserError(f'{flag}: {source} is empty (0 bytes)')
+    """A snapshot (our network-snapshot-*.pt or an official *.pkl, path or URL) -> (Precond in eval
+    mode, its network config), read by nets.read_ambient_snapshot without running file code."""
     try:
-        if not zipfile.is_zipfile(path):  # torch.save writes zip archives; anything else: a pickle
-            unet, net_config = nets.load_ambient_pickle(path, source, training_options,
-                                                        cache_dir or None)
-            net = Precond(unet, sigma_data=net_config['sigma_data'])
-        else:
-            snapshot = torch.load(path, map_location='cpu', weights_only=True)
-            if not isinstance(snapshot, dict) or not {'config', 'ema'} <= set(snapshot):
-                state = isinstance(snapshot, dict) and 'optimizer' in snapshot
-                kind = 'a training state' if state else 'not a snapshot'
-                raise UserError(f'{source} is {kind}; give a network-snapshot-*.pt of ambient.py')
-            net_config = snapshot['config']
-            # Built on the meta device and checked against the file's tensors before any memory.
-            net = nets.build_checked(lambda: build_network(net_config), snapshot['ema'], source)
-    except (ValueError, RuntimeError, pickle.UnpicklingError, EOFError, UserError) as error:
-        raise UserError(f'{flag}: {" ".join(str(error).split())}')
+        net, net_config = nets.read_ambient_snapshot(source, build_network, training_options,
+                                                     cache_dir or None)
+    except (ValueError, FileNotFoundError) as error:
+        raise UserError(f'{flag}: {error}')
+    if not isinstance(net, Precond):  # an official pickle's UNet
+        net = Precond(net, sigma_data=net_config['sigma_data'])
     cuda = torch.device(device).type == 'cuda'  # NHWC convolutions on tensor cores, as in training
     net.to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
     return net.eval().requires_grad_(False), net_config
@@ -2227,14 +1897,11 @@ def transfer_weights(net, source, cache_dir=''):
     own, theirs = net.state_dict(), loaded.state_dict()
     matching = {k: v for k, v in theirs.items() if k in own}
     wrong = [k for k, v in matching.items() if own[k].shape != v.shape]
-    if wrong:
-        raise UserError(
-            f'--transfer: {wrong[0]} of {source} has shape '
+    require(not wrong, wrong and f'--transfer: {wrong[0]} of {source} has shape '
             f'{tuple(theirs[wrong[0]].shape)}, this network {tuple(own[wrong[0]].shape)} '
             '(another --arch, --cbase, --cres or resolution?)')
-    if not matching:
-        raise UserError(f'--transfer: no tensor of {source} fits this network (another --arch, '
-                        '--cres or size?)')
+    require(matching, f'--transfer: no tensor of {source} fits this network (another --arch, '
+            '--cres or size?)')
     net.load_state_dict(matching, strict=False)
 
 
@@ -2251,23 +1918,10 @@ def run_description(cfg):
             + (f'-{cfg.desc}' if cfg.desc else ''))
 
 
-def open_run_in(folder, resume, log):
-    """--nosubdir (official): the run folder is --outdir itself, locked by rank 0; --resume=auto
-    continues its latest training state."""
-    lock = state = None
-    if get_rank() == 0:
-        os.makedirs(folder, exist_ok=True)
-        lock = RunLock(folder)
-        state = latest_training_state(folder) if resume == 'auto' else resume or None
-    run = Run(folder, broadcast_object(state), f'--nosubdir: the run folder is {folder}', lock)
-    log(run.reason)
-    return run
-
-
 def start_run_files(cfg, run, log, data, net_config, world, cur_nimg):
     """log.txt (a separator where a resumed run continues), stats.jsonl trimmed to the state,
-    config.json, source.py, data-preview.png (the training images as the network sees them) and
-    the official training_options.json."""
+    config.json, source.py, data-preview.png (the corrupted training images) and the official
+    training_options.json."""
     log.open(os.path.join(run.dir, 'log.txt'))
     if run.state:
         log(resumed_line(run.state, cur_nimg))
@@ -2281,70 +1935,31 @@ def start_run_files(cfg, run, log, data, net_config, world, cur_nimg):
                           json.dumps(options, indent=2).encode())
 
 
-def report_tick(log, run_dir, stats, device, cur_nimg, cur_tick, total_nimg, lr, start_time,
-                tick_start_time, tick_start_nimg):
-    """The progress line and the stats.jsonl entry of one tick (the tick's one host sync)."""
-    tick_stats = stats.read()  # the host sync first: the tick's time includes all its GPU work
-    tick_time = time.time() - tick_start_time
-    sec_per_kimg = tick_time / (cur_nimg - tick_start_nimg) * 1e3
-    gpumem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else 0.0
-    entry = dict(kimg=cur_nimg / 1e3, tick=cur_tick, time=time.time() - start_time,
-                 sec_per_kimg=sec_per_kimg, lr=lr,
-                 img_per_sec=(cur_nimg - tick_start_nimg) / tick_time, **tick_stats,
-                 gpumem_gb=gpumem)
-    log(f'kimg {entry["kimg"]:.1f} | time {format_time(entry["time"])} | sec/kimg '
-        f'{sec_per_kimg:.3g} | ETA {format_time((total_nimg - cur_nimg) / 1e3 * sec_per_kimg)} | '
-        f'loss {entry["loss"]:.4g} | lr {lr:.1e} | img/s {entry["img_per_sec"]:.0f} | gpumem '
-        f'{gpumem:.1f}G | erased A {entry["erased_A"]:.3f} A~ {entry["erased_A_tilde"]:.3f} | '
-        'loss by sigma '
-        + ' '.join('-' if v is None else f'{v:.3g}' for v in entry['loss_by_sigma'].values()))
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(device)
-    if get_rank() == 0:
-        with open(os.path.join(run_dir, 'stats.jsonl'), 'a') as file:
-            file.write(json.dumps(entry) + '\n')
-
-
-def training_state(cfg, cur_nimg, cur_tick, net, ema, optimizer, rank, world, device):
-    """All that resuming needs, on rank 0 (None elsewhere): weights, optimizer, image count, tick
-    and every rank's dropout generator (gathered: call it on every rank)."""
+def save_state(cfg, run_dir, cur_nimg, cur_tick, net, ema, optimizer, rank, world, device,
+               net_config=None, precision='fp32'):
+    """training-state-<kimg>.pt (weights, optimizer, counters, every rank's dropout generator;
+    call it on every rank); with net_config also samples-<kimg>.png (fixed seeds) and
+    network-snapshot-<kimg>.pt (EMA weights and the network config: all that generate and eval
+    need). Returns the state's path (None on other ranks)."""
     rng = [(torch.get_rng_state(),
             torch.cuda.get_rng_state(device) if device.type == 'cuda' else None)] * world
     if world > 1:
         torch.distributed.all_gather_object(rng, rng[0])
     if rank != 0:
         return None
-    return dict(net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                cur_nimg=cur_nimg, cur_tick=cur_tick, rng_cpu=[r[0] for r in rng],
-                rng_cuda=[r[1] for r in rng], config=dataclasses.asdict(cfg))
-
-
-def save_state(run_dir, cur_nimg, cur_tick, cfg, **resume):
-    """training-state-<kimg>.pt now (a stop signal); returns its path (None on other ranks)."""
-    state = training_state(cfg, cur_nimg, cur_tick, **resume)
-    if state is None:
-        return None
-    path = os.path.join(run_dir, f'training-state-{kimg_tag(cur_nimg)}.pt')
-    save_checked(path, state)
-    return path
-
-
-def save_snapshot(cfg, run_dir, net_config, cur_nimg, cur_tick, precision, **resume):
-    """samples-<kimg>.png (fixed seeds), network-snapshot-<kimg>.pt (EMA weights and the network
-    config: all that generate and eval need) and training-state-<kimg>.pt; returns the state's
-    path (None on other ranks)."""
-    state = training_state(cfg, cur_nimg, cur_tick + 1, **resume)
-    if state is None:
-        return None
-    kimg, ema = kimg_tag(cur_nimg), resume['ema']
-    if cfg.grid:
-        grid = generate_images(ema, net_config, list(range(cfg.grid)), resume['device'],
-                               steps=cfg.steps, precision=precision)
+    kimg = kimg_tag(cur_nimg)
+    if net_config and cfg.grid:
+        grid = generate_images(ema, net_config, list(range(cfg.grid)), device, steps=cfg.steps,
+                               precision=precision)
         save_grid(grid, os.path.join(run_dir, f'samples-{kimg}.png'))
-    save_checked(os.path.join(run_dir, f'network-snapshot-{kimg}.pt'),
-                 dict(config=net_config, ema=ema.state_dict()))
+    if net_config:
+        save_checked(os.path.join(run_dir, f'network-snapshot-{kimg}.pt'),
+                     dict(config=net_config, ema=ema.state_dict()))
     path = os.path.join(run_dir, f'training-state-{kimg}.pt')
-    save_checked(path, state)
+    save_checked(path, dict(net=net.state_dict(), ema=ema.state_dict(),
+                            optimizer=optimizer.state_dict(), cur_nimg=cur_nimg, cur_tick=cur_tick,
+                            rng_cpu=[r[0] for r in rng], rng_cuda=[r[1] for r in rng],
+                            config=dataclasses.asdict(cfg)))
     return path
 
 
@@ -2367,12 +1982,11 @@ def restore_state(path, net, ema, optimizer, rank, world, device):
     cur_tick). Dropout generators are restored when the number of processes is unchanged."""
     if not path:
         return 0, 0
-    if not os.path.isfile(path) or os.path.getsize(path) == 0:
-        raise UserError(f'--resume: {path} ' + ('is empty (0 bytes)' if os.path.isfile(path) else
-                                                 'does not exist'))
+    require(os.path.isfile(path) and os.path.getsize(path) > 0, f'--resume: {path} '
+            + ('is empty (0 bytes)' if os.path.isfile(path) else 'does not exist'))
     state = load_training_state(path)
-    if not {'net', 'ema', 'optimizer', 'cur_tick'} <= set(state):
-        raise UserError(f'--resume: {path} is not a training state of ambient.py')
+    require({'net', 'ema', 'optimizer', 'cur_tick'} <= set(state),
+            f'--resume: {path} is not a training state of ambient.py')
     try:
         net.load_state_dict(state['net'])
         ema.load_state_dict(state['ema'])
@@ -2391,13 +2005,6 @@ def restore_state(path, net, ema, optimizer, rank, world, device):
 # Images, seeds, fid.py errors
 
 
-def save_png(array, path):
-    """(H, W, C) uint8 -> PNG, written atomically."""
-    buffer = io.BytesIO()
-    PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(buffer, format='png')
-    nets.write_atomic(path, buffer.getvalue())
-
-
 def to_uint8(images):
     """[-1, 1] floats -> uint8 with EDM's rounding (x * 127.5 + 128, clipped)."""
     return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
@@ -2405,8 +2012,8 @@ def to_uint8(images):
 
 def derive_seed(*numbers):
     """A 63-bit seed from a tuple of integers (numpy's SeedSequence), for per-step generators."""
-    return int(
-        np.random.SeedSequence([int(n) for n in numbers]).generate_state(1, np.uint64)[0] >> 1)
+    state = np.random.SeedSequence([int(n) for n in numbers]).generate_state(1, np.uint64)
+    return int(state[0] >> 1)
 
 
 def fid_call(function, *args, **kwargs):
@@ -2415,14 +2022,6 @@ def fid_call(function, *args, **kwargs):
         return function(*args, **kwargs)
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         raise UserError(' '.join(str(error).split()))
-
-
-def save_pngs(outdir, seeds, images, subdirs=False):
-    """One PNG per seed, outdir/<seed>.png (outdir/<thousands>/<seed>.png with --subdirs)."""
-    for seed, image in zip(seeds, images.permute(0, 2, 3, 1).cpu().numpy()):
-        folder = os.path.join(outdir, f'{seed - seed % 1000:06d}') if subdirs else outdir
-        os.makedirs(folder, exist_ok=True)
-        save_png(image, os.path.join(folder, f'{seed:06d}.png'))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,7 @@
 """How much is a noisy image worth? Data Scaling Laws for Ambient Diffusion.
 
 Giannis Daras, Yeshwanth Cherapanamjeri, Constantinos Daskalakis. ICLR 2025, arXiv:2411.02780.
-Faithful to giannisdaras/ambient-laws (commit 0d6c349, ambient_utils 2fe0e13): EDM's networks,
-preconditioning and Heun sampler (Karras et al., NeurIPS 2022). Notes: docs/ambient_laws.md.
+As giannisdaras/ambient-laws (0d6c349): EDM's networks and sampler. Notes: docs/ambient_laws.md.
 
 The training set mixes clean images with images that carry Gaussian noise of known level sigma_n,
 y = x0 + sigma_n eps, drawn once per image. Clean images train with EDM's loss. A noisy image is
@@ -14,13 +13,12 @@ optional consistency loss teaches the levels below sigma_n. Sampling is plain ED
 10% clean + 90% noisy images nearly match 100% clean data (Table 1).
 
 Commands (the official train.py, generate.py and eval_fid.py command lines also run as written):
-    # CPU smoke run on 200 CIFAR-10 images, about a minute
     python ambient_laws.py --preset=tiny --data=tests/data/cifar10_tiny.npz \
         --sigma=0.2 --corruption_probability=0.9
     # 8 GPUs: CIFAR-10, each image noisy with probability 0.9 at sigma_n = 0.2 (Table 1)
     torchrun --standalone --nproc_per_node=8 ambient_laws.py --data=cifar10 --outdir=runs \
         --sigma=0.2 --corruption_probability=0.9 --resume=auto
-    # 50,000 samples of a released model, then FID and IS of the folder as eval_fid.py computes them
+    # 50,000 samples of a released model, then FID and IS of the folder as eval_fid.py does
     torchrun --standalone --nproc_per_node=8 ambient_laws.py generate --seeds=0-49999 --outdir=out \
         --network=giannisdaras/ambient_laws_celeba_sigma_0.05_corruption_0.1_keep_1.0
     torchrun --standalone --nproc_per_node=8 ambient_laws.py eval --gen_path=out \
@@ -53,7 +51,6 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import fid
 import nets
@@ -399,80 +396,6 @@ def sample_images(net, seeds, device, cfg, autocast):
 
 
 # --------------------------------------------------------------------------------------------------
-# EDM's augmentation (applied to clean and noisy images alike: docs/ambient_laws.md#augment)
-
-
-def _affine(ref, a=1.0, b=0.0, c=0.0, d=1.0, tx=0.0, ty=0.0):
-    """(B, 3, 3) matrices [[a, b, tx], [c, d, ty], [0, 0, 1]]; entries (B,) tensors or numbers."""
-    entries = [v if torch.is_tensor(v) else torch.full_like(ref, v)
-               for v in (a, b, tx, c, d, ty, 0.0, 0.0, 1.0)]
-    return torch.stack(entries, dim=-1).reshape(-1, 3, 3)
-
-
-def _rotate(theta):
-    return _affine(theta, theta.cos(), -theta.sin(), theta.sin(), theta.cos())
-
-
-@functools.lru_cache(maxsize=None)
-def _sym6(device):
-    """Low-pass filter of the sym6 wavelet (EDM's AugmentPipe), built once per device."""
-    return torch.tensor([0.015404109327027373, 0.0034907120842174702, -0.11799011114819057,
-                         -0.048311742585633, 0.4910559419267466, 0.787641141030194,
-                         0.3379294217276218, -0.07263752278646252, -0.021060292512300564,
-                         0.04472490177066578, 0.0017677118642428036, -0.007800708325034148],
-                        device=device)
-
-
-def augment(images, p, u, g):
-    """EDM's AugmentPipe as ambient-laws configures it (xflip=1e8, yflip, scale, rotate_frac,
-    aniso, translate_frac, each with probability p). images (B, C, H, W); u (B, 11) uniforms,
-    g (B, 4) normals. Returns the images and the 9 augmentation labels (B, 9)."""
-    B, C, H, W = images.shape
-    gate = lambda k, mult=1.0: u[:, k] < mult * p  # noqa: E731
-    zero = torch.zeros_like(u[:, 0])
-    # Pixel blitting: x-flip (always eligible, xflip=1e8), y-flip.
-    flip_x, flip_y = gate(0, 1e8) & (u[:, 1] < 0.5), gate(2) & (u[:, 3] < 0.5)
-    images = torch.where(flip_x.view(-1, 1, 1, 1), images.flip(3), images)
-    images = torch.where(flip_y.view(-1, 1, 1, 1), images.flip(2), images)
-    # Inverse warp G^-1 in pixels about the centre: scale, rotation, anisotropy, translation.
-    w_scale = torch.where(gate(4), g[:, 0], zero)
-    w_rot = torch.where(gate(5), (u[:, 6] * 2 - 1) * math.pi, zero)
-    w_aniso = torch.where(gate(7), g[:, 1], zero)
-    r_aniso = torch.where(u[:, 9] < 0.5, (u[:, 8] * 2 - 1) * math.pi, zero)
-    t = torch.where(gate(10).view(-1, 1), g[:, 2:4], zero.view(-1, 1))          # (B, 2)
-    s, a = (0.2 * w_scale).exp2(), (0.2 * w_aniso).exp2()
-    G_inv = (_affine(zero, 1 / s, d=1 / s) @ _rotate(w_rot) @ _rotate(-r_aniso)
-             @ _affine(zero, 1 / a, d=a) @ _rotate(r_aniso)
-             @ _affine(zero, tx=-t[:, 0] * W * 0.125, ty=-t[:, 1] * H * 0.125))  # (B, 3, 3)
-    labels = torch.stack([flip_x.float(), flip_y.float(), w_scale, w_rot.cos() - 1, w_rot.sin(),
-                          w_aniso * r_aniso.cos(), w_aniso * r_aniso.sin(), t[:, 0], t[:, 1]],
-                         dim=1)                                                 # (B, 9)
-    # Reflect-pad by EDM's largest margin (same result, no host sync), upsample 2x with sym6.
-    filt = _sym6(images.device).to(images.dtype)
-    images = F.pad(images, [W - 1, W - 1, H - 1, H - 1], mode='reflect')       # (B, C, 3H-2, 3W-2)
-    for dim in (3, 2):
-        images = torch.stack([images, torch.zeros_like(images)], dim=dim + 1).flatten(dim, dim + 1)
-        images = images.narrow(dim, 0, images.shape[dim] - 1)
-        kernel = filt.flip(0).view(1, 1, -1, 1) if dim == 2 else filt.flip(0).view(1, 1, 1, -1)
-        padding = (6, 0) if dim == 2 else (0, 6)
-        images = F.conv2d(images, kernel.repeat(C, 1, 1, 1), groups=C, padding=padding)
-    # Warp by bilinear sampling at 2x: G^-1 on the upsampled grid, then normalised coordinates.
-    size = [B, C, (H + 6) * 2, (W + 6) * 2]
-    G_inv = (_affine(zero, 2.0, d=2.0, tx=-0.5, ty=-0.5) @ G_inv
-             @ _affine(zero, 0.5, d=0.5, tx=0.25, ty=0.25))
-    G_inv = (_affine(zero, 2 / images.shape[3], d=2 / images.shape[2]) @ G_inv
-             @ _affine(zero, size[3] / 2, d=size[2] / 2))
-    grid = F.affine_grid(G_inv[:, :2, :], size, align_corners=False)
-    images = F.grid_sample(images, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
-    # Downsample 2x and crop the filter margin.
-    images = F.conv2d(images, filt.view(1, 1, 1, -1).repeat(C, 1, 1, 1), groups=C, stride=(1, 2),
-                      padding=(0, 5))
-    images = F.conv2d(images[:, :, :, 3:-3], filt.view(1, 1, -1, 1).repeat(C, 1, 1, 1), groups=C,
-                      stride=(2, 1), padding=(5, 0))
-    return images[:, :, 3:-3, :], labels                                        # (B, C, H, W)
-
-
-# --------------------------------------------------------------------------------------------------
 # Training loop
 
 STATS = ['loss', 'count', 'clean_loss', 'clean', 'noisy_loss', 'noisy', 'noisy_used', 'consistency',
@@ -562,8 +485,8 @@ def training_loop(cfg):
     # Run folder (created exclusively and locked; --resume=auto continues a run of this config).
     run = open_run(cfg.outdir, run_desc(cfg), dataclasses.asdict(cfg), cfg.resume, log,
                    cfg.nosubdir, resumable)
-    cfg, state = adopt_state(cfg, run, state, resumable)
-    cur_nimg, cur_tick, transferred = load_start(cfg, state, transfer, net, ema, optimizer)
+    cfg, state, cur_nimg, cur_tick, transferred = load_start(cfg, run, state, transfer, resumable,
+                                                             net, ema, optimizer)
     log.open(os.path.join(run.dir, 'log.txt'))
     if state is not None:
         trim_stats(run.dir, cur_nimg)
@@ -605,7 +528,7 @@ def training_loop(cfg):
                 y, y_sigma_n, y_labels = data.observed(index, round_idx)
                 aug_labels = None
                 if cfg.augment > 0:
-                    y, aug_labels = augment(y, cfg.augment, aug_u[rows], aug_g[rows])
+                    y, aug_labels = nets.edm_augment(y, cfg.augment, aug_u[rows], aug_g[rows])
                 last = round_idx == rounds - 1 or world == 1
                 with (contextlib.nullcontext() if last else ddp.no_sync()), autocast:
                     loss, x_t, sigma, x0_pred = ambient_loss(
@@ -672,32 +595,27 @@ def training_loop(cfg):
     pool.shutdown(wait=True)
     if world > 1:
         dist.barrier()
-    log(done_line(cur_nimg - start_nimg, ticks.elapsed()))
+    log(done_line(cur_nimg - start_nimg, time.time() - ticks.start_time))
 
 
 # --------------------------------------------------------------------------------------------------
 # Generation and evaluation
 
 
-def sampling_setup(cfg):
-    """Rank, world, device, the network and autocast of generate and eval: the official
-    generate.py sampler defaults (18 Heun steps, deterministic) unless flags override them."""
+def sampled_batches(cfg, seeds):
+    """This rank's batches (seeds, uint8 samples (B, C, H, W)) of --network, drawn lazily: EDM
+    generate.py's split of the seeds and sampler (18 Heun steps, fp32) unless flags say more."""
     require(cfg.network, '--network is required: network-snapshot-*.pt, an EDM .pkl, or a Hugging '
             'Face repo id or folder')
     rank, world, device = init_distributed(cfg.device)
     net, _ = load_network(cfg.network, device)
-    # fp32 unless --precision=bf16 is given here (the official samplers run fp32 networks).
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.precision == 'bf16')
     label_dim = net.unet.label_dim
     require(cfg.class_idx < label_dim, f'--class must be < {label_dim}' if label_dim else
             '--class needs a class-conditional network; this one has no labels')
-    return rank, world, device, net, autocast
-
-
-def rank_batches(seeds, batch, rank, world):
-    """This rank's batches of seeds (EDM generate.py): every rank gets the same number."""
-    num_batches = max((len(seeds) - 1) // (batch * world) + 1, 1) * world
-    return [b.tolist() for b in torch.as_tensor(seeds).tensor_split(num_batches)[rank::world]]
+    num_batches = max((len(seeds) - 1) // (cfg.batch * world) + 1, 1) * world
+    mine = [b.tolist() for b in torch.as_tensor(seeds).tensor_split(num_batches)[rank::world]]
+    return ((b, sample_images(net, b, device, cfg, autocast)) for b in mine if b)
 
 
 def generate(argv):
@@ -708,17 +626,11 @@ def generate(argv):
     if cfg.dry_run:
         return print0(json.dumps(dataclasses.asdict(cfg), indent=2))
     check_writable(cfg.outdir, '--outdir')
-    rank, world, device, net, autocast = sampling_setup(cfg)
-    for batch_seeds in rank_batches(seeds, cfg.batch, rank, world):
-        if not batch_seeds:
-            continue
-        images = sample_images(net, batch_seeds, device, cfg, autocast).cpu()
-        for seed, image in zip(batch_seeds, images):
-            folder = cfg.outdir
-            if cfg.subdirs:
-                folder = os.path.join(cfg.outdir, f'{seed - seed % 1000:06d}')
-            save_png(os.path.join(folder, f'{seed:06d}.png'), image)
-    if world > 1:
+    for batch_seeds, images in sampled_batches(cfg, seeds):
+        for seed, image in zip(batch_seeds, images.cpu()):
+            folder = os.path.join(cfg.outdir, f'{seed - seed % 1000:06d}') if cfg.subdirs else ''
+            save_grid(image[None], os.path.join(folder or cfg.outdir, f'{seed:06d}.png'))
+    if dist.is_initialized():
         dist.barrier()
     print0(f'Generated {len(seeds)} images in {cfg.outdir}')
 
@@ -729,19 +641,16 @@ def evaluate(argv):
     appends them to metrics.jsonl beside the network, or writes --out_path (with --gen_path:
     fid_out.json, official keys). Every check runs before the long pass."""
     cfg = command_config('eval', argv)
-    num_given = any(arg.startswith('--num') for arg in argv)
-    if bool(cfg.gen_path) == bool(cfg.network):
-        raise UserError('eval needs --network (sample from it) or --gen_path (a folder of images), '
-                        'not both')
+    require(bool(cfg.gen_path) != bool(cfg.network), 'eval needs --network (sample from it) or '
+            '--gen_path (a folder of images), not both')
     require(bool(cfg.ref) != bool(cfg.ref_path), 'eval needs --ref (official: --ref_stats; '
             'statistics .npz or URL) or --ref_path (reference images)')
     if cfg.dry_run:
         return print0(json.dumps(dataclasses.asdict(cfg), indent=2))
     metrics = (cfg.metrics or ('fid,is' if cfg.gen_path else 'fid')).split(',')
     out_path = cfg.out_path or ('fid_out.json' if cfg.gen_path else '')
-    metrics_folder = (os.path.dirname(os.path.abspath(cfg.network)) if os.path.isfile(cfg.network)
-                      else '.')
-    check_writable(out_path or metrics_folder,
+    folder = os.path.dirname(os.path.abspath(cfg.network)) if os.path.isfile(cfg.network) else '.'
+    check_writable(out_path or folder,
                    '--out_path' if out_path else 'metrics.jsonl beside --network')
     rank, world, device = init_distributed(cfg.device)
     try:
@@ -750,6 +659,7 @@ def evaluate(argv):
         source = fid.ImageSource(cfg.gen_path) if cfg.gen_path else None
         # eval_fid.py preprocesses as EDM (TF Inception on uint8) and uses the whole folder.
         preprocess = cfg.preprocess or ('tf' if cfg.gen_path and not cfg.protocol else None)
+        num_given = any(arg.startswith('--num') for arg in argv)
         num = len(source) if source is not None and not num_given else cfg.num
         protocol = fid.resolve_protocol(cfg.protocol or None, preprocess, ref, metrics, detector,
                                         num=num, available=len(source) if source else None)
@@ -759,10 +669,8 @@ def evaluate(argv):
         indices = np.array_split(fid.select_images(len(source), protocol), world)[rank]
         batches = fid.image_batches(source, indices, cfg.batch, cfg.workers)
     else:
-        net, autocast = sampling_setup(cfg)[3:]
         seeds = list(range(protocol['num'] or cfg.num))
-        batches = (sample_images(net, b, device, cfg, autocast)
-                   for b in rank_batches(seeds, cfg.batch, rank, world) if b)
+        batches = (images for _, images in sampled_batches(cfg, seeds))
     try:
         results = fid.compute_metrics(batches, ref, metrics=metrics, detector=detector,
                                       device=device, num_images=protocol['num'], protocol=protocol)
@@ -777,7 +685,7 @@ def evaluate(argv):
         if out_path:
             nets.write_atomic(out_path, (json.dumps(result) + '\n').encode())
         else:
-            with open(os.path.join(metrics_folder, 'metrics.jsonl'), 'a') as f:
+            with open(os.path.join(folder, 'metrics.jsonl'), 'a') as f:
                 f.write(json.dumps(result) + '\n')
 
 
@@ -792,70 +700,52 @@ def train(argv):
 
 
 def main(argv=None):
-    run_main({'train': (train, 'train on a mix of clean and noisy images (the default command)'),
-              'generate': (generate, 'one PNG per seed from a network (ours, an EDM .pkl or a '
-                                     'Hugging Face checkpoint)'),
-              'eval': (evaluate, "FID (and IS, ...) of a network's samples, drawn in memory, or "
-                                 "of a folder of images (--gen_path)")}, argv, TITLE)
+    functions = {'train': train, 'generate': generate, 'eval': evaluate}
+    run_main({name: (functions[name], text) for name, text in COMMANDS.items()}, argv, TITLE)
 
 
 # ---- Below: plumbing (files, flags, processes); not needed to understand the method
 
-# ==== BEGIN canonical block (paste unchanged below the banner) ====================================
+# ==== BEGIN canonical block v3 (paste unchanged below the banner) =================================
 # Errors and main
 
-
 class UserError(Exception):
-    """Bad input: a flag, a data set, a checkpoint, an output folder. `main` prints
-    `<script>: error: <message>` on one line and exits 2 (argparse's code); every check raises it
-    before anything is written."""
-
+    """Bad input (a flag, data, a checkpoint, a folder), raised before anything is written."""
 
 def require(ok, message):
     """The one-line check of check_config: `require(cfg.lr > 0, '--lr must be > 0')`."""
     if not ok:
         raise UserError(message)
 
-
-def top_level_help(commands, title='', note=''):
-    """`python X.py --help`: usage line, paper, one line per command, where the flags are."""
-    script = os.path.basename(__file__)
-    lines = [f'usage: {script} [COMMAND] [--flag=value ...]'] + ([title] if title else [])
-    lines.append('commands:')
-    lines += [f'  {name:<10} {text}' for name, (_, text) in commands.items()]
-    lines += [note] if note else []
-    lines.append(f"Run 'python {script} COMMAND --help' for the flags of a command.")
-    return '\n'.join(lines)
-
-
 def run_main(commands, argv=None, title='', note=''):
-    """The body of every script's `main`. commands: {name: (function(argv), one-line description)};
-    the first is the default, so `python X.py --flag=...` trains. Bad input (UserError) is one line
-    and exit 2; a failure while running (a full disk, a folder removed: OSError) one line and exit
-    1; an interrupt outside the training loop's StopSignal one line and exit 130. Only rank 0
-    prints; every rank exits with the same code."""
+    """The body of every `main`; commands = {name: (function(argv), one-line text)}, the first is
+    the default. A failure is one line from rank 0 and the same exit code on every rank: 2 bad
+    input (UserError), 1 a failure while running (OSError: a full disk), 130 an interrupt outside
+    StopSignal."""
     argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
-    if argv[:1] in (['-h'], ['--help']):
-        print(top_level_help(commands, title, note))
-        return None
+    script = os.path.basename(__file__)
+    if argv[:1] in (['-h'], ['--help']):  # usage, paper, one line per command, where the flags are
+        lines = [f'usage: {script} [COMMAND] [--flag=value ...]', title, 'commands:',
+                 *(f'  {name:<10} {text}' for name, (_, text) in commands.items()),
+                 note, f"Run 'python {script} COMMAND --help' for the flags of a command."]
+        return print('\n'.join(line for line in lines if line))
     name = argv.pop(0) if argv and argv[0] in commands else next(iter(commands))
     try:
         return commands[name][0](argv)
     except UserError as error:
-        _fail(str(error), 2)
+        message, code = str(error), 2
     except OSError as error:
         where = f' {error.filename}' if error.filename else ''
-        _fail(f'cannot write{where}: {error.strerror or error}', 1)
+        message, code = f'cannot write or read{where}: {error.strerror or error}', 1
     except KeyboardInterrupt:
-        _fail('interrupted (nothing was saved since the last training state)', 130)
-    finally:
+        message, code = 'interrupted (nothing was saved since the last training state)', 130
+    finally:  # also when a test calls main() twice in one process, not only at exit
+        for held in RunLock.held[:] + Logger.opened[:]:
+            held.close()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
-
-def _fail(message, code):
     if get_rank() == 0:  # one line, even for a multi-line library message
-        print(f'{os.path.basename(__file__)}: error: {" ".join(message.split())}', file=sys.stderr)
+        print(f'{script}: error: {" ".join(message.split())}', file=sys.stderr)
     sys.exit(code)
 
 
@@ -864,19 +754,15 @@ def _fail(message, code):
 
 GROUP_TITLES = ('data and corruption', 'network', 'optimisation', 'run', 'sampling', 'evaluation')
 
-
 def parse_bool(text):
-    """True/False, 1/0, yes/no, on/off, any case: click's BOOL and the official str2bool."""
-    value = {'true': True, '1': True, 'yes': True, 'y': True, 't': True, 'on': True, 'false': False,
-             '0': False, 'no': False, 'n': False, 'f': False, 'off': False}.get(str(text).lower())
-    if value is None:
+    """True/False, 1/0, yes/no, y/n, t/f, on/off, any case (click's BOOL, the official str2bool)."""
+    value = str(text).lower()
+    if value not in ('true', '1', 'yes', 'y', 't', 'on', 'false', '0', 'no', 'n', 'f', 'off'):
         raise argparse.ArgumentTypeError(f'expected True or False, got {text!r}')
-    return value
-
+    return value in ('true', '1', 'yes', 'y', 't', 'on')
 
 def parse_seeds(text, flag='--seeds'):
-    """'0-49999' or '1,2,5-10' -> a list of ints, as EDM's parse_int_list; a reversed range is an
-    error."""
+    """'0-49999' or '1,2,5-10' -> a list of ints (EDM's parse_int_list); no reversed range."""
     seeds = []
     for part in str(text).split(','):
         match = re.fullmatch(r'\s*(\d+)(?:-(\d+))?\s*', part)
@@ -888,10 +774,9 @@ def parse_seeds(text, flag='--seeds'):
         seeds.extend(range(first, last + 1))
     return seeds
 
-
 @dataclasses.dataclass(frozen=True)
 class Official:
-    """The fate of one official flag: a row of OFFICIAL_FLAGS (ours, refused, ignored)."""
+    """A row of OFFICIAL_FLAGS (made by ours, refused or ignored): what an official flag does."""
     field: str = ''         # our Config field that it sets; '' = none (refused or ignored)
     convert: object = None  # official value -> ours: a function, a {value: ours} dict, None = same
     how: str = ''           # the conversion or the reason in words, for --help and docs/<paper>.md
@@ -899,48 +784,37 @@ class Official:
     type: object = None     # reads the official value; None = our field's type
     group: str = 'run'      # the --help group of a flag that sets no field
 
-
 def ours(field, convert=None, how='', refuse=None, type=None):
-    """An official flag that sets our `field`: `ours('kimg', mimg_to_kimg, 'Mimg -> kimg',
-    type=float)`; the same name with `ours('lr')`; value refusals with `refuse={'ncsnpp': 'no NCSN++
-    here; use --arch=ddpmpp'}`."""
+    """An official flag that sets our `field`: ours('lr') (the same flag), ours('kimg', to_kimg,
+    'Mimg -> kimg', type=float), ours('arch', refuse={'ncsnpp': 'no NCSN++; use --arch=ddpmpp'})."""
     return Official(field, convert, how, refuse, type)
-
 
 def refused(reason, group='run'):
     """An official flag refused whatever its value; the reason names ours ('...; use --x')."""
     return Official(how=reason, refuse=reason, group=group)
 
-
 def ignored(how='logging only', refuse=None, type=None, group='run'):
-    """An official flag accepted and dropped (wandb ids, ...); `refuse` still refuses some values of
-    it, e.g. `ignored('always in memory', refuse={False: '...; use --cache=True'},
-    type=parse_bool)`."""
+    """An official flag accepted and dropped (wandb ids, ...), but for the values in `refuse`."""
     return Official(how=how, refuse=refuse, type=type, group=group)
-
 
 def format_official(flag, official):
     """What an official flag does here, in one phrase (--help and the docs)."""
+    field, how = official.field, official.how
     if isinstance(official.refuse, str):
         return f'refused: {official.refuse}'
-    if official.field and flag == f'--{official.field}':
-        text = 'the same flag' + (f' ({official.how})' if official.how else '')
-    elif official.field:
-        text = f'--{official.field}' + (f': {official.how}' if official.how else '')
+    if field and flag == f'--{field}':
+        text = 'the same flag' + (f' ({how})' if how else '')
     else:
-        text = f'ignored ({official.how})'
+        text = (f'--{field}' + (f': {how}' if how else '')) if field else f'ignored ({how})'
     return text + _refusals(flag, official)
-
 
 def _refusals(flag, official):
     refuse = official.refuse or {}
     return ''.join(f'; {flag}={value} refused: {why}' for value, why in refuse.items())
 
-
 class OfficialAction(argparse.Action):
-    """Applies one OFFICIAL_FLAGS row while parsing: refuse the value, or convert it into our field.
-    The field is written where the flag appears, so of --duration and --kimg the later one wins, as
-    with any repeated flag."""
+    """Refuses the value of an official flag, or converts it into our field where the flag appears
+    (so of --duration and --kimg the later wins)."""
 
     def __init__(self, option_strings, dest, official=None, **kwargs):
         super().__init__(option_strings, dest, **kwargs)
@@ -948,29 +822,22 @@ class OfficialAction(argparse.Action):
 
     def __call__(self, parser, namespace, value, option_string=None):
         row = self.official
-        reasons = row.refuse if isinstance(row.refuse, dict) else {}
-        if isinstance(row.refuse, str) or value in reasons:
+        reason = row.refuse if isinstance(row.refuse, str) else (row.refuse or {}).get(value)
+        if reason:
             bare = value is None or value is True and isinstance(row.refuse, str)  # `--flag` alone
             given = option_string if bare else f'{option_string}={value}'
-            reason = row.refuse if isinstance(row.refuse, str) else reasons[value]
             raise UserError(f'{given} (official flag) is not supported: {reason}')
         if not row.field:
             return  # ignored
-        if isinstance(row.convert, dict):
-            if value not in row.convert:
-                accepted = ', '.join(str(v) for v in row.convert)
-                raise UserError(f'{option_string}={value}: the official values taken: {accepted}')
-            value = row.convert[value]
-        elif row.convert is not None:
-            value = row.convert(value)
-        setattr(namespace, row.field, value)
-
+        if isinstance(row.convert, dict) and value not in row.convert:
+            raise UserError(f'{option_string}={value}: the official values taken: '
+                            + ', '.join(map(str, row.convert)))
+        convert = row.convert.get if isinstance(row.convert, dict) else row.convert
+        setattr(namespace, row.field, convert(value) if convert else value)
 
 def field_docs(config_class):
-    """{field: (help group, help text)} from the Config source: the trailing comment of a field is
-    its help; a section comment whose words start with a group title (`# Network (EDM train.py).`)
-    sets the group of the fields below it. Fields before the first section comment are 'run' flags.
-    """
+    """{field: (help group, help text)} from the Config source: a field's trailing comment is its
+    help; a comment line starting with a group title (`# Network (EDM).`) starts that group."""
     docs, group = {}, 'run'
     for cls in reversed(config_class.__mro__[:-1]):  # base classes first, like their fields
         for line in inspect.getsource(cls).splitlines():
@@ -982,123 +849,104 @@ def field_docs(config_class):
                 docs[field[1]] = (group, field[2])
     return docs
 
-
-def _flag_type(kind):
-    """A field's annotation (a type, or its name under `from __future__ import annotations`) -> the
-    argparse type."""
-    name = getattr(kind, '__name__', str(kind)).split('|')[0].replace('Optional[', '').strip(' ]')
-    return {'bool': parse_bool, 'int': int, 'float': float}.get(name, str)
-
-
 def add_flag(group, names, type, help, default=None, shown=None, **kwargs):
-    """One flag with a `--name VALUE` metavar (INT, FLOAT, BOOL, STR) whose help ends with its
-    default: `shown`, else `default` ('' and None show as none); a help that already ends in
-    `(default: ...)` or `(required)` is kept. Booleans take --flag, --flag=True, --flag=0."""
+    """One `--name VALUE` flag (INT, FLOAT, BOOL, STR) whose help ends in `(default: ...)` or
+    `(required)`. Booleans take --flag, --flag=True, --flag=0."""
     shown = default if shown is None else shown
     if not re.search(r'\((default: .*|required)\)$', help):
         help += f' (default: {"none" if shown in ("", None) else shown})'
     if type is parse_bool:
-        kwargs.setdefault('nargs', '?')
-        kwargs.setdefault('const', True)
+        kwargs = dict(nargs='?', const=True) | kwargs
     kwargs.setdefault('metavar', {int: 'INT', float: 'FLOAT', parse_bool: 'BOOL'}.get(type, 'STR'))
     return group.add_argument(*names, type=type, help=help.replace('%', '%%'), **kwargs)
-
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (via run_main), instead of usage + message
         raise UserError(message)
 
-
 def make_parser(command, config_class, official_flags=None, fields=None, defaults=None,
                 presets=None, description=''):
-    """The argparse parser of one command: a flag per Config field (or per name in `fields`),
-    grouped and helped from the Config source (field_docs), plus the official flags of
-    `official_flags` beside the fields they set. Flags that are not given stay out of the namespace
-    (argument_default=SUPPRESS), so presets can fill them in. `defaults` overrides the dataclass
-    defaults (e.g. a command's own --batch); --help shows those."""
+    """The parser of one command: a flag per Config field (or per name in `fields`), grouped and
+    helped by field_docs, each official flag beside the field it sets. Flags not given stay out of
+    the namespace (SUPPRESS), so presets can fill them in; `defaults` overrides the dataclass's."""
     script = os.path.basename(__file__)
     parser = _Parser(prog=f'{script} {command}', usage=f'{script} {command} [--flag=value ...]',
                      description=description, allow_abbrev=False, add_help=False,
                      argument_default=argparse.SUPPRESS,
                      formatter_class=lambda prog: argparse.HelpFormatter(prog, width=78))
     groups = {title: parser.add_argument_group(title) for title in GROUP_TITLES}
-    docs, official_flags = field_docs(config_class), dict(official_flags or {})
+    docs, rows = field_docs(config_class), dict(official_flags or {})
     all_fields = {f.name: f for f in dataclasses.fields(config_class)}
     defaults = {name: f.default for name, f in all_fields.items()} | dict(defaults or {})
+
+    def flag_type(field):  # from the annotation, or its text (`from __future__ import annotations`)
+        kind = all_fields[field].type
+        kind = getattr(kind, '__name__', str(kind)).split('|')[0].replace('Optional[', '')
+        return {'bool': parse_bool, 'int': int, 'float': float}.get(kind.strip(' ]'), str)
+
+    def add_official(group, flag, kind, default, **kwargs):
+        add_flag(groups[group], [flag], kind, f'official: {format_official(flag, rows[flag])} '
+                 f'(default: {default})', dest=f'official{flag}', action=OfficialAction,
+                 official=rows.pop(flag), **kwargs)
+
     for name in fields or all_fields:
         group, text = docs.get(name, ('run', name.replace('_', ' ')))
-        kind = _flag_type(all_fields[name].type)
-        # Our own flag (its official row only refuses values), then the official spellings that need
-        # no conversion.
-        own = official_flags.pop(f'--{name}', None)
-        names = [f'--{name}'] + [flag for flag, row in official_flags.items()  # plain aliases:
-                                 if row == Official(name, group=row.group)]  # rows of a field alone
-        for flag in names[1:]:
-            del official_flags[flag]
-        text += f'; official: {", ".join(names[1:])}' if names[1:] else ''
+        # Our flag (its own official row, if any, refuses values) and the plain official aliases.
+        own = rows.pop(f'--{name}', None)
+        aliases = [flag for flag, row in rows.items() if row == Official(name, group=row.group)]
+        text += f'; official: {", ".join(aliases)}' if aliases else ''
         text += _refusals(f'--{name}', own) if own else ''
         action = dict(action=OfficialAction, official=own) if own else {}
-        add_flag(groups[group], names, kind, text, defaults[name], dest=name, **action)
-        # Official flags that set this field through a conversion sit right below it.
-        for flag, row in [(f, r) for f, r in official_flags.items() if r.field == name]:
-            del official_flags[flag]
-            add_flag(groups[group], [flag], row.type or kind,
-                     f'official: {format_official(flag, row)} (default: see --{name})',
-                     dest=f'official{flag}', action=OfficialAction, official=row)
-    # Refused and ignored flags, and those that set a field this command does not show.
-    for flag, row in official_flags.items():
+        add_flag(groups[group], [f'--{name}', *aliases], flag_type(name), text, defaults[name],
+                 dest=name, **action)
+        for flag in aliases:
+            del rows[flag]
+        for flag in [flag for flag, row in rows.items() if row.field == name]:
+            add_official(group, flag, rows[flag].type or flag_type(name), f'see --{name}')
+    for flag, row in list(rows.items()):  # refused, ignored, or setting a field not shown here
         if row.field and row.field not in all_fields:
             raise ValueError(f'OFFICIAL_FLAGS: {flag} sets {row.field}, which Config lacks')
-        kind = row.type or (_flag_type(all_fields[row.field].type) if row.field else str)
+        kind = row.type or (flag_type(row.field) if row.field else str)
         group = docs.get(row.field, (row.group,))[0]
-        add_flag(groups[group if group in groups else 'run'], [flag], kind,
-                 f'official: {format_official(flag, row)} (default: none)', dest=f'official{flag}',
-                 action=OfficialAction, official=row, nargs='?',
-                 const=True if kind is parse_bool else None)
+        add_official(group if group in groups else 'run', flag, kind, 'none', nargs='?',
+                     const=True if kind is parse_bool else None)
     if presets and 'preset' not in all_fields:
         add_flag(groups['run'], ['--preset'], str, 'a recipe that sets defaults: '
                  + ', '.join(presets), '', choices=list(presets), dest='preset')
     groups['run'].add_argument('-h', '--help', action='help', help='show this help and exit')
     return parser
 
-
 def parse_config(command, config_class, argv, official_flags=None, presets=None, fields=None,
                  defaults=None, description=''):
-    """Config from the command line: the dataclass defaults (and `defaults`), under them --preset's
-    values, under those the flags given. Raises UserError for any bad flag, before anything is
-    written."""
+    """Config from the command line: the flags given over --preset's values over `defaults` over
+    the dataclass defaults. Any bad flag raises UserError."""
     parser = make_parser(command, config_class, official_flags, fields, defaults, presets,
                          description)
     given = vars(parser.parse_args(argv))
-    given = {name: value for name, value in given.items() if not name.startswith('official')}
+    given = {k: v for k, v in given.items() if not k.startswith('official')}
     fields = {f.name: f.default for f in dataclasses.fields(config_class)} | dict(defaults or {})
-    names = set(fields)
-    preset = given.get('preset', fields['preset']) if 'preset' in names else given.pop('preset', '')
+    preset = given.get('preset', fields['preset']) if 'preset' in fields \
+        else given.pop('preset', '')
     if preset and preset not in (presets or {}):
         raise UserError(f'--preset must be one of {", ".join(presets or {})}, got {preset!r}')
-    preset_values = {k: v for k, v in (presets or {}).get(preset, {}).items() if k in names}
+    preset_values = {k: v for k, v in (presets or {}).get(preset, {}).items() if k in fields}
     return config_class(**{**dict(defaults or {}), **preset_values, **given})
 
-
 def official_flags_markdown(official_flags):
-    """OFFICIAL_FLAGS ({command: {flag: row}}) as the markdown table of docs/<paper>.md, which a
-    test compares with the table itself (paste it between `<!-- official-flags:start -->` and `<!--
-    official-flags:end -->`)."""
+    """OFFICIAL_FLAGS as the table of docs/<paper>.md, between `<!-- official-flags:start -->` and
+    `<!-- official-flags:end -->` (a test compares the two)."""
     lines = ['| command | official flag | here |', '|---|---|---|']
-    for command, rows in official_flags.items():
-        for flag, row in rows.items():
-            text = format_official(flag, row).replace('|', '/')  # a | would end the cell
-            lines.append(f'| {command} | `{flag}` | {text} |')
+    lines += [f'| {command} | `{flag}` | {format_official(flag, row).replace("|", "/")} |'
+              for command, rows in official_flags.items() for flag, row in rows.items()]
     return '\n'.join(lines) + '\n'
+
 
 # --------------------------------------------------------------------------------------------------
 # Processes: torchrun, printing, logging, time
 
-
 def init_distributed(device=''):
-    """(rank, world_size, torch.device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them
-    this is one process. Each process takes the GPU of its LOCAL_RANK; the process group uses nccl
-    on CUDA, gloo on CPU."""
+    """(rank, world_size, torch.device) from torchrun's RANK, WORLD_SIZE, LOCAL_RANK (else one
+    process): the GPU of LOCAL_RANK, and a process group on nccl (CUDA) or gloo (CPU)."""
     rank, local_rank = int(os.environ.get('RANK', '0')), int(os.environ.get('LOCAL_RANK', '0'))
     world = int(os.environ.get('WORLD_SIZE', '1'))
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
@@ -1111,33 +959,28 @@ def init_distributed(device=''):
         torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     return rank, world, device
 
-
 def get_rank():
-    """This process's rank, before and after the process group exists (torchrun's RANK, else 0)."""
+    """This process's rank, also before the process group exists (torchrun's RANK, else 0)."""
     if torch.distributed.is_initialized():
         return torch.distributed.get_rank()
     return int(os.environ.get('RANK', '0'))
-
 
 def print0(*args, **kwargs):
     """print() on rank 0 only, flushed, so a torchrun log shows each line once and at once."""
     if get_rank() == 0:
         print(*args, **kwargs, flush=True)
 
-
 def broadcast_object(value):
-    """Rank 0's value on every rank (the run folder rank 0 chose, say); with one process, itself."""
-    if not torch.distributed.is_initialized():
-        return value
+    """Rank 0's value on every rank (the run folder rank 0 chose, say)."""
     box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
 
-
 class Logger:
-    """`log(message)`: print0, and, once `log.open(path)` named the run's log.txt, append it there
-    too (lines printed before are written first). Appending keeps the log of the run that is
-    resumed; line buffering makes each line readable at once, even when the process is killed."""
+    """`log(message)`: print0, and after `log.open(path)` also append to the run's log.txt (earlier
+    lines first). Appending keeps a resumed run's log; line buffering survives a kill."""
+    opened = []  # the loggers with an open file (run_main closes them)
 
     def __init__(self):
         self.file, self.pending = None, []
@@ -1146,21 +989,19 @@ class Logger:
         if get_rank() == 0:
             self.file = open(path, 'a', buffering=1)
             self.file.writelines(self.pending)
+            Logger.opened.append(self)
         self.pending = []
 
     def __call__(self, message):
         if get_rank() == 0:
             print(message, flush=True)
-            if self.file:
-                self.file.write(f'{message}\n')
-            else:
-                self.pending.append(f'{message}\n')
+            (self.file.write if self.file else self.pending.append)(f'{message}\n')
 
     def close(self):
-        if self.file:
+        if self in Logger.opened:
+            Logger.opened.remove(self)
             self.file.close()
             self.file = None
-
 
 def format_time(seconds):
     """42s, 4m05s, 1h02m: the clock of EDM's status line."""
@@ -1169,24 +1010,18 @@ def format_time(seconds):
         return f'{s}s'
     return f'{s // 60}m{s % 60:02d}s' if s < 3600 else f'{s // 3600}h{s // 60 % 60:02d}m'
 
-
 def done_line(nimg, seconds):
-    """The last line of a training run, `done: 2.0 kimg in 1m05s`: what this process trained."""
+    """The last line of a training run: `done: 2.0 kimg in 1m05s` (what this process trained)."""
     return f'done: {nimg / 1000:.1f} kimg in {format_time(seconds)}'
 
 
 # --------------------------------------------------------------------------------------------------
 # Run folder: exclusive creation, lock, resume, the files every run folder holds
 
-# Config fields that may differ between a run and the one that --resume=auto continues: the length
-# of training (kimg), how often it reports and saves (tick, snap, dump, log_interval,
-# save_interval), what it draws for the progress grids (grid, grid_steps, steps), where and how fast
-# it runs without changing its result (outdir, device, workers, cache_dir, compile, bench,
-# batch_gpu: the same global batch in other microbatches), and names kept for logging
-# (experiment_name, expr_id, dry_run, resume). Anything else (data, method flags, seed, precision,
-# batch, lr, ...) defines the experiment: a run with another value is another run and gets a new
-# folder. precision is not here because bf16 and fp32 follow different trajectories; continue a run
-# in another precision with --resume=PATH.
+# Fields that may differ between a run and the one --resume=auto continues: its length, how often
+# it reports, saves and draws grids, where and how fast it runs (batch_gpu: the same global batch
+# in other microbatches), names for logging. All else (data, method flags, seed, batch, lr, and
+# precision, as bf16 and fp32 train differently) defines the experiment: a new folder.
 RESUMABLE_FIELDS = frozenset({
     'kimg', 'tick', 'snap', 'dump', 'log_interval', 'save_interval', 'grid', 'grid_steps', 'steps',
     'outdir', 'device', 'workers', 'cache_dir', 'compile', 'bench', 'batch_gpu',
@@ -1194,10 +1029,8 @@ RESUMABLE_FIELDS = frozenset({
 RUN_NAME = re.compile(r'(\d{5})-.*')
 STATE_NAME = re.compile(r'training-state-(\d+(?:\.\d+)?)\.pt')
 
-
 def check_writable(path, flag):
-    """Refuses (UserError) a folder that cannot be written: a file in its place, or a nearest
-    existing folder that is not writable. Creates nothing, so a refused run leaves no trace."""
+    """UserError unless the nearest existing folder of `path` is writable; creates nothing."""
     existing = os.path.abspath(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -1206,28 +1039,24 @@ def check_writable(path, flag):
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f'{flag}={path}: {existing} is not writable')
 
-
 def open_run_dir(outdir, description):
-    """Creates and returns a new `outdir/NNNNN-description` folder. os.mkdir fails when the name
-    exists, so two runs started at once in one outdir never share a folder: the later one takes the
-    next number."""
+    """Creates a new `outdir/NNNNN-description`. os.mkdir fails on an existing name, so two runs
+    started at once never share a folder: the later one takes the next number."""
     os.makedirs(outdir, exist_ok=True)
-    numbers = [int(m[1]) for m in map(RUN_NAME.fullmatch, os.listdir(outdir)) if m]
-    number = max(numbers, default=-1) + 1
+    number = max([int(m[1]) for m in map(RUN_NAME.fullmatch, os.listdir(outdir)) if m], default=-1)
     while True:
+        number += 1
         run_dir = os.path.join(outdir, f'{number:05d}-{description}')
         try:
             os.mkdir(run_dir)
             return run_dir
         except FileExistsError:
-            number += 1
-
+            pass
 
 class RunLock:
-    """`run.lock` in a run folder, made with O_CREAT | O_EXCL and holding `pid host`: while it
-    exists, a second process refuses the folder with one line naming the holder. A lock whose
-    process is gone (same host, pid dead: a kill -9) is taken over. Released when run_main ends
-    (the command returned, failed or was stopped) and, failing that, at exit (atexit)."""
+    """`run.lock` (O_CREAT | O_EXCL, holding `pid host`): a second process refuses the folder in
+    one line naming the holder, or takes over a dead holder's lock (same host, pid gone: a kill
+    -9). Released when run_main ends, else at exit."""
     held = []  # the locks this process holds
 
     def __init__(self, run_dir):
@@ -1240,10 +1069,9 @@ class RunLock:
             except FileExistsError:
                 holder = self.holder()
                 if not holder or not self.dead(holder):
-                    raise UserError(f'{run_dir} is in use by process {holder or "?"} '
-                                    f'({self.path}); wait for it, or delete that file if it is gone'
-                                    ) from None
-                os.remove(self.path)  # the dead run's lock
+                    raise UserError(f'{run_dir} is in use by process {holder or "?"} ({self.path});'
+                                    ' wait for it, or delete that file if it is gone') from None
+                os.remove(self.path)
         else:
             raise UserError(f'cannot take {self.path}: another process took it at the same time')
         with os.fdopen(fd, 'w') as file:
@@ -1266,11 +1094,9 @@ class RunLock:
             return False
         try:
             os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:  # alive, owned by another user
             return False
-        return False
+        except OSError as error:  # PermissionError: alive, owned by another user
+            return isinstance(error, ProcessLookupError)
 
     def release(self):
         if self in RunLock.held:
@@ -1278,40 +1104,26 @@ class RunLock:
             if self.holder() == self.owner:
                 os.remove(self.path)
 
+    close = release
+
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.release()
 
-
 def latest_training_state(run_dir):
     """The training-state-<kimg>.pt of run_dir with the most kimg, or None (*.tmp never counts)."""
     found = [(float(m[1]), m[0]) for m in map(STATE_NAME.fullmatch, os.listdir(run_dir)) if m]
     return os.path.join(run_dir, max(found)[1]) if found else None
 
-
 def kimg_tag(cur_nimg):
-    """The <kimg> of file names: 000700 (whole kimg, as EDM), or 000000.700 below a whole kimg (CPU
-    runs); both sort and parse (latest_training_state) the same way."""
+    """<kimg> of file names: 000700 (whole kimg, as EDM) or 000000.700 (CPU runs); both sort."""
     return f'{cur_nimg // 1000:06d}' if cur_nimg % 1000 == 0 else f'{cur_nimg / 1000:010.3f}'
 
-
-def _saved_config(run_dir):
-    """The "config" of run_dir/config.json, or None (no such file, or one cut short by a kill)."""
-    try:
-        with open(os.path.join(run_dir, 'config.json')) as file:
-            saved = json.load(file)
-    except (OSError, ValueError):
-        return None
-    config = saved.get('config') if isinstance(saved, dict) else None
-    return config if isinstance(config, dict) else None
-
-
 def config_differences(saved, cfg_dict, resumable=RESUMABLE_FIELDS):
-    """'--data=a.npz there, b.npz now, ...': how a saved config differs from cfg_dict outside the
-    resumable fields ('' = not at all). Compared through JSON, as config.json holds them (a tuple
-    is a list there), and a field that one of them lacks differs."""
+    """'--data=a.npz there, b.npz now, ...' outside the resumable fields ('' = none), compared as
+    config.json holds them (JSON: a tuple is a list); a field one of them lacks differs."""
     saved, new = (json.loads(json.dumps(c)) for c in (saved, cfg_dict))
     keys = sorted(k for k in saved.keys() | new.keys() if k not in resumable
                   and saved.get(k, '(absent)') != new.get(k, '(absent)'))
@@ -1319,30 +1131,34 @@ def config_differences(saved, cfg_dict, resumable=RESUMABLE_FIELDS):
                      for k in keys[:3])
     return text + (', ...' if len(keys) > 3 else '')
 
+def _saved_config(run_dir):
+    """The "config" of run_dir/config.json, or None (no such file, or one cut short by a kill)."""
+    try:
+        with open(os.path.join(run_dir, 'config.json')) as file:
+            config = json.load(file).get('config')
+    except (OSError, ValueError, AttributeError):
+        return None
+    return config if isinstance(config, dict) else None
 
 def find_resume(outdir, cfg_dict, resumable=RESUMABLE_FIELDS):
-    """--resume=auto: (run folder, its latest training state, reason) of the newest run in outdir
-    whose config.json equals cfg_dict apart from the `resumable` fields; (None, None, reason) when
-    none does. A matching run without a state yet (killed before its first) comes with state None,
-    to start over in it. The reason is one line for the log: what goes on, or why a new folder."""
-    runs = sorted((m[0] for m in map(RUN_NAME.fullmatch, os.listdir(outdir)) if m), reverse=True) \
+    """--resume=auto: (folder, latest training state, reason) of the newest run in outdir whose
+    config equals cfg_dict outside `resumable` (state None if it has none yet: it starts over), or
+    (None, None, reason). The reason is one line for the log."""
+    runs = sorted(m[0] for m in map(RUN_NAME.fullmatch, os.listdir(outdir)) if m) \
         if os.path.isdir(outdir) else []
     nearest = ''
-    for name in runs:
+    for name in reversed(runs):
         saved = _saved_config(os.path.join(outdir, name))
         if saved is None:
             continue
         differences = config_differences(saved, cfg_dict, resumable)
         if not differences:
             state = latest_training_state(os.path.join(outdir, name))
-            if state is None:
-                return os.path.join(outdir, name), None, \
-                    f'--resume=auto: {name} has no training state yet; starting it over'
-            return os.path.join(outdir, name), state, f'--resume=auto: continuing {state}'
+            return os.path.join(outdir, name), state, f'--resume=auto: continuing {state}' \
+                if state else f'--resume=auto: {name} has no training state yet; starting it over'
         nearest = nearest or f'the newest run {name} differs: {differences}'
     return None, None, f'--resume=auto: nothing to continue ({nearest or "no run yet"}); ' \
         'starting a new run folder'
-
 
 @dataclasses.dataclass
 class Run:
@@ -1351,16 +1167,12 @@ class Run:
     reason: str = ''      # one line for the log: why this folder
     lock: RunLock = None  # the folder's lock (rank 0; None on the other ranks)
 
-
 def open_run(outdir, description, cfg_dict, resume='', log=print0, nosubdir=False,
              resumable=RESUMABLE_FIELDS):
-    """The run folder of a training run, on every rank (rank 0 chooses, the others receive it):
-    - resume='auto': the run that find_resume picks, else a new folder (the log says why);
-    - resume=PATH: a new folder that continues PATH (the run it came from stays as it was);
-    - resume='': a new folder, `outdir/NNNNN-description`.
-    nosubdir: outdir itself, refused when it holds a run that --resume=auto may not continue.
-    Rank 0 locks the folder (RunLock: a folder in use is refused, in one line, before anything is
-    written to it) and removes the temporary files of an interrupted write."""
+    """The Run of a training run, on every rank. Rank 0 chooses: resume='auto': find_resume's run,
+    else a new folder; resume=PATH: a new folder continuing PATH; '': a new folder; nosubdir:
+    outdir itself, refused if it holds a run --resume=auto may not continue. Rank 0 locks it
+    (refused in one line if in use) and removes the *.tmp of an interrupted write."""
     chosen, lock = None, None
     if get_rank() == 0:
         try:
@@ -1372,19 +1184,16 @@ def open_run(outdir, description, cfg_dict, resume='', log=print0, nosubdir=Fals
     if isinstance(chosen, str):
         raise UserError(chosen)
     run = Run(*chosen, lock=lock)
-    if lock:
-        for name in os.listdir(run.dir):  # partial files of an interrupted write
-            if name.endswith('.tmp'):
-                os.remove(os.path.join(run.dir, name))
+    for name in os.listdir(run.dir) if lock else []:
+        if name.endswith('.tmp'):
+            os.remove(os.path.join(run.dir, name))
     if run.reason:
         log(run.reason)
     return run
 
-
 def _choose_run(outdir, description, cfg_dict, resume, nosubdir, resumable):
-    """(run folder, state, reason) for open_run; raises UserError."""
     explicit = resume if resume not in ('', 'auto') else None
-    if nosubdir:  # a folder that holds one run
+    if nosubdir:
         saved = _saved_config(outdir)
         if saved is not None and resume != 'auto':
             raise UserError(f'--nosubdir: {outdir} holds a run already; continue it with '
@@ -1398,50 +1207,40 @@ def _choose_run(outdir, description, cfg_dict, resume, nosubdir, resumable):
         return outdir, state, f'--resume=auto: continuing {state}' if saved and state else ''
     if resume == 'auto':
         run_dir, state, reason = find_resume(outdir, cfg_dict, resumable)
-        if run_dir:
-            return run_dir, state, reason
-        return open_run_dir(outdir, description), None, reason
+        return run_dir or open_run_dir(outdir, description), state, reason
     reason = f'--resume: continuing {explicit} in a new run folder' if explicit else ''
     return open_run_dir(outdir, description), explicit, reason
 
-
 def trim_stats(run_dir, cur_nimg):
-    """On resume, forgets the stats.jsonl lines written after the state (ticks that will be trained
-    again) and a line cut short by a kill, so that the file reads as one uninterrupted run."""
+    """On resume, drops the stats.jsonl lines after the state (to be trained again) and a line
+    cut short by a kill, so that the file reads as one uninterrupted run."""
     path = os.path.join(run_dir, 'stats.jsonl')
-    if get_rank() != 0 or not os.path.exists(path):
-        return
-    with open(path) as file:
-        lines = [line for line in file if line.endswith('\n')]
-    kept = [line for line in lines if json.loads(line).get('kimg', 0) <= cur_nimg / 1000 + 1e-9]
-    nets.write_atomic(path, ''.join(kept).encode())
-
+    if get_rank() == 0 and os.path.exists(path):
+        with open(path) as file:
+            lines = [line for line in file if line.endswith('\n')]
+        kept = [li for li in lines if json.loads(li).get('kimg', 0) <= cur_nimg / 1000 + 1e-9]
+        nets.write_atomic(path, ''.join(kept).encode())
 
 def resumed_line(state_path, cur_nimg):
-    """The separator in log.txt where a resumed run continues (the earlier lines stay above it)."""
+    """The separator in log.txt where a resumed run continues."""
     return f'---- resumed from {os.path.basename(state_path)} at kimg {cur_nimg / 1000:g} ----'
-
 
 def save_grid(images, path, columns=None):
     """(N, C, H, W) uint8 images (tensor or array) -> one PNG grid, written atomically."""
-    images = torch.as_tensor(images).cpu()
+    images = np.asarray(torch.as_tensor(images).cpu(), dtype=np.uint8)
     n, channels, height, width = images.shape
     columns = columns or max(1, int(np.ceil(np.sqrt(n))))
     rows = -(-n // columns)
-    grid = torch.zeros(rows * columns, channels, height, width, dtype=torch.uint8)
-    grid[:n] = images
-    grid = grid.view(rows, columns, channels, height, width).permute(0, 3, 1, 4, 2)
-    grid = grid.reshape(rows * height, columns * width, channels).numpy()
+    grid = np.concatenate([images, np.zeros((rows * columns - n, *images.shape[1:]), np.uint8)])
+    grid = grid.reshape(rows, columns, channels, height, width).transpose(0, 3, 1, 4, 2)
+    grid = grid.reshape(rows * height, columns * width, channels)
     buffer = io.BytesIO()
     PIL.Image.fromarray(grid[:, :, 0] if channels == 1 else grid).save(buffer, format='png')
     nets.write_atomic(path, buffer.getvalue())
 
-
 def write_run_files(run_dir, cfg_dict, preview_images=None, **facts):
-    """The files every run folder starts with (CONTRACT.md): config.json (the resolved config under
-    "config", with the command line, versions and `facts` such as the network config), source.py
-    (this script as it ran) and data-preview.png (training images as the network sees them,
-    corrupted). Rank 0 only."""
+    """Rank 0: config.json (the config under "config", the command line, versions, `facts`),
+    source.py (this script as it ran), data-preview.png (training images as the net sees them)."""
     if get_rank() != 0:
         return
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
@@ -1453,21 +1252,18 @@ def write_run_files(run_dir, cfg_dict, preview_images=None, **facts):
     if preview_images is not None:
         save_grid(preview_images, os.path.join(run_dir, 'data-preview.png'))
 
-
 def save_training_state(path, state):
     """A dict of tensors and plain values -> path, atomically (a kill keeps the old file)."""
     nets.write_atomic(path, lambda file: torch.save(state, file))
 
-
 def load_training_state(path, flag='--resume'):
-    """A training state written by save_training_state, read with weights_only=True (no code runs
-    from the file); any problem is one line (UserError)."""
+    """A save_training_state file, read with weights_only=True (no code runs); UserError if bad."""
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except FileNotFoundError:
         raise UserError(f'{flag}: no file {path}') from None
     except Exception as error:  # truncated, not a torch file, a pickle of objects: one line
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UserError(f'{flag}: cannot read {path} ({reason})') from None
     if not isinstance(state, dict) or 'cur_nimg' not in state:
         raise UserError(f'{flag}: {path} is not a training state of {os.path.basename(__file__)}')
@@ -1477,25 +1273,17 @@ def load_training_state(path, flag='--resume'):
 # --------------------------------------------------------------------------------------------------
 # Stopping: SIGINT / SIGTERM -> a training state at the next step boundary
 
-
 class StopSignal:
-    """Turns Ctrl-C (SIGINT) and SIGTERM (a cluster's preemption, torchrun's shutdown) into a
-    request that the training loop honours at the next step boundary: save a training state, print
-    one line, exit 128 + signal: 130 for SIGINT, 143 for SIGTERM, the shell's codes for a stopped
-    process, so that `train && eval` does not go on to evaluate a run that did not finish.
-    A second signal, a second or more after the first, exits at once without saving (the next run
-    takes over the lock of the dead process); one within that second is the same Ctrl-C, which
-    torchrun forwards to its workers once more.
-
-    With torchrun, all ranks must stop at the same step, or the others wait for ever in their next
-    all_reduce. check() therefore all_reduces the flag once every `every` steps, the same steps on
-    every rank. That is a host sync, so not every step: a stop comes at most `every` steps late,
-    and torchrun kills its workers 30 s after a signal, so `every` steps and the save must fit in
-    30 s. One process needs no agreement and stops at the very next step."""
+    """Ctrl-C (SIGINT) or SIGTERM (preemption, torchrun's shutdown) -> at the next step boundary:
+    save a training state, one line, exit 128 + signal (130 / 143: the shell's codes for a stopped
+    process, so `train && eval` does not evaluate an unfinished run). A second signal over a second
+    later exits at once without saving (within it, it is the Ctrl-C that torchrun forwards again).
+    All ranks must stop at the same step or the others hang in their next all_reduce: check()
+    all_reduces the flag every `every` steps on every rank (a host sync, so not every step).
+    torchrun kills its workers 30 s after a signal: `every` steps and the save must fit in 30 s."""
 
     def __init__(self, every=10):
-        self.every, self.calls, self.signum, self.first_time = every, 0, None, 0.0
-        self.previous = {}
+        self.every, self.calls, self.signum, self.first_time, self.previous = every, 0, None, 0, {}
         if threading.current_thread() is threading.main_thread():  # else signal() fails
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self.previous[signum] = signal.signal(signum, self._handle)
@@ -1516,7 +1304,7 @@ class StopSignal:
         return self.signum is not None
 
     def check(self):
-        """Call once per step on every rank: True when the run should stop now (all ranks agree)."""
+        """Once per step on every rank: True when the run should stop now (all ranks agree)."""
         self.calls += 1
         if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
             return self.requested
@@ -1524,19 +1312,16 @@ class StopSignal:
             return False
         backend = torch.distributed.get_backend()
         flag = torch.tensor([self.signum or 0], device='cuda' if backend == 'nccl' else 'cpu')
-        # The host sync, once every `every` steps.
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # the host sync
         self.signum = int(flag.item()) or None
         return self.requested
 
     def exit(self, log, state_path, cur_nimg):
-        """The one line, then exit 128 + signal (the lock is released by atexit)."""
-        name = signal.Signals(self.signum).name
-        log(f'stopped by {name} at kimg {cur_nimg / 1000:g}: state saved to {state_path}; '
-            f'continue with --resume=auto')
-        code = 128 + self.signum
+        """The one line, then exit 128 + signal (run_main or atexit releases the lock)."""
+        log(f'stopped by {signal.Signals(self.signum).name} at kimg {cur_nimg / 1000:g}: state '
+            f'saved to {state_path}; continue with --resume=auto')
         self.close()
-        sys.exit(code)
+        sys.exit(128 + self.signum)
 
     def close(self):
         for signum, handler in self.previous.items():
@@ -1549,8 +1334,7 @@ class StopSignal:
     def __exit__(self, *exc):
         self.close()
 
-
-# ==== END canonical block =========================================================================
+# ==== END canonical block v3 ======================================================================
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1568,36 +1352,29 @@ def read_data(cfg):
 
 
 def class_count(cfg, num_images, y):
-    """The class count of a --cond run; labels must lie in [0, num_classes), with num_classes from
-    --num_classes, else dense labels 0..K-1."""
-    if y is None:
-        raise UserError('--cond=true needs labels (dataset.json, class folders or `y` in the .npz)')
+    """The class count of a --cond run: --num_classes (labels below it), else K of labels 0..K-1."""
+    require(y is not None,
+            '--cond=true needs labels (dataset.json, class folders or `y` in the .npz)')
     y = np.asarray(y)
-    if y.shape != (num_images,) or y.dtype.kind not in 'iu':
-        raise UserError(f'--data: {cfg.data}: labels must be {num_images} integer class ids, got '
-                        f'{y.dtype} {y.shape}')
-    if y.min() < 0 or (cfg.num_classes and y.max() >= cfg.num_classes):
-        bad = y.min() if y.min() < 0 else y.max()
-        raise UserError(f'--data: {cfg.data}: label {bad} is outside '
-                        f'[0, {cfg.num_classes or "num_classes"})')
-    if cfg.num_classes:
-        return cfg.num_classes
+    require(y.shape == (num_images,) and y.dtype.kind in 'iu', f'--data: {cfg.data}: labels must '
+            f'be {num_images} integer class ids, got {y.dtype} {y.shape}')
+    bad = y.min() if y.min() < 0 else y.max()
+    require(bad >= 0 and not (cfg.num_classes and bad >= cfg.num_classes), f'--data: {cfg.data}: '
+            f'label {bad} is outside [0, {cfg.num_classes or "num_classes"})')
     distinct = len(np.unique(y))
-    if y.max() + 1 != distinct:
-        raise UserError(f'--data: {cfg.data}: labels are not 0..K-1 (largest {y.max()}, '
-                        f'{distinct} distinct classes): pass --num_classes to declare the count')
-    return int(y.max()) + 1
+    require(cfg.num_classes or y.max() + 1 == distinct, f'--data: {cfg.data}: labels are not '
+            f'0..K-1 (largest {y.max()}, {distinct} distinct classes): pass --num_classes to '
+            f'declare the count')
+    return cfg.num_classes or int(y.max()) + 1
 
 
 def peek_data(cfg):
-    """(channels, resolution, label_dim, where from) for a dry run: no download, one image read.
-    CIFAR-10's are known; data that is not here is shown at its preset's resolution."""
+    """(channels, resolution, label_dim, where from) for a dry run: no download, one image read."""
     if cfg.data == 'cifar10':
         return 3, 32, (10 if cfg.cond else 0), 'CIFAR-10'
     if not os.path.exists(cfg.data):
-        resolution, classes = {'celeba64': (64, 0), 'imagenet64': (64, 1000)}.get(cfg.preset,
-                                                                                  (32, 10))
-        return 3, resolution, (classes if cfg.cond else 0), f'--preset={cfg.preset} (no data here)'
+        size, classes = {'celeba64': (64, 0), 'imagenet64': (64, 1000)}.get(cfg.preset, (32, 10))
+        return 3, size, (classes if cfg.cond else 0), f'--preset={cfg.preset} (no data here)'
     try:
         source = fid.ImageSource(cfg.data)
         channels, height, _ = source[0].shape
@@ -1615,27 +1392,25 @@ def prepare_data(cfg, log, pool):
     label_dim = class_count(cfg, len(x), y) if cfg.cond else 0
     # Official quirk: docs/ambient_laws.md#xflip-keep (max_size counts the flipped copies).
     raw_index = keep_subset(len(x), cfg.dataset_keep_percentage * (2 if cfg.xflip else 1))
-    if len(raw_index) == 0:
-        raise UserError('--dataset_keep_percentage keeps no image')
-    shape = x.shape[1:]  # (C, H, W) of the official per-pixel draws
+    require(len(raw_index), '--dataset_keep_percentage keeps no image')
+    p = cfg.corruption_probability
     if cfg.sigma_per_image:
         try:
             levels = np.load(cfg.sigma_per_image).astype(np.float32).reshape(-1)
         except Exception as error:
             raise UserError(f'--sigma_per_image: cannot read {cfg.sigma_per_image} '
                             f'({type(error).__name__}: {error})') from None
-        if len(levels) != len(x) or not np.all(np.isfinite(levels) & (levels >= 0)):
-            raise UserError(f'--sigma_per_image must hold {len(x)} finite values >= 0 (one per '
-                            f'image), got {len(levels)}')
+        require(len(levels) == len(x) and np.all(np.isfinite(levels) & (levels >= 0)),
+                f'--sigma_per_image must hold {len(x)} finite values >= 0 (one per image), got '
+                f'{len(levels)}')
         sigma_n = levels[raw_index].astype(np.float64)
     else:
-        p = cfg.corruption_probability
         if cfg.noisy_count == 'exact':
             noisy = exact_noisy(raw_index, len(x), p, cfg.corruption_seed)
         elif cfg.sigma == 0 or p in (0, 1):  # u <= p decides nothing (u = 0 has probability 2^-53)
             noisy = np.full(len(raw_index), p > 0)
-        else:
-            noisy = official_noisy(raw_index, shape, p, pool)
+        else:  # the official per-pixel draws of shape (C, H, W)
+            noisy = official_noisy(raw_index, x.shape[1:], p, pool)
         sigma_n = np.where(noisy, cfg.sigma, 0.0)
     log(f'Data: {len(x)} images of {x.shape[1:]} -> {len(raw_index)} kept, '
         f'{int((sigma_n > 0).sum())} noisy (sigma_n {sigma_n.max():.3g}), labels '
@@ -1650,16 +1425,16 @@ def prepare_data(cfg, log, pool):
 
 
 class TrainingData:
-    """The kept images, their fixed clean/noisy split and noise, where the training step reads them
-    (uint8 on the GPU when they fit). The official NumPy noise of the next step is drawn on the
-    host by worker threads while this step runs."""
+    """The kept images (uint8, on the GPU when they fit), their clean/noisy split and noise; the
+    official NumPy noise of the next step is drawn by worker threads while this step runs."""
 
     def __init__(self, cfg, log, pool, device, rank, world):
-        if world > 1 and rank != 0 and cfg.data == 'cifar10':
-            dist.barrier()  # rank 0 downloads first
+        first = world > 1 and cfg.data == 'cifar10'  # rank 0 downloads first
+        if first and rank != 0:
+            dist.barrier()
         images, labels, self.sigma_host, self.raw_host, self.label_dim = prepare_data(cfg, log,
                                                                                       pool)
-        if world > 1 and rank == 0 and cfg.data == 'cifar10':
+        if first and rank == 0:
             dist.barrier()
         self.cfg, self.pool, self.device, self.cuda = cfg, pool, device, device.type == 'cuda'
         fits = not self.cuda or images.numel() < 0.25 * torch.cuda.mem_get_info(device)[0]
@@ -1683,8 +1458,8 @@ class TrainingData:
         """The official noise of this rank's rows, (rounds, batch_gpu, C, H, W) float64, host."""
         index = batch_indices(nimg, self.cfg.batch, len(self.images), self.cfg.seed)
         positions = index[self.rows].reshape(-1).numpy()
-        raw, sigma_n = self.raw_host[positions], self.sigma_host[positions]
-        eps = numpy_noise(raw, sigma_n, self.shape, self.pool)
+        eps = numpy_noise(self.raw_host[positions], self.sigma_host[positions], self.shape,
+                          self.pool)
         return (eps.pin_memory() if self.cuda else eps).view(*self.rows.shape, *self.shape)
 
     def step_index(self, cur_nimg):
@@ -1701,12 +1476,10 @@ class TrainingData:
         i = index[self.rows_where[round_idx]]
         sigma_n = self.sigma_n[i].to(self.device)
         labels = self.labels[i].to(self.device) if self.cfg.cond else None
-        eps = None
-        if self.numpy_rng:
-            eps = self.noise[round_idx]
-        elif self.add_noise:
-            raw = self.raw_index[i].to(self.device)
-            eps = image_noise(raw, self.shape, self.cfg.corruption_seed)
+        eps = self.noise[round_idx] if self.numpy_rng else None
+        if self.add_noise and not self.numpy_rng:
+            eps = image_noise(self.raw_index[i].to(self.device), self.shape,
+                              self.cfg.corruption_seed)
         y = observe(self.images[i].to(self.device, non_blocking=True), sigma_n, eps)
         return y, sigma_n.float(), labels
 
@@ -1745,8 +1518,7 @@ def epoch_permutation(num_images, seed, epoch):
 
 
 def batch_indices(cur_nimg, batch, num_images, seed):
-    """Data set indices of the global batch that starts at image cur_nimg: one seeded permutation
-    per epoch, so the order is a function of (seed, cur_nimg) and resumes exactly."""
+    """Data indices of the global batch at image cur_nimg: a seeded permutation per epoch."""
     epochs = range(cur_nimg // num_images, (cur_nimg + batch - 1) // num_images + 1)
     order = torch.cat([epoch_permutation(num_images, seed, e) for e in epochs])
     return order[torch.arange(cur_nimg, cur_nimg + batch) - epochs[0] * num_images]
@@ -1754,12 +1526,10 @@ def batch_indices(cur_nimg, batch, num_images, seed):
 
 def split_batch(cfg, world):
     """(batch_gpu, accumulation rounds) of the global batch over world processes."""
-    batch_gpu_total = cfg.batch // world
-    batch_gpu = cfg.batch_gpu or batch_gpu_total
-    if cfg.batch % (world * batch_gpu) or batch_gpu > batch_gpu_total:
-        raise UserError(f'--batch={cfg.batch} must be divisible by GPUs x --batch_gpu = '
-                        f'{world} x {batch_gpu}')
-    return batch_gpu, batch_gpu_total // batch_gpu
+    batch_gpu = cfg.batch_gpu or cfg.batch // world
+    require(cfg.batch % (world * batch_gpu) == 0 and batch_gpu <= cfg.batch // world,
+            f'--batch={cfg.batch} must be divisible by GPUs x --batch_gpu = {world} x {batch_gpu}')
+    return batch_gpu, cfg.batch // world // batch_gpu
 
 
 class Ticks:
@@ -1776,42 +1546,39 @@ class Ticks:
     def due(self, cur_nimg):
         return cur_nimg >= self.tick_nimg + self.cfg.tick * 1000
 
-    def elapsed(self):
-        return time.time() - self.start_time
-
     def report(self, s, cur_nimg, cur_tick, lr):
         now, cuda = time.time(), self.device.type == 'cuda'
         sec_per_kimg = (now - self.tick_time) / max(cur_nimg - self.tick_nimg, 1) * 1000
         mean = lambda key, count: s[key] / max(s[count], 1)  # noqa: E731
-        entry = dict(
-            kimg=cur_nimg / 1000, tick=cur_tick, time=now - self.start_time,
-            sec_per_kimg=sec_per_kimg, lr=lr, loss=mean('loss', 'count'),
-            clean_loss=mean('clean_loss', 'clean'), noisy_loss=mean('noisy_loss', 'noisy'),
-            noisy_frac=mean('noisy', 'count'), noisy_used=mean('noisy_used', 'noisy'),
-            consistency=mean('consistency', 'consistency_rows'),
-            loss_by_sigma=[mean(f'bin{k}_loss', f'bin{k}') for k in range(4)],
-            gpumem_gb=torch.cuda.max_memory_allocated(self.device) / 2 ** 30 if cuda else 0.0)
+        e = dict(kimg=cur_nimg / 1000, tick=cur_tick, time=now - self.start_time,
+                 sec_per_kimg=sec_per_kimg, lr=lr, loss=mean('loss', 'count'),
+                 clean_loss=mean('clean_loss', 'clean'), noisy_loss=mean('noisy_loss', 'noisy'),
+                 noisy_frac=mean('noisy', 'count'), noisy_used=mean('noisy_used', 'noisy'),
+                 consistency=mean('consistency', 'consistency_rows'),
+                 loss_by_sigma=[mean(f'bin{k}_loss', f'bin{k}') for k in range(4)],
+                 gpumem_gb=torch.cuda.max_memory_allocated(self.device) / 2 ** 30 if cuda else 0.0)
         eta = format_time((self.total_nimg - cur_nimg) / 1000 * sec_per_kimg)
-        self.log(f'kimg {entry["kimg"]:.1f} | time {format_time(entry["time"])} | sec/kimg '
-                 f'{sec_per_kimg:.2f} | ETA {eta} | loss {entry["loss"]:.4f} | lr {lr:.1e} | '
-                 f'img/s {1000 / sec_per_kimg:.0f} | gpumem {entry["gpumem_gb"]:.1f}G | clean '
-                 f'{entry["clean_loss"]:.4f} | noisy {entry["noisy_loss"]:.4f} | noisy_frac '
-                 f'{entry["noisy_frac"]:.2f} | noisy_used {entry["noisy_used"]:.2f}'
-                 + (f' | cons {entry["consistency"]:.4f}' if self.cfg.consistency_coeff else '')
-                 + ' | loss by sigma ' + '/'.join(f'{v:.3f}' for v in entry['loss_by_sigma']))
+        self.log(f'kimg {e["kimg"]:.1f} | time {format_time(e["time"])} | sec/kimg '
+                 f'{sec_per_kimg:.2f} | ETA {eta} | loss {e["loss"]:.4f} | lr {lr:.1e} | img/s '
+                 f'{1000 / sec_per_kimg:.0f} | gpumem {e["gpumem_gb"]:.1f}G | clean '
+                 f'{e["clean_loss"]:.4f} | noisy {e["noisy_loss"]:.4f} | noisy_frac '
+                 f'{e["noisy_frac"]:.2f} | noisy_used {e["noisy_used"]:.2f}'
+                 + (f' | cons {e["consistency"]:.4f}' if self.cfg.consistency_coeff else '')
+                 + ' | loss by sigma ' + '/'.join(f'{v:.3f}' for v in e['loss_by_sigma']))
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         if self.rank == 0:
             with open(os.path.join(self.run_dir, 'stats.jsonl'), 'a') as f:
-                f.write(json.dumps(entry) + '\n')
+                f.write(json.dumps(e) + '\n')
 
 
 # --------------------------------------------------------------------------------------------------
-# Networks and checkpoints
+# Networks and checkpoints (the file formats: nets.read_ambient_laws_checkpoint and
+# nets.load_ambient_laws_release)
 
 
-def network_kwargs(cfg, resolution, channels, label_dim):
-    """The nets.UNet kwargs of a config (stored in every snapshot to rebuild the network)."""
+def build_network(cfg, resolution, channels, label_dim):
+    """EDMPrecond around a nets.UNet, and the UNet kwargs that rebuild it (saved in snapshots)."""
     kwargs = {**(ARCHES.get(cfg.arch) or nets.UNET_PRESETS[cfg.arch]),
               'img_resolution': resolution, 'in_channels': channels, 'out_channels': channels,
               'label_dim': label_dim, 'dropout': cfg.dropout,
@@ -1820,110 +1587,54 @@ def network_kwargs(cfg, resolution, channels, label_dim):
         kwargs['model_channels'] = cfg.cbase
     if cfg.cres:
         kwargs['channel_mult'] = tuple(int(c) for c in cfg.cres.split(','))
-    return kwargs
-
-
-def build_network(cfg, resolution, channels, label_dim):
-    """EDMPrecond around a nets.UNet, and the UNet kwargs that rebuild it."""
-    kwargs = network_kwargs(cfg, resolution, channels, label_dim)
     return EDMPrecond(nets.UNet(**kwargs), cfg.sigma_data), kwargs
 
 
-def tensor_dict(value, what):
-    """A plain {str: tensor} copy of a loaded state dict (attributes a file set on it dropped)."""
-    if not isinstance(value, dict) or not all(isinstance(k, str) and torch.is_tensor(v)
-                                              for k, v in value.items()):
-        raise UserError(f'{what} is not a dict of named tensors')
-    return {k: v for k, v in value.items()}
-
-
-def read_checkpoint(path, flag, kind):
-    """Our network snapshot (kind 'snapshot': ema + net_kwargs) or training state (kind 'state')
-    as a dict of plain containers; any other file fails with one line naming it and the cause."""
-    if not os.path.isfile(path):
-        raise UserError(f'{flag}: {path} does not exist')
-    if os.path.getsize(path) == 0:
-        raise UserError(f'{flag}: {path} is empty (0 bytes, a write that was cut short): pass '
-                        f'another file')
+def read_state(path):
+    """A training state of ours (nets.read_ambient_laws_checkpoint), or one line (UserError)."""
     try:
-        data = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as error:
-        cause = (str(error).strip().splitlines() or ['no reason'])[0]
-        raise UserError(f'{flag}: {path} is not a checkpoint written by ambient_laws.py '
-                        f'({type(error).__name__}: {cause})') from None
-    need = ('ema', 'net_kwargs')
-    if kind == 'state':
-        need += ('net', 'optimizer', 'cur_nimg', 'cur_tick', 'config')
-    missing = [key for key in need if not isinstance(data, dict) or key not in data]
-    if missing:
-        hint = ''
-        if kind == 'state' and missing[0] != 'ema':
-            hint = (f': it is a network snapshot, not a training state; pass training-state-*.pt, '
-                    f'or --transfer={path} to start from its weights')
-        raise UserError(f'{flag}: {path} has no {", ".join(missing)}{hint}')
-    data = dict(data)
-    for key in ('ema', 'net') if kind == 'state' else ('ema',):
-        data[key] = tensor_dict(data[key], f'{flag}: {path}: {key}')
-    config = data.get('config', {})
-    kwargs = data['net_kwargs']
-    if not isinstance(kwargs, dict) or not isinstance(config, dict) \
-            or not isinstance(config.get('sigma_data', 0.5), (int, float)):
-        raise UserError(f'{flag}: {path}: net_kwargs and config must be dicts (sigma_data a '
-                        f'number)')
-    data['net_kwargs'], data['config'] = dict(kwargs), dict(config)
-    return data
+        return nets.read_ambient_laws_checkpoint(path, 'state')
+    except (ValueError, OSError) as error:
+        raise UserError(f'--resume: {error}') from None
 
 
 def load_network(source, device, flag='--network'):
     """(EDMPrecond in eval mode, config dict) from our network-snapshot-*.pt (or training state),
-    or a released checkpoint through nets.load_edm_network: an EDM-style .pkl (path or URL, read
-    without running its code), a Hugging Face repo id, hf:// path or local folder."""
+    or a released checkpoint: an EDM-style .pkl (path or URL), a Hugging Face repo id or folder."""
     source = os.fspath(source)
-    if os.path.isfile(source) and not source.endswith('.pkl'):
-        data = read_checkpoint(source, flag, 'snapshot')
-        config = data['config']
-        make = lambda: EDMPrecond(nets.UNet(**data['net_kwargs']),  # noqa: E731
-                                  float(config.get('sigma_data', 0.5)))
-        try:
-            net = nets.build_checked(make, data['ema'], f'{flag}: {source}')
-        except ValueError as error:
-            raise UserError(str(error)) from None
-    else:
-        try:
-            unet, info = nets.load_edm_network(source)
-        except (ValueError, OSError, RuntimeError, KeyError) as error:  # incl. WeightsNotFoundError
-            raise UserError(f'{flag}: cannot load {source}: {error}') from None
-        if info.get('precond') != 'EDMPrecond' or info.get('gated'):
-            raise UserError(f'{flag}: {source} holds a {"gated " if info.get("gated") else ""}'
-                            f'{info.get("precond")} network; ambient_laws.py samples EDMPrecond '
-                            f'networks (as ambient-laws trains them)')
-        kwargs = info.get('precond_kwargs') or {}
-        net = EDMPrecond(unet, kwargs.get('sigma_data', 0.5), kwargs.get('sigma_min', 0.0),
-                         kwargs.get('sigma_max', float('inf')))
-        config = dict(sigma_data=net.sigma_data, format=info.get('format'),
-                      training_options=info.get('training_options'))
+    ours = os.path.isfile(source) and not source.endswith('.pkl')
+    try:
+        if ours:
+            data = nets.read_ambient_laws_checkpoint(source)
+            config = data['config']
+            make = lambda: EDMPrecond(nets.UNet(**data['net_kwargs']),  # noqa: E731
+                                      float(config.get('sigma_data', 0.5)))
+            net = nets.build_checked(make, data['ema'], source)
+        else:
+            unet, precond, config = nets.load_ambient_laws_release(source)
+            net = EDMPrecond(unet, **precond)
+    except (ValueError, OSError, RuntimeError, KeyError) as error:  # incl. WeightsNotFoundError
+        raise UserError(f'{flag}: {"" if ours else f"cannot load {source}: "}{error}') from None
     cuda = torch.device(device).type == 'cuda'  # NHWC convolutions on tensor cores
     net.to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
     return net.eval().requires_grad_(False), config
 
 
 def dry_run(cfg, log, world, batch_gpu, rounds):
-    """Print the resolved config and network (built on the meta device: nothing allocated), with
-    no download and no file written."""
+    """Print the config and the network (on the meta device): no download, no file written."""
     channels, resolution, label_dim, source = peek_data(cfg)
     with torch.device('meta'):
         net, kwargs = build_network(cfg, resolution, channels, label_dim)
     log(json.dumps(dataclasses.asdict(cfg), indent=2))
     log(f'Network: arch {kwargs["arch"]} ({cfg.arch}), model_channels {kwargs["model_channels"]}, '
         f'channel_mult {list(kwargs["channel_mult"])}, {resolution}x{resolution}x{channels} '
-        f'({source}), '
-        f'label_dim {label_dim}, {sum(p.numel() for p in net.parameters()):,} parameters; '
-        f'batch {cfg.batch} = {world} x {rounds} x {batch_gpu}')
+        f'({source}), label_dim {label_dim}, {sum(p.numel() for p in net.parameters()):,} '
+        f'parameters; batch {cfg.batch} = {world} x {rounds} x {batch_gpu}')
     log('Dry run; exiting.')
 
 
 # --------------------------------------------------------------------------------------------------
-# Run folder, resume, atomic saves, stop signals
+# Run folder, resume, saves
 
 def run_desc(cfg):
     """The run folder's description: data, arch and the corruption."""
@@ -1935,17 +1646,15 @@ def run_desc(cfg):
 
 
 def check_start(cfg, world, device):
-    """The checks of a run's start, before any long work or write: --outdir, the --resume=PATH
-    state, the --transfer weights; and the seed (-1: drawn once, the same on every rank). Returns
-    (cfg with its seed, state or None, transfer weights or None, the resumable fields)."""
+    """Checks before any write (--outdir, --resume=PATH, --transfer) and the seed (-1: drawn once).
+    Returns (cfg with its seed, state or None, transfer weights or None, the resumable fields)."""
     check_writable(cfg.outdir, '--outdir')
-    state = None
+    state = transfer = None
     if cfg.resume and cfg.resume != 'auto':
         name = os.path.basename(cfg.resume)
         require(STATE_NAME.fullmatch(name) or not os.path.isfile(cfg.resume),
                 f'--resume must point to training-state-*.pt (or be auto), not {cfg.resume}')
-        state = read_checkpoint(cfg.resume, '--resume', 'state')
-    transfer = None
+        state = read_state(cfg.resume)
     if cfg.transfer:
         transfer = load_network(cfg.transfer, 'cpu', '--transfer')[0].state_dict()
     resumable = RESUMABLE_FIELDS | {'transfer'} | SAMPLING_FIELDS
@@ -1958,35 +1667,30 @@ def check_start(cfg, world, device):
     return cfg, state, transfer, resumable
 
 
-def adopt_state(cfg, run, state, resumable):
-    """The training state to continue (read here for --resume=auto), and the seed it ran with
-    when --seed was random."""
+def load_start(cfg, run, state, transfer, resumable, net, ema, optimizer):
+    """Loads the state to continue (with --seed=-1 adopting its seed) or the --transfer weights.
+    Returns (cfg, state, cur_nimg, cur_tick, transferred)."""
     if run.state and state is None:
-        state = read_checkpoint(run.state, '--resume', 'state')
+        state = read_state(run.state)
     if state is not None and 'seed' in resumable:
         cfg = dataclasses.replace(cfg, seed=int(state['config'].get('seed', cfg.seed)))
-    return cfg, state
-
-
-def load_start(cfg, state, transfer, net, ema, optimizer):
-    """Load the training state (weights, EMA, optimizer, progress) or the --transfer weights.
-    Returns (cur_nimg, cur_tick, transferred)."""
     try:
         if state is not None:
             net.load_state_dict(state['net'])
             ema.load_state_dict(state['ema'])
             optimizer.load_state_dict(state['optimizer'])
-            return int(state['cur_nimg']), int(state['cur_tick']), bool(state.get('transferred'))
+            return (cfg, state, int(state['cur_nimg']), int(state['cur_tick']),
+                    bool(state.get('transferred')))
         if transfer is not None:  # official: the matching EMA tensors, into net and EMA
             net.load_state_dict(transfer, strict=False)
             ema.load_state_dict(transfer, strict=False)
     except Exception as error:
-        flag = '--resume' if state is not None else '--transfer'
         reason = (str(error).splitlines() or [type(error).__name__])[0]
-        raise UserError(f'{flag}: {cfg.resume or cfg.transfer} does not fit this network '
-                        f'({reason}): pass the flags it was trained with (--arch, --cbase, '
-                        f'--cres, --cond, ...)') from None
-    return 0, 0, transfer is not None
+        raise UserError(f'{"--resume" if state is not None else "--transfer"}: '
+                        f'{cfg.resume or cfg.transfer} does not fit this network ({reason}): pass '
+                        f'the flags it was trained with (--arch, --cbase, --cres, --cond, ...)'
+                        ) from None
+    return cfg, state, 0, 0, transfer is not None
 
 
 def save_state(run_dir, net, ema, optimizer, net_kwargs, cfg, cur_nimg, transferred, cur_tick):
@@ -2011,13 +1715,6 @@ def save_snapshot(run_dir, ema, net_kwargs, cfg, cur_nimg, device, autocast):
     save_grid(grid, os.path.join(run_dir, f'samples-{tag}.png'), columns=8)
 
 
-def save_png(path, image):
-    """uint8 (C, H, W) -> a PNG, atomically."""
-    buffer = io.BytesIO()
-    PIL.Image.fromarray(image.permute(1, 2, 0).squeeze(-1).numpy()).save(buffer, format='PNG')
-    nets.write_atomic(path, buffer.getvalue())
-
-
 # --------------------------------------------------------------------------------------------------
 # The flags of each command, and the official flags (giannisdaras/ambient-laws train.py,
 # generate.py, eval_fid.py) with what they do here
@@ -2025,24 +1722,15 @@ def save_png(path, image):
 SAMPLING_FIELDS = {'steps', 'sigma_min', 'sigma_max', 'rho', 'S_churn', 'S_min', 'S_max',
                    'S_noise', 'stop_variance'}
 _ALL = [field.name for field in dataclasses.fields(Config)]
+_SAMPLING = [f for f in _ALL if f in SAMPLING_FIELDS]
 FIELDS = {
-    'train': _ALL[:_ALL.index('device') + 1] + [f for f in _ALL if f in SAMPLING_FIELDS],
+    'train': _ALL[:_ALL.index('device') + 1] + _SAMPLING,
     'generate': ['network', 'outdir', 'seeds', 'subdirs', 'class_idx', 'batch', 'precision',
-                 'device', 'dry_run'] + [f for f in _ALL if f in SAMPLING_FIELDS],
-    'eval': ['network', 'batch', 'precision', 'device', 'workers', 'dry_run']
-            + [f for f in _ALL if f in SAMPLING_FIELDS] + _ALL[_ALL.index('gen_path'):],
+                 'device', 'dry_run'] + _SAMPLING,
+    'eval': ['network', 'batch', 'precision', 'device', 'workers', 'dry_run'] + _SAMPLING
+            + _ALL[_ALL.index('gen_path'):],
 }
 COMMAND_DEFAULTS = {'generate': dict(batch=64, outdir=''), 'eval': dict(batch=64)}  # official
-
-
-def mimg_to_kimg(value):
-    return max(int(value * 1000), 1)  # EDM train.py: max(int(duration * 1000), 1)
-
-
-def ema_mimg_to_kimg(value):
-    return int(value * 1000)  # EDM train.py: int(ema * 1000), no floor
-
-
 SAME = ['outdir', 'data', 'cond', 'batch', 'cbase', 'cres', 'lr', 'dropout', 'augment', 'xflip',
         'ls', 'bench', 'workers', 'desc', 'nosubdir', 'tick', 'snap', 'dump', 'seed', 'transfer',
         'resume', 'expr_id', 'weight_decay', 'sigma', 'corruption_probability',
@@ -2055,11 +1743,12 @@ OFFICIAL_FLAGS = {
         '--arch': ours('arch', refuse={'ncsnpp': 'nets.UNet has no NCSN++ (Fourier embedding, '
                                                  'residual encoder); use --arch=ddpmpp'}),
         '--precond': ignored('edm, which the official train.py asserts too', type=str,
-                             group='network',
-                             refuse={v: 'the official train.py asserts edm; use --precond=edm'
-                                     for v in ('vp', 've')}),
-        '--duration': ours('kimg', mimg_to_kimg, 'Mimg -> kimg, max(int(x 1000), 1)', type=float),
-        '--ema': ours('ema_halflife_kimg', ema_mimg_to_kimg, 'Mimg -> kimg, int(x 1000)',
+                             group='network', refuse={v: 'the official train.py asserts edm; use '
+                                                      '--precond=edm' for v in ('vp', 've')}),
+        # EDM train.py's conversions: max(int(duration * 1000), 1) and int(ema * 1000).
+        '--duration': ours('kimg', lambda v: max(int(v * 1000), 1),
+                           'Mimg -> kimg, max(int(x 1000), 1)', type=float),
+        '--ema': ours('ema_halflife_kimg', lambda v: int(v * 1000), 'Mimg -> kimg, int(x 1000)',
                       type=float),
         '--batch-gpu': ours('batch_gpu'),
         '--fp16': ignored('fp32 networks; bf16 autocast with --precision=bf16', type=parse_bool,
@@ -2071,46 +1760,42 @@ OFFICIAL_FLAGS = {
         '-n': ours('dry_run'), '--dry-run': ours('dry_run'),
     },
     'generate': {
-        **{f'--{name}': ours(name) for name in ['network', 'outdir', 'subdirs', 'seeds', 'batch',
-                                                 'steps', 'sigma_min', 'sigma_max', 'rho',
-                                                 'S_churn', 'S_min', 'S_max', 'S_noise',
-                                                 'stop_variance']},
+        **{f'--{name}': ours(name) for name in ['network', 'outdir', 'subdirs', 'seeds', 'batch']
+           + _SAMPLING},
         '--class': ours('class_idx'),
         '--solver': refused(ABLATION + "the default Heun sampler (generate.py's edm_sampler)",
                             group='sampling'),
         '--disc': refused(ABLATION + "--steps, --sigma_min, --sigma_max and --rho (EDM's grid)",
                           group='sampling'),
-        '--schedule': refused(ABLATION + "the default sampler (EDM's sigma(t) = t)",
-                              group='sampling'),
+        '--schedule': refused(ABLATION + "the default sampler (EDM's sigma(t) = t)", 'sampling'),
         '--scaling': refused(ABLATION + "the default sampler (EDM's s(t) = 1)", group='sampling'),
     },
     'eval': {'--gen_path': ours('gen_path'), '--ref_path': ours('ref_path'),
              '--ref_stats': ours('ref'), '--batch_size': ours('batch'),
              '--out_path': ours('out_path')},
 }
+COMMANDS = {'train': 'train on a mix of clean and noisy images (the default command)',
+            'generate': 'one PNG per seed from a network (ours, an EDM .pkl or a Hugging Face '
+                        'checkpoint)',
+            'eval': "FID (and IS, ...) of a network's samples, drawn in memory, or of a folder of "
+                    "images (--gen_path)"}
 
 
 def command_config(command, argv):
     """The checked Config of one command from its command line (presets: train only)."""
     presets = PRESETS if command == 'train' else dict.fromkeys(PRESETS, {})
-    cfg = parse_config(command, Config, argv, OFFICIAL_FLAGS[command], presets, FIELDS[command],
-                       COMMAND_DEFAULTS.get(command), COMMAND_HELP[command])
-    return check_config(cfg)
-
-
-COMMAND_HELP = {'train': 'train on a mix of clean and noisy images (the default command)',
-                'generate': 'one PNG per seed from a network',
-                'eval': "FID (and IS, ...) of a network's samples or of a folder of images"}
+    return check_config(parse_config(command, Config, argv, OFFICIAL_FLAGS[command], presets,
+                                     FIELDS[command], COMMAND_DEFAULTS.get(command),
+                                     COMMANDS[command]))
 
 
 def check_config(cfg):
     """Every range checked before anything is written; returns a new Config, cfg unchanged."""
     official_seeded = (cfg.noisy_count == 'random' and cfg.noise_rng == 'numpy'
                        and not cfg.sigma_per_image)
-    require(cfg.noisy_count in ('random', 'exact'), '--noisy_count must be random or exact')
-    require(cfg.noise_rng in ('numpy', 'device'), '--noise_rng must be numpy or device')
-    require(cfg.consistency_rows in ('per_gpu', 'global'),
-            '--consistency_rows must be per_gpu or global')
+    for name, allowed in (('noisy_count', ('random', 'exact')), ('noise_rng', ('numpy', 'device')),
+                          ('consistency_rows', ('per_gpu', 'global'))):
+        require(getattr(cfg, name) in allowed, f'--{name} must be {" or ".join(allowed)}')
     require(cfg.precision in ('', 'fp32', 'bf16'), '--precision must be fp32 or bf16')
     require(cfg.sigma >= 0, '--sigma must be >= 0')
     require(0 <= cfg.corruption_probability <= 1, '--corruption_probability must be in [0, 1]')

@@ -570,12 +570,10 @@ def training_loop(c, x_data, y_data, net_kwargs, run_dir, resumed, rank, world_s
 # Evaluation: generate, sample, eval (FID through fid.py) and the exposure-bias measurement
 
 class StackedRandomGenerator:
-    """One generator per image, so image k depends only on seed k, whatever the batch or GPU count
-    (EDM idea)."""
+    """One generator per image: image k depends only on seed k, whatever the batch or GPU count."""
 
     def __init__(self, device, seeds):
-        self.generators = [torch.Generator(device).manual_seed(int(seed) % (1 << 32))
-                           for seed in seeds]
+        self.generators = [torch.Generator(device).manual_seed(int(s) % (1 << 32)) for s in seeds]
 
     def randn_like(self, x):
         return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype)
@@ -630,49 +628,13 @@ def exposure_table(sums, squares, num, diffusion, start):
                                   delta)]
 
 
-def exposure_over_data(c, denoiser, diffusion, shape, label_dim, rank, world_size, device):
-    """exposure_bias summed over --num real images of --data (each rank its share), chains from
-    respaced index --forward_t: returns ([sum r, sum r^2, sum |x0_hat - x0|], number of images,
-    start index)."""
-    start = diffusion.num_timesteps - 1 if c.forward_t is None else c.forward_t
-    if not 1 <= start < diffusion.num_timesteps:
-        raise UserError(f'--forward_t must be in [1, {diffusion.num_timesteps - 1}]')
-
-    # Real images that fit the network, a fixed random subset of them.
-    x_data, y_data = load_dataset(c.data)
-    if x_data.shape[1:] != shape:  # (C, H, W)
-        raise UserError(f'--data: images of shape {x_data.shape[1:]} do not fit the network '
-                        f'({shape})')
-    if label_dim and (y_data is None or y_data.max() >= label_dim):
-        raise UserError(f'--data: the network is conditional on {label_dim} classes; {c.data} '
-                        f'needs labels below it')
-    order = torch.randperm(len(x_data), generator=torch.Generator().manual_seed(c.seed))
-    chosen = order[:c.num].tolist()
-
-    # Sums over this rank's chains, then over all ranks.
-    totals = [torch.zeros(size, dtype=torch.float64, device=device)  # sums of r, r^2, |x0_hat - x0|
-              for size in ((start, *shape), (start, *shape), ())]
-    for indices in rank_batches(chosen, c.batch, rank, world_size):
-        x0 = torch.from_numpy(x_data[indices]).to(device).float() / 127.5 - 1
-        labels = torch.from_numpy(y_data[indices]).to(device) if label_dim else None
-        rnd = StackedRandomGenerator(device, indices)  # noise of image k depends on k only
-        # --deterministic: x_{t-1} = mu_theta(x_t) (official exposure_bias_deterministic branch).
-        parts = exposure_bias(denoiser, diffusion, x0, start, rnd.randn_like(x0), c.clip_denoised,
-                              c.eta if c.use_ddim else None, labels,
-                              torch.zeros_like if c.deterministic else rnd.randn_like)
-        totals = [a + b for a, b in zip(totals, parts)]
-    if world_size > 1:
-        for tensor in totals:
-            dist.all_reduce(tensor)
-    return totals, len(chosen), start
-
-
 def run_sampling_command(command, c, rank, world_size, device, log):
     """sample: samples_NxHxWx3.npz (official image_sample.py) and one PNG per image. generate: one
     PNG per seed. eval: metrics via fid.compute_metrics. exposure: the delta_t table."""
     net, diffusion = load_network(c.network, c, device)
     denoiser = make_denoiser(net, c.precision)
     shape, label_dim = (net.in_channels, net.img_resolution, net.img_resolution), net.label_dim
+    eta = c.eta if c.use_ddim else None
     sampler_desc = dict(timestep_respacing=c.timestep_respacing or str(diffusion.num_timesteps),
                         sampler=f'ddim eta={c.eta:g}' if c.use_ddim else 'ancestral',
                         clip_denoised=c.clip_denoised)
@@ -693,9 +655,9 @@ def run_sampling_command(command, c, rank, world_size, device, log):
         log(f'generated {len(seeds)} images in {c.outdir}')
         return
     check_writable(results_dir, '--network (its folder takes the results)')
-    metrics = tuple(c.metrics.split(','))
     if command == 'eval':
         # Protocol, weights and reference first: a missing file or a mismatch shows before sampling.
+        metrics = tuple(c.metrics.split(','))
         try:
             ref = fid.load_ref(c.ref)
             detector = fid.load_inception(c.fid_weights, device=device)
@@ -706,16 +668,35 @@ def run_sampling_command(command, c, rank, world_size, device, log):
         num = protocol['num'] or c.num
         batches = (generate_images(denoiser, diffusion, seeds, shape, label_dim, device, c)
                    for seeds in rank_batches(list(range(num)), c.batch, rank, world_size))
-        values = fid.compute_metrics(batches, ref, metrics=metrics, device=device,
-                                     detector=detector, num_images=num, protocol=protocol)
-        record = dict(network=c.network, num=num, ref=c.ref, **sampler_desc, **values)
+        record = dict(network=c.network, num=num, ref=c.ref, **sampler_desc,
+                      **fid.compute_metrics(batches, ref, metrics=metrics, device=device,
+                                            detector=detector, num_images=num, protocol=protocol))
         log(json.dumps(record))
         if rank == 0:
             append_jsonl(os.path.join(results_dir, 'metrics-ddpm_ip.jsonl'), record)
         return
 
-    totals, num, start = exposure_over_data(c, denoiser, diffusion, shape, label_dim, rank,
-                                            world_size, device)
+    # exposure: chains from respaced index --forward_t over a fixed random subset of --num images.
+    start = diffusion.num_timesteps - 1 if c.forward_t is None else c.forward_t
+    require(1 <= start < diffusion.num_timesteps,
+            f'--forward_t must be in [1, {diffusion.num_timesteps - 1}]')
+    x_data, y_data = load_dataset(c.data, label_dim, shape)
+    order = torch.randperm(len(x_data), generator=torch.Generator().manual_seed(c.seed))
+    chosen = order[:c.num].tolist()
+    totals = [torch.zeros(size, dtype=torch.float64, device=device)  # sums of r, r^2, |x0_hat - x0|
+              for size in ((start, *shape), (start, *shape), ())]
+    for indices in rank_batches(chosen, c.batch, rank, world_size):
+        x0 = torch.from_numpy(x_data[indices]).to(device).float() / 127.5 - 1
+        labels = torch.from_numpy(y_data[indices]).to(device) if label_dim else None
+        rnd = StackedRandomGenerator(device, indices)  # noise of image k depends on k only
+        # --deterministic: x_{t-1} = mu_theta(x_t) (official exposure_bias_deterministic branch).
+        parts = exposure_bias(denoiser, diffusion, x0, start, rnd.randn_like(x0), c.clip_denoised,
+                              eta, labels, torch.zeros_like if c.deterministic else rnd.randn_like)
+        totals = [a + b for a, b in zip(totals, parts)]
+    if world_size > 1:
+        for tensor in totals:
+            dist.all_reduce(tensor)
+    num = len(chosen)
     rows = exposure_table(totals[0], totals[1], num, diffusion, start)
     for row in rows:
         log(f't {row["t"]:4d} | std of x_t - sqrt(ab) x0: sampled {row["sigma_hat"]:.4f}, '
@@ -778,63 +759,46 @@ def run_command(command, argv):
 
 # ---- Below: plumbing (files, flags, processes); not needed to understand the method
 
-# ==== BEGIN canonical block v2 (paste unchanged below the banner) =================================
+# ==== BEGIN canonical block v3 (paste unchanged below the banner) =================================
 # Errors and main
 
-
 class UserError(Exception):
-    """Bad input: a flag, a data set, a checkpoint, an output folder. `main` prints
-    `<script>: error: <message>` on one line and exits 2 (argparse's code); every check raises it
-    before anything is written."""
-
+    """Bad input (a flag, data, a checkpoint, a folder), raised before anything is written."""
 
 def require(ok, message):
     """The one-line check of check_config: `require(cfg.lr > 0, '--lr must be > 0')`."""
     if not ok:
         raise UserError(message)
 
-
-def top_level_help(commands, title='', note=''):
-    """`python X.py --help`: usage line, paper, one line per command, where the flags are."""
-    script = os.path.basename(__file__)
-    lines = [f'usage: {script} [COMMAND] [--flag=value ...]'] + ([title] if title else [])
-    lines.append('commands:')
-    lines += [f'  {name:<10} {text}' for name, (_, text) in commands.items()]
-    lines += [note] if note else []
-    lines.append(f"Run 'python {script} COMMAND --help' for the flags of a command.")
-    return '\n'.join(lines)
-
-
 def run_main(commands, argv=None, title='', note=''):
-    """The body of every script's `main`. commands: {name: (function(argv), one-line description)};
-    the first is the default, so `python X.py --flag=...` trains. Bad input (UserError) is one line
-    and exit 2; a failure while running (a full disk, a folder removed: OSError) one line and exit
-    1; an interrupt outside the training loop's StopSignal one line and exit 130. Only rank 0
-    prints; every rank exits with the same code."""
+    """The body of every `main`; commands = {name: (function(argv), one-line text)}, the first is
+    the default. A failure is one line from rank 0 and the same exit code on every rank: 2 bad
+    input (UserError), 1 a failure while running (OSError: a full disk), 130 an interrupt outside
+    StopSignal."""
     argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
-    if argv[:1] in (['-h'], ['--help']):
-        print(top_level_help(commands, title, note))
-        return None
+    script = os.path.basename(__file__)
+    if argv[:1] in (['-h'], ['--help']):  # usage, paper, one line per command, where the flags are
+        lines = [f'usage: {script} [COMMAND] [--flag=value ...]', title, 'commands:',
+                 *(f'  {name:<10} {text}' for name, (_, text) in commands.items()),
+                 note, f"Run 'python {script} COMMAND --help' for the flags of a command."]
+        return print('\n'.join(line for line in lines if line))
     name = argv.pop(0) if argv and argv[0] in commands else next(iter(commands))
     try:
         return commands[name][0](argv)
     except UserError as error:
-        _fail(str(error), 2)
+        message, code = str(error), 2
     except OSError as error:
         where = f' {error.filename}' if error.filename else ''
-        _fail(f'cannot write{where}: {error.strerror or error}', 1)
+        message, code = f'cannot write or read{where}: {error.strerror or error}', 1
     except KeyboardInterrupt:
-        _fail('interrupted (nothing was saved since the last training state)', 130)
-    finally:
-        for lock in list(RunLock.held):  # also when a test calls main(), not only at exit
-            lock.release()
+        message, code = 'interrupted (nothing was saved since the last training state)', 130
+    finally:  # also when a test calls main() twice in one process, not only at exit
+        for held in RunLock.held[:] + Logger.opened[:]:
+            held.close()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
-
-def _fail(message, code):
     if get_rank() == 0:  # one line, even for a multi-line library message
-        print(f'{os.path.basename(__file__)}: error: {" ".join(message.split())}', file=sys.stderr)
+        print(f'{script}: error: {" ".join(message.split())}', file=sys.stderr)
     sys.exit(code)
 
 
@@ -843,19 +807,15 @@ def _fail(message, code):
 
 GROUP_TITLES = ('data and corruption', 'network', 'optimisation', 'run', 'sampling', 'evaluation')
 
-
 def parse_bool(text):
-    """True/False, 1/0, yes/no, on/off, any case: click's BOOL and the official str2bool."""
-    value = {'true': True, '1': True, 'yes': True, 'y': True, 't': True, 'on': True, 'false': False,
-             '0': False, 'no': False, 'n': False, 'f': False, 'off': False}.get(str(text).lower())
-    if value is None:
+    """True/False, 1/0, yes/no, y/n, t/f, on/off, any case (click's BOOL, the official str2bool)."""
+    value = str(text).lower()
+    if value not in ('true', '1', 'yes', 'y', 't', 'on', 'false', '0', 'no', 'n', 'f', 'off'):
         raise argparse.ArgumentTypeError(f'expected True or False, got {text!r}')
-    return value
-
+    return value in ('true', '1', 'yes', 'y', 't', 'on')
 
 def parse_seeds(text, flag='--seeds'):
-    """'0-49999' or '1,2,5-10' -> a list of ints, as EDM's parse_int_list; a reversed range is an
-    error."""
+    """'0-49999' or '1,2,5-10' -> a list of ints (EDM's parse_int_list); no reversed range."""
     seeds = []
     for part in str(text).split(','):
         match = re.fullmatch(r'\s*(\d+)(?:-(\d+))?\s*', part)
@@ -867,10 +827,9 @@ def parse_seeds(text, flag='--seeds'):
         seeds.extend(range(first, last + 1))
     return seeds
 
-
 @dataclasses.dataclass(frozen=True)
 class Official:
-    """The fate of one official flag: a row of OFFICIAL_FLAGS (ours, refused, ignored)."""
+    """A row of OFFICIAL_FLAGS (made by ours, refused or ignored): what an official flag does."""
     field: str = ''         # our Config field that it sets; '' = none (refused or ignored)
     convert: object = None  # official value -> ours: a function, a {value: ours} dict, None = same
     how: str = ''           # the conversion or the reason in words, for --help and docs/<paper>.md
@@ -878,48 +837,37 @@ class Official:
     type: object = None     # reads the official value; None = our field's type
     group: str = 'run'      # the --help group of a flag that sets no field
 
-
 def ours(field, convert=None, how='', refuse=None, type=None):
-    """An official flag that sets our `field`, e.g.
-        ours('kimg', mimg_to_kimg, 'Mimg -> kimg', type=float)   # another name and unit
-        ours('lr')                                               # the same flag
-        ours('arch', refuse={'ncsnpp': 'no NCSN++ here; use --arch=ddpmpp'})  # refused values"""
+    """An official flag that sets our `field`: ours('lr') (the same flag), ours('kimg', to_kimg,
+    'Mimg -> kimg', type=float), ours('arch', refuse={'ncsnpp': 'no NCSN++; use --arch=ddpmpp'})."""
     return Official(field, convert, how, refuse, type)
-
 
 def refused(reason, group='run'):
     """An official flag refused whatever its value; the reason names ours ('...; use --x')."""
     return Official(how=reason, refuse=reason, group=group)
 
-
 def ignored(how='logging only', refuse=None, type=None, group='run'):
-    """An official flag accepted and dropped (wandb ids, ...); `refuse` still refuses some values:
-        ignored('always in memory', refuse={False: '...; use --cache=True'}, type=parse_bool)"""
+    """An official flag accepted and dropped (wandb ids, ...), but for the values in `refuse`."""
     return Official(how=how, refuse=refuse, type=type, group=group)
-
 
 def format_official(flag, official):
     """What an official flag does here, in one phrase (--help and the docs)."""
+    field, how = official.field, official.how
     if isinstance(official.refuse, str):
         return f'refused: {official.refuse}'
-    if official.field and flag == f'--{official.field}':
-        text = 'the same flag' + (f' ({official.how})' if official.how else '')
-    elif official.field:
-        text = f'--{official.field}' + (f': {official.how}' if official.how else '')
+    if field and flag == f'--{field}':
+        text = 'the same flag' + (f' ({how})' if how else '')
     else:
-        text = f'ignored ({official.how})'
+        text = (f'--{field}' + (f': {how}' if how else '')) if field else f'ignored ({how})'
     return text + _refusals(flag, official)
-
 
 def _refusals(flag, official):
     refuse = official.refuse or {}
     return ''.join(f'; {flag}={value} refused: {why}' for value, why in refuse.items())
 
-
 class OfficialAction(argparse.Action):
-    """Applies one OFFICIAL_FLAGS row while parsing: refuse the value, or convert it into our field.
-    The field is written where the flag appears, so of --duration and --kimg the later one wins, as
-    with any repeated flag."""
+    """Refuses the value of an official flag, or converts it into our field where the flag appears
+    (so of --duration and --kimg the later wins)."""
 
     def __init__(self, option_strings, dest, official=None, **kwargs):
         super().__init__(option_strings, dest, **kwargs)
@@ -927,29 +875,22 @@ class OfficialAction(argparse.Action):
 
     def __call__(self, parser, namespace, value, option_string=None):
         row = self.official
-        reasons = row.refuse if isinstance(row.refuse, dict) else {}
-        if isinstance(row.refuse, str) or value in reasons:
+        reason = row.refuse if isinstance(row.refuse, str) else (row.refuse or {}).get(value)
+        if reason:
             bare = value is None or value is True and isinstance(row.refuse, str)  # `--flag` alone
             given = option_string if bare else f'{option_string}={value}'
-            reason = row.refuse if isinstance(row.refuse, str) else reasons[value]
             raise UserError(f'{given} (official flag) is not supported: {reason}')
         if not row.field:
             return  # ignored
-        if isinstance(row.convert, dict):
-            if value not in row.convert:
-                accepted = ', '.join(str(v) for v in row.convert)
-                raise UserError(f'{option_string}={value}: the official values taken: {accepted}')
-            value = row.convert[value]
-        elif row.convert is not None:
-            value = row.convert(value)
-        setattr(namespace, row.field, value)
-
+        if isinstance(row.convert, dict) and value not in row.convert:
+            raise UserError(f'{option_string}={value}: the official values taken: '
+                            + ', '.join(map(str, row.convert)))
+        convert = row.convert.get if isinstance(row.convert, dict) else row.convert
+        setattr(namespace, row.field, convert(value) if convert else value)
 
 def field_docs(config_class):
-    """{field: (help group, help text)} from the Config source: the trailing comment of a field is
-    its help; a section comment whose words start with a group title (`# Network (EDM train.py).`)
-    sets the group of the fields below it. Fields above the first section comment are 'run'
-    flags."""
+    """{field: (help group, help text)} from the Config source: a field's trailing comment is its
+    help; a comment line starting with a group title (`# Network (EDM).`) starts that group."""
     docs, group = {}, 'run'
     for cls in reversed(config_class.__mro__[:-1]):  # base classes first, like their fields
         for line in inspect.getsource(cls).splitlines():
@@ -961,124 +902,104 @@ def field_docs(config_class):
                 docs[field[1]] = (group, field[2])
     return docs
 
-
-def _flag_type(kind):
-    """A field's annotation (a type, or its name under `from __future__ import annotations`) -> the
-    argparse type."""
-    name = getattr(kind, '__name__', str(kind)).split('|')[0].replace('Optional[', '').strip(' ]')
-    return {'bool': parse_bool, 'int': int, 'float': float}.get(name, str)
-
-
 def add_flag(group, names, type, help, default=None, shown=None, **kwargs):
-    """One flag with a `--name VALUE` metavar (INT, FLOAT, BOOL, STR) whose help ends with its
-    default: `shown`, else `default` ('' and None show as none); a help that already ends in
-    `(default: ...)` or `(required)` is kept. Booleans take --flag, --flag=True, --flag=0."""
+    """One `--name VALUE` flag (INT, FLOAT, BOOL, STR) whose help ends in `(default: ...)` or
+    `(required)`. Booleans take --flag, --flag=True, --flag=0."""
     shown = default if shown is None else shown
     if not re.search(r'\((default: .*|required)\)$', help):
         help += f' (default: {"none" if shown in ("", None) else shown})'
     if type is parse_bool:
-        kwargs.setdefault('nargs', '?')
-        kwargs.setdefault('const', True)
+        kwargs = dict(nargs='?', const=True) | kwargs
     kwargs.setdefault('metavar', {int: 'INT', float: 'FLOAT', parse_bool: 'BOOL'}.get(type, 'STR'))
     return group.add_argument(*names, type=type, help=help.replace('%', '%%'), **kwargs)
-
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (via run_main), instead of usage + message
         raise UserError(message)
 
-
 def make_parser(command, config_class, official_flags=None, fields=None, defaults=None,
                 presets=None, description=''):
-    """The argparse parser of one command: a flag per Config field (or per name in `fields`),
-    grouped and helped from the Config source (field_docs), plus the official flags of
-    `official_flags` beside the fields they set. Flags that are not given stay out of the namespace
-    (argument_default=SUPPRESS), so presets can fill them in. `defaults` overrides the dataclass
-    defaults (e.g. a command's own --batch); --help shows those."""
+    """The parser of one command: a flag per Config field (or per name in `fields`), grouped and
+    helped by field_docs, each official flag beside the field it sets. Flags not given stay out of
+    the namespace (SUPPRESS), so presets can fill them in; `defaults` overrides the dataclass's."""
     script = os.path.basename(__file__)
     parser = _Parser(prog=f'{script} {command}', usage=f'{script} {command} [--flag=value ...]',
                      description=description, allow_abbrev=False, add_help=False,
                      argument_default=argparse.SUPPRESS,
                      formatter_class=lambda prog: argparse.HelpFormatter(prog, width=78))
     groups = {title: parser.add_argument_group(title) for title in GROUP_TITLES}
-    docs, official_flags = field_docs(config_class), dict(official_flags or {})
+    docs, rows = field_docs(config_class), dict(official_flags or {})
     all_fields = {f.name: f for f in dataclasses.fields(config_class)}
     defaults = {name: f.default for name, f in all_fields.items()} | dict(defaults or {})
+
+    def flag_type(field):  # from the annotation, or its text (`from __future__ import annotations`)
+        kind = all_fields[field].type
+        kind = getattr(kind, '__name__', str(kind)).split('|')[0].replace('Optional[', '')
+        return {'bool': parse_bool, 'int': int, 'float': float}.get(kind.strip(' ]'), str)
+
+    def add_official(group, flag, kind, default, **kwargs):
+        add_flag(groups[group], [flag], kind, f'official: {format_official(flag, rows[flag])} '
+                 f'(default: {default})', dest=f'official{flag}', action=OfficialAction,
+                 official=rows.pop(flag), **kwargs)
+
     for name in fields or all_fields:
         group, text = docs.get(name, ('run', name.replace('_', ' ')))
-        kind = _flag_type(all_fields[name].type)
-        # Our own flag (its official row, if any, refuses values), with the official spellings
-        # that need no conversion.
-        own = official_flags.pop(f'--{name}', None)
-        names = [f'--{name}'] + [flag for flag, row in official_flags.items()  # plain aliases:
-                                 if row == Official(name, group=row.group)]  # rows of a field alone
-        for flag in names[1:]:
-            del official_flags[flag]
-        text += f'; official: {", ".join(names[1:])}' if names[1:] else ''
+        # Our flag (its own official row, if any, refuses values) and the plain official aliases.
+        own = rows.pop(f'--{name}', None)
+        aliases = [flag for flag, row in rows.items() if row == Official(name, group=row.group)]
+        text += f'; official: {", ".join(aliases)}' if aliases else ''
         text += _refusals(f'--{name}', own) if own else ''
         action = dict(action=OfficialAction, official=own) if own else {}
-        add_flag(groups[group], names, kind, text, defaults[name], dest=name, **action)
-        # Official flags that set this field through a conversion sit right below it.
-        for flag, row in [(f, r) for f, r in official_flags.items() if r.field == name]:
-            del official_flags[flag]
-            add_flag(groups[group], [flag], row.type or kind,
-                     f'official: {format_official(flag, row)} (default: see --{name})',
-                     dest=f'official{flag}', action=OfficialAction, official=row)
-    # Refused and ignored flags, and those that set a field this command does not show.
-    for flag, row in official_flags.items():
+        add_flag(groups[group], [f'--{name}', *aliases], flag_type(name), text, defaults[name],
+                 dest=name, **action)
+        for flag in aliases:
+            del rows[flag]
+        for flag in [flag for flag, row in rows.items() if row.field == name]:
+            add_official(group, flag, rows[flag].type or flag_type(name), f'see --{name}')
+    for flag, row in list(rows.items()):  # refused, ignored, or setting a field not shown here
         if row.field and row.field not in all_fields:
             raise ValueError(f'OFFICIAL_FLAGS: {flag} sets {row.field}, which Config lacks')
-        kind = row.type or (_flag_type(all_fields[row.field].type) if row.field else str)
+        kind = row.type or (flag_type(row.field) if row.field else str)
         group = docs.get(row.field, (row.group,))[0]
-        add_flag(groups[group if group in groups else 'run'], [flag], kind,
-                 f'official: {format_official(flag, row)} (default: none)', dest=f'official{flag}',
-                 action=OfficialAction, official=row, nargs='?',
-                 const=True if kind is parse_bool else None)
+        add_official(group if group in groups else 'run', flag, kind, 'none', nargs='?',
+                     const=True if kind is parse_bool else None)
     if presets and 'preset' not in all_fields:
         add_flag(groups['run'], ['--preset'], str, 'a recipe that sets defaults: '
                  + ', '.join(presets), '', choices=list(presets), dest='preset')
     groups['run'].add_argument('-h', '--help', action='help', help='show this help and exit')
     return parser
 
-
 def parse_config(command, config_class, argv, official_flags=None, presets=None, fields=None,
                  defaults=None, description=''):
-    """Config from the command line: the dataclass defaults (and `defaults`), under them --preset's
-    values, under those the flags given. Raises UserError for any bad flag, before anything is
-    written."""
+    """Config from the command line: the flags given over --preset's values over `defaults` over
+    the dataclass defaults. Any bad flag raises UserError."""
     parser = make_parser(command, config_class, official_flags, fields, defaults, presets,
                          description)
     given = vars(parser.parse_args(argv))
-    given = {name: value for name, value in given.items() if not name.startswith('official')}
+    given = {k: v for k, v in given.items() if not k.startswith('official')}
     fields = {f.name: f.default for f in dataclasses.fields(config_class)} | dict(defaults or {})
-    names = set(fields)
-    preset = given.get('preset', fields['preset']) if 'preset' in names else given.pop('preset', '')
+    preset = given.get('preset', fields['preset']) if 'preset' in fields \
+        else given.pop('preset', '')
     if preset and preset not in (presets or {}):
         raise UserError(f'--preset must be one of {", ".join(presets or {})}, got {preset!r}')
-    preset_values = {k: v for k, v in (presets or {}).get(preset, {}).items() if k in names}
+    preset_values = {k: v for k, v in (presets or {}).get(preset, {}).items() if k in fields}
     return config_class(**{**dict(defaults or {}), **preset_values, **given})
 
-
 def official_flags_markdown(official_flags):
-    """OFFICIAL_FLAGS ({command: {flag: row}}) as the markdown table of docs/<paper>.md, pasted
-    between the lines `<!-- official-flags:start -->` and `<!-- official-flags:end -->`; a test
-    compares the two."""
+    """OFFICIAL_FLAGS as the table of docs/<paper>.md, between `<!-- official-flags:start -->` and
+    `<!-- official-flags:end -->` (a test compares the two)."""
     lines = ['| command | official flag | here |', '|---|---|---|']
-    for command, rows in official_flags.items():
-        for flag, row in rows.items():
-            text = format_official(flag, row).replace('|', '/')  # a | would end the cell
-            lines.append(f'| {command} | `{flag}` | {text} |')
+    lines += [f'| {command} | `{flag}` | {format_official(flag, row).replace("|", "/")} |'
+              for command, rows in official_flags.items() for flag, row in rows.items()]
     return '\n'.join(lines) + '\n'
 
 
 # --------------------------------------------------------------------------------------------------
 # Processes: torchrun, printing, logging, time
 
-
 def init_distributed(device=''):
-    """(rank, world_size, torch.device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them
-    this is one process. Each process takes the GPU of its LOCAL_RANK; the process group uses nccl
-    on CUDA, gloo on CPU."""
+    """(rank, world_size, torch.device) from torchrun's RANK, WORLD_SIZE, LOCAL_RANK (else one
+    process): the GPU of LOCAL_RANK, and a process group on nccl (CUDA) or gloo (CPU)."""
     rank, local_rank = int(os.environ.get('RANK', '0')), int(os.environ.get('LOCAL_RANK', '0'))
     world = int(os.environ.get('WORLD_SIZE', '1'))
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
@@ -1091,33 +1012,28 @@ def init_distributed(device=''):
         torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     return rank, world, device
 
-
 def get_rank():
-    """This process's rank, before and after the process group exists (torchrun's RANK, else 0)."""
+    """This process's rank, also before the process group exists (torchrun's RANK, else 0)."""
     if torch.distributed.is_initialized():
         return torch.distributed.get_rank()
     return int(os.environ.get('RANK', '0'))
-
 
 def print0(*args, **kwargs):
     """print() on rank 0 only, flushed, so a torchrun log shows each line once and at once."""
     if get_rank() == 0:
         print(*args, **kwargs, flush=True)
 
-
 def broadcast_object(value):
-    """Rank 0's value on every rank (the run folder rank 0 chose, say); with one process, itself."""
-    if not torch.distributed.is_initialized():
-        return value
+    """Rank 0's value on every rank (the run folder rank 0 chose, say)."""
     box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
 
-
 class Logger:
-    """`log(message)`: print0, and, once `log.open(path)` named the run's log.txt, append it there
-    too (lines printed before are written first). Appending keeps the log of the run that is
-    resumed; line buffering makes each line readable at once, even when the process is killed."""
+    """`log(message)`: print0, and after `log.open(path)` also append to the run's log.txt (earlier
+    lines first). Appending keeps a resumed run's log; line buffering survives a kill."""
+    opened = []  # the loggers with an open file (run_main closes them)
 
     def __init__(self):
         self.file, self.pending = None, []
@@ -1126,21 +1042,19 @@ class Logger:
         if get_rank() == 0:
             self.file = open(path, 'a', buffering=1)
             self.file.writelines(self.pending)
+            Logger.opened.append(self)
         self.pending = []
 
     def __call__(self, message):
         if get_rank() == 0:
             print(message, flush=True)
-            if self.file:
-                self.file.write(f'{message}\n')
-            else:
-                self.pending.append(f'{message}\n')
+            (self.file.write if self.file else self.pending.append)(f'{message}\n')
 
     def close(self):
-        if self.file:
+        if self in Logger.opened:
+            Logger.opened.remove(self)
             self.file.close()
             self.file = None
-
 
 def format_time(seconds):
     """42s, 4m05s, 1h02m: the clock of EDM's status line."""
@@ -1149,24 +1063,18 @@ def format_time(seconds):
         return f'{s}s'
     return f'{s // 60}m{s % 60:02d}s' if s < 3600 else f'{s // 3600}h{s // 60 % 60:02d}m'
 
-
 def done_line(nimg, seconds):
-    """The last line of a training run, `done: 2.0 kimg in 1m05s`: what this process trained."""
+    """The last line of a training run: `done: 2.0 kimg in 1m05s` (what this process trained)."""
     return f'done: {nimg / 1000:.1f} kimg in {format_time(seconds)}'
 
 
 # --------------------------------------------------------------------------------------------------
 # Run folder: exclusive creation, lock, resume, the files every run folder holds
 
-# Config fields that may differ between a run and the one that --resume=auto continues: the length
-# of training (kimg), how often it reports and saves (tick, snap, dump, log_interval,
-# save_interval), what it draws for the progress grids (grid, grid_steps, steps), where and how fast
-# it runs without changing its result (outdir, device, workers, cache_dir, compile, bench,
-# batch_gpu: the same global batch in other microbatches), and names kept for logging
-# (experiment_name, expr_id, dry_run, resume). Anything else (data, method flags, seed, precision,
-# batch, lr, ...) defines the experiment: a run with another value is another run and gets a new
-# folder. precision is not here because bf16 and fp32 follow different trajectories; continue a run
-# in another precision with --resume=PATH.
+# Fields that may differ between a run and the one --resume=auto continues: its length, how often
+# it reports, saves and draws grids, where and how fast it runs (batch_gpu: the same global batch
+# in other microbatches), names for logging. All else (data, method flags, seed, batch, lr, and
+# precision, as bf16 and fp32 train differently) defines the experiment: a new folder.
 RESUMABLE_FIELDS = frozenset({
     'kimg', 'tick', 'snap', 'dump', 'log_interval', 'save_interval', 'grid', 'grid_steps', 'steps',
     'outdir', 'device', 'workers', 'cache_dir', 'compile', 'bench', 'batch_gpu',
@@ -1174,10 +1082,8 @@ RESUMABLE_FIELDS = frozenset({
 RUN_NAME = re.compile(r'(\d{5})-.*')
 STATE_NAME = re.compile(r'training-state-(\d+(?:\.\d+)?)\.pt')
 
-
 def check_writable(path, flag):
-    """Refuses (UserError) a folder that cannot be written: a file in its place, or a nearest
-    existing folder that is not writable. Creates nothing, so a refused run leaves no trace."""
+    """UserError unless the nearest existing folder of `path` is writable; creates nothing."""
     existing = os.path.abspath(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -1186,28 +1092,24 @@ def check_writable(path, flag):
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f'{flag}={path}: {existing} is not writable')
 
-
 def open_run_dir(outdir, description):
-    """Creates and returns a new `outdir/NNNNN-description` folder. os.mkdir fails when the name
-    exists, so two runs started at once in one outdir never share a folder: the later one takes the
-    next number."""
+    """Creates a new `outdir/NNNNN-description`. os.mkdir fails on an existing name, so two runs
+    started at once never share a folder: the later one takes the next number."""
     os.makedirs(outdir, exist_ok=True)
-    numbers = [int(m[1]) for m in map(RUN_NAME.fullmatch, os.listdir(outdir)) if m]
-    number = max(numbers, default=-1) + 1
+    number = max([int(m[1]) for m in map(RUN_NAME.fullmatch, os.listdir(outdir)) if m], default=-1)
     while True:
+        number += 1
         run_dir = os.path.join(outdir, f'{number:05d}-{description}')
         try:
             os.mkdir(run_dir)
             return run_dir
         except FileExistsError:
-            number += 1
-
+            pass
 
 class RunLock:
-    """`run.lock` in a run folder, made with O_CREAT | O_EXCL and holding `pid host`: while it
-    exists, a second process refuses the folder with one line naming the holder. A lock whose
-    process is gone (same host, pid dead: a kill -9) is taken over. Released when run_main ends
-    (the command returned, failed or was stopped) and, failing that, at exit (atexit)."""
+    """`run.lock` (O_CREAT | O_EXCL, holding `pid host`): a second process refuses the folder in
+    one line naming the holder, or takes over a dead holder's lock (same host, pid gone: a kill
+    -9). Released when run_main ends, else at exit."""
     held = []  # the locks this process holds
 
     def __init__(self, run_dir):
@@ -1220,10 +1122,9 @@ class RunLock:
             except FileExistsError:
                 holder = self.holder()
                 if not holder or not self.dead(holder):
-                    raise UserError(f'{run_dir} is in use by process {holder or "?"} '
-                                    f'({self.path}); wait for it, or delete that file if it is gone'
-                                    ) from None
-                os.remove(self.path)  # the dead run's lock
+                    raise UserError(f'{run_dir} is in use by process {holder or "?"} ({self.path});'
+                                    ' wait for it, or delete that file if it is gone') from None
+                os.remove(self.path)
         else:
             raise UserError(f'cannot take {self.path}: another process took it at the same time')
         with os.fdopen(fd, 'w') as file:
@@ -1246,11 +1147,9 @@ class RunLock:
             return False
         try:
             os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:  # alive, owned by another user
             return False
-        return False
+        except OSError as error:  # PermissionError: alive, owned by another user
+            return isinstance(error, ProcessLookupError)
 
     def release(self):
         if self in RunLock.held:
@@ -1258,40 +1157,26 @@ class RunLock:
             if self.holder() == self.owner:
                 os.remove(self.path)
 
+    close = release
+
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.release()
 
-
 def latest_training_state(run_dir):
     """The training-state-<kimg>.pt of run_dir with the most kimg, or None (*.tmp never counts)."""
     found = [(float(m[1]), m[0]) for m in map(STATE_NAME.fullmatch, os.listdir(run_dir)) if m]
     return os.path.join(run_dir, max(found)[1]) if found else None
 
-
 def kimg_tag(cur_nimg):
-    """The <kimg> of file names: 000700 (whole kimg, as EDM), or 000000.700 below a whole kimg (CPU
-    runs); both sort and parse (latest_training_state) the same way."""
+    """<kimg> of file names: 000700 (whole kimg, as EDM) or 000000.700 (CPU runs); both sort."""
     return f'{cur_nimg // 1000:06d}' if cur_nimg % 1000 == 0 else f'{cur_nimg / 1000:010.3f}'
 
-
-def _saved_config(run_dir):
-    """The "config" of run_dir/config.json, or None (no such file, or one cut short by a kill)."""
-    try:
-        with open(os.path.join(run_dir, 'config.json')) as file:
-            saved = json.load(file)
-    except (OSError, ValueError):
-        return None
-    config = saved.get('config') if isinstance(saved, dict) else None
-    return config if isinstance(config, dict) else None
-
-
 def config_differences(saved, cfg_dict, resumable=RESUMABLE_FIELDS):
-    """'--data=a.npz there, b.npz now, ...': how a saved config differs from cfg_dict outside the
-    resumable fields ('' = not at all). Compared through JSON, as config.json holds them (a tuple
-    is a list there), and a field that one of them lacks differs."""
+    """'--data=a.npz there, b.npz now, ...' outside the resumable fields ('' = none), compared as
+    config.json holds them (JSON: a tuple is a list); a field one of them lacks differs."""
     saved, new = (json.loads(json.dumps(c)) for c in (saved, cfg_dict))
     keys = sorted(k for k in saved.keys() | new.keys() if k not in resumable
                   and saved.get(k, '(absent)') != new.get(k, '(absent)'))
@@ -1299,30 +1184,34 @@ def config_differences(saved, cfg_dict, resumable=RESUMABLE_FIELDS):
                      for k in keys[:3])
     return text + (', ...' if len(keys) > 3 else '')
 
+def _saved_config(run_dir):
+    """The "config" of run_dir/config.json, or None (no such file, or one cut short by a kill)."""
+    try:
+        with open(os.path.join(run_dir, 'config.json')) as file:
+            config = json.load(file).get('config')
+    except (OSError, ValueError, AttributeError):
+        return None
+    return config if isinstance(config, dict) else None
 
 def find_resume(outdir, cfg_dict, resumable=RESUMABLE_FIELDS):
-    """--resume=auto: (run folder, its latest training state, reason) of the newest run in outdir
-    whose config.json equals cfg_dict apart from the `resumable` fields; (None, None, reason) when
-    none does. A matching run without a state yet (killed before its first) comes with state None,
-    to start over in it. The reason is one line for the log: what goes on, or why a new folder."""
-    runs = sorted((m[0] for m in map(RUN_NAME.fullmatch, os.listdir(outdir)) if m), reverse=True) \
+    """--resume=auto: (folder, latest training state, reason) of the newest run in outdir whose
+    config equals cfg_dict outside `resumable` (state None if it has none yet: it starts over), or
+    (None, None, reason). The reason is one line for the log."""
+    runs = sorted(m[0] for m in map(RUN_NAME.fullmatch, os.listdir(outdir)) if m) \
         if os.path.isdir(outdir) else []
     nearest = ''
-    for name in runs:
+    for name in reversed(runs):
         saved = _saved_config(os.path.join(outdir, name))
         if saved is None:
             continue
         differences = config_differences(saved, cfg_dict, resumable)
         if not differences:
             state = latest_training_state(os.path.join(outdir, name))
-            if state is None:
-                return os.path.join(outdir, name), None, \
-                    f'--resume=auto: {name} has no training state yet; starting it over'
-            return os.path.join(outdir, name), state, f'--resume=auto: continuing {state}'
+            return os.path.join(outdir, name), state, f'--resume=auto: continuing {state}' \
+                if state else f'--resume=auto: {name} has no training state yet; starting it over'
         nearest = nearest or f'the newest run {name} differs: {differences}'
     return None, None, f'--resume=auto: nothing to continue ({nearest or "no run yet"}); ' \
         'starting a new run folder'
-
 
 @dataclasses.dataclass
 class Run:
@@ -1331,16 +1220,12 @@ class Run:
     reason: str = ''      # one line for the log: why this folder
     lock: RunLock = None  # the folder's lock (rank 0; None on the other ranks)
 
-
 def open_run(outdir, description, cfg_dict, resume='', log=print0, nosubdir=False,
              resumable=RESUMABLE_FIELDS):
-    """The run folder of a training run, on every rank (rank 0 chooses, the others receive it):
-    - resume='auto': the run that find_resume picks, else a new folder (the log says why);
-    - resume=PATH: a new folder that continues PATH (the run it came from stays as it was);
-    - resume='': a new folder, `outdir/NNNNN-description`.
-    nosubdir: outdir itself, refused when it holds a run that --resume=auto may not continue.
-    Rank 0 locks the folder (RunLock: a folder in use is refused, in one line, before anything is
-    written to it) and removes the temporary files of an interrupted write."""
+    """The Run of a training run, on every rank. Rank 0 chooses: resume='auto': find_resume's run,
+    else a new folder; resume=PATH: a new folder continuing PATH; '': a new folder; nosubdir:
+    outdir itself, refused if it holds a run --resume=auto may not continue. Rank 0 locks it
+    (refused in one line if in use) and removes the *.tmp of an interrupted write."""
     chosen, lock = None, None
     if get_rank() == 0:
         try:
@@ -1352,19 +1237,16 @@ def open_run(outdir, description, cfg_dict, resume='', log=print0, nosubdir=Fals
     if isinstance(chosen, str):
         raise UserError(chosen)
     run = Run(*chosen, lock=lock)
-    if lock:
-        for name in os.listdir(run.dir):  # partial files of an interrupted write
-            if name.endswith('.tmp'):
-                os.remove(os.path.join(run.dir, name))
+    for name in os.listdir(run.dir) if lock else []:
+        if name.endswith('.tmp'):
+            os.remove(os.path.join(run.dir, name))
     if run.reason:
         log(run.reason)
     return run
 
-
 def _choose_run(outdir, description, cfg_dict, resume, nosubdir, resumable):
-    """(run folder, state, reason) for open_run; raises UserError."""
     explicit = resume if resume not in ('', 'auto') else None
-    if nosubdir:  # a folder that holds one run
+    if nosubdir:
         saved = _saved_config(outdir)
         if saved is not None and resume != 'auto':
             raise UserError(f'--nosubdir: {outdir} holds a run already; continue it with '
@@ -1378,50 +1260,40 @@ def _choose_run(outdir, description, cfg_dict, resume, nosubdir, resumable):
         return outdir, state, f'--resume=auto: continuing {state}' if saved and state else ''
     if resume == 'auto':
         run_dir, state, reason = find_resume(outdir, cfg_dict, resumable)
-        if run_dir:
-            return run_dir, state, reason
-        return open_run_dir(outdir, description), None, reason
+        return run_dir or open_run_dir(outdir, description), state, reason
     reason = f'--resume: continuing {explicit} in a new run folder' if explicit else ''
     return open_run_dir(outdir, description), explicit, reason
 
-
 def trim_stats(run_dir, cur_nimg):
-    """On resume, forgets the stats.jsonl lines written after the state (ticks that will be trained
-    again) and a line cut short by a kill, so that the file reads as one uninterrupted run."""
+    """On resume, drops the stats.jsonl lines after the state (to be trained again) and a line
+    cut short by a kill, so that the file reads as one uninterrupted run."""
     path = os.path.join(run_dir, 'stats.jsonl')
-    if get_rank() != 0 or not os.path.exists(path):
-        return
-    with open(path) as file:
-        lines = [line for line in file if line.endswith('\n')]
-    kept = [line for line in lines if json.loads(line).get('kimg', 0) <= cur_nimg / 1000 + 1e-9]
-    nets.write_atomic(path, ''.join(kept).encode())
-
+    if get_rank() == 0 and os.path.exists(path):
+        with open(path) as file:
+            lines = [line for line in file if line.endswith('\n')]
+        kept = [li for li in lines if json.loads(li).get('kimg', 0) <= cur_nimg / 1000 + 1e-9]
+        nets.write_atomic(path, ''.join(kept).encode())
 
 def resumed_line(state_path, cur_nimg):
-    """The separator in log.txt where a resumed run continues (the earlier lines stay above it)."""
+    """The separator in log.txt where a resumed run continues."""
     return f'---- resumed from {os.path.basename(state_path)} at kimg {cur_nimg / 1000:g} ----'
-
 
 def save_grid(images, path, columns=None):
     """(N, C, H, W) uint8 images (tensor or array) -> one PNG grid, written atomically."""
-    images = torch.as_tensor(images).cpu()
+    images = np.asarray(torch.as_tensor(images).cpu(), dtype=np.uint8)
     n, channels, height, width = images.shape
     columns = columns or max(1, int(np.ceil(np.sqrt(n))))
     rows = -(-n // columns)
-    grid = torch.zeros(rows * columns, channels, height, width, dtype=torch.uint8)
-    grid[:n] = images
-    grid = grid.view(rows, columns, channels, height, width).permute(0, 3, 1, 4, 2)
-    grid = grid.reshape(rows * height, columns * width, channels).numpy()
+    grid = np.concatenate([images, np.zeros((rows * columns - n, *images.shape[1:]), np.uint8)])
+    grid = grid.reshape(rows, columns, channels, height, width).transpose(0, 3, 1, 4, 2)
+    grid = grid.reshape(rows * height, columns * width, channels)
     buffer = io.BytesIO()
     PIL.Image.fromarray(grid[:, :, 0] if channels == 1 else grid).save(buffer, format='png')
     nets.write_atomic(path, buffer.getvalue())
 
-
 def write_run_files(run_dir, cfg_dict, preview_images=None, **facts):
-    """The files every run folder starts with (CONTRACT.md): config.json (the resolved config under
-    "config", with the command line, versions and `facts` such as the network config), source.py
-    (this script as it ran) and data-preview.png (training images as the network sees them,
-    corrupted). Rank 0 only."""
+    """Rank 0: config.json (the config under "config", the command line, versions, `facts`),
+    source.py (this script as it ran), data-preview.png (training images as the net sees them)."""
     if get_rank() != 0:
         return
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
@@ -1433,21 +1305,18 @@ def write_run_files(run_dir, cfg_dict, preview_images=None, **facts):
     if preview_images is not None:
         save_grid(preview_images, os.path.join(run_dir, 'data-preview.png'))
 
-
 def save_training_state(path, state):
     """A dict of tensors and plain values -> path, atomically (a kill keeps the old file)."""
     nets.write_atomic(path, lambda file: torch.save(state, file))
 
-
 def load_training_state(path, flag='--resume'):
-    """A training state written by save_training_state, read with weights_only=True (no code runs
-    from the file); any problem is one line (UserError)."""
+    """A save_training_state file, read with weights_only=True (no code runs); UserError if bad."""
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except FileNotFoundError:
         raise UserError(f'{flag}: no file {path}') from None
     except Exception as error:  # truncated, not a torch file, a pickle of objects: one line
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UserError(f'{flag}: cannot read {path} ({reason})') from None
     if not isinstance(state, dict) or 'cur_nimg' not in state:
         raise UserError(f'{flag}: {path} is not a training state of {os.path.basename(__file__)}')
@@ -1457,25 +1326,17 @@ def load_training_state(path, flag='--resume'):
 # --------------------------------------------------------------------------------------------------
 # Stopping: SIGINT / SIGTERM -> a training state at the next step boundary
 
-
 class StopSignal:
-    """Turns Ctrl-C (SIGINT) and SIGTERM (a cluster's preemption, torchrun's shutdown) into a
-    request that the training loop honours at the next step boundary: save a training state, print
-    one line, exit 128 + signal: 130 for SIGINT, 143 for SIGTERM, the shell's codes for a stopped
-    process, so that `train && eval` does not go on to evaluate a run that did not finish.
-    A second signal, a second or more after the first, exits at once without saving (the next run
-    takes over the lock of the dead process); one within that second is the same Ctrl-C, which
-    torchrun forwards to its workers once more.
-
-    With torchrun, all ranks must stop at the same step, or the others wait for ever in their next
-    all_reduce. check() therefore all_reduces the flag once every `every` steps, the same steps on
-    every rank. That is a host sync, so not every step: a stop comes at most `every` steps late,
-    and torchrun kills its workers 30 s after a signal, so `every` steps and the save must fit in
-    30 s. One process needs no agreement and stops at the very next step."""
+    """Ctrl-C (SIGINT) or SIGTERM (preemption, torchrun's shutdown) -> at the next step boundary:
+    save a training state, one line, exit 128 + signal (130 / 143: the shell's codes for a stopped
+    process, so `train && eval` does not evaluate an unfinished run). A second signal over a second
+    later exits at once without saving (within it, it is the Ctrl-C that torchrun forwards again).
+    All ranks must stop at the same step or the others hang in their next all_reduce: check()
+    all_reduces the flag every `every` steps on every rank (a host sync, so not every step).
+    torchrun kills its workers 30 s after a signal: `every` steps and the save must fit in 30 s."""
 
     def __init__(self, every=10):
-        self.every, self.calls, self.signum, self.first_time = every, 0, None, 0.0
-        self.previous = {}
+        self.every, self.calls, self.signum, self.first_time, self.previous = every, 0, None, 0, {}
         if threading.current_thread() is threading.main_thread():  # else signal() fails
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self.previous[signum] = signal.signal(signum, self._handle)
@@ -1496,7 +1357,7 @@ class StopSignal:
         return self.signum is not None
 
     def check(self):
-        """Call once per step on every rank: True when the run should stop now (all ranks agree)."""
+        """Once per step on every rank: True when the run should stop now (all ranks agree)."""
         self.calls += 1
         if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
             return self.requested
@@ -1504,19 +1365,16 @@ class StopSignal:
             return False
         backend = torch.distributed.get_backend()
         flag = torch.tensor([self.signum or 0], device='cuda' if backend == 'nccl' else 'cpu')
-        # The host sync, once every `every` steps.
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # the host sync
         self.signum = int(flag.item()) or None
         return self.requested
 
     def exit(self, log, state_path, cur_nimg):
-        """The one line, then exit 128 + signal (the lock is released by atexit)."""
-        name = signal.Signals(self.signum).name
-        log(f'stopped by {name} at kimg {cur_nimg / 1000:g}: state saved to {state_path}; '
-            f'continue with --resume=auto')
-        code = 128 + self.signum
+        """The one line, then exit 128 + signal (run_main or atexit releases the lock)."""
+        log(f'stopped by {signal.Signals(self.signum).name} at kimg {cur_nimg / 1000:g}: state '
+            f'saved to {state_path}; continue with --resume=auto')
         self.close()
-        sys.exit(code)
+        sys.exit(128 + self.signum)
 
     def close(self):
         for signum, handler in self.previous.items():
@@ -1529,8 +1387,7 @@ class StopSignal:
     def __exit__(self, *exc):
         self.close()
 
-
-# ==== END canonical block v2 ======================================================================
+# ==== END canonical block v3 ======================================================================
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1566,14 +1423,6 @@ SAMPLING_DEFAULTS = {  # per GPU; sample: official image_sample.py
     'exposure': dict(batch=64)}
 
 
-def command_fields(command):
-    """The Config fields that `command` takes, in Config's order."""
-    commands_of = {name: commands for commands, names in FLAG_COMMANDS.items()
-                   for name in names.split()}
-    return [f.name for f in dataclasses.fields(Config)
-            if command in commands_of.get(f.name, COMMAND_HELP)]
-
-
 def per_gpu_to_global(batch_size):
     return batch_size * int(os.environ.get('WORLD_SIZE', '1'))
 
@@ -1594,35 +1443,30 @@ MODEL_FLAGS = {
         'use_new_attention_order learn_sigma diffusion_steps noise_schedule timestep_respacing '
         'rescale_timesteps rescale_learned_sigmas').split()},
     '--use_fp16': ours('precision', {True: 'bf16', False: 'fp32'},
-                       'True = bf16 autocast (needs no loss scaling), '
-                       'False = fp32', type=parse_bool),
-    '--use_checkpoint': ignored('False, the default: no gradient checkpointing', type=parse_bool,
-                                group='network',
-                                refuse={True: 'gradient checkpointing is not implemented; use --batch_gpu '
-                                              '(official --microbatch) to save memory'}),
-    '--use_kl': ignored('False, the default: the hybrid loss', type=parse_bool, group='optimisation',
-                        refuse={True: 'the pure variational-bound loss is not used by any DDPM-IP '
-                                      'model; use the hybrid loss (--learn_sigma True)'}),
-    '--predict_xstart': ignored('False, the default: eps prediction', type=parse_bool,
-                                group='optimisation',
-                                refuse={True: 'the input perturbation perturbs an eps-prediction '
-                                              'model'}),
+                       'True = bf16 autocast (needs no loss scaling), False = fp32', type=parse_bool),
+    '--use_checkpoint': ignored(
+        'False, the default: no gradient checkpointing', type=parse_bool, group='network',
+        refuse={True: 'gradient checkpointing is not implemented; use --batch_gpu (official '
+                      '--microbatch) to save memory'}),
+    '--use_kl': ignored(
+        'False, the default: the hybrid loss', type=parse_bool, group='optimisation',
+        refuse={True: 'the pure variational-bound loss is not used by any DDPM-IP model; use the '
+                      'hybrid loss (--learn_sigma True)'}),
+    '--predict_xstart': ignored(
+        'False, the default: eps prediction', type=parse_bool, group='optimisation',
+        refuse={True: 'the input perturbation perturbs an eps-prediction model'}),
 }
 OFFICIAL_FLAGS = {
     'train': {**MODEL_FLAGS, '--data_dir': ours('data'),
-              **{f'--{name}': ours(name) for name in
-                 'schedule_sampler lr weight_decay lr_anneal_steps ema_rate log_interval '
-                 'save_interval'.split()},
+              **{f'--{name}': ours(name) for name in 'schedule_sampler lr weight_decay '
+                 'lr_anneal_steps ema_rate log_interval save_interval'.split()},
               '--batch_size': ours('batch', per_gpu_to_global, 'per GPU: --batch = batch_size x GPUs',
                                    type=int),
-              '--microbatch': ours('batch_gpu'),
-              '--resume_checkpoint': ours('resume'),
+              '--microbatch': ours('batch_gpu'), '--resume_checkpoint': ours('resume'),
               '--fp16_scale_growth': refused('mixed precision is bf16, which needs no loss scaling; '
-                                             'use '
-                                             '--precision=bf16')},
+                                             'use --precision=bf16')},
     'sample': {**MODEL_FLAGS, '--model_path': ours('network'),
-               '--clip_denoised': ours('clip_denoised'),
-               '--use_ddim': ours('use_ddim'), '--batch_size': ours('batch'),
+               '--clip_denoised': ours('clip_denoised'), '--use_ddim': ours('use_ddim'), '--batch_size': ours('batch'),
                '--num_samples': ours('seeds', num_samples_to_seeds, 'N images: seeds 0 to N-1',
                                      type=int)},
 }
@@ -1630,22 +1474,24 @@ OFFICIAL_FLAGS = {
 
 def parse_args(argv):
     """(command, Config) from a command line: PRESETS[--preset] under the flags given. Without a
-    command word, the official image_sample.py flags select `sample` (its command line runs as
-    written), anything else `train`."""
+    command word, image_sample.py's flags select `sample`, anything else `train`."""
     argv = [str(a) for a in argv]
     if argv and argv[0] in COMMAND_HELP:
         command = argv.pop(0)
     else:
         command = 'sample' if any(a.split('=')[0] in SAMPLE_ONLY for a in argv) else 'train'
+    commands_of = {name: commands for commands, names in FLAG_COMMANDS.items()
+                   for name in names.split()}
+    fields = [f.name for f in dataclasses.fields(Config)
+              if command in commands_of.get(f.name, COMMAND_HELP)]
     official = OFFICIAL_FLAGS.get(command, MODEL_FLAGS)
-    return command, parse_config(command, Config, argv, official, PRESETS, command_fields(command),
+    return command, parse_config(command, Config, argv, official, PRESETS, fields,
                                  SAMPLING_DEFAULTS.get(command), COMMAND_HELP[command])
 
 
 def check_config(c, command, world_size):
-    """Range checks for every flag; returns a new Config with the batch split and the official
-    step-counted intervals resolved (c itself is unchanged). Raises UserError before anything is
-    written."""
+    """Range checks for every flag (UserError, before anything is written); returns a new Config
+    with the batch split and the official step-counted intervals resolved."""
     require(c.input_perturbation >= 0 and math.isfinite(c.input_perturbation),
             '--input_perturbation must be >= 0')
     require(c.noise_schedule in ('linear', 'cosine'), '--noise_schedule must be linear or cosine')
@@ -1655,16 +1501,13 @@ def check_config(c, command, world_size):
     require(c.dropout is None or 0 <= c.dropout < 1, '--dropout must be in [0, 1)')
     require(c.num_classes >= 1 and c.num_heads >= 1, '--num_classes and --num_heads must be >= 1')
     require(c.image_size is None or c.image_size >= 1, '--image_size must be >= 1')
-    if c.channel_mult == '' or (c.channel_mult is None and c.image_size):  # official create_model
-        require(c.image_size in CHANNEL_MULT or c.image_size is None,
-                f'--image_size {c.image_size}: no official channel_mult for it; give --channel_mult')
     try:
         resolved = net_overrides(c, c.image_size or 32)
     except ValueError:
-        raise UserError(f'--channel_mult and --attention_resolutions must be comma lists of integers, got '
-                        f'{c.channel_mult!r} and {c.attention_resolutions!r}') from None
-    preset = nets.UNET_PRESETS.get(c.arch, {'num_head_channels': -1})
-    heads_used = resolved.get('num_head_channels', preset.get('num_head_channels', -1))
+        raise UserError(f'--channel_mult and --attention_resolutions must be comma lists of '
+                        f'integers, got {c.channel_mult!r} and {c.attention_resolutions!r}') from None
+    heads_used = resolved.get('num_head_channels',
+                              nets.UNET_PRESETS.get(c.arch, {}).get('num_head_channels', -1))
     require(c.num_heads_upsample in (-1, c.num_heads) or heads_used > 0,
             '--num_heads_upsample (official DDPM-IP flag) is not supported: a head count of the '
             'upsampling path other than --num_heads; use --num_heads')
@@ -1686,7 +1529,7 @@ def check_config(c, command, world_size):
         return dataclasses.replace(c)
 
     require(bool(c.data), '--data is required')
-    adm = [name for name, preset in nets.UNET_PRESETS.items() if preset['arch'] == 'adm']  # ADM UNet
+    adm = [name for name, preset in nets.UNET_PRESETS.items() if preset['arch'] == 'adm']
     require(c.arch in adm, f'--arch must be one of {", ".join(adm)}')
     require(c.schedule_sampler in ('uniform', 'loss-second-moment'),
             '--schedule_sampler must be uniform or loss-second-moment')
@@ -1695,17 +1538,18 @@ def check_config(c, command, world_size):
         rates = [float(rate) for rate in c.ema_rate.split(',')]
     except ValueError:
         rates = [-1.0]
-    require(all(0 <= rate < 1 for rate in rates), f'--ema_rate must be a comma list of values in [0, 1), got '
-                                                   f'{c.ema_rate!r}')
-    require(c.kimg > 0 and c.tick > 0 and c.lr_anneal_steps >= 0, '--kimg and --tick must be > 0, '
-                                                                  '--lr_anneal_steps >= 0')
+    require(all(0 <= rate < 1 for rate in rates),
+            f'--ema_rate must be a comma list of values in [0, 1), got {c.ema_rate!r}')
+    require(c.kimg > 0 and c.tick > 0 and c.lr_anneal_steps >= 0,
+            '--kimg and --tick must be > 0, --lr_anneal_steps >= 0')
     require(min(c.snap, c.dump, c.grid) >= 1, '--snap, --dump and --grid must be >= 1')
     require(c.batch >= 1 and c.batch % world_size == 0,
             f'--batch must be a positive multiple of {world_size} (GPUs)')
-    # official -1 = no split
-    batch_gpu = c.batch // world_size if c.batch_gpu in (None, -1, 0) else c.batch_gpu
-    require(batch_gpu >= 1 and (c.batch // world_size) % batch_gpu == 0,
-            f'--batch_gpu must divide the per-GPU batch {c.batch // world_size}')
+    local_batch = c.batch // world_size
+    # official -1: no split
+    batch_gpu = local_batch if c.batch_gpu in (None, -1, 0) else c.batch_gpu
+    require(batch_gpu >= 1 and local_batch % batch_gpu == 0,
+            f'--batch_gpu must divide the per-GPU batch {local_batch}')
     new = dict(batch_gpu=batch_gpu, log_interval=None, save_interval=None)
     # Official intervals count optimizer steps; ours count images.
     if c.lr_anneal_steps:  # official run_loop stops when the lr reaches 0
@@ -1716,8 +1560,8 @@ def check_config(c, command, world_size):
     if c.save_interval is not None:
         steps_per_tick = round(new.get('tick', c.tick) * 1000) / c.batch
         require(c.save_interval >= 1 and c.save_interval % steps_per_tick == 0,
-                f'--save_interval must be a multiple of the {steps_per_tick:g} steps per tick (--tick or '
-                f'--log_interval)')
+                f'--save_interval must be a multiple of the {steps_per_tick:g} steps per tick '
+                f'(--tick or --log_interval)')
         new['snap'] = int(c.save_interval // steps_per_tick)
     require(c.resume in ('', 'auto') or c.dry_run or os.path.isfile(c.resume),
             f'--resume: no file {c.resume}')
@@ -1726,7 +1570,7 @@ def check_config(c, command, world_size):
 
 def describe_network(c, command):
     """The network a dry run would build, counted on the meta device: the preset the flags amount
-    to, channel_mult and parameters. Sampling commands read theirs from --network at run time."""
+    to, channel_mult and parameters."""
     if command != 'train':
         return f'read from {c.network} at run time'
     resolution = c.image_size or \
@@ -1746,29 +1590,33 @@ def describe_network(c, command):
 # --------------------------------------------------------------------------------------------------
 # Data: fid.read_image_set (folders, EDM zips, npz, cifar10) and the official file-name labels
 
-def load_dataset(path):
-    """(x uint8 (N, C, H, W), y int64 (N,) or None) of --data. Labels as fid.ImageSource reads them,
-    else from the official '<class>_<n>.png' file-name prefix (guided-diffusion image_datasets.py).
-    One-line UserError."""
+def load_dataset(path, label_dim=0, shape=None):
+    """(x uint8 (N, C, H, W), y int64 (N,) or None) of --data: square images, of `shape` (C, H, W)
+    when given, labels in [0, label_dim) when label_dim > 0. Labels as fid.ImageSource reads them,
+    else from the official '<class>_<n>.png' file-name prefix (guided-diffusion image_datasets.py)."""
     try:
         x, y = fid.read_image_set(path)
         names = fid.ImageSource(path).names if y is None and os.path.isdir(path) else []
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f'--data: {e}') from None
-    if x.shape[2] != x.shape[3]:
-        raise UserError(f'--data: the images of {path} are {x.shape[3]}x{x.shape[2]}; they must be '
-                        f'square')
+    require(x.shape[2] == x.shape[3],
+            f'--data: the images of {path} are {x.shape[3]}x{x.shape[2]}; they must be square')
     files = [str(name).rsplit('/', 1)[-1] for name in names]
     if files and all('_' in file for file in files):  # official '<class>_<n>.png'
-        classes = [file.split('_')[0] for file in files]
-        y = np.unique(classes, return_inverse=True)[1].astype(np.int64)
+        y = np.unique([file.split('_')[0] for file in files], return_inverse=True)[1]
+        y = y.astype(np.int64)
+    require(shape is None or x.shape[1:] == shape,
+            f'--data: images of shape {x.shape[1:]} do not fit the network ({shape})')
+    require(not label_dim or y is not None, f'--data: {path} has no labels; a class-conditional '
+            f'network needs them')
+    require(not label_dim or y.max() < label_dim, f'--data: label {y.max()} of {path} lies outside '
+            f'[0, {label_dim}) (--num_classes; official NUM_CLASSES is 10)')
     return x, y
 
 
 @functools.lru_cache(maxsize=2)
 def epoch_order(num_images, seed, epoch, device):
-    """The dataset order of one epoch: a permutation seeded by (seed, epoch), so a resumed run
-    replays it."""
+    """One epoch's dataset order, seeded by (seed, epoch): a resumed run replays it."""
     generator = torch.Generator(device).manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(num_images, generator=generator, device=device)
 
@@ -1784,20 +1632,16 @@ def batch_indices(step, batch, num_images, seed, device):
 # --------------------------------------------------------------------------------------------------
 # Networks: our snapshots and released guided-diffusion / DDPM-IP state dicts
 
-NET_FLAGS = {  # official model flag -> nets.UNet keyword
-    'num_channels': 'model_channels', 'num_res_blocks': 'num_blocks', 'channel_mult': 'channel_mult',
-    'attention_resolutions': 'attn_resolutions', 'num_heads': 'num_heads',
-    'num_head_channels': 'num_head_channels', 'dropout': 'dropout',
-    'use_scale_shift_norm': 'use_scale_shift_norm', 'resblock_updown': 'resblock_updown',
-    'use_new_attention_order': 'use_new_attention_order',
-}
+NET_FLAGS = dict(  # official model flag -> nets.UNet keyword
+    num_channels='model_channels', num_res_blocks='num_blocks', attention_resolutions='attn_resolutions',
+    **{name: name for name in 'channel_mult num_heads num_head_channels dropout use_scale_shift_norm '
+       'resblock_updown use_new_attention_order'.split()})
 # create_model
 CHANNEL_MULT = {256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4), 32: (1, 2, 2, 2)}
 
 
 def net_config(c, resolution, channels, label_dim):
-    """nets.UNet keywords: the --arch preset for this data, under the official model flags that were
-    given."""
+    """nets.UNet keywords: the --arch preset for this data under the official model flags given."""
     kwargs = dict(nets.UNET_PRESETS[c.arch], img_resolution=resolution, in_channels=channels,
                   out_channels=channels * (2 if c.learn_sigma else 1), label_dim=label_dim)
     return kwargs | net_overrides(c, resolution)
@@ -1808,58 +1652,45 @@ def net_overrides(c, resolution, from_image_size=True):
     the multipliers as official create_model does (--channel_mult '' too, from the data's resolution
     when --image_size is absent). Released checkpoints pass from_image_size=False: their shapes tell
     the multipliers."""
-    given = {name: getattr(c, flag) for flag, name in NET_FLAGS.items()
-             if getattr(c, flag) not in (None, '')}
+    kwargs = {name: getattr(c, flag) for flag, name in NET_FLAGS.items()
+              if getattr(c, flag) not in (None, '')}
     kwargs = {name: tuple(int(v) for v in value.split(',')) if isinstance(value, str) else value
-              for name, value in given.items()}  # e.g. '1,2,2,2' -> (1, 2, 2, 2)
+              for name, value in kwargs.items()}  # e.g. '1,2,2,2' -> (1, 2, 2, 2)
     if from_image_size and (c.channel_mult == '' or (c.channel_mult is None and c.image_size)):
         size = c.image_size or resolution
-        if size not in CHANNEL_MULT:
-            raise UserError(f'--image_size {size}: no official channel_mult for it; give '
-                            f'--channel_mult')
+        require(size in CHANNEL_MULT,
+                f'--image_size {size}: no official channel_mult for it; give --channel_mult')
         kwargs['channel_mult'] = CHANNEL_MULT[size]
     return kwargs
 
 
-def load_torch_file(path, what):
-    """nets.load_torch_file, its one-line problems as UserError."""
-    try:
-        return nets.load_torch_file(path, what)
-    except (ValueError, FileNotFoundError) as e:
-        raise UserError(str(e)) from None
-
-
 def load_network(path, c, device):
-    """Returns (net in eval mode, GaussianDiffusion for sampling) from our network snapshot or from
-    a released guided-diffusion / DDPM-IP state dict (whose diffusion settings come from the flags,
-    as in the official scripts)."""
-    snapshot = load_torch_file(path, '--network')
-    if isinstance(snapshot, dict) and 'cur_nimg' in snapshot:
-        raise UserError(f'--network: {path} is a training state; give a network-snapshot-*.pt (or '
-                        f'the state to train --resume)')
+    """(net in eval mode, GaussianDiffusion for sampling) from our network snapshot or a released
+    guided-diffusion / DDPM-IP state dict (diffusion settings from the flags, as official)."""
     try:
-        # ours: the snapshot defines the network
-        if isinstance(snapshot, dict) and 'net_kwargs' in snapshot:
+        snapshot = nets.load_torch_file(path, '--network')
+        require(not (isinstance(snapshot, dict) and 'cur_nimg' in snapshot),
+                f'--network: {path} is a training state; give a network-snapshot-*.pt (or the '
+                f'state to train --resume)')
+        if isinstance(snapshot, dict) and 'net_kwargs' in snapshot:  # ours: it defines the network
             kwargs = dict(snapshot['net_kwargs'])
-            for flag, name in NET_FLAGS.items():  # model flags must agree with it
-                given = net_overrides(c, kwargs['img_resolution'], from_image_size=False).get(name)
-                if given is not None and name in kwargs and given != type(given)(kwargs[name]):
-                    raise UserError(f'--{flag} {getattr(c, flag)} contradicts {path} '
-                                    f'({kwargs[name]}); leave it out for our snapshots')
-            if c.image_size and c.image_size != kwargs['img_resolution']:
-                raise UserError(f'--image_size {c.image_size} contradicts {path} '
-                                f'({kwargs["img_resolution"]}); leave it out for our snapshots')
+            given = net_overrides(c, kwargs['img_resolution'], from_image_size=False) | \
+                ({'img_resolution': c.image_size} if c.image_size else {})
+            for flag, name in [*NET_FLAGS.items(), ('image_size', 'img_resolution')]:
+                value = given.get(name)
+                require(value is None or name not in kwargs or value == type(value)(kwargs[name]),
+                        f'--{flag} {getattr(c, flag)} contradicts {path} ({kwargs.get(name)}); '
+                        f'leave it out for our snapshots')
             net = nets.build_checked(lambda: nets.UNet(**kwargs), snapshot['ema'],
                                      f'--network: {path}')
             steps, schedule = snapshot['diffusion_steps'], snapshot['noise_schedule']
             rescale_timesteps = snapshot['config'].get('rescale_timesteps', False)
         else:  # the network from the state dict's shapes, the rest from the official flags
-            overrides = net_overrides(c, c.image_size, from_image_size=False) | \
-                ({'img_resolution': c.image_size} if c.image_size else {})
-            net = nets.load_network(path, **overrides)
-            steps, schedule = c.diffusion_steps, c.noise_schedule
-            rescale_timesteps = c.rescale_timesteps
-    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
+            net = nets.load_network(path, **net_overrides(c, c.image_size, from_image_size=False),
+                                    **({'img_resolution': c.image_size} if c.image_size else {}))
+            steps, schedule, rescale_timesteps = \
+                c.diffusion_steps, c.noise_schedule, c.rescale_timesteps
+    except (ValueError, FileNotFoundError, TypeError, KeyError, AttributeError, RuntimeError) as e:
         reason = ' '.join(str(e).split()) or type(e).__name__
         raise UserError(reason if reason.startswith('--network') else
                         f'--network: cannot build a network for {path}: {reason}') from None
@@ -1887,16 +1718,10 @@ def prepare_training(c, rank, world_size):
         load_dataset(c.data)  # download once
     if world_size > 1:
         torch.distributed.barrier()
-    x_data, y_data = load_dataset(c.data)
-    if c.class_cond and y_data is None:
-        raise UserError(f'--class_cond needs labels, but {c.data} has none')
-    if c.class_cond and y_data.max() >= c.num_classes:
-        raise UserError(f'--data: label {y_data.max()} of {c.data} lies outside [0, {c.num_classes}); '
-                        f'set --num_classes (official NUM_CLASSES is 10)')
-    if c.image_size and c.image_size != x_data.shape[2]:
-        raise UserError(f'--image_size {c.image_size}: the images of {c.data} are '
-                        f'{x_data.shape[2]} pixels wide')
     label_dim = c.num_classes if c.class_cond else 0
+    x_data, y_data = load_dataset(c.data, label_dim)
+    require(not c.image_size or c.image_size == x_data.shape[2], f'--image_size {c.image_size}: '
+            f'the images of {c.data} are {x_data.shape[2]} pixels wide')
     net_kwargs = net_config(c, x_data.shape[2], x_data.shape[1], label_dim)
     path = c.resume if c.resume != 'auto' else \
         broadcast_object(find_resume(c.outdir, dataclasses.asdict(c))[1] if rank == 0 else None)
@@ -1905,64 +1730,59 @@ def prepare_training(c, rank, world_size):
 
 def read_resume(path, c, net_kwargs):
     """Loads and checks what --resume names, before any run folder exists: our training-state-*.pt,
-    or an official modelNNNNNN.pt with optNNNNNN.pt and ema_RATE_NNNNNN.pt beside it
-    (nets.read_official_resume)."""
-    state = load_torch_file(path, '--resume')
+    or an official modelNNNNNN.pt with optNNNNNN.pt and ema_RATE_NNNNNN.pt beside it."""
     rates = [float(rate) for rate in c.ema_rate.split(',')]
-    if isinstance(state, dict) and 'net_kwargs' in state and 'cur_nimg' not in state:
-        raise UserError(f'--resume: {path} is a network snapshot (EMA weights only); give a '
-                        f'training-state-*.pt')
-    # official files: the step comes from the name
-    if not (isinstance(state, dict) and 'cur_nimg' in state):
-        try:
+    try:
+        state = nets.load_torch_file(path, '--resume')
+        if not (isinstance(state, dict) and 'cur_nimg' in state):  # official: step from the name
+            require(not (isinstance(state, dict) and 'net_kwargs' in state), f'--resume: {path} is '
+                    f'a network snapshot (EMA weights only); give a training-state-*.pt')
             official = nets.read_official_resume(path, state, rates, net_kwargs)
-        except (ValueError, FileNotFoundError) as e:
-            raise UserError(str(e) if str(e).startswith('--resume') else f'--resume: {e}') from None
-        return dict(official, cur_nimg=official['step'] * c.batch, official=path, path=path)
-    needed = {'model', 'emas', 'optimizer', 'sampler_history', 'sampler_counts', 'cpu_rng'}
-    if needed - set(state):
-        raise UserError(f'--resume: {path} lacks {", ".join(sorted(needed - set(state)))}; not a '
-                        f'complete training state')
-    if len(state['emas']) != len(rates):
-        raise UserError(f'--resume: {path} holds {len(state["emas"])} EMA networks, --ema_rate '
-                        f'gives {len(rates)}')
-    for weights in (state['model'], *state['emas']):
-        try:
-            nets.check_adm_weights(weights, net_kwargs)
-        except ValueError as e:
-            raise UserError(f'--resume: {path} {e}') from None
+            return dict(official, cur_nimg=official['step'] * c.batch, official=path, path=path)
+        needed = {'model', 'emas', 'optimizer', 'sampler_history', 'sampler_counts', 'cpu_rng'}
+        require(needed <= set(state), f'--resume: {path} lacks '
+                f'{", ".join(sorted(needed - set(state)))}; not a complete training state')
+        require(len(state['emas']) == len(rates), f'--resume: {path} holds '
+                f'{len(state["emas"])} EMA networks, --ema_rate gives {len(rates)}')
+        for weights in (state['model'], *state['emas']):
+            try:
+                nets.check_adm_weights(weights, net_kwargs)
+            except ValueError as e:
+                raise UserError(f'--resume: {path} {e}') from None
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(str(e) if str(e).startswith('--resume') else f'--resume: {e}') from None
     return dict(state, path=path)
 
 
 def apply_resume(resumed, c, model, emas, optimizer, sampler, run_dir, rank, world_size, log):
-    """Loads what read_resume checked into the given objects; returns the cur_nimg to continue from.
-    The optimizer keeps its moments and takes --lr and --weight_decay from the config
-    (docs/ddpm_ip.md#resume)."""
+    """Loads what read_resume checked; returns the cur_nimg to continue from. Our states train at
+    the config's --lr and --weight_decay; official files at those in optNNNNNN.pt, as the official
+    loop does (docs/ddpm_ip.md#resume)."""
     model.load_state_dict(resumed['model'])
     for ema, weights in zip(emas, resumed['emas']):
         ema.load_state_dict(weights)
     if resumed['optimizer'] is not None:
         optimizer.load_state_dict(resumed['optimizer'])
-    for group in optimizer.param_groups:
-        group.update(lr=c.lr, weight_decay=c.weight_decay)
     trim_stats(run_dir, resumed['cur_nimg'])
     log(resumed_line(resumed['path'], resumed['cur_nimg']))
-    # guided-diffusion files: no sampler history, no RNG states (as there)
-    if resumed.get('official'):
-        note = '' if resumed['optimizer'] is not None else \
-            ' (no optimizer file beside it: a fresh AdamW, as official)'
-        log(f'resumed from the official {resumed["official"]} at kimg '
-            f'{resumed["cur_nimg"] / 1000:.3f}{note}')
+    kimg = resumed['cur_nimg'] / 1000
+    if resumed.get('official'):  # guided-diffusion files: no sampler history, no RNG states
+        group = optimizer.param_groups[0]
+        note = ' (no optimizer file beside it: a fresh AdamW, as official)' \
+            if resumed['optimizer'] is None else f' (lr {group["lr"]:g} and weight decay ' \
+            f'{group["weight_decay"]:g} of its optimizer file, as official)'
+        log(f'resumed from the official {resumed["official"]} at kimg {kimg:.3f}{note}')
         return resumed['cur_nimg']
+    for group in optimizer.param_groups:
+        group.update(lr=c.lr, weight_decay=c.weight_decay)
     sampler.history.copy_(resumed['sampler_history'])
     sampler.counts.copy_(resumed['sampler_counts'])
-    # Each rank's dropout stream (another process count starts new ones).
-    if len(resumed['cpu_rng']) == world_size:
+    processes = len(resumed['cpu_rng'])
+    if processes == world_size:  # each rank's dropout stream (another count starts new ones)
         torch.set_rng_state(resumed['cpu_rng'][rank].cpu())
         if sampler.counts.is_cuda:
             torch.cuda.set_rng_state(resumed['cuda_rng'][rank].cpu())
-    processes = len(resumed['cpu_rng'])
-    log(f'resumed at kimg {resumed["cur_nimg"] / 1000:.3f}' + ('' if processes == world_size else
+    log(f'resumed at kimg {kimg:.3f}' + ('' if processes == world_size else
         f' with {world_size} processes instead of {processes}: new dropout streams'))
     return resumed['cur_nimg']
 
@@ -1989,30 +1809,28 @@ class KeptStates:
 
 def save_snapshot(c, model, emas, optimizer, sampler, net_kwargs, cur_nimg, kept, run_dir, rank,
                   world_size, device):
-    """training-state (everything resume needs), then network-snapshot (EMA weights + what
-    generate/eval need; one per further --ema_rate): a failure never leaves a snapshot newer than
-    the last state. Returns the state's path."""
-    cuda_rng = torch.cuda.get_rng_state(device) if device.type == 'cuda' else torch.zeros(0)
-    mine = torch.get_rng_state(), cuda_rng
-    # (CPU, CUDA) generator states per rank, on the CPU
-    rng = [mine] if world_size == 1 else [None] * world_size
-    if world_size > 1:  # every rank's dropout stream, so a resumed DDP run continues each of them
+    """training-state (all that resume needs), then network-snapshot (EMA weights + what generate
+    and eval need; one per further --ema_rate): a failure never leaves a snapshot newer than the
+    last state. Returns the state's path."""
+    mine = torch.get_rng_state(), \
+        torch.cuda.get_rng_state(device) if device.type == 'cuda' else torch.zeros(0)
+    rng = [mine] * world_size  # (CPU, CUDA) generator states per rank: each dropout stream goes on
+    if world_size > 1:
         torch.distributed.all_gather_object(rng, mine)
     kimg = f'{cur_nimg // 1000:06d}'
     path = os.path.join(run_dir, f'training-state-{kimg}.pt')
     if rank != 0:
         return path
     as_cpu = lambda module: {k: v.detach().cpu() for k, v in module.state_dict().items()}
-    ema_states = [as_cpu(ema) for ema in emas]
+    ema_states, config = [as_cpu(ema) for ema in emas], dataclasses.asdict(c)
     save_training_state(path, dict(
         model=as_cpu(model), emas=ema_states, optimizer=optimizer.state_dict(),
         net_kwargs=net_kwargs, sampler_history=sampler.history.cpu(),
         sampler_counts=sampler.counts.cpu(), cur_nimg=cur_nimg, kept=kept,
-        cpu_rng=[r[0] for r in rng], cuda_rng=[r[1] for r in rng], config=dataclasses.asdict(c)))
+        cpu_rng=[r[0] for r in rng], cuda_rng=[r[1] for r in rng], config=config))
     for i, (rate, ema) in enumerate(zip(c.ema_rate.split(','), ema_states)):
-        snapshot = dict(net_kwargs=net_kwargs, ema=ema, ema_rate=float(rate),
-                        diffusion_steps=c.diffusion_steps, noise_schedule=c.noise_schedule,
-                        config=dataclasses.asdict(c))
+        snapshot = dict(net_kwargs=net_kwargs, ema=ema, ema_rate=float(rate), config=config,
+                        diffusion_steps=c.diffusion_steps, noise_schedule=c.noise_schedule)
         suffix = '' if i == 0 else f'-ema{float(rate)}'
         nets.write_atomic(os.path.join(run_dir, f'network-snapshot-{kimg}{suffix}.pt'),
                           lambda file, snapshot=snapshot: torch.save(snapshot, file))
@@ -2020,29 +1838,25 @@ def save_snapshot(c, model, emas, optimizer, sampler, net_kwargs, cur_nimg, kept
 
 
 def report_tick(stats, cur_nimg, total_nimg, clock, lr, world_size, rank, device, run_dir, log):
-    """The progress line and stats.jsonl record of one tick from the device-side sums in `stats`,
-    which it resets. The tick's single host sync is here."""
+    """The progress line and stats.jsonl record of one tick from the device-side sums in `stats`
+    (reset here: the tick's single host sync)."""
     if world_size > 1:
         torch.distributed.all_reduce(stats)
     values = stats.tolist()
     stats.zero_()
     now = time.time()
-    seconds_per_kimg = (now - clock['tick_time']) / max(cur_nimg - clock['tick_nimg'], 1) * 1000
-    # each rank counted every step
-    steps = values[2] / world_size
-    # quartiles of t, as the official log
-    mse_q = [values[3 + q] / max(values[11 + q], 1) for q in range(4)]
+    sec_per_kimg = (now - clock['tick_time']) / max(cur_nimg - clock['tick_nimg'], 1) * 1000
+    steps = values[2] / world_size  # each rank counted every step
+    mse_q = [values[3 + q] / max(values[11 + q], 1) for q in range(4)]  # quartiles of t (official)
     gpumem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else 0.0
     record = dict(kimg=cur_nimg / 1000, nimg=cur_nimg, time=now - clock['start_time'],
-                  sec_per_kimg=seconds_per_kimg, loss=values[0] / steps, lr=lr,
-                  img_per_sec=1000 / seconds_per_kimg, gpumem_gb=gpumem,
+                  sec_per_kimg=sec_per_kimg, loss=values[0] / steps, lr=lr,
+                  img_per_sec=1000 / sec_per_kimg, gpumem_gb=gpumem,
                   **{f'mse_q{q}': mse_q[q] for q in range(4)},
-                  vb=sum(values[7:11]) / sum(values[11:15]),
-                  grad_norm=values[1] / values[2])
-    eta_seconds = max(total_nimg - cur_nimg, 0) / 1000 * seconds_per_kimg
-    log(f'kimg {record["kimg"]:.1f} | time {format_time(record["time"])} | '
-        f'sec/kimg {seconds_per_kimg:.2f} | '
-        f'ETA {format_time(eta_seconds)} | loss {record["loss"]:.4f} | lr {lr:.1e} | '
+                  vb=sum(values[7:11]) / sum(values[11:15]), grad_norm=values[1] / values[2])
+    eta = max(total_nimg - cur_nimg, 0) / 1000 * sec_per_kimg
+    log(f'kimg {record["kimg"]:.1f} | time {format_time(record["time"])} | sec/kimg '
+        f'{sec_per_kimg:.2f} | ETA {format_time(eta)} | loss {record["loss"]:.4f} | lr {lr:.1e} | '
         f'img/s {record["img_per_sec"]:.0f} | gpumem {gpumem:.1f}G | mse q0-q3 '
         f'{" ".join(f"{v:.4f}" for v in mse_q)} | vb {record["vb"]:.4f} | '
         f'grad norm {record["grad_norm"]:.3f}')
@@ -2055,7 +1869,7 @@ def report_tick(stats, cur_nimg, total_nimg, clock, lr, world_size, rank, device
 def save_official_samples(outdir, seeds, labels, label_dim, rank, world_size, log):
     """The official image_sample.py array from the PNGs: (N, H, W, C) uint8 as arr_0, the labels as
     arr_1."""
-    everyone = [labels] if world_size == 1 else [None] * world_size
+    everyone = [labels] * world_size
     if world_size > 1:
         torch.distributed.all_gather_object(everyone, labels)
     if rank != 0:
@@ -2065,8 +1879,7 @@ def save_official_samples(outdir, seeds, labels, label_dim, rank, world_size, lo
     arr = np.stack([a[..., None] if a.ndim == 2 else a for a in arrays])
     path = os.path.join(outdir, f'samples_{"x".join(str(n) for n in arr.shape)}.npz')
     buffer = io.BytesIO()
-    extra = [np.array([labels[s] for s in seeds], dtype=np.int64)] if label_dim else []
-    np.savez(buffer, arr, *extra)
+    np.savez(buffer, arr, *([np.array([labels[s] for s in seeds], np.int64)] if label_dim else []))
     nets.write_atomic(path, buffer.getvalue())
     log(f'saved {path}')
 

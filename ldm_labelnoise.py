@@ -31,6 +31,7 @@ import atexit
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import inspect
 import io
@@ -56,7 +57,7 @@ import fid
 import nets
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Configuration: the data, the network, the optimisation and the run; then the paper recipes.
 
 NUM_TIMESTEPS = 1000  # DDPM steps T (paper App. B.3, B.4)
@@ -182,7 +183,7 @@ PRESETS = {
 }
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Condition corruption (Sec. 3.1, 3.3, App. B.1): fixed once before training.
 
 def corrupted_count(eta, n):
@@ -234,7 +235,7 @@ def swap_captions(n, eta, generator=None):
     return source, index
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The loss: L_simple with conditional embedding perturbation (Eq. 1, 8) and the IP baseline.
 
 def make_alphas_cumprod(schedule='linear', start=1e-4, end=0.02, num_timesteps=NUM_TIMESTEPS):
@@ -338,7 +339,7 @@ def vb_terms(x0, x_t, t, eps_hat, v, alphas_cumprod):
     return torch.where(t == 0, -log_probs.mean(dim=(1, 2, 3)), kl.mean(dim=(1, 2, 3))) / math.log(2)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Samplers: DPM-Solver++(2M), DDIM and DiT's ancestral sampler; classifier-free guidance (Eq. 2).
 
 def sampling_timesteps(num_timesteps, steps, spacing='linspace', solver='dpm', offset=1):
@@ -394,12 +395,10 @@ def ddpm_sample(net, noise, y, alphas_cumprod, steps=250, scale=1.0, y_null=None
     beta = 1 - alphas_cumprod[kept] / F.pad(alphas_cumprod[kept][:-1], (1, 0), value=1.0)
     a = torch.cumprod(1 - beta, dim=0)
     a_prev = F.pad(a[:-1], (1, 0), value=1.0)
-    # beta_tilde of the posterior
-    var_post = beta * (1 - a_prev) / (1 - a)
+    var_post = beta * (1 - a_prev) / (1 - a)                            # beta_tilde
     # "clipped": beta_tilde_0 := beta_tilde_1
     logvar_min = torch.cat([var_post[1:2], var_post[1:]]).log()
-    # fixed large, for networks without v
-    logvar_fixed = torch.cat([var_post[1:2], beta[1:]]).log()
+    logvar_fixed = torch.cat([var_post[1:2], beta[1:]]).log()  # fixed large, for networks without v
     coef_x0, coef_xt = beta * a_prev.sqrt() / (1 - a), (1 - a_prev) * (1 - beta).sqrt() / (1 - a)
     x, channels = noise, noise.shape[1]
     for i in reversed(range(steps)):
@@ -467,7 +466,7 @@ def dpm_solver_sample(net, noise, y, alphas_cumprod, steps=50, scale=1.0, y_null
     return x
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Training loop.
 
 def draw_step_noise(cfg, cur_nimg, shape, cond_shape, latent, device):
@@ -507,10 +506,8 @@ def training_loop(cfg, rank, world_size, device):
     """Corrupt the conditions once (Sec. 3.1), then minimise diffusion_loss with CEP noise (Eq. 1,
     8) on the global batch, with EMA, progress ticks, snapshots and training states. Returns the run
     folder."""
-    # TF32 matmuls: free speed on Ampere+
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    # fixed shapes: pick the fastest kernels
+    # TF32 matmuls, and the fastest kernels for the fixed shapes
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.precision == 'bf16')
     # NHWC convolutions on tensor cores
@@ -521,15 +518,14 @@ def training_loop(cfg, rank, world_size, device):
     log, start_time = Logger(), time.time()
 
     # Load and check the resume file, the data, its conditions and the network before any write.
-    given = cfg.resume not in ('', 'auto')
-    state = load_checkpoint(cfg.resume, '--resume', STATE_KEYS) if given else None
+    state = load_checkpoint(cfg.resume, '--resume', STATE_KEYS) \
+        if cfg.resume not in ('', 'auto') else None
     dataset = ImageDataset(cfg.data, cfg.resolution, cache_dir, cfg.captions)
     n = len(dataset)
     num_classes, clean = load_conditions(cfg, dataset)
     vae = None if cfg.vae == 'none' else load_vae(cfg.vae, device, cache_dir)
     rows, shape = training_rows(cfg, dataset, vae, cache_dir, batch_gpu, rank, world_size, device)
-    # Sec. 3.1: fixed once, from --seed
-    source, corrupted = corrupt_conditions(cfg, clean)
+    source, corrupted = corrupt_conditions(cfg, clean)                    # Sec. 3.1: from --seed
     spec = training_spec(cfg, num_classes, shape, vae)
     net = new_network(cfg, spec)
     net = net.to(device, memory_format=torch.channels_last if channels_last else None).train()
@@ -547,24 +543,21 @@ def training_loop(cfg, rank, world_size, device):
     if cur_nimg:
         log(resumed_line(run.state, cur_nimg))
     trim_stats(run.dir, cur_nimg)
-    # a resumed run keeps its own
     source, corrupted = keep_conditions(run, source, corrupted, cfg, saved_config, n, log)
-    # (N,) labels, (N, 77) tokens
+    # (N,) labels or (N, 77) tokens
     conditions = (source if cfg.cond == 'class' else clean[source].short()).to(device)
     is_corrupted = torch.zeros(n, dtype=torch.bool, device=device)
     is_corrupted[corrupted.to(device)] = True
     write_run_files(run.dir, dataclasses.asdict(cfg),
                     dataset.read_many(range(min(n, cfg.grid)), cfg.workers), spec=spec,
                     world_size=world_size, images=n, corrupted=len(corrupted))
-    server = RowServer(rows, device)
+    read_rows = row_reader(rows, device)
     device_ids = [device] if device.type == 'cuda' else None
     ddp = net if world_size == 1 else nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
-    # fused kernels behind --compile
     model = torch.compile(ddp) if cfg.compile else ddp
     alphas_cumprod = make_alphas_cumprod(cfg.beta_schedule, cfg.linear_start,
                                          cfg.linear_end).to(device)
-    # the class id num_classes, or tokens of ''
-    y_null = torch.as_tensor(net.null, device=device)
+    y_null = torch.as_tensor(net.null, device=device)  # the class id num_classes, or tokens of ''
     log(json.dumps(dataclasses.asdict(cfg), indent=2))
     log(f'{"Resuming" if cur_nimg else "Starting"} {run.dir}: {n} images, {len(corrupted)} '
         f'corrupted conditions, {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, '
@@ -576,10 +569,9 @@ def training_loop(cfg, rank, world_size, device):
     grid_y = torch.arange(cfg.grid, device=device) % num_classes if cfg.cond == 'class' else \
         clean[torch.arange(cfg.grid) % n].to(device)
 
-    # Training.
+    # Training. shares: the positions of this rank's samples in each accumulation round.
     shares = [torch.arange(r * batch_gpu, (r + 1) * batch_gpu) * world_size + rank
               for r in range(rounds)]
-    # positions of this rank's samples
     shares_device = [share.to(device) for share in shares]
     # loss sum, count, 4 t-bins (sum, count), corrupted, dropped
     stats = torch.zeros(12, device=device)
@@ -588,20 +580,16 @@ def training_loop(cfg, rank, world_size, device):
     stop = StopSignal()
     while cur_nimg < total_nimg:
         # This step's data and noise for the whole global batch; each rank takes its share.
-        # (batch,) numpy
-        index = data_order(cfg.seed, cur_nimg, cfg.batch, n, order_cache)
+        index = data_order(cfg.seed, cur_nimg, cfg.batch, n, order_cache)  # (batch,) numpy
         index_device = to_device(torch.from_numpy(index), device)
         noise = draw_step_noise(cfg, cur_nimg, shape, net.cond_shape, vae is not None, device)
 
         # Accumulate gradients; DDP synchronises only on the last round.
         for r, (share, mine) in enumerate(zip(shares, shares_device)):
-            # (batch_gpu,) dataset indices
-            i = index_device[mine]
-            # this round's share
+            i = index_device[mine]                                        # (batch_gpu,) indices
             my = {key: None if value is None else value[mine] for key, value in noise.items()}
-            x0 = clean_batch(server.get(index[share.numpy()], i), my['flip'], my['z'],
-                             spec['scaling_factor'])
-            # (batch_gpu, C, H, W)
+            x0 = clean_batch(read_rows(index[share.numpy()], i), my['flip'], my['z'],
+                             spec['scaling_factor'])                      # (batch_gpu, C, H, W)
             x0 = x0.contiguous(memory_format=torch.channels_last) if channels_last else x0
             y = drop_conditions(conditions[i].long(), y_null, my['drop'])
             with ddp.no_sync() if world_size > 1 and r + 1 < rounds else contextlib.nullcontext():
@@ -644,10 +632,10 @@ def training_loop(cfg, rank, world_size, device):
         done = cur_nimg >= total_nimg
         if not done and cur_nimg < tick_start_nimg + cfg.tick * 1000:
             continue
-        report_tick(run.dir, log, stats, cur_nimg, total_nimg, tick_start_nimg, tick_start_time,
-                    start_time, lr, device)
+        report_tick(run.dir, log, stats, cur_nimg, total_nimg, cur_nimg - tick_start_nimg,
+                    time.time() - tick_start_time, time.time() - start_time, lr, device)
         if done or round(cur_nimg / (cfg.tick * 1000)) % cfg.snap == 0:
-            save_snapshot(run.dir, cur_nimg, ema, spec, vae, grid_noise, grid_y, cfg, rank)
+            save_snapshot(run.dir, cur_nimg, ema, spec, vae, grid_noise, grid_y, cfg)
             save_state(run.dir, cur_nimg, net, ema, optimizer, spec, cfg, world_size, device)
         tick_start_nimg, tick_start_time = cur_nimg, time.time()
     stop.close()
@@ -655,8 +643,8 @@ def training_loop(cfg, rank, world_size, device):
     return run.dir
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Networks: the conditioning front ends around nets.DiT and the LDM nets.UNet.
+# --------------------------------------------------------------------------------------------------
+# Networks: the condition c(y) (nets.ClassEmbedder, nets.ByteTextEncoder) around nets.DiT / nets.UNet.
 
 TINY_DITS = {'DiT-tiny': dict(depth=2, hidden_size=64, patch_size=2, num_heads=2),  # CPU tests
              'DiT-S-tiny': dict(depth=1, hidden_size=384, patch_size=4, num_heads=6)}  # DiT-S width
@@ -666,68 +654,20 @@ def is_dit(arch):
     return arch in nets.DiT_models or arch in TINY_DITS
 
 
-def tokenize(captions, length=TEXT_LENGTH):
-    """Byte-level tokens: BOS, UTF-8 bytes (truncated), EOS, padding. (N,) strings -> int64 (N,
-    length)."""
-    bos, eos, pad = 256, 257, 258
-    tokens = torch.full((len(captions), length), pad, dtype=torch.int64)
-    for i, caption in enumerate(captions):
-        row = [bos] + list(caption.encode('utf-8'))[:length - 2] + [eos]
-        tokens[i, :len(row)] = torch.tensor(row)
-    return tokens
-
-
-class ClassEmbedder(nn.Module):
-    """LDM's class embedder: label -> (B, 1, width) cross-attention context; id num_classes is the
-    null class."""
-
-    def __init__(self, num_classes, width):
-        super().__init__()
-        self.embedding = nn.Embedding(num_classes + 1, width)
-
-    def forward(self, y):
-        return self.embedding(y)[:, None]                                # (B, 1, width)
-
-
-class TextEncoder(nn.Module):
-    """Our stand-in for the trainable BERT of the CC3M model (App. B.3): byte tokens -> a pre-norm
-    transformer trained jointly -> (B, 77, width). Padding tokens are ordinary tokens (no mask), so
-    the context always has 77 positions, like BERT's padded last_hidden_state; the null condition is
-    the empty caption."""
-
-    def __init__(self, width, depth, length=TEXT_LENGTH):
-        super().__init__()
-        self.token = nn.Embedding(259, width)
-        self.position = nn.Parameter(torch.randn(1, length, width) * 0.02)
-        self.blocks = nn.ModuleList(nn.TransformerEncoderLayer(
-            width, max(1, width // 64), 4 * width, dropout=0.0, activation='gelu', batch_first=True,
-            norm_first=True) for _ in range(depth))
-        self.norm = nn.LayerNorm(width)
-
-    def forward(self, tokens):
-        h = self.token(tokens) + self.position                           # (B, L, width)
-        for block in self.blocks:
-            h = block(h)
-        return self.norm(h)
-
-
 class Denoiser(nn.Module):
     """eps_theta(x_t, t, c(y) + delta): y is int64 (B,) class ids or (B, 77) tokens; delta (B,
-    *cond_shape)."""
+    *cond_shape). null: the null condition (a class id, or the tokens of ''); tokenize: captions ->
+    the token ids the encoder reads."""
 
     def __init__(self, backbone, encoder=None, cond_shape=(), embedding_dropout=0.0, null=None,
-                 perturb_null=True, tokenize=tokenize):
+                 perturb_null=True, tokenize=nets.byte_tokens):
         super().__init__()
         self.backbone, self.encoder, self.cond_shape = backbone, encoder, tuple(cond_shape)
         self.embedding_dropout = nn.Dropout(embedding_dropout)
-        # the null condition: a class id, or the tokens of ''
-        self.null, self.perturb_null = null, perturb_null
-        # captions -> the token ids the encoder reads
-        self.tokenize = tokenize
+        self.null, self.perturb_null, self.tokenize = null, perturb_null, tokenize
 
     def is_null(self, y):
-        # the tokens of '': moved once
-        if torch.is_tensor(self.null) and self.null.device != y.device:
+        if torch.is_tensor(self.null) and self.null.device != y.device:  # tokens of '': moved once
             self.null = self.null.to(y.device)
         return (y == self.null).view(len(y), -1).all(dim=1)               # (B,)
 
@@ -749,10 +689,9 @@ def build_network(spec):
     if is_dit(spec['arch']):
         kwargs = dict(input_size=resolution, in_channels=channels, num_classes=spec['num_classes'],
                       learn_sigma=True, class_dropout_prob=spec['class_dropout_prob'])
-        if spec['arch'] in TINY_DITS:
-            backbone = nets.DiT(**TINY_DITS[spec['arch']], **kwargs)
-        else:
-            backbone = nets.DiT_models[spec['arch']](**kwargs)
+        make = functools.partial(nets.DiT, **TINY_DITS[spec['arch']]) \
+            if spec['arch'] in TINY_DITS else nets.DiT_models[spec['arch']]
+        backbone = make(**kwargs)
         return Denoiser(backbone, None, (backbone.hidden_size,), null=spec['num_classes'],
                         perturb_null=spec.get('cep_perturb_null', True))
     # LDM places attention by downsampling factor: keep the factors when the latents are not the
@@ -764,34 +703,74 @@ def build_network(spec):
               'dropout': spec['dropout']}
     width = kwargs['context_dim']
     if spec['cond'] == 'class':
-        encoder, cond_shape = ClassEmbedder(spec['num_classes'], width), (1, width)
-    else:
-        encoder, cond_shape = TextEncoder(width, spec['text_layers']), (TEXT_LENGTH, width)
-    # the null tokens are data, also when the network is built on the meta device
-    with torch.device('cpu'):
-        null = spec['num_classes'] if spec['cond'] == 'class' else tokenize([''])[0]
+        encoder, cond_shape = nets.ClassEmbedder(spec['num_classes'], width), (1, width)
+    else:  # our stand-in for BERT; the null condition is the empty caption
+        encoder = nets.ByteTextEncoder(width, spec['text_layers'], TEXT_LENGTH)
+        cond_shape = (TEXT_LENGTH, width)
+    with torch.device('cpu'):  # the null tokens are data, also when built on the meta device
+        null = spec['num_classes'] if spec['cond'] == 'class' else nets.byte_tokens([''])[0]
     return Denoiser(nets.UNet(**kwargs), encoder, cond_shape, spec['embedding_dropout'], null,
                     spec.get('cep_perturb_null', True))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+def load_network(path, device, vae='', for_fid=False):
+    """(Denoiser in eval mode on device, spec, the model's own autoencoder or None) from our network
+    snapshot, a facebookresearch/DiT checkpoint (DiT-XL-2-256x256.pt, or train.py's {model, ema,
+    opt, args}: its EMA), or a diffusers pipeline, bare DiT folder or Hub repo id
+    (nets.read_diffusers_model; `vae` replaces its autoencoder). A DiT .pt's autoencoder is `vae`,
+    default 'mse' (DiT's sample.py), 'ema' for_fid (sample_ddp.py). Our files are built on the meta
+    device and checked against the file before any allocation."""
+    is_file = os.path.exists(path) or path.endswith(('.pt', '.pth', '.pkl', '.ckpt'))
+    if os.path.isdir(path) or not is_file:  # a diffusers folder or a Hub repo id
+        try:
+            model = nets.read_diffusers_model(path, load_vae(vae, 'cpu') if vae else None, vae,
+                                              NUM_TIMESTEPS)
+        except (ValueError, OSError) as error:
+            raise UserError(f'--network={path}: {error}')
+        net = Denoiser(model['network'], model['encoder'], model['cond_shape'], null=model['null'],
+                       tokenize=model['tokenize'] or nets.byte_tokens)
+        net = net.to(device).eval().requires_grad_(False)
+        return net, model['spec'], model['autoencoder'].to(device).eval()
+    try:
+        kind, spec, found = nets.read_ldm_checkpoint(path, vae, for_fid)
+        net = Denoiser(found, None, (found.hidden_size,), null=found.num_classes) if kind == 'dit' \
+            else nets.build_checked(lambda: build_network(spec), found, f'--network={path}')
+    except (TypeError, KeyError):
+        raise UserError(f'--network={path}: damaged spec') from None
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    channels_last = torch.device(device).type == 'cuda' and not spec['arch'].startswith('DiT')
+    net.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    return net.eval().requires_grad_(False), spec, None
+
+
+def load_snapshot(path, device, scale, vae='', for_fid=False):
+    """A network for sampling -> (EMA Denoiser in eval mode, spec, autoencoder or None)."""
+    net, spec, autoencoder = load_network(path, device, vae, for_fid)
+    if autoencoder is None and spec['vae']:
+        autoencoder = load_vae(spec['vae'], device)
+    require(scale == 1 or spec['class_dropout_prob'], f'{path} was trained without null '
+            'conditions (--class_dropout_prob=0): use --scale=1')
+    return net, spec, autoencoder
+
+
+# --------------------------------------------------------------------------------------------------
 # Generation, evaluation and the circular walk.
 
 @torch.no_grad()
 def sample_images(net, spec, vae, noise, y, cfg, randn_like=torch.randn_like):
-    """Noise (B, C, h, w) and conditions -> uint8 images (B, 3, H, W), with the sampler chosen by
-    cfg."""
+    """Noise (B, C, h, w) and conditions -> uint8 images (B, 3, H, W), with the sampler of cfg and
+    the timestep spacing of the flag, else the pipeline's scheduler config, else diffusers'."""
     if 'betas' in spec:  # a released pipeline's scheduler config
         alphas_cumprod = torch.cumprod(1 - torch.tensor(spec['betas'], dtype=torch.float64), dim=0)
     else:
         alphas_cumprod = make_alphas_cumprod(spec['beta_schedule'], spec['linear_start'],
                                              spec['linear_end'])
-    # Timestep spacing: the flag, else the pipeline's scheduler config, else diffusers' default.
     default = {'dpm': 'linspace', 'ddim': 'leading'}.get(cfg.scheduler)
     spacing = cfg.timestep_spacing or spec.get('timestep_spacing') or default
-    if cfg.scheduler != 'ddpm' and spacing not in ('linspace', 'leading'):
-        raise UserError(f'timestep_spacing {spacing!r} of the scheduler config is not supported; '
-                        'pass --timestep_spacing=linspace|leading')
+    require(cfg.scheduler == 'ddpm' or spacing in ('linspace', 'leading'), f'timestep_spacing '
+            f'{spacing!r} of the scheduler config is not supported; pass '
+            '--timestep_spacing=linspace|leading')
     offset = spec.get('steps_offset', 1)
     # Guidance needs the null condition (Eq. 2); scale 1 is plain conditional sampling, one forward
     # pass a step.
@@ -821,81 +800,26 @@ def seeded_noise(seeds, shape, device):
     return stack(shape), lambda x: stack(x.shape[1:])
 
 
-def is_diffusers(path):
-    """A diffusers pipeline or model folder, or a Hugging Face repo id (not a checkpoint file)."""
-    is_file = os.path.exists(path) or path.endswith(('.pt', '.pth', '.pkl', '.ckpt'))
-    return os.path.isdir(path) or not is_file
-
-
-def load_network(path, device, vae='', for_fid=False):
-    """(Denoiser in eval mode on device, spec) from our network snapshot, a facebookresearch/DiT
-    checkpoint (the released DiT-XL-2-256x256.pt, or train.py's {model, ema, opt, args}: its EMA),
-    or a diffusers pipeline, DiT folder or Hub repo id. A DiT's autoencoder is `vae`, default 'mse'
-    (DiT's sample.py), 'ema' for_fid (sample_ddp.py). Networks are built on the meta device and
-    checked against the file before any allocation."""
-    if is_diffusers(path):
-        return load_pipeline(path, device, vae)[:2]
-    checkpoint = load_checkpoint(path, '--network', ())
-    if 'spec' in checkpoint and 'ema' in checkpoint:
-        try:
-            net = nets.build_checked(lambda: build_network(checkpoint['spec']), checkpoint['ema'],
-                                     f'--network={path}')
-        except (ValueError, TypeError, KeyError) as error:
-            why = str(error) if isinstance(error, ValueError) else f'--network={path}: damaged spec'
-            raise UserError(why)
-        spec = {**checkpoint['spec'], 'vae': vae or checkpoint['spec']['vae']}
-    elif 'x_embedder.proj.weight' in checkpoint.get('ema', checkpoint.get('model', checkpoint)):
-        try:
-            dit = nets.dit_from_state_dict(checkpoint)
-        except (ValueError, RuntimeError, KeyError) as error:
-            raise UserError(f'--network={path}: not a DiT checkpoint this script can read '
-                            f'({error})')
-        net = Denoiser(dit, None, (dit.hidden_size,), null=dit.num_classes)
-        spec = nets.dit_spec(dit, vae or ('ema' if for_fid else 'mse'))
-    else:
-        raise UserError(f'--network={path} is neither a snapshot of this script nor a '
-                        f'facebookresearch/DiT checkpoint (first keys: '
-                        f'{", ".join(list(checkpoint)[:3])})')
-    # as in training
-    channels_last = torch.device(device).type == 'cuda' and not spec['arch'].startswith('DiT')
-    net.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    return net.eval().requires_grad_(False), spec
-
-
-def load_snapshot(path, device, scale, vae='', for_fid=False):
-    """A network for sampling -> (EMA Denoiser in eval mode, spec, autoencoder or None)."""
-    if is_diffusers(path):
-        net, spec, autoencoder = load_pipeline(path, device, vae)
-    else:
-        net, spec = load_network(path, device, vae, for_fid)
-        autoencoder = load_vae(spec['vae'], device) if spec['vae'] else None
-    if scale != 1 and not spec['class_dropout_prob']:
-        raise UserError(f'{path} was trained without null conditions (--class_dropout_prob=0): '
-                        'use --scale=1')
-    return net, spec, autoencoder
-
-
-def load_prompts(cfg, spec):
-    """The prompts of a text model (None for a class model, after checking --class_idx)."""
+def sampling_setup(cfg, device, for_fid=False):
+    """(net, spec, autoencoder, prompts or None) of generate / eval, --class_idx and --prompts
+    checked; the official DiT README passes --prompt_data mscoco to a class model (a note)."""
+    net, spec, vae = load_snapshot(cfg.network, device, cfg.scale, cfg.vae, for_fid)
     if spec['cond'] != 'text':
-        if not -1 <= cfg.class_idx < spec['num_classes']:
-            raise UserError(f'--class_idx must be in [0, {spec["num_classes"]}) or -1')
-        # the official DiT README command passes --prompt_data mscoco to a class model
+        require(-1 <= cfg.class_idx < spec['num_classes'],
+                f'--class_idx must be in [0, {spec["num_classes"]}) or -1')
         if cfg.prompts:
             print(f'note: --prompts={cfg.prompts} is not used by a class-conditional model',
                   file=sys.stderr)
-        return None
-    if cfg.prompts in ('mscoco', 'parti'):
-        raise UserError(f'--prompt_data={cfg.prompts} (official flag) is not supported: it reads '
-                        'a Hugging Face `datasets` corpus; use --prompts=FILE, one caption a line')
-    if not cfg.prompts or not os.path.isfile(cfg.prompts):
-        raise UserError(f'a text model needs --prompts, a file with one prompt a line: '
-                        f'{cfg.prompts!r}')
+        return net, spec, vae, None
+    require(cfg.prompts not in ('mscoco', 'parti'), f'--prompt_data={cfg.prompts} (official flag) '
+            'is not supported: it reads a Hugging Face `datasets` corpus; use --prompts=FILE, one '
+            'caption a line')
+    require(cfg.prompts and os.path.isfile(cfg.prompts), f'a text model needs --prompts, a file '
+            f'with one prompt a line: {cfg.prompts!r}')
     with open(cfg.prompts, encoding='utf-8') as file:
         prompts = [line for line in file.read().splitlines() if line.strip()]
-    if not prompts:
-        raise UserError(f'--prompts={cfg.prompts} holds no prompt')
-    return prompts
+    require(prompts, f'--prompts={cfg.prompts} holds no prompt')
+    return net, spec, vae, prompts
 
 
 def generation_plan(cfg, spec, prompts):
@@ -905,23 +829,19 @@ def generation_plan(cfg, spec, prompts):
     prompt), the seed of image k of condition c drawn from (--seed, c, k): the same images for any
     batch size or GPU count."""
     if cfg.seeds:
-        seeds = parse_seeds(cfg.seeds)
         def condition(s):
             if prompts:
                 return prompts[s % len(prompts)]
             return cfg.class_idx if cfg.class_idx >= 0 else s % spec['num_classes']
-        return [(f'{s - s % 1000:06d}/{s:06d}.png', s, condition(s)) for s in seeds]
+        return [(f'{s - s % 1000:06d}/{s:06d}.png', s, condition(s)) for s in parse_seeds(cfg.seeds)]
     count = len(prompts) if prompts else spec['num_classes']
     end = count if cfg.class_end_idx == -1 else cfg.class_end_idx
-    if end > count:
-        raise UserError(f'--class_end_idx={end} exceeds the {count} '
-                        f'{"prompts" if prompts else "classes"}')
-    n_samples = cfg.n_samples or (5 if prompts else 100)                  # the official defaults
+    require(end <= count, f'--class_end_idx={end} exceeds the {count} '
+            f'{"prompts" if prompts else "classes"}')
     plan = []
     for c in range(cfg.class_start_idx, end):
-        for k in range(n_samples):
-            state = np.random.SeedSequence([cfg.seed, c, k]).generate_state(1, np.uint64)
-            seed = int(state[0] >> 1)
+        for k in range(cfg.n_samples or (5 if prompts else 100)):  # the official defaults
+            seed = int(np.random.SeedSequence([cfg.seed, c, k]).generate_state(1, np.uint64)[0] >> 1)
             plan.append((f'{c}/{k:05d}.jpeg' if not prompts else f'{c:05d}/{k:05d}.jpeg', seed,
                          prompts[c] if prompts else c))
     return plan
@@ -939,71 +859,57 @@ def sample_plan(net, spec, vae, plan, cfg, device):
         yield chunk, sample_images(net, spec, vae, noise, y.to(device), cfg, randn_like)
 
 
-def check_image_size(cfg, spec, vae):
-    side = spec['shape'][1] * (vae.downscale_factor if vae is not None else 1)
-    if cfg.image_size and cfg.image_size != side:
-        raise UserError(f'--image_size={cfg.image_size}: this network makes {side}x{side} images')
-
-
 def generate(cfg, rank, world_size, device):
-    """One image per plan entry (generation_plan), plus dataset.json with the labels (class models).
+    """One image per plan entry (generation_plan), dealt round-robin to the ranks, plus dataset.json
+    with the labels (class models); JPEGs as the official scripts save them (quality 100, 4:4:4).
     """
     check_writable(cfg.outdir, '--outdir')
-    net, spec, vae = load_snapshot(cfg.network, device, cfg.scale, cfg.vae)
-    check_image_size(cfg, spec, vae)
-    prompts = load_prompts(cfg, spec)
+    net, spec, vae, prompts = sampling_setup(cfg, device)
+    side = spec['shape'][1] * (vae.downscale_factor if vae is not None else 1)
+    require(cfg.image_size in (0, side),
+            f'--image_size={cfg.image_size}: this network makes {side}x{side} images')
     plan = generation_plan(cfg, spec, prompts)
     if rank == 0 and prompts and not cfg.seeds:  # the official meta.txt of each prompt folder
         for c in sorted({name.split('/')[0] for name, _, _ in plan}):
-            os.makedirs(os.path.join(cfg.outdir, c), exist_ok=True)
-            with open(os.path.join(cfg.outdir, c, 'meta.txt'), 'w', encoding='utf-8') as file:
-                file.write(f'Prompt: {prompts[int(c)]}\n')
-    # Images are dealt round-robin to the ranks; JPEGs as the official scripts save them (quality
-    # 100, 4:4:4).
+            nets.write_atomic(os.path.join(cfg.outdir, c, 'meta.txt'),
+                              f'Prompt: {prompts[int(c)]}\n'.encode())
     for chunk, images in sample_plan(net, spec, vae, plan[rank::world_size], cfg, device):
         for (name, _, _), image in zip(chunk, images.permute(0, 2, 3, 1).cpu().numpy()):
-            path = os.path.join(cfg.outdir, name)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            path, buffer = os.path.join(cfg.outdir, name), io.BytesIO()
             options = dict(quality=100, subsampling=0) if name.endswith('.jpeg') else {}
-            PIL.Image.fromarray(image).save(path + '.tmp', format='JPEG' if options else 'PNG',
-                                            **options)
-            os.replace(path + '.tmp', path)
+            PIL.Image.fromarray(image).save(buffer, format='JPEG' if options else 'PNG', **options)
+            nets.write_atomic(path, buffer.getvalue())
     barrier()
     if rank == 0:
         if spec['cond'] == 'class':  # the folder is then a labelled dataset (EDM dataset.json)
-            with open(os.path.join(cfg.outdir, 'dataset.json'), 'w') as file:
-                json.dump({'labels': [[name, label] for name, _, label in plan]}, file)
+            labels = {'labels': [[name, label] for name, _, label in plan]}
+            nets.write_atomic(os.path.join(cfg.outdir, 'dataset.json'), json.dumps(labels).encode())
         print(f'wrote {len(plan)} images to {cfg.outdir}')
 
 
 def evaluate(cfg, rank, world_size, device):
-    """fid.compute_metrics on --num class-balanced samples held in memory; appends to metrics.jsonl
-    beside the network (in the working folder for a repo id)."""
-    if not os.path.isfile(cfg.ref):
-        raise UserError(f'--ref statistics not found: {cfg.ref!r} (make them with '
-                        '`python fid.py ref`)')
-    folder = os.getcwd()  # a repo id; a network file keeps its metrics beside it
-    if os.path.isfile(cfg.network):
-        folder = os.path.dirname(os.path.abspath(cfg.network))
+    """fid.compute_metrics on --num class-balanced samples held in memory (each rank samples its
+    share of the seeds); appends to metrics.jsonl beside the network (in the working folder for a
+    repo id)."""
+    require(os.path.isfile(cfg.ref), f'--ref statistics not found: {cfg.ref!r} (make them with '
+            '`python fid.py ref`)')
+    folder = os.path.dirname(os.path.abspath(cfg.network)) if os.path.isfile(cfg.network) else '.'
     metrics_path = os.path.join(folder, 'metrics.jsonl')
-    check_writable(os.path.dirname(metrics_path), 'the metrics file')
-    net, spec, vae = load_snapshot(cfg.network, device, cfg.scale, cfg.vae, for_fid=True)
-    prompts = load_prompts(cfg, spec)
+    check_writable(folder, 'the metrics file')
+    net, spec, vae, prompts = sampling_setup(cfg, device, for_fid=True)
     try:
         detector = fid.load_inception(cfg.fid_weights or None, device=device)
         # Inception Score needs the classifier head, which FID-only weights files lack.
         names = tuple(m for m in cfg.metrics.split(',') if m != 'is' or detector.has_classifier)
         if len(names) < len(cfg.metrics.split(',')):
             print('note: these Inception weights have no classifier, so no Inception Score')
-        # every check before the long pass
         protocol = fid.resolve_protocol(cfg.protocol or None, ref=cfg.ref, metrics=names,
-                                        detector=detector, num=cfg.num)
+                                        detector=detector, num=cfg.num)  # checks before the pass
     except (OSError, ValueError) as error:
         raise UserError(str(error))
-    # Each rank samples its share of the seeds; fid.compute_metrics gathers the features.
     plan = generation_plan(dataclasses.replace(cfg, seeds=f'0-{cfg.num - 1}'), spec, prompts)
-    plan = plan[rank::world_size]
-    batches = (images for _, images in sample_plan(net, spec, vae, plan, cfg, device))
+    batches = (images for _, images in sample_plan(net, spec, vae, plan[rank::world_size], cfg,
+                                                   device))
     results = fid.compute_metrics(batches, cfg.ref, metrics=names, detector=detector, device=device,
                                   protocol=protocol)
     if rank == 0:
@@ -1017,39 +923,32 @@ def evaluate(cfg, rank, world_size, device):
 
 def walk(cfg, rank, world_size, device):
     """The official circular walk: z_k = cos(theta_k) n_x + sin(theta_k) n_y with theta = pi *
-    linspace(0, 2, K), one row per network, one grid per class (or prompt) and walk."""
+    linspace(0, 2, K) (the end points repeat), one row per network, one grid per class (or prompt)
+    and walk; one generator for all walks, and the same noise (step noise too) for every network.
+    """
     if rank != 0:  # a handful of grids: one process does them all
         return
     check_writable(cfg.outdir, '--outdir')
-    # Load the networks and check that they share a latent shape and a kind of condition.
     snapshots = [load_snapshot(path, device, cfg.scale, cfg.vae) for path in cfg.network.split(',')]
     spec0 = snapshots[0][1]
-    kinds = {(tuple(spec['shape']), spec['cond']) for _, spec, _ in snapshots}
-    if len(kinds) > 1:
-        raise UserError('walk compares networks with the same latent shape and kind of condition')
-    if spec0['cond'] == 'text' and not cfg.prompt:
-        raise UserError('a walk over a text model needs --prompt')
-    if spec0['cond'] == 'class' and not all(c.isdigit() and int(c) < spec0['num_classes']
-                                            for c in cfg.classes.split(',')):
-        raise UserError(f'--classes must list class ids in [0, {spec0["num_classes"]})')
-    conditions = cfg.prompt.splitlines() if spec0['cond'] == 'text' else \
-        [int(c) for c in cfg.classes.split(',')]
-
-    # One generator for all walks, as the official script; the same noise circle for every network.
+    require(len({(tuple(spec['shape']), spec['cond']) for _, spec, _ in snapshots}) == 1,
+            'walk compares networks with the same latent shape and kind of condition')
+    text = spec0['cond'] == 'text'
+    require(not text or cfg.prompt, 'a walk over a text model needs --prompt')
+    require(text or all(c.isdigit() and int(c) < spec0['num_classes']
+                        for c in cfg.classes.split(',')),
+            f'--classes must list class ids in [0, {spec0["num_classes"]})')
+    conditions = cfg.prompt.splitlines() if text else [int(c) for c in cfg.classes.split(',')]
     generator = torch.Generator().manual_seed(cfg.seed)
-    # the end points repeat, as official
-    theta = torch.linspace(0, 2, cfg.walk_steps) * math.pi
-    os.makedirs(cfg.outdir, exist_ok=True)
+    theta = (torch.linspace(0, 2, cfg.walk_steps) * math.pi).view(-1, 1, 1, 1)
     for condition in conditions:
         for i in range(cfg.n_samples or 5):  # the official default: 5 walks per class
             noise_x, noise_y = (torch.randn(tuple(spec0['shape']), generator=generator)
                                 for _ in range(2))
-            cos, sin = theta.cos().view(-1, 1, 1, 1), theta.sin().view(-1, 1, 1, 1)
-            noise = (cos * noise_x + sin * noise_y).to(device)
+            noise = (theta.cos() * noise_x + theta.sin() * noise_y).to(device)
             rows = []
-            # stochastic samplers: the same step noise for every network too
             for net, spec, vae in snapshots:
-                y = (net.tokenize([condition] * cfg.walk_steps) if spec0['cond'] == 'text' else
+                y = (net.tokenize([condition] * cfg.walk_steps) if text else
                      torch.full((cfg.walk_steps,), condition, dtype=torch.int64)).to(device)
                 step_noise = torch.Generator(device).manual_seed(cfg.seed + i)
                 randn_like = lambda x: torch.randn(x.shape, generator=step_noise, device=x.device)
@@ -1062,82 +961,62 @@ def walk(cfg, rank, world_size, device):
     print(f'wrote {len(conditions) * (cfg.n_samples or 5)} walk grids to {cfg.outdir}')
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Command line.
 
 def main(argv=None):
     """`python ldm_labelnoise.py [train|generate|eval|walk] --flag=value ...`; --help lists the
     flags."""
-    return run_main({
-        'train': (train, 'train a DiT or LDM with condition corruption and CEP (default)'),
-        'generate': (lambda argv: sample_command('generate', argv),
-                     'one image per seed, or the official per-class folders of JPEGs'),
-        'eval': (lambda argv: sample_command('eval', argv),
-                 'FID, IS, sFID, precision/recall of samples in memory'),
-        'walk': (lambda argv: sample_command('walk', argv),
-                 'the official circular walk between two noises, one row per network'),
-    }, argv, TITLE)
+    return run_main({name: (functools.partial(command, name), text) for name, text in {
+        'train': 'train a DiT or LDM with condition corruption and CEP (default)',
+        'generate': 'one image per seed, or the official per-class folders of JPEGs',
+        'eval': 'FID, IS, sFID, precision/recall of samples in memory',
+        'walk': 'the official circular walk between two noises, one row per network',
+    }.items()}, argv, TITLE)
 
 
 # ---- Below: plumbing (files, flags, processes); not needed to understand the method
 
-# ==== BEGIN canonical block v2 (paste unchanged below the banner) =================================
+# ==== BEGIN canonical block v3 (paste unchanged below the banner) =================================
 # Errors and main
 
-
 class UserError(Exception):
-    """Bad input: a flag, a data set, a checkpoint, an output folder. `main` prints
-    `<script>: error: <message>` on one line and exits 2 (argparse's code); every check raises it
-    before anything is written."""
-
+    """Bad input (a flag, data, a checkpoint, a folder), raised before anything is written."""
 
 def require(ok, message):
     """The one-line check of check_config: `require(cfg.lr > 0, '--lr must be > 0')`."""
     if not ok:
         raise UserError(message)
 
-
-def top_level_help(commands, title='', note=''):
-    """`python X.py --help`: usage line, paper, one line per command, where the flags are."""
-    script = os.path.basename(__file__)
-    lines = [f'usage: {script} [COMMAND] [--flag=value ...]'] + ([title] if title else [])
-    lines.append('commands:')
-    lines += [f'  {name:<10} {text}' for name, (_, text) in commands.items()]
-    lines += [note] if note else []
-    lines.append(f"Run 'python {script} COMMAND --help' for the flags of a command.")
-    return '\n'.join(lines)
-
-
 def run_main(commands, argv=None, title='', note=''):
-    """The body of every script's `main`. commands: {name: (function(argv), one-line description)};
-    the first is the default, so `python X.py --flag=...` trains. Bad input (UserError) is one line
-    and exit 2; a failure while running (a full disk, a folder removed: OSError) one line and exit
-    1; an interrupt outside the training loop's StopSignal one line and exit 130. Only rank 0
-    prints; every rank exits with the same code."""
+    """The body of every `main`; commands = {name: (function(argv), one-line text)}, the first is
+    the default. A failure is one line from rank 0 and the same exit code on every rank: 2 bad
+    input (UserError), 1 a failure while running (OSError: a full disk), 130 an interrupt outside
+    StopSignal."""
     argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
-    if argv[:1] in (['-h'], ['--help']):
-        print(top_level_help(commands, title, note))
-        return None
+    script = os.path.basename(__file__)
+    if argv[:1] in (['-h'], ['--help']):  # usage, paper, one line per command, where the flags are
+        lines = [f'usage: {script} [COMMAND] [--flag=value ...]', title, 'commands:',
+                 *(f'  {name:<10} {text}' for name, (_, text) in commands.items()),
+                 note, f"Run 'python {script} COMMAND --help' for the flags of a command."]
+        return print('\n'.join(line for line in lines if line))
     name = argv.pop(0) if argv and argv[0] in commands else next(iter(commands))
     try:
         return commands[name][0](argv)
     except UserError as error:
-        _fail(str(error), 2)
+        message, code = str(error), 2
     except OSError as error:
         where = f' {error.filename}' if error.filename else ''
-        _fail(f'cannot write{where}: {error.strerror or error}', 1)
+        message, code = f'cannot write or read{where}: {error.strerror or error}', 1
     except KeyboardInterrupt:
-        _fail('interrupted (nothing was saved since the last training state)', 130)
-    finally:
-        for lock in list(RunLock.held):  # also when a test calls main(), not only at exit
-            lock.release()
+        message, code = 'interrupted (nothing was saved since the last training state)', 130
+    finally:  # also when a test calls main() twice in one process, not only at exit
+        for held in RunLock.held[:] + Logger.opened[:]:
+            held.close()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
-
-def _fail(message, code):
     if get_rank() == 0:  # one line, even for a multi-line library message
-        print(f'{os.path.basename(__file__)}: error: {" ".join(message.split())}', file=sys.stderr)
+        print(f'{script}: error: {" ".join(message.split())}', file=sys.stderr)
     sys.exit(code)
 
 
@@ -1146,19 +1025,15 @@ def _fail(message, code):
 
 GROUP_TITLES = ('data and corruption', 'network', 'optimisation', 'run', 'sampling', 'evaluation')
 
-
 def parse_bool(text):
-    """True/False, 1/0, yes/no, on/off, any case: click's BOOL and the official str2bool."""
-    value = {'true': True, '1': True, 'yes': True, 'y': True, 't': True, 'on': True, 'false': False,
-             '0': False, 'no': False, 'n': False, 'f': False, 'off': False}.get(str(text).lower())
-    if value is None:
+    """True/False, 1/0, yes/no, y/n, t/f, on/off, any case (click's BOOL, the official str2bool)."""
+    value = str(text).lower()
+    if value not in ('true', '1', 'yes', 'y', 't', 'on', 'false', '0', 'no', 'n', 'f', 'off'):
         raise argparse.ArgumentTypeError(f'expected True or False, got {text!r}')
-    return value
-
+    return value in ('true', '1', 'yes', 'y', 't', 'on')
 
 def parse_seeds(text, flag='--seeds'):
-    """'0-49999' or '1,2,5-10' -> a list of ints, as EDM's parse_int_list; a reversed range is an
-    error."""
+    """'0-49999' or '1,2,5-10' -> a list of ints (EDM's parse_int_list); no reversed range."""
     seeds = []
     for part in str(text).split(','):
         match = re.fullmatch(r'\s*(\d+)(?:-(\d+))?\s*', part)
@@ -1170,10 +1045,9 @@ def parse_seeds(text, flag='--seeds'):
         seeds.extend(range(first, last + 1))
     return seeds
 
-
 @dataclasses.dataclass(frozen=True)
 class Official:
-    """The fate of one official flag: a row of OFFICIAL_FLAGS (ours, refused, ignored)."""
+    """A row of OFFICIAL_FLAGS (made by ours, refused or ignored): what an official flag does."""
     field: str = ''         # our Config field that it sets; '' = none (refused or ignored)
     convert: object = None  # official value -> ours: a function, a {value: ours} dict, None = same
     how: str = ''           # the conversion or the reason in words, for --help and docs/<paper>.md
@@ -1181,48 +1055,37 @@ class Official:
     type: object = None     # reads the official value; None = our field's type
     group: str = 'run'      # the --help group of a flag that sets no field
 
-
 def ours(field, convert=None, how='', refuse=None, type=None):
-    """An official flag that sets our `field`, e.g.
-        ours('kimg', mimg_to_kimg, 'Mimg -> kimg', type=float)   # another name and unit
-        ours('lr')                                               # the same flag
-        ours('arch', refuse={'ncsnpp': 'no NCSN++ here; use --arch=ddpmpp'})  # refused values"""
+    """An official flag that sets our `field`: ours('lr') (the same flag), ours('kimg', to_kimg,
+    'Mimg -> kimg', type=float), ours('arch', refuse={'ncsnpp': 'no NCSN++; use --arch=ddpmpp'})."""
     return Official(field, convert, how, refuse, type)
-
 
 def refused(reason, group='run'):
     """An official flag refused whatever its value; the reason names ours ('...; use --x')."""
     return Official(how=reason, refuse=reason, group=group)
 
-
 def ignored(how='logging only', refuse=None, type=None, group='run'):
-    """An official flag accepted and dropped (wandb ids, ...); `refuse` still refuses some values:
-        ignored('always in memory', refuse={False: '...; use --cache=True'}, type=parse_bool)"""
+    """An official flag accepted and dropped (wandb ids, ...), but for the values in `refuse`."""
     return Official(how=how, refuse=refuse, type=type, group=group)
-
 
 def format_official(flag, official):
     """What an official flag does here, in one phrase (--help and the docs)."""
+    field, how = official.field, official.how
     if isinstance(official.refuse, str):
         return f'refused: {official.refuse}'
-    if official.field and flag == f'--{official.field}':
-        text = 'the same flag' + (f' ({official.how})' if official.how else '')
-    elif official.field:
-        text = f'--{official.field}' + (f': {official.how}' if official.how else '')
+    if field and flag == f'--{field}':
+        text = 'the same flag' + (f' ({how})' if how else '')
     else:
-        text = f'ignored ({official.how})'
+        text = (f'--{field}' + (f': {how}' if how else '')) if field else f'ignored ({how})'
     return text + _refusals(flag, official)
-
 
 def _refusals(flag, official):
     refuse = official.refuse or {}
     return ''.join(f'; {flag}={value} refused: {why}' for value, why in refuse.items())
 
-
 class OfficialAction(argparse.Action):
-    """Applies one OFFICIAL_FLAGS row while parsing: refuse the value, or convert it into our field.
-    The field is written where the flag appears, so of --duration and --kimg the later one wins, as
-    with any repeated flag."""
+    """Refuses the value of an official flag, or converts it into our field where the flag appears
+    (so of --duration and --kimg the later wins)."""
 
     def __init__(self, option_strings, dest, official=None, **kwargs):
         super().__init__(option_strings, dest, **kwargs)
@@ -1230,29 +1093,22 @@ class OfficialAction(argparse.Action):
 
     def __call__(self, parser, namespace, value, option_string=None):
         row = self.official
-        reasons = row.refuse if isinstance(row.refuse, dict) else {}
-        if isinstance(row.refuse, str) or value in reasons:
+        reason = row.refuse if isinstance(row.refuse, str) else (row.refuse or {}).get(value)
+        if reason:
             bare = value is None or value is True and isinstance(row.refuse, str)  # `--flag` alone
             given = option_string if bare else f'{option_string}={value}'
-            reason = row.refuse if isinstance(row.refuse, str) else reasons[value]
             raise UserError(f'{given} (official flag) is not supported: {reason}')
         if not row.field:
             return  # ignored
-        if isinstance(row.convert, dict):
-            if value not in row.convert:
-                accepted = ', '.join(str(v) for v in row.convert)
-                raise UserError(f'{option_string}={value}: the official values taken: {accepted}')
-            value = row.convert[value]
-        elif row.convert is not None:
-            value = row.convert(value)
-        setattr(namespace, row.field, value)
-
+        if isinstance(row.convert, dict) and value not in row.convert:
+            raise UserError(f'{option_string}={value}: the official values taken: '
+                            + ', '.join(map(str, row.convert)))
+        convert = row.convert.get if isinstance(row.convert, dict) else row.convert
+        setattr(namespace, row.field, convert(value) if convert else value)
 
 def field_docs(config_class):
-    """{field: (help group, help text)} from the Config source: the trailing comment of a field is
-    its help; a section comment whose words start with a group title (`# Network (EDM train.py).`)
-    sets the group of the fields below it. Fields above the first section comment are 'run'
-    flags."""
+    """{field: (help group, help text)} from the Config source: a field's trailing comment is its
+    help; a comment line starting with a group title (`# Network (EDM).`) starts that group."""
     docs, group = {}, 'run'
     for cls in reversed(config_class.__mro__[:-1]):  # base classes first, like their fields
         for line in inspect.getsource(cls).splitlines():
@@ -1264,124 +1120,104 @@ def field_docs(config_class):
                 docs[field[1]] = (group, field[2])
     return docs
 
-
-def _flag_type(kind):
-    """A field's annotation (a type, or its name under `from __future__ import annotations`) -> the
-    argparse type."""
-    name = getattr(kind, '__name__', str(kind)).split('|')[0].replace('Optional[', '').strip(' ]')
-    return {'bool': parse_bool, 'int': int, 'float': float}.get(name, str)
-
-
 def add_flag(group, names, type, help, default=None, shown=None, **kwargs):
-    """One flag with a `--name VALUE` metavar (INT, FLOAT, BOOL, STR) whose help ends with its
-    default: `shown`, else `default` ('' and None show as none); a help that already ends in
-    `(default: ...)` or `(required)` is kept. Booleans take --flag, --flag=True, --flag=0."""
+    """One `--name VALUE` flag (INT, FLOAT, BOOL, STR) whose help ends in `(default: ...)` or
+    `(required)`. Booleans take --flag, --flag=True, --flag=0."""
     shown = default if shown is None else shown
     if not re.search(r'\((default: .*|required)\)$', help):
         help += f' (default: {"none" if shown in ("", None) else shown})'
     if type is parse_bool:
-        kwargs.setdefault('nargs', '?')
-        kwargs.setdefault('const', True)
+        kwargs = dict(nargs='?', const=True) | kwargs
     kwargs.setdefault('metavar', {int: 'INT', float: 'FLOAT', parse_bool: 'BOOL'}.get(type, 'STR'))
     return group.add_argument(*names, type=type, help=help.replace('%', '%%'), **kwargs)
-
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (via run_main), instead of usage + message
         raise UserError(message)
 
-
 def make_parser(command, config_class, official_flags=None, fields=None, defaults=None,
                 presets=None, description=''):
-    """The argparse parser of one command: a flag per Config field (or per name in `fields`),
-    grouped and helped from the Config source (field_docs), plus the official flags of
-    `official_flags` beside the fields they set. Flags that are not given stay out of the namespace
-    (argument_default=SUPPRESS), so presets can fill them in. `defaults` overrides the dataclass
-    defaults (e.g. a command's own --batch); --help shows those."""
+    """The parser of one command: a flag per Config field (or per name in `fields`), grouped and
+    helped by field_docs, each official flag beside the field it sets. Flags not given stay out of
+    the namespace (SUPPRESS), so presets can fill them in; `defaults` overrides the dataclass's."""
     script = os.path.basename(__file__)
     parser = _Parser(prog=f'{script} {command}', usage=f'{script} {command} [--flag=value ...]',
                      description=description, allow_abbrev=False, add_help=False,
                      argument_default=argparse.SUPPRESS,
                      formatter_class=lambda prog: argparse.HelpFormatter(prog, width=78))
     groups = {title: parser.add_argument_group(title) for title in GROUP_TITLES}
-    docs, official_flags = field_docs(config_class), dict(official_flags or {})
+    docs, rows = field_docs(config_class), dict(official_flags or {})
     all_fields = {f.name: f for f in dataclasses.fields(config_class)}
     defaults = {name: f.default for name, f in all_fields.items()} | dict(defaults or {})
+
+    def flag_type(field):  # from the annotation, or its text (`from __future__ import annotations`)
+        kind = all_fields[field].type
+        kind = getattr(kind, '__name__', str(kind)).split('|')[0].replace('Optional[', '')
+        return {'bool': parse_bool, 'int': int, 'float': float}.get(kind.strip(' ]'), str)
+
+    def add_official(group, flag, kind, default, **kwargs):
+        add_flag(groups[group], [flag], kind, f'official: {format_official(flag, rows[flag])} '
+                 f'(default: {default})', dest=f'official{flag}', action=OfficialAction,
+                 official=rows.pop(flag), **kwargs)
+
     for name in fields or all_fields:
         group, text = docs.get(name, ('run', name.replace('_', ' ')))
-        kind = _flag_type(all_fields[name].type)
-        # Our own flag (its official row, if any, refuses values), with the official spellings
-        # that need no conversion.
-        own = official_flags.pop(f'--{name}', None)
-        names = [f'--{name}'] + [flag for flag, row in official_flags.items()  # plain aliases:
-                                 if row == Official(name, group=row.group)]  # rows of a field alone
-        for flag in names[1:]:
-            del official_flags[flag]
-        text += f'; official: {", ".join(names[1:])}' if names[1:] else ''
+        # Our flag (its own official row, if any, refuses values) and the plain official aliases.
+        own = rows.pop(f'--{name}', None)
+        aliases = [flag for flag, row in rows.items() if row == Official(name, group=row.group)]
+        text += f'; official: {", ".join(aliases)}' if aliases else ''
         text += _refusals(f'--{name}', own) if own else ''
         action = dict(action=OfficialAction, official=own) if own else {}
-        add_flag(groups[group], names, kind, text, defaults[name], dest=name, **action)
-        # Official flags that set this field through a conversion sit right below it.
-        for flag, row in [(f, r) for f, r in official_flags.items() if r.field == name]:
-            del official_flags[flag]
-            add_flag(groups[group], [flag], row.type or kind,
-                     f'official: {format_official(flag, row)} (default: see --{name})',
-                     dest=f'official{flag}', action=OfficialAction, official=row)
-    # Refused and ignored flags, and those that set a field this command does not show.
-    for flag, row in official_flags.items():
+        add_flag(groups[group], [f'--{name}', *aliases], flag_type(name), text, defaults[name],
+                 dest=name, **action)
+        for flag in aliases:
+            del rows[flag]
+        for flag in [flag for flag, row in rows.items() if row.field == name]:
+            add_official(group, flag, rows[flag].type or flag_type(name), f'see --{name}')
+    for flag, row in list(rows.items()):  # refused, ignored, or setting a field not shown here
         if row.field and row.field not in all_fields:
             raise ValueError(f'OFFICIAL_FLAGS: {flag} sets {row.field}, which Config lacks')
-        kind = row.type or (_flag_type(all_fields[row.field].type) if row.field else str)
+        kind = row.type or (flag_type(row.field) if row.field else str)
         group = docs.get(row.field, (row.group,))[0]
-        add_flag(groups[group if group in groups else 'run'], [flag], kind,
-                 f'official: {format_official(flag, row)} (default: none)', dest=f'official{flag}',
-                 action=OfficialAction, official=row, nargs='?',
-                 const=True if kind is parse_bool else None)
+        add_official(group if group in groups else 'run', flag, kind, 'none', nargs='?',
+                     const=True if kind is parse_bool else None)
     if presets and 'preset' not in all_fields:
         add_flag(groups['run'], ['--preset'], str, 'a recipe that sets defaults: '
                  + ', '.join(presets), '', choices=list(presets), dest='preset')
     groups['run'].add_argument('-h', '--help', action='help', help='show this help and exit')
     return parser
 
-
 def parse_config(command, config_class, argv, official_flags=None, presets=None, fields=None,
                  defaults=None, description=''):
-    """Config from the command line: the dataclass defaults (and `defaults`), under them --preset's
-    values, under those the flags given. Raises UserError for any bad flag, before anything is
-    written."""
+    """Config from the command line: the flags given over --preset's values over `defaults` over
+    the dataclass defaults. Any bad flag raises UserError."""
     parser = make_parser(command, config_class, official_flags, fields, defaults, presets,
                          description)
     given = vars(parser.parse_args(argv))
-    given = {name: value for name, value in given.items() if not name.startswith('official')}
+    given = {k: v for k, v in given.items() if not k.startswith('official')}
     fields = {f.name: f.default for f in dataclasses.fields(config_class)} | dict(defaults or {})
-    names = set(fields)
-    preset = given.get('preset', fields['preset']) if 'preset' in names else given.pop('preset', '')
+    preset = given.get('preset', fields['preset']) if 'preset' in fields \
+        else given.pop('preset', '')
     if preset and preset not in (presets or {}):
         raise UserError(f'--preset must be one of {", ".join(presets or {})}, got {preset!r}')
-    preset_values = {k: v for k, v in (presets or {}).get(preset, {}).items() if k in names}
+    preset_values = {k: v for k, v in (presets or {}).get(preset, {}).items() if k in fields}
     return config_class(**{**dict(defaults or {}), **preset_values, **given})
 
-
 def official_flags_markdown(official_flags):
-    """OFFICIAL_FLAGS ({command: {flag: row}}) as the markdown table of docs/<paper>.md, pasted
-    between the lines `<!-- official-flags:start -->` and `<!-- official-flags:end -->`; a test
-    compares the two."""
+    """OFFICIAL_FLAGS as the table of docs/<paper>.md, between `<!-- official-flags:start -->` and
+    `<!-- official-flags:end -->` (a test compares the two)."""
     lines = ['| command | official flag | here |', '|---|---|---|']
-    for command, rows in official_flags.items():
-        for flag, row in rows.items():
-            text = format_official(flag, row).replace('|', '/')  # a | would end the cell
-            lines.append(f'| {command} | `{flag}` | {text} |')
+    lines += [f'| {command} | `{flag}` | {format_official(flag, row).replace("|", "/")} |'
+              for command, rows in official_flags.items() for flag, row in rows.items()]
     return '\n'.join(lines) + '\n'
 
 
 # --------------------------------------------------------------------------------------------------
 # Processes: torchrun, printing, logging, time
 
-
 def init_distributed(device=''):
-    """(rank, world_size, torch.device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them
-    this is one process. Each process takes the GPU of its LOCAL_RANK; the process group uses nccl
-    on CUDA, gloo on CPU."""
+    """(rank, world_size, torch.device) from torchrun's RANK, WORLD_SIZE, LOCAL_RANK (else one
+    process): the GPU of LOCAL_RANK, and a process group on nccl (CUDA) or gloo (CPU)."""
     rank, local_rank = int(os.environ.get('RANK', '0')), int(os.environ.get('LOCAL_RANK', '0'))
     world = int(os.environ.get('WORLD_SIZE', '1'))
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
@@ -1394,33 +1230,28 @@ def init_distributed(device=''):
         torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     return rank, world, device
 
-
 def get_rank():
-    """This process's rank, before and after the process group exists (torchrun's RANK, else 0)."""
+    """This process's rank, also before the process group exists (torchrun's RANK, else 0)."""
     if torch.distributed.is_initialized():
         return torch.distributed.get_rank()
     return int(os.environ.get('RANK', '0'))
-
 
 def print0(*args, **kwargs):
     """print() on rank 0 only, flushed, so a torchrun log shows each line once and at once."""
     if get_rank() == 0:
         print(*args, **kwargs, flush=True)
 
-
 def broadcast_object(value):
-    """Rank 0's value on every rank (the run folder rank 0 chose, say); with one process, itself."""
-    if not torch.distributed.is_initialized():
-        return value
+    """Rank 0's value on every rank (the run folder rank 0 chose, say)."""
     box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
 
-
 class Logger:
-    """`log(message)`: print0, and, once `log.open(path)` named the run's log.txt, append it there
-    too (lines printed before are written first). Appending keeps the log of the run that is
-    resumed; line buffering makes each line readable at once, even when the process is killed."""
+    """`log(message)`: print0, and after `log.open(path)` also append to the run's log.txt (earlier
+    lines first). Appending keeps a resumed run's log; line buffering survives a kill."""
+    opened = []  # the loggers with an open file (run_main closes them)
 
     def __init__(self):
         self.file, self.pending = None, []
@@ -1429,21 +1260,19 @@ class Logger:
         if get_rank() == 0:
             self.file = open(path, 'a', buffering=1)
             self.file.writelines(self.pending)
+            Logger.opened.append(self)
         self.pending = []
 
     def __call__(self, message):
         if get_rank() == 0:
             print(message, flush=True)
-            if self.file:
-                self.file.write(f'{message}\n')
-            else:
-                self.pending.append(f'{message}\n')
+            (self.file.write if self.file else self.pending.append)(f'{message}\n')
 
     def close(self):
-        if self.file:
+        if self in Logger.opened:
+            Logger.opened.remove(self)
             self.file.close()
             self.file = None
-
 
 def format_time(seconds):
     """42s, 4m05s, 1h02m: the clock of EDM's status line."""
@@ -1452,24 +1281,18 @@ def format_time(seconds):
         return f'{s}s'
     return f'{s // 60}m{s % 60:02d}s' if s < 3600 else f'{s // 3600}h{s // 60 % 60:02d}m'
 
-
 def done_line(nimg, seconds):
-    """The last line of a training run, `done: 2.0 kimg in 1m05s`: what this process trained."""
+    """The last line of a training run: `done: 2.0 kimg in 1m05s` (what this process trained)."""
     return f'done: {nimg / 1000:.1f} kimg in {format_time(seconds)}'
 
 
 # --------------------------------------------------------------------------------------------------
 # Run folder: exclusive creation, lock, resume, the files every run folder holds
 
-# Config fields that may differ between a run and the one that --resume=auto continues: the length
-# of training (kimg), how often it reports and saves (tick, snap, dump, log_interval,
-# save_interval), what it draws for the progress grids (grid, grid_steps, steps), where and how fast
-# it runs without changing its result (outdir, device, workers, cache_dir, compile, bench,
-# batch_gpu: the same global batch in other microbatches), and names kept for logging
-# (experiment_name, expr_id, dry_run, resume). Anything else (data, method flags, seed, precision,
-# batch, lr, ...) defines the experiment: a run with another value is another run and gets a new
-# folder. precision is not here because bf16 and fp32 follow different trajectories; continue a run
-# in another precision with --resume=PATH.
+# Fields that may differ between a run and the one --resume=auto continues: its length, how often
+# it reports, saves and draws grids, where and how fast it runs (batch_gpu: the same global batch
+# in other microbatches), names for logging. All else (data, method flags, seed, batch, lr, and
+# precision, as bf16 and fp32 train differently) defines the experiment: a new folder.
 RESUMABLE_FIELDS = frozenset({
     'kimg', 'tick', 'snap', 'dump', 'log_interval', 'save_interval', 'grid', 'grid_steps', 'steps',
     'outdir', 'device', 'workers', 'cache_dir', 'compile', 'bench', 'batch_gpu',
@@ -1477,10 +1300,8 @@ RESUMABLE_FIELDS = frozenset({
 RUN_NAME = re.compile(r'(\d{5})-.*')
 STATE_NAME = re.compile(r'training-state-(\d+(?:\.\d+)?)\.pt')
 
-
 def check_writable(path, flag):
-    """Refuses (UserError) a folder that cannot be written: a file in its place, or a nearest
-    existing folder that is not writable. Creates nothing, so a refused run leaves no trace."""
+    """UserError unless the nearest existing folder of `path` is writable; creates nothing."""
     existing = os.path.abspath(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -1489,28 +1310,24 @@ def check_writable(path, flag):
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f'{flag}={path}: {existing} is not writable')
 
-
 def open_run_dir(outdir, description):
-    """Creates and returns a new `outdir/NNNNN-description` folder. os.mkdir fails when the name
-    exists, so two runs started at once in one outdir never share a folder: the later one takes the
-    next number."""
+    """Creates a new `outdir/NNNNN-description`. os.mkdir fails on an existing name, so two runs
+    started at once never share a folder: the later one takes the next number."""
     os.makedirs(outdir, exist_ok=True)
-    numbers = [int(m[1]) for m in map(RUN_NAME.fullmatch, os.listdir(outdir)) if m]
-    number = max(numbers, default=-1) + 1
+    number = max([int(m[1]) for m in map(RUN_NAME.fullmatch, os.listdir(outdir)) if m], default=-1)
     while True:
+        number += 1
         run_dir = os.path.join(outdir, f'{number:05d}-{description}')
         try:
             os.mkdir(run_dir)
             return run_dir
         except FileExistsError:
-            number += 1
-
+            pass
 
 class RunLock:
-    """`run.lock` in a run folder, made with O_CREAT | O_EXCL and holding `pid host`: while it
-    exists, a second process refuses the folder with one line naming the holder. A lock whose
-    process is gone (same host, pid dead: a kill -9) is taken over. Released when run_main ends
-    (the command returned, failed or was stopped) and, failing that, at exit (atexit)."""
+    """`run.lock` (O_CREAT | O_EXCL, holding `pid host`): a second process refuses the folder in
+    one line naming the holder, or takes over a dead holder's lock (same host, pid gone: a kill
+    -9). Released when run_main ends, else at exit."""
     held = []  # the locks this process holds
 
     def __init__(self, run_dir):
@@ -1523,10 +1340,9 @@ class RunLock:
             except FileExistsError:
                 holder = self.holder()
                 if not holder or not self.dead(holder):
-                    raise UserError(f'{run_dir} is in use by process {holder or "?"} '
-                                    f'({self.path}); wait for it, or delete that file if it is gone'
-                                    ) from None
-                os.remove(self.path)  # the dead run's lock
+                    raise UserError(f'{run_dir} is in use by process {holder or "?"} ({self.path});'
+                                    ' wait for it, or delete that file if it is gone') from None
+                os.remove(self.path)
         else:
             raise UserError(f'cannot take {self.path}: another process took it at the same time')
         with os.fdopen(fd, 'w') as file:
@@ -1549,11 +1365,9 @@ class RunLock:
             return False
         try:
             os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:  # alive, owned by another user
             return False
-        return False
+        except OSError as error:  # PermissionError: alive, owned by another user
+            return isinstance(error, ProcessLookupError)
 
     def release(self):
         if self in RunLock.held:
@@ -1561,40 +1375,26 @@ class RunLock:
             if self.holder() == self.owner:
                 os.remove(self.path)
 
+    close = release
+
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.release()
 
-
 def latest_training_state(run_dir):
     """The training-state-<kimg>.pt of run_dir with the most kimg, or None (*.tmp never counts)."""
     found = [(float(m[1]), m[0]) for m in map(STATE_NAME.fullmatch, os.listdir(run_dir)) if m]
     return os.path.join(run_dir, max(found)[1]) if found else None
 
-
 def kimg_tag(cur_nimg):
-    """The <kimg> of file names: 000700 (whole kimg, as EDM), or 000000.700 below a whole kimg (CPU
-    runs); both sort and parse (latest_training_state) the same way."""
+    """<kimg> of file names: 000700 (whole kimg, as EDM) or 000000.700 (CPU runs); both sort."""
     return f'{cur_nimg // 1000:06d}' if cur_nimg % 1000 == 0 else f'{cur_nimg / 1000:010.3f}'
 
-
-def _saved_config(run_dir):
-    """The "config" of run_dir/config.json, or None (no such file, or one cut short by a kill)."""
-    try:
-        with open(os.path.join(run_dir, 'config.json')) as file:
-            saved = json.load(file)
-    except (OSError, ValueError):
-        return None
-    config = saved.get('config') if isinstance(saved, dict) else None
-    return config if isinstance(config, dict) else None
-
-
 def config_differences(saved, cfg_dict, resumable=RESUMABLE_FIELDS):
-    """'--data=a.npz there, b.npz now, ...': how a saved config differs from cfg_dict outside the
-    resumable fields ('' = not at all). Compared through JSON, as config.json holds them (a tuple
-    is a list there), and a field that one of them lacks differs."""
+    """'--data=a.npz there, b.npz now, ...' outside the resumable fields ('' = none), compared as
+    config.json holds them (JSON: a tuple is a list); a field one of them lacks differs."""
     saved, new = (json.loads(json.dumps(c)) for c in (saved, cfg_dict))
     keys = sorted(k for k in saved.keys() | new.keys() if k not in resumable
                   and saved.get(k, '(absent)') != new.get(k, '(absent)'))
@@ -1602,30 +1402,34 @@ def config_differences(saved, cfg_dict, resumable=RESUMABLE_FIELDS):
                      for k in keys[:3])
     return text + (', ...' if len(keys) > 3 else '')
 
+def _saved_config(run_dir):
+    """The "config" of run_dir/config.json, or None (no such file, or one cut short by a kill)."""
+    try:
+        with open(os.path.join(run_dir, 'config.json')) as file:
+            config = json.load(file).get('config')
+    except (OSError, ValueError, AttributeError):
+        return None
+    return config if isinstance(config, dict) else None
 
 def find_resume(outdir, cfg_dict, resumable=RESUMABLE_FIELDS):
-    """--resume=auto: (run folder, its latest training state, reason) of the newest run in outdir
-    whose config.json equals cfg_dict apart from the `resumable` fields; (None, None, reason) when
-    none does. A matching run without a state yet (killed before its first) comes with state None,
-    to start over in it. The reason is one line for the log: what goes on, or why a new folder."""
-    runs = sorted((m[0] for m in map(RUN_NAME.fullmatch, os.listdir(outdir)) if m), reverse=True) \
+    """--resume=auto: (folder, latest training state, reason) of the newest run in outdir whose
+    config equals cfg_dict outside `resumable` (state None if it has none yet: it starts over), or
+    (None, None, reason). The reason is one line for the log."""
+    runs = sorted(m[0] for m in map(RUN_NAME.fullmatch, os.listdir(outdir)) if m) \
         if os.path.isdir(outdir) else []
     nearest = ''
-    for name in runs:
+    for name in reversed(runs):
         saved = _saved_config(os.path.join(outdir, name))
         if saved is None:
             continue
         differences = config_differences(saved, cfg_dict, resumable)
         if not differences:
             state = latest_training_state(os.path.join(outdir, name))
-            if state is None:
-                return os.path.join(outdir, name), None, \
-                    f'--resume=auto: {name} has no training state yet; starting it over'
-            return os.path.join(outdir, name), state, f'--resume=auto: continuing {state}'
+            return os.path.join(outdir, name), state, f'--resume=auto: continuing {state}' \
+                if state else f'--resume=auto: {name} has no training state yet; starting it over'
         nearest = nearest or f'the newest run {name} differs: {differences}'
     return None, None, f'--resume=auto: nothing to continue ({nearest or "no run yet"}); ' \
         'starting a new run folder'
-
 
 @dataclasses.dataclass
 class Run:
@@ -1634,16 +1438,12 @@ class Run:
     reason: str = ''      # one line for the log: why this folder
     lock: RunLock = None  # the folder's lock (rank 0; None on the other ranks)
 
-
 def open_run(outdir, description, cfg_dict, resume='', log=print0, nosubdir=False,
              resumable=RESUMABLE_FIELDS):
-    """The run folder of a training run, on every rank (rank 0 chooses, the others receive it):
-    - resume='auto': the run that find_resume picks, else a new folder (the log says why);
-    - resume=PATH: a new folder that continues PATH (the run it came from stays as it was);
-    - resume='': a new folder, `outdir/NNNNN-description`.
-    nosubdir: outdir itself, refused when it holds a run that --resume=auto may not continue.
-    Rank 0 locks the folder (RunLock: a folder in use is refused, in one line, before anything is
-    written to it) and removes the temporary files of an interrupted write."""
+    """The Run of a training run, on every rank. Rank 0 chooses: resume='auto': find_resume's run,
+    else a new folder; resume=PATH: a new folder continuing PATH; '': a new folder; nosubdir:
+    outdir itself, refused if it holds a run --resume=auto may not continue. Rank 0 locks it
+    (refused in one line if in use) and removes the *.tmp of an interrupted write."""
     chosen, lock = None, None
     if get_rank() == 0:
         try:
@@ -1655,19 +1455,16 @@ def open_run(outdir, description, cfg_dict, resume='', log=print0, nosubdir=Fals
     if isinstance(chosen, str):
         raise UserError(chosen)
     run = Run(*chosen, lock=lock)
-    if lock:
-        for name in os.listdir(run.dir):  # partial files of an interrupted write
-            if name.endswith('.tmp'):
-                os.remove(os.path.join(run.dir, name))
+    for name in os.listdir(run.dir) if lock else []:
+        if name.endswith('.tmp'):
+            os.remove(os.path.join(run.dir, name))
     if run.reason:
         log(run.reason)
     return run
 
-
 def _choose_run(outdir, description, cfg_dict, resume, nosubdir, resumable):
-    """(run folder, state, reason) for open_run; raises UserError."""
     explicit = resume if resume not in ('', 'auto') else None
-    if nosubdir:  # a folder that holds one run
+    if nosubdir:
         saved = _saved_config(outdir)
         if saved is not None and resume != 'auto':
             raise UserError(f'--nosubdir: {outdir} holds a run already; continue it with '
@@ -1681,50 +1478,40 @@ def _choose_run(outdir, description, cfg_dict, resume, nosubdir, resumable):
         return outdir, state, f'--resume=auto: continuing {state}' if saved and state else ''
     if resume == 'auto':
         run_dir, state, reason = find_resume(outdir, cfg_dict, resumable)
-        if run_dir:
-            return run_dir, state, reason
-        return open_run_dir(outdir, description), None, reason
+        return run_dir or open_run_dir(outdir, description), state, reason
     reason = f'--resume: continuing {explicit} in a new run folder' if explicit else ''
     return open_run_dir(outdir, description), explicit, reason
 
-
 def trim_stats(run_dir, cur_nimg):
-    """On resume, forgets the stats.jsonl lines written after the state (ticks that will be trained
-    again) and a line cut short by a kill, so that the file reads as one uninterrupted run."""
+    """On resume, drops the stats.jsonl lines after the state (to be trained again) and a line
+    cut short by a kill, so that the file reads as one uninterrupted run."""
     path = os.path.join(run_dir, 'stats.jsonl')
-    if get_rank() != 0 or not os.path.exists(path):
-        return
-    with open(path) as file:
-        lines = [line for line in file if line.endswith('\n')]
-    kept = [line for line in lines if json.loads(line).get('kimg', 0) <= cur_nimg / 1000 + 1e-9]
-    nets.write_atomic(path, ''.join(kept).encode())
-
+    if get_rank() == 0 and os.path.exists(path):
+        with open(path) as file:
+            lines = [line for line in file if line.endswith('\n')]
+        kept = [li for li in lines if json.loads(li).get('kimg', 0) <= cur_nimg / 1000 + 1e-9]
+        nets.write_atomic(path, ''.join(kept).encode())
 
 def resumed_line(state_path, cur_nimg):
-    """The separator in log.txt where a resumed run continues (the earlier lines stay above it)."""
+    """The separator in log.txt where a resumed run continues."""
     return f'---- resumed from {os.path.basename(state_path)} at kimg {cur_nimg / 1000:g} ----'
-
 
 def save_grid(images, path, columns=None):
     """(N, C, H, W) uint8 images (tensor or array) -> one PNG grid, written atomically."""
-    images = torch.as_tensor(images).cpu()
+    images = np.asarray(torch.as_tensor(images).cpu(), dtype=np.uint8)
     n, channels, height, width = images.shape
     columns = columns or max(1, int(np.ceil(np.sqrt(n))))
     rows = -(-n // columns)
-    grid = torch.zeros(rows * columns, channels, height, width, dtype=torch.uint8)
-    grid[:n] = images
-    grid = grid.view(rows, columns, channels, height, width).permute(0, 3, 1, 4, 2)
-    grid = grid.reshape(rows * height, columns * width, channels).numpy()
+    grid = np.concatenate([images, np.zeros((rows * columns - n, *images.shape[1:]), np.uint8)])
+    grid = grid.reshape(rows, columns, channels, height, width).transpose(0, 3, 1, 4, 2)
+    grid = grid.reshape(rows * height, columns * width, channels)
     buffer = io.BytesIO()
     PIL.Image.fromarray(grid[:, :, 0] if channels == 1 else grid).save(buffer, format='png')
     nets.write_atomic(path, buffer.getvalue())
 
-
 def write_run_files(run_dir, cfg_dict, preview_images=None, **facts):
-    """The files every run folder starts with (CONTRACT.md): config.json (the resolved config under
-    "config", with the command line, versions and `facts` such as the network config), source.py
-    (this script as it ran) and data-preview.png (training images as the network sees them,
-    corrupted). Rank 0 only."""
+    """Rank 0: config.json (the config under "config", the command line, versions, `facts`),
+    source.py (this script as it ran), data-preview.png (training images as the net sees them)."""
     if get_rank() != 0:
         return
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
@@ -1736,21 +1523,18 @@ def write_run_files(run_dir, cfg_dict, preview_images=None, **facts):
     if preview_images is not None:
         save_grid(preview_images, os.path.join(run_dir, 'data-preview.png'))
 
-
 def save_training_state(path, state):
     """A dict of tensors and plain values -> path, atomically (a kill keeps the old file)."""
     nets.write_atomic(path, lambda file: torch.save(state, file))
 
-
 def load_training_state(path, flag='--resume'):
-    """A training state written by save_training_state, read with weights_only=True (no code runs
-    from the file); any problem is one line (UserError)."""
+    """A save_training_state file, read with weights_only=True (no code runs); UserError if bad."""
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except FileNotFoundError:
         raise UserError(f'{flag}: no file {path}') from None
     except Exception as error:  # truncated, not a torch file, a pickle of objects: one line
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UserError(f'{flag}: cannot read {path} ({reason})') from None
     if not isinstance(state, dict) or 'cur_nimg' not in state:
         raise UserError(f'{flag}: {path} is not a training state of {os.path.basename(__file__)}')
@@ -1760,25 +1544,17 @@ def load_training_state(path, flag='--resume'):
 # --------------------------------------------------------------------------------------------------
 # Stopping: SIGINT / SIGTERM -> a training state at the next step boundary
 
-
 class StopSignal:
-    """Turns Ctrl-C (SIGINT) and SIGTERM (a cluster's preemption, torchrun's shutdown) into a
-    request that the training loop honours at the next step boundary: save a training state, print
-    one line, exit 128 + signal: 130 for SIGINT, 143 for SIGTERM, the shell's codes for a stopped
-    process, so that `train && eval` does not go on to evaluate a run that did not finish.
-    A second signal, a second or more after the first, exits at once without saving (the next run
-    takes over the lock of the dead process); one within that second is the same Ctrl-C, which
-    torchrun forwards to its workers once more.
-
-    With torchrun, all ranks must stop at the same step, or the others wait for ever in their next
-    all_reduce. check() therefore all_reduces the flag once every `every` steps, the same steps on
-    every rank. That is a host sync, so not every step: a stop comes at most `every` steps late,
-    and torchrun kills its workers 30 s after a signal, so `every` steps and the save must fit in
-    30 s. One process needs no agreement and stops at the very next step."""
+    """Ctrl-C (SIGINT) or SIGTERM (preemption, torchrun's shutdown) -> at the next step boundary:
+    save a training state, one line, exit 128 + signal (130 / 143: the shell's codes for a stopped
+    process, so `train && eval` does not evaluate an unfinished run). A second signal over a second
+    later exits at once without saving (within it, it is the Ctrl-C that torchrun forwards again).
+    All ranks must stop at the same step or the others hang in their next all_reduce: check()
+    all_reduces the flag every `every` steps on every rank (a host sync, so not every step).
+    torchrun kills its workers 30 s after a signal: `every` steps and the save must fit in 30 s."""
 
     def __init__(self, every=10):
-        self.every, self.calls, self.signum, self.first_time = every, 0, None, 0.0
-        self.previous = {}
+        self.every, self.calls, self.signum, self.first_time, self.previous = every, 0, None, 0, {}
         if threading.current_thread() is threading.main_thread():  # else signal() fails
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self.previous[signum] = signal.signal(signum, self._handle)
@@ -1799,7 +1575,7 @@ class StopSignal:
         return self.signum is not None
 
     def check(self):
-        """Call once per step on every rank: True when the run should stop now (all ranks agree)."""
+        """Once per step on every rank: True when the run should stop now (all ranks agree)."""
         self.calls += 1
         if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
             return self.requested
@@ -1807,19 +1583,16 @@ class StopSignal:
             return False
         backend = torch.distributed.get_backend()
         flag = torch.tensor([self.signum or 0], device='cuda' if backend == 'nccl' else 'cpu')
-        # The host sync, once every `every` steps.
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # the host sync
         self.signum = int(flag.item()) or None
         return self.requested
 
     def exit(self, log, state_path, cur_nimg):
-        """The one line, then exit 128 + signal (the lock is released by atexit)."""
-        name = signal.Signals(self.signum).name
-        log(f'stopped by {name} at kimg {cur_nimg / 1000:g}: state saved to {state_path}; '
-            f'continue with --resume=auto')
-        code = 128 + self.signum
+        """The one line, then exit 128 + signal (run_main or atexit releases the lock)."""
+        log(f'stopped by {signal.Signals(self.signum).name} at kimg {cur_nimg / 1000:g}: state '
+            f'saved to {state_path}; continue with --resume=auto')
         self.close()
-        sys.exit(code)
+        sys.exit(128 + self.signum)
 
     def close(self):
         for signum, handler in self.previous.items():
@@ -1832,16 +1605,14 @@ class StopSignal:
     def __exit__(self, *exc):
         self.close()
 
+# ==== END canonical block v3 ======================================================================
 
-# ==== END canonical block v2 ======================================================================
 
-
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Data: images, labels, captions; the training rows and the latent cache.
 
 def center_crop_arr(image, size):
-    """ADM / DiT preprocessing: halve with BOX while large, resize the short side to `size`
-    (BICUBIC), crop."""
+    """ADM / DiT center crop: halve with BOX while large, resize the short side (BICUBIC), crop."""
     while min(*image.size) >= 2 * size:
         image = image.resize(tuple(x // 2 for x in image.size), resample=PIL.Image.BOX)
     scale = size / min(*image.size)
@@ -1851,92 +1622,81 @@ def center_crop_arr(image, size):
     return array[top:top + size, left:left + size]
 
 
-
-
 class ImageDataset:
-    """Images as uint8 (H, W, 3) from fid.ImageSource (a folder, an EDM-style zip, an .npz or
-    'cifar10'), with its labels, and captions: --captions, else captions.txt in the folder / zip,
-    else `captions` of the .npz; one per image, in the sorted order of the image names. --resolution
-    applies the ADM center crop."""
+    """uint8 images of fid.ImageSource (folder, EDM zip, .npz, cifar10) with its labels, and one
+    caption per image (sorted image order): --captions, else captions.txt in the folder / zip, else
+    `captions` of the .npz. --resolution applies the ADM center crop."""
 
     def __init__(self, path, resolution, cache_dir, captions_path=''):
         try:
-            self.source = fid.ImageSource(path, cache_dir=cache_dir or None)
-            captions = self._captions(path, captions_path)
+            self.source = source = fid.ImageSource(path, cache_dir=cache_dir or None)
+            self.captions = None
+            if captions_path:
+                require(os.path.isfile(captions_path), f'--captions file not found: {captions_path}')
+                with open(captions_path, encoding='utf-8') as file:
+                    self.captions = file.read().splitlines()
+            elif path.endswith('.npz') and os.path.isfile(path):
+                found = fid.read_npz(path, ['captions'], optional=('captions',)).get('captions')
+                self.captions = None if found is None else [str(c) for c in found.tolist()]
+            elif source.zip is not None or os.path.isdir(path):
+                with contextlib.suppress(KeyError, FileNotFoundError):
+                    self.captions = source.read_file('captions.txt').decode('utf-8').splitlines()
         except FileNotFoundError as error:
             raise UserError(f'--data not found: {error}') from None
         except ValueError as error:
             raise UserError(f'--data={path}: {error}') from None
-        self.path, self.resolution, self.captions = path, resolution, captions
-        self.labels, self.names = self.source.labels, self.source.names
-        self.num_classes = len(self.source.class_names) if self.source.class_names else None
-
-    def _captions(self, path, captions_path):
-        if captions_path:
-            if not os.path.isfile(captions_path):
-                raise UserError(f'--captions file not found: {captions_path}')
-            with open(captions_path, encoding='utf-8') as file:
-                return file.read().splitlines()
-        if path.endswith('.npz') and os.path.isfile(path):
-            captions = fid.read_npz(path, optional=('captions',), keys=['captions']).get('captions')
-            return None if captions is None else [str(caption) for caption in captions.tolist()]
-        if self.source.zip is not None or os.path.isdir(path):
-            try:
-                return self.source.read_file('captions.txt').decode('utf-8').splitlines()
-            except (KeyError, FileNotFoundError):
-                return None
-        return None
+        self.resolution, self.labels, self.names = resolution, source.labels, source.names
+        self.num_classes = len(source.class_names) if source.class_names else None
 
     def __len__(self):
         return len(self.source)
 
     def read(self, index):
-        """One image as uint8 (H, W, 3), center-cropped to --resolution when given."""
+        """One image as uint8 (H, W, 3)."""
         try:
             image = self.source[index].transpose(1, 2, 0)
         except ValueError as error:
             raise UserError(str(error)) from None
-        return center_crop_arr(PIL.Image.fromarray(image), self.resolution) if self.resolution else image
+        return center_crop_arr(PIL.Image.fromarray(image), self.resolution) \
+            if self.resolution else image
 
     def read_many(self, indices, workers):
-        """uint8 (n, 3, H, W); images of different sizes are an error unless --resolution is set."""
-        # PIL decodes outside the GIL: threads overlap the decoding
+        """uint8 (n, 3, H, W), decoded by threads (PIL releases the GIL); one size for all."""
         with ThreadPoolExecutor(workers) as pool:
             images = list(pool.map(self.read, indices))
-        # One size for all, so that the images stack into one array.
         for index, image in zip(indices, images):
             if image.shape != images[0].shape:
-                raise UserError(f'image {self.names[index]} is {image.shape[1]}x{image.shape[0]}, not '
-                                f'{images[0].shape[1]}x{images[0].shape[0]}; set --resolution to crop all images')
+                raise UserError(f'image {self.names[index]} is {image.shape[1]}x{image.shape[0]}, '
+                                f'not {images[0].shape[1]}x{images[0].shape[0]}; set --resolution '
+                                'to crop all images')
         return np.stack(images).transpose(0, 3, 1, 2)
 
 
 def load_conditions(cfg, dataset):
     """Check the labels or captions -> (num_classes, clean conditions: int64 (N,) labels or (N, 77)
-    tokens)."""
+    tokens). The class count: --num_classes, the class folders or `classes` of the .npz, else 1 +
+    the largest label (at most the image count); every label must fit the embedding table."""
     n, text = len(dataset), cfg.cond == 'text'
     given = dataset.captions if text else dataset.labels
-    if given is None or len(given) != n:
-        where = 'captions.txt or --captions' if text else 'dataset.json, class folders or y in the .npz'
-        raise UserError(f'--cond={cfg.cond} needs one {"caption" if text else "label"} per image ({n}) in {where}; '
-                        f'found {0 if given is None else len(given)}')
+    where = 'captions.txt or --captions' if text else 'dataset.json, class folders or y in the .npz'
+    require(given is not None and len(given) == n,
+            f'--cond={cfg.cond} needs one {"caption" if text else "label"} per image ({n}) in '
+            f'{where}; found {0 if given is None else len(given)}')
     if text:
-        return 0, tokenize(dataset.captions)
-    # Labels must fit the embedding table (num_classes rows plus the null class): the count comes
-    # from the flag, the class folders or the .npz's `classes`, else 1 + the largest label, which
-    # may not exceed the image count.
-    num_classes = cfg.num_classes or dataset.num_classes or int(dataset.labels.max()) + 1
-    where = '--num_classes' if cfg.num_classes else 'the data' if dataset.num_classes else '1 + the largest label'
-    bad = (dataset.labels < 0) | (dataset.labels >= num_classes)
+        return 0, nets.byte_tokens(dataset.captions, TEXT_LENGTH)
+    labels = dataset.labels
+    num_classes = cfg.num_classes or dataset.num_classes or int(labels.max()) + 1
+    where = '--num_classes' if cfg.num_classes else \
+        'the data' if dataset.num_classes else '1 + the largest label'
+    bad = (labels < 0) | (labels >= num_classes)
     if bad.any():
-        raise UserError(f'label {dataset.labels[bad][0]} of image #{bad.argmax()} in {cfg.data} is outside '
+        raise UserError(f'label {labels[bad][0]} of image #{bad.argmax()} in {cfg.data} is outside '
                         f'[0, {num_classes}) ({num_classes} classes from {where})')
-    if not cfg.num_classes and num_classes > n:
-        raise UserError(f'the labels of {cfg.data} reach {num_classes - 1}, more classes than its {n} images: '
-                        f'pass --num_classes if that is meant')
-    if cfg.corruption_classes and max(map(int, cfg.corruption_classes.split(','))) >= num_classes:
-        raise UserError(f'--corruption_classes must lie in [0, {num_classes})')
-    return num_classes, torch.from_numpy(dataset.labels)
+    require(cfg.num_classes or num_classes <= n, f'the labels of {cfg.data} reach {num_classes - 1}'
+            f', more classes than its {n} images: pass --num_classes if that is meant')
+    require(not cfg.corruption_classes or max(map(int, cfg.corruption_classes.split(',')))
+            < num_classes, f'--corruption_classes must lie in [0, {num_classes})')
+    return num_classes, torch.from_numpy(labels)
 
 
 def corrupt_conditions(cfg, clean):
@@ -1945,63 +1705,59 @@ def corrupt_conditions(cfg, clean):
     generator = torch.Generator().manual_seed(cfg.seed)
     if cfg.cond == 'text':
         return swap_captions(len(clean), cfg.corruption_ratio, generator)
-    classes = torch.tensor([int(c) for c in cfg.corruption_classes.split(',')]) if cfg.corruption_classes else None
+    classes = torch.tensor([int(c) for c in cfg.corruption_classes.split(',')]) \
+        if cfg.corruption_classes else None
     try:
         return corrupt_labels(clean, cfg.corruption_ratio, generator, classes)
     except ValueError as error:
         raise UserError(str(error))
 
 
-def training_rows(cfg, dataset, vae, cache_dir, batch_gpu, rank, world_size, device):
-    """What the steps read: uint8 images (N, 3, H, W), or the VAE posterior moments (N, views, 2C,
-    h, w) cached once per data set, VAE and flags. Returns (rows, the (C, H, W) shape the network
-    sees)."""
+@torch.no_grad()
+def training_rows(cfg, dataset, vae, cache_dir, batch, rank, world_size, device):
+    """What the steps read: uint8 images (N, 3, H, W), or the VAE posterior moments (mean, logvar)
+    of every image (and of its mirror when xflip) as float16 (N, 1 or 2, 2C, h, w), cached once per
+    data set, VAE and flags in an .npy file: sampling z = mean + exp(logvar / 2) n afresh at every
+    step keeps DiT's latent_dist.sample() while epochs after the first skip the encoder. Returns
+    (rows, the (C, H, W) shape the network sees)."""
     if vae is None:
-        rows = dataset.read_many(range(len(dataset)), cfg.workers)          # (N, 3, H, W) uint8
-        shape = rows.shape[1:]
-    else:
-        names = dataset.names if isinstance(dataset.names, list) else None  # arrays: a range
-        key = json.dumps([os.path.abspath(cfg.data), len(dataset), names, cfg.resolution, cfg.vae, cfg.xflip])
-        path = os.path.join(cache_dir, f'latents-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy')
-        if rank == 0:
-            print(f'Latent cache: {path}', flush=True)
-        rows = cache_latents(dataset, vae, path, cfg.xflip, batch_gpu, device, rank, world_size,
-                             cfg.workers)
-        # (C, h, w) of the latents
-        shape = (rows.shape[2] // 2,) + rows.shape[3:]
-    if shape[1] != shape[2]:
-        raise UserError(f'images must be square, got {shape[2]}x{shape[1]}; set --resolution')
-    return rows, tuple(shape)
+        rows = dataset.read_many(range(len(dataset)), cfg.workers)
+        require(rows.shape[2] == rows.shape[3],
+                f'images must be square, got {rows.shape[3]}x{rows.shape[2]}; set --resolution')
+        return rows, tuple(rows.shape[1:])
+    names = dataset.names if isinstance(dataset.names, list) else None  # arrays: a range
+    key = json.dumps([os.path.abspath(cfg.data), len(dataset), names, cfg.resolution, cfg.vae,
+                      cfg.xflip])
+    path = os.path.join(cache_dir, f'latents-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy')
+    print0(f'Latent cache: {path}')
+    rows = cache_latents(dataset, vae, path, cfg.xflip, batch, device, rank, world_size,
+                         cfg.workers)
+    require(rows.shape[3] == rows.shape[4],
+            f'images must be square, got {rows.shape[4]}x{rows.shape[3]}; set --resolution')
+    return rows, (rows.shape[2] // 2,) + rows.shape[3:]
 
 
 @torch.no_grad()
 def cache_latents(dataset, vae, path, xflip, batch, device, rank, world_size, workers):
-    """Store the posterior moments (mean, logvar) of every image, and of its mirror image when
-    xflip, as float16 (N, 1 or 2, 2C, h, w) in an .npy file. Sampling z = mean + exp(logvar / 2) n
-    afresh at every step keeps the on-the-fly DiT recipe (latent_dist.sample()) while epochs after
-    the first skip the encoder."""
+    """The latent cache of training_rows: rank 0 creates the file, every rank encodes its strided
+    share of chunks, rank 0 publishes it under its final name."""
     if os.path.isfile(path):
         return np.load(path, mmap_mode='r')
-    # Latent shape from one image; rank 0 creates the temporary file that every rank fills.
-    views = 2 if xflip else 1
+    views, temp = 2 if xflip else 1, f'{path}.tmp'
     probe = torch.from_numpy(dataset.read_many([0], workers)).to(device)
     channels, height, width = vae.encode_moments(probe.float() / 127.5 - 1)[0].shape[1:]
-    temp = f'{path}.tmp'
     if rank == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         np.lib.format.open_memmap(temp, 'w+', np.float16,
                                   (len(dataset), views, 2 * channels, height, width)).flush()
     barrier()
-
-    # Encode each rank's share in chunks, then publish the file under its final name (atomic).
     store = np.load(temp, mmap_mode='r+')
-    # each rank its strided share of chunks
     for start in range(rank * batch, len(dataset), world_size * batch):
         indices = list(range(start, min(start + batch, len(dataset))))
         x = torch.from_numpy(dataset.read_many(indices, workers)).to(device).float() / 127.5 - 1
         for view in range(views):
             mean, logvar = vae.encode_moments(x.flip(3) if view else x)
-            store[indices[0]:indices[-1] + 1, view] = torch.cat([mean, logvar], 1).half().cpu().numpy()
+            store[start:indices[-1] + 1, view] = torch.cat([mean, logvar], 1).half().cpu().numpy()
     store.flush()
     barrier()
     if rank == 0:
@@ -2010,32 +1766,26 @@ def cache_latents(dataset, vae, path, xflip, batch, device, rank, world_size, wo
     return np.load(path, mmap_mode='r')
 
 
-class RowServer:
-    """Rows of a big array by index: from a device tensor when the array fits in 30% of the GPU (or
-    on a CPU), else gathered from host memory (or the memory-mapped cache) and copied from pinned
-    memory."""
-
-    def __init__(self, array, device):
-        budget = torch.cuda.get_device_properties(device).total_memory * 0.3 if device.type == 'cuda' else math.inf
-        self.device, self.on_device = device, array.nbytes <= budget
-        self.data = torch.from_numpy(np.array(array)).to(device) if self.on_device else array
-
-    def get(self, index, index_device):
-        """index: int64 numpy (B,) for the host path, index_device: the same on the device."""
-        if self.on_device:
-            return self.data[index_device]
-        return to_device(torch.from_numpy(self.data[np.asarray(index)]), self.device)
+def row_reader(array, device):
+    """read(index: int64 numpy (B,), the same on the device) -> rows of a big array: from a device
+    tensor when it fits in 30% of the GPU (or on a CPU), else from host memory (or the memory-mapped
+    cache) via pinned memory."""
+    if device.type != 'cuda' or array.nbytes <= 0.3 * torch.cuda.get_device_properties(
+            device).total_memory:
+        data = torch.from_numpy(np.array(array)).to(device)
+        return lambda index, index_device: data[index_device]
+    return lambda index, index_device: to_device(torch.from_numpy(array[index]), device)
 
 
 def data_order(seed, cur_nimg, batch, n, cache):
-    """Dataset indices of the global batch starting at image cur_nimg: one seeded permutation per
-    epoch."""
+    """Dataset indices of the global batch from image cur_nimg: a seeded permutation per epoch."""
     position = np.arange(cur_nimg, cur_nimg + batch)
     index = np.empty(batch, dtype=np.int64)
     for epoch in np.unique(position // n):
         if epoch not in cache:
             cache.clear()
-            cache[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + int(epoch)))
+            generator = torch.Generator().manual_seed(seed * 1000003 + int(epoch))
+            cache[epoch] = torch.randperm(n, generator=generator)
         mask = position // n == epoch
         index[mask] = cache[epoch].numpy()[position[mask] % n]
     return index
@@ -2046,50 +1796,15 @@ def to_device(tensor, device):
     return tensor.pin_memory().to(device, non_blocking=True) if device.type == 'cuda' else tensor
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Run folder, resume, training states, progress.
-
-def tick_record(s, cur_nimg, total_nimg, tick_nimg, tick_seconds, total_seconds, lr, gpumem):
-    """The tick's summed stats s (loss sum, count, 4 t-bins (sum, count), corrupted, dropped; see
-    the loop) -> (the stats.jsonl record, the progress line)."""
-    kimg = tick_nimg / 1000
-    record = dict(kimg=round(cur_nimg / 1000, 3), time=round(total_seconds, 1),
-                  sec_per_kimg=round(tick_seconds / kimg, 3), img_per_sec=round(tick_nimg / tick_seconds, 1),
-                  gpumem_gb=round(gpumem, 2), loss=s[0] / s[1], lr=lr,
-                  # t in [0, 250), ..., [750, 1000)
-                  loss_by_t=[s[2 + k] / max(s[6 + k], 1) for k in range(4)],
-                  corrupted_rate=s[10] / max(s[1] - s[11], 1), null_rate=s[11] / s[1])
-    eta_seconds = tick_seconds / kimg * max(total_nimg - cur_nimg, 0) / 1000
-    line = (f'kimg {record["kimg"]:.1f} | time {format_time(total_seconds)} | sec/kimg {tick_seconds / kimg:.2f} | '
-            f'ETA {format_time(eta_seconds)} | loss {record["loss"]:.4f} | lr {lr:.1e} | img/s '
-            f'{record["img_per_sec"]:.0f} | gpumem {gpumem:.1f}G | corrupted {record["corrupted_rate"]:.3f} | '
-            f'null {record["null_rate"]:.3f} | loss by t ' + ' '.join(f'{v:.3f}' for v in record['loss_by_t']))
-    return record, line
-
-
-def gather_rng_states(device, world_size):
-    """The (CPU, CUDA) generator states of every rank, for the training state."""
-    rng = [(torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == 'cuda' else None)] * world_size
+def barrier():
     if dist.is_initialized():
-        dist.all_gather_object(rng, rng[0])
-    return rng
+        dist.barrier()
 
+
+# --------------------------------------------------------------------------------------------------
+# Run folder, network set-up, resume, training states, progress.
 
 STATE_KEYS = ('net', 'ema', 'optimizer', 'cur_nimg', 'rng')
-
-
-def restore_training_state(state, net, ema, optimizer, rank, world_size, device):
-    """Weights, optimizer and this rank's RNG states (dropout draws from them) from a training state
-    -> cur_nimg. The data order and the step noise need no state: they follow from (--seed,
-    cur_nimg)."""
-    net.load_state_dict(state['net'])
-    ema.load_state_dict(state['ema'])
-    optimizer.load_state_dict(state['optimizer'])
-    if len(state['rng']) == world_size:  # another GPU count continues with fresh global generators
-        torch.set_rng_state(state['rng'][rank][0])
-        if device.type == 'cuda':
-            torch.cuda.set_rng_state(state['rng'][rank][1], device)
-    return state['cur_nimg']
 
 
 def training_spec(cfg, num_classes, shape, vae):
@@ -2103,38 +1818,61 @@ def training_spec(cfg, num_classes, shape, vae):
 
 
 def new_network(cfg, spec):
-    """The freshly initialised Denoiser (seeded by --seed), or the weights of --transfer."""
+    """The Denoiser initialised from --seed, or with the weights of --transfer (a facebookresearch/DiT
+    .pt or our snapshot; a diffusers DiT computes another function), which must match in every
+    tensor name and shape."""
     torch.manual_seed(cfg.seed)
     try:
         net = build_network(spec)
     except ValueError as error:  # e.g. a DiT patch size that does not divide the image
         raise UserError(str(error))
-    # start from released or earlier weights (a facebookresearch/DiT .pt or our snapshot)
-    if cfg.transfer:
-        transfer_weights(net, spec, cfg.transfer)
+    if not cfg.transfer:
+        return net
+    require(os.path.isfile(cfg.transfer), f'--transfer={cfg.transfer}: not a file; --transfer takes '
+            'a facebookresearch/DiT .pt or a snapshot of this script (diffusers pipelines sample '
+            'through generate / eval / walk only)')
+    source, theirs_spec, _ = load_network(cfg.transfer, 'cpu')
+    mine, theirs = net.state_dict(), source.state_dict()
+    wrong = [key for key in mine if key not in theirs or theirs[key].shape != mine[key].shape]
+    require(not wrong and len(theirs) == len(mine),
+            f'--transfer={cfg.transfer} ({theirs_spec["arch"]}, {theirs_spec["num_classes"]} '
+            f'classes, latents {tuple(theirs_spec["shape"])}) does not fit --arch={spec["arch"]} '
+            f'with {spec["num_classes"]} classes on {tuple(spec["shape"])} data: '
+            f'{wrong[0] if wrong else "an extra tensor"} differs')
+    net.load_state_dict(theirs)
     return net
 
 
 def open_training_run(cfg, log):
-    """open_run (folder, lock, state to resume) with this script's folder name; log.txt opened."""
-    run = open_run(cfg.outdir, run_description(cfg), dataclasses.asdict(cfg), cfg.resume, log)
+    """open_run (folder NNNNN-<data>-<arch>-..., lock, state to resume); log.txt opened."""
+    name = os.path.splitext(os.path.basename(cfg.data.rstrip('/')))[0]
+    description = f'{name}-{cfg.arch.replace("/", "")}-{cfg.cond}-eta{cfg.corruption_ratio:g}-' \
+        f'cep{cfg.cep}-batch{cfg.batch}'
+    run = open_run(cfg.outdir, description, dataclasses.asdict(cfg), cfg.resume, log)
     log.open(os.path.join(run.dir, 'log.txt'))
     return run
 
 
-def run_description(cfg):
-    """The NNNNN-<description> of the run folder."""
-    name = os.path.splitext(os.path.basename(cfg.data.rstrip('/')))[0]
-    return f'{name}-{cfg.arch.replace("/", "")}-{cfg.cond}-eta{cfg.corruption_ratio:g}-cep{cfg.cep}-batch{cfg.batch}'
+def restore_training_state(state, net, ema, optimizer, rank, world_size, device):
+    """Weights, optimizer and this rank's RNG states (dropout draws from them) -> cur_nimg. The data
+    order and the step noise need no state: they follow from (--seed, cur_nimg)."""
+    net.load_state_dict(state['net'])
+    ema.load_state_dict(state['ema'])
+    optimizer.load_state_dict(state['optimizer'])
+    if len(state['rng']) == world_size:  # another GPU count continues with fresh generators
+        torch.set_rng_state(state['rng'][rank][0])
+        if device.type == 'cuda':
+            torch.cuda.set_rng_state(state['rng'][rank][1], device)
+    return state['cur_nimg']
 
 
 def keep_conditions(run, source, corrupted, cfg, saved_config, n, log):
-    """A resumed run keeps the conditions saved with it (conditions.npz beside its training state), so
-    a change in the corruption code never changes a run halfway; they are taken only from a state of
-    the same data, seed and corruption (--resume=PATH may name another run). A new run saves its own.
-    Returns (source, corrupted)."""
-    folder = os.path.dirname(run.state) if run.state else run.dir
-    saved_path = os.path.join(folder, 'conditions.npz')
+    """A resumed run keeps the conditions saved with it (conditions.npz beside its state), so a
+    change in the corruption code never changes a run halfway; only from a state of the same data,
+    seed and corruption (--resume=PATH may name another run). A new run saves its own. Returns
+    (source, corrupted)."""
+    saved_path = os.path.join(os.path.dirname(run.state) if run.state else run.dir,
+                              'conditions.npz')
     same = isinstance(saved_config, dict) and all(
         saved_config.get(key) == getattr(cfg, key)
         for key in ('data', 'cond', 'captions', 'seed', 'corruption_ratio', 'corruption_classes'))
@@ -2144,11 +1882,12 @@ def keep_conditions(run, source, corrupted, cfg, saved_config, n, log):
         except ValueError as error:
             raise UserError(str(error)) from None
         if len(saved['source']) == n:
-            source, corrupted = torch.from_numpy(saved['source']), torch.from_numpy(saved['corrupted'])
+            source, corrupted = (torch.from_numpy(saved[k]) for k in ('source', 'corrupted'))
         else:
             log(f'note: {saved_path} holds {len(saved["source"])} conditions, not {n}: not used')
     elif run.state:
-        log(f'note: {run.state} comes from other data or corruption flags: its conditions are not used')
+        log(f'note: {run.state} comes from other data or corruption flags: its conditions are not '
+            'used')
     if get_rank() == 0:
         buffer = io.BytesIO()
         np.savez(buffer, source=source.numpy(), corrupted=corrupted.numpy())
@@ -2156,17 +1895,26 @@ def keep_conditions(run, source, corrupted, cfg, saved_config, n, log):
     return source, corrupted
 
 
-def report_tick(run_dir, log, stats, cur_nimg, total_nimg, tick_start_nimg, tick_start_time,
-                start_time, lr, device):
-    """The tick's progress line (log.txt) and record (stats.jsonl, rank 0); resets the summed stats.
-    """
+def report_tick(run_dir, log, s, cur_nimg, total_nimg, tick_nimg, tick_seconds, total_seconds, lr,
+                device):
+    """The tick's progress line (log.txt) and record (stats.jsonl, rank 0) from the summed stats s
+    (loss sum, count, 4 t-bins (sum, count), corrupted, dropped; see the loop), then reset them."""
     if dist.is_initialized():
-        dist.all_reduce(stats)
+        dist.all_reduce(s)
     gpumem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else 0
-    record, line = tick_record(stats.tolist(), cur_nimg, total_nimg, cur_nimg - tick_start_nimg,  # host sync
-                               time.time() - tick_start_time, time.time() - start_time, lr, gpumem)
-    stats.zero_()
-    log(line)
+    kimg, v = tick_nimg / 1000, s.tolist()  # host sync
+    s.zero_()
+    record = dict(kimg=round(cur_nimg / 1000, 3), time=round(total_seconds, 1),
+                  sec_per_kimg=round(tick_seconds / kimg, 3),
+                  img_per_sec=round(tick_nimg / tick_seconds, 1), gpumem_gb=round(gpumem, 2),
+                  loss=v[0] / v[1], lr=lr, loss_by_t=[v[2 + k] / max(v[6 + k], 1) for k in range(4)],
+                  corrupted_rate=v[10] / max(v[1] - v[11], 1), null_rate=v[11] / v[1])
+    eta_seconds = tick_seconds / kimg * max(total_nimg - cur_nimg, 0) / 1000
+    log(f'kimg {record["kimg"]:.1f} | time {format_time(total_seconds)} | sec/kimg '
+        f'{tick_seconds / kimg:.2f} | ETA {format_time(eta_seconds)} | loss {record["loss"]:.4f} | '
+        f'lr {lr:.1e} | img/s {record["img_per_sec"]:.0f} | gpumem {gpumem:.1f}G | corrupted '
+        f'{record["corrupted_rate"]:.3f} | null {record["null_rate"]:.3f} | loss by t '
+        + ' '.join(f'{x:.3f}' for x in record['loss_by_t']))
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     if get_rank() == 0:
@@ -2174,9 +1922,9 @@ def report_tick(run_dir, log, stats, cur_nimg, total_nimg, tick_start_nimg, tick
             file.write(json.dumps(record) + '\n')
 
 
-def save_snapshot(run_dir, cur_nimg, ema, spec, vae, grid_noise, grid_y, cfg, rank):
+def save_snapshot(run_dir, cur_nimg, ema, spec, vae, grid_noise, grid_y, cfg):
     """samples-<kimg>.png from the EMA network and network-snapshot-<kimg>.pt (rank 0)."""
-    if rank == 0:
+    if get_rank() == 0:
         tag = kimg_tag(cur_nimg)
         save_grid(sample_images(ema, spec, vae, grid_noise, grid_y, cfg),
                   os.path.join(run_dir, f'samples-{tag}.png'), math.ceil(math.sqrt(cfg.grid)))
@@ -2187,15 +1935,17 @@ def save_snapshot(run_dir, cur_nimg, ema, spec, vae, grid_noise, grid_y, cfg, ra
 def save_state(run_dir, cur_nimg, net, ema, optimizer, spec, cfg, world_size, device):
     """training-state-<kimg>.pt with the RNG states of every rank (every rank calls this), then
     remove the older states: resuming needs only the newest. Returns its path."""
-    rng = gather_rng_states(device, world_size)
+    rng = [(torch.get_rng_state(), torch.cuda.get_rng_state(device)
+            if device.type == 'cuda' else None)] * world_size
+    if dist.is_initialized():
+        dist.all_gather_object(rng, rng[0])
     path = os.path.join(run_dir, f'training-state-{kimg_tag(cur_nimg)}.pt')
     if get_rank() == 0:
         old = [name for name in os.listdir(run_dir) if STATE_NAME.fullmatch(name)]
-        save_pt(dict(net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(), cur_nimg=cur_nimg,
-                     rng=rng, spec=spec, config=dataclasses.asdict(cfg)), path)
-        for name in old:
-            if name != os.path.basename(path):
-                os.remove(os.path.join(run_dir, name))
+        save_pt(dict(net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
+                     cur_nimg=cur_nimg, rng=rng, spec=spec, config=dataclasses.asdict(cfg)), path)
+        for name in set(old) - {os.path.basename(path)}:
+            os.remove(os.path.join(run_dir, name))
     barrier()
     return path
 
@@ -2210,38 +1960,8 @@ def save_pt(obj, path):
                       path) from None
 
 
-
-def transfer_weights(net, spec, path):
-    """Load the weights of --transfer into the freshly built network; every tensor must match in
-    name and shape."""
-    # a diffusers DiT computes another function (timestep frequencies, norm eps)
-    if not os.path.isfile(path):
-        raise UserError(f'--transfer={path}: not a file; --transfer takes a facebookresearch/DiT .pt or a snapshot '
-                        'of this script (diffusers pipelines sample through generate / eval / walk only)')
-    source, source_spec = load_network(path, 'cpu')
-    mine, theirs = net.state_dict(), source.state_dict()
-    wrong = [key for key in mine if key not in theirs or theirs[key].shape != mine[key].shape]
-    if wrong or len(theirs) != len(mine):
-        where = wrong[0] if wrong else 'an extra tensor'
-        raise UserError(f'--transfer={path} ({source_spec["arch"]}, {source_spec["num_classes"]} classes, latents '
-                        f'{tuple(source_spec["shape"])}) does not fit --arch={spec["arch"]} with {spec["num_classes"]} '
-                        f'classes on {tuple(spec["shape"])} data: {where} differs')
-    net.load_state_dict(theirs)
-
-
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Distributed set-up.
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Released files: diffusers pipelines, DiT checkpoints, autoencoders.
+# --------------------------------------------------------------------------------------------------
+# Files: our checkpoints and the autoencoders.
 
 def load_vae(source, device, cache_dir=None):
     """The autoencoder of --vae (nets.load_latent_autoencoder), frozen, on device."""
@@ -2252,49 +1972,21 @@ def load_vae(source, device, cache_dir=None):
     return vae.to(device).eval().requires_grad_(False)
 
 
-def load_checkpoint(path, flag, keys):
-    """One of our .pt files as a dict holding `keys`; a missing, damaged or foreign file is one
-    clear error line."""
+def load_checkpoint(path, flag, keys=()):
+    """One of our .pt files as a dict holding `keys`; else one clear error line."""
     try:
         checkpoint = nets.read_checkpoint(path, flag)
     except ValueError as error:
         raise UserError(str(error))
     missing = [key for key in keys if key not in checkpoint]
-    if missing and 'spec' in checkpoint and 'optimizer' not in checkpoint:
-        raise UserError(f'{flag}={path} is a network snapshot, not a training state (training-state-*.pt)')
-    if missing:
-        raise UserError(f'{flag}={path} was not written by this script (it has no {", ".join(missing)})')
+    require(not missing or 'spec' not in checkpoint or 'optimizer' in checkpoint,
+            f'{flag}={path} is a network snapshot, not a training state (training-state-*.pt)')
+    require(not missing, f'{flag}={path} was not written by this script (it has no '
+            f'{", ".join(missing)})')
     return checkpoint
 
 
-
-
-
-def load_pipeline(source, device, vae=''):
-    """(Denoiser, spec, autoencoder) of a released diffusers pipeline or bare DiT folder, a local
-    folder or a Hub repo id (nets.read_diffusers_model); --vae replaces the pipeline's autoencoder.
-    """
-    try:
-        model = nets.read_diffusers_model(source, load_vae(vae, 'cpu') if vae else None, vae,
-                                          NUM_TIMESTEPS)
-    except (ValueError, OSError) as error:
-        raise UserError(f'--network={source}: {error}')
-    network, tokenizer = model['network'], model['tokenizer']
-    if model['kind'] == 'dit':
-        net = Denoiser(network, None, (network.hidden_size,), null=network.num_classes)
-    elif model['kind'] == 'class':  # LDM's ClassEmbedder: its last row is the null class
-        table = model['class_embedder']
-        encoder = ClassEmbedder(table.num_embeddings - 1, table.embedding_dim)
-        encoder.embedding = table
-        net = Denoiser(network, encoder, (1, table.embedding_dim), null=table.num_embeddings - 1)
-    else:
-        net = Denoiser(network, model['text_encoder'],
-                       (tokenizer.max_length, network.config['context_dim']),
-                       null=tokenizer([''])[0], tokenize=tokenizer)
-    return net.to(device).eval().requires_grad_(False), model['spec'], model['autoencoder'].to(device).eval()
-
-
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The flags of this script: the commands, the official-flag table, the checks.
 
 TITLE = 'Slight Corruption in Pre-training Data Makes Better Diffusion Models (Chen et al., NeurIPS 2024)'
@@ -2303,12 +1995,13 @@ CHOICES = dict(scheduler=('ddim', 'dpm', 'ddpm'), cfg_channels=('all', 'dit'),
                cep=('none', 'uniform', 'gaussian'), beta_schedule=('linear', 'scaled_linear'),
                precision=('', 'fp32', 'bf16'), protocol=('', *fid.PROTOCOLS))
 COMMANDS = {  # the flags of each command beyond the sampler's (train: all of TrainConfig)
-    'generate': ('network', 'vae', 'seeds', 'n_samples', 'class_start_idx', 'class_end_idx', 'image_size', 'outdir',
-                 'batch', 'class_idx', 'prompts', 'seed', 'hub_token', 'precision', 'device'),
-    'eval': ('network', 'vae', 'num', 'ref', 'protocol', 'metrics', 'fid_weights', 'batch', 'class_idx', 'prompts',
-             'hub_token', 'precision', 'device'),
-    'walk': ('network', 'vae', 'classes', 'prompt', 'walk_steps', 'n_samples', 'seed', 'outdir', 'batch',
-             'hub_token', 'precision', 'device'),
+    'generate': ('network', 'vae', 'seeds', 'n_samples', 'class_start_idx', 'class_end_idx',
+                 'image_size', 'outdir', 'batch', 'class_idx', 'prompts', 'seed', 'hub_token',
+                 'precision', 'device'),
+    'eval': ('network', 'vae', 'num', 'ref', 'protocol', 'metrics', 'fid_weights', 'batch',
+             'class_idx', 'prompts', 'hub_token', 'precision', 'device'),
+    'walk': ('network', 'vae', 'classes', 'prompt', 'walk_steps', 'n_samples', 'seed', 'outdir',
+             'batch', 'hub_token', 'precision', 'device'),
 }
 COMMAND_DEFAULTS = {  # the official circular-walk script's own defaults
     'walk': dict(scheduler='dpm', ddim_steps=25, n_samples=5, batch=20),
@@ -2322,25 +2015,29 @@ _SAMPLING = {
     '--outdir': ours('outdir'), '--ddim_steps': ours('ddim_steps'), '--ddim_eta': ours('ddim_eta'),
     '--scheduler': ours('scheduler'), '--scale': ours('scale'), '--seed': ours('seed'),
     '--precision': _PRECISION, '--hub_token': ours('hub_token'),
-    '--fixed_code': ignored('our start codes are always a fixed function of the seed', type=parse_bool,
-                            group='sampling'),
-    '--push_to_hub': refused('uploading to the Hugging Face Hub is not part of sampling; upload --outdir '
-                             'afterwards'),
-    '--class_synset': refused('WordNet synsets need the ImageNet index; use --classes=ID,ID (the official '
-                              'data/index_synset.yaml maps synsets to ids)', group='sampling'),
-    '--f': refused("the downsampling factor is the network's own autoencoder's; drop the flag", group='network'),
+    '--fixed_code': ignored('our start codes are always a fixed function of the seed',
+                            type=parse_bool, group='sampling'),
+    '--push_to_hub': refused('uploading to the Hugging Face Hub is not part of sampling; upload '
+                             '--outdir afterwards'),
+    '--class_synset': refused('WordNet synsets need the ImageNet index; use --classes=ID,ID (the '
+                              'official data/index_synset.yaml maps synsets to ids)',
+                              group='sampling'),
+    '--f': refused("the downsampling factor is the network's own autoencoder's; drop the flag",
+                   group='network'),
 }
 _GENERATE = {
     '--n_samples': ours('n_samples'), '--class_start_idx': ours('class_start_idx'),
     '--class_end_idx': ours('class_end_idx'), '--image_size': ours('image_size'),
-    '--prompt_data': ours('prompts', how='a file, one prompt a line (mscoco / parti: refused for text models)'),
+    '--prompt_data': ours('prompts', how='a file, one prompt a line (mscoco / parti: refused for '
+                          'text models)'),
 }
 _WALK = {
-    '--model_list': ours('network', how='several networks, one row each'), '--n_samples': ours('n_samples'),
-    '--walk_steps': ours('walk_steps'), '--prompt': ours('prompt'),
+    '--model_list': ours('network', how='several networks, one row each'),
+    '--n_samples': ours('n_samples'), '--walk_steps': ours('walk_steps'), '--prompt': ours('prompt'),
 }
 OFFICIAL_FLAGS = {
-    'train': {'--input_pertub': ours('input_perturbation', how="DDPM-IP's spelling of the IP baseline's gamma"),
+    'train': {'--input_pertub': ours('input_perturbation',
+                                     how="DDPM-IP's spelling of the IP baseline's gamma"),
               '--precision': _PRECISION},
     'generate': {**_SAMPLING, **_GENERATE},
     'eval': {flag: row for flag, row in _SAMPLING.items() if flag not in ('--outdir', '--seed')},
@@ -2350,52 +2047,38 @@ MULTI_VALUE_FLAGS = {'--network': ',', '--model_list': ',', '--pretrained_model_
                      '--prompt': '\n'}
 
 
-def train(argv):
-    """`python ldm_labelnoise.py [train] --flag=value ...`: parse, check, then training_loop (or the
-    dry run)."""
-    cfg = parse_config('train', TrainConfig, argv, OFFICIAL_FLAGS['train'], PRESETS)
-    cfg = check_config(cfg, int(os.environ.get('WORLD_SIZE', 1)))
-    if cfg.dry_run:
-        return print_dry_run(cfg)
-    rank, world_size, device = init_distributed(cfg.device)
-    precision = cfg.precision or ('bf16' if device.type == 'cuda' else 'fp32')
-    cfg = dataclasses.replace(cfg, precision=precision)
-    try:
-        return training_loop(cfg, rank, world_size, device)
-    except nets.WeightsNotFoundError as error:
-        raise UserError(str(error)) from None
-
-
-def sample_command(command, argv):
-    """generate / eval / walk: parse (the official flags too: several values after --model_list or
-    --prompt), check, then run."""
+def command(name, argv):
+    """Parse the flags of `name` (official ones too: several values after --model_list or --prompt
+    are joined, as this parser has no positional arguments), check them, then run it."""
     args = []
-    # `--model_list A B` -> `--model_list A,B`: this parser has no positional arguments
     for arg in argv:
         if len(args) >= 2 and args[-2] in MULTI_VALUE_FLAGS and not arg.startswith('-'):
             args[-1] += MULTI_VALUE_FLAGS[args[-2]] + arg
         else:
             args.append(arg)
-    fields = [f.name for f in dataclasses.fields(GenerateConfig)
-              if f.name in COMMANDS[command] or f.name in SamplerConfig.__dataclass_fields__]
-    cfg = parse_config(command, GenerateConfig, args, OFFICIAL_FLAGS[command],
-                       fields=fields, defaults=COMMAND_DEFAULTS.get(command))
+    if name == 'train':
+        cfg = parse_config('train', TrainConfig, args, OFFICIAL_FLAGS['train'], PRESETS)
+    else:
+        fields = [f.name for f in dataclasses.fields(GenerateConfig)
+                  if f.name in COMMANDS[name] or f.name in SamplerConfig.__dataclass_fields__]
+        cfg = parse_config(name, GenerateConfig, args, OFFICIAL_FLAGS[name], fields=fields,
+                           defaults=COMMAND_DEFAULTS.get(name))
     cfg = check_config(cfg, int(os.environ.get('WORLD_SIZE', 1)))
-    if cfg.hub_token:  # the official --hub_token, for gated repositories
+    if getattr(cfg, 'dry_run', False):
+        return print_dry_run(cfg)
+    if getattr(cfg, 'hub_token', ''):  # the official --hub_token, for gated repositories
         os.environ['HF_TOKEN'] = cfg.hub_token
     rank, world_size, device = init_distributed(cfg.device)
     precision = cfg.precision or ('bf16' if device.type == 'cuda' else 'fp32')
-    cfg = dataclasses.replace(cfg, precision=precision)
-    run = dict(generate=generate, eval=evaluate, walk=walk)[command]
+    run = dict(train=training_loop, generate=generate, eval=evaluate, walk=walk)[name]
     try:
-        return run(cfg, rank, world_size, device)
+        return run(dataclasses.replace(cfg, precision=precision), rank, world_size, device)
     except nets.WeightsNotFoundError as error:
         raise UserError(str(error)) from None
 
 
 def print_dry_run(cfg):
-    """--dry_run: the resolved config and network (built on the meta device), without reading data
-    or weights."""
+    """--dry_run: the resolved config and the network (on the meta device); reads no data."""
     print(json.dumps(dataclasses.asdict(cfg), indent=2))
     side = cfg.resolution or 32
     channels, side = {'none': (3, side), 'vq-f4': (3, side // 4)}.get(cfg.vae, (4, side // 8))
@@ -2403,40 +2086,41 @@ def print_dry_run(cfg):
     spec = dict(training_spec(cfg, num_classes, (channels, side, side), None), vae=cfg.vae)
     with torch.device('meta'):
         net = build_network(spec)
-    backbone = net.backbone
-    channel_mult = None if is_dit(cfg.arch) else getattr(backbone, 'config', {}).get('channel_mult')
+    channel_mult = None if is_dit(cfg.arch) else \
+        getattr(net.backbone, 'config', {}).get('channel_mult')
     conditions = 'text' if cfg.cond == 'text' else \
         f'{num_classes} classes{"" if cfg.num_classes else " (assumed; from the data)"}'
-    print(f'network: {cfg.arch}, channel_mult {channel_mult}, {sum(p.numel() for p in net.parameters()):,} '
-          f'parameters for {conditions} on '
+    print(f'network: {cfg.arch}, channel_mult {channel_mult}, '
+          f'{sum(p.numel() for p in net.parameters()):,} parameters for {conditions} on '
           f'{channels}x{side}x{side} {"pixels" if cfg.vae == "none" else "latents"}'
           f'{"" if cfg.resolution else " (--resolution=0: the data decides; 32 assumed)"}')
 
 
 def check_config(cfg, world_size):
-    """Every range check in one place, before anything is written; returns a new config."""
+    """Every range check in one place, before anything is written."""
     for name, allowed in CHOICES.items():
         value = getattr(cfg, name, allowed[0])
-        choices = ', '.join(map(repr, allowed))
-        require(value in allowed, f'--{name}: invalid choice: {value!r} (choose from {choices})')
+        require(value in allowed, f'--{name}: invalid choice: {value!r} (choose from '
+                f'{", ".join(map(repr, allowed))})')
     require(1 <= cfg.ddim_steps <= NUM_TIMESTEPS and cfg.ddim_eta >= 0 and cfg.scale >= 1,
             '--ddim_steps must be in [1, 1000], --ddim_eta >= 0 and --scale >= 1')
     require(cfg.ddim_eta == 0 or cfg.scheduler == 'ddim', '--ddim_eta needs --scheduler=ddim')
     require(cfg.scheduler != 'ddpm' or cfg.ddim_steps >= 2 and not cfg.timestep_spacing,
             "--scheduler=ddpm takes --ddim_steps >= 2 and DiT's own spacing (no --timestep_spacing)")
-    spacing = cfg.timestep_spacing or {'dpm': 'linspace', 'ddim': 'leading', 'ddpm': ''}[cfg.scheduler]
+    spacing = cfg.timestep_spacing or {'dpm': 'linspace', 'ddim': 'leading'}.get(cfg.scheduler)
     require(spacing != 'leading' or cfg.ddim_steps <= NUM_TIMESTEPS // 2,
             f'--timestep_spacing=leading allows at most {NUM_TIMESTEPS // 2} --ddim_steps')
     if isinstance(cfg, GenerateConfig):
         require(cfg.network and min(cfg.batch, cfg.num, cfg.walk_steps) >= 1 and cfg.n_samples >= 0,
-                '--network is required; --batch, --num and --walk_steps must be >= 1, --n_samples >= 0')
+                '--network is required; --batch, --num and --walk_steps must be >= 1, '
+                '--n_samples >= 0')
         require(not set(cfg.metrics.split(',')) - set(fid.METRICS),
                 f'--metrics must be a comma-separated subset of {",".join(fid.METRICS)}')
         end_ok = cfg.class_end_idx == -1 or cfg.class_end_idx > cfg.class_start_idx
         require(cfg.class_start_idx >= 0 and end_ok,
                 '--class_start_idx must be >= 0 and below --class_end_idx (or --class_end_idx=-1)')
         require(cfg.image_size >= 0, '--image_size must be >= 0')
-        return dataclasses.replace(cfg)
+        return cfg
     # Training: data, corruption and perturbation rates, network, schedule, batch, optimiser, run.
     require(cfg.data, '--data is required (an image folder, a zip, an .npz or cifar10)')
     for name in ('corruption_ratio', 'class_dropout_prob', 'embedding_dropout', 'dropout'):
@@ -2445,28 +2129,30 @@ def check_config(cfg, world_size):
             '--cep_gamma and --input_perturbation must be >= 0')
     require(cfg.class_dropout_prob > 0 or cfg.scale == 1,
             'the sample grids use --scale, which needs null conditions: --class_dropout_prob > 0')
-    listed = re.fullmatch(r'\d+(,\d+)+', cfg.corruption_classes)
-    require(not cfg.corruption_classes or cfg.cond == 'class' and listed,
+    require(not cfg.corruption_classes or cfg.cond == 'class' and
+            re.fullmatch(r'\d+(,\d+)+', cfg.corruption_classes),
             '--corruption_classes must list at least two class ids, e.g. 3,5,9, with --cond=class')
     require(is_dit(cfg.arch) or nets.UNET_PRESETS.get(cfg.arch, {}).get('arch') == 'ldm',
             f'--arch must be a DiT ({", ".join(nets.DiT_models)}) or an LDM UNet preset')
     require(not is_dit(cfg.arch) or cfg.cond != 'text' and cfg.embedding_dropout == 0,
-            '--cond=text and --embedding_dropout need an LDM UNet --arch (DiT embeds labels in adaLN)')
+            '--cond=text and --embedding_dropout need an LDM UNet --arch (DiT embeds labels in '
+            'adaLN)')
     require(0 < cfg.linear_start < cfg.linear_end < 1,
             '--linear_start and --linear_end must satisfy 0 < linear_start < linear_end < 1')
     batch_gpu = cfg.batch_gpu or cfg.batch // world_size
     require(cfg.batch >= 1 and batch_gpu >= 1 and cfg.batch % (batch_gpu * world_size) == 0,
-            f'--batch={cfg.batch} must be divisible by GPUs ({world_size}) x --batch_gpu ({batch_gpu})')
+            f'--batch={cfg.batch} must be divisible by GPUs ({world_size}) x --batch_gpu '
+            f'({batch_gpu})')
     require(cfg.lr > 0 and cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and 0 <= cfg.ema_decay < 1,
             '--lr must be > 0, --weight_decay and --grad_clip >= 0, --ema_decay in [0, 1)')
-    require(cfg.kimg > 0 and cfg.tick > 0 and min(cfg.snap, cfg.grid, cfg.text_layers, cfg.workers) >= 1,
+    require(cfg.kimg > 0 and cfg.tick > 0 and
+            min(cfg.snap, cfg.grid, cfg.text_layers, cfg.workers) >= 1,
             '--kimg and --tick must be > 0; --snap, --grid, --text_layers and --workers >= 1')
     require(min(cfg.resolution, cfg.num_classes, cfg.lr_rampup_kimg) >= 0,
             '--resolution, --num_classes and --lr_rampup_kimg must be >= 0')
     if not cfg.dry_run:
         check_writable(cfg.outdir, '--outdir')
-    return dataclasses.replace(cfg)
-
+    return cfg
 
 
 if __name__ == '__main__':

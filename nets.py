@@ -3487,6 +3487,251 @@ def ambient_training_options(cfg, net_config=None, num_images=None, run_dir=None
     return options
 
 
+# ambient-laws
+
+def read_ambient_laws_checkpoint(path, kind='snapshot'):
+    """An ambient_laws.py network snapshot (kind 'snapshot': ema, net_kwargs) or training state (kind 'state': also
+    net, optimizer, cur_nimg, cur_tick, config), read with weights_only=True, its state dicts as plain dicts (attributes
+    a file set on them dropped). FileNotFoundError or ValueError with one line naming the file and the cause."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path} does not exist')
+    if os.path.getsize(path) == 0:
+        raise ValueError(f'{path} is empty (0 bytes, a write that was cut short): pass another file')
+    try:
+        data = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as error:
+        cause = (str(error).strip().splitlines() or ['no reason'])[0]
+        raise ValueError(f'{path} is not a checkpoint written by ambient_laws.py ({type(error).__name__}: {cause})'
+                         ) from None
+    need = ('ema', 'net_kwargs') + (('net', 'optimizer', 'cur_nimg', 'cur_tick', 'config') if kind == 'state' else ())
+    missing = [key for key in need if not isinstance(data, dict) or key not in data]
+    if missing:
+        hint = (f': it is a network snapshot, not a training state; pass training-state-*.pt, or --transfer={path} '
+                'to start from its weights') if kind == 'state' and missing[0] != 'ema' else ''
+        raise ValueError(f'{path} has no {", ".join(missing)}{hint}')
+    data = dict(data)
+    for key in ('ema', 'net') if kind == 'state' else ('ema',):
+        if not isinstance(data[key], dict) or not all(isinstance(k, str) and torch.is_tensor(v)
+                                                      for k, v in data[key].items()):
+            raise ValueError(f'{path}: {key} is not a dict of named tensors')
+        data[key] = dict(data[key])
+    config, kwargs = data.get('config', {}), data['net_kwargs']
+    if not isinstance(kwargs, dict) or not isinstance(config, dict) \
+            or not isinstance(config.get('sigma_data', 0.5), (int, float)):
+        raise ValueError(f'{path}: net_kwargs and config must be dicts (sigma_data a number)')
+    data['net_kwargs'], data['config'] = dict(kwargs), dict(config)
+    return data
+
+
+def load_ambient_laws_release(source):
+    """A released ambient-laws network (an EDM-style .pkl, path or URL, read without running its code; a Hugging Face
+    repo id, hf:// path or folder) -> (UNet, EDMPrecond kwargs sigma_data/sigma_min/sigma_max, config dict). One-line
+    ValueError for a network of another preconditioning."""
+    unet, info = load_edm_network(source)
+    if info.get('precond') != 'EDMPrecond' or info.get('gated'):
+        raise ValueError(f'{source} holds a {"gated " if info.get("gated") else ""}{info.get("precond")} network; '
+                         'ambient_laws.py samples EDMPrecond networks (as ambient-laws trains them)')
+    kwargs = info.get('precond_kwargs') or {}
+    precond = dict(sigma_data=kwargs.get('sigma_data', 0.5), sigma_min=kwargs.get('sigma_min', 0.0),
+                   sigma_max=kwargs.get('sigma_max', float('inf')))
+    return unet, precond, dict(sigma_data=precond['sigma_data'], format=info.get('format'),
+                               training_options=info.get('training_options'))
+
+
+def _augment_affine(ref, a=1.0, b=0.0, c=0.0, d=1.0, tx=0.0, ty=0.0):
+    """(B, 3, 3) matrices [[a, b, tx], [c, d, ty], [0, 0, 1]]; entries (B,) tensors or numbers."""
+    entries = [v if torch.is_tensor(v) else torch.full_like(ref, v)
+               for v in (a, b, tx, c, d, ty, 0.0, 0.0, 1.0)]
+    return torch.stack(entries, dim=-1).reshape(-1, 3, 3)
+
+
+def _augment_rotate(theta):
+    return _augment_affine(theta, theta.cos(), -theta.sin(), theta.sin(), theta.cos())
+
+
+@functools.lru_cache(maxsize=None)
+def _augment_sym6(device):
+    """Low-pass filter of the sym6 wavelet (EDM's AugmentPipe), built once per device."""
+    return torch.tensor([0.015404109327027373, 0.0034907120842174702, -0.11799011114819057,
+                         -0.048311742585633, 0.4910559419267466, 0.787641141030194,
+                         0.3379294217276218, -0.07263752278646252, -0.021060292512300564,
+                         0.04472490177066578, 0.0017677118642428036, -0.007800708325034148],
+                        device=device)
+
+
+def edm_augment(images, p, u, g):
+    """EDM's AugmentPipe as ambient-laws configures it (xflip=1e8, yflip, scale, rotate_frac, aniso, translate_frac,
+    each with probability p), for ambient_laws.py (docs/ambient_laws.md#augment). images (B, C, H, W); u (B, 11)
+    uniforms, g (B, 4) normals. Returns the images and the 9 augmentation labels (B, 9)."""
+    B, C, H, W = images.shape
+    gate = lambda k, mult=1.0: u[:, k] < mult * p  # noqa: E731
+    zero = torch.zeros_like(u[:, 0])
+    # Pixel blitting: x-flip (always eligible, xflip=1e8), y-flip.
+    flip_x, flip_y = gate(0, 1e8) & (u[:, 1] < 0.5), gate(2) & (u[:, 3] < 0.5)
+    images = torch.where(flip_x.view(-1, 1, 1, 1), images.flip(3), images)
+    images = torch.where(flip_y.view(-1, 1, 1, 1), images.flip(2), images)
+    # Inverse warp G^-1 in pixels about the centre: scale, rotation, anisotropy, translation.
+    w_scale = torch.where(gate(4), g[:, 0], zero)
+    w_rot = torch.where(gate(5), (u[:, 6] * 2 - 1) * math.pi, zero)
+    w_aniso = torch.where(gate(7), g[:, 1], zero)
+    r_aniso = torch.where(u[:, 9] < 0.5, (u[:, 8] * 2 - 1) * math.pi, zero)
+    t = torch.where(gate(10).view(-1, 1), g[:, 2:4], zero.view(-1, 1))          # (B, 2)
+    s, a = (0.2 * w_scale).exp2(), (0.2 * w_aniso).exp2()
+    G_inv = (_augment_affine(zero, 1 / s, d=1 / s) @ _augment_rotate(w_rot) @ _augment_rotate(-r_aniso)
+             @ _augment_affine(zero, 1 / a, d=a) @ _augment_rotate(r_aniso)
+             @ _augment_affine(zero, tx=-t[:, 0] * W * 0.125, ty=-t[:, 1] * H * 0.125))  # (B, 3, 3)
+    labels = torch.stack([flip_x.float(), flip_y.float(), w_scale, w_rot.cos() - 1, w_rot.sin(),
+                          w_aniso * r_aniso.cos(), w_aniso * r_aniso.sin(), t[:, 0], t[:, 1]],
+                         dim=1)                                                 # (B, 9)
+    # Reflect-pad by EDM's largest margin (same result, no host sync), upsample 2x with sym6.
+    filt = _augment_sym6(images.device).to(images.dtype)
+    images = F.pad(images, [W - 1, W - 1, H - 1, H - 1], mode='reflect')       # (B, C, 3H-2, 3W-2)
+    for dim in (3, 2):
+        images = torch.stack([images, torch.zeros_like(images)], dim=dim + 1).flatten(dim, dim + 1)
+        images = images.narrow(dim, 0, images.shape[dim] - 1)
+        kernel = filt.flip(0).view(1, 1, -1, 1) if dim == 2 else filt.flip(0).view(1, 1, 1, -1)
+        padding = (6, 0) if dim == 2 else (0, 6)
+        images = F.conv2d(images, kernel.repeat(C, 1, 1, 1), groups=C, padding=padding)
+    # Warp by bilinear sampling at 2x: G^-1 on the upsampled grid, then normalised coordinates.
+    size = [B, C, (H + 6) * 2, (W + 6) * 2]
+    G_inv = (_augment_affine(zero, 2.0, d=2.0, tx=-0.5, ty=-0.5) @ G_inv
+             @ _augment_affine(zero, 0.5, d=0.5, tx=0.25, ty=0.25))
+    G_inv = (_augment_affine(zero, 2 / images.shape[3], d=2 / images.shape[2]) @ G_inv
+             @ _augment_affine(zero, size[3] / 2, d=size[2] / 2))
+    grid = F.affine_grid(G_inv[:, :2, :], size, align_corners=False)
+    images = F.grid_sample(images, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
+    # Downsample 2x and crop the filter margin.
+    images = F.conv2d(images, filt.view(1, 1, 1, -1).repeat(C, 1, 1, 1), groups=C, stride=(1, 2),
+                      padding=(0, 5))
+    images = F.conv2d(images[:, :, :, 3:-3], filt.view(1, 1, -1, 1).repeat(C, 1, 1, 1), groups=C,
+                      stride=(2, 1), padding=(5, 0))
+    return images[:, :, 3:-3, :], labels                                        # (B, C, H, W)
+
+
+def fetch_local(source, cache_dir=None):
+    """A local path for a path or an http(s) URL (downloaded once into the cache); one-line ValueError or
+    FileNotFoundError when it is missing or cannot be downloaded."""
+    if str(source).startswith(('http://', 'https://')):
+        try:
+            return resolve_source(source, cache_dir=cache_dir)
+        except Exception as error:  # offline, 404, size mismatch: the message names the URL
+            raise ValueError(' '.join(str(error).split())) from None
+    if not os.path.exists(source):
+        raise FileNotFoundError(f'{source} does not exist')
+    return source
+
+
+def read_ambient_snapshot(source, build, training_options=None, cache_dir=None):
+    """An ambient.py network-snapshot-*.pt or an official ambient-diffusion network-snapshot-*.pkl (path or URL) ->
+    (network, network config), read without running code from the file. For a .pt, build(net_config) makes the
+    network (checked against the file's tensors before any memory); for a .pkl the UNet and its config come from
+    load_ambient_pickle and build is not called. One-line ValueError / FileNotFoundError otherwise."""
+    import zipfile
+    path = fetch_local(source, cache_dir)
+    if os.path.isdir(path):
+        raise ValueError(f'{source} is a folder; give a network-snapshot-*.pt or *.pkl file')
+    if os.path.getsize(path) == 0:
+        raise ValueError(f'{source} is empty (0 bytes)')
+    try:
+        if not zipfile.is_zipfile(path):  # torch.save writes zip archives; anything else: a pickle
+            return load_ambient_pickle(path, source, training_options, cache_dir)
+        snapshot = torch.load(path, map_location='cpu', weights_only=True)
+        if not isinstance(snapshot, dict) or not {'config', 'ema'} <= set(snapshot):
+            kind = 'a training state' if isinstance(snapshot, dict) and 'optimizer' in snapshot else 'not a snapshot'
+            raise ValueError(f'{source} is {kind}; give a network-snapshot-*.pt of ambient.py')
+        return build_checked(lambda: build(snapshot['config']), snapshot['ema'], source), snapshot['config']
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as error:
+        raise ValueError(' '.join(str(error).split())) from None
+
+
+# EDM's augmentation for ambient.py: AugmentPipe(p, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
+# translate_frac=1), and a mask-preserving variant (docs/ambient.md#augmentation).
+SYM6 = [0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633,
+        0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252, -0.021060292512300564,
+        0.04472490177066578, 0.0017677118642428036, -0.007800708325034148]  # wavelet filter of EDM's augment.py
+
+
+def _affine(a, b, c, d, e, f):
+    """Batch of 3x3 matrices [[a, b, c], [d, e, f], [0, 0, 1]] from (N,) tensors."""
+    zero, one = torch.zeros_like(a), torch.ones_like(a)
+    return torch.stack([a, b, c, d, e, f, zero, zero, one], dim=-1).reshape(-1, 3, 3)
+
+
+def draw_augmentation(p, n, height, width, generator):
+    """EDM's random draws, in EDM's order. Returns flips (n, 2) in {0, 1}, G_inv (n, 3, 3) mapping output to input
+    pixel coordinates (origin at the image centre) and the 9 augment labels (n, 9) that condition the network."""
+    device = generator.device
+    rand = lambda *shape: torch.rand(shape, generator=generator, device=device)  # noqa: E731
+    randn = lambda *shape: torch.randn(shape, generator=generator, device=device)  # noqa: E731
+    coin = lambda prob: rand(n) < prob  # noqa: E731
+    flip_x = torch.randint(2, (n,), generator=generator, device=device) * coin(min(1e8 * p, 1))
+    flip_y = torch.randint(2, (n,), generator=generator, device=device) * coin(p)
+    scale = randn(n) * coin(p)
+    rotate = (rand(n) * 2 - 1) * math.pi * coin(p)
+    aniso, aniso_angle = randn(n), (rand(n) * 2 - 1) * math.pi
+    aniso, aniso_angle = aniso * coin(p), aniso_angle * coin(0.5)
+    translate = randn(2, n) * coin(p)
+    one, zero = torch.ones(n, device=device), torch.zeros(n, device=device)
+    rotation = lambda angle: _affine(angle.cos(), -angle.sin(), zero, angle.sin(), angle.cos(), zero)  # noqa: E731
+    s, a = (scale * 0.2).exp2(), (aniso * 0.2).exp2()
+    shift = _affine(one, zero, -translate[0] * width * 0.125, zero, one, -translate[1] * height * 0.125)
+    G_inv = (_affine(1 / s, zero, zero, zero, 1 / s, zero) @ rotation(rotate) @ rotation(-aniso_angle)
+             @ _affine(1 / a, zero, zero, zero, a, zero) @ rotation(aniso_angle) @ shift)
+    labels = torch.stack([flip_x, flip_y, scale, rotate.cos() - 1, rotate.sin(), aniso * aniso_angle.cos(),
+                          aniso * aniso_angle.sin(), translate[0], translate[1]], dim=1).float()
+    return torch.stack([flip_x, flip_y], dim=1), G_inv, labels
+
+
+def warp_official(images, G_inv):
+    """EDM's geometric resampling: reflect padding, 2x upsampling with the sym6 wavelet, bilinear grid_sample, 2x
+    downsampling. Always pads by the largest margin EDM uses, so that an image's result does not depend on the rest
+    of the batch (EDM sizes the margin by the batch's largest warp)."""
+    n, channels, height, width = images.shape
+    taps, pad = len(SYM6), len(SYM6) // 4
+    wavelet = torch.tensor(SYM6, dtype=images.dtype, device=images.device)[None, None].repeat(channels, 1, 1)
+    images = F.pad(images, [width - 1, width - 1, height - 1, height - 1], mode='reflect')
+    # Upsample 2x: zero insertion along each axis, then the time-reversed wavelet.
+    images = torch.stack([images, torch.zeros_like(images)], dim=4).flatten(3)[:, :, :, :-1]
+    images = F.conv2d(images, wavelet.flip(2)[:, :, None, :], groups=channels, padding=[0, (taps + 1) // 2])
+    images = torch.stack([images, torch.zeros_like(images)], dim=3).flatten(2, 3)[:, :, :-1]
+    images = F.conv2d(images, wavelet.flip(2)[:, :, :, None], groups=channels, padding=[(taps + 1) // 2, 0])
+    # G_inv in affine_grid's normalised coordinates: EDM's chain of scalings and half-pixel shifts, multiplied out.
+    out_h, out_w = (height + 2 * pad) * 2, (width + 2 * pad) * 2
+    left = G_inv.new_tensor([[4 / images.shape[3], 0, -1 / images.shape[3]],
+                             [0, 4 / images.shape[2], -1 / images.shape[2]], [0, 0, 1]])
+    right = G_inv.new_tensor([[out_w / 4, 0, 0.25], [0, out_h / 4, 0.25], [0, 0, 1]])
+    grid = F.affine_grid((left @ G_inv @ right)[:, :2].to(images.dtype), [n, channels, out_h, out_w],
+                         align_corners=False)
+    images = F.grid_sample(images, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
+    # Downsample 2x with the wavelet and crop the guard band.
+    images = F.conv2d(images, wavelet[:, :, None, :], groups=channels, stride=[1, 2], padding=[0, (taps - 1) // 2])
+    images = F.conv2d(images, wavelet[:, :, :, None], groups=channels, stride=[2, 1], padding=[(taps - 1) // 2, 0])
+    return images[:, :, pad:-pad, pad:-pad]
+
+
+def warp_nearest(images, G_inv):
+    """The same warp with nearest-neighbour lookup and mirror reflection: every output pixel is a copy of one input
+    pixel, so masks stay binary and an erased pixel can never leak into an observed one."""
+    n, channels, height, width = images.shape
+    rows, cols = torch.meshgrid(torch.arange(height, device=images.device, dtype=G_inv.dtype),
+                                torch.arange(width, device=images.device, dtype=G_inv.dtype), indexing='ij')
+    centred = torch.stack([cols - (width - 1) / 2, rows - (height - 1) / 2, torch.ones_like(rows)]).flatten(1)
+    source = G_inv @ centred  # (N, 3, H*W)
+    reflect = lambda k, size: (size - 1) - ((size - 1) - k.remainder(2 * size - 2)).abs()  # noqa: E731
+    x = reflect((source[:, 0] + (width - 1) / 2).round().long(), width)
+    y = reflect((source[:, 1] + (height - 1) / 2).round().long(), height)
+    index = (y * width + x)[:, None].expand(-1, channels, -1)  # (N, C, H*W)
+    return images.flatten(2).gather(2, index).reshape(n, channels, height, width)
+
+
+def augment(images, flips, G_inv, mode):
+    """Applies drawn augmentations. official: EDM's filtered warp of the given images; joint: exact flips and
+    nearest-neighbour warps, meant for the image stacked with its masks along channels."""
+    images = torch.where(flips[:, 0, None, None, None] == 1, images.flip(3), images)
+    images = torch.where(flips[:, 1, None, None, None] == 1, images.flip(2), images)
+    return warp_official(images, G_inv) if mode == 'official' else warp_nearest(images, G_inv)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Official files of guided-diffusion / DDPM-IP: optimizer, EMA and resume files (ddpm_ip.py)
 
@@ -3677,7 +3922,8 @@ def read_diffusers_model(source, autoencoder=None, vae_name='', num_timesteps=10
     DiTPipeline, LDMClassToImagePipeline and LDMTextToImagePipeline) or a bare diffusers DiT folder.
 
     Returns dict(network, kind: 'dit' | 'class' | 'text', class_embedder (nn.Embedding, last row the null class),
-    text_encoder, tokenizer, autoencoder, spec). `autoencoder` (named vae_name) replaces the pipeline's own. The
+    text_encoder, tokenizer, autoencoder, spec; the Denoiser's front end: encoder, cond_shape, null, tokenize).
+    `autoencoder` (named vae_name) replaces the pipeline's own. The
     spec carries the scheduler's betas, spacing and offset, as the official Scheduler.from_config."""
     is_bare = os.path.isfile(os.path.join(source, 'config.json')) and \
         not os.path.isfile(os.path.join(source, 'model_index.json'))
@@ -3711,6 +3957,80 @@ def read_diffusers_model(source, autoencoder=None, vae_name='', num_timesteps=10
                 # DDIMScheduler.from_config keeps these (diffusers' defaults: clip_sample True, range 1, alpha 1)
                 clip_sample=scheduler.get('clip_sample_range', 1.0) if scheduler.get('clip_sample', True) else 0.0,
                 set_alpha_to_one=scheduler.get('set_alpha_to_one', True))
+    # The condition front end of ldm_labelnoise's Denoiser: encoder, condition shape, null condition, tokenizer.
+    if parts['network_kind'] == 'dit':
+        front = dict(encoder=None, cond_shape=(network.hidden_size,), null=network.num_classes, tokenize=None)
+    elif kind == 'class':  # LDM's ClassEmbedder: its last row is the null class
+        table = parts['class_embedder']
+        encoder = ClassEmbedder(table.num_embeddings - 1, table.embedding_dim)
+        encoder.embedding = table
+        front = dict(encoder=encoder, cond_shape=(1, table.embedding_dim), null=num_classes, tokenize=None)
+    else:
+        front = dict(encoder=parts['text_encoder'], cond_shape=(tokenizer.max_length, network.config['context_dim']),
+                     null=tokenizer([''])[0], tokenize=tokenizer)
     return dict(network=network, kind='dit' if parts['network_kind'] == 'dit' else kind, spec=spec,
                 class_embedder=parts['class_embedder'], text_encoder=parts['text_encoder'], tokenizer=tokenizer,
-                autoencoder=autoencoder)
+                autoencoder=autoencoder, **front)
+
+
+def read_ldm_checkpoint(path, vae='', for_fid=False):
+    """ldm_labelnoise's --network as a file, read without running code from it: ('snapshot', spec, EMA state dict)
+    for a snapshot of the script, ('dit', spec, DiT network) for a facebookresearch/DiT checkpoint
+    (DiT-XL-2-256x256.pt, or train.py's {model, ema, opt, args}: its EMA), whose autoencoder is `vae`, by default
+    'mse' as DiT's sample.py, 'ema' for_fid as sample_ddp.py. Anything else: a one-line ValueError."""
+    checkpoint = read_checkpoint(path, '--network')
+    if 'spec' in checkpoint and 'ema' in checkpoint:
+        spec = checkpoint['spec']
+        if not isinstance(spec, dict) or 'vae' not in spec:
+            raise ValueError(f'--network={path}: damaged spec')
+        return 'snapshot', {**spec, 'vae': vae or spec['vae']}, checkpoint['ema']
+    if 'x_embedder.proj.weight' in checkpoint.get('ema', checkpoint.get('model', checkpoint)):
+        try:
+            dit = dit_from_state_dict(checkpoint)
+        except (ValueError, RuntimeError, KeyError) as error:
+            raise ValueError(f'--network={path}: not a DiT checkpoint this script can read ({error})') from None
+        return 'dit', dit_spec(dit, vae or ('ema' if for_fid else 'mse')), dit
+    raise ValueError(f'--network={path} is neither a snapshot of this script nor a facebookresearch/DiT checkpoint '
+                     f'(first keys: {", ".join(list(checkpoint)[:3])})')
+
+
+def byte_tokens(captions, length=77):
+    """ldm_labelnoise's tokens: BOS, UTF-8 bytes (truncated), EOS, padding. (N,) strings -> int64 (N, length)."""
+    bos, eos, pad = 256, 257, 258
+    tokens = torch.full((len(captions), length), pad, dtype=torch.int64)
+    for i, caption in enumerate(captions):
+        row = [bos] + list(caption.encode('utf-8'))[:length - 2] + [eos]
+        tokens[i, :len(row)] = torch.tensor(row)
+    return tokens
+
+
+class ClassEmbedder(nn.Module):
+    """LDM's class embedder: label -> (B, 1, width) cross-attention context; id num_classes is the null class."""
+
+    def __init__(self, num_classes, width):
+        super().__init__()
+        self.embedding = nn.Embedding(num_classes + 1, width)
+
+    def forward(self, y):
+        return self.embedding(y)[:, None]                                # (B, 1, width)
+
+
+class ByteTextEncoder(nn.Module):
+    """ldm_labelnoise's stand-in for the trainable BERT of the paper's CC3M model (App. B.3): byte_tokens -> a
+    pre-norm transformer trained jointly -> (B, length, width). Padding tokens are ordinary tokens (no mask), so
+    the context always has `length` positions, like BERT's padded last_hidden_state."""
+
+    def __init__(self, width, depth, length=77):
+        super().__init__()
+        self.token = nn.Embedding(259, width)
+        self.position = nn.Parameter(torch.randn(1, length, width) * 0.02)
+        self.blocks = nn.ModuleList(nn.TransformerEncoderLayer(
+            width, max(1, width // 64), 4 * width, dropout=0.0, activation='gelu', batch_first=True,
+            norm_first=True) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, tokens):
+        h = self.token(tokens) + self.position                           # (B, L, width)
+        for block in self.blocks:
+            h = block(h)
+        return self.norm(h)

@@ -218,7 +218,7 @@ def ours_ambient(opt, data_path, folder):
     argv = ['--preset=tiny', '--steps=3'] if opt.quick else ['--preset=cifar10']
     argv += [f'--data={data_path}', '--grid=4', '--dump=1000000'] + (['--compile=true'] if opt.compile else [])
     argv += [f'--batch_gpu={opt.batch_gpu}'] if opt.batch_gpu else []
-    cfg, _ = ambient.parse_train_args(argv)
+    cfg = ambient.parse_train_args(argv)
     batch = opt.batch.get('ambient', 8 if opt.quick else cfg.batch)
     timing, snapshot = train_script(opt, 'ambient', argv, batch, folder)
     device = opt.device
@@ -246,11 +246,12 @@ def ours_ambient_laws(opt, data_path, folder, consistency):
     argv += ['--consistency_batch_size=2', '--num_primes=1', '--num_consistency_steps=2'] if consistency and \
         opt.quick else []
     argv += [f'--batch_gpu={opt.batch_gpu}'] if opt.batch_gpu else []
-    cfg = ambient_laws.resolve_config(ambient_laws.parse_args(argv)[1])
+    cfg = ambient_laws.command_config('train', argv)
     batch = opt.batch.get('ambient_laws', 8 if opt.quick else cfg.batch)
     timing, snapshot = train_script(opt, 'ambient_laws', argv, batch, folder)
-    _, _, device, net, sample_cfg, autocast = ambient_laws.sampling_setup(
-        dict(network=snapshot, device=str(opt.device)), default_batch=64)
+    sample_cfg = ambient_laws.command_config('generate', [f'--network={snapshot}'])  # generate's defaults
+    device, net = opt.device, ambient_laws.load_network(snapshot, opt.device)[0]
+    autocast = contextlib.nullcontext()  # generate: an fp32 network unless --precision=bf16
 
     def sample(seeds):
         default_flags()
@@ -306,7 +307,7 @@ def ours_dit(opt, folder):
     argv += ['--arch=DiT-tiny', '--ddim_steps=3'] if opt.quick else []
     argv += ['--compile=true'] if opt.compile else []
     argv += [f'--batch_gpu={opt.batch_gpu}'] if opt.batch_gpu else []
-    cfg = ldm_labelnoise.parse_config(ldm_labelnoise.TrainConfig, argv)
+    cfg = ldm_labelnoise.parse_config('train', ldm_labelnoise.TrainConfig, argv, presets=ldm_labelnoise.PRESETS)
     batch = opt.batch.get('dit', 8 if opt.quick else cfg.batch)
     images, _ = random_images(2 * batch, 3, resolution)
     data_path, vae_path = os.path.join(folder, f'dit-{resolution}.npz'), os.path.join(folder, 'random-vae.bin')
@@ -317,7 +318,7 @@ def ours_dit(opt, folder):
     timing, snapshot = train_script(opt, 'ldm_labelnoise', argv, batch, folder)
 
     device = opt.device
-    sample_cfg = ldm_labelnoise.parse_config(ldm_labelnoise.GenerateConfig, [
+    sample_cfg = ldm_labelnoise.parse_config('generate', ldm_labelnoise.GenerateConfig, [
         f'--network={snapshot}', f'--scheduler={cfg.scheduler}', f'--ddim_steps={cfg.ddim_steps}',
         f'--scale={cfg.scale}'])
     sample_cfg = dataclasses.replace(sample_cfg, precision=train_precision(opt, sample_cfg.precision))

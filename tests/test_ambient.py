@@ -20,6 +20,7 @@ import torch
 
 import ambient
 import fid
+import nets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_DATA = os.path.join(ROOT, 'tests', 'data', 'cifar10_tiny.npz')
@@ -381,7 +382,7 @@ def test_churn_is_official_and_reproducible():
 
 def test_augmentation():
     generator = torch.Generator().manual_seed(0)
-    flips, G_inv, labels = ambient.draw_augmentation(0.2, 20000, 8, 8, generator)
+    flips, G_inv, labels = nets.draw_augmentation(0.2, 20000, 8, 8, generator)
     assert labels.shape == (20000, 9)
     assert abs(flips[:, 0].float().mean() - 0.5) < 0.02                               # xflip=1e8: always a coin
     assert abs(flips[:, 1].float().mean() - 0.1) < 0.01                               # yflip: p, then a coin
@@ -390,18 +391,18 @@ def test_augmentation():
     images = torch.rand(4, 3, 8, 8)
     identity = torch.eye(3).expand(4, 3, 3)
     none = torch.zeros(4, 2, dtype=torch.long)
-    assert torch.equal(ambient.augment(images, none, identity, 'joint'), images)
-    assert (ambient.augment(images, none, identity, 'official') - images).abs().max() < 1e-4
+    assert torch.equal(nets.augment(images, none, identity, 'joint'), images)
+    assert (nets.augment(images, none, identity, 'official') - images).abs().max() < 1e-4
     flipped = torch.tensor([[1, 0]] * 4)
-    assert torch.equal(ambient.augment(images, flipped, identity, 'joint'), images.flip(3))
+    assert torch.equal(nets.augment(images, flipped, identity, 'joint'), images.flip(3))
     # Joint warps move every pixel with its mask bit: masks stay binary and erased values never surface.
     A = (torch.rand(4, 1, 8, 8) < 0.5).float()
-    warped = ambient.augment(torch.cat([images * A, A], 1), flips[:4], G_inv[:4], 'joint')
+    warped = nets.augment(torch.cat([images * A, A], 1), flips[:4], G_inv[:4], 'joint')
     assert set(warped[:, 3].unique().tolist()) <= {0.0, 1.0}
     assert warped[:, :3][warped[:, 3:].expand(-1, 3, -1, -1) == 0].abs().max() == 0
     # The official order (augment the clean image, then mask) reads the erased pixels (the leak measured in the README).
     rotated = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0, 0, 1]]).expand(4, 3, 3) @ G_inv[:4]
-    leak = [A * ambient.augment(images * A + (1 - A) * value, none, rotated, 'official') for value in (0.0, 5.0)]
+    leak = [A * nets.augment(images * A + (1 - A) * value, none, rotated, 'official') for value in (0.0, 5.0)]
     assert not torch.allclose(leak[0], leak[1])
 
 
@@ -444,8 +445,8 @@ def losses(run_dir):
 def test_train_generate_eval_neighbors(tmp_path, monkeypatch):
     run_dir = train(tmp_path, '--kimg=0.032')
     names = set(os.listdir(run_dir))
-    assert {'config.json', 'log.txt', 'stats.jsonl', 'data-preview.png', 'source.py', 'training_options.json', 'samples-000000.032.png',
-            'network-snapshot-000000.032.pt', 'training-state-000000.032.pt'} <= names
+    assert {'config.json', 'log.txt', 'stats.jsonl', 'data-preview.png', 'source.py', 'training_options.json',
+            'samples-000000.032.png', 'network-snapshot-000000.032.pt', 'training-state-000000.032.pt'} <= names
     assert all(np.isfinite(loss) for _, loss in losses(run_dir))
     network = os.path.join(run_dir, 'network-snapshot-000000.032.pt')
     # Image k depends on seed k only, not on the batch.
@@ -657,7 +658,7 @@ def test_cifar10_word_reads_the_md5_checked_archive_through_fid(tmp_path, monkey
     (tmp_path / 'cache' / 'cifar-10-python.tar.gz').write_bytes(archive.getvalue())
     monkeypatch.setattr(fid, 'CIFAR10_MD5', hashlib.md5(archive.getvalue()).hexdigest())
     x, y = ambient.load_images('cifar10', str(tmp_path / 'cache'))
-    assert x.shape == (10, 32, 32, 3) and x[2, 0, 0, 0] == 2 and y.tolist() == [1, 2, 2, 3, 3, 4, 4, 5, 5, 6]
+    assert x.shape == (10, 3, 32, 32) and x[2, 0, 0, 0] == 2 and y.tolist() == [1, 2, 2, 3, 3, 4, 4, 5, 5, 6]
     with open(tmp_path / 'cache' / 'cifar-10-python.tar.gz', 'ab') as file:
         file.write(b'x')
     code, err = run_main(['train', '--data=cifar10', f'--cache_dir={tmp_path / "cache"}', '--preset=tiny',
@@ -710,15 +711,21 @@ def run_main(argv, capsys):
     return code, capsys.readouterr().err.strip().splitlines()
 
 
+def sampling_parser(command):
+    """The argparse parser of generate, eval or neighbors, as main builds it."""
+    config = dict(generate=ambient.GenerateConfig, eval=ambient.EvalConfig, neighbors=ambient.NeighborsConfig)
+    return ambient.make_parser(command, config[command], ambient.OFFICIAL_FLAGS[command])
+
+
 def test_every_official_flag_is_honoured_or_refused_in_one_line(tmp_path, capsys):
     cfg = ambient.parse_train_args(OFFICIAL_TRAIN)
     assert (cfg.kimg, cfg.batch_gpu, cfg.cres, cfg.seed, cfg.transfer, cfg.precision, cfg.nosubdir, cfg.dry_run) == \
         (200000, 64, '1,2,2,2', 3, 't.pkl', 'fp32', True, True)
     assert ambient.parse_train_args(['--data=d', '--duration=0.0005']).kimg == 1         # official max(int(), 1)
     assert ambient.parse_train_args(['--data=d', '--duration=1', '--kimg=8']).kimg == 8   # the later one wins
-    args = ambient.eval_parser().parse_args(OFFICIAL_EVAL)
+    args = sampling_parser('eval').parse_args(OFFICIAL_EVAL)
     assert (args.network, args.class_idx, args.batch, args.S_max, args.subdirs) == ('n', 1, 64, float('inf'), True)
-    args = ambient.neighbors_parser().parse_args(OFFICIAL_NEIGHBORS)
+    args = sampling_parser('neighbors').parse_args(OFFICIAL_NEIGHBORS)
     assert (args.images, args.outdir, args.max_size, args.batch_gpu, args.normalize) == ('i', 'o', 10000, 4, True)
     # No prefix matching: an abbreviation is an unknown flag, not another flag (--cache is not --cache_dir).
     for argv in (['train', '--data=d', '--cache_d=x'], ['train', '--data=d', '--corruption_prob=0.5'],
@@ -744,8 +751,8 @@ def test_help_follows_the_common_layout(capsys):
                                                                                   'neighbors']
     assert out[-1] == "Run 'python ambient.py COMMAND --help' for the flags of a command."
     order = ['data and corruption', 'network', 'optimisation', 'run', 'sampling', 'evaluation']
-    for command, parser in (('train', None), ('generate', ambient.generate_parser()),
-                            ('eval', ambient.eval_parser()), ('neighbors', ambient.neighbors_parser())):
+    for command, parser in (('train', None), ('generate', sampling_parser('generate')),
+                            ('eval', sampling_parser('eval')), ('neighbors', sampling_parser('neighbors'))):
         with pytest.raises(SystemExit) as exit_info:
             ambient.main([command, '--help'])
         text = capsys.readouterr().out
@@ -1007,7 +1014,7 @@ def test_failure_paths_give_one_line(tmp_path, capsys, monkeypatch):
     for argv, message in cases:
         code, err = run_main(argv, capsys)
         assert code == 2 and len(err) == 1 and err[0].startswith('ambient.py: error: ') and message in err[0], err
-    assert ambient.load_images(str(tmp_path / 'gray.npz'))[0].shape == (16, 32, 32, 3)
+    assert ambient.load_images(str(tmp_path / 'gray.npz'))[0].shape == (16, 3, 32, 32)
     # An unwritable --outdir is found before the data is read.
     monkeypatch.setattr(ambient.os, 'access', lambda *args, **kwargs: False)
     code, err = run_main(['train', f'--data={TINY_DATA}', outdir, *TINY, '--kimg=0.008'], capsys)
@@ -1029,4 +1036,5 @@ def test_failure_paths_give_one_line(tmp_path, capsys, monkeypatch):
     (tmp_path / 'runs' / os.path.basename(run_dir) / '.stats.jsonl.123.ab12.tmp').write_bytes(b'killed')
     ambient.main(['train', f'--data={TINY_DATA}', outdir, *TINY, '--kimg=0.008', '--grid=0', '--resume=auto'])
     assert os.listdir(tmp_path / 'runs') == [os.path.basename(run_dir)]                  # the folder was reused
-    assert glob.glob(os.path.join(run_dir, 'training-state-*.pt')) and not [n for n in os.listdir(run_dir) if '.tmp' in n]
+    assert glob.glob(os.path.join(run_dir, 'training-state-*.pt'))
+    assert not [n for n in os.listdir(run_dir) if '.tmp' in n]

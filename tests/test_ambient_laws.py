@@ -307,18 +307,18 @@ def test_augment_labels_and_pure_transforms():
     g = torch.Generator().manual_seed(5)
     x = torch.nn.functional.interpolate(torch.randn(4, 3, 8, 8, generator=g), size=32, mode='bicubic')  # smooth
     never = torch.ones(4, 11)                                             # every gate closed
-    out, labels = al.augment(x, 0.5, never, torch.zeros(4, 4))
+    out, labels = al.nets.edm_augment(x, 0.5, never, torch.zeros(4, 4))
     assert labels.shape == (4, 9) and torch.equal(labels, torch.zeros(4, 9))
     assert (out - x).abs().max() < 0.05                                   # the identity warp only filters lightly
     flip = never.clone()
     flip[:, :2] = 0.0                                                      # x-flip gate and coin
-    out_flip, labels = al.augment(x, 0.5, flip, torch.zeros(4, 4))
+    out_flip, labels = al.nets.edm_augment(x, 0.5, flip, torch.zeros(4, 4))
     assert torch.equal(labels[:, 0], torch.ones(4))
     torch.testing.assert_close(out_flip, out.flip(3))
     shift = never.clone()
     shift[:, 10] = 0.0                                                    # translation by t * W / 8 pixels
     g_shift = torch.tensor([[0, 0, 0.25, 0.0]]).repeat(4, 1)              # one pixel to the right
-    out_shift, labels = al.augment(x, 0.5, shift, g_shift)
+    out_shift, labels = al.nets.edm_augment(x, 0.5, shift, g_shift)
     assert torch.equal(labels[:, 7], torch.full((4,), 0.25))
     torch.testing.assert_close(out_shift[..., 4:-4, 5:-4], out[..., 4:-4, 4:-5], atol=1e-4, rtol=0)
 

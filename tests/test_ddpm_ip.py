@@ -784,8 +784,10 @@ def test_official_resume_checkpoint_continues_at_its_step(data4, tmp_path, capsy
         folder.mkdir()
         model, moments = official_checkpoint_files(folder, net, 5, fp16)
         outdir = tmp_path / f'runs{fp16}'
-        assert run_main([*args, f'--resume_checkpoint={folder}/model000005.pt', '--lr_anneal_steps=6',
-                         f'--outdir={outdir}']) == 0  # one step: 5 -> 6
+        # One step: 5 -> 6. Without --lr_anneal_steps the lr is the optimizer file's (1e-4), not --lr, as official.
+        length = ['--lr_anneal_steps=6'] if not fp16 else ['--kimg=0.024', '--lr=0.005']
+        assert run_main([*args, f'--resume_checkpoint={folder}/model000005.pt', *length,
+                         f'--outdir={outdir}']) == 0
         assert 'resumed from the official' in capsys.readouterr().out
         run_dir = only_run_dir(outdir)
         state = torch.load(os.path.join(run_dir, 'training-state-000000.pt'), weights_only=True)
@@ -796,6 +798,7 @@ def test_official_resume_checkpoint_continues_at_its_step(data4, tmp_path, capsy
             assert state['optimizer']['state'][i]['step'].item() == 6
             torch.testing.assert_close(state['optimizer']['state'][i]['exp_avg'], 0.9 * moments[name], rtol=1e-3,
                                        atol=0.5)
+        assert state['optimizer']['param_groups'][0]['lr'] == pytest.approx(1e-4 if fp16 else 1e-4 / 6)  # annealed
         ema = torch.load(os.path.join(run_dir, 'network-snapshot-000000.pt'), weights_only=True)['ema']
         torch.testing.assert_close(ema[names[0]], model[names[0]] + 1, rtol=0, atol=1e-3)  # the official EMA file
 

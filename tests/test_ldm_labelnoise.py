@@ -134,9 +134,9 @@ def test_cep_only_in_training():
 def test_drop_conditions_classes_and_tokens():
     drop = torch.tensor([True, False, True])
     assert L.drop_conditions(torch.tensor([4, 5, 6]), torch.tensor(10), drop).tolist() == [10, 5, 10]
-    tokens = L.tokenize(['a cat', 'a dog', 'x'])
-    out = L.drop_conditions(tokens, L.tokenize([''])[0], drop)
-    assert torch.equal(out[1], tokens[1]) and torch.equal(out[0], L.tokenize([''])[0])
+    tokens = nets.byte_tokens(['a cat', 'a dog', 'x'])
+    out = L.drop_conditions(tokens, nets.byte_tokens([''])[0], drop)
+    assert torch.equal(out[1], tokens[1]) and torch.equal(out[0], nets.byte_tokens([''])[0])
 
 
 def test_loss_minimiser_is_the_posterior_mean_with_and_without_ip():
@@ -382,7 +382,7 @@ def test_cep_is_applied_where_the_condition_embedding_forms_and_null_is_a_named_
     assert out[0].eq(1).all() and out[1].eq(0).all()
     text = L.build_network(dict(arch='tiny-ldm', cond='text', num_classes=0, shape=(3, 8, 8), dropout=0.0,
                                 text_layers=1, embedding_dropout=0.0, class_dropout_prob=0.1))
-    assert text.is_null(L.tokenize(['', 'a cat'])).tolist() == [True, False]
+    assert text.is_null(nets.byte_tokens(['', 'a cat'])).tolist() == [True, False]
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Latent cache.
@@ -707,7 +707,7 @@ def test_facebookresearch_dit_checkpoints_in_generate_walk_eval_and_transfer(tmp
     torch.save(dict(model=noisy, ema=dit.state_dict(), opt={}, args=argparse.Namespace(model='DiT-S/4')),
                tmp_path / '0400000.pt')                                   # DiT train.py: the EMA is used
     vae = write_tiny_vae(tmp_path / 'vae.bin')
-    net, spec = L.load_network(str(tmp_path / 'DiT-tiny.pt'), 'cpu')
+    net, spec, _ = L.load_network(str(tmp_path / 'DiT-tiny.pt'), 'cpu')
     assert (spec['shape'], spec['num_classes'], spec['vae']) == ((4, 8, 8), 10, 'mse') and spec['linear_end'] == 0.02
     assert L.load_network(str(tmp_path / 'DiT-tiny.pt'), 'cpu', for_fid=True)[1]['vae'] == 'ema'  # sample_ddp.py
     flags = [f'--vae={vae}', '--scheduler=ddpm', '--ddim_steps=4', '--cfg_channels=dit', '--scale=1.5']

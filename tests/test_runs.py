@@ -12,10 +12,7 @@ command line of each of the four paper scripts, on CPU and tiny sizes. One scena
 5. `--resume=auto` with another data set, or another method flag, starts a new folder and says
    why (item 5);
 6. every run folder holds the same file names, in all four scripts (item 12).
-And the plumbing block itself is the same text in all four scripts (issue 22).
-
-A script that has not adopted the shared plumbing block yet (no StopSignal, open_run, ...) is
-marked xfail and not run: its old code would take the SIGINT as a KeyboardInterrupt."""
+And the plumbing block itself is the same text in all four scripts (issue 22)."""
 
 import contextlib
 import glob
@@ -64,14 +61,8 @@ FINISHED_RUN_FILES = RUN_FILES | {'network-snapshot-<kimg>.pt'}
 # Also allowed: the sample grids, ambient's official training_options.json, and ldm_labelnoise's
 # conditions.npz (the corrupted labels, drawn once per run and reused when it is resumed).
 OPTIONAL_FILES = {'samples-<kimg>.png', 'training_options.json', 'conditions.npz'}
-BLOCK_NAMES = ('UserError', 'StopSignal', 'RunLock', 'open_run', 'find_resume', 'write_run_files')
 BLOCK = re.compile(r'^# ==== BEGIN canonical block (v\d+).*?^# ==== END canonical block \1',
                    re.M | re.S)
-
-
-def adopted(script):
-    module = importlib.import_module(script[:-3])
-    return all(hasattr(module, name) for name in BLOCK_NAMES)
 
 
 def call(module, argv):
@@ -176,11 +167,7 @@ class Scenario:
             self.other[case] = result, sorted(set(os.listdir(self.outdir)) - before)
 
 
-@pytest.fixture(scope='module', params=[
-    pytest.param(script, marks=pytest.mark.xfail(
-        not adopted(script), run=False, strict=False,
-        reason='has not adopted the plumbing block (StopSignal, RunLock, open_run, ...) yet'))
-    for script in SCRIPTS])
+@pytest.fixture(scope='module', params=list(SCRIPTS))
 def scenario(request, tmp_path_factory):
     return Scenario(request.param, str(tmp_path_factory.mktemp(request.param[:-3])))
 
@@ -220,7 +207,8 @@ def test_resume_auto_continues_the_state_bitwise(scenario):
     assert not os.path.exists(os.path.join(run_dir, 'run.lock'))  # the dead one's, taken over
     assert f'continuing {run_dir}' in out, out
     assert re.fullmatch(r'done: [\d.]+ kimg in \S+', out.strip().splitlines()[-1])
-    log = open(os.path.join(run_dir, 'log.txt')).read().splitlines()
+    with open(os.path.join(run_dir, 'log.txt')) as file:
+        log = file.read().splitlines()
     stopped = [i for i, line in enumerate(log) if line.startswith('stopped by SIGINT')]
     separator = [i for i, line in enumerate(log) if re.fullmatch(
         r'---- resumed from training-state-[\d.]+\.pt at kimg [\d.]+ ----', line)]
@@ -261,13 +249,8 @@ def plumbing_block(script):
     return (match[1], match[0]) if match else (None, None)
 
 
-BLOCK_VERSIONS = {plumbing_block(script)[0] for script in SCRIPTS}
-
-
-@pytest.mark.xfail(len(BLOCK_VERSIONS) != 1 or None in BLOCK_VERSIONS, strict=False,
-                   reason='not every script has pasted the same version of the plumbing block yet')
 def test_the_plumbing_block_is_the_same_text_in_all_four():
-    blocks = {script: plumbing_block(script)[1] for script in SCRIPTS}
+    blocks = {script: plumbing_block(script) for script in SCRIPTS}
     first = blocks['ambient.py']
-    assert first and all(block == first for block in blocks.values()), \
+    assert first[1] and all(block == first for block in blocks.values()), \
         [script for script, block in blocks.items() if block != first]

@@ -1343,7 +1343,8 @@ class StopSignal:
 def read_data(cfg):
     """(images (N, C, H, W) uint8, labels or None) through fid.read_image_set; square images."""
     try:
-        x, y = fid.read_image_set(cfg.data, workers=cfg.workers)
+        # Stored channels, as the official loader: grey digits train a 1-channel network.
+        x, y = fid.read_image_set(cfg.data, rgb=False, workers=cfg.workers)
     except (ValueError, OSError) as error:  # fid.InputError is a ValueError
         raise UserError(f'--data: {error}') from None
     require(x.shape[2] == x.shape[3], f'--data: {cfg.data}: images must be square, got height '
@@ -1376,7 +1377,7 @@ def peek_data(cfg):
         size, classes = {'celeba64': (64, 0), 'imagenet64': (64, 1000)}.get(cfg.preset, (32, 10))
         return 3, size, (classes if cfg.cond else 0), f'--preset={cfg.preset} (no data here)'
     try:
-        source = fid.ImageSource(cfg.data)
+        source = fid.ImageSource(cfg.data, rgb=False)
         channels, height, _ = source[0].shape
     except (ValueError, OSError) as error:
         raise UserError(f'--data: {error}') from None

@@ -1595,7 +1595,9 @@ def load_dataset(path, label_dim=0, shape=None):
     when given, labels in [0, label_dim) when label_dim > 0. Labels as fid.ImageSource reads them,
     else from the official '<class>_<n>.png' file-name prefix (guided-diffusion image_datasets.py)."""
     try:
-        x, y = fid.read_image_set(path)
+        # An .npz keeps its stored channels (grey stays 1 channel); image files become RGB as in
+        # guided-diffusion's loader.
+        x, y = fid.read_image_set(path, rgb=not str(path).lower().endswith('.npz'))
         names = fid.ImageSource(path).names if y is None and os.path.isdir(path) else []
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f'--data: {e}') from None
@@ -1609,8 +1611,9 @@ def load_dataset(path, label_dim=0, shape=None):
             f'--data: images of shape {x.shape[1:]} do not fit the network ({shape})')
     require(not label_dim or y is not None, f'--data: {path} has no labels; a class-conditional '
             f'network needs them')
-    require(not label_dim or y.max() < label_dim, f'--data: label {y.max()} of {path} lies outside '
-            f'[0, {label_dim}) (--num_classes; official NUM_CLASSES is 10)')
+    if label_dim:  # (the message reads y.max(), so only with labels)
+        require(y.max() < label_dim, f'--data: label {y.max()} of {path} lies outside '
+                f'[0, {label_dim}) (--num_classes; official NUM_CLASSES is 10)')
     return x, y
 
 

@@ -939,3 +939,13 @@ def test_consistency_rows_official_per_gpu_and_global():
     assert counts == [[2, 0], [2, 0]] and ids.tolist() == [0, 1, 2, 3]
     cfg.consistency_coeff = 0.0
     assert al.consistency_rows(cfg, world=2, rounds=2, batch_gpu=2)[0].numel() == 0
+
+
+def test_grey_images_keep_one_channel(tmp_path):
+    # Stored channels, as the official loader: a grey .npz gives a 1-channel data set, not three copies.
+    import types
+    x = np.random.default_rng(0).integers(0, 256, (5, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / 'grey.npz', x=x)
+    images, labels = al.read_data(types.SimpleNamespace(data=str(tmp_path / 'grey.npz'), workers=1))
+    assert images.shape == (5, 1, 8, 8) and labels is None
+    assert np.array_equal(images[:, 0], x)

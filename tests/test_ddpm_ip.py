@@ -968,3 +968,13 @@ def test_resume_auto_continues_only_the_same_experiment_and_the_lr_is_the_config
                      f'--outdir={tmp_path}/lr']) == 0
     resumed = torch.load(os.path.join(only_run_dir(tmp_path / 'lr'), 'training-state-000000.pt'), weights_only=True)
     assert resumed['optimizer']['param_groups'][0]['lr'] == 0.005 and resumed['config']['lr'] == 0.005
+
+
+def test_grey_npz_without_labels_keeps_one_channel(tmp_path):
+    # An .npz keeps its stored channels (the loader before the shared reader did; grey digits train a 1-channel
+    # ADM), and an unlabelled set loads without touching labels.
+    x = np.random.default_rng(0).integers(0, 256, (6, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / 'grey.npz', x=x)
+    images, labels = ddpm_ip.load_dataset(str(tmp_path / 'grey.npz'))
+    assert images.shape == (6, 1, 8, 8) and labels is None
+    assert np.array_equal(images[:, 0], x)

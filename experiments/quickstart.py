@@ -79,25 +79,25 @@ def wait_all(processes):
     return cpu
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('paper', choices=sorted(COMMANDS))
     parser.add_argument('--outdir', default=os.path.join(ROOT, 'runs', 'quickstart'))
     parser.add_argument('--scripts', default=ROOT, help='folder holding the paper scripts (default: this checkout)')
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     begin = time.time()
     folder = os.path.join(args.outdir, args.paper)
     os.makedirs(folder, exist_ok=True)
     # Train (side by side when there are two), then generate 64 digits from each final snapshot.
     runs, processes = {}, []
-    for k, (title, argv) in enumerate(COMMANDS[args.paper].items()):
+    for k, (title, command) in enumerate(COMMANDS[args.paper].items()):
         outdir = os.path.join(folder, f'run{k}')
-        argv = [*argv, f'--outdir={outdir}', '--device=cpu']
-        print('python ' + ' '.join(argv), flush=True)
-        argv = [os.path.join(args.scripts, argv[0]), *argv[1:]]
+        command = [*command, f'--outdir={outdir}', '--device=cpu']
+        print('python ' + ' '.join(command), flush=True)
+        command = [os.path.join(args.scripts, command[0]), *command[1:]]
         log_path = os.path.join(folder, f'run{k}.log')
-        processes.append((start(argv, open(log_path, 'w')), log_path))
-        runs[title] = (os.path.basename(argv[0]), outdir)
+        processes.append((start(command, open(log_path, 'w')), log_path))
+        runs[title] = (os.path.basename(command[0]), outdir)
     cpu = wait_all(processes)
     processes, samples = [], {}
     for title, (script, outdir) in runs.items():
@@ -106,9 +106,9 @@ def main():
         grids = [(title, GENERATE[args.paper])] + ([EXTRA[args.paper, title]] if (args.paper, title) in EXTRA else [])
         for k, (grid_title, flags) in enumerate(grids):
             out = os.path.join(outdir, f'samples{k}')
-            argv = [os.path.join(args.scripts, script), 'generate', f'--network={network}', '--seeds=0-63',
-                    f'--outdir={out}', '--device=cpu', *flags]
-            processes.append((start(argv, open(os.path.join(folder, 'generate.log'), 'a')), outdir))
+            command = [os.path.join(args.scripts, script), 'generate', f'--network={network}',
+                       '--seeds=0-63', f'--outdir={out}', '--device=cpu', *flags]
+            processes.append((start(command, open(os.path.join(folder, 'generate.log'), 'a')), outdir))
             samples[grid_title] = out
     cpu += wait_all(processes)
     # One picture: (real digits, masked digits,) then the samples of each run.

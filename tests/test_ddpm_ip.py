@@ -421,7 +421,7 @@ def test_data_is_read_through_fid_with_official_file_name_labels(tmp_path, monke
     """--data goes through fid.read_image_set (which owns the cifar10 download and its checksum: tests/test_fid.py);
     the official '<class>_<n>.png' file names give labels where the folder has none."""
     seen = []
-    monkeypatch.setattr(ddpm_ip.fid, 'read_image_set', lambda source: seen.append(source) or
+    monkeypatch.setattr(ddpm_ip.fid, 'read_image_set', lambda source, **kwargs: seen.append(source) or
                         (np.zeros((2, 3, 4, 4), np.uint8), np.array([1, 0])))
     x, y = ddpm_ip.load_dataset('cifar10')
     assert seen == ['cifar10'] and x.shape == (2, 3, 4, 4) and y.tolist() == [1, 0]
